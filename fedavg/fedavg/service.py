@@ -1,0 +1,69 @@
+"""What every Raw FedAvg service shares: strict JSON bodies, JSON errors, the
+command line (--host/--port) and serving."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from flask import Flask, request
+from werkzeug.exceptions import HTTPException
+
+from .wire import ProtocolError, loads
+
+log = logging.getLogger("fedavg")
+
+
+def json_body() -> Any:
+    """The request body parsed strictly as JSON; None when it is empty (the
+    seed's ``curl -X POST .../start`` sends no body and no content type)."""
+    data = request.get_data(cache=True)
+    if not data.strip():
+        return None
+    return loads(data)
+
+
+def install_json_errors(app: Flask) -> None:
+    """Every error leaves as {"error": "..."} with its status; never a traceback."""
+
+    @app.errorhandler(ProtocolError)
+    def bad_input(e: ProtocolError):
+        return {"error": str(e)}, 400
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException):
+        return {"error": f"{e.name}: {e.description}"}, e.code or 500
+
+    @app.errorhandler(Exception)
+    def internal_error(e: Exception):
+        # The traceback goes to this app's log, where the operator looks; the
+        # caller only learns that it was our fault, not how the code looks.
+        app.logger.exception("unhandled error on %s %s", request.method, request.path)
+        return {"error": "internal server error (details in the server log)"}, 500
+
+
+def configure_logging() -> None:
+    """Plain lines on stdout: the log *is* the product (the FedAvg math)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+    # Werkzeug's one line per request would drown the math; errors still show.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+
+def cli(description: str, default_port: int) -> argparse.ArgumentParser:
+    """The arguments every app takes; each app adds its own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=default_port, help=f"port (default {default_port})")
+    return parser
+
+
+def serve(app: Flask, host: str, port: int) -> None:
+    """Serve until interrupted; one thread per request so that a waited
+    /start does not block /status, /runs and /health."""
+    try:
+        app.run(host=host, port=port, threaded=True, use_reloader=False, debug=False)
+    except OSError as e:
+        print(f"error: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,53 @@
+"""Local training: what a client does with the global model it receives."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .model import Weights, gradients
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a client trains locally in one round (the seed's defaults)."""
+
+    lr: float = 0.01
+    local_epochs: int = 10
+    batch_size: int | None = None  # None = full batch: one step per epoch
+    mu: float = 0.0  # FedProx proximal weight; 0 = plain FedAvg
+    seed: int | None = None  # shuffles mini-batches; unused for full batch
+
+
+def local_train(
+    w: Weights, b: float, X: np.ndarray, y: np.ndarray, config: TrainConfig = TrainConfig()
+) -> tuple[Weights, float]:
+    """Gradient descent from the global model (w_g, b_g) on local data:
+
+        w ← w − lr·(dL/dw + mu·(w − w_g)),   b ← b − lr·(dL/db + mu·(b − b_g))
+
+    once per epoch (full batch) or once per mini-batch of a fresh shuffle each
+    epoch. mu > 0 adds FedProx's proximal term (Li et al., 2020), which keeps
+    the local model near the global one; mu = 0 is plain FedAvg.
+    """
+    w_g, b_g = np.array(w, dtype=float), float(b)
+    w, b = w_g.copy(), b_g
+    n = len(y)
+    full_batch = config.batch_size is None or config.batch_size >= n
+    rng = None if full_batch else np.random.default_rng(config.seed)
+    for _ in range(config.local_epochs):
+        batches = [slice(None)] if full_batch else _minibatches(rng, n, config.batch_size)
+        for rows in batches:
+            dw, db = gradients(w, b, X[rows], y[rows])
+            if config.mu:
+                dw = dw + config.mu * (w - w_g)
+                db = db + config.mu * (b - b_g)
+            w = w - config.lr * dw
+            b = b - config.lr * db
+    return w, b
+
+
+def _minibatches(rng: np.random.Generator, n: int, batch_size: int) -> list[np.ndarray]:
+    """A fresh permutation of 0..n-1 cut into batches (the last may be smaller)."""
+    order = rng.permutation(n)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]

@@ -1,0 +1,238 @@
+"""The JSON wire format between server and clients, parsed and validated.
+
+Every parser raises ``ProtocolError`` with a message that says what is wrong
+and where (``config.lr: must be > 0``); the apps turn it into a 400 reply.
+Parsing is strict: NaN/Infinity literals, numbers that overflow a float,
+booleans where numbers belong and unknown fields are all rejected.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from .model import Weights
+from .training import TrainConfig
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the wire format (a 400, never a 500)."""
+
+
+# --- strict JSON -----------------------------------------------------------
+
+def _reject_constant(name: str) -> None:
+    raise ProtocolError(f"{name} is not allowed in JSON (numbers must be finite)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ProtocolError(f"number {text} is out of range for a 64-bit float")
+    return value
+
+
+def loads(body: bytes | str) -> Any:
+    """Parse a JSON document, refusing NaN, Infinity and overflowing numbers."""
+    try:
+        text = body.decode("utf-8") if isinstance(body, bytes) else body
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except UnicodeDecodeError:
+        raise ProtocolError("body is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ProtocolError(f"body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise ProtocolError("body is nested too deeply") from None
+
+
+# --- field validators --------------------------------------------------------
+
+def _where(path: str) -> str:
+    return path or "body"
+
+
+def expect_object(value: Any, path: str, allowed: Iterable[str], required: Iterable[str] = ()) -> dict:
+    """A JSON object whose keys are all in ``allowed`` and include ``required``."""
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{_where(path)}: must be a JSON object")
+    allowed = set(allowed)
+    unknown = sorted(k for k in value if k not in allowed)
+    if unknown:
+        prefix = f"{path}." if path else ""
+        raise ProtocolError(f"{prefix}{unknown[0]}: unknown field (allowed: {', '.join(sorted(allowed))})")
+    for key in required:
+        if key not in value:
+            prefix = f"{path}." if path else ""
+            raise ProtocolError(f"{prefix}{key}: missing")
+    return value
+
+
+def expect_number(value: Any, path: str, *, gt: float | None = None, ge: float | None = None,
+                  le: float | None = None) -> float:
+    """A finite JSON number (not a boolean), optionally within bounds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError(f"{path}: must be a number, got {_json_type(value)}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ProtocolError(f"{path}: number is out of range for a 64-bit float") from None
+    if not math.isfinite(number):
+        raise ProtocolError(f"{path}: must be finite")
+    if gt is not None and not number > gt:
+        raise ProtocolError(f"{path}: must be > {gt:g}, got {number:g}")
+    if ge is not None and not number >= ge:
+        raise ProtocolError(f"{path}: must be >= {ge:g}, got {number:g}")
+    if le is not None and not number <= le:
+        raise ProtocolError(f"{path}: must be <= {le:g}, got {number:g}")
+    return number
+
+
+def expect_int(value: Any, path: str, *, ge: int | None = None, le: int | None = None) -> int:
+    """A JSON integer (not a boolean, not 2.0), optionally within bounds."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"{path}: must be an integer, got {_json_type(value)}")
+    if ge is not None and value < ge:
+        raise ProtocolError(f"{path}: must be >= {ge}, got {value}")
+    if le is not None and value > le:
+        raise ProtocolError(f"{path}: must be <= {le}, got {value}")
+    return value
+
+
+def expect_bool(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{path}: must be true or false, got {_json_type(value)}")
+    return value
+
+
+def expect_str(value: Any, path: str, *, max_len: int = 200) -> str:
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(f"{path}: must be a non-empty string, got {_json_type(value)}")
+    if len(value) > max_len:
+        raise ProtocolError(f"{path}: longer than {max_len} characters")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return "an object"
+
+
+# --- the model ------------------------------------------------------------------
+
+def parse_model(value: Any, path: str, num_features: int | None = None) -> tuple[Weights, float]:
+    """{"w": number or [numbers], "b": number} → (w as a float vector, b)."""
+    obj = expect_object(value, path, ("w", "b"), ("w", "b"))
+    raw_w = obj["w"]
+    if isinstance(raw_w, list):
+        if not raw_w:
+            raise ProtocolError(f"{path}.w: must not be empty")
+        if len(raw_w) > 100_000:
+            raise ProtocolError(f"{path}.w: more than 100000 weights")
+        w = np.array([expect_number(v, f"{path}.w[{i}]") for i, v in enumerate(raw_w)])
+    else:
+        w = np.array([expect_number(raw_w, f"{path}.w")])
+    if num_features is not None and len(w) != num_features:
+        raise ProtocolError(f"{path}.w: has {len(w)} weight(s), the data has {num_features} feature(s)")
+    return w, expect_number(obj["b"], f"{path}.b")
+
+
+def model_json(w: Weights, b: float) -> dict[str, Any]:
+    """(w, b) → {"w", "b"}; w is a plain number when there is one feature."""
+    w = np.asarray(w, dtype=float).ravel()
+    return {"w": float(w[0]) if len(w) == 1 else [float(v) for v in w], "b": float(b)}
+
+
+# --- the client's endpoints ------------------------------------------------------
+
+TRAIN_CONFIG_FIELDS = ("lr", "local_epochs", "batch_size", "mu", "seed")
+
+
+def parse_train_config(value: Any, path: str = "config") -> TrainConfig:
+    """The optional "config" of /train; a missing field takes the seed's default."""
+    obj = expect_object(value, path, TRAIN_CONFIG_FIELDS)
+    at = f"{path}." if path else ""
+    default = TrainConfig()
+    batch = obj.get("batch_size")
+    seed = obj.get("seed")
+    return TrainConfig(
+        lr=expect_number(obj["lr"], f"{at}lr", gt=0) if "lr" in obj else default.lr,
+        local_epochs=(expect_int(obj["local_epochs"], f"{at}local_epochs", ge=1, le=100_000)
+                      if "local_epochs" in obj else default.local_epochs),
+        batch_size=None if batch is None else expect_int(batch, f"{at}batch_size", ge=1),
+        mu=expect_number(obj["mu"], f"{at}mu", ge=0) if "mu" in obj else default.mu,
+        seed=None if seed is None else expect_int(seed, f"{at}seed", ge=0, le=2**63 - 1),
+    )
+
+
+def train_config_json(config: TrainConfig) -> dict[str, Any]:
+    return {name: getattr(config, name) for name in TRAIN_CONFIG_FIELDS}
+
+
+def parse_train_request(value: Any, num_features: int) -> tuple[Weights, float, int | None, TrainConfig]:
+    """POST /train body → (w, b, round or None, config)."""
+    obj = expect_object(value, "", ("global_model", "round", "config"), ("global_model",))
+    w, b = parse_model(obj["global_model"], "global_model", num_features)
+    rnd = expect_int(obj["round"], "round", ge=0) if obj.get("round") is not None else None
+    config = parse_train_config(obj["config"]) if obj.get("config") is not None else TrainConfig()
+    return w, b, rnd, config
+
+
+def parse_evaluate_request(value: Any, num_features: int) -> tuple[Weights, float]:
+    """POST /evaluate body → (w, b)."""
+    obj = expect_object(value, "", ("global_model", "round"), ("global_model",))
+    if obj.get("round") is not None:
+        expect_int(obj["round"], "round", ge=0)
+    return parse_model(obj["global_model"], "global_model", num_features)
+
+
+# --- what the server reads back ----------------------------------------------------
+
+def parse_train_reply(value: Any, num_features: int | None = None) -> dict[str, Any]:
+    """A client's /train reply → {"w", "b", "data_size", "client_id" or None,
+    "metrics" or None}. Only local_model and data_size are required, so the
+    seed's minimal clients work; fields we don't know are ignored (a newer
+    client may say more)."""
+    if not isinstance(value, Mapping):
+        raise ProtocolError("reply: must be a JSON object")
+    for key in ("local_model", "data_size"):
+        if key not in value:
+            raise ProtocolError(f"reply.{key}: missing")
+    w, b = parse_model(value["local_model"], "reply.local_model", num_features)
+    data_size = expect_int(value["data_size"], "reply.data_size", ge=1)
+    client_id = value.get("client_id")
+    if client_id is not None:
+        client_id = expect_str(client_id, "reply.client_id")
+    metrics = value.get("metrics")
+    if metrics is not None:
+        if not isinstance(metrics, Mapping):
+            raise ProtocolError("reply.metrics: must be a JSON object")
+        metrics = {k: expect_number(metrics[k], f"reply.metrics.{k}", ge=0)
+                   for k in ("loss_before", "loss_after") if metrics.get(k) is not None}
+    return {"w": w, "b": b, "data_size": data_size, "client_id": client_id, "metrics": metrics}
+
+
+def parse_evaluate_reply(value: Any) -> dict[str, Any]:
+    """A client's /evaluate reply → {"loss", "data_size", "client_id" or None}."""
+    if not isinstance(value, Mapping):
+        raise ProtocolError("reply: must be a JSON object")
+    for key in ("loss", "data_size"):
+        if key not in value:
+            raise ProtocolError(f"reply.{key}: missing")
+    client_id = value.get("client_id")
+    return {
+        "loss": expect_number(value["loss"], "reply.loss", ge=0),
+        "data_size": expect_int(value["data_size"], "reply.data_size", ge=1),
+        "client_id": None if client_id is None else expect_str(client_id, "reply.client_id"),
+    }

@@ -1,0 +1,41 @@
+"""The Raw FedAvg server: orchestrates rounds and computes W_{t+1} = Σ_k n_k/N · W_k."""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from fedavg.service import install_json_errors
+
+from .api import bp
+from .clients import ClientPool
+from .federation import Federation
+from .runs import RunStore
+
+DEFAULT_CLIENTS = ("http://127.0.0.1:5001", "http://127.0.0.1:5002")
+
+
+def client_urls(value: str | None) -> list[str]:
+    """'URL,URL' (from --clients or FEDAVG_CLIENTS) → URLs; empty → the seed's two."""
+    urls = [u.strip() for u in (value or "").split(",") if u.strip()]
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"client URL must start with http:// or https://: {url!r}")
+    return urls or list(DEFAULT_CLIENTS)
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the server. Config: CLIENTS (list of URLs; default from
+    FEDAVG_CLIENTS, else the two local clients), MAX_PARALLEL."""
+    app = Flask(__name__)
+    app.config.from_mapping(CLIENTS=client_urls(os.environ.get("FEDAVG_CLIENTS")),
+                            MAX_PARALLEL=32, MAX_CONTENT_LENGTH=64 * 1024)
+    if config is not None:
+        app.config.from_mapping(config)
+    pool = ClientPool(app.config["CLIENTS"], app.config["MAX_PARALLEL"])
+    app.extensions["fedavg"] = Federation(pool, RunStore())
+    install_json_errors(app)
+    app.register_blueprint(bp)
+    return app

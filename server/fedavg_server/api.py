@@ -1,0 +1,79 @@
+"""The server's HTTP API: thin wiring from requests to the Federation."""
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, current_app, request
+
+from fedavg.service import json_body
+from fedavg.wire import ProtocolError
+
+from .federation import Busy, Federation
+from .settings import RunSettings, parse_start
+
+bp = Blueprint("api", __name__)
+
+
+def federation() -> Federation:
+    return current_app.extensions["fedavg"]
+
+
+def no_query_args(*allowed: str) -> None:
+    unknown = sorted(set(request.args) - set(allowed))
+    if unknown:
+        raise ProtocolError(f"{unknown[0]}: unknown query parameter")
+
+
+@bp.post("/start")
+def start():
+    """Start a run; answer when it ends (wait=true, the default) or at once (202)."""
+    no_query_args()
+    fed = federation()
+    settings, wait = parse_start(json_body(), len(fed.pool.urls))
+    try:
+        run_id = fed.start(settings)
+    except Busy as busy:
+        return {"error": str(busy), "run_id": busy.run_id, "url": f"/runs/{busy.run_id}"}, 409
+    if not wait:
+        return {"run_id": run_id, "status": "running", "url": f"/runs/{run_id}"}, 202
+    fed.wait(run_id)
+    run = fed.store.get(run_id)
+    message = {"completed": f"FedAvg finished {len(run['rounds'])} round(s)."}.get(
+        run["status"], f"Run {run['status']}: {run['error']}")
+    return {"message": message, **run}
+
+
+@bp.get("/status")
+def status():
+    """Seed-compatible: the current global model and the rounds planned."""
+    no_query_args()
+    fed = federation()
+    run = fed.store.latest()
+    if run is None:
+        defaults = RunSettings()
+        return {"current_global_model": {"w": 0.0, "b": 0.0}, "global_rounds_planned": defaults.rounds,
+                "run_id": None, "round": 0, "status": "idle"}
+    return {"current_global_model": run["current_model"], "global_rounds_planned": run["settings"]["rounds"],
+            "run_id": run["run_id"], "round": len(run["rounds"]), "status": run["status"]}
+
+
+@bp.get("/runs")
+def runs():
+    no_query_args()
+    return {"runs": federation().store.summaries()}
+
+
+@bp.get("/runs/<int:run_id>")
+def run(run_id: int):
+    no_query_args()
+    found = federation().store.get(run_id)
+    if found is None:
+        return {"error": f"no run {run_id}"}, 404
+    return found
+
+
+@bp.get("/health")
+def health() -> dict[str, Any]:
+    no_query_args()
+    fed = federation()
+    return {"status": "ok", "clients": fed.pool.urls, "running_run_id": fed.running_id()}

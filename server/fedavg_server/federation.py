@@ -1,0 +1,270 @@
+"""Orchestration: one run of FedAvg rounds over the configured clients.
+
+Each round: sample clients, send them the global model, collect their local
+models, take the weighted average. The math lives in ``fedavg.aggregation``;
+this module only moves data and records what happened.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from fedavg.aggregation import Update, fmt_model, weighted_average, weighted_loss_avg
+from fedavg.wire import ProtocolError, model_json, parse_evaluate_reply, parse_train_reply, train_config_json
+
+from .clients import ClientPool, Reply
+from .mathlog import loss_line, round_lines
+from .runs import RunStore
+from .settings import RunSettings
+
+log = logging.getLogger("fedavg.server")
+
+
+class Busy(Exception):
+    """A run is in progress; only one runs at a time."""
+
+    def __init__(self, run_id: int) -> None:
+        super().__init__(f"run {run_id} is still running")
+        self.run_id = run_id
+
+
+class RunStopped(Exception):
+    """The run cannot go on; ``status`` says how it ended."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Federation:
+    """The clients, the run history, and at most one run in progress."""
+
+    def __init__(self, pool: ClientPool, store: RunStore) -> None:
+        self.pool = pool
+        self.store = store
+        self._lock = threading.Lock()
+        self._running: tuple[int, threading.Thread] | None = None
+
+    def start(self, settings: RunSettings) -> int:
+        """Start a run in the background and return its id; Busy if one runs."""
+        with self._lock:
+            if self._running is not None and self._running[1].is_alive():
+                raise Busy(self._running[0])
+            init = settings.init or {"w": 0.0, "b": 0.0}
+            run_id = self.store.create(settings.to_json(), self.pool.urls, init)
+            thread = threading.Thread(target=self._run, args=(run_id, settings),
+                                      name=f"run-{run_id}", daemon=True)
+            self._running = (run_id, thread)
+            thread.start()
+            return run_id
+
+    def wait(self, run_id: int) -> None:
+        with self._lock:
+            running = self._running
+        if running is not None and running[0] == run_id:
+            running[1].join()
+
+    def running_id(self) -> int | None:
+        with self._lock:
+            if self._running is not None and self._running[1].is_alive():
+                return self._running[0]
+            return None
+
+    def _run(self, run_id: int, settings: RunSettings) -> None:
+        try:
+            Run(run_id, settings, self.pool, self.store).execute()
+        except Exception as e:  # a bug must end the run visibly, not hang it as "running"
+            log.exception("run %s crashed", run_id)
+            self.store.finish(run_id, "failed", f"internal error: {type(e).__name__}: {e}")
+
+
+class Run:
+    """One run: the loop of rounds and the state it carries between them."""
+
+    def __init__(self, run_id: int, settings: RunSettings, pool: ClientPool, store: RunStore) -> None:
+        self.run_id = run_id
+        self.s = settings
+        self.pool = pool
+        self.store = store
+        self.names: dict[str, str] = {url: url for url in pool.urls}  # url → client_id
+        self.num_features: int | None = None
+
+    def execute(self) -> None:
+        s = self.s
+        log.info("Run %s: %d round(s) over %d client(s), lr=%g, local_epochs=%d%s%s, seed=%d",
+                 self.run_id, s.rounds, len(self.pool.urls), s.lr, s.local_epochs,
+                 "" if s.batch_size is None else f", batch_size={s.batch_size}",
+                 "" if not s.mu else f", mu={s.mu:g}", s.seed)
+        try:
+            self._probe_health()
+            w, b = self._initial_model()
+            for r in range(1, s.rounds + 1):
+                w, b = self._round(r, w, b)
+                if s.pace_s and r < s.rounds:
+                    time.sleep(s.pace_s)  # only when the user asked to watch slowly
+            self._final_evaluation(s.rounds, w, b)
+        except RunStopped as stop:
+            log.info("Run %s %s: %s", self.run_id, stop.status.upper(), stop)
+            self.store.finish(self.run_id, stop.status, str(stop))
+            return
+        self.store.finish(self.run_id, "completed")
+        log.info("Run %s completed: final global model %s", self.run_id, _model_text(w, b))
+
+    # --- before the first round --------------------------------------------
+
+    def _probe_health(self) -> None:
+        """Learn each client's name and feature count from /health. Seed
+        clients have no /health; they keep their URL as their name."""
+        replies = self.pool.call_all(self.pool.urls, "GET", "/health", min(self.s.client_timeout_s, 5.0))
+        dims = set()
+        for reply in replies:
+            if reply.ok:
+                if isinstance(reply.body.get("client_id"), str) and reply.body["client_id"]:
+                    self.names[reply.url] = reply.body["client_id"]
+                if isinstance(reply.body.get("num_features"), int) and not isinstance(
+                        reply.body["num_features"], bool):
+                    dims.add(reply.body["num_features"])
+        if len(dims) > 1:
+            raise RunStopped("failed", f"clients disagree on the number of features: {sorted(dims)}")
+        self.num_features = dims.pop() if dims else None
+
+    def _initial_model(self) -> tuple[np.ndarray, float]:
+        d = self.num_features or 1
+        if self.s.init is None:
+            return np.zeros(d), 0.0
+        w = np.array(self.s.init["w"], dtype=float)
+        if self.num_features is not None and len(w) != self.num_features:
+            raise RunStopped("failed", f"init.w has {len(w)} weight(s) but the clients' data has "
+                                       f"{self.num_features} feature(s)")
+        return w, float(self.s.init["b"])
+
+    # --- one round ----------------------------------------------------------
+
+    def _sample(self, r: int) -> list[str]:
+        """This round's clients: all of them, or a seeded random share
+        ``max(min_clients, ceil(fraction·K))`` that is the same on every replay."""
+        urls = self.pool.urls
+        m = min(len(urls), max(self.s.min_clients, math.ceil(self.s.fraction * len(urls) - 1e-9)))
+        if m == len(urls):
+            return list(urls)
+        picked = np.random.default_rng([self.s.seed, r]).choice(len(urls), size=m, replace=False)
+        return [urls[i] for i in sorted(picked)]
+
+    def _round(self, r: int, w: np.ndarray, b: float) -> tuple[np.ndarray, float]:
+        sample = self._sample(r)
+        # Per-client seeds for mini-batch shuffling, derived from (run seed, round)
+        # so a replay of the run shuffles exactly the same way.
+        seeds = dict(zip(sample, np.random.SeedSequence([self.s.seed, r]).generate_state(len(sample))))
+        model_in = model_json(w, b)
+
+        def body_for(url: str) -> dict[str, Any]:
+            return {"global_model": model_in, "round": r,
+                    "config": train_config_json(self.s.train_config(int(seeds[url])))}
+
+        replies = self.pool.call_all(sample, "POST", "/train", self.s.client_timeout_s, body_for)
+        participants, dropped = [], []
+        for reply in replies:
+            try:
+                participants.append(self._participant(reply))
+            except ProtocolError as e:
+                dropped.append({"client_id": self.names[reply.url], "url": reply.url, "reason": str(e),
+                                "diverged": reply.diverged})
+
+        # The loss each client measured on the incoming model *is* the
+        # federated evaluation of the previous round's model: no extra calls.
+        if r > 1:
+            self._record_loss(r - 1, [(p["metrics"]["loss_before"], p["data_size"]) for p in participants
+                                      if p["metrics"] and "loss_before" in p["metrics"]], "loss_before in round "
+                              f"{r}'s replies")
+
+        if len(participants) < self.s.min_clients:
+            self._log_partial(r, model_in, participants, dropped)
+            if not participants and any(d["diverged"] for d in dropped):
+                raise RunStopped("diverged", f"round {r}: local training diverged on every client "
+                                             f"(lr={self.s.lr:g} is too large); try a smaller lr")
+            missing = ", ".join(f"{d['client_id']} ({d['reason']})" for d in dropped)
+            raise RunStopped("failed", f"round {r}: {len(participants)} client(s) replied, min_clients is "
+                                       f"{self.s.min_clients}; missing: {missing}")
+
+        new_w, new_b = weighted_average([Update(np.atleast_1d(np.asarray(p["local_model"]["w"], dtype=float)),
+                                                p["local_model"]["b"], p["data_size"]) for p in participants])
+        if not (np.all(np.isfinite(new_w)) and math.isfinite(new_b)):
+            raise RunStopped("diverged", f"round {r}: the global model is no longer finite "
+                                         f"(lr={self.s.lr:g} is too large); try a smaller lr")
+        total = sum(p["data_size"] for p in participants)
+        record = {
+            "round": r,
+            "global_model_in": model_in,
+            "participants": participants,
+            "dropped": [{k: v for k, v in d.items() if k != "diverged"} for d in dropped],
+            "N": total,
+            "terms": [_term(p, total) for p in participants],
+            "global_model": model_json(new_w, new_b),
+            "federated_loss": None,  # filled in by the next round, or the final evaluation
+        }
+        self.store.add_round(self.run_id, record)
+        for line in round_lines(record, self.s.rounds):
+            log.info("%s", line)
+        return new_w, new_b
+
+    def _participant(self, reply: Reply) -> dict[str, Any]:
+        """A reply that can join the average, or ProtocolError saying why not."""
+        if not reply.ok:
+            raise ProtocolError(reply.reason)
+        parsed = parse_train_reply(reply.body, self.num_features)
+        if self.num_features is None:
+            self.num_features = len(parsed["w"])
+        if parsed["client_id"]:
+            self.names[reply.url] = parsed["client_id"]
+        return {"client_id": self.names[reply.url], "url": reply.url, "data_size": parsed["data_size"],
+                "local_model": model_json(parsed["w"], parsed["b"]), "metrics": parsed["metrics"]}
+
+    def _log_partial(self, r: int, model_in: dict, participants: list, dropped: list) -> None:
+        log.info("── Round %d/%d ── global model in: %s", r, self.s.rounds, _model_text(model_in["w"], model_in["b"]))
+        for p in participants:
+            log.info("%s  replied (n_k=%d)", p["client_id"], p["data_size"])
+        for d in dropped:
+            log.info("%s  DROPPED from this round: %s", d["client_id"], d["reason"])
+
+    # --- federated loss ---------------------------------------------------------
+
+    def _record_loss(self, round_no: int, losses: list[tuple[float, int]], source: str) -> None:
+        if not losses:
+            log.info("federated MSE of round %d's model: no client reported a loss", round_no)
+            return
+        loss = weighted_loss_avg(losses)
+        self.store.set_federated_loss(self.run_id, round_no, loss)
+        log.info("%s", loss_line(round_no, [n for _, n in losses], [l for l, _ in losses], loss, source))
+
+    def _final_evaluation(self, round_no: int, w: np.ndarray, b: float) -> None:
+        """The last model has no next round to measure it: one /evaluate wave."""
+        body = {"global_model": model_json(w, b)}
+        replies = self.pool.call_all(self.pool.urls, "POST", "/evaluate", self.s.client_timeout_s,
+                                     lambda url: body)
+        losses = []
+        for reply in replies:
+            try:
+                if not reply.ok:
+                    raise ProtocolError(reply.reason)
+                parsed = parse_evaluate_reply(reply.body)
+                losses.append((parsed["loss"], parsed["data_size"]))
+            except ProtocolError as e:
+                log.info("%s  not evaluated: %s", self.names[reply.url], e)
+        self._record_loss(round_no, losses, "final /evaluate")
+
+
+def _term(p: dict[str, Any], total: int) -> dict[str, Any]:
+    """One client's share of the average: n_k/N, and n_k/N · w_k, n_k/N · b_k."""
+    weight = p["data_size"] / total
+    w = np.atleast_1d(np.asarray(p["local_model"]["w"], dtype=float))
+    return {"client_id": p["client_id"], "n_k": p["data_size"], "weight": weight,
+            **model_json(weight * w, weight * p["local_model"]["b"])}
+
+
+def _model_text(w: Any, b: float) -> str:
+    return fmt_model(np.atleast_1d(np.asarray(w, dtype=float)), b)

@@ -1,0 +1,74 @@
+"""A run's settings: what ``POST /start`` may say, checked before anything starts."""
+from __future__ import annotations
+
+import secrets
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from fedavg.training import TrainConfig
+from fedavg.wire import (TRAIN_CONFIG_FIELDS, ProtocolError, expect_bool, expect_int, expect_number,
+                         expect_object, parse_model, parse_train_config)
+
+MAX_ROUNDS = 100_000
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything that decides a run; stored with it, so a run can be re-read
+    (and repeated: the seed is always recorded, drawn at random if not given)."""
+
+    rounds: int = 5
+    lr: float = 0.01
+    local_epochs: int = 10
+    batch_size: int | None = None
+    mu: float = 0.0
+    fraction: float = 1.0
+    min_clients: int = 1
+    seed: int | None = None
+    init: dict[str, Any] | None = None  # {"w", "b"}; None = all zeros
+    pace_s: float = 0.0
+    client_timeout_s: float = 10.0
+
+    def train_config(self, client_seed: int | None) -> TrainConfig:
+        return TrainConfig(lr=self.lr, local_epochs=self.local_epochs, batch_size=self.batch_size,
+                           mu=self.mu, seed=client_seed)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+START_FIELDS = ("rounds", *TRAIN_CONFIG_FIELDS[:-1], "fraction", "min_clients", "seed", "init",
+                "pace_s", "client_timeout_s", "wait")
+
+
+def parse_start(body: Any, num_clients: int) -> tuple[RunSettings, bool]:
+    """POST /start body (may be empty) → (settings, wait). Raises ProtocolError
+    for anything that cannot work, so a bad run never starts."""
+    obj = expect_object({} if body is None else body, "", START_FIELDS)
+    # lr, local_epochs, batch_size and mu mean exactly what they mean to a
+    # client, so the client's own parser checks them.
+    train = parse_train_config({k: obj[k] for k in TRAIN_CONFIG_FIELDS if k in obj}, "")
+    settings = RunSettings(lr=train.lr, local_epochs=train.local_epochs, batch_size=train.batch_size,
+                           mu=train.mu)
+    if "rounds" in obj:
+        settings = replace(settings, rounds=expect_int(obj["rounds"], "rounds", ge=1, le=MAX_ROUNDS))
+    if "fraction" in obj:
+        settings = replace(settings, fraction=expect_number(obj["fraction"], "fraction", gt=0, le=1))
+    if "min_clients" in obj:
+        settings = replace(settings, min_clients=expect_int(obj["min_clients"], "min_clients", ge=1))
+    if settings.min_clients > num_clients:
+        raise ProtocolError(f"min_clients: {settings.min_clients} is more than the {num_clients} "
+                            "client(s) this server is configured with")
+    seed = obj.get("seed")
+    seed = secrets.randbelow(2**31) if seed is None else expect_int(seed, "seed", ge=0, le=2**63 - 1)
+    settings = replace(settings, seed=seed)
+    if obj.get("init") is not None:
+        w, b = parse_model(obj["init"], "init")
+        settings = replace(settings, init={"w": w.tolist(), "b": b})
+    if "pace_s" in obj:
+        settings = replace(settings, pace_s=expect_number(obj["pace_s"], "pace_s", ge=0, le=60))
+    if "client_timeout_s" in obj:
+        settings = replace(settings, client_timeout_s=expect_number(
+            obj["client_timeout_s"], "client_timeout_s", gt=0, le=600))
+    wait = expect_bool(obj["wait"], "wait") if "wait" in obj else True
+    return settings, wait

@@ -1,0 +1,28 @@
+"""The server: orchestrates FedAvg rounds over the clients, port 5000.
+
+Run: cd server && poetry install && poetry run python server_app.py
+Then: curl -X POST http://127.0.0.1:5000/start
+"""
+import os
+import sys
+
+from fedavg.service import cli, configure_logging, serve
+from fedavg_server import client_urls, create_app
+
+if __name__ == "__main__":
+    parser = cli("Raw FedAvg server", 5000)
+    parser.add_argument("--clients", default=os.environ.get("FEDAVG_CLIENTS"),
+                        help="comma-separated client URLs (default: env FEDAVG_CLIENTS, "
+                             "else http://127.0.0.1:5001,http://127.0.0.1:5002)")
+    args = parser.parse_args()
+    configure_logging()
+    try:
+        clients = client_urls(args.clients)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    app = create_app({"CLIENTS": clients})
+    print(f"server: {len(clients)} client(s): {', '.join(clients)}; serving on http://{args.host}:{args.port}",
+          flush=True)
+    print(f"server: start a run with  curl -X POST http://{args.host}:{args.port}/start", flush=True)
+    serve(app, args.host, args.port)
