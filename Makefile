@@ -1,0 +1,38 @@
+# Raw FedAvg — the commands of the README. Needs only python3 and make:
+# Poetry is bootstrapped into .tools/ when it is not on PATH.
+SHELL := /bin/bash
+PYTHON ?= python3
+APPS := client_1 client_2 server
+TOOLS := $(CURDIR)/.tools
+POETRY ?= $(or $(shell command -v poetry 2>/dev/null),$(TOOLS)/poetry/bin/poetry)
+export POETRY
+
+.PHONY: install run-all demo test clean
+
+install: $(addsuffix /.venv/.installed,$(APPS))
+
+$(TOOLS)/poetry/bin/poetry:
+	@echo "poetry not on PATH: installing it into $(TOOLS)/poetry"
+	$(PYTHON) -m venv $(TOOLS)/poetry
+	$(TOOLS)/poetry/bin/pip install --quiet 'poetry>=2.0,<3.0'
+
+# One stamp per environment: reinstall when its pyproject or lock changes.
+%/.venv/.installed: %/pyproject.toml %/poetry.lock fedavg/pyproject.toml | $(POETRY)
+	cd $* && $(POETRY) install --no-interaction
+	touch $@
+
+.venv/.installed: pyproject.toml poetry.lock fedavg/pyproject.toml server/pyproject.toml | $(POETRY)
+	$(POETRY) install --no-interaction
+	touch $@
+
+run-all: install
+	$(PYTHON) scripts/run_all.py
+
+demo: install
+	cd server && $(POETRY) run python ../scripts/demo.py
+
+test: install .venv/.installed
+	.venv/bin/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf .venv $(addsuffix /.venv,$(APPS)) $(TOOLS)

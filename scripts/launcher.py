@@ -1,0 +1,157 @@
+"""Start and stop the three apps exactly as the README does
+(``cd X && poetry run python X_app.py``), for ``make run-all``, ``make demo``
+and the integration tests. Standard library only: it runs before any app
+environment exists.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PORTS = {"client_1": 5001, "client_2": 5002, "server": 5000}
+
+
+def poetry() -> str:
+    """$POETRY, else poetry on PATH, else the copy ``make install`` bootstraps."""
+    found = os.environ.get("POETRY") or shutil.which("poetry")
+    if found:
+        return found
+    local = ROOT / ".tools" / "poetry" / "bin" / "poetry"
+    if local.exists():
+        return str(local)
+    raise SystemExit("poetry not found: run `make install` first")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class App:
+    """One app process and everything it has printed so far."""
+
+    name: str
+    url: str
+    proc: subprocess.Popen
+    lines: list[str] = field(default_factory=list)
+    _reader: threading.Thread | None = None
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+def start_app(name: str, port: int, args: Sequence[str] = (), host: str = "127.0.0.1",
+              echo: Callable[[str], None] | None = None, env: dict[str, str] | None = None) -> App:
+    """``cd <name> && poetry run python <name>_app.py --host H --port P [args]``.
+    Its output is kept in ``App.lines`` and, if ``echo`` is given, passed on
+    line by line as ``[name] line``."""
+    cmd = [poetry(), "run", "python", f"{name}_app.py", "--host", host, "--port", str(port), *args]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT / name, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,  # its own process group: we stop it and all it started
+    )
+    app = App(name, f"http://{host}:{port}", proc)
+
+    def read() -> None:
+        for line in proc.stdout:
+            app.lines.append(line)
+            if echo is not None:
+                echo(f"[{name}] {line.rstrip()}")
+
+    app._reader = threading.Thread(target=read, daemon=True, name=f"read-{name}")
+    app._reader.start()
+    return app
+
+
+def wait_healthy(apps: Sequence[App], timeout_s: float = 120.0) -> None:
+    """Poll each app's /health until it answers 200; fail early, with the
+    app's own output, if it exits instead."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(apps)
+    while pending:
+        for app in list(pending):
+            if app.proc.poll() is not None:
+                raise RuntimeError(f"{app.name} exited with code {app.proc.returncode}:\n{app.output()}")
+            try:
+                with urllib.request.urlopen(app.url + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        pending.remove(app)
+            except (urllib.error.URLError, OSError):
+                pass
+        if pending:
+            if time.monotonic() > deadline:
+                names = ", ".join(a.name for a in pending)
+                raise RuntimeError(f"no answer from /health of {names} within {timeout_s:g} s")
+            time.sleep(0.05)  # polling interval, not a wait for anything in particular
+
+
+def stop(apps: Sequence[App], grace_s: float = 5.0) -> None:
+    """SIGTERM each app's process group, SIGKILL what is left after the grace."""
+    for app in apps:
+        if app.proc.poll() is None:
+            _signal_group(app.proc, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for app in apps:
+        try:
+            app.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal_group(app.proc, signal.SIGKILL)
+            app.proc.wait(5)
+        if app._reader is not None:
+            app._reader.join(2)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def start_federation(ports: dict[str, int] | None = None, echo: Callable[[str], None] | None = None,
+                     host: str = "127.0.0.1", timeout_s: float = 120.0) -> dict[str, App]:
+    """Both clients, then the server pointed at them; returns once all three
+    answer /health. On any failure everything started is stopped again."""
+    ports = {**DEFAULT_PORTS, **(ports or {})}
+    apps: dict[str, App] = {}
+    try:
+        for name in ("client_1", "client_2"):
+            apps[name] = start_app(name, ports[name], host=host, echo=echo)
+        clients = ",".join(apps[n].url for n in ("client_1", "client_2"))
+        apps["server"] = start_app("server", ports["server"], ["--clients", clients], host=host, echo=echo)
+        wait_healthy(list(apps.values()), timeout_s)
+    except BaseException:
+        stop(list(apps.values()))
+        raise
+    return apps
+
+
+def post_json(url: str, body: dict | None = None, timeout_s: float = 300.0) -> tuple[int, dict]:
+    """POST a JSON body; (status, parsed reply) whatever the status."""
+    data = json.dumps(body).encode() if body is not None else b""
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+if __name__ == "__main__":
+    sys.exit("launcher.py is a module: use `make run-all` or `make demo`")
