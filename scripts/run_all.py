@@ -2,6 +2,7 @@
 app's name, until Ctrl-C; then stop all three and leave nothing behind."""
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 import threading
@@ -16,18 +17,27 @@ def echo(line: str) -> None:
         print(line, flush=True)
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description="Start client_1, client_2 and the server.")
+    for name, port in DEFAULT_PORTS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}-port", type=int, default=port, dest=name,
+                            help=f"default {port}")
+    ports = vars(parser.parse_args())
     # `kill` (SIGTERM) of make run-all stops the apps just as Ctrl-C does.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        apps = start_federation(echo=echo)
+        apps = start_federation(ports, echo=echo)
     except KeyboardInterrupt:
         return 130
     except RuntimeError as e:
         print(f"run-all: {e}", file=sys.stderr)
         return 1
     echo(f"run-all: all three apps answer /health. Start the rounds with:\n"
-         f"    curl -X POST http://127.0.0.1:{DEFAULT_PORTS['server']}/start\n"
+         f"    curl -X POST {apps['server'].url}/start\n"
          f"run-all: Ctrl-C stops all three.")
     try:
         while all(app.proc.poll() is None for app in apps.values()):

@@ -1,0 +1,235 @@
+"""The three real apps as processes on free loopback ports, started the way
+the README starts them (``cd X && poetry run python X_app.py``)."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import launcher  # noqa: E402
+from reference import reference_fedavg  # noqa: E402
+
+SEED_DATA = [[(1.0, 3.0), (2.0, 5.0)], [(3.0, 4.0), (4.0, 5.0)]]
+NUM = r"(-?\d+\.\d+(?:e[+-]\d+)?)"
+
+
+@pytest.fixture(scope="module")
+def federation():
+    ports = {name: launcher.free_port() for name in launcher.DEFAULT_PORTS}
+    apps = launcher.start_federation(ports, timeout_s=120)
+    yield apps
+    launcher.stop(list(apps.values()))
+
+
+def wait_for(predicate, timeout_s: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def run_log(server: launcher.App, run_id: int) -> str:
+    """The server's log lines of one run, once its last line is out."""
+    wait_for(lambda: re.search(rf"Run {run_id} (completed|FAILED|DIVERGED)", server.output()),
+             what=f"the end of run {run_id} in the server log")
+    out = server.output()
+    start = out.index(f"Run {run_id}:")
+    return out[start:out.index("\n", out.index(f"Run {run_id} ", start + 1))]
+
+
+def test_plain_curl_start_matches_reference_round_by_round(federation):
+    """The seed's exact command: POST /start with no body and no content type."""
+    server = federation["server"]
+    req = urllib.request.Request(server.url + "/start", data=b"", method="POST")
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        assert resp.status == 200
+        import json
+        run = json.loads(resp.read())
+    assert run["status"] == "completed" and run["error"] is None
+    expected = reference_fedavg(SEED_DATA, rounds=5, lr=0.01, epochs=10)
+    assert len(run["rounds"]) == 5
+    for record, (w, b) in zip(run["rounds"], expected):
+        assert abs(record["global_model"]["w"] - w) < 1e-9
+        assert abs(record["global_model"]["b"] - b) < 1e-9
+        assert record["N"] == 4
+        assert [p["client_id"] for p in record["participants"]] == ["client_1", "client_2"]
+        assert [t["weight"] for t in record["terms"]] == [0.5, 0.5]
+        assert record["federated_loss"] is not None
+    assert run["final_model"] == run["rounds"][-1]["global_model"]
+
+
+def test_math_log_shows_the_same_numbers_as_the_api(federation):
+    server = federation["server"]
+    status, run = launcher.post_json(server.url + "/start", {"rounds": 3})
+    assert status == 200, run
+    log = run_log(server, run["run_id"])
+    blocks = re.split(r"── Round ", log)[1:]
+    assert len(blocks) == 3
+    for block, record in zip(blocks, run["rounds"]):
+        r = record["round"]
+        assert block.startswith(f"{r}/3 ── global model in: ")
+        # each client's line: n_k, local w and b, loss before → after
+        for p in record["participants"]:
+            m = re.search(rf"^{p['client_id']}\s+n_k={p['data_size']}\s+local model: w={NUM} b={NUM}"
+                          rf"\s+\(loss {NUM}→{NUM}\)$", block, re.M)
+            assert m, f"no line for {p['client_id']} in:\n{block}"
+            got = [float(g) for g in m.groups()]
+            want = [p["local_model"]["w"], p["local_model"]["b"],
+                    p["metrics"]["loss_before"], p["metrics"]["loss_after"]]
+            assert got == pytest.approx(want, abs=1e-6)
+        assert re.search(r"^N = 2 \+ 2 = 4$", block, re.M)
+        # the weighted average written out: w = (2/4)·w_1 + (2/4)·w_2 = w
+        for name in ("w", "b"):
+            m = re.search(rf"^{name} = \(2/4\)·{NUM} \+ \(2/4\)·{NUM} = {NUM}$", block, re.M)
+            assert m, block
+            w1, w2, out = (float(g) for g in m.groups())
+            ps = record["participants"]
+            assert [w1, w2] == pytest.approx([ps[0]["local_model"][name], ps[1]["local_model"][name]], abs=1e-6)
+            assert out == pytest.approx(record["global_model"][name], abs=1e-6)
+            assert out == pytest.approx((w1 + w2) / 2, abs=2e-6)  # the line's own arithmetic holds
+        m = re.search(rf"^global model out: y = {NUM}·x \+ {NUM}$", block, re.M)
+        assert m and [float(g) for g in m.groups()] == pytest.approx(
+            [record["global_model"]["w"], record["global_model"]["b"]], abs=1e-6)
+        # the federated MSE of this round's model, from the next round's replies or the final /evaluate
+        m = re.search(rf"federated MSE of round {r}'s model .*= {NUM}$", log, re.M)
+        assert m and float(m.group(1)) == pytest.approx(record["federated_loss"], abs=1e-6)
+
+
+def test_status_and_runs_reflect_the_last_run(federation):
+    server = federation["server"]
+    status, run = launcher.post_json(server.url + "/start", {"rounds": 2, "lr": 0.02})
+    assert status == 200
+    import json
+    with urllib.request.urlopen(server.url + "/status", timeout=10) as resp:
+        st = json.loads(resp.read())
+    assert st["run_id"] == run["run_id"] and st["status"] == "completed" and st["round"] == 2
+    assert st["global_rounds_planned"] == 2
+    assert st["current_global_model"] == run["final_model"]
+    with urllib.request.urlopen(f"{server.url}/runs/{run['run_id']}", timeout=10) as resp:
+        again = json.loads(resp.read())
+    assert again["rounds"] == run["rounds"]
+
+
+def test_a_client_that_stops_is_dropped_and_named(tmp_path):
+    """Kill client_2: the next run goes on with client_1 alone (N = 2) and
+    says which client was dropped and why."""
+    ports = {name: launcher.free_port() for name in launcher.DEFAULT_PORTS}
+    apps = launcher.start_federation(ports)
+    try:
+        launcher.stop([apps["client_2"]])
+        status, run = launcher.post_json(apps["server"].url + "/start",
+                                         {"rounds": 2, "client_timeout_s": 5})
+        assert status == 200 and run["status"] == "completed", run
+        for record in run["rounds"]:
+            assert record["N"] == 2
+            assert [p["client_id"] for p in record["participants"]] == ["client_1"]
+            assert record["dropped"][0]["url"] == apps["client_2"].url
+            assert "connect" in record["dropped"][0]["reason"]
+        log = run_log(apps["server"], run["run_id"])
+        assert "DROPPED" in log and apps["client_2"].url in log
+    finally:
+        launcher.stop(list(apps.values()))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("x,y\n1,3\n2,abc\n", "line 3, column y: not a number"),
+    ("x,y\n1,3\n2\n", "line 3: 1 values, the header has 2"),
+    ("x,y\n1,nan\n", "line 2, column y: not a finite number"),
+    ("x,y\n", "no data rows"),
+])
+def test_client_with_bad_data_exits_2_with_one_line(tmp_path, content, message):
+    bad = tmp_path / "data.csv"
+    bad.write_text(content)
+    app = launcher.start_app("client_1", launcher.free_port(), ["--data", str(bad)])
+    try:
+        assert app.proc.wait(60) == 2
+    finally:
+        launcher.stop([app])
+    lines = [line for line in app.output().splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"error: {bad}") and message in lines[0]
+
+
+def test_client_with_missing_data_file_exits_2(tmp_path):
+    missing = tmp_path / "nope.csv"
+    app = launcher.start_app("client_2", launcher.free_port(), ["--data", str(missing)])
+    assert app.proc.wait(60) == 2
+    launcher.stop([app])
+    assert app.output().strip() == f"error: {missing}: file not found"
+
+
+def _listening(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url + "/health", timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_run_all_starts_three_and_ctrl_c_leaves_nothing_behind():
+    ports = {name: launcher.free_port() for name in launcher.DEFAULT_PORTS}
+    args = [f"--{n.replace('_', '-')}-port={p}" for n, p in ports.items()]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "run_all.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        for line in proc.stdout:  # bounded: run_all exits if an app fails to start
+            seen.append(line)
+            if "Ctrl-C stops all three" in line or time.monotonic() > deadline:
+                break
+        assert any("Ctrl-C stops all three" in s for s in seen), "".join(seen)
+        urls = {n: f"http://127.0.0.1:{p}" for n, p in ports.items()}
+        assert all(_listening(u) for u in urls.values())
+        text = "".join(seen)
+        assert "[client_1] " in text and "[client_2] " in text and "[server] " in text
+        assert f"curl -X POST {urls['server']}/start" in text
+        children = _descendants(proc.pid)
+        assert len(children) >= 3
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        assert proc.wait(30) == 0
+        assert not any(_listening(u) for u in urls.values())
+        assert not [pid for pid in children if _alive(pid)]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.stdout.close()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process whose parent chain leads to pid (from /proc)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parents.items() if pp == p]
+        found += kids
+        frontier += kids
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
