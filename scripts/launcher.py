@@ -125,7 +125,8 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 
 def start_federation(ports: dict[str, int] | None = None, echo: Callable[[str], None] | None = None,
-                     host: str = "127.0.0.1", timeout_s: float = 120.0) -> dict[str, App]:
+                     host: str = "127.0.0.1", timeout_s: float = 120.0,
+                     server_args: Sequence[str] = ()) -> dict[str, App]:
     """Both clients, then the server pointed at them; returns once all three
     answer /health. On any failure everything started is stopped again."""
     ports = {**DEFAULT_PORTS, **(ports or {})}
@@ -134,7 +135,8 @@ def start_federation(ports: dict[str, int] | None = None, echo: Callable[[str], 
         for name in ("client_1", "client_2"):
             apps[name] = start_app(name, ports[name], host=host, echo=echo)
         clients = ",".join(apps[n].url for n in ("client_1", "client_2"))
-        apps["server"] = start_app("server", ports["server"], ["--clients", clients], host=host, echo=echo)
+        apps["server"] = start_app("server", ports["server"], ["--clients", clients, *server_args],
+                                   host=host, echo=echo)
         wait_healthy(list(apps.values()), timeout_s)
     except BaseException:
         stop(list(apps.values()))

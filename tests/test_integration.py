@@ -24,9 +24,10 @@ NUM = r"(-?\d+\.\d+(?:e[+-]\d+)?)"
 
 
 @pytest.fixture(scope="module")
-def federation():
+def federation(tmp_path_factory):
     ports = {name: launcher.free_port() for name in launcher.DEFAULT_PORTS}
-    apps = launcher.start_federation(ports, timeout_s=120)
+    db = tmp_path_factory.mktemp("server") / "runs.db"
+    apps = launcher.start_federation(ports, timeout_s=120, server_args=["--db", str(db)])
     yield apps
     launcher.stop(list(apps.values()))
 
@@ -125,7 +126,7 @@ def test_a_client_that_stops_is_dropped_and_named(tmp_path):
     """Kill client_2: the next run goes on with client_1 alone (N = 2) and
     says which client was dropped and why."""
     ports = {name: launcher.free_port() for name in launcher.DEFAULT_PORTS}
-    apps = launcher.start_federation(ports)
+    apps = launcher.start_federation(ports, server_args=["--db", str(tmp_path / "runs.db")])
     try:
         launcher.stop([apps["client_2"]])
         status, run = launcher.post_json(apps["server"].url + "/start",

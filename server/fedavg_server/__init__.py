@@ -28,14 +28,18 @@ def client_urls(value: str | None) -> list[str]:
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the server. Config: CLIENTS (list of URLs; default from
-    FEDAVG_CLIENTS, else the two local clients), MAX_PARALLEL."""
+    FEDAVG_CLIENTS, else the two local clients), DATABASE (the SQLite file of
+    run history; default from FEDAVG_DB, else instance/fedavg.db), MAX_PARALLEL."""
     app = Flask(__name__)
-    app.config.from_mapping(CLIENTS=client_urls(os.environ.get("FEDAVG_CLIENTS")),
-                            MAX_PARALLEL=32, MAX_CONTENT_LENGTH=64 * 1024)
+    app.config.from_mapping(
+        CLIENTS=client_urls(os.environ.get("FEDAVG_CLIENTS")),
+        # The run history lives in the instance folder (server/instance/), kept out of git.
+        DATABASE=os.environ.get("FEDAVG_DB") or os.path.join(app.instance_path, "fedavg.db"),
+        MAX_PARALLEL=32, MAX_CONTENT_LENGTH=64 * 1024)
     if config is not None:
         app.config.from_mapping(config)
     pool = ClientPool(app.config["CLIENTS"], app.config["MAX_PARALLEL"])
-    app.extensions["fedavg"] = Federation(pool, RunStore())
+    app.extensions["fedavg"] = Federation(pool, RunStore(app.config["DATABASE"]))
     install_json_errors(app)
     app.register_blueprint(bp)
     return app

@@ -6,9 +6,10 @@ from typing import Any
 from flask import Blueprint, current_app, request
 
 from fedavg.service import json_body
-from fedavg.wire import ProtocolError
+from fedavg.wire import ProtocolError, expect_bool, expect_object
 
-from .federation import Busy, Federation
+from .federation import Busy, CannotResume, Federation
+from .runs import run_to_csv
 from .settings import RunSettings, parse_start
 
 bp = Blueprint("api", __name__)
@@ -36,6 +37,31 @@ def start():
         return {"error": str(busy), "run_id": busy.run_id, "url": f"/runs/{busy.run_id}"}, 409
     if not wait:
         return {"run_id": run_id, "status": "running", "url": f"/runs/{run_id}"}, 202
+    return _finished(fed, run_id)
+
+
+@bp.post("/runs/<int:run_id>/resume")
+def resume(run_id: int):
+    """Continue an interrupted run; same wait semantics as /start."""
+    no_query_args()
+    body = expect_object(json_body() or {}, "", ("wait",))
+    wait = expect_bool(body["wait"], "wait") if "wait" in body else True
+    fed = federation()
+    try:
+        fed.resume(run_id)
+    except KeyError:
+        return {"error": f"no run {run_id}"}, 404
+    except CannotResume as e:
+        return {"error": str(e), "run_id": run_id}, 409
+    except Busy as busy:
+        return {"error": str(busy), "run_id": busy.run_id, "url": f"/runs/{busy.run_id}"}, 409
+    if not wait:
+        return {"run_id": run_id, "status": "running", "url": f"/runs/{run_id}"}, 202
+    return _finished(fed, run_id)
+
+
+def _finished(fed: Federation, run_id: int) -> dict[str, Any]:
+    """Wait for the run to end; its record, with a one-line message first."""
     fed.wait(run_id)
     run = fed.store.get(run_id)
     message = {"completed": f"FedAvg finished {len(run['rounds'])} round(s)."}.get(
@@ -65,10 +91,17 @@ def runs():
 
 @bp.get("/runs/<int:run_id>")
 def run(run_id: int):
-    no_query_args()
+    """The whole run; ?format=csv gives one row per round instead."""
+    no_query_args("format")
+    fmt = request.args.get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise ProtocolError(f"format: must be json or csv, got {fmt!r}")
     found = federation().store.get(run_id)
     if found is None:
         return {"error": f"no run {run_id}"}, 404
+    if fmt == "csv":
+        return current_app.response_class(run_to_csv(found), mimetype="text/csv", headers={
+            "Content-Disposition": f'attachment; filename="fedavg-run-{run_id}.csv"'})
     return found
 
 

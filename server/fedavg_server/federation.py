@@ -33,6 +33,10 @@ class Busy(Exception):
         self.run_id = run_id
 
 
+class CannotResume(Exception):
+    """The run is not one that can be resumed (it completed, or diverged)."""
+
+
 class RunStopped(Exception):
     """The run cannot go on; ``status`` says how it ended."""
 
@@ -53,15 +57,36 @@ class Federation:
     def start(self, settings: RunSettings) -> int:
         """Start a run in the background and return its id; Busy if one runs."""
         with self._lock:
-            if self._running is not None and self._running[1].is_alive():
-                raise Busy(self._running[0])
-            init = settings.init or {"w": 0.0, "b": 0.0}
-            run_id = self.store.create(settings.to_json(), self.pool.urls, init)
-            thread = threading.Thread(target=self._run, args=(run_id, settings),
-                                      name=f"run-{run_id}", daemon=True)
-            self._running = (run_id, thread)
-            thread.start()
+            self._check_idle()
+            run_id = self.store.create(settings.to_json(), self.pool.urls, settings.init or {"w": 0.0, "b": 0.0})
+            self._launch(Run(run_id, settings, self.pool, self.store))
             return run_id
+
+    def resume(self, run_id: int) -> None:
+        """Continue an interrupted (or failed) run from its last completed
+        round's global model up to its planned number of rounds."""
+        with self._lock:
+            self._check_idle()
+            run = self.store.get(run_id)
+            if run is None:
+                raise KeyError(run_id)
+            if run["status"] not in ("interrupted", "failed"):
+                raise CannotResume(f"run {run_id} is {run['status']}; only an interrupted or failed run "
+                                   "can be resumed")
+            settings = RunSettings(**run["settings"])
+            done = len(run["rounds"])
+            self.store.set_status(run_id, "running")
+            self._launch(Run(run_id, settings, self.pool, self.store, first_round=done + 1,
+                             model=run["current_model"]))
+
+    def _check_idle(self) -> None:
+        if self._running is not None and self._running[1].is_alive():
+            raise Busy(self._running[0])
+
+    def _launch(self, run: Run) -> None:
+        thread = threading.Thread(target=self._run, args=(run,), name=f"run-{run.run_id}", daemon=True)
+        self._running = (run.run_id, thread)
+        thread.start()
 
     def wait(self, run_id: int) -> None:
         with self._lock:
@@ -75,35 +100,40 @@ class Federation:
                 return self._running[0]
             return None
 
-    def _run(self, run_id: int, settings: RunSettings) -> None:
+    def _run(self, run: Run) -> None:
         try:
-            Run(run_id, settings, self.pool, self.store).execute()
+            run.execute()
         except Exception as e:  # a bug must end the run visibly, not hang it as "running"
-            log.exception("run %s crashed", run_id)
-            self.store.finish(run_id, "failed", f"internal error: {type(e).__name__}: {e}")
+            log.exception("run %s crashed", run.run_id)
+            self.store.finish(run.run_id, "failed", f"internal error: {type(e).__name__}: {e}")
 
 
 class Run:
     """One run: the loop of rounds and the state it carries between them."""
 
-    def __init__(self, run_id: int, settings: RunSettings, pool: ClientPool, store: RunStore) -> None:
+    def __init__(self, run_id: int, settings: RunSettings, pool: ClientPool, store: RunStore,
+                 first_round: int = 1, model: dict[str, Any] | None = None) -> None:
         self.run_id = run_id
         self.s = settings
         self.pool = pool
         self.store = store
+        self.first_round = first_round
+        self.model = model  # where a resumed run picks up; None = settings.init
         self.names: dict[str, str] = {url: url for url in pool.urls}  # url → client_id
+        self.sizes: dict[str, int] = {}  # url → n_k as its /health reported it
         self.num_features: int | None = None
 
     def execute(self) -> None:
         s = self.s
-        log.info("Run %s: %d round(s) over %d client(s), lr=%g, local_epochs=%d%s%s, seed=%d",
+        log.info("Run %s: %d round(s) over %d client(s), lr=%g, local_epochs=%d%s%s, seed=%d%s",
                  self.run_id, s.rounds, len(self.pool.urls), s.lr, s.local_epochs,
                  "" if s.batch_size is None else f", batch_size={s.batch_size}",
-                 "" if not s.mu else f", mu={s.mu:g}", s.seed)
+                 "" if not s.mu else f", mu={s.mu:g}", s.seed,
+                 "" if self.first_round == 1 else f" (resumed at round {self.first_round})")
         try:
             self._probe_health()
             w, b = self._initial_model()
-            for r in range(1, s.rounds + 1):
+            for r in range(self.first_round, s.rounds + 1):
                 w, b = self._round(r, w, b)
                 if s.pace_s and r < s.rounds:
                     time.sleep(s.pace_s)  # only when the user asked to watch slowly
@@ -126,6 +156,9 @@ class Run:
             if reply.ok:
                 if isinstance(reply.body.get("client_id"), str) and reply.body["client_id"]:
                     self.names[reply.url] = reply.body["client_id"]
+                size = reply.body.get("data_size")
+                if isinstance(size, int) and not isinstance(size, bool):
+                    self.sizes[reply.url] = size
                 if isinstance(reply.body.get("num_features"), int) and not isinstance(
                         reply.body["num_features"], bool):
                     dims.add(reply.body["num_features"])
@@ -134,14 +167,14 @@ class Run:
         self.num_features = dims.pop() if dims else None
 
     def _initial_model(self) -> tuple[np.ndarray, float]:
-        d = self.num_features or 1
-        if self.s.init is None:
-            return np.zeros(d), 0.0
-        w = np.array(self.s.init["w"], dtype=float)
+        start = self.model or self.s.init
+        if start is None:
+            return np.zeros(self.num_features or 1), 0.0
+        w = np.atleast_1d(np.array(start["w"], dtype=float))
         if self.num_features is not None and len(w) != self.num_features:
             raise RunStopped("failed", f"init.w has {len(w)} weight(s) but the clients' data has "
                                        f"{self.num_features} feature(s)")
-        return w, float(self.s.init["b"])
+        return w, float(start["b"])
 
     # --- one round ----------------------------------------------------------
 
@@ -177,7 +210,7 @@ class Run:
 
         # The loss each client measured on the incoming model *is* the
         # federated evaluation of the previous round's model: no extra calls.
-        if r > 1:
+        if r > 1:  # (after a resume too: round r-1 is in the store)
             self._record_loss(r - 1, [(p["metrics"]["loss_before"], p["data_size"]) for p in participants
                                       if p["metrics"] and "loss_before" in p["metrics"]], "loss_before in round "
                               f"{r}'s replies")
@@ -217,6 +250,11 @@ class Run:
         if not reply.ok:
             raise ProtocolError(reply.reason)
         parsed = parse_train_reply(reply.body, self.num_features)
+        said = self.sizes.get(reply.url)
+        if said is not None and parsed["data_size"] != said:
+            # n_k is the client's vote in the average: a count that changes
+            # between /health and /train is not one to trust.
+            raise ProtocolError(f"reply.data_size: {parsed['data_size']} differs from the {said} its /health reported")
         if self.num_features is None:
             self.num_features = len(parsed["w"])
         if parsed["client_id"]:
