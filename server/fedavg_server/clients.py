@@ -36,6 +36,10 @@ class ClientPool:
 
     def __init__(self, urls: Sequence[str], max_parallel: int = 32) -> None:
         self.urls = [u.rstrip("/") for u in urls]
+        # Each client's name as it last gave it (/health or /train); its URL
+        # until it has said. Kept across runs, so a client that is down is
+        # still called by its name.
+        self.names: dict[str, str] = {url: url for url in self.urls}
         self.max_parallel = max(1, min(max_parallel, len(self.urls)))
         self.session = requests.Session()
         # One pooled connection per concurrent call, kept alive across rounds.

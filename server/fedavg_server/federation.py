@@ -119,7 +119,7 @@ class Run:
         self.store = store
         self.first_round = first_round
         self.model = model  # where a resumed run picks up; None = settings.init
-        self.names: dict[str, str] = {url: url for url in pool.urls}  # url → client_id
+        self.names = pool.names  # url → client_id, remembered across runs
         self.sizes: dict[str, int] = {}  # url → n_k as its /health reported it
         self.num_features: int | None = None
 
@@ -220,7 +220,8 @@ class Run:
             if not participants and any(d["diverged"] for d in dropped):
                 raise RunStopped("diverged", f"round {r}: local training diverged on every client "
                                              f"(lr={self.s.lr:g} is too large); try a smaller lr")
-            missing = ", ".join(f"{d['client_id']} ({d['reason']})" for d in dropped)
+            missing = ", ".join(d["url"] + (f" = {d['client_id']}" if d["client_id"] != d["url"] else "")
+                                + f" ({d['reason']})" for d in dropped)
             raise RunStopped("failed", f"round {r}: {len(participants)} client(s) replied, min_clients is "
                                        f"{self.s.min_clients}; missing: {missing}")
 
