@@ -8,23 +8,27 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flask import Flask
 
 from .data import DataError, load_csv
 from .model import mse
-from .service import cli, configure_logging, install_json_errors, json_body, serve
+from .openapi import client_document
+from .service import cli, configure_logging, install_json_errors, json_body, require_token, serve, shared_token
 from .training import local_train
 from .aggregation import fmt_model
 from .wire import model_json, parse_evaluate_request, parse_train_request
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
-    """Build a client app. Config: CLIENT_ID, DATA_PATH (the private CSV).
+    """Build a client app. Config: CLIENT_ID, DATA_PATH (the private CSV),
+    TOKEN (shared bearer token required on /train and /evaluate; default from
+    FEDAVG_TOKEN, None = open).
 
     Raises DataError when the data file cannot be used, before anything serves.
     """
     app = Flask(__name__)
-    app.config.from_mapping(CLIENT_ID="client", DATA_PATH="data.csv",
+    app.config.from_mapping(CLIENT_ID="client", DATA_PATH="data.csv", TOKEN=shared_token(),
                             MAX_CONTENT_LENGTH=4 * 1024 * 1024)
     if config is not None:
         app.config.from_mapping(config)
@@ -39,12 +43,20 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     def health():
         return {"status": "ok", "client_id": client_id, "data_size": n, "num_features": d}
 
+    @app.get("/openapi.json")
+    def openapi():
+        return client_document(d)
+
     @app.post("/train")
     def train():
+        require_token(app.config["TOKEN"])
         w_g, b_g, rnd, config = parse_train_request(json_body(), d)
-        loss_before = mse(w_g, b_g, X, y)
-        w, b = local_train(w_g, b_g, X, y, config)
-        loss_after = mse(w, b, X, y)
+        # Overflow is possible with a large lr; it is detected below and
+        # reported as divergence, so NumPy need not warn about it.
+        with np.errstate(over="ignore", invalid="ignore"):
+            loss_before = mse(w_g, b_g, X, y)
+            w, b = local_train(w_g, b_g, X, y, config)
+            loss_after = mse(w, b, X, y)
         if not (math.isfinite(loss_after) and all(map(math.isfinite, w)) and math.isfinite(b)):
             # JSON cannot carry inf/NaN; say plainly what happened instead.
             app.logger.warning("round %s: local training diverged with lr=%g", rnd, config.lr)
@@ -57,8 +69,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     @app.post("/evaluate")
     def evaluate():
+        require_token(app.config["TOKEN"])
         w, b = parse_evaluate_request(json_body(), d)
-        loss = mse(w, b, X, y)
+        with np.errstate(over="ignore", invalid="ignore"):
+            loss = mse(w, b, X, y)
         if not math.isfinite(loss):
             return {"error": "loss is not finite for this model", "diverged": True}, 422
         return {"loss": loss, "data_size": n, "client_id": client_id}

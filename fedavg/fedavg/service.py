@@ -3,25 +3,46 @@ command line (--host/--port) and serving."""
 from __future__ import annotations
 
 import argparse
+import hmac
 import logging
+import os
 import sys
 from typing import Any
 
 from flask import Flask, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, Unauthorized
 
 from .wire import ProtocolError, loads
 
 log = logging.getLogger("fedavg")
 
 
-def json_body() -> Any:
-    """The request body parsed strictly as JSON; None when it is empty (the
-    seed's ``curl -X POST .../start`` sends no body and no content type)."""
+def json_body(if_empty: Any = None) -> Any:
+    """The request body parsed strictly as JSON; ``if_empty`` when there is
+    none (the seed's ``curl -X POST .../start`` sends no body and no content
+    type). A body of ``null`` is not empty: it is a value, and wrong."""
     data = request.get_data(cache=True)
     if not data.strip():
-        return None
+        return if_empty
     return loads(data)
+
+
+def shared_token() -> str | None:
+    """The optional shared secret, FEDAVG_TOKEN: when set, the server sends it
+    to the clients and both refuse work without it."""
+    return os.environ.get("FEDAVG_TOKEN") or None
+
+
+def require_token(token: str | None) -> None:
+    """401 unless the request carries ``Authorization: Bearer <token>``
+    (compared in constant time, so the answer's timing leaks nothing).
+    Nothing is required when no token is configured."""
+    if token is None:
+        return
+    given = request.headers.get("Authorization", "")
+    scheme, _, value = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+        raise Unauthorized("missing or wrong bearer token (set FEDAVG_TOKEN to the shared token)")
 
 
 def install_json_errors(app: Flask) -> None:
@@ -33,7 +54,11 @@ def install_json_errors(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
-        return {"error": f"{e.name}: {e.description}"}, e.code or 500
+        # Keep what the exception adds (a 405's Allow), in a JSON body of ours.
+        headers = [(k, v) for k, v in e.get_headers() if k.lower() != "content-type"]
+        if e.code == 401:
+            headers.append(("WWW-Authenticate", "Bearer"))
+        return {"error": f"{e.name}: {e.description}"}, e.code or 500, headers
 
     @app.errorhandler(Exception)
     def internal_error(e: Exception):

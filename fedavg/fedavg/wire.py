@@ -18,6 +18,12 @@ from .model import Weights
 from .training import TrainConfig
 
 
+# Bounds that keep one request's work bounded (a client trains local_epochs
+# passes over its data; a model has one weight per feature).
+MAX_LOCAL_EPOCHS = 10_000
+MAX_FEATURES = 10_000
+
+
 class ProtocolError(ValueError):
     """A message that does not follow the wire format (a 400, never a 500)."""
 
@@ -138,8 +144,8 @@ def parse_model(value: Any, path: str, num_features: int | None = None) -> tuple
     if isinstance(raw_w, list):
         if not raw_w:
             raise ProtocolError(f"{path}.w: must not be empty")
-        if len(raw_w) > 100_000:
-            raise ProtocolError(f"{path}.w: more than 100000 weights")
+        if len(raw_w) > MAX_FEATURES:
+            raise ProtocolError(f"{path}.w: more than {MAX_FEATURES} weights")
         w = np.array([expect_number(v, f"{path}.w[{i}]") for i, v in enumerate(raw_w)])
     else:
         w = np.array([expect_number(raw_w, f"{path}.w")])
@@ -168,7 +174,7 @@ def parse_train_config(value: Any, path: str = "config") -> TrainConfig:
     seed = obj.get("seed")
     return TrainConfig(
         lr=expect_number(obj["lr"], f"{at}lr", gt=0) if "lr" in obj else default.lr,
-        local_epochs=(expect_int(obj["local_epochs"], f"{at}local_epochs", ge=1, le=100_000)
+        local_epochs=(expect_int(obj["local_epochs"], f"{at}local_epochs", ge=1, le=MAX_LOCAL_EPOCHS)
                       if "local_epochs" in obj else default.local_epochs),
         batch_size=None if batch is None else expect_int(batch, f"{at}batch_size", ge=1),
         mu=expect_number(obj["mu"], f"{at}mu", ge=0) if "mu" in obj else default.mu,

@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Flask
 
-from fedavg.service import install_json_errors
+from fedavg.service import install_json_errors, shared_token
 
 from .api import bp
 from .clients import ClientPool
@@ -29,16 +29,20 @@ def client_urls(value: str | None) -> list[str]:
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the server. Config: CLIENTS (list of URLs; default from
     FEDAVG_CLIENTS, else the two local clients), DATABASE (the SQLite file of
-    run history; default from FEDAVG_DB, else instance/fedavg.db), MAX_PARALLEL."""
+    run history; default from FEDAVG_DB, else instance/fedavg.db), TOKEN (shared
+    bearer token sent to clients and required on /start and /resume; default
+    from FEDAVG_TOKEN, None = open), MAX_PARALLEL."""
     app = Flask(__name__)
     app.config.from_mapping(
         CLIENTS=client_urls(os.environ.get("FEDAVG_CLIENTS")),
         # The run history lives in the instance folder (server/instance/), kept out of git.
         DATABASE=os.environ.get("FEDAVG_DB") or os.path.join(app.instance_path, "fedavg.db"),
-        MAX_PARALLEL=32, MAX_CONTENT_LENGTH=64 * 1024)
+        TOKEN=shared_token(), MAX_PARALLEL=32, MAX_CONTENT_LENGTH=64 * 1024)
     if config is not None:
         app.config.from_mapping(config)
     pool = ClientPool(app.config["CLIENTS"], app.config["MAX_PARALLEL"])
+    if app.config["TOKEN"]:
+        pool.headers["Authorization"] = f"Bearer {app.config['TOKEN']}"
     app.extensions["fedavg"] = Federation(pool, RunStore(app.config["DATABASE"]))
     install_json_errors(app)
     app.register_blueprint(bp)

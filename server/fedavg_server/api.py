@@ -5,10 +5,11 @@ from typing import Any
 
 from flask import Blueprint, current_app, request
 
-from fedavg.service import json_body
+from fedavg.service import json_body, require_token
 from fedavg.wire import ProtocolError, expect_bool, expect_object
 
 from .federation import Busy, CannotResume, Federation
+from .openapi import server_document
 from .runs import run_to_csv
 from .settings import RunSettings, parse_start
 
@@ -28,9 +29,10 @@ def no_query_args(*allowed: str) -> None:
 @bp.post("/start")
 def start():
     """Start a run; answer when it ends (wait=true, the default) or at once (202)."""
+    require_token(current_app.config["TOKEN"])
     no_query_args()
     fed = federation()
-    settings, wait = parse_start(json_body(), len(fed.pool.urls))
+    settings, wait = parse_start(json_body(if_empty={}), len(fed.pool.urls))
     try:
         run_id = fed.start(settings)
     except Busy as busy:
@@ -43,8 +45,9 @@ def start():
 @bp.post("/runs/<int:run_id>/resume")
 def resume(run_id: int):
     """Continue an interrupted run; same wait semantics as /start."""
+    require_token(current_app.config["TOKEN"])
     no_query_args()
-    body = expect_object(json_body() or {}, "", ("wait",))
+    body = expect_object(json_body(if_empty={}), "", ("wait",))
     wait = expect_bool(body["wait"], "wait") if "wait" in body else True
     fed = federation()
     try:
@@ -110,3 +113,8 @@ def health() -> dict[str, Any]:
     no_query_args()
     fed = federation()
     return {"status": "ok", "clients": fed.pool.urls, "running_run_id": fed.running_id()}
+
+
+@bp.get("/openapi.json")
+def openapi() -> dict[str, Any]:
+    return server_document(len(federation().pool.urls))

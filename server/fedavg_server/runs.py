@@ -93,6 +93,8 @@ class RunStore:
     # --- reads ----------------------------------------------------------------------
 
     def get(self, run_id: int) -> dict[str, Any] | None:
+        if not 0 <= run_id < 2**63:  # beyond SQLite's INTEGER: no such run
+            return None
         with self._lock:
             row = self._db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
             if row is None:

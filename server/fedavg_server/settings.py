@@ -10,6 +10,10 @@ from fedavg.wire import (TRAIN_CONFIG_FIELDS, ProtocolError, expect_bool, expect
                          expect_object, parse_model, parse_train_config)
 
 MAX_ROUNDS = 100_000
+# FedAvg averages plain local GD; FedProx (Li et al., 2020) adds mu/2·||W − W_g||²
+# to each client's loss and averages the same way.
+STRATEGIES = ("fedavg", "fedprox")
+FEDPROX_DEFAULT_MU = 0.01
 
 
 @dataclass(frozen=True)
@@ -18,6 +22,7 @@ class RunSettings:
     (and repeated: the seed is always recorded, drawn at random if not given)."""
 
     rounds: int = 5
+    strategy: str = "fedavg"
     lr: float = 0.01
     local_epochs: int = 10
     batch_size: int | None = None
@@ -37,19 +42,29 @@ class RunSettings:
         return asdict(self)
 
 
-START_FIELDS = ("rounds", *TRAIN_CONFIG_FIELDS[:-1], "fraction", "min_clients", "seed", "init",
+START_FIELDS = ("rounds", "strategy", *TRAIN_CONFIG_FIELDS[:-1], "fraction", "min_clients", "seed", "init",
                 "pace_s", "client_timeout_s", "wait")
 
 
 def parse_start(body: Any, num_clients: int) -> tuple[RunSettings, bool]:
-    """POST /start body (may be empty) → (settings, wait). Raises ProtocolError
-    for anything that cannot work, so a bad run never starts."""
-    obj = expect_object({} if body is None else body, "", START_FIELDS)
+    """POST /start body (a JSON object; {} for defaults) → (settings, wait).
+    Raises ProtocolError for anything that cannot work, so a bad run never starts."""
+    obj = expect_object(body, "", START_FIELDS)
     # lr, local_epochs, batch_size and mu mean exactly what they mean to a
     # client, so the client's own parser checks them.
     train = parse_train_config({k: obj[k] for k in TRAIN_CONFIG_FIELDS if k in obj}, "")
     settings = RunSettings(lr=train.lr, local_epochs=train.local_epochs, batch_size=train.batch_size,
                            mu=train.mu)
+    strategy = obj.get("strategy", "fedprox" if settings.mu > 0 else "fedavg")
+    if strategy not in STRATEGIES:
+        raise ProtocolError(f"strategy: unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+    if strategy == "fedavg" and settings.mu > 0:
+        raise ProtocolError("mu: the proximal term belongs to strategy fedprox; plain fedavg needs mu = 0")
+    if strategy == "fedprox" and "mu" not in obj:
+        settings = replace(settings, mu=FEDPROX_DEFAULT_MU)
+    if strategy == "fedprox" and settings.mu == 0:
+        raise ProtocolError("mu: strategy fedprox needs mu > 0")
+    settings = replace(settings, strategy=strategy)
     if "rounds" in obj:
         settings = replace(settings, rounds=expect_int(obj["rounds"], "rounds", ge=1, le=MAX_ROUNDS))
     if "fraction" in obj:

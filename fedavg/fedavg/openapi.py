@@ -1,0 +1,129 @@
+"""OpenAPI 3 descriptions of the wire format: the schemas both sides share and
+the client's document (served at /openapi.json). The server's document builds
+on ``SCHEMAS`` (fedavg_server.openapi)."""
+from __future__ import annotations
+
+from typing import Any
+
+from .wire import MAX_FEATURES, MAX_LOCAL_EPOCHS
+
+NUMBER = {"type": "number"}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object", "required": ["error"],
+        "properties": {"error": {"type": "string"}, "diverged": {"type": "boolean"},
+                       "run_id": {"type": "integer"}, "url": {"type": "string"}},
+    },
+    "Model": {
+        "type": "object", "required": ["w", "b"], "additionalProperties": False,
+        "description": "y = w·x + b; w is a number with one feature, a list with several.",
+        "properties": {
+            "w": {"oneOf": [NUMBER, {"type": "array", "items": NUMBER, "minItems": 1,
+                                     "maxItems": MAX_FEATURES}]},
+            "b": NUMBER,
+        },
+    },
+    "TrainConfig": {
+        "type": "object", "additionalProperties": False,
+        "properties": {
+            "lr": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "default": 0.01},
+            "local_epochs": {"type": "integer", "minimum": 1, "maximum": MAX_LOCAL_EPOCHS, "default": 10},
+            "batch_size": {"type": "integer", "minimum": 1, "nullable": True, "default": None},
+            "mu": {"type": "number", "minimum": 0, "default": 0},
+            "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1, "nullable": True},
+        },
+    },
+    "Metrics": {
+        "type": "object",
+        "properties": {"loss_before": {"type": "number", "minimum": 0, "nullable": True},
+                       "loss_after": {"type": "number", "minimum": 0}},
+    },
+}
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def json_content(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def reply(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, **json_content(schema)}
+
+
+ERRORS = {
+    "400": reply("bad input: what and where", ref("Error")),
+    "413": reply("request body too large", ref("Error")),
+}
+AUTH_ERROR = {"401": reply("missing or wrong bearer token (only when FEDAVG_TOKEN is set)", ref("Error"))}
+
+
+def document(title: str, paths: dict[str, Any], schemas: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": title, "version": "1.0"},
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def model_schema(num_features: int) -> dict[str, Any]:
+    """The Model schema for data with exactly ``num_features`` features."""
+    w = NUMBER if num_features == 1 else {"type": "array", "items": NUMBER, "minItems": num_features,
+                                          "maxItems": num_features}
+    return {**SCHEMAS["Model"], "properties": {"w": w, "b": NUMBER}}
+
+
+def client_document(num_features: int) -> dict[str, Any]:
+    """The client's endpoints: /train, /evaluate, /health; models sized for its data."""
+    model_in = {"type": "object", "required": ["global_model"], "additionalProperties": False,
+                "properties": {"global_model": ref("Model"),
+                               "round": {"type": "integer", "minimum": 0, "nullable": True}}}
+    train_in = {**model_in, "properties": {**model_in["properties"],
+                                           "config": {**ref("TrainConfig"), "nullable": True}}}
+    diverged = {"422": reply("local training diverged (non-finite model): use a smaller lr", ref("Error"))}
+    secured = [{}, {"bearer": []}]
+    schemas = {
+        **SCHEMAS,
+        "Model": model_schema(num_features),
+        "TrainReply": {"type": "object", "required": ["local_model", "data_size", "client_id", "metrics"],
+                       "properties": {"local_model": ref("Model"),
+                                      "data_size": {"type": "integer", "minimum": 1},
+                                      "client_id": {"type": "string"}, "metrics": ref("Metrics")}},
+        "EvaluateReply": {"type": "object", "required": ["loss", "data_size", "client_id"],
+                          "properties": {"loss": {"type": "number", "minimum": 0},
+                                         "data_size": {"type": "integer", "minimum": 1},
+                                         "client_id": {"type": "string"}}},
+        "ClientHealth": {"type": "object", "required": ["status", "client_id", "data_size", "num_features"],
+                         "properties": {"status": {"type": "string", "enum": ["ok"]},
+                                        "client_id": {"type": "string"},
+                                        "data_size": {"type": "integer", "minimum": 1},
+                                        "num_features": {"type": "integer", "minimum": 1}}},
+    }
+    paths = {
+        "/train": {"post": {
+            "summary": "Train locally from the global model; reply with the local model and n_k.",
+            "security": secured,
+            "requestBody": {"required": True, **json_content(ref("TrainRequest"))},
+            "responses": {"200": reply("the local model", ref("TrainReply")), **ERRORS, **AUTH_ERROR,
+                          **diverged},
+        }},
+        "/evaluate": {"post": {
+            "summary": "MSE of a model on this client's data.",
+            "security": secured,
+            "requestBody": {"required": True, **json_content(model_in)},
+            "responses": {"200": reply("the loss", ref("EvaluateReply")), **ERRORS, **AUTH_ERROR, **diverged},
+        }},
+        "/health": {"get": {"summary": "Liveness, name and data size.",
+                            "responses": {"200": reply("ok", ref("ClientHealth"))}}},
+        "/openapi.json": {"get": {"summary": "This document.",
+                                  "responses": {"200": reply("OpenAPI 3 document", {"type": "object"})}}},
+    }
+    schemas["TrainRequest"] = train_in
+    return document("Raw FedAvg client", paths, schemas)

@@ -1,0 +1,129 @@
+"""The server's OpenAPI 3 document (served at /openapi.json)."""
+from __future__ import annotations
+
+from typing import Any
+
+from fedavg.openapi import AUTH_ERROR, ERRORS, SCHEMAS, document, json_content, ref, reply
+from fedavg.wire import MAX_LOCAL_EPOCHS
+
+from .settings import MAX_ROUNDS, STRATEGIES
+
+RUN_STATUS = {"type": "string", "enum": ["running", "completed", "failed", "diverged", "interrupted"]}
+NOT_FOUND = {"404": reply("no such run", ref("Error"))}
+BUSY = {"409": reply("a run is already running (its id is in run_id), or this run cannot be resumed",
+                     ref("Error"))}
+RUN_ID = [{"name": "run_id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}}]
+
+
+def server_document(num_clients: int) -> dict[str, Any]:
+    schemas = {
+        **SCHEMAS,
+        "StartRequest": {
+            "type": "object", "additionalProperties": False,
+            "properties": {
+                "rounds": {"type": "integer", "minimum": 1, "maximum": MAX_ROUNDS, "default": 5},
+                "strategy": {"type": "string", "enum": list(STRATEGIES), "default": "fedavg"},
+                "lr": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "default": 0.01},
+                "local_epochs": {"type": "integer", "minimum": 1, "maximum": MAX_LOCAL_EPOCHS, "default": 10},
+                "batch_size": {"type": "integer", "minimum": 1, "nullable": True},
+                "mu": {"type": "number", "minimum": 0, "default": 0},
+                "fraction": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1,
+                             "default": 1},
+                "min_clients": {"type": "integer", "minimum": 1, "maximum": num_clients, "default": 1},
+                "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1, "nullable": True},
+                "init": {**ref("Model"), "nullable": True},
+                "pace_s": {"type": "number", "minimum": 0, "maximum": 60, "default": 0},
+                "client_timeout_s": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 600,
+                                     "default": 10},
+                "wait": {"type": "boolean", "default": True},
+            },
+        },
+        "ResumeRequest": {"type": "object", "additionalProperties": False,
+                          "properties": {"wait": {"type": "boolean", "default": True}}},
+        "Participant": {"type": "object", "required": ["client_id", "url", "data_size", "local_model"],
+                        "properties": {"client_id": {"type": "string"}, "url": {"type": "string"},
+                                       "data_size": {"type": "integer", "minimum": 1},
+                                       "local_model": ref("Model"),
+                                       "metrics": {**ref("Metrics"), "nullable": True}}},
+        "Dropped": {"type": "object", "required": ["client_id", "url", "reason"],
+                    "properties": {"client_id": {"type": "string"}, "url": {"type": "string"},
+                                   "reason": {"type": "string"}}},
+        "Term": {"type": "object", "required": ["client_id", "n_k", "weight", "w", "b"],
+                 "properties": {"client_id": {"type": "string"}, "n_k": {"type": "integer"},
+                                "weight": {"type": "number", "description": "n_k/N"},
+                                "w": {"description": "n_k/N · w_k"}, "b": {"type": "number"}}},
+        "Round": {"type": "object",
+                  "required": ["round", "participants", "dropped", "N", "terms", "global_model", "federated_loss"],
+                  "properties": {"round": {"type": "integer", "minimum": 1},
+                                 "global_model_in": ref("Model"),
+                                 "participants": {"type": "array", "items": ref("Participant")},
+                                 "dropped": {"type": "array", "items": ref("Dropped")},
+                                 "N": {"type": "integer", "minimum": 1},
+                                 "terms": {"type": "array", "items": ref("Term")},
+                                 "global_model": ref("Model"),
+                                 "federated_loss": {"type": "number", "nullable": True}}},
+        "RunSummary": {"type": "object", "required": ["run_id", "status", "settings", "error", "final_model"],
+                       "properties": {"run_id": {"type": "integer"}, "status": RUN_STATUS,
+                                      "settings": {"type": "object"},
+                                      "error": {"type": "string", "nullable": True},
+                                      "final_model": {**ref("Model"), "nullable": True},
+                                      "current_model": ref("Model"),
+                                      "rounds_completed": {"type": "integer"}}},
+        "Run": {"type": "object", "required": ["run_id", "status", "settings", "error", "final_model", "rounds"],
+                "properties": {"run_id": {"type": "integer"}, "status": RUN_STATUS,
+                               "settings": {"type": "object"}, "error": {"type": "string", "nullable": True},
+                               "final_model": {**ref("Model"), "nullable": True},
+                               "message": {"type": "string"},
+                               "rounds": {"type": "array", "items": ref("Round")}}},
+        "Started": {"type": "object", "required": ["run_id", "status", "url"],
+                    "properties": {"run_id": {"type": "integer"}, "status": {"type": "string", "enum": ["running"]},
+                                   "url": {"type": "string"}}},
+    }
+    wait_replies = {"200": reply("the run, when it has ended (wait=true)", ref("Run")),
+                    "202": reply("started (wait=false): poll url", ref("Started"))}
+    secured = [{}, {"bearer": []}]
+    paths = {
+        "/start": {"post": {
+            "summary": "Start a run of FedAvg rounds.", "security": secured,
+            "requestBody": {"required": False, **json_content(ref("StartRequest"))},
+            "responses": {**wait_replies, **ERRORS, **AUTH_ERROR, **BUSY},
+        }},
+        "/runs/{run_id}/resume": {"post": {
+            "summary": "Continue an interrupted or failed run from its last completed round.",
+            "security": secured, "parameters": RUN_ID,
+            "requestBody": {"required": False, **json_content(ref("ResumeRequest"))},
+            "responses": {**wait_replies, **ERRORS, **AUTH_ERROR, **BUSY, **NOT_FOUND},
+        }},
+        "/runs/{run_id}": {"get": {
+            "summary": "One run with all its rounds (JSON), or one CSV row per round.",
+            "parameters": RUN_ID + [{"name": "format", "in": "query", "required": False,
+                                     "schema": {"type": "string", "enum": ["json", "csv"]}}],
+            "responses": {"200": {"description": "the run",
+                                  "content": {"application/json": {"schema": ref("Run")},
+                                              "text/csv": {"schema": {"type": "string"}}}},
+                          "400": ERRORS["400"], **NOT_FOUND},
+        }},
+        "/runs": {"get": {"summary": "Every run, newest first, without rounds.",
+                          "responses": {"200": reply("the runs", {
+                              "type": "object", "required": ["runs"],
+                              "properties": {"runs": {"type": "array", "items": ref("RunSummary")}}})}}},
+        "/status": {"get": {"summary": "Seed-compatible: the current global model and the rounds planned.",
+                            "responses": {"200": reply("status", {
+                                "type": "object",
+                                "required": ["current_global_model", "global_rounds_planned", "run_id", "round",
+                                             "status"],
+                                "properties": {"current_global_model": ref("Model"),
+                                               "global_rounds_planned": {"type": "integer"},
+                                               "run_id": {"type": "integer", "nullable": True},
+                                               "round": {"type": "integer"},
+                                               "status": {"type": "string"}}})}}},
+        "/health": {"get": {"summary": "Liveness, the configured clients, the running run.",
+                            "responses": {"200": reply("ok", {
+                                "type": "object", "required": ["status", "clients", "running_run_id"],
+                                "properties": {"status": {"type": "string", "enum": ["ok"]},
+                                               "clients": {"type": "array", "items": {"type": "string"}},
+                                               "running_run_id": {"type": "integer", "nullable": True}}})}}},
+        "/openapi.json": {"get": {"summary": "This document.",
+                                  "responses": {"200": reply("OpenAPI 3 document", {"type": "object"})}}},
+    }
+    return document("Raw FedAvg server", paths, schemas)
