@@ -56,11 +56,13 @@ class App:
 
 
 def start_app(name: str, port: int, args: Sequence[str] = (), host: str = "127.0.0.1",
-              echo: Callable[[str], None] | None = None, env: dict[str, str] | None = None) -> App:
-    """``cd <name> && poetry run python <name>_app.py --host H --port P [args]``.
-    Its output is kept in ``App.lines`` and, if ``echo`` is given, passed on
-    line by line as ``[name] line``."""
-    cmd = [poetry(), "run", "python", f"{name}_app.py", "--host", host, "--port", str(port), *args]
+              echo: Callable[[str], None] | None = None, env: dict[str, str] | None = None,
+              wrap: Sequence[str] = ()) -> App:
+    """``cd <name> && poetry run python <name>_app.py --host H --port P [args]``,
+    run under ``wrap`` if given (e.g. ``ip netns exec NS``). Its output is
+    kept in ``App.lines`` and, if ``echo`` is given, passed on line by line
+    as ``[name] line``."""
+    cmd = [*wrap, poetry(), "run", "python", f"{name}_app.py", "--host", host, "--port", str(port), *args]
     proc = subprocess.Popen(
         cmd, cwd=ROOT / name, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
         env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},

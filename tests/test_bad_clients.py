@@ -1,0 +1,136 @@
+"""Clients that misbehave over real HTTP: each is dropped from the round with
+its reason, and the average is taken over the clients that replied well."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from flask import Flask, Response
+from werkzeug.serving import make_server
+
+from fedavg.client import create_app as create_client_app
+from fedavg_server import create_app as create_server_app
+
+ROOT = Path(__file__).resolve().parent.parent
+release = threading.Event()  # lets the hanging fake go when the test ends
+
+
+def fake_client(behaviour: str) -> Flask:
+    """A client that answers /train (and /health) wrongly in one way."""
+    app = Flask(f"fake-{behaviour}")
+    bodies = {
+        "nan": '{"local_model": {"w": NaN, "b": 0}, "data_size": 2}',
+        "huge": '{"local_model": {"w": 1e999, "b": 0}, "data_size": 2}',
+        "garbage": "<html>hello</html>",
+        "wrong_dim": '{"local_model": {"w": [1, 2], "b": 0}, "data_size": 2}',
+        "negative_n": '{"local_model": {"w": 1, "b": 0}, "data_size": -2}',
+        "bool_n": '{"local_model": {"w": 1, "b": 0}, "data_size": true}',
+        "no_model": '{"data_size": 2}',
+        "list_body": "[1, 2]",
+        "lying_n": '{"local_model": {"w": 1, "b": 0}, "data_size": 1000, "client_id": "liar"}',
+    }
+
+    @app.get("/health")
+    def health():
+        if behaviour == "lying_n":
+            return {"status": "ok", "client_id": "liar", "data_size": 2, "num_features": 1}
+        return {"error": "no health here"}, 404
+
+    @app.post("/train")
+    def train():
+        if behaviour == "hang":
+            release.wait(10)  # far past the server's client_timeout_s
+            return {"local_model": {"w": 1, "b": 0}, "data_size": 2}
+        if behaviour == "http_500":
+            return Response("boom", status=500)
+        return Response(bodies[behaviour], mimetype="application/json")
+
+    return app
+
+
+class Served:
+    """A WSGI app on a free loopback port, in a thread, for the test's life."""
+
+    def __init__(self, app: Flask) -> None:
+        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def good_client():
+    served = Served(create_client_app({"CLIENT_ID": "client_1", "DATA_PATH": str(ROOT / "client_1" / "data.csv")}))
+    yield served
+    served.close()
+
+
+@pytest.fixture
+def run_with(good_client, tmp_path):
+    served: list[Served] = []
+
+    def run(behaviour: str, **settings):
+        fake = Served(fake_client(behaviour))
+        served.append(fake)
+        app = create_server_app({"CLIENTS": [good_client.url, fake.url], "DATABASE": str(tmp_path / "runs.db")})
+        resp = app.test_client().post("/start", json={"rounds": 2, "seed": 1, **settings})
+        assert resp.status_code == 200, resp.get_json()
+        return resp.get_json(), fake.url
+
+    yield run
+    release.set()
+    for s in served:
+        s.close()
+    release.clear()
+
+
+def alone(good_client, tmp_path) -> dict:
+    """The same run with the good client alone: what the average must equal."""
+    app = create_server_app({"CLIENTS": [good_client.url], "DATABASE": str(tmp_path / "alone.db")})
+    return app.test_client().post("/start", json={"rounds": 2, "seed": 1}).get_json()
+
+
+@pytest.mark.parametrize("behaviour, reason", [
+    ("nan", "NaN is not allowed"),
+    ("huge", "out of range"),
+    ("garbage", "bad reply: body is not valid JSON"),
+    ("wrong_dim", "reply.local_model.w: has 2 weight(s), the data has 1 feature(s)"),
+    ("negative_n", "reply.data_size: must be >= 1, got -2"),
+    ("bool_n", "reply.data_size: must be an integer, got a boolean"),
+    ("no_model", "reply.local_model: missing"),
+    ("list_body", "not a JSON object"),
+    ("lying_n", "reply.data_size: 1000 differs from the 2 its /health reported"),
+    ("http_500", "HTTP 500"),
+    ("hang", "no reply within 0.5 s"),
+])
+def test_a_bad_reply_is_dropped_with_its_reason(run_with, good_client, tmp_path, behaviour, reason):
+    run, fake_url = run_with(behaviour, client_timeout_s=0.5)
+    assert run["status"] == "completed", run["error"]
+    expected = alone(good_client, tmp_path)
+    for record, clean in zip(run["rounds"], expected["rounds"]):
+        assert [d["url"] for d in record["dropped"]] == [fake_url]
+        assert reason in record["dropped"][0]["reason"]
+        assert record["N"] == 2 and [p["client_id"] for p in record["participants"]] == ["client_1"]
+        assert record["global_model"] == clean["global_model"]  # the average is unaffected
+
+
+def test_fewer_than_min_clients_fails_and_keeps_the_last_good_model(run_with):
+    run, fake_url = run_with("garbage", min_clients=2)
+    assert run["status"] == "failed"
+    assert fake_url in run["error"] and "min_clients is 2" in run["error"]
+    assert run["rounds"] == []
+    assert run["final_model"] == {"w": 0.0, "b": 0.0}  # the last good global model: the initial one
+
+
+def test_too_large_lr_ends_the_run_as_diverged(good_client, tmp_path):
+    app = create_server_app({"CLIENTS": [good_client.url], "DATABASE": str(tmp_path / "runs.db")})
+    run = app.test_client().post("/start", json={"rounds": 50, "lr": 5.0}).get_json()
+    assert run["status"] == "diverged"
+    assert "smaller lr" in run["error"]
+    # what was kept is the last finite global model
+    assert all(abs(v) < float("inf") for v in (run["final_model"]["w"], run["final_model"]["b"]))
