@@ -128,17 +128,17 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 def start_federation(ports: dict[str, int] | None = None, echo: Callable[[str], None] | None = None,
                      host: str = "127.0.0.1", timeout_s: float = 120.0,
-                     server_args: Sequence[str] = ()) -> dict[str, App]:
+                     server_args: Sequence[str] = (), env: dict[str, str] | None = None) -> dict[str, App]:
     """Both clients, then the server pointed at them; returns once all three
     answer /health. On any failure everything started is stopped again."""
     ports = {**DEFAULT_PORTS, **(ports or {})}
     apps: dict[str, App] = {}
     try:
         for name in ("client_1", "client_2"):
-            apps[name] = start_app(name, ports[name], host=host, echo=echo)
+            apps[name] = start_app(name, ports[name], host=host, echo=echo, env=env)
         clients = ",".join(apps[n].url for n in ("client_1", "client_2"))
         apps["server"] = start_app("server", ports["server"], ["--clients", clients, *server_args],
-                                   host=host, echo=echo)
+                                   host=host, echo=echo, env=env)
         wait_healthy(list(apps.values()), timeout_s)
     except BaseException:
         stop(list(apps.values()))
