@@ -52,6 +52,10 @@ def loads(body: bytes | str) -> Any:
         raise ProtocolError(f"body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
         raise ProtocolError("body is nested too deeply") from None
+    except ProtocolError:
+        raise
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise ProtocolError(f"body has a number that cannot be read: {str(e)[:80]}") from None
 
 
 # --- field validators --------------------------------------------------------
