@@ -1,23 +1,111 @@
-"""The client app: private data in, local models out. Every client runs this
-factory; ``client_1/`` and ``client_2/`` differ only in their data."""
+"""A client: private data in, local models out.
+
+``LocalClient`` is what a client *does* (train, evaluate, describe itself);
+``client_blueprint`` is its HTTP face. ``create_app`` serves one client (what
+client_1/ and client_2/ run); ``fedavg.client_host`` serves many from one
+process through the very same blueprint.
+"""
 from __future__ import annotations
 
+import logging
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flask import Flask
+from flask import Blueprint, Flask, g
 
+from .aggregation import fmt_model
 from .data import DataError, load_csv
 from .model import mse
 from .openapi import client_document
 from .service import cli, configure_logging, install_json_errors, json_body, require_token, serve, shared_token
 from .training import local_train
-from .aggregation import fmt_model
 from .wire import model_json, parse_evaluate_request, parse_train_request
+
+log = logging.getLogger("fedavg.client")
+
+
+@dataclass(frozen=True)
+class LocalClient:
+    """One client's private data (X, y) and its answers to the server.
+    Nothing it returns contains a data row."""
+
+    client_id: str
+    X: np.ndarray
+    y: np.ndarray
+
+    @property
+    def num_features(self) -> int:
+        return self.X.shape[1]
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "client_id": self.client_id, "data_size": len(self.y),
+                "num_features": self.num_features}
+
+    def train(self, body: Any) -> tuple[dict[str, Any], int]:
+        """POST /train: local gradient descent from the global model."""
+        w_g, b_g, rnd, config = parse_train_request(body, self.num_features)
+        # Overflow is possible with a large lr; it is detected below and
+        # reported as divergence, so NumPy need not warn about it.
+        with np.errstate(over="ignore", invalid="ignore"):
+            loss_before = mse(w_g, b_g, self.X, self.y)
+            w, b = local_train(w_g, b_g, self.X, self.y, config)
+            loss_after = mse(w, b, self.X, self.y)
+        if not (math.isfinite(loss_after) and bool(np.all(np.isfinite(w))) and math.isfinite(b)):
+            # JSON cannot carry inf/NaN; say plainly what happened instead.
+            log.warning("%s round %s: local training diverged with lr=%g", self.client_id, rnd, config.lr)
+            return {"error": f"local training diverged (non-finite model) with lr={config.lr:g}; "
+                             "use a smaller lr", "diverged": True}, 422
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s round %s: %s → %s  (loss %s → %s)", self.client_id, "-" if rnd is None else rnd,
+                     fmt_model(w_g, b_g), fmt_model(w, b), f"{loss_before:.6g}", f"{loss_after:.6g}")
+        return {"local_model": model_json(w, b), "data_size": len(self.y), "client_id": self.client_id,
+                "metrics": {"loss_before": loss_before if math.isfinite(loss_before) else None,
+                            "loss_after": loss_after}}, 200
+
+    def evaluate(self, body: Any) -> tuple[dict[str, Any], int]:
+        """POST /evaluate: the MSE of a model on this client's data."""
+        w, b = parse_evaluate_request(body, self.num_features)
+        with np.errstate(over="ignore", invalid="ignore"):
+            loss = mse(w, b, self.X, self.y)
+        if not math.isfinite(loss):
+            return {"error": "loss is not finite for this model", "diverged": True}, 422
+        return {"loss": loss, "data_size": len(self.y), "client_id": self.client_id}, 200
+
+
+def client_blueprint(pick: Callable[[dict[str, Any]], LocalClient], token: str | None,
+                     url_prefix: str | None = None) -> Blueprint:
+    """The client endpoints. ``pick`` turns the URL's values (``k`` for a
+    client host's /clients/<k>) into the client that answers."""
+    bp = Blueprint("client", __name__, url_prefix=url_prefix)
+
+    @bp.url_value_preprocessor
+    def choose_client(endpoint: str | None, values: dict[str, Any] | None) -> None:
+        g.client = pick(values if values is not None else {})
+
+    @bp.get("/health")
+    def health():
+        return g.client.health()
+
+    @bp.get("/openapi.json")
+    def openapi():
+        return client_document(g.client.num_features)
+
+    @bp.post("/train")
+    def train():
+        require_token(token)
+        return g.client.train(json_body())
+
+    @bp.post("/evaluate")
+    def evaluate():
+        require_token(token)
+        return g.client.evaluate(json_body())
+
+    return bp
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -32,56 +120,13 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
                             MAX_CONTENT_LENGTH=4 * 1024 * 1024)
     if config is not None:
         app.config.from_mapping(config)
-    client_id: str = app.config["CLIENT_ID"]
     # Loaded once at start: a bad file stops the client now, not mid-run.
     X, y = load_csv(app.config["DATA_PATH"])
-    n, d = X.shape
-    app.config.update(DATA_SIZE=n, NUM_FEATURES=d)
+    client = LocalClient(app.config["CLIENT_ID"], X, y)
+    app.config.update(DATA_SIZE=len(y), NUM_FEATURES=client.num_features)
     install_json_errors(app)
-
-    @app.get("/health")
-    def health():
-        return {"status": "ok", "client_id": client_id, "data_size": n, "num_features": d}
-
-    @app.get("/openapi.json")
-    def openapi():
-        return client_document(d)
-
-    @app.post("/train")
-    def train():
-        require_token(app.config["TOKEN"])
-        w_g, b_g, rnd, config = parse_train_request(json_body(), d)
-        # Overflow is possible with a large lr; it is detected below and
-        # reported as divergence, so NumPy need not warn about it.
-        with np.errstate(over="ignore", invalid="ignore"):
-            loss_before = mse(w_g, b_g, X, y)
-            w, b = local_train(w_g, b_g, X, y, config)
-            loss_after = mse(w, b, X, y)
-        if not (math.isfinite(loss_after) and all(map(math.isfinite, w)) and math.isfinite(b)):
-            # JSON cannot carry inf/NaN; say plainly what happened instead.
-            app.logger.warning("round %s: local training diverged with lr=%g", rnd, config.lr)
-            return {"error": f"local training diverged (non-finite model) with lr={config.lr:g}; "
-                             "use a smaller lr", "diverged": True}, 422
-        app.logger.info("round %s: %s → %s  (loss %s → %s)", "-" if rnd is None else rnd,
-                        fmt_model(w_g, b_g), fmt_model(w, b), f"{loss_before:.6g}", f"{loss_after:.6g}")
-        return {"local_model": model_json(w, b), "data_size": n, "client_id": client_id,
-                "metrics": {"loss_before": _finite_or_none(loss_before), "loss_after": loss_after}}
-
-    @app.post("/evaluate")
-    def evaluate():
-        require_token(app.config["TOKEN"])
-        w, b = parse_evaluate_request(json_body(), d)
-        with np.errstate(over="ignore", invalid="ignore"):
-            loss = mse(w, b, X, y)
-        if not math.isfinite(loss):
-            return {"error": "loss is not finite for this model", "diverged": True}, 422
-        return {"loss": loss, "data_size": n, "client_id": client_id}
-
+    app.register_blueprint(client_blueprint(lambda values: client, app.config["TOKEN"]))
     return app
-
-
-def _finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None
 
 
 def main(client_id: str, port: int, data_path: Path) -> None:
@@ -97,6 +142,6 @@ def main(client_id: str, port: int, data_path: Path) -> None:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"{args.client_id}: {app.config['DATA_SIZE']} private samples from {args.data}; serving on http://{args.host}:{args.port}",
-          flush=True)
+    print(f"{args.client_id}: {app.config['DATA_SIZE']} private samples from {args.data}; "
+          f"serving on http://{args.host}:{args.port}", flush=True)
     serve(app, args.host, args.port)
