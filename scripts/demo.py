@@ -6,6 +6,7 @@ Runs in the server's environment (NumPy, the fedavg core) from the repo root.
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -27,8 +28,11 @@ def pooled_least_squares() -> tuple[np.ndarray, float]:
 
 def main() -> int:
     print("demo: starting client_1 (:5001), client_2 (:5002) and the server (:5000)…", flush=True)
+    # A one-shot demo keeps its run history in a throwaway file: it shows run 1
+    # every time and leaves the server's own history (instance/fedavg.db) alone.
+    history = tempfile.TemporaryDirectory(prefix="fedavg-demo-")
     try:
-        apps = start_federation()
+        apps = start_federation(server_args=["--db", f"{history.name}/runs.db"])
     except RuntimeError as e:
         print(f"demo: could not start the apps: {e}", file=sys.stderr)
         return 1
@@ -56,6 +60,7 @@ def main() -> int:
         return 0
     finally:
         stop(list(apps.values()))
+        history.cleanup()
         print("demo: stopped all three apps.", flush=True)
 
 

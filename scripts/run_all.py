@@ -26,11 +26,14 @@ def main() -> int:
     for name, port in DEFAULT_PORTS.items():
         parser.add_argument(f"--{name.replace('_', '-')}-port", type=int, default=port, dest=name,
                             help=f"default {port}")
-    ports = vars(parser.parse_args())
+    parser.add_argument("--db", help="the server's SQLite run history (default: the server's own default)")
+    args = vars(parser.parse_args())
+    db = args.pop("db")
+    ports = args
     # `kill` (SIGTERM) of make run-all stops the apps just as Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        apps = start_federation(ports, echo=echo)
+        apps = start_federation(ports, echo=echo, server_args=["--db", db] if db else [])
     except KeyboardInterrupt:
         return 130
     except RuntimeError as e:

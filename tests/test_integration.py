@@ -178,9 +178,9 @@ def _listening(url: str) -> bool:
         return False
 
 
-def test_run_all_starts_three_and_ctrl_c_leaves_nothing_behind():
+def test_run_all_starts_three_and_ctrl_c_leaves_nothing_behind(tmp_path):
     ports = {name: launcher.free_port() for name in launcher.DEFAULT_PORTS}
-    args = [f"--{n.replace('_', '-')}-port={p}" for n, p in ports.items()]
+    args = [f"--{n.replace('_', '-')}-port={p}" for n, p in ports.items()] + [f"--db={tmp_path / 'runs.db'}"]
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "run_all.py"), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

@@ -30,22 +30,30 @@ class ProtocolError(ValueError):
 
 # --- strict JSON -----------------------------------------------------------
 
-def _reject_constant(name: str) -> None:
-    raise ProtocolError(f"{name} is not allowed in JSON (numbers must be finite)")
+class NonFinite:
+    """A NaN/Infinity literal or a number too large for a float, as read: kept
+    as a marker so that the field validator can say *where* it was; anything
+    that validates it as a number refuses it."""
+
+    def __init__(self, text: str, why: str = "is not allowed in JSON (numbers must be finite)") -> None:
+        self.text = text
+        self.why = why
+
+    def __repr__(self) -> str:
+        return self.text
 
 
-def _finite_float(text: str) -> float:
+def _finite_float(text: str) -> float | NonFinite:
     value = float(text)
-    if not math.isfinite(value):
-        raise ProtocolError(f"number {text} is out of range for a 64-bit float")
-    return value
+    return value if math.isfinite(value) else NonFinite(text, "is out of range for a 64-bit float")
 
 
 def loads(body: bytes | str) -> Any:
-    """Parse a JSON document, refusing NaN, Infinity and overflowing numbers."""
+    """Parse a JSON document. NaN, Infinity and overflowing numbers come back
+    as ``NonFinite`` markers, which every validator below rejects by field."""
     try:
         text = body.decode("utf-8") if isinstance(body, bytes) else body
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        return json.loads(text, parse_constant=NonFinite, parse_float=_finite_float)
     except UnicodeDecodeError:
         raise ProtocolError("body is not UTF-8 text") from None
     except json.JSONDecodeError as e:
@@ -83,6 +91,8 @@ def expect_object(value: Any, path: str, allowed: Iterable[str], required: Itera
 def expect_number(value: Any, path: str, *, gt: float | None = None, ge: float | None = None,
                   le: float | None = None) -> float:
     """A finite JSON number (not a boolean), optionally within bounds."""
+    if isinstance(value, NonFinite):
+        raise ProtocolError(f"{path}: {value.text} {value.why}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ProtocolError(f"{path}: must be a number, got {_json_type(value)}")
     try:
@@ -126,6 +136,8 @@ def expect_str(value: Any, path: str, *, max_len: int = 200) -> str:
 
 
 def _json_type(value: Any) -> str:
+    if isinstance(value, NonFinite):
+        return f"the non-finite number {value.text}"
     if value is None:
         return "null"
     if isinstance(value, bool):
