@@ -2,12 +2,14 @@
 # Poetry is bootstrapped into .tools/ when it is not on PATH.
 SHELL := /bin/bash
 PYTHON ?= python3
-APPS := client_1 client_2 server
+APPS := client_1 client_2 server client_host
 TOOLS := $(CURDIR)/.tools
 POETRY ?= $(or $(shell command -v poetry 2>/dev/null),$(TOOLS)/poetry/bin/poetry)
 export POETRY
 
-.PHONY: install run-all demo test clean
+.PHONY: install run-all demo sim bench test clean
+K ?= 50
+ROUNDS ?= 20
 
 install: $(addsuffix /.venv/.installed,$(APPS))
 
@@ -30,6 +32,9 @@ run-all: install
 
 demo: install
 	cd server && $(POETRY) run python ../scripts/demo.py
+
+sim: install
+	$(PYTHON) scripts/sim.py --clients $(K) --rounds $(ROUNDS) $(SIM_ARGS)
 
 test: install .venv/.installed
 	.venv/bin/python -m pytest $(PYTEST_ARGS)

@@ -14,6 +14,8 @@ if __name__ == "__main__":
     parser.add_argument("--clients", default=os.environ.get("FEDAVG_CLIENTS"),
                         help="comma-separated client URLs (default: env FEDAVG_CLIENTS, "
                              "else http://127.0.0.1:5001,http://127.0.0.1:5002)")
+    parser.add_argument("--max-parallel", type=int, default=None,
+                        help="at most this many client calls at once (default: sized for this machine)")
     parser.add_argument("--db", default=os.environ.get("FEDAVG_DB"),
                         help="SQLite file of the run history (default: env FEDAVG_DB, else instance/fedavg.db)")
     args = parser.parse_args()
@@ -23,7 +25,12 @@ if __name__ == "__main__":
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    app = create_app({"CLIENTS": clients, **({"DATABASE": args.db} if args.db else {})})
+    config = {"CLIENTS": clients}
+    if args.db:
+        config["DATABASE"] = args.db
+    if args.max_parallel:
+        config["MAX_PARALLEL"] = args.max_parallel
+    app = create_app(config)
     print(f"server: {len(clients)} client(s): {', '.join(clients)}; run history in {app.config['DATABASE']}; "
           f"serving on http://{args.host}:{args.port}", flush=True)
     print(f"server: start a run with  curl -X POST http://{args.host}:{args.port}/start", flush=True)

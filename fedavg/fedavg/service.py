@@ -84,11 +84,31 @@ def cli(description: str, default_port: int) -> argparse.ArgumentParser:
     return parser
 
 
-def serve(app: Flask, host: str, port: int) -> None:
-    """Serve until interrupted; one thread per request so that a waited
-    /start does not block /status, /runs and /health."""
+WSGI_SERVERS = ("waitress", "werkzeug")
+
+
+def serve(app: Flask, host: str, port: int, threads: int = 8) -> None:
+    """Serve until interrupted, with the WSGI server FEDAVG_WSGI names.
+
+    waitress (the default) keeps HTTP/1.1 connections alive, so the server's
+    pooled connections are reused round after round; Werkzeug's development
+    server closes every connection after one request. bench/results.json has
+    the figures that decided it. ``threads`` bounds concurrent requests; a
+    waited /start holds one for its whole run.
+    """
+    kind = os.environ.get("FEDAVG_WSGI", "waitress")
+    if kind not in WSGI_SERVERS:
+        print(f"error: FEDAVG_WSGI must be one of {', '.join(WSGI_SERVERS)}, got {kind!r}", file=sys.stderr)
+        sys.exit(2)
     try:
-        app.run(host=host, port=port, threaded=True, use_reloader=False, debug=False)
+        if kind == "werkzeug":
+            app.run(host=host, port=port, threaded=True, use_reloader=False, debug=False)
+        else:
+            import waitress
+            # connection_limit: a server fanning out to a thousand clients, or
+            # a host serving them, holds that many keep-alive connections.
+            waitress.serve(app, host=host, port=port, threads=threads, connection_limit=4096,
+                           ident="raw-fedavg", _quiet=True)
     except OSError as e:
         print(f"error: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
         sys.exit(1)

@@ -26,6 +26,12 @@ def client_urls(value: str | None) -> list[str]:
     return urls or list(DEFAULT_CLIENTS)
 
 
+def default_max_parallel() -> int:
+    """Client calls in flight at once: enough threads to keep the cores busy
+    while most of them wait on the network."""
+    return 16 * (os.cpu_count() or 2)
+
+
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the server. Config: CLIENTS (list of URLs; default from
     FEDAVG_CLIENTS, else the two local clients), DATABASE (the SQLite file of
@@ -37,7 +43,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         CLIENTS=client_urls(os.environ.get("FEDAVG_CLIENTS")),
         # The run history lives in the instance folder (server/instance/), kept out of git.
         DATABASE=os.environ.get("FEDAVG_DB") or os.path.join(app.instance_path, "fedavg.db"),
-        TOKEN=shared_token(), MAX_PARALLEL=32, MAX_CONTENT_LENGTH=64 * 1024)
+        TOKEN=shared_token(), MAX_PARALLEL=default_max_parallel(), MAX_CONTENT_LENGTH=64 * 1024)
     if config is not None:
         app.config.from_mapping(config)
     pool = ClientPool(app.config["CLIENTS"], app.config["MAX_PARALLEL"])

@@ -189,6 +189,7 @@ class Run:
         return [urls[i] for i in sorted(picked)]
 
     def _round(self, r: int, w: np.ndarray, b: float) -> tuple[np.ndarray, float]:
+        started = time.perf_counter()
         sample = self._sample(r)
         # Per-client seeds for mini-batch shuffling, derived from (run seed, round)
         # so a replay of the run shuffles exactly the same way.
@@ -240,6 +241,7 @@ class Run:
             "terms": [_term(p, total) for p in participants],
             "global_model": model_json(new_w, new_b),
             "federated_loss": None,  # filled in by the next round, or the final evaluation
+            "duration_s": time.perf_counter() - started,  # sampling, the calls and the average
         }
         self.store.add_round(self.run_id, record)
         for line in round_lines(record, self.s.rounds):

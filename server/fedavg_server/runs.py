@@ -92,23 +92,28 @@ class RunStore:
 
     # --- reads ----------------------------------------------------------------------
 
-    def get(self, run_id: int) -> dict[str, Any] | None:
+    def get(self, run_id: int, since: int = 0) -> dict[str, Any] | None:
+        """The run with its rounds after round ``since`` (all by default)."""
         if not 0 <= run_id < 2**63:  # beyond SQLite's INTEGER: no such run
             return None
+        since = min(max(since, 0), 2**63 - 1)
         with self._lock:
             row = self._db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
             if row is None:
                 return None
-            rounds = self._db.execute("SELECT record, federated_loss FROM rounds WHERE run_id = ? ORDER BY round",
-                                      (run_id,)).fetchall()
+            rounds = self._db.execute("SELECT record, federated_loss FROM rounds WHERE run_id = ? AND round > ? "
+                                      "ORDER BY round", (run_id, since)).fetchall()
         run = _run_json(row)
         run["rounds"] = [json.loads(r["record"]) | {"federated_loss": r["federated_loss"]} for r in rounds]
         return run
 
     def latest(self) -> dict[str, Any] | None:
+        """The newest run's summary (no rounds: /status is polled often)."""
         with self._lock:
-            row = self._db.execute("SELECT MAX(run_id) FROM runs").fetchone()
-        return None if row[0] is None else self.get(row[0])
+            row = self._db.execute(
+                "SELECT runs.*, (SELECT COUNT(*) FROM rounds WHERE rounds.run_id = runs.run_id) AS rounds_completed "
+                "FROM runs ORDER BY run_id DESC LIMIT 1").fetchone()
+        return None if row is None else _run_json(row) | {"rounds_completed": row["rounds_completed"]}
 
     def summaries(self) -> list[dict[str, Any]]:
         """Every run without its rounds, newest first."""
