@@ -159,3 +159,20 @@ def test_csv_export_has_one_row_per_round(fed):
         assert float(cells[2]) == record["global_model"]["w"] and float(cells[3]) == record["global_model"]["b"]
         assert float(cells[4]) == record["federated_loss"]
         assert cells[5] == "client_1;client_2" and cells[6] == ""
+
+
+def test_client_killed_mid_run_with_min_clients_2_fails_cleanly(fed):
+    apps, ports, _ = fed
+    server = apps["server"]
+    status, started = launcher.post_json(server.url + "/start", {
+        "rounds": 60, "pace_s": 0.02, "wait": False, "min_clients": 2, "client_timeout_s": 5})
+    assert status == 202
+    run_id = started["run_id"]
+    before = poll_run(server.url, run_id, lambda r: len(r["rounds"]) >= 3)
+    kill9(apps["client_1"])
+    run = poll_run(server.url, run_id, lambda r: r["status"] != "running", timeout_s=60)
+    assert run["status"] == "failed"
+    assert "client_1" in run["error"] and "min_clients is 2" in run["error"]
+    assert len(run["rounds"]) >= len(before["rounds"]) and all(r["N"] == 4 for r in run["rounds"])
+    assert run["final_model"] == run["rounds"][-1]["global_model"]  # the last good model is kept
+    assert get_json(server.url + "/health")["status"] == "ok"
