@@ -83,7 +83,7 @@ def status():
         return {"current_global_model": {"w": 0.0, "b": 0.0}, "global_rounds_planned": defaults.rounds,
                 "run_id": None, "round": 0, "status": "idle"}
     return {"current_global_model": run["current_model"], "global_rounds_planned": run["settings"]["rounds"],
-            "run_id": run["run_id"], "round": len(run["rounds"]), "status": run["status"]}
+            "run_id": run["run_id"], "round": run["rounds_completed"], "status": run["status"]}
 
 
 @bp.get("/runs")
