@@ -146,6 +146,24 @@ def start_federation(ports: dict[str, int] | None = None, echo: Callable[[str], 
     return apps
 
 
+def get_json(url: str, timeout_s: float = 60.0) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        return json.loads(resp.read())
+
+
+def wait_for_run(server_url: str, run_id: int, until: Callable[[dict], bool], timeout_s: float = 60.0) -> dict:
+    """GET /runs/<id> until ``until(run)`` holds; an error after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        run = get_json(f"{server_url}/runs/{run_id}")
+        if until(run):
+            return run
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"run {run_id} did not get there in {timeout_s:g} s: {run['status']}, "
+                               f"{len(run['rounds'])} rounds")
+        time.sleep(0.02)  # polling interval
+
+
 def post_json(url: str, body: dict | None = None, timeout_s: float = 300.0) -> tuple[int, dict]:
     """POST a JSON body; (status, parsed reply) whatever the status."""
     data = json.dumps(body).encode() if body is not None else b""

@@ -6,20 +6,13 @@ line a round is enough to watch K clients train together."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
-import urllib.request
 
-from launcher import free_port, post_json, start_app, stop, wait_healthy
+from launcher import free_port, get_json, post_json, start_app, stop, wait_healthy
 
 SCENARIOS = ("iid", "feature-shift", "label-shift", "quantity-skew", "csv")
-
-
-def get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=60) as resp:
-        return json.loads(resp.read())
 
 
 def main() -> int:

@@ -4,19 +4,14 @@ clients refuse /train and /evaluate without it, the server refuses /start and
 from __future__ import annotations
 
 import json
-import sys
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-
-import launcher  # noqa: E402
+import launcher
 
 TOKEN = "s3cret-for-tests"
-
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory):
@@ -25,7 +20,6 @@ def secured(tmp_path_factory):
     apps = launcher.start_federation(ports, server_args=["--db", str(db)], env={"FEDAVG_TOKEN": TOKEN})
     yield apps
     launcher.stop(list(apps.values()))
-
 
 def call(url: str, method: str = "GET", body: dict | None = None, token: str | None = None) -> tuple[int, dict]:
     headers = {"Content-Type": "application/json"}
@@ -39,12 +33,10 @@ def call(url: str, method: str = "GET", body: dict | None = None, token: str | N
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
 
-
 def test_a_run_with_the_shared_token_works_end_to_end(secured):
     status, run = call(secured["server"].url + "/start", "POST", {"rounds": 2}, token=TOKEN)
     assert status == 200 and run["status"] == "completed", run
     assert all(r["N"] == 4 and not r["dropped"] for r in run["rounds"])
-
 
 @pytest.mark.parametrize("token", [None, "wrong", TOKEN + "x", ""])
 def test_start_and_resume_refuse_a_missing_or_wrong_token(secured, token):
@@ -54,7 +46,6 @@ def test_start_and_resume_refuse_a_missing_or_wrong_token(secured, token):
     status, body = call(server + "/runs/1/resume", "POST", {}, token=token)
     assert status == 401
 
-
 @pytest.mark.parametrize("path", ["/train", "/evaluate"])
 def test_clients_refuse_work_without_the_token(secured, path):
     for name in ("client_1", "client_2"):
@@ -62,7 +53,6 @@ def test_clients_refuse_work_without_the_token(secured, path):
         assert status == 401 and "token" in body["error"]
         status, _ = call(secured[name].url + path, "POST", {"global_model": {"w": 0, "b": 0}}, token=TOKEN)
         assert status == 200
-
 
 def test_read_only_endpoints_stay_open(secured):
     for path in ("/health", "/status", "/runs", "/openapi.json"):

@@ -2,38 +2,16 @@
 the middle of a run, concurrent starts, many concurrent readers."""
 from __future__ import annotations
 
-import json
 import os
 import signal
-import sys
-import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-
-import launcher  # noqa: E402
-
-
-def get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=30) as resp:
-        return json.loads(resp.read())
-
-
-def poll_run(server_url: str, run_id: int, until, timeout_s: float = 60.0) -> dict:
-    """GET /runs/<id> until ``until(run)`` holds (bounded)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        run = get_json(f"{server_url}/runs/{run_id}")
-        if until(run):
-            return run
-        if time.monotonic() > deadline:
-            raise AssertionError(f"run {run_id} did not get there in {timeout_s} s: {run['status']}, "
-                                 f"{len(run['rounds'])} rounds")
-        time.sleep(0.02)
+import launcher
+from launcher import get_json
+from launcher import wait_for_run as poll_run
 
 
 @pytest.fixture

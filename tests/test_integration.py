@@ -2,6 +2,7 @@
 the README starts them (``cd X && poetry run python X_app.py``)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,10 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import launcher  # noqa: E402
-from reference import reference_fedavg  # noqa: E402
+import launcher
+from reference import reference_fedavg
 
 SEED_DATA = [[(1.0, 3.0), (2.0, 5.0)], [(3.0, 4.0), (4.0, 5.0)]]
 NUM = r"(-?\d+\.\d+(?:e[+-]\d+)?)"
@@ -55,7 +54,6 @@ def test_plain_curl_start_matches_reference_round_by_round(federation):
     req = urllib.request.Request(server.url + "/start", data=b"", method="POST")
     with urllib.request.urlopen(req, timeout=60) as resp:
         assert resp.status == 200
-        import json
         run = json.loads(resp.read())
     assert run["status"] == "completed" and run["error"] is None
     expected = reference_fedavg(SEED_DATA, rounds=5, lr=0.01, epochs=10)
@@ -111,7 +109,6 @@ def test_status_and_runs_reflect_the_last_run(federation):
     server = federation["server"]
     status, run = launcher.post_json(server.url + "/start", {"rounds": 2, "lr": 0.02})
     assert status == 200
-    import json
     with urllib.request.urlopen(server.url + "/status", timeout=10) as resp:
         st = json.loads(resp.read())
     assert st["run_id"] == run["run_id"] and st["status"] == "completed" and st["round"] == 2

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-
-import launcher  # noqa: E402
-from test_faults import get_json, poll_run  # noqa: E402
+import launcher
+from launcher import get_json
+from launcher import wait_for_run as poll_run
 
 
 def ip(*args: str) -> None:
