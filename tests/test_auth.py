@@ -13,6 +13,7 @@ import launcher
 
 TOKEN = "s3cret-for-tests"
 
+
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory):
     ports = {name: launcher.free_port() for name in launcher.DEFAULT_PORTS}
