@@ -13,6 +13,7 @@ from .api import bp
 from .clients import ClientPool
 from .federation import Federation
 from .runs import RunStore
+from .web import bp as web_bp
 
 DEFAULT_CLIENTS = ("http://127.0.0.1:5001", "http://127.0.0.1:5002")
 
@@ -52,4 +53,5 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions["fedavg"] = Federation(pool, RunStore(app.config["DATABASE"]))
     install_json_errors(app)
     app.register_blueprint(bp)
+    app.register_blueprint(web_bp)
     return app

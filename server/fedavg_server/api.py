@@ -94,12 +94,19 @@ def runs():
 
 @bp.get("/runs/<int:run_id>")
 def run(run_id: int):
-    """The whole run; ?format=csv gives one row per round instead."""
-    no_query_args("format")
+    """The whole run; ?format=csv gives one row per round instead;
+    ?since=N only the rounds after round N (the live page polls this way)."""
+    no_query_args("format", "since")
     fmt = request.args.get("format", "json")
     if fmt not in ("json", "csv"):
         raise ProtocolError(f"format: must be json or csv, got {fmt!r}")
-    found = federation().store.get(run_id)
+    since = request.args.get("since", "0")
+    if not (since.isascii() and since.isdigit()):
+        raise ProtocolError(f"since: must be a round number >= 0, got {since!r}")
+    # More digits than any round number has: nothing comes after it (and
+    # int() refuses strings of thousands of digits).
+    after = int(since) if len(since) <= 18 else 2**63 - 1
+    found = federation().store.get(run_id, since=after)  # only the new rounds are read
     if found is None:
         return {"error": f"no run {run_id}"}, 404
     if fmt == "csv":

@@ -13,6 +13,7 @@ NOT_FOUND = {"404": reply("no such run", ref("Error"))}
 BUSY = {"409": reply("a run is already running (its id is in run_id), or this run cannot be resumed",
                      ref("Error"))}
 RUN_ID = [{"name": "run_id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}}]
+PLOT_NAMES = ["models", "params", "loss"]
 
 
 def server_document(num_clients: int) -> dict[str, Any]:
@@ -75,6 +76,15 @@ def server_document(num_clients: int) -> dict[str, Any]:
                                "final_model": {**ref("Model"), "nullable": True},
                                "message": {"type": "string"},
                                "rounds": {"type": "array", "items": ref("Round")}}},
+        "ClientState": {"type": "object", "required": ["url", "client_id", "status", "n_k", "reason"],
+                        "properties": {"url": {"type": "string"},
+                                       "client_id": {"type": "string",
+                                                     "description": "its name; its URL until it has said one"},
+                                       "status": {"type": "string", "enum": ["up", "down"]},
+                                       "n_k": {"type": "integer", "minimum": 1, "nullable": True},
+                                       "num_features": {"type": "integer", "nullable": True},
+                                       "reason": {"type": "string", "nullable": True,
+                                                  "description": "why it is down"}}},
         "Started": {"type": "object", "required": ["run_id", "status", "url"],
                     "properties": {"run_id": {"type": "integer"}, "status": {"type": "string", "enum": ["running"]},
                                    "url": {"type": "string"}}},
@@ -97,7 +107,10 @@ def server_document(num_clients: int) -> dict[str, Any]:
         "/runs/{run_id}": {"get": {
             "summary": "One run with all its rounds (JSON), or one CSV row per round.",
             "parameters": RUN_ID + [{"name": "format", "in": "query", "required": False,
-                                     "schema": {"type": "string", "enum": ["json", "csv"]}}],
+                                     "schema": {"type": "string", "enum": ["json", "csv"]}},
+                                    {"name": "since", "in": "query", "required": False,
+                                     "description": "only the rounds after this round (live polling)",
+                                     "schema": {"type": "integer", "minimum": 0, "default": 0}}],
             "responses": {"200": {"description": "the run",
                                   "content": {"application/json": {"schema": ref("Run")},
                                               "text/csv": {"schema": {"type": "string"}}}},
@@ -125,5 +138,26 @@ def server_document(num_clients: int) -> dict[str, Any]:
                                                "running_run_id": {"type": "integer", "nullable": True}}})}}},
         "/openapi.json": {"get": {"summary": "This document.",
                                   "responses": {"200": reply("OpenAPI 3 document", {"type": "object"})}}},
+        "/": {"get": {"summary": "The web page: the federation, a form to start a run, runs live with their "
+                                 "arithmetic and charts.",
+                      "responses": {"200": {"description": "the page",
+                                            "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+        "/clients": {"get": {"summary": "Each configured client's /health, probed now, concurrently.",
+                             "responses": {"200": reply("the clients, in configuration order", {
+                                 "type": "object", "required": ["clients"],
+                                 "properties": {"clients": {"type": "array", "items": ref("ClientState")}}})}}},
+        "/runs/{run_id}/plots/{name}.svg": {"get": {
+            "summary": "A chart of the run, drawn by matplotlib: models (the model lines of a round), params "
+                       "(w and b per round), loss (federated loss per round, log scale).",
+            "parameters": RUN_ID + [
+                {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": PLOT_NAMES}},
+                {"name": "round", "in": "query", "required": False,
+                 "description": "the round whose model lines to draw (default: the last); marked on the others",
+                 "schema": {"type": "integer", "minimum": 1}}],
+            "responses": {"200": {"description": "the chart",
+                                  "content": {"image/svg+xml": {"schema": {"type": "string"}}}},
+                          "400": ERRORS["400"],
+                          "404": reply("no such run, or no such chart", ref("Error"))},
+        }},
     }
     return document("Raw FedAvg server", paths, schemas)

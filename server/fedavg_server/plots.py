@@ -1,0 +1,236 @@
+"""The charts of a run, drawn by matplotlib: run dict (as ``GET /runs/<id>``
+returns it) in, SVG or PNG bytes out.
+
+Pure functions of plain data, like the math: the web page asks for SVG
+(``GET /runs/<id>/plots/<name>.svg``), ``scripts/plot_run.py`` for PNG.
+Figures are built with ``matplotlib.figure.Figure`` and an Agg canvas, never
+pyplot, so no global figure state is shared between requests.
+"""
+from __future__ import annotations
+
+import io
+import math
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter, MaxNLocator
+
+from fedavg.aggregation import TRACE_TERMS, fmt
+
+Run = dict[str, Any]
+
+# The x range of the model lines. The server never sees a client's x, so
+# the range cannot come from the data; this one frames the seed's (x = 1..4).
+X_RANGE = (0.0, 5.0)
+PRIVATE_NOTE = "Private data points are not shown: the server never sees them."
+# Markers help to read a short run; on a long one they would bury the line.
+MARKERS_UP_TO = 30
+GLOBAL_STYLE = {"color": "black", "linewidth": 2.2}
+SIZE_IN = (7.0, 4.2)
+PNG_DPI = 150
+AVERAGE_TEX = r"$W_{t+1} = \sum_k \, (n_k/N) \, W_k$"
+
+# matplotlib does not promise thread safety (its font and text caches are
+# shared); a chart takes ~0.1 s, so the server's request threads take turns.
+_render_lock = threading.Lock()
+
+
+def _escape(text: str) -> str:
+    """A client's name as matplotlib text: a '$' would start mathtext."""
+    return text.replace("$", r"\$")
+
+
+def _w(model: dict[str, Any]) -> np.ndarray:
+    return np.atleast_1d(np.asarray(model["w"], dtype=float))
+
+
+def _slope(model: dict[str, Any]) -> float:
+    """The model's first weight: with several features the charts follow x₁
+    (the others held at 0) and say so."""
+    return float(_w(model)[0])
+
+
+def _num_features(run: Run) -> int:
+    return len(_w(run["rounds"][0]["global_model"])) if run["rounds"] else 1
+
+
+def _colors(run: Run) -> Callable[[str], Any]:
+    """One colour per client URL, the same in every chart of the run."""
+    order = {url: i for i, url in enumerate(run.get("clients") or [])}
+    palette = [f"C{i}" for i in range(1, 10)]  # C0 (blue) looks too much like the global line's black
+
+    def color(url: str) -> str:
+        return palette[order.setdefault(url, len(order)) % len(palette)]
+    return color
+
+
+def _new_figure(nrows: int = 1, height: float = SIZE_IN[1]) -> tuple[Figure, list[Any]]:
+    fig = Figure(figsize=(SIZE_IN[0], height), layout="constrained")
+    FigureCanvasAgg(fig)  # the Agg canvas: no GUI backend, no pyplot
+    axes = fig.subplots(nrows, 1, sharex=True, squeeze=False)[:, 0]
+    return fig, list(axes)
+
+
+def _empty(ax: Any, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, wrap=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _find_round(run: Run, round_no: int | None) -> dict[str, Any] | None:
+    """Round ``round_no`` (None = the last one); KeyError if the run has no such round."""
+    if not run["rounds"]:
+        if round_no is None:
+            return None
+        raise KeyError(round_no)
+    if round_no is None:
+        return run["rounds"][-1]
+    for record in run["rounds"]:
+        if record["round"] == round_no:
+            return record
+    raise KeyError(round_no)
+
+
+def models_figure(run: Run, round_no: int | None = None) -> Figure:
+    """Chart 1: y = w·x + b of each client's local model in round ``round_no``
+    (default: the last), of the global model that went in, and of the global
+    model that came out: W_{t+1} = Σ_k n_k/N · W_k."""
+    record = _find_round(run, round_no)
+    fig, (ax,) = _new_figure()
+    fig.supxlabel(PRIVATE_NOTE, fontsize=9, style="italic")
+    if record is None:
+        ax.set_title(f"Run {run['run_id']}: model lines")
+        _empty(ax, "No round has completed yet.")
+        return fig
+    color = _colors(run)
+    x = np.array(X_RANGE)
+    model_in = record.get("global_model_in")
+    if model_in is not None:
+        ax.plot(x, _slope(model_in) * x + model_in["b"], color="grey", linestyle=":", linewidth=1.5,
+                label=f"global in: y = {fmt(_slope(model_in))}·x + {fmt(model_in['b'])}")
+    for k, p in enumerate(record["participants"]):
+        m = p["local_model"]
+        label = (f"{_escape(p['client_id'])} (n_k={p['data_size']}): y = {fmt(_slope(m))}·x + {fmt(m['b'])}"
+                 if k < TRACE_TERMS else None)
+        ax.plot(x, _slope(m) * x + m["b"], color=color(p["url"]), linestyle="--", linewidth=1.3, label=label)
+    if len(record["participants"]) > TRACE_TERMS:
+        ax.plot([], [], " ", label=f"… and {len(record['participants']) - TRACE_TERMS} more clients")
+    out = record["global_model"]
+    ax.plot(x, _slope(out) * x + out["b"], **GLOBAL_STYLE,
+            label=f"global out: y = {fmt(_slope(out))}·x + {fmt(out['b'])}")
+    features = _num_features(run)
+    ax.set_title(f"Run {run['run_id']}, round {record['round']}: " + AVERAGE_TEX)
+    ax.set_xlabel("x" if features == 1 else f"x₁ (the other {features - 1} feature(s) at 0)")
+    ax.set_ylabel("y = w·x + b")
+    ax.set_xlim(*X_RANGE)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    return fig
+
+
+def _series(run: Run, pick: Callable[[dict[str, Any]], float]) -> dict[str, tuple[str, np.ndarray]]:
+    """url → (client_id, value per round, NaN where the client did not take part)."""
+    rounds = run["rounds"]
+    out: dict[str, tuple[str, np.ndarray]] = {}
+    for i, record in enumerate(rounds):
+        for p in record["participants"]:
+            if p["url"] not in out:
+                out[p["url"]] = (p["client_id"], np.full(len(rounds), np.nan))
+            out[p["url"]][1][i] = pick(p["local_model"])
+    return out
+
+
+def _mark_round(run: Run, axes: list[Any], round_no: int | None) -> None:
+    """A thin vertical line at the round the page has selected."""
+    if round_no is not None:
+        for ax in axes:
+            ax.axvline(round_no, color="grey", linewidth=0.8, alpha=0.7)
+
+
+def params_figure(run: Run, round_no: int | None = None) -> Figure:
+    """Chart 2: w and b per round, the global model's and each client's local
+    one; a vertical line at ``round_no`` if given."""
+    fig, (ax_w, ax_b) = _new_figure(2, height=5.2)
+    rounds = run["rounds"]
+    fig.suptitle(f"Run {run['run_id']}: w and b per round")
+    if not rounds:
+        _empty(ax_w, "No round has completed yet.")
+        _empty(ax_b, "")
+        return fig
+    color = _colors(run)
+    marker = "o" if len(rounds) <= MARKERS_UP_TO else None
+    xs = np.array([r["round"] for r in rounds], dtype=float)
+    first_in = rounds[0].get("global_model_in")
+    for ax, name, pick in ((ax_w, "w", _slope), (ax_b, "b", lambda m: float(m["b"]))):
+        for k, (url, (client_id, values)) in enumerate(_series(run, pick).items()):
+            ax.plot(xs, values, color=color(url), linewidth=1, marker=marker, markersize=3,
+                    label=f"{_escape(client_id)} local" if k < TRACE_TERMS else None)
+        glob = np.array([pick(r["global_model"]) for r in rounds])
+        gx = xs
+        if first_in is not None:  # the model the run started from, as round 0 (or where it resumed)
+            gx = np.concatenate([[xs[0] - 1], xs])
+            glob = np.concatenate([[pick(first_in)], glob])
+        ax.plot(gx, glob, **GLOBAL_STYLE, marker=marker, markersize=4, label="global")
+        ax.set_ylabel(name if name == "b" or _num_features(run) == 1 else "w₁")
+        ax.grid(True, alpha=0.3)
+    ax_w.legend(loc="best", fontsize=8)
+    _mark_round(run, [ax_w, ax_b], round_no)
+    ax_b.set_xlabel("round")
+    ax_b.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig
+
+
+def loss_figure(run: Run, round_no: int | None = None) -> Figure:
+    """Chart 3: the federated loss L = Σ_k n_k/N · L_k of each round's global
+    model, on a log scale (it falls by orders of magnitude); a vertical line
+    at ``round_no`` if given."""
+    fig, (ax,) = _new_figure()
+    ax.set_title(f"Run {run['run_id']}: federated loss " + r"$L = \sum_k \, (n_k/N) \, L_k$")
+    points = [(r["round"], r["federated_loss"]) for r in run["rounds"]
+              if r.get("federated_loss") is not None and r["federated_loss"] > 0
+              and math.isfinite(r["federated_loss"])]
+    if not points:
+        _empty(ax, "No federated loss yet: a round's loss is measured\n"
+                   "when the next round starts (or after the last one).")
+        return fig
+    xs, ys = zip(*points)
+    marker = "o" if len(points) <= MARKERS_UP_TO else None
+    ax.plot(xs, ys, **GLOBAL_STYLE, marker=marker, markersize=4)
+    ax.set_yscale("log")
+    # Plain numbers (2, 0.5, 1e-05) rather than 2×10⁰ when the loss spans less than a decade.
+    ax.yaxis.set_major_formatter(LogFormatter())
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+    ax.set_xlabel("round")
+    ax.set_ylabel("MSE of the global model (log scale)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, which="both", alpha=0.3)
+    if len(points) == 1:  # a single point: give the axis some room around it
+        ax.set_xlim(xs[0] - 1, xs[0] + 1)
+    _mark_round(run, [ax], round_no)
+    return fig
+
+
+PLOTS: dict[str, Callable[[Run, int | None], Figure]] = {
+    "models": models_figure,
+    "params": params_figure,
+    "loss": loss_figure,
+}
+
+
+def render(run: Run, name: str, image_format: str = "svg", round_no: int | None = None) -> bytes:
+    """The chart ``name`` (one of PLOTS) of ``run`` as SVG or PNG bytes.
+    KeyError for an unknown name or a round the run does not have."""
+    build = PLOTS[name]
+    if round_no is not None:
+        _find_round(run, round_no)
+    with _render_lock:
+        fig = build(run, round_no)
+        buf = io.BytesIO()
+        # No date in the metadata: the same run gives the same bytes.
+        metadata = {"Date": None} if image_format == "svg" else {}
+        fig.savefig(buf, format=image_format, dpi=PNG_DPI, metadata=metadata)
+    return buf.getvalue()

@@ -1,0 +1,90 @@
+"""The web page: the federation, a form to start a run, the run live, its
+arithmetic and its charts. The page itself is a template and a little plain
+JavaScript (templates/, static/, served by the app's own static route); this
+blueprint adds what the page needs beyond the API: each client's health,
+and the charts as SVG drawn by matplotlib (plots.py)."""
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, current_app, render_template, request
+
+from fedavg.wire import ProtocolError
+
+from .api import federation, no_query_args
+from .clients import Reply
+from .settings import MAX_ROUNDS, RunSettings
+
+bp = Blueprint("web", __name__)
+
+# A probe of /health answers at once or the client is as good as down; the
+# page asks again on its own.
+HEALTH_TIMEOUT_S = 2.0
+PLOT_NAMES = ("models", "params", "loss")
+
+
+@bp.get("/")
+def index() -> str:
+    # No check of the query string: a page should open whatever a link appends to it.
+    return render_template("index.html", defaults=RunSettings(), max_rounds=MAX_ROUNDS,
+                           clients=federation().pool.urls, token_required=current_app.config["TOKEN"] is not None)
+
+
+@bp.get("/clients")
+def clients() -> dict[str, Any]:
+    """Each configured client's /health, probed concurrently: up or down,
+    its name and n_k (its number of samples)."""
+    no_query_args()
+    pool = federation().pool
+    replies = pool.call_all(pool.urls, "GET", "/health", HEALTH_TIMEOUT_S)
+    return {"clients": [_client_state(reply, pool.names[reply.url]) for reply in replies]}
+
+
+def _client_state(reply: Reply, known_name: str) -> dict[str, Any]:
+    """One client as the page shows it; 'down' with the reason when its
+    /health did not answer as a client's does."""
+    state: dict[str, Any] = {"url": reply.url, "client_id": known_name, "status": "down", "n_k": None,
+                             "num_features": None, "reason": reply.reason}
+    if not reply.ok:
+        return state
+    body = reply.body or {}
+    size, name, features = body.get("data_size"), body.get("client_id"), body.get("num_features")
+    if not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
+        return state | {"reason": "bad /health reply: data_size is not a whole number >= 1"}
+    return state | {
+        "status": "up", "reason": None, "n_k": size,
+        "client_id": name if isinstance(name, str) and name else known_name,
+        "num_features": features if isinstance(features, int) and not isinstance(features, bool) else None,
+    }
+
+
+@bp.get("/runs/<int:run_id>/plots/<name>.svg")
+def plot(run_id: int, name: str):
+    """One chart of a run as SVG: models (?round=N, default the last),
+    params, loss; ?round=N also marks round N on params and loss."""
+    no_query_args("round")
+    round_no = _round_arg()
+    if name not in PLOT_NAMES:
+        return {"error": f"no plot {name!r} (known: {', '.join(PLOT_NAMES)})"}, 404
+    run = federation().store.get(run_id)
+    if run is None:
+        return {"error": f"no run {run_id}"}, 404
+    # Imported here, not at the top: matplotlib takes ~0.6 s to import, which
+    # every server start would pay even when no one opens the page.
+    from .plots import render
+    try:
+        svg = render(run, name, "svg", round_no)
+    except KeyError:
+        raise ProtocolError(f"round: run {run_id} has no round {round_no} "
+                            f"({len(run['rounds'])} completed)") from None
+    # A running run's chart changes with every round: never cache it.
+    return Response(svg, mimetype="image/svg+xml", headers={"Cache-Control": "no-store"})
+
+
+def _round_arg() -> int | None:
+    raw = request.args.get("round")
+    if raw is None:
+        return None
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9 and int(raw) >= 1):
+        raise ProtocolError(f"round: must be a round number >= 1, got {raw!r}")
+    return int(raw)
