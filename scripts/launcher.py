@@ -16,7 +16,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,15 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def refusing_url(host: str = "127.0.0.1") -> Iterator[str]:
+    """A URL whose port is bound but never listens: every connection to it is
+    refused at once, and no other process can take the port meanwhile."""
+    with socket.socket() as hole:
+        hole.bind((host, 0))
+        yield f"http://{host}:{hole.getsockname()[1]}"
 
 
 @dataclass

@@ -9,6 +9,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+import launcher
 from fedavg.client import create_app as create_client_app
 from fedavg_server import create_app as create_server_app
 
@@ -41,12 +42,9 @@ def two_feature_client_schema(tmp_path):
 
 @pytest.fixture
 def server_schema(tmp_path):
-    import socket
-    with socket.socket() as s:  # a loopback port nobody listens on: runs fail fast, cleanly
-        s.bind(("127.0.0.1", 0))
-        nobody = f"http://127.0.0.1:{s.getsockname()[1]}"
-    app = create_server_app({"CLIENTS": [nobody], "DATABASE": str(tmp_path / "runs.db")})
-    return schemathesis.openapi.from_wsgi("/openapi.json", app)
+    with launcher.refusing_url() as nobody:  # runs fail fast and cleanly
+        app = create_server_app({"CLIENTS": [nobody], "DATABASE": str(tmp_path / "runs.db")})
+        yield schemathesis.openapi.from_wsgi("/openapi.json", app)
 
 
 client = schemathesis.pytest.from_fixture("client_schema")

@@ -2,7 +2,6 @@
 over HTTP on free loopback ports: runs, their records, and bad /start input."""
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 from flask import Flask, Response, request
 from werkzeug.serving import make_server
 
+import launcher
 from fedavg.client import create_app as create_client_app
 from fedavg_server import create_app as create_server_app
 from reference import local_gd, local_mse, reference_fedavg
@@ -48,11 +48,11 @@ def seed_style_client(data: list[tuple[float, float]]) -> Flask:
     return app
 
 
-def free_port_url() -> str:
-    """A loopback URL where nothing listens: connections are refused at once."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+@pytest.fixture
+def dead():
+    """A loopback URL whose port is held bound, never listening: refused at once."""
+    with launcher.refusing_url() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -232,8 +232,7 @@ def test_a_second_start_while_one_runs_is_409_with_the_running_id(server):
 # --- clients that are not all there ------------------------------------------------------------
 
 
-def test_a_client_that_refuses_connections_is_dropped_with_its_reason(clients, make_server_client):
-    dead = free_port_url()
+def test_a_client_that_refuses_connections_is_dropped_with_its_reason(clients, make_server_client, dead):
     server = make_server_client([clients[0].url, dead])
     r = server.post("/start", json={"rounds": 2, "min_clients": 1})
     assert r.status_code == 200
@@ -251,8 +250,7 @@ def test_a_client_that_refuses_connections_is_dropped_with_its_reason(clients, m
         assert record["federated_loss"] == pytest.approx(local_mse(SEED_DATA[0], w, b), abs=1e-9)
 
 
-def test_too_few_clients_fails_the_run_naming_the_missing_one(clients, make_server_client):
-    dead = free_port_url()
+def test_too_few_clients_fails_the_run_naming_the_missing_one(clients, make_server_client, dead):
     server = make_server_client([clients[0].url, dead])
     r = server.post("/start", json={"rounds": 2, "min_clients": 2})
     assert r.status_code == 200

@@ -41,7 +41,9 @@ class ClientPool:
         # until it has said. Kept across runs, so a client that is down is
         # still called by its name.
         self.names: dict[str, str] = {url: url for url in self.urls}
-        self.max_parallel = max(1, min(max_parallel, len(self.urls)))
+        # Not capped at the number of clients: a /health probe from the page
+        # must not queue behind a round's /train calls.
+        self.max_parallel = max(1, max_parallel)
         # urllib3 (what Requests is built on) directly: per call it costs about
         # half of what a requests.Session does (bench/README), and a round of a
         # thousand clients is a thousand calls. One pool per host, at most one

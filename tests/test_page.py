@@ -1,0 +1,283 @@
+"""The web page in a real browser: Debian's Chromium, headless, driven by
+Playwright, against the real apps as processes on free loopback ports.
+
+The server is configured with a third client where nothing listens, so every
+round drops it and the page must say why. UPDATE_SCREENSHOT=1 writes the
+screenshot to docs/screenshot.png (the one the README shows); otherwise it
+goes to the test's temporary folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from playwright.sync_api import Browser, Page, sync_playwright
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import launcher  # noqa: E402
+from fedavg.aggregation import explain_average, fmt  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package; .ci/run installs it when missing
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+ROUNDS = 5
+PACE_S = 0.35  # rounds arrive one by one, each a visible step
+
+
+def get_json(url: str):
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def get_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        return resp.read().decode()
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """client_1, client_2 and the server, configured with a third client URL
+    whose port is bound but never listens: connecting is refused at once, and
+    no other process can take the port while the tests run."""
+    db = tmp_path_factory.mktemp("page") / "runs.db"
+    with launcher.refusing_url() as dead:
+        apps: dict[str, launcher.App] = {}
+        try:
+            for name in ("client_1", "client_2"):
+                apps[name] = launcher.start_app(name, launcher.free_port())
+            clients = ",".join([apps["client_1"].url, apps["client_2"].url, dead])
+            apps["server"] = launcher.start_app("server", launcher.free_port(),
+                                                ["--clients", clients, "--db", str(db)])
+            launcher.wait_healthy(list(apps.values()))
+            yield apps["server"].url, dead
+        finally:
+            launcher.stop(list(apps.values()))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    assert Path(CHROMIUM).exists(), "the page test needs Debian's chromium: apt-get install -y chromium (.ci/run does)"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Browser, federation):
+    """A fresh tab on the page; fails the test if the page logged an error
+    (other than the 400 a rejected form gets: that is the API answering)."""
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    tab = context.new_page()
+    tab.set_default_timeout(15_000)
+    errors: list[str] = []
+    tab.on("pageerror", lambda e: errors.append(f"uncaught: {e}"))
+    tab.on("console", lambda m: errors.append(m.text) if m.type == "error" and "status of 400" not in m.text
+           else None)
+    tab.goto(federation[0] + "/")
+    yield tab
+    context.close()
+    assert errors == []
+
+
+def rows(page: Page) -> int:
+    return page.locator("#rounds tbody tr").count()
+
+
+def wait_status(page: Page, status: str, timeout_ms: float = 20_000) -> None:
+    page.wait_for_function(f"document.querySelector('#run-status').dataset.status === '{status}'",
+                           timeout=timeout_ms)
+
+
+def text(page: Page, selector: str) -> str:
+    return page.locator(selector).inner_text().strip()
+
+
+def w_text(w) -> str:
+    """w as the page writes it: one number, or [w1, w2, …] with several features."""
+    return fmt(w) if not isinstance(w, list) else "[" + ", ".join(fmt(v) for v in w) + "]"
+
+
+def assert_round_shown(page: Page, record: dict, dead: str) -> None:
+    """Every number the page writes for this round equals GET /runs/<id>, in the log's format."""
+    assert text(page, "#round-number") == str(record["round"])
+    model_in = record["global_model_in"]
+    assert text(page, '#math [data-field="model_in"]') == f"w={w_text(model_in['w'])} b={fmt(model_in['b'])}"
+    terms = page.locator("#terms tbody tr")
+    assert terms.count() == len(record["participants"])
+    for p, t in zip(record["participants"], record["terms"]):
+        row = page.locator(f'#terms tbody tr[data-client="{p["client_id"]}"]')
+        cell = lambda field: row.locator(f'[data-field="{field}"]').inner_text()  # noqa: E731
+        assert cell("n_k") == str(p["data_size"]) == str(t["n_k"])
+        assert cell("weight") == fmt(t["weight"])  # n_k/N
+        assert cell("w") == w_text(p["local_model"]["w"])
+        assert cell("b") == fmt(p["local_model"]["b"])
+        assert cell("term_w") == w_text(t["w"])  # n_k/N · w_k
+        assert cell("term_b") == fmt(t["b"])
+    assert text(page, '#terms [data-field="N"]') == str(record["N"])
+    assert text(page, '#terms [data-field="global_w"]') == w_text(record["global_model"]["w"])
+    assert text(page, '#terms [data-field="global_b"]') == fmt(record["global_model"]["b"])
+    # the weighted average written out exactly as the server's log writes it
+    ps = record["participants"]
+    lines = explain_average([p["data_size"] for p in ps],
+                            [np.atleast_1d(p["local_model"]["w"]) for p in ps], [p["local_model"]["b"] for p in ps],
+                            np.atleast_1d(record["global_model"]["w"]), record["global_model"]["b"])
+    assert page.locator("#average-lines").inner_text().strip() == "\n".join(lines)
+    assert text(page, '#math [data-field="federated_loss"]') == fmt(record["federated_loss"])
+    # the client that is not there: dropped, with the reason the server gave
+    assert [d["url"] for d in record["dropped"]] == [dead]
+    dropped = page.locator("#dropped li")
+    assert dropped.count() == 1
+    assert dropped.get_attribute("data-client") == record["dropped"][0]["client_id"]
+    reason = dropped.locator('[data-field="reason"]').inner_text()
+    assert reason == record["dropped"][0]["reason"] and "Connection refused" in reason
+    # and its line in the table of all rounds
+    row = page.locator(f'#rounds tbody tr[data-round="{record["round"]}"]')
+    assert row.locator('[data-field="w"]').inner_text() == w_text(record["global_model"]["w"])
+    assert row.locator('[data-field="b"]').inner_text() == fmt(record["global_model"]["b"])
+    assert row.locator('[data-field="federated_loss"]').inner_text() == fmt(record["federated_loss"])
+
+
+def test_the_federation_shows_each_client_up_or_down(page: Page, federation):
+    url, dead = federation
+    page.wait_for_function("document.querySelector('#clients-summary').textContent !== ''")
+    states = {c["url"]: c for c in get_json(url + "/clients")["clients"]}
+    assert [c["status"] for c in states.values()] == ["up", "up", "down"]
+    for row in page.locator("#clients tbody tr").all():
+        c = states[row.get_attribute("data-url")]
+        assert row.locator('[data-field="client_id"]').inner_text() == c["client_id"]
+        if c["status"] == "up":
+            assert row.locator('[data-field="status"]').inner_text() == "up"
+            assert row.locator('[data-field="n_k"]').inner_text() == str(c["n_k"]) == "2"
+        else:
+            assert c["url"] == dead and "Connection refused" in c["reason"]
+            assert row.locator('[data-field="status"]').inner_text() == f"down: {c['reason']}"
+    assert text(page, "#clients-summary").startswith("2 of 3 client(s) up; N = 4 samples")
+
+
+def test_a_validation_error_is_shown_next_to_its_field(page: Page, federation):
+    url, _ = federation
+    before = len(get_json(url + "/runs")["runs"])
+    page.fill("#f-lr", "-1")
+    page.click("#start-button")
+    page.wait_for_function("document.querySelector('#lr-error').textContent !== ''")
+    assert text(page, "#lr-error") == "must be > 0, got -1"  # the API's "lr: must be > 0, got -1"
+    assert page.get_attribute("#f-lr", "aria-invalid") == "true"
+    assert "lr-error" in page.get_attribute("#f-lr", "aria-describedby")
+    # editing the field clears its message; the next error lands next to its own field
+    page.fill("#f-lr", "0.01")
+    assert text(page, "#lr-error") == ""
+    page.fill("#f-rounds", "0")
+    page.click("#start-button")
+    page.wait_for_function("document.querySelector('#rounds-error').textContent !== ''")
+    assert text(page, "#rounds-error") == "must be >= 1, got 0"
+    assert len(get_json(url + "/runs")["runs"]) == before  # nothing started
+
+
+def test_a_run_from_the_form_arrives_round_by_round_with_the_api_numbers(page: Page, federation, tmp_path):
+    url, dead = federation
+    page.fill("#f-rounds", str(ROUNDS))
+    page.fill("#f-pace_s", str(PACE_S))
+    page.fill("#f-seed", "3")
+    page.click("#start-button")
+    wait_status(page, "running", 5_000)
+    run_id = int(page.input_value("#run-select"))
+    assert page.get_attribute("#download-json", "href") == f"/runs/{run_id}"
+    assert page.get_attribute("#download-csv", "href") == f"/runs/{run_id}?format=csv"
+
+    # Watch the API and the page side by side: each round the server has
+    # committed shows on the page within a second, while the next is not done.
+    shown_when_arrived = []
+    seen = 0
+    deadline = time.monotonic() + 30
+    while seen < ROUNDS:
+        assert time.monotonic() < deadline, f"only {seen} of {ROUNDS} rounds in 30 s"
+        n = len(get_json(f"{url}/runs/{run_id}")["rounds"])
+        for k in range(seen + 1, n + 1):
+            page.wait_for_function(f"document.querySelectorAll('#rounds tbody tr').length >= {k}", timeout=1_000)
+            shown_when_arrived.append((rows(page), text(page, "#progress-text")))
+        seen = n
+        time.sleep(0.01)  # polling interval
+    assert shown_when_arrived == [(k, f"{k} / {ROUNDS} rounds") for k in range(1, ROUNDS + 1)]
+    wait_status(page, "completed")
+    assert page.evaluate("[document.querySelector('#progress').value, document.querySelector('#progress').max]") \
+        == [ROUNDS, ROUNDS]
+
+    run = get_json(f"{url}/runs/{run_id}")
+    assert run["status"] == "completed" and len(run["rounds"]) == ROUNDS
+    # the last round's loss comes from the final /evaluate, after the last round: the page has it too
+    page.wait_for_function(f"document.querySelector('#math [data-field=\"federated_loss\"]').textContent === "
+                           f"'{fmt(run['rounds'][-1]['federated_loss'])}'")
+    assert_round_shown(page, run["rounds"][-1], dead)
+    # every other round, picked from the table by keyboard
+    for record in run["rounds"][:-1]:
+        page.focus(f'#rounds button[data-round="{record["round"]}"]')
+        page.keyboard.press("Enter")
+        page.wait_for_function(f"document.querySelector('#round-number').textContent === '{record['round']}'")
+        assert_round_shown(page, record, dead)
+    assert not page.is_checked("#follow")  # a round picked by hand stays picked
+
+    # the charts, drawn by the server for this run
+    page.click("#round-next")  # from round ROUNDS - 1 to the last
+    page.wait_for_function(f"document.querySelector('#chart-models').alt.startsWith('Run {run_id}, round {ROUNDS}:')")
+    page.wait_for_function("[...document.querySelectorAll('img[data-plot]')].every("
+                           "i => i.src.startsWith('blob:') && i.complete && i.naturalWidth > 300)")
+    assert page.is_checked("#follow")  # back on the last round: following again
+
+    # downloads: the JSON and CSV of the run, as the API gives them
+    with page.expect_download() as download:
+        page.click("#download-csv")
+    assert Path(download.value.path()).read_text() == get_text(f"{url}/runs/{run_id}?format=csv")
+    with page.expect_download() as download:
+        page.click("#download-json")
+    assert json.loads(Path(download.value.path()).read_text()) == run
+
+    # the screenshot: the last round, its arithmetic, the dropped client, the charts
+    shot = ROOT / "docs" / "screenshot.png" if os.environ.get("UPDATE_SCREENSHOT") == "1" else tmp_path / "page.png"
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 50_000
+
+
+def test_past_runs_are_selectable(page: Page, federation):
+    url, dead = federation
+    status, first = launcher.post_json(url + "/start", {"rounds": 3, "seed": 5})
+    assert status == 200 and first["status"] == "completed"
+    # a second run, started from the form with the keyboard alone
+    page.focus("#f-rounds")
+    page.keyboard.press("Control+A")
+    page.keyboard.type("2")
+    page.keyboard.press("Enter")
+    second = first["run_id"] + 1  # the server's next run id
+    page.wait_for_function(f"document.querySelector('#run-status').textContent.startsWith('Run {second} is completed')")
+    assert page.input_value("#run-select") == str(second)
+    assert text(page, "#progress-text") == "2 / 2 rounds"
+
+    page.select_option("#run-select", str(first["run_id"]))
+    page.wait_for_function("document.querySelector('#progress-text').textContent === '3 / 3 rounds'")
+    assert text(page, "#run-status").startswith(f"Run {first['run_id']} is completed")
+    page.wait_for_function("document.querySelector('#round-number').textContent === '3'")
+    assert_round_shown(page, first["rounds"][-1], dead)
+    assert page.locator("#rounds tbody tr").count() == 3
+
+
+def test_the_page_writes_numbers_exactly_as_the_log_does(page: Page):
+    """The page's fmt against fedavg.aggregation.fmt, on the cases where a
+    naive JS port goes wrong (ties, which Python rounds to even; the
+    exponent's two digits; -0.0) and on many random doubles."""
+    rng = random.Random(4)
+    values = [0.0, -0.0, 1.0, -1.0, 0.5, 0.0078125, -0.0078125, 2 ** -11, 12345665.0, 12345675.0, 9999999.5,
+              9999999.9999999, 0.001, 0.00099999999, 1e-7, 1e7, 1e21, 1e300, 5e-324, 123.4567895, 2.5e-5,
+              -3.14159265358979, 1 / 3, 2 / 3, 1.0000005, 0.9999995]
+    values += [rng.uniform(-1, 1) * 10 ** rng.uniform(-12, 12) for _ in range(2_000)]
+    values += [rng.randrange(1, 2 ** 20) / 2 ** rng.randrange(1, 30) for _ in range(500)]  # dyadic: exact ties
+    assert page.evaluate("xs => xs.map(x => window.fedavgFmt(x))", values) == [fmt(v) for v in values]

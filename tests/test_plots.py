@@ -1,0 +1,171 @@
+"""The charts: SVG from the real server for runs of 1 and 1000 rounds, 404s
+as JSON, ``?since=`` for live polling, and scripts/plot_run.py writing PNGs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import launcher  # noqa: E402
+from fedavg_server.plots import render  # noqa: E402
+
+SVG = "{http://www.w3.org/2000/svg}svg"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+NAMES = ("models", "params", "loss")
+
+
+def get(url: str) -> tuple[int, str, bytes]:
+    """(status, content type, body) whatever the status."""
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp:
+            return resp.status, resp.headers.get("Content-Type", ""), resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type", ""), e.read()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The real apps, and two finished runs on them: 1 round and 1000 rounds."""
+    ports = {name: launcher.free_port() for name in launcher.DEFAULT_PORTS}
+    db = tmp_path_factory.mktemp("plots") / "runs.db"
+    apps = launcher.start_federation(ports, server_args=["--db", str(db)])
+    try:
+        url = apps["server"].url
+        runs = {}
+        for rounds in (1, 1000):
+            status, run = launcher.post_json(url + "/start", {"rounds": rounds, "pace_s": 0, "seed": 7})
+            assert status == 200 and run["status"] == "completed", run
+            runs[rounds] = run
+        yield url, runs
+    finally:
+        launcher.stop(list(apps.values()))
+
+
+def assert_svg(body: bytes) -> ET.Element:
+    root = ET.fromstring(body)  # raises on anything that is not well-formed XML
+    assert root.tag == SVG
+    assert root.get("viewBox") or root.get("width")
+    assert len(list(root.iter())) > 20  # axes, lines and text, not an empty document
+    return root
+
+
+@pytest.mark.parametrize("rounds", [1, 1000])
+@pytest.mark.parametrize("name", NAMES)
+def test_each_chart_is_valid_svg(server, rounds, name):
+    url, runs = server
+    status, ctype, body = get(f"{url}/runs/{runs[rounds]['run_id']}/plots/{name}.svg")
+    assert status == 200, body
+    assert ctype.startswith("image/svg+xml")
+    assert_svg(body)
+    assert len(body) < 2_000_000  # 1000 rounds stay one line each, not 1000 elements per series
+
+
+def test_model_lines_of_a_chosen_round(server):
+    url, runs = server
+    run_id = runs[1000]["run_id"]
+    for round_no in (1, 500, 1000):
+        status, _, body = get(f"{url}/runs/{run_id}/plots/models.svg?round={round_no}")
+        assert status == 200
+        assert_svg(body)
+    status, _, body = get(f"{url}/runs/{run_id}/plots/params.svg?round=500")
+    assert status == 200
+    assert_svg(body)
+
+
+@pytest.mark.parametrize("query, message", [
+    ("round=1001", "round: run {id} has no round 1001 (1000 completed)"),
+    ("round=0", "round: must be a round number >= 1, got '0'"),
+    ("round=x", "round: must be a round number >= 1, got 'x'"),
+    ("size=big", "size: unknown query parameter"),
+])
+def test_bad_query_is_a_400_json(server, query, message):
+    url, runs = server
+    run_id = runs[1000]["run_id"]
+    status, ctype, body = get(f"{url}/runs/{run_id}/plots/models.svg?{query}")
+    assert status == 400 and ctype.startswith("application/json")
+    assert json.loads(body) == {"error": message.format(id=run_id)}
+
+
+def test_missing_run_is_a_404_json(server):
+    url, _ = server
+    status, ctype, body = get(f"{url}/runs/987654/plots/models.svg")
+    assert status == 404 and ctype.startswith("application/json")
+    assert json.loads(body) == {"error": "no run 987654"}
+
+
+def test_unknown_chart_is_a_404_json(server):
+    url, runs = server
+    status, ctype, body = get(f"{url}/runs/{runs[1]['run_id']}/plots/scatter.svg")
+    assert status == 404 and ctype.startswith("application/json")
+    assert json.loads(body) == {"error": "no plot 'scatter' (known: models, params, loss)"}
+
+
+def test_since_gives_only_the_later_rounds(server):
+    url, runs = server
+    run = runs[1000]
+    status, _, body = get(f"{url}/runs/{run['run_id']}?since=998")
+    assert status == 200
+    later = json.loads(body)
+    assert later["rounds"] == run["rounds"][998:]
+    assert {k: v for k, v in later.items() if k != "rounds"} == {k: v for k, v in run.items()
+                                                                if k not in ("rounds", "message")}
+    assert json.loads(get(f"{url}/runs/{run['run_id']}?since=0")[2])["rounds"] == run["rounds"]
+    assert json.loads(get(f"{url}/runs/{run['run_id']}?since={'9' * 40}")[2])["rounds"] == []
+    status, _, body = get(f"{url}/runs/{run['run_id']}?since=-1")
+    assert status == 400 and json.loads(body) == {"error": "since: must be a round number >= 0, got '-1'"}
+
+
+def test_a_run_without_rounds_still_draws():
+    """A run that failed before its first round: every chart says so instead of failing."""
+    run = {"run_id": 5, "status": "failed", "clients": ["http://a"], "rounds": []}
+    for name in NAMES:
+        assert_svg(render(run, name, "svg"))
+        assert render(run, name, "png").startswith(PNG_SIGNATURE)
+
+
+def plot_run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_run.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_plot_run_writes_three_pngs_from_the_server_and_from_a_file(server, tmp_path):
+    url, runs = server
+    run = runs[1000]
+    done = plot_run(url, "--out", str(tmp_path / "latest"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    files = [tmp_path / "latest" / f"run-{run['run_id']}-{name}.png" for name in NAMES]
+    assert done.stdout.split() == [str(f) for f in files]
+    for f in files:
+        data = f.read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
+
+    # the run's JSON as the page downloads it (GET /runs/<id>), saved to a file
+    saved = tmp_path / "run.json"
+    saved.write_bytes(get(f"{url}/runs/{runs[1]['run_id']}")[2])
+    done = plot_run(str(saved), "--out", "from-file", "--round", "1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for name in NAMES:
+        data = (tmp_path / "from-file" / f"run-{runs[1]['run_id']}-{name}.png").read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.json"], "missing.json: No such file or directory"),
+    (["{url}/runs/987654"], "HTTP 404"),
+    (["{url}", "--run", "{id}", "--round", "2"], "has no round 2"),
+])
+def test_plot_run_says_what_is_wrong(server, tmp_path, args, message):
+    url, runs = server
+    done = plot_run(*(a.format(url=url, id=runs[1]["run_id"]) for a in args), cwd=tmp_path)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert not list(tmp_path.glob("*.png"))
