@@ -170,6 +170,11 @@ def parse_model(value: Any, path: str, num_features: int | None = None) -> tuple
     return w, expect_number(obj["b"], f"{path}.b")
 
 
+def weights_of(model: Mapping[str, Any]) -> Weights:
+    """The inverse of ``model_json`` for w: a number or a list → a float vector."""
+    return np.atleast_1d(np.asarray(model["w"], dtype=float))
+
+
 def model_json(w: Weights, b: float) -> dict[str, Any]:
     """(w, b) → {"w", "b"}; w is a plain number when there is one feature."""
     w = np.asarray(w, dtype=float).ravel()

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from fedavg.aggregation import Update, fmt_model, weighted_average, weighted_loss_avg
-from fedavg.wire import ProtocolError, model_json, parse_evaluate_reply, parse_train_reply, train_config_json
+from fedavg.wire import (ProtocolError, model_json, parse_evaluate_reply, parse_train_reply, train_config_json,
+                         weights_of)
 
 from .clients import ClientPool, Reply
 from .mathlog import loss_line, round_lines
@@ -143,7 +144,7 @@ class Run:
             self.store.finish(self.run_id, stop.status, str(stop))
             return
         self.store.finish(self.run_id, "completed")
-        log.info("Run %s completed: final global model %s", self.run_id, _model_text(w, b))
+        log.info("Run %s completed: final global model %s", self.run_id, fmt_model(w, b))
 
     # --- before the first round --------------------------------------------
 
@@ -170,7 +171,7 @@ class Run:
         start = self.model or self.s.init
         if start is None:
             return np.zeros(self.num_features or 1), 0.0
-        w = np.atleast_1d(np.array(start["w"], dtype=float))
+        w = weights_of(start)
         if self.num_features is not None and len(w) != self.num_features:
             raise RunStopped("failed", f"init.w has {len(w)} weight(s) but the clients' data has "
                                        f"{self.num_features} feature(s)")
@@ -226,7 +227,7 @@ class Run:
             raise RunStopped("failed", f"round {r}: {len(participants)} client(s) replied, min_clients is "
                                        f"{self.s.min_clients}; missing: {missing}")
 
-        new_w, new_b = weighted_average([Update(np.atleast_1d(np.asarray(p["local_model"]["w"], dtype=float)),
+        new_w, new_b = weighted_average([Update(weights_of(p["local_model"]),
                                                 p["local_model"]["b"], p["data_size"]) for p in participants])
         if not (np.all(np.isfinite(new_w)) and math.isfinite(new_b)):
             raise RunStopped("diverged", f"round {r}: the global model is no longer finite "
@@ -266,7 +267,7 @@ class Run:
                 "local_model": model_json(parsed["w"], parsed["b"]), "metrics": parsed["metrics"]}
 
     def _log_partial(self, r: int, model_in: dict, participants: list, dropped: list) -> None:
-        log.info("── Round %d/%d ── global model in: %s", r, self.s.rounds, _model_text(model_in["w"], model_in["b"]))
+        log.info("── Round %d/%d ── global model in: %s", r, self.s.rounds, fmt_model(weights_of(model_in), model_in["b"]))
         for p in participants:
             log.info("%s  replied (n_k=%d)", p["client_id"], p["data_size"])
         for d in dropped:
@@ -302,10 +303,6 @@ class Run:
 def _term(p: dict[str, Any], total: int) -> dict[str, Any]:
     """One client's share of the average: n_k/N, and n_k/N · w_k, n_k/N · b_k."""
     weight = p["data_size"] / total
-    w = np.atleast_1d(np.asarray(p["local_model"]["w"], dtype=float))
+    w = weights_of(p["local_model"])
     return {"client_id": p["client_id"], "n_k": p["data_size"], "weight": weight,
             **model_json(weight * w, weight * p["local_model"]["b"])}
-
-
-def _model_text(w: Any, b: float) -> str:
-    return fmt_model(np.atleast_1d(np.asarray(w, dtype=float)), b)

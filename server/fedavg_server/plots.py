@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter, MaxNLocator
 
 from fedavg.aggregation import TRACE_TERMS, fmt
+from fedavg.wire import weights_of
 
 Run = dict[str, Any]
 
@@ -44,18 +45,14 @@ def _escape(text: str) -> str:
     return text.replace("$", r"\$")
 
 
-def _w(model: dict[str, Any]) -> np.ndarray:
-    return np.atleast_1d(np.asarray(model["w"], dtype=float))
-
-
 def _slope(model: dict[str, Any]) -> float:
     """The model's first weight: with several features the charts follow x₁
     (the others held at 0) and say so."""
-    return float(_w(model)[0])
+    return float(weights_of(model)[0])
 
 
 def _num_features(run: Run) -> int:
-    return len(_w(run["rounds"][0]["global_model"])) if run["rounds"] else 1
+    return len(weights_of(run["rounds"][0]["global_model"])) if run["rounds"] else 1
 
 
 def _colors(run: Run) -> Callable[[str], Any]:
