@@ -36,6 +36,11 @@ demo: install
 sim: install
 	$(PYTHON) scripts/sim.py --clients $(K) --rounds $(ROUNDS) $(SIM_ARGS)
 
+# Figures, not pass/fail: every app started as the README starts it; prints a
+# table and writes bench/results.json. `make bench ARGS=--quick` for a quick look.
+bench: install .venv/.installed
+	.venv/bin/python scripts/bench.py $(ARGS)
+
 test: install .venv/.installed
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
 
