@@ -34,4 +34,9 @@ if __name__ == "__main__":
     print(f"server: {len(clients)} client(s): {', '.join(clients)}; run history in {app.config['DATABASE']}; "
           f"serving on http://{args.host}:{args.port}", flush=True)
     print(f"server: start a run with  curl -X POST http://{args.host}:{args.port}/start", flush=True)
-    serve(app, args.host, args.port)
+    try:
+        serve(app, args.host, args.port)
+    finally:
+        # Ctrl-C or SIGTERM: a running run finishes its round and reads
+        # "interrupted" (resumable), instead of dying half-way.
+        app.extensions["fedavg"].shutdown()

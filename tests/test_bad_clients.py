@@ -3,6 +3,7 @@ its reason, and the average is taken over the clients that replied well."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,34 @@ def test_too_large_lr_ends_the_run_as_diverged(good_client, tmp_path):
     assert "smaller lr" in run["error"]
     # what was kept is the last finite global model
     assert all(abs(v) < float("inf") for v in (run["final_model"]["w"], run["final_model"]["b"]))
+
+
+def test_a_reply_that_trickles_in_is_cut_off_at_the_timeout(good_client, tmp_path):
+    """A client whose /train answers one byte at a time: each read is quick,
+    so only a deadline on the whole call stops it."""
+    app = Flask("trickle")
+
+    @app.post("/train")
+    def train():
+        def drip():
+            for byte in b'{"local_model": {"w": 1, "b": 0}, "data_size": 2}' + b" " * 200:
+                if release.wait(0.05):
+                    return
+                yield bytes([byte])
+        return Response(drip(), mimetype="application/json")
+
+    fake = Served(app)
+    try:
+        server = create_server_app({"CLIENTS": [good_client.url, fake.url], "DATABASE": str(tmp_path / "runs.db")})
+        started = time.monotonic()
+        run = server.test_client().post("/start", json={"rounds": 1, "client_timeout_s": 0.5}).get_json()
+        elapsed = time.monotonic() - started
+        assert run["status"] == "completed"
+        [dropped] = run["rounds"][0]["dropped"]
+        assert dropped["url"] == fake.url and "no reply within 0.5 s" in dropped["reason"]
+        # probe + round + final /evaluate: each bounded by the timeout (plus slack), not by the drip's 12 s
+        assert elapsed < 3 * (0.5 + 0.2 + 0.5) + 1
+    finally:
+        release.set()
+        fake.close()
+        release.clear()

@@ -154,3 +154,42 @@ def test_client_killed_mid_run_with_min_clients_2_fails_cleanly(fed):
     assert len(run["rounds"]) >= len(before["rounds"]) and all(r["N"] == 4 for r in run["rounds"])
     assert run["final_model"] == run["rounds"][-1]["global_model"]  # the last good model is kept
     assert get_json(server.url + "/health")["status"] == "ok"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_server_stopped_mid_run_records_it_interrupted_and_resumable(fed, sig):
+    """Ctrl-C (or kill) on the server: the run finishes its round, reads
+    interrupted, and resume completes it after a restart."""
+    apps, ports, db = fed
+    server = apps["server"]
+    status, started = launcher.post_json(server.url + "/start", {"rounds": 500, "pace_s": 0.02, "wait": False})
+    assert status == 202
+    run_id = started["run_id"]
+    poll_run(server.url, run_id, lambda r: len(r["rounds"]) >= 3)
+    os.killpg(server.proc.pid, sig)
+    assert server.proc.wait(20) == 0
+    apps["server"] = server = launcher.start_app(
+        "server", ports["server"], ["--clients", f"{apps['client_1'].url},{apps['client_2'].url}", "--db", str(db)])
+    launcher.wait_healthy([server])
+    run = get_json(f"{server.url}/runs/{run_id}")
+    assert run["status"] == "interrupted" and "resume" in run["error"]
+    assert "Traceback" not in server.output()
+
+
+def test_a_running_run_can_be_stopped_and_resumed(fed):
+    apps, _, _ = fed
+    server = apps["server"]
+    status, started = launcher.post_json(server.url + "/start", {"rounds": 30, "seed": 4, "pace_s": 0.05,
+                                                                 "wait": False})
+    run_id = started["run_id"]
+    poll_run(server.url, run_id, lambda r: len(r["rounds"]) >= 2)
+    status, body = launcher.post_json(f"{server.url}/runs/{run_id}/stop")
+    assert status == 202 and body["status"] == "stopping"
+    stopped = poll_run(server.url, run_id, lambda r: r["status"] != "running")
+    assert stopped["status"] == "interrupted" and len(stopped["rounds"]) < 30
+    assert launcher.post_json(f"{server.url}/runs/{run_id}/stop")[0] == 409  # no longer running
+    assert launcher.post_json(f"{server.url}/runs/9999/stop")[0] == 404
+    status, resumed = launcher.post_json(f"{server.url}/runs/{run_id}/resume")
+    assert status == 200 and resumed["status"] == "completed" and len(resumed["rounds"]) == 30
+    status, straight = launcher.post_json(server.url + "/start", {"rounds": 30, "seed": 4})
+    assert resumed["final_model"] == pytest.approx(straight["final_model"], abs=1e-12)

@@ -386,3 +386,22 @@ def test_server_routing_errors_are_json(server):
     assert r.status_code == 404 and r.is_json
     r = server.post("/start", data="{" + " " * (64 * 1024) + "}", content_type="application/json")
     assert r.status_code == 413 and r.is_json
+
+
+def test_an_init_that_does_not_fit_the_clients_data_is_400_before_anything_starts(clients, make_server_client):
+    server = make_server_client([c.url for c in clients])
+    r = server.post("/start", json={"init": {"w": [1, 2], "b": 0}})
+    assert r.status_code == 400
+    assert r.get_json()["error"] == "init.w: has 2 weight(s), the clients' data has 1 feature(s)"
+    assert server.get("/runs").get_json()["runs"] == []  # nothing was started, nothing recorded
+    fits = server.post("/start", json={"init": {"w": [0.5], "b": 1}, "rounds": 1})
+    assert fits.status_code == 200 and fits.get_json()["rounds"][0]["global_model_in"] == {"w": 0.5, "b": 1.0}
+
+
+def test_a_client_that_diverges_ends_the_run_as_diverged(clients, make_server_client):
+    """lr 0.1 makes client_2's local training blow up after some rounds while
+    client_1 still returns finite numbers: the run must not carry on without it."""
+    server = make_server_client([c.url for c in clients])
+    run = server.post("/start", json={"rounds": 500, "lr": 0.1}).get_json()
+    assert run["status"] == "diverged" and "smaller lr" in run["error"]
+    assert len(run["rounds"]) < 500

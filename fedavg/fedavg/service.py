@@ -6,6 +6,7 @@ import argparse
 import hmac
 import logging
 import os
+import signal
 import sys
 from typing import Any
 
@@ -96,6 +97,9 @@ def serve(app: Flask, host: str, port: int, threads: int = 8) -> None:
     the figures that decided it. ``threads`` bounds concurrent requests; a
     waited /start holds one for its whole run.
     """
+    # SIGTERM (kill, a process manager) stops the app as Ctrl-C does, so
+    # that it can end cleanly.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     kind = os.environ.get("FEDAVG_WSGI", "waitress")
     if kind not in WSGI_SERVERS:
         print(f"error: FEDAVG_WSGI must be one of {', '.join(WSGI_SERVERS)}, got {kind!r}", file=sys.stderr)
@@ -109,6 +113,8 @@ def serve(app: Flask, host: str, port: int, threads: int = 8) -> None:
             # a host serving them, holds that many keep-alive connections.
             waitress.serve(app, host=host, port=port, threads=threads, connection_limit=4096,
                            ident="raw-fedavg", _quiet=True)
+    except KeyboardInterrupt:
+        pass
     except OSError as e:
         print(f"error: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
         sys.exit(1)

@@ -263,3 +263,18 @@ def parse_evaluate_reply(value: Any) -> dict[str, Any]:
         "data_size": expect_int(value["data_size"], "reply.data_size", ge=1),
         "client_id": None if client_id is None else expect_str(client_id, "reply.client_id"),
     }
+
+
+def parse_health_reply(value: Any) -> dict[str, Any]:
+    """A client's /health reply → {"client_id", "data_size", "num_features"},
+    each None when missing or not what it should be (seed clients have no
+    /health at all; what a client says here is a hint, checked again later)."""
+    body = value if isinstance(value, Mapping) else {}
+
+    def count(key: str) -> int | None:
+        v = body.get(key)
+        return v if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else None
+
+    name = body.get("client_id")
+    return {"client_id": name if isinstance(name, str) and name else None,
+            "data_size": count("data_size"), "num_features": count("num_features")}

@@ -33,6 +33,12 @@ def start():
     no_query_args()
     fed = federation()
     settings, wait = parse_start(json_body(if_empty={}), len(fed.pool.urls))
+    if settings.init is not None:
+        # A starting model that cannot fit the clients' data is bad input, not a failed run.
+        d, dims = len(settings.init["w"]), fed.feature_counts()
+        if dims and dims != {d}:
+            raise ProtocolError(f"init.w: has {d} weight(s), the clients' data has "
+                                f"{' or '.join(map(str, sorted(dims)))} feature(s)")
     try:
         run_id = fed.start(settings)
     except Busy as busy:
@@ -61,6 +67,22 @@ def resume(run_id: int):
     if not wait:
         return {"run_id": run_id, "status": "running", "url": f"/runs/{run_id}"}, 202
     return _finished(fed, run_id)
+
+
+@bp.post("/runs/<int:run_id>/stop")
+def stop(run_id: int):
+    """Stop the running run after its current round: it reads ``interrupted``
+    and /resume continues it."""
+    require_token(current_app.config["TOKEN"])
+    no_query_args()
+    expect_object(json_body(if_empty={}), "", ())
+    fed = federation()
+    if fed.stop(run_id):
+        return {"run_id": run_id, "status": "stopping", "url": f"/runs/{run_id}"}, 202
+    found = fed.store.summary(run_id)
+    if found is None:
+        return {"error": f"no run {run_id}"}, 404
+    return {"error": f"run {run_id} is {found['status']}, not running", "run_id": run_id}, 409
 
 
 def _finished(fed: Federation, run_id: int) -> dict[str, Any]:

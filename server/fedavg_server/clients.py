@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +15,10 @@ from urllib3.exceptions import HTTPError, NewConnectionError, TimeoutError
 from fedavg.wire import ProtocolError, loads
 
 RETRY_BACKOFF_S = 0.2
+# What call_all allows beyond a call's own deadline before it stops waiting
+# for that call (the call is then cut off by its own deadline soon after).
+DEADLINE_SLACK_S = 0.5
+MAX_REPLY_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -56,40 +60,53 @@ class ClientPool:
     def call_all(self, urls: Sequence[str], method: str, path: str, timeout_s: float,
                  body_for: Callable[[str], Any] | None = None) -> list[Reply]:
         """Call ``path`` on every URL at once; replies come back in ``urls``' order.
-        A round lasts as long as its slowest client, not the sum of all."""
+        A round lasts as long as its slowest client, not the sum of all, and
+        never longer than the timeout (plus the one retry's pause): a client
+        still busy by then is given up on."""
         def one(url: str) -> Reply:
             return self.call(url, method, path, timeout_s, None if body_for is None else body_for(url))
-        return list(self.executor.map(one, urls))
+        futures = [self.executor.submit(one, url) for url in urls]
+        wait(futures, timeout=timeout_s + RETRY_BACKOFF_S + DEADLINE_SLACK_S)
+        return [f.result() if f.done() else Reply(url, reason=f"no reply within {timeout_s:g} s")
+                for f, url in zip(futures, urls)]
 
     def call(self, url: str, method: str, path: str, timeout_s: float, body: Any = None) -> Reply:
         """One call, retried once after a short pause if the connection fails
         (a client restarting); a timeout is not retried: it already cost the
-        full wait."""
+        full wait. ``timeout_s`` bounds the whole call, not each read: a reply
+        that trickles in byte by byte is cut off at the deadline."""
         headers = dict(self.headers)
         data = None
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
+        deadline = time.monotonic() + timeout_s
         for attempt in (1, 2):
             try:
+                left = max(deadline - time.monotonic(), 0.001)
                 resp = self.http.request(method, url + path, body=data, headers=headers,
-                                         timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s))
+                                         timeout=urllib3.Timeout(connect=left, read=left), preload_content=False)
+                content = _read_by(resp, deadline)
                 break
             except NewConnectionError as e:  # (urllib3 files it under timeouts too: check it first)
                 if attempt == 2:
                     return Reply(url, reason=f"cannot connect: {_root_cause(e)}")
                 time.sleep(RETRY_BACKOFF_S)
+                deadline += RETRY_BACKOFF_S
             except TimeoutError:
                 return Reply(url, reason=f"no reply within {timeout_s:g} s")
             except HTTPError as e:  # connection reset, protocol garbage, …
                 if attempt == 2:
                     return Reply(url, reason=f"connection failed: {_root_cause(e)}")
                 time.sleep(RETRY_BACKOFF_S)
+                deadline += RETRY_BACKOFF_S
+            except ReplyTooLarge as e:
+                return Reply(url, reason=f"bad reply: {e}")
             except ValueError as e:  # a URL urllib3 cannot use
                 return Reply(url, reason=f"request failed: {e}")
         ok = 200 <= resp.status < 300
         try:
-            reply_body = loads(resp.data)
+            reply_body = loads(content)
         except ProtocolError as e:
             reply_body = None
             if ok:
@@ -106,6 +123,30 @@ class ClientPool:
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.http.clear()
+
+
+class ReplyTooLarge(Exception):
+    """A client sent more than any reply of the protocol can need."""
+
+
+def _read_by(resp: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
+    """The whole body, or TimeoutError once the deadline passes (a slow drip
+    would otherwise keep each read within the per-read timeout forever)."""
+    chunks, size = [], 0
+    try:
+        while chunk := resp.read1(65536):
+            chunks.append(chunk)
+            size += len(chunk)
+            if time.monotonic() > deadline:
+                raise TimeoutError("deadline passed while reading the reply")
+            if size > MAX_REPLY_BYTES:
+                raise ReplyTooLarge(f"reply larger than {MAX_REPLY_BYTES} bytes")
+    except BaseException:
+        resp.close()  # a half-read connection cannot be reused
+        raise
+    finally:
+        resp.release_conn()
+    return b"".join(chunks)
 
 
 def _root_cause(e: BaseException) -> str:

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from fedavg.aggregation import Update, fmt_model, weighted_average, weighted_loss_avg
-from fedavg.wire import (ProtocolError, model_json, parse_evaluate_reply, parse_train_reply, train_config_json,
-                         weights_of)
+from fedavg.wire import (ProtocolError, model_json, parse_evaluate_reply, parse_health_reply, parse_train_reply,
+                         train_config_json, weights_of)
 
 from .clients import ClientPool, Reply
 from .mathlog import loss_line, round_lines
@@ -53,7 +53,7 @@ class Federation:
         self.pool = pool
         self.store = store
         self._lock = threading.Lock()
-        self._running: tuple[int, threading.Thread] | None = None
+        self._running: Run | None = None
 
     def start(self, settings: RunSettings) -> int:
         """Start a run in the background and return its id; Busy if one runs."""
@@ -68,37 +68,66 @@ class Federation:
         round's global model up to its planned number of rounds."""
         with self._lock:
             self._check_idle()
-            run = self.store.get(run_id)
+            run = self.store.summary(run_id)
             if run is None:
                 raise KeyError(run_id)
             if run["status"] not in ("interrupted", "failed"):
                 raise CannotResume(f"run {run_id} is {run['status']}; only an interrupted or failed run "
                                    "can be resumed")
             settings = RunSettings(**run["settings"])
-            done = len(run["rounds"])
+            if settings.min_clients > len(self.pool.urls):
+                # The server may have been restarted with fewer clients.
+                raise CannotResume(f"run {run_id} needs min_clients={settings.min_clients}; this server has "
+                                   f"{len(self.pool.urls)} client(s)")
+            done = run["rounds_completed"]
             self.store.set_status(run_id, "running")
             self._launch(Run(run_id, settings, self.pool, self.store, first_round=done + 1,
                              model=run["current_model"]))
 
+    def feature_counts(self, timeout_s: float = 2.0) -> set[int]:
+        """The feature counts the clients' /health replies state (empty when
+        none says: seed clients have no /health)."""
+        replies = self.pool.call_all(self.pool.urls, "GET", "/health", timeout_s)
+        return {n for r in replies if r.ok and (n := parse_health_reply(r.body)["num_features"])}
+
+    def stop(self, run_id: int) -> bool:
+        """Ask the running run to stop after its current round; it then reads
+        ``interrupted`` and can be resumed. False if it is not running."""
+        with self._lock:
+            run = self._running
+            if run is None or run.run_id != run_id or not run.thread.is_alive():
+                return False
+            run.stop_requested.set()
+            return True
+
+    def shutdown(self, timeout_s: float = 15.0) -> None:
+        """The server is stopping: let the running run finish its round and
+        record itself ``interrupted``, so that it can be resumed later."""
+        with self._lock:
+            run = self._running
+        if run is not None and run.thread.is_alive():
+            run.stop_requested.set()
+            run.thread.join(timeout_s)
+
     def _check_idle(self) -> None:
-        if self._running is not None and self._running[1].is_alive():
-            raise Busy(self._running[0])
+        if self._running is not None and self._running.thread.is_alive():
+            raise Busy(self._running.run_id)
 
     def _launch(self, run: Run) -> None:
-        thread = threading.Thread(target=self._run, args=(run,), name=f"run-{run.run_id}", daemon=True)
-        self._running = (run.run_id, thread)
-        thread.start()
+        run.thread = threading.Thread(target=self._run, args=(run,), name=f"run-{run.run_id}", daemon=True)
+        self._running = run
+        run.thread.start()
 
     def wait(self, run_id: int) -> None:
         with self._lock:
             running = self._running
-        if running is not None and running[0] == run_id:
-            running[1].join()
+        if running is not None and running.run_id == run_id:
+            running.thread.join()
 
     def running_id(self) -> int | None:
         with self._lock:
-            if self._running is not None and self._running[1].is_alive():
-                return self._running[0]
+            if self._running is not None and self._running.thread.is_alive():
+                return self._running.run_id
             return None
 
     def _run(self, run: Run) -> None:
@@ -123,6 +152,8 @@ class Run:
         self.names = pool.names  # url → client_id, remembered across runs
         self.sizes: dict[str, int] = {}  # url → n_k as its /health reported it
         self.num_features: int | None = None
+        self.stop_requested = threading.Event()  # POST /runs/<id>/stop, or the server stopping
+        self.thread: threading.Thread | None = None
 
     def execute(self) -> None:
         s = self.s
@@ -135,9 +166,10 @@ class Run:
             self._probe_health()
             w, b = self._initial_model()
             for r in range(self.first_round, s.rounds + 1):
+                self._unless_stopped(r)
                 w, b = self._round(r, w, b)
                 if s.pace_s and r < s.rounds:
-                    time.sleep(s.pace_s)  # only when the user asked to watch slowly
+                    self.stop_requested.wait(s.pace_s)  # only when the user asked to watch slowly
             self._final_evaluation(s.rounds, w, b)
         except RunStopped as stop:
             log.info("Run %s %s: %s", self.run_id, stop.status.upper(), stop)
@@ -145,6 +177,11 @@ class Run:
             return
         self.store.finish(self.run_id, "completed")
         log.info("Run %s completed: final global model %s", self.run_id, fmt_model(w, b))
+
+    def _unless_stopped(self, r: int) -> None:
+        if self.stop_requested.is_set():
+            raise RunStopped("interrupted", f"stopped before round {r} (POST /runs/{self.run_id}/resume "
+                                            "continues it)")
 
     # --- before the first round --------------------------------------------
 
@@ -155,14 +192,13 @@ class Run:
         dims = set()
         for reply in replies:
             if reply.ok:
-                if isinstance(reply.body.get("client_id"), str) and reply.body["client_id"]:
-                    self.names[reply.url] = reply.body["client_id"]
-                size = reply.body.get("data_size")
-                if isinstance(size, int) and not isinstance(size, bool):
-                    self.sizes[reply.url] = size
-                if isinstance(reply.body.get("num_features"), int) and not isinstance(
-                        reply.body["num_features"], bool):
-                    dims.add(reply.body["num_features"])
+                facts = parse_health_reply(reply.body)
+                if facts["client_id"]:
+                    self.names[reply.url] = facts["client_id"]
+                if facts["data_size"]:
+                    self.sizes[reply.url] = facts["data_size"]
+                if facts["num_features"]:
+                    dims.add(facts["num_features"])
         if len(dims) > 1:
             raise RunStopped("failed", f"clients disagree on the number of features: {sorted(dims)}")
         self.num_features = dims.pop() if dims else None
@@ -217,11 +253,15 @@ class Run:
                                       if p["metrics"] and "loss_before" in p["metrics"]], "loss_before in round "
                               f"{r}'s replies")
 
+        diverged = [d["client_id"] for d in dropped if d["diverged"]]
+        if diverged:
+            # A client whose local training blew up says the lr is too large
+            # for its data; averaging on without it would only hide that.
+            self._log_partial(r, model_in, participants, dropped)
+            raise RunStopped("diverged", f"round {r}: local training diverged on {', '.join(diverged)} "
+                                         f"(lr={self.s.lr:g} is too large for its data); try a smaller lr")
         if len(participants) < self.s.min_clients:
             self._log_partial(r, model_in, participants, dropped)
-            if not participants and any(d["diverged"] for d in dropped):
-                raise RunStopped("diverged", f"round {r}: local training diverged on every client "
-                                             f"(lr={self.s.lr:g} is too large); try a smaller lr")
             missing = ", ".join(d["url"] + (f" = {d['client_id']}" if d["client_id"] != d["url"] else "")
                                 + f" ({d['reason']})" for d in dropped)
             raise RunStopped("failed", f"round {r}: {len(participants)} client(s) replied, min_clients is "
@@ -280,6 +320,9 @@ class Run:
             log.info("federated MSE of round %d's model: no client reported a loss", round_no)
             return
         loss = weighted_loss_avg(losses)
+        if not math.isfinite(loss):
+            raise RunStopped("diverged", f"the federated loss of round {round_no}'s model is no longer finite "
+                                         f"(lr={self.s.lr:g} is too large); try a smaller lr")
         self.store.set_federated_loss(self.run_id, round_no, loss)
         log.info("%s", loss_line(round_no, [n for _, n in losses], [l for l, _ in losses], loss, source))
 

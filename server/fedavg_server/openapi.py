@@ -104,6 +104,17 @@ def server_document(num_clients: int) -> dict[str, Any]:
             "requestBody": {"required": False, **json_content(ref("ResumeRequest"))},
             "responses": {**wait_replies, **ERRORS, **AUTH_ERROR, **BUSY, **NOT_FOUND},
         }},
+        "/runs/{run_id}/stop": {"post": {
+            "summary": "Stop the running run after its current round (it then reads interrupted).",
+            "security": secured, "parameters": RUN_ID,
+            "requestBody": {"required": False, **json_content({"type": "object", "additionalProperties": False})},
+            "responses": {"202": reply("stopping", {"type": "object", "required": ["run_id", "status", "url"],
+                                                    "properties": {"run_id": {"type": "integer"},
+                                                                   "status": {"type": "string", "enum": ["stopping"]},
+                                                                   "url": {"type": "string"}}}),
+                          **ERRORS, **AUTH_ERROR, **NOT_FOUND,
+                          "409": reply("the run is not running", ref("Error"))},
+        }},
         "/runs/{run_id}": {"get": {
             "summary": "One run with all its rounds (JSON), or one CSV row per round.",
             "parameters": RUN_ID + [{"name": "format", "in": "query", "required": False,

@@ -35,6 +35,11 @@ CREATE TABLE IF NOT EXISTS rounds (
 """
 
 
+# A run's row and how many rounds it has completed, without reading them.
+SUMMARY = ("SELECT runs.*, (SELECT COUNT(*) FROM rounds WHERE rounds.run_id = runs.run_id) AS rounds_completed "
+           "FROM runs")
+
+
 class RunStore:
     """One SQLite file; one connection shared under a lock (writes are one
     small row per round, so a lock costs nothing and keeps reads consistent)."""
@@ -107,20 +112,24 @@ class RunStore:
         run["rounds"] = [json.loads(r["record"]) | {"federated_loss": r["federated_loss"]} for r in rounds]
         return run
 
+    def summary(self, run_id: int) -> dict[str, Any] | None:
+        """A run without its rounds, with rounds_completed."""
+        if not 0 <= run_id < 2**63:
+            return None
+        with self._lock:
+            row = self._db.execute(SUMMARY + " WHERE run_id = ?", (run_id,)).fetchone()
+        return None if row is None else _run_json(row) | {"rounds_completed": row["rounds_completed"]}
+
     def latest(self) -> dict[str, Any] | None:
         """The newest run's summary (no rounds: /status is polled often)."""
         with self._lock:
-            row = self._db.execute(
-                "SELECT runs.*, (SELECT COUNT(*) FROM rounds WHERE rounds.run_id = runs.run_id) AS rounds_completed "
-                "FROM runs ORDER BY run_id DESC LIMIT 1").fetchone()
+            row = self._db.execute(SUMMARY + " ORDER BY run_id DESC LIMIT 1").fetchone()
         return None if row is None else _run_json(row) | {"rounds_completed": row["rounds_completed"]}
 
     def summaries(self) -> list[dict[str, Any]]:
         """Every run without its rounds, newest first."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT runs.*, (SELECT COUNT(*) FROM rounds WHERE rounds.run_id = runs.run_id) AS rounds_completed "
-                "FROM runs ORDER BY run_id DESC").fetchall()
+            rows = self._db.execute(SUMMARY + " ORDER BY run_id DESC").fetchall()
         return [_run_json(row) | {"rounds_completed": row["rounds_completed"]} for row in rows]
 
 
