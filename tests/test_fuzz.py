@@ -11,19 +11,21 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 import launcher
 from fedavg.client import create_app as create_client_app
+from fedavg.client_host import create_host_app
+from fedavg.scenarios import make_clients
 from fedavg_server import create_app as create_server_app
 
 ROOT = Path(__file__).resolve().parent.parent
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 
 
-def call_and_validate(case) -> None:
+def call_and_validate(case, **kwargs) -> None:
     """Every default check (no 5xx, status codes, content types and bodies as
     documented, invalid input rejected, 405 with Allow, …) except
     positive_data_acceptance: schema-valid input may still be refused for what
     a schema cannot say — strategy fedprox with mu = 0, min_clients beyond the
     clients that answer — or fail on the data (local training diverging, 422)."""
-    case.call_and_validate(excluded_checks=[positive_data_acceptance])
+    case.call_and_validate(excluded_checks=[positive_data_acceptance], **kwargs)
 
 
 @pytest.fixture
@@ -47,9 +49,24 @@ def server_schema(tmp_path):
         yield schemathesis.openapi.from_wsgi("/openapi.json", app)
 
 
+@pytest.fixture
+def host_schema():
+    app = create_host_app(make_clients("iid", 3, samples=5))
+    return schemathesis.openapi.from_wsgi("/openapi.json", app)
+
+
+@pytest.fixture
+def hosted_client_schema():
+    """A client on a client host, through its /clients/<k> prefix."""
+    app = create_host_app(make_clients("iid", 3, samples=5))
+    return schemathesis.openapi.from_wsgi("/clients/2/openapi.json", app)
+
+
 client = schemathesis.pytest.from_fixture("client_schema")
 wide = schemathesis.pytest.from_fixture("two_feature_client_schema")
 server = schemathesis.pytest.from_fixture("server_schema")
+host = schemathesis.pytest.from_fixture("host_schema")
+hosted = schemathesis.pytest.from_fixture("hosted_client_schema")
 
 
 @client.parametrize()
@@ -68,3 +85,15 @@ def test_multi_feature_client_conforms_to_its_openapi(case):
 @FUZZ
 def test_server_conforms_to_its_openapi(case):
     call_and_validate(case)
+
+
+@host.parametrize()
+@FUZZ
+def test_client_host_conforms_to_its_openapi(case):
+    call_and_validate(case)
+
+
+@hosted.parametrize()
+@FUZZ
+def test_a_client_on_a_host_conforms_to_its_openapi(case):
+    call_and_validate(case, base_url="http://localhost/clients/2")

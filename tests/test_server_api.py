@@ -384,7 +384,7 @@ def test_server_routing_errors_are_json(server):
     assert r.status_code == 405 and r.is_json and "POST" in r.headers["Allow"]
     r = server.get("/nowhere")
     assert r.status_code == 404 and r.is_json
-    r = server.post("/start", data="{" + " " * (64 * 1024) + "}", content_type="application/json")
+    r = server.post("/start", data="{" + " " * (1024 * 1024) + "}", content_type="application/json")
     assert r.status_code == 413 and r.is_json
 
 

@@ -10,6 +10,7 @@ from flask import Flask
 from werkzeug.exceptions import NotFound
 
 from .client import LocalClient, client_blueprint
+from .openapi import host_document
 from .service import install_json_errors
 
 
@@ -32,6 +33,10 @@ def create_host_app(clients: Sequence[LocalClient], token: str | None = None,
     def health():
         return {"status": "ok", "clients": len(clients), "scenario": description,
                 "data_size": sum(len(c.y) for c in clients)}
+
+    @app.get("/openapi.json")
+    def openapi():
+        return host_document(len(clients))
 
     @app.get("/clients")
     def urls():

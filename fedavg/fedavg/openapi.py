@@ -127,3 +127,22 @@ def client_document(num_features: int) -> dict[str, Any]:
     }
     schemas["TrainRequest"] = train_in
     return document("Raw FedAvg client", paths, schemas)
+
+
+def host_document(num_clients: int) -> dict[str, Any]:
+    """A client host's own endpoints; each client under /clients/<k> serves
+    its own document at /clients/<k>/openapi.json."""
+    paths = {
+        "/health": {"get": {"summary": "Liveness and the number of clients here.", "responses": {"200": reply(
+            "ok", {"type": "object", "required": ["status", "clients", "scenario", "data_size"],
+                   "properties": {"status": {"type": "string", "enum": ["ok"]},
+                                  "clients": {"type": "integer", "minimum": 1, "maximum": num_clients},
+                                  "scenario": {"type": "string"},
+                                  "data_size": {"type": "integer", "minimum": 1}}})}}},
+        "/clients": {"get": {"summary": "The path of every client on this host.", "responses": {"200": reply(
+            "the paths", {"type": "object", "required": ["clients"],
+                          "properties": {"clients": {"type": "array", "items": {"type": "string"}}}})}}},
+        "/openapi.json": {"get": {"summary": "This document.",
+                                  "responses": {"200": reply("OpenAPI 3 document", {"type": "object"})}}},
+    }
+    return document("Raw FedAvg client host", paths, {"Error": SCHEMAS["Error"]})

@@ -44,7 +44,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         CLIENTS=client_urls(os.environ.get("FEDAVG_CLIENTS")),
         # The run history lives in the instance folder (server/instance/), kept out of git.
         DATABASE=os.environ.get("FEDAVG_DB") or os.path.join(app.instance_path, "fedavg.db"),
-        TOKEN=shared_token(), MAX_PARALLEL=default_max_parallel(), MAX_CONTENT_LENGTH=64 * 1024)
+        # 1 MiB: room for an init of MAX_FEATURES weights, and no more.
+        TOKEN=shared_token(), MAX_PARALLEL=default_max_parallel(), MAX_CONTENT_LENGTH=1024 * 1024)
     if config is not None:
         app.config.from_mapping(config)
     pool = ClientPool(app.config["CLIENTS"], app.config["MAX_PARALLEL"])
