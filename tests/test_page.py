@@ -281,3 +281,24 @@ def test_the_page_writes_numbers_exactly_as_the_log_does(page: Page):
     values += [rng.uniform(-1, 1) * 10 ** rng.uniform(-12, 12) for _ in range(2_000)]
     values += [rng.randrange(1, 2 ** 20) / 2 ** rng.randrange(1, 30) for _ in range(500)]  # dyadic: exact ties
     assert page.evaluate("xs => xs.map(x => window.fedavgFmt(x))", values) == [fmt(v) for v in values]
+
+
+def test_a_run_can_be_stopped_and_resumed_from_the_page(page: Page, federation):
+    url, _ = federation
+    page.fill("#f-rounds", "40")
+    page.fill("#f-pace_s", "0.1")
+    page.click("#start-button")
+    wait_status(page, "running", 5_000)
+    run_id = int(page.input_value("#run-select"))
+    assert page.is_hidden("#run-resume")
+    page.wait_for_function("document.querySelectorAll('#rounds tbody tr').length >= 2")
+    page.click("#run-stop")
+    wait_status(page, "interrupted")
+    assert page.is_hidden("#run-stop") and page.is_visible("#run-resume")
+    stopped = get_json(f"{url}/runs/{run_id}")
+    assert stopped["status"] == "interrupted" and len(stopped["rounds"]) < 40
+    assert text(page, "#progress-text") == f"{len(stopped['rounds'])} / 40 rounds"
+    page.click("#run-resume")
+    wait_status(page, "completed", 30_000)
+    assert text(page, "#progress-text") == "40 / 40 rounds"
+    assert get_json(f"{url}/runs/{run_id}")["status"] == "completed"

@@ -227,6 +227,36 @@ function showRunStatus() {
   progress.value = done;
   $("#progress-text").textContent = `${done} / ${planned} rounds`;
   $("#run-error").textContent = run.error ? `Run ${run.status}: ${run.error}` : "";
+  // A running run can be stopped after its round; an interrupted or failed
+  // one resumed from its last completed round.
+  $("#run-stop").hidden = run.status !== "running";
+  $("#run-resume").hidden = !["interrupted", "failed"].includes(run.status);
+}
+
+function authHeaders() {
+  const headers = { "Content-Type": "application/json" };
+  const token = $("#start-form").elements.namedItem("token");
+  if (token && token.value) headers.Authorization = `Bearer ${token.value}`;
+  return headers;
+}
+
+// POST /runs/<id>/stop or /resume for the selected run, then show it again.
+async function runAction(action) {
+  const run = state.run;
+  if (!run) return;
+  $("#run-error").textContent = "";
+  const body = action === "resume" ? JSON.stringify({ wait: false }) : "{}";
+  try {
+    const resp = await getJSON(`/runs/${run.run_id}/${action}`, { method: "POST", headers: authHeaders(), body });
+    if (!resp.ok) {
+      $("#run-error").textContent = resp.body && resp.body.error ? resp.body.error : `HTTP ${resp.status}`;
+      return;
+    }
+    if (action === "resume") state.knownRunning = run.run_id;
+    await selectRun(run.run_id);
+  } catch (e) {
+    $("#run-error").textContent = `The server did not answer: ${e.message}`;
+  }
 }
 
 // --- the table of all rounds ----------------------------------------------------
@@ -453,9 +483,7 @@ async function submitStart(event) {
   clearErrors(form);
   const { body, error } = startBody(form);
   if (error) { showFieldError(form, ...error); return; }
-  const headers = { "Content-Type": "application/json" };
-  const token = form.elements.namedItem("token");
-  if (token && token.value) headers.Authorization = `Bearer ${token.value}`;
+  const headers = authHeaders();
   const button = $("#start-button");
   button.disabled = true;
   try {
@@ -528,6 +556,8 @@ function setUp() {
     e.target.removeAttribute("aria-invalid");
   });
   $("#clients-refresh").addEventListener("click", loadClients);
+  $("#run-stop").addEventListener("click", () => runAction("stop"));
+  $("#run-resume").addEventListener("click", () => runAction("resume"));
   $("#run-select").addEventListener("change", (e) => { if (e.target.value) selectRun(Number(e.target.value)); });
   $("#rounds tbody").addEventListener("click", (e) => {
     const button = e.target.closest("button[data-round]");
