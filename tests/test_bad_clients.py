@@ -166,3 +166,28 @@ def test_a_reply_that_trickles_in_is_cut_off_at_the_timeout(good_client, tmp_pat
         release.set()
         fake.close()
         release.clear()
+
+
+def test_a_round_with_more_hung_clients_than_connections_still_ends_at_the_timeout(good_client, tmp_path):
+    """max_parallel=2 and eight hung clients: the round ends at its deadline,
+    not after every batch has waited; clients never reached by then say so."""
+    fakes = [Served(fake_client("hang")) for _ in range(8)]
+    try:
+        urls = [good_client.url] + [f.url for f in fakes]
+        server = create_server_app({"CLIENTS": urls, "DATABASE": str(tmp_path / "runs.db"), "MAX_PARALLEL": 2})
+        started = time.monotonic()
+        run = server.test_client().post("/start", json={"rounds": 1, "client_timeout_s": 0.5}).get_json()
+        elapsed = time.monotonic() - started
+        assert run["status"] == "completed", run["error"]
+        [record] = run["rounds"]
+        assert [p["client_id"] for p in record["participants"]] == ["client_1"]
+        reasons = [d["reason"] for d in record["dropped"]]
+        assert len(reasons) == 8
+        assert any(r == "no reply within 0.5 s" for r in reasons)
+        assert any(r.startswith("not called within 0.5 s") and "--max-parallel" in r for r in reasons)
+        assert elapsed < 3 * (0.5 + 0.2 + 0.5) + 1  # probe, round, final evaluation: each bounded once
+    finally:
+        release.set()
+        for f in fakes:
+            f.close()
+        release.clear()

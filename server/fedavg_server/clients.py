@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,8 +67,13 @@ class ClientPool:
             return self.call(url, method, path, timeout_s, None if body_for is None else body_for(url))
         futures = [self.executor.submit(one, url) for url in urls]
         wait(futures, timeout=timeout_s + RETRY_BACKOFF_S + DEADLINE_SLACK_S)
-        return [f.result() if f.done() else Reply(url, reason=f"no reply within {timeout_s:g} s")
-                for f, url in zip(futures, urls)]
+        return [f.result() if f.done() else self._given_up(f, url, timeout_s) for f, url in zip(futures, urls)]
+
+    def _given_up(self, future: Future, url: str, timeout_s: float) -> Reply:
+        if future.cancel():  # still queued behind slow clients: never called
+            return Reply(url, reason=f"not called within {timeout_s:g} s: {self.max_parallel} slower calls "
+                                     "held every connection (raise --max-parallel)")
+        return Reply(url, reason=f"no reply within {timeout_s:g} s")
 
     def call(self, url: str, method: str, path: str, timeout_s: float, body: Any = None) -> Reply:
         """One call, retried once after a short pause if the connection fails
