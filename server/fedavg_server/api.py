@@ -39,13 +39,7 @@ def start():
         if dims and dims != {d}:
             raise ProtocolError(f"init.w: has {d} weight(s), the clients' data has "
                                 f"{' or '.join(map(str, sorted(dims)))} feature(s)")
-    try:
-        run_id = fed.start(settings)
-    except Busy as busy:
-        return {"error": str(busy), "run_id": busy.run_id, "url": f"/runs/{busy.run_id}"}, 409
-    if not wait:
-        return {"run_id": run_id, "status": "running", "url": f"/runs/{run_id}"}, 202
-    return _finished(fed, run_id)
+    return _launched(fed, fed.start(settings), wait)
 
 
 @bp.post("/runs/<int:run_id>/resume")
@@ -62,11 +56,7 @@ def resume(run_id: int):
         return {"error": f"no run {run_id}"}, 404
     except CannotResume as e:
         return {"error": str(e), "run_id": run_id}, 409
-    except Busy as busy:
-        return {"error": str(busy), "run_id": busy.run_id, "url": f"/runs/{busy.run_id}"}, 409
-    if not wait:
-        return {"run_id": run_id, "status": "running", "url": f"/runs/{run_id}"}, 202
-    return _finished(fed, run_id)
+    return _launched(fed, run_id, wait)
 
 
 @bp.post("/runs/<int:run_id>/stop")
@@ -85,8 +75,17 @@ def stop(run_id: int):
     return {"error": f"run {run_id} is {found['status']}, not running", "run_id": run_id}, 409
 
 
-def _finished(fed: Federation, run_id: int) -> dict[str, Any]:
-    """Wait for the run to end; its record, with a one-line message first."""
+@bp.errorhandler(Busy)
+def busy(e: Busy):
+    """/start or /resume while a run runs: 409 naming the running run."""
+    return {"error": str(e), "run_id": e.run_id, "url": f"/runs/{e.run_id}"}, 409
+
+
+def _launched(fed: Federation, run_id: int, wait: bool):
+    """What /start and /resume answer: 202 at once, or the run once it ended,
+    with a one-line message first."""
+    if not wait:
+        return {"run_id": run_id, "status": "running", "url": f"/runs/{run_id}"}, 202
     fed.wait(run_id)
     run = fed.store.get(run_id)
     message = {"completed": f"FedAvg finished {len(run['rounds'])} round(s)."}.get(
