@@ -7,7 +7,12 @@ TOOLS := $(CURDIR)/.tools
 POETRY ?= $(or $(shell command -v poetry 2>/dev/null),$(TOOLS)/poetry/bin/poetry)
 export POETRY
 
-.PHONY: install run-all demo sim bench test clean
+# The browser the page tests drive (tests/test_page.py reads CHROMIUM too):
+# `make test CHROMIUM=/path/to/chromium` uses another one.
+CHROMIUM ?= /usr/bin/chromium
+export CHROMIUM
+
+.PHONY: install run-all demo sim bench browser test clean
 K ?= 50
 ROUNDS ?= 20
 
@@ -41,7 +46,13 @@ sim: install
 bench: install .venv/.installed
 	.venv/bin/python scripts/bench.py $(ARGS)
 
-test: install .venv/.installed
+# Installs Chromium when missing and it can (root with apt-get); otherwise
+# stops at once with the command to run. .ci/run relies on this step too.
+browser:
+	@scripts/ensure_browser.sh
+
+# browser first: on a machine without it, fail before minutes of installing.
+test: browser install .venv/.installed
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
 
 clean:

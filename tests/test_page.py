@@ -26,7 +26,6 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import launcher  # noqa: E402
 from fedavg.aggregation import explain_average, fmt  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"  # Debian's package; .ci/run installs it when missing
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 ROUNDS = 5
@@ -65,9 +64,13 @@ def federation(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    assert Path(CHROMIUM).exists(), "the page test needs Debian's chromium: apt-get install -y chromium (.ci/run does)"
+    # `make test` sets CHROMIUM (its one default, Debian's /usr/bin/chromium)
+    # and installs the browser first (`make browser`), or says how to.
+    chromium = os.environ.get("CHROMIUM")
+    assert chromium, "run the page tests with `make test`: it sets CHROMIUM and installs Chromium when missing"
+    assert Path(chromium).exists(), f"no browser at CHROMIUM={chromium}: `make browser` installs Debian's chromium"
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         yield b
         b.close()
 
