@@ -114,3 +114,25 @@ def test_make_browser_as_root_installs_chromium_with_apt_get_and_no_prompt(copy)
     assert browser.exists()
     assert "installing Chromium" in done.stdout
 
+
+def test_readme_poetry_fallback_works_in_every_app_folder():
+    """The README's advice for a machine without Poetry, run as written:
+    `make install`, its `export PATH=…` line from the repository root, then
+    `poetry` inside each app folder (the old advice, the relative
+    .tools/poetry/bin/poetry, failed there with "No such file or directory")."""
+    readme = (ROOT / "README.md").read_text()
+    lines = [line for line in readme.splitlines() if line.startswith("export PATH=") and ".tools/poetry" in line]
+    assert len(lines) == 1, lines
+    apps = ("client_1", "client_2", "server", "client_host")
+    script = "\n".join([
+        "set -e",
+        "make install >/dev/null",
+        lines[0],
+        *(f'(cd {app} && echo "{app}: $(command -v poetry)" && poetry --version)' for app in apps),
+    ])
+    done = subprocess.run(["bash", "-c", script], cwd=ROOT, env=fresh_env(), capture_output=True, text=True,
+                          timeout=600)  # make install bootstraps Poetry if this machine had it on PATH
+    assert done.returncode == 0, done.stderr
+    for app in apps:
+        assert f"{app}: {ROOT}/.tools/poetry/bin/poetry\n" in done.stdout
+    assert done.stdout.count("Poetry (version 2.") == len(apps), done.stdout
