@@ -12,7 +12,7 @@ export POETRY
 CHROMIUM ?= /usr/bin/chromium
 export CHROMIUM
 
-.PHONY: install run-all demo sim bench browser test clean
+.PHONY: install run-all demo sim bench compare browser test clean
 K ?= 50
 ROUNDS ?= 20
 
@@ -45,6 +45,18 @@ sim: install
 # table and writes bench/results.json. `make bench ARGS=--quick` for a quick look.
 bench: install .venv/.installed
 	.venv/bin/python scripts/bench.py $(ARGS)
+
+# Each strategy on one federation, against the pooled optimum: a table, and
+# compare.json/.png/.svg in OUT. Root environment: it needs scikit-learn for
+# SCENARIO=diabetes. ROUNDS and CLIENTS are passed only when given (ROUNDS
+# above defaults to 20 for sim; compare's own default is 200 rounds).
+SCENARIO ?= seed
+STRATEGIES ?= fedavg fedsgd fedprox scaffold fedavgm fedadam fedyogi fedadagrad fednova exact
+OUT ?= compare-out
+compare: install .venv/.installed
+	.venv/bin/python scripts/compare.py --scenario $(SCENARIO) --strategies "$(STRATEGIES)" --out "$(OUT)" \
+		$(if $(filter command line environment,$(origin ROUNDS)),--rounds $(ROUNDS)) \
+		$(if $(CLIENTS),--clients $(CLIENTS)) $(COMPARE_ARGS)
 
 # Installs Chromium when missing and it can (root with apt-get); otherwise
 # stops at once with the command to run. .ci/run relies on this step too.

@@ -1,0 +1,296 @@
+"""make compare: run each strategy on the same federation and measure how
+close it gets to the pooled least-squares optimum θ*.
+
+A client host serves the scenario's clients and a server is pointed at all
+of them (the apps started as the README starts them, on free ports, history
+in a temporary file). Each strategy is one ``POST /start`` with the same
+rounds, seed, lr and local epochs. This tool is a simulation that knows the
+clients' data: it builds the same scenario in-process to compute θ* and
+where FedAvg is predicted to stop (fedavg/theory.py). FedAvg never sees it.
+
+Writes compare.json (every round's distance and loss, the settings, θ*, the
+prediction) and compare.png / compare.svg (‖θ_t − θ*‖ per round, log scale)
+to --out, prints a table and the paths. Exit 1 if no strategy ran, 2 for a
+usage error.
+
+Runs in the root environment (NumPy, matplotlib, scikit-learn for the
+diabetes scenario), from any directory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter, MaxNLocator
+
+from fedavg import theory
+from fedavg.scenarios import DIABETES_LR, SCENARIOS, make_clients
+from launcher import get_json, free_port, post_json, start_app, stop, wait_healthy
+
+ALL_STRATEGIES = ("fedavg", "fedsgd", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
+                  "fednova", "exact")
+DEFAULT_CLIENTS = {"seed": 2, "diabetes": 4}  # any other scenario: 10
+DEFAULT_LR = {"diabetes": DIABETES_LR}  # any other scenario: the server's 0.01
+# log scale: a distance of exactly 0 (or below double precision around θ*'s
+# size) is drawn at this floor instead of falling off the chart
+FLOOR = 1e-16
+MARKERS = "osD^vxP*<>"
+
+
+def parse_param(text: str) -> tuple[str | None, str, Any]:
+    """'name=value' (every strategy) or 'strategy.name=value' (that one only)
+    → (strategy or None, name, value); the value as JSON if it parses (a
+    number, true, null), else as the string given."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--param wants NAME=VALUE or STRATEGY.NAME=VALUE, got {text!r}")
+    strategy, _, name = key.rpartition(".")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return strategy or None, name, value
+
+
+def theta_of(model: dict[str, Any]) -> np.ndarray:
+    """A wire model {"w": number or list, "b"} → θ = [w_1 … w_d, b]."""
+    return np.append(np.atleast_1d(np.asarray(model["w"], dtype=float)), float(model["b"]))
+
+
+def distance(model: dict[str, Any], optimum: np.ndarray) -> float | None:
+    """‖θ − θ*‖; None when it is not a finite number (a model that grew past
+    what a double holds), which JSON could not carry."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        d = float(np.linalg.norm(theta_of(model) - optimum))
+    return d if math.isfinite(d) else None
+
+
+def settled_at(distances: list[float | None], tol: float) -> int | None:
+    """The first round from which ‖θ_t − θ*‖ ≤ tol holds to the end of the
+    run (a strategy that passes through θ* and leaves it has not got there);
+    None if the last round is still farther."""
+    found = None
+    for t, d in enumerate(distances, start=1):
+        if d is not None and d <= tol:
+            found = found or t
+        else:
+            found = None
+    return found
+
+
+def run_strategy(server_url: str, name: str, body: dict[str, Any], optimum: np.ndarray, tol: float,
+                 timeout_s: float) -> dict[str, Any]:
+    """One POST /start (waiting for the run to end) → its row of the result."""
+    t0 = time.perf_counter()
+    try:
+        status, run = post_json(server_url + "/start", {**body, "strategy": name}, timeout_s=timeout_s)
+    except (OSError, ValueError) as e:  # no answer in time, connection lost, a reply that is not JSON
+        return {"strategy": name, "ok": False, "error": f"no usable reply: {e}", "wall_s": time.perf_counter() - t0}
+    wall = time.perf_counter() - t0
+    if status != 200:
+        return {"strategy": name, "ok": False, "http_status": status, "wall_s": wall,
+                "error": f"refused (HTTP {status}): {run.get('error', run)}"}
+    rounds = run.get("rounds") or []
+    distances = [distance(r["global_model"], optimum) for r in rounds]
+    losses = [r.get("federated_loss") for r in rounds]
+    final = run.get("final_model") or (rounds[-1]["global_model"] if rounds else None)
+    return {
+        "strategy": name, "ok": run.get("status") == "completed", "status": run.get("status"),
+        "error": run.get("error"), "run_id": run.get("run_id"), "wall_s": wall,
+        "rounds_done": len(rounds), "final_model": final,
+        "final_distance": distance(final, optimum) if final else None,
+        "final_loss": losses[-1] if losses else None,
+        "rounds_to_tol": settled_at(distances, tol),
+        "distances": distances, "losses": losses,
+        "round_durations_s": [r.get("duration_s") for r in rounds],
+    }
+
+
+def predict_fedavg(data: list[tuple[np.ndarray, np.ndarray]], lr: float, epochs: int,
+                   optimum: np.ndarray) -> dict[str, Any]:
+    """Where FedAvg (full participation, full-batch local GD) stops, its
+    distance to θ*, and the round map's contraction ρ; or why it has no
+    fixed point at this lr."""
+    M, _ = theory.fedavg_round_map(data, lr, epochs)
+    out: dict[str, Any] = {"spectral_radius": theory.spectral_radius(M), "lr": lr, "local_epochs": epochs}
+    try:
+        point = theory.fedavg_fixed_point(data, lr, epochs)
+    except ValueError as e:
+        return {**out, "theta": None, "distance": None, "error": str(e)}
+    return {**out, "theta": point.tolist(), "distance": float(np.linalg.norm(point - optimum)), "error": None}
+
+
+def fmt_model(model: dict[str, Any] | None) -> str:
+    if model is None:
+        return "-"
+    w = np.atleast_1d(np.asarray(model["w"], dtype=float))
+    if len(w) == 1:
+        return f"y = {w[0]:.6f}·x + {model['b']:.6f}"
+    shown = ", ".join(f"{v:.4f}" for v in w[:3]) + (f", … ({len(w)})" if len(w) > 3 else "")
+    return f"w = [{shown}], b = {model['b']:.4f}"
+
+
+def fmt_num(value: float | None, spec: str = ".3e") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(results: list[dict[str, Any]], tol: float) -> str:
+    head = (f"{'strategy':<11} {'final model':<44} {'‖θ_T − θ*‖':>11} {'final loss':>11} "
+            f"{f'rounds ≤ {tol:g}':>13} {'wall s':>8}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        if "final_model" not in r:  # refused, or no reply: the reason is the whole row
+            lines.append(f"{r['strategy']:<11} {r['error']}")
+            continue
+        reached = r["rounds_to_tol"]
+        lines.append(f"{r['strategy']:<11} {fmt_model(r['final_model']):<44} {fmt_num(r['final_distance']):>11} "
+                     f"{fmt_num(r['final_loss'], '.6g'):>11} {reached if reached else 'never':>13} "
+                     f"{r['wall_s']:>8.2f}")
+        if not r["ok"]:
+            lines.append(f"{'':<11} run {r['status']}: {r['error']}")
+    return "\n".join(lines)
+
+
+def chart(results: list[dict[str, Any]], prediction: dict[str, Any], title: str) -> Figure:
+    """‖θ_t − θ*‖ per round on a log scale, one line per strategy that ran,
+    FedAvg's predicted stopping distance ‖θ_FedAvg − θ*‖ as a dashed level.
+    In the SVG each line is the group ``strategy-<name>`` and its legend
+    entry ``legend-strategy-<name>``."""
+    fig = Figure(figsize=(7.0, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)  # the Agg canvas: no GUI backend, no pyplot (as server/fedavg_server/plots.py)
+    ax = fig.subplots()
+    ran = [r for r in results if r.get("distances")]
+    for k, r in enumerate(ran):
+        ys = np.maximum(np.array(r["distances"], dtype=float), FLOOR)  # None (not finite) → NaN: a gap
+        xs = np.arange(1, len(ys) + 1)
+        # Strategies that agree draw on top of each other: a marker of its
+        # own every few rounds, staggered, keeps each one visible.
+        every = max(1, len(ys) // 10)
+        ax.plot(xs, ys, color=f"C{k % 10}", linewidth=1.5, marker=MARKERS[k % len(MARKERS)], markersize=5,
+                markevery=(k * every // max(len(ran), 1), every), gid=f"strategy-{r['strategy']}",
+                label=r["strategy"] + ("" if r["ok"] else f" ({r['status']})"))
+    if prediction["distance"] is not None:
+        ax.axhline(max(prediction["distance"], FLOOR), color="black", linestyle="--", linewidth=1,
+                   gid="fedavg-fixed-point",
+                   label=f"FedAvg's predicted stop (lr={prediction['lr']:g}, E={prediction['local_epochs']})")
+    ax.set_yscale("log")
+    # Plain numbers (2, 0.5, 1e-05) rather than 2×10⁰ when the range spans less than a decade.
+    ax.yaxis.set_major_formatter(LogFormatter())
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+    ax.set_xlabel("round")
+    ax.set_ylabel(r"$\|\theta_t - \theta^*\|$, $\theta^*$ = pooled least squares")
+    ax.set_title(title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, which="both", alpha=0.3)
+    handles, _ = ax.get_legend_handles_labels()
+    if handles:
+        legend = ax.legend(loc="best", fontsize=8)
+        for handle, entry in zip(handles, legend.get_lines()):
+            entry.set_gid(f"legend-{handle.get_gid()}")
+    return fig
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", choices=SCENARIOS, default="seed")
+    parser.add_argument("--strategies", default=" ".join(ALL_STRATEGIES),
+                        help="space- or comma-separated (default: all ten)")
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--clients", "-k", type=int, help="K (default 2 for seed, 4 for diabetes, else 10)")
+    parser.add_argument("--seed", type=int, default=0, help="the scenario's seed and every run's seed")
+    parser.add_argument("--samples", type=int, default=20, help="n_k per client (generated scenarios)")
+    parser.add_argument("--csv", help="for --scenario csv: the CSV to split among the clients")
+    parser.add_argument("--lr", type=float, help=f"default {DIABETES_LR} for diabetes, else 0.01")
+    parser.add_argument("--local-epochs", type=int, default=10)
+    parser.add_argument("--param", action="append", default=[], type=parse_param, metavar="[STRATEGY.]NAME=VALUE",
+                        help="another /start field, for every strategy or only STRATEGY's (repeatable)")
+    parser.add_argument("--tol", type=float, default=1e-3, help="'rounds ≤ tol' column (default 1e-3)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds one run may take (default 3600)")
+    parser.add_argument("--out", default="compare-out", help="output directory (default ./compare-out)")
+    args = parser.parse_args()
+    strategies = [s for s in args.strategies.replace(",", " ").split() if s]
+    k = args.clients or DEFAULT_CLIENTS.get(args.scenario, 10)
+    lr = args.lr if args.lr is not None else DEFAULT_LR.get(args.scenario, 0.01)
+    if not strategies:
+        parser.error("--strategies: name at least one")
+    if args.rounds < 1 or args.local_epochs < 1 or lr <= 0 or args.tol <= 0:
+        parser.error("--rounds and --local-epochs must be >= 1, --lr and --tol > 0")
+    try:  # the same clients the host will serve: same name, K, seed, samples
+        clients = make_clients(args.scenario, k, args.seed, args.samples, args.csv)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+    data = [(c.X, c.y) for c in clients]
+    optimum = theory.pooled_optimum(data)
+    prediction = predict_fedavg(data, lr, args.local_epochs, optimum)
+
+    base = {"rounds": args.rounds, "seed": args.seed, "lr": lr, "local_epochs": args.local_epochs}
+    shared = {name: value for who, name, value in args.param if who is None}
+    host_args = ["--scenario", args.scenario, "--clients", str(k), "--seed", str(args.seed),
+                 "--samples", str(args.samples), *(["--csv", str(Path(args.csv).resolve())] if args.csv else [])]
+    out = Path(args.out)
+    apps, results = [], []
+    history = tempfile.TemporaryDirectory(prefix="fedavg-compare-")
+    try:
+        print(f"compare: {args.scenario}, K={k}, {args.rounds} rounds, lr={lr:g}, E={args.local_epochs}; "
+              f"starting a client host and a server …", flush=True)
+        host = start_app("client_host", free_port(), host_args)
+        apps.append(host)
+        wait_healthy([host])
+        urls = [host.url + path for path in get_json(host.url + "/clients")["clients"]]
+        server = start_app("server", free_port(), ["--clients", ",".join(urls), "--db", f"{history.name}/runs.db"])
+        apps.append(server)
+        wait_healthy([server])
+        for name in strategies:
+            own = {n: v for who, n, v in args.param if who == name}
+            result = run_strategy(server.url, name, {**base, **shared, **own}, optimum, args.tol, args.timeout)
+            results.append(result)
+            state = (f"{result['status']}, ‖θ_T − θ*‖ = {fmt_num(result['final_distance'])}"
+                     if "final_model" in result else result["error"])
+            print(f"compare: {name}: {state} ({result['wall_s']:.2f} s)", flush=True)
+    except RuntimeError as e:  # an app did not start
+        print(f"compare: {e}", file=sys.stderr)
+        return 1
+    finally:
+        stop(apps)
+        history.cleanup()
+
+    print()
+    print(table(results, args.tol))
+    print(f"\npooled optimum θ* = {np.array2string(optimum, precision=6)}")
+    if prediction["theta"] is not None:
+        print(f"FedAvg's predicted stop (full participation, lr={lr:g}, E={args.local_epochs}): "
+              f"{np.array2string(np.array(prediction['theta']), precision=6)}, "
+              f"‖θ_FedAvg − θ*‖ = {prediction['distance']:.3e}, ρ = {prediction['spectral_radius']:.6f} a round")
+    else:
+        print(f"FedAvg's predicted stop: none — {prediction['error']}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "settings": {"scenario": args.scenario, "clients": k, "seed": args.seed, "samples": args.samples,
+                     "csv": args.csv, "rounds": args.rounds, "lr": lr, "local_epochs": args.local_epochs,
+                     "params": [{"strategy": who, "name": n, "value": v} for who, n, v in args.param],
+                     "strategies": strategies, "tol": args.tol},
+        "pooled_optimum": optimum.tolist(),
+        "fedavg_fixed_point": prediction,
+        "results": results,
+    }
+    paths = [out / "compare.json", out / "compare.png", out / "compare.svg"]
+    paths[0].write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+    fig = chart(results, prediction, f"{args.scenario}, K={k}: distance to the pooled optimum")
+    fig.savefig(paths[1], dpi=150)
+    fig.savefig(paths[2], metadata={"Date": None})  # no date: the same results give the same bytes
+    print("\ncompare: wrote " + ", ".join(str(p) for p in paths))
+    return 0 if any(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
