@@ -1,0 +1,165 @@
+"""make compare: each strategy run over real HTTP (a client host and a server
+started by scripts/launcher.py), measured against the pooled optimum; its
+numbers checked against references written here and in tests/reference.py."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from reference import local_gd, reference_fedavg
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED_DATA = [[(1.0, 3.0), (2.0, 5.0)], [(3.0, 4.0), (4.0, 5.0)]]
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def run_compare(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
+    """scripts/compare.py as `make compare` runs it: the root environment's python."""
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "compare.py"), *args],
+                          capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+
+
+def pooled_seed_line() -> tuple[float, float]:
+    """Least squares on the four seed points: slope = cov(x, y)/var(x)."""
+    points = [p for c in SEED_DATA for p in c]
+    mx = sum(x for x, _ in points) / len(points)
+    my = sum(y for _, y in points) / len(points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return slope, my - slope * mx
+
+
+def reference_fedprox(rounds: int, mu: float, lr: float = 0.01, epochs: int = 10) -> list[tuple[float, float]]:
+    """FedProx the plain way: local GD on L_k + mu/2·‖θ − θ_global‖² (its
+    gradient adds mu·(θ − θ_global)), then the n_k-weighted average."""
+    w, b, history = 0.0, 0.0, []
+    for _ in range(rounds):
+        total = sum(len(d) for d in SEED_DATA)
+        new_w = new_b = 0.0
+        for data in SEED_DATA:
+            lw, lb = w, b
+            for _ in range(epochs):
+                dw = sum(2 / len(data) * (lw * x + lb - y) * x for x, y in data) + mu * (lw - w)
+                db = sum(2 / len(data) * (lw * x + lb - y) for x, y in data) + mu * (lb - b)
+                lw, lb = lw - lr * dw, lb - lr * db
+            new_w += len(data) / total * lw
+            new_b += len(data) / total * lb
+        w, b = new_w, new_b
+        history.append((w, b))
+    return history
+
+
+def svg_ids(path: Path) -> set[str]:
+    return {el.get("id") for el in ET.parse(path).getroot().iter() if el.get("id")}
+
+
+def test_make_compare_on_the_seed_measures_each_strategy_and_reports_a_refused_one(tmp_path):
+    out = tmp_path / "out"
+    # the unknown strategy sits between the two real ones: the second must still run
+    proc = subprocess.run(["make", "--no-print-directory", "compare", "SCENARIO=seed",
+                           "STRATEGIES=fedavg nosuch fedprox", "ROUNDS=200", f"OUT={out}",
+                           "COMPARE_ARGS=--param fedprox.mu=0.5"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MAKEFLAGS": ""})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    refused = next(line for line in lines if line.startswith("nosuch "))
+    assert "refused (HTTP 400)" in refused and "unknown strategy 'nosuch'" in refused
+    for name in ("fedavg", "fedprox"):
+        assert any(line.startswith(f"compare: {name}: completed") for line in lines), proc.stdout
+    assert f"wrote {out / 'compare.json'}, {out / 'compare.png'}, {out / 'compare.svg'}" in proc.stdout
+
+    report = json.loads((out / "compare.json").read_text())
+    optimum = pooled_seed_line()
+    assert report["pooled_optimum"] == pytest.approx(list(optimum), abs=1e-12)
+    assert report["settings"]["rounds"] == 200 and report["settings"]["lr"] == 0.01
+    predicted = report["fedavg_fixed_point"]
+    assert predicted["theta"] == pytest.approx([0.678506, 2.657290], abs=1e-6)  # the issue's numbers
+    assert predicted["distance"] == pytest.approx(math.dist(predicted["theta"], optimum), abs=1e-12)
+
+    fedavg, nosuch, fedprox = report["results"]
+    assert (nosuch["strategy"], nosuch["ok"], nosuch["http_status"]) == ("nosuch", False, 400)
+    for result, history in ((fedavg, reference_fedavg(SEED_DATA, rounds=200)),
+                            (fedprox, reference_fedprox(200, mu=0.5))):
+        assert result["ok"] and result["status"] == "completed" and result["rounds_done"] == 200
+        final = result["final_model"]
+        assert (final["w"], final["b"]) == pytest.approx(history[-1], abs=1e-9)
+        # the distance column: ‖θ_t − (0.5, 3)‖ of every round's model
+        assert result["distances"] == pytest.approx([math.dist(t, optimum) for t in history], abs=1e-9)
+        assert result["final_distance"] == pytest.approx(math.dist(history[-1], optimum), abs=1e-9)
+        assert result["rounds_to_tol"] is None  # neither gets within 1e-3: they stop short
+        assert result["final_loss"] > 0 and result["wall_s"] > 0
+        row = next(line for line in lines if line.startswith(result["strategy"] + " "))
+        assert f"{result['final_distance']:.3e}" in row and "never" in row
+    # FedAvg approaches its predicted stop from above and never passes it
+    assert min(fedavg["distances"]) > predicted["distance"]
+    # The proximal term changes the path measurably (mu = 0.5 reached the server)
+    assert abs(fedprox["final_model"]["w"] - fedavg["final_model"]["w"]) > 1e-4
+
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ids = svg_ids(out / "compare.svg")
+    assert {i for i in ids if i.startswith("strategy-")} == {"strategy-fedavg", "strategy-fedprox"}
+    assert {i for i in ids if i.startswith("legend-")} == {
+        "legend-strategy-fedavg", "legend-strategy-fedprox", "legend-fedavg-fixed-point"}
+    assert "fedavg-fixed-point" in ids
+
+
+def test_compare_on_diabetes_matches_a_numpy_fedavg_on_the_same_patients(tmp_path):
+    from sklearn.datasets import load_diabetes
+    proc = run_compare("--scenario", "diabetes", "--strategies", "fedavg", "--rounds", "40", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "compare.json").read_text())
+    assert report["settings"]["clients"] == 4 and report["settings"]["lr"] == 0.1
+
+    # θ*: lstsq on all 442 patients, z-scored here as the scenario's docstring says
+    X, y = load_diabetes(return_X_y=True, scaled=False)
+    Z, t = (X - X.mean(0)) / X.std(0), (y - y.mean()) / y.std()
+    rows = np.column_stack([Z, np.ones(len(t))])
+    expected, *_ = np.linalg.lstsq(rows, t, rcond=None)
+    np.testing.assert_allclose(report["pooled_optimum"], expected, atol=1e-10)
+
+    # FedAvg by hand on the clients the host served (their split is tested in test_theory.py)
+    from fedavg.scenarios import make_clients
+    clients = [(c.X, c.y) for c in make_clients("diabetes", 4, seed=0)]
+    theta = np.zeros(11)
+    for _ in range(40):
+        new = np.zeros(11)
+        for Xk, yk in clients:
+            w, b = theta[:10].copy(), theta[10]
+            for _ in range(10):
+                err = Xk @ w + b - yk
+                w, b = w - 0.1 * 2 / len(yk) * (Xk.T @ err), b - 0.1 * 2 / len(yk) * err.sum()
+            new += len(yk) / 442 * np.append(w, b)
+        theta = new
+    (fedavg,) = report["results"]
+    got = np.append(fedavg["final_model"]["w"], fedavg["final_model"]["b"])
+    np.testing.assert_allclose(got, theta, atol=1e-9)
+    assert fedavg["final_distance"] == pytest.approx(float(np.linalg.norm(theta - expected)), abs=1e-9)
+
+
+def test_compare_fails_only_when_no_strategy_runs(tmp_path):
+    proc = run_compare("--strategies", "nosuch,alsonot", "--rounds", "3", "--out", str(tmp_path))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stdout.count("refused (HTTP 400)") == 4  # a progress line and a table row each
+    report = json.loads((tmp_path / "compare.json").read_text())
+    assert [r["ok"] for r in report["results"]] == [False, False]
+    assert "strategy-" not in (tmp_path / "compare.svg").read_text()  # an empty chart, still written
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rounds", "0"], "--rounds"),
+    (["--strategies", " "], "--strategies"),
+    (["--param", "nonsense"], "--param wants NAME=VALUE"),
+    (["--scenario", "seed", "--clients", "3"], "exactly 2 clients"),
+])
+def test_usage_errors_exit_2_before_starting_anything(args, message, tmp_path):
+    proc = run_compare(*args, "--out", str(tmp_path / "out"), timeout_s=60)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
