@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from fedavg.aggregation import fmt
+from fedavg.trace import fmt
 from fedavg.data import load_csv
 from launcher import ROOT, post_json, start_federation, stop
 

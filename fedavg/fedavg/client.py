@@ -11,20 +11,20 @@ import logging
 import math
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flask import Blueprint, Flask, g
 
-from .aggregation import fmt_model
 from .data import DataError, load_csv
-from .model import mse
+from .model import mse, split
 from .openapi import client_document
 from .service import cli, configure_logging, install_json_errors, json_body, require_token, serve, shared_token
-from .training import local_train
-from .wire import model_json, parse_evaluate_request, parse_train_request
+from .strategies import STRATEGIES, RunMemory
+from .trace import fmt_theta
+from .wire import parse_evaluate_request, parse_train_request, train_reply_json
 
 log = logging.getLogger("fedavg.client")
 
@@ -37,6 +37,8 @@ class LocalClient:
     client_id: str
     X: np.ndarray
     y: np.ndarray
+    # State kept between rounds, per run (SCAFFOLD's c_k); gone when the client restarts.
+    memory: RunMemory = field(default_factory=RunMemory, compare=False, repr=False)
 
     @property
     def num_features(self) -> int:
@@ -44,28 +46,34 @@ class LocalClient:
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "client_id": self.client_id, "data_size": len(self.y),
-                "num_features": self.num_features}
+                "num_features": self.num_features, "strategies": list(STRATEGIES)}
 
     def train(self, body: Any) -> tuple[dict[str, Any], int]:
-        """POST /train: local gradient descent from the global model."""
-        w_g, b_g, rnd, config = parse_train_request(body, self.num_features)
+        """POST /train: what the strategy asks of a client, from the global model
+        (for FedAvg: local gradient descent, and the local model back)."""
+        task = parse_train_request(body, self.num_features)
+        strategy = STRATEGIES[task.config.strategy]
         # Overflow is possible with a large lr; it is detected below and
         # reported as divergence, so NumPy need not warn about it.
         with np.errstate(over="ignore", invalid="ignore"):
-            loss_before = mse(w_g, b_g, self.X, self.y)
-            w, b = local_train(w_g, b_g, self.X, self.y, config)
-            loss_after = mse(w, b, self.X, self.y)
-        if not (math.isfinite(loss_after) and bool(np.all(np.isfinite(w))) and math.isfinite(b)):
+            loss_before = mse(*split(task.theta), self.X, self.y)
+            local = strategy.local(task, self.X, self.y, self.memory)
+            theta = task.theta if local.theta is None else local.theta
+            loss_after = mse(*split(theta), self.X, self.y)
+        vectors = [theta, *(v for v in local.extra.values() if isinstance(v, np.ndarray))]
+        if not (math.isfinite(loss_after) and all(bool(np.all(np.isfinite(v))) for v in vectors)):
             # JSON cannot carry inf/NaN; say plainly what happened instead.
-            log.warning("%s round %s: local training diverged with lr=%g", self.client_id, rnd, config.lr)
-            return {"error": f"local training diverged (non-finite model) with lr={config.lr:g}; "
+            log.warning("%s round %s: local training diverged with lr=%g", self.client_id, task.round,
+                        task.config.lr)
+            return {"error": f"local training diverged (non-finite model) with lr={task.config.lr:g}; "
                              "use a smaller lr", "diverged": True}, 422
         if log.isEnabledFor(logging.INFO):
-            log.info("%s round %s: %s → %s  (loss %s → %s)", self.client_id, "-" if rnd is None else rnd,
-                     fmt_model(w_g, b_g), fmt_model(w, b), f"{loss_before:.6g}", f"{loss_after:.6g}")
-        return {"local_model": model_json(w, b), "data_size": len(self.y), "client_id": self.client_id,
-                "metrics": {"loss_before": loss_before if math.isfinite(loss_before) else None,
-                            "loss_after": loss_after}}, 200
+            log.info("%s round %s: %s%s → %s  (loss %s → %s)", self.client_id,
+                     "-" if task.round is None else task.round,
+                     "" if strategy.name == "fedavg" else f"[{strategy.name}] ", fmt_theta(task.theta),
+                     fmt_theta(theta), f"{loss_before:.6g}", f"{loss_after:.6g}")
+        metrics = {"loss_before": loss_before if math.isfinite(loss_before) else None, "loss_after": loss_after}
+        return train_reply_json(self.client_id, len(self.y), local, metrics, strategy.name), 200
 
     def evaluate(self, body: Any) -> tuple[dict[str, Any], int]:
         """POST /evaluate: the MSE of a model on this client's data."""

@@ -8,6 +8,17 @@ from __future__ import annotations
 import numpy as np
 
 Weights = np.ndarray  # shape (d,), float64
+Theta = np.ndarray  # shape (d + 1,): [w_1 … w_d, b], the model as one vector
+
+
+def as_theta(w: Weights, b: float) -> Theta:
+    """θ = [w_1 … w_d, b]: the form the strategies' vector math works on."""
+    return np.append(np.asarray(w, dtype=float).ravel(), float(b))
+
+
+def split(theta: Theta) -> tuple[Weights, float]:
+    """θ → (w, b), the inverse of ``as_theta``."""
+    return theta[:-1], float(theta[-1])
 
 
 def predict(w: Weights, b: float, X: np.ndarray) -> np.ndarray:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .wire import MAX_FEATURES, MAX_LOCAL_EPOCHS
+from .strategies import STRATEGIES
+from .wire import MAX_FEATURES, MAX_LOCAL_EPOCHS, MAX_RUN_NAME
 
 NUMBER = {"type": "number"}
 
@@ -32,6 +33,10 @@ SCHEMAS: dict[str, Any] = {
             "batch_size": {"type": "integer", "minimum": 1, "nullable": True, "default": None},
             "mu": {"type": "number", "minimum": 0, "default": 0},
             "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1, "nullable": True},
+            "strategy": {"type": "string", "enum": list(STRATEGIES), "default": "fedavg",
+                         "description": "what the client computes; only sent for strategies other than fedavg"},
+            "run": {"type": "string", "minLength": 1, "maxLength": MAX_RUN_NAME, "nullable": True,
+                    "description": "names the run, for state a client keeps between rounds (SCAFFOLD's c_k)"},
         },
     },
     "Metrics": {
@@ -86,16 +91,24 @@ def client_document(num_features: int) -> dict[str, Any]:
                 "properties": {"global_model": ref("Model"),
                                "round": {"type": "integer", "minimum": 0, "nullable": True}}}
     train_in = {**model_in, "properties": {**model_in["properties"],
-                                           "config": {**ref("TrainConfig"), "nullable": True}}}
+                                           "config": {**ref("TrainConfig"), "nullable": True},
+                                           "control": {**ref("Model"),
+                                                       "description": "scaffold only: the server's c"}}}
     diverged = {"422": reply("local training diverged (non-finite model): use a smaller lr", ref("Error"))}
     secured = [{}, {"bearer": []}]
     schemas = {
         **SCHEMAS,
         "Model": model_schema(num_features),
-        "TrainReply": {"type": "object", "required": ["local_model", "data_size", "client_id", "metrics"],
+        "TrainReply": {"type": "object", "required": ["data_size", "client_id", "metrics"],
+                       "description": "local_model for fedavg (the seed's reply); other strategies also name "
+                                      "themselves and send their own fields",
                        "properties": {"local_model": ref("Model"),
                                       "data_size": {"type": "integer", "minimum": 1},
-                                      "client_id": {"type": "string"}, "metrics": ref("Metrics")}},
+                                      "client_id": {"type": "string"}, "metrics": ref("Metrics"),
+                                      "strategy": {"type": "string", "enum": list(STRATEGIES)},
+                                      "gradient": ref("Model"), "control_delta": ref("Model"),
+                                      "steps": {"type": "integer", "minimum": 1},
+                                      "stats": {"type": "object", "required": ["xtx", "xty"]}}},
         "EvaluateReply": {"type": "object", "required": ["loss", "data_size", "client_id"],
                           "properties": {"loss": {"type": "number", "minimum": 0},
                                          "data_size": {"type": "integer", "minimum": 1},
@@ -104,7 +117,9 @@ def client_document(num_features: int) -> dict[str, Any]:
                          "properties": {"status": {"type": "string", "enum": ["ok"]},
                                         "client_id": {"type": "string"},
                                         "data_size": {"type": "integer", "minimum": 1},
-                                        "num_features": {"type": "integer", "minimum": 1}}},
+                                        "num_features": {"type": "integer", "minimum": 1},
+                                        "strategies": {"type": "array",
+                                                       "items": {"type": "string", "enum": list(STRATEGIES)}}}},
     }
     paths = {
         "/train": {"post": {

@@ -17,18 +17,23 @@ class TrainConfig:
     batch_size: int | None = None  # None = full batch: one step per epoch
     mu: float = 0.0  # FedProx proximal weight; 0 = plain FedAvg
     seed: int | None = None  # shuffles mini-batches; unused for full batch
+    strategy: str = "fedavg"  # what the client computes (fedavg.strategies)
+    run: str | None = None  # names the run, for state a client keeps between rounds (SCAFFOLD's c_k)
 
 
 def local_train(
-    w: Weights, b: float, X: np.ndarray, y: np.ndarray, config: TrainConfig = TrainConfig()
+    w: Weights, b: float, X: np.ndarray, y: np.ndarray, config: TrainConfig = TrainConfig(),
+    correction: np.ndarray | None = None,
 ) -> tuple[Weights, float]:
     """Gradient descent from the global model (w_g, b_g) on local data:
 
-        w ← w − lr·(dL/dw + mu·(w − w_g)),   b ← b − lr·(dL/db + mu·(b − b_g))
+        w ← w − lr·(dL/dw + mu·(w − w_g) + c_w),   b ← b − lr·(dL/db + mu·(b − b_g) + c_b)
 
     once per epoch (full batch) or once per mini-batch of a fresh shuffle each
     epoch. mu > 0 adds FedProx's proximal term (Li et al., 2020), which keeps
-    the local model near the global one; mu = 0 is plain FedAvg.
+    the local model near the global one; mu = 0 is plain FedAvg. ``correction``
+    (c_w…, c_b), when given, is added to every step's gradient: SCAFFOLD's
+    c − c_k (Karimireddy et al., 2020).
     """
     w_g, b_g = np.array(w, dtype=float), float(b)
     w, b = w_g.copy(), b_g
@@ -42,9 +47,20 @@ def local_train(
             if config.mu:
                 dw = dw + config.mu * (w - w_g)
                 db = db + config.mu * (b - b_g)
+            if correction is not None:
+                dw = dw + correction[:-1]
+                db = db + correction[-1]
             w = w - config.lr * dw
             b = b - config.lr * db
     return w, b
+
+
+def local_steps(n: int, config: TrainConfig) -> int:
+    """How many gradient steps ``local_train`` takes on n samples:
+    τ = local_epochs · ⌈n / batch_size⌉ (local_epochs for full batch)."""
+    if config.batch_size is None or config.batch_size >= n:
+        return config.local_epochs
+    return config.local_epochs * -(-n // config.batch_size)
 
 
 def _minibatches(rng: np.random.Generator, n: int, batch_size: int) -> list[np.ndarray]:

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .model import Weights
+from .model import Weights, as_theta, split
+from .strategies import STRATEGIES, ClientTask, Local
 from .training import TrainConfig
 
 
@@ -89,7 +90,7 @@ def expect_object(value: Any, path: str, allowed: Iterable[str], required: Itera
 
 
 def expect_number(value: Any, path: str, *, gt: float | None = None, ge: float | None = None,
-                  le: float | None = None) -> float:
+                  lt: float | None = None, le: float | None = None) -> float:
     """A finite JSON number (not a boolean), optionally within bounds."""
     if isinstance(value, NonFinite):
         raise ProtocolError(f"{path}: {value.text} {value.why}")
@@ -105,6 +106,8 @@ def expect_number(value: Any, path: str, *, gt: float | None = None, ge: float |
         raise ProtocolError(f"{path}: must be > {gt:g}, got {number:g}")
     if ge is not None and not number >= ge:
         raise ProtocolError(f"{path}: must be >= {ge:g}, got {number:g}")
+    if lt is not None and not number < lt:
+        raise ProtocolError(f"{path}: must be < {lt:g}, got {number:g}")
     if le is not None and not number <= le:
         raise ProtocolError(f"{path}: must be <= {le:g}, got {number:g}")
     return number
@@ -183,7 +186,10 @@ def model_json(w: Weights, b: float) -> dict[str, Any]:
 
 # --- the client's endpoints ------------------------------------------------------
 
-TRAIN_CONFIG_FIELDS = ("lr", "local_epochs", "batch_size", "mu", "seed")
+# What a run's settings say about local training (POST /start takes them as is).
+LOCAL_TRAINING_FIELDS = ("lr", "local_epochs", "batch_size", "mu")
+TRAIN_CONFIG_FIELDS = (*LOCAL_TRAINING_FIELDS, "seed", "strategy", "run")
+MAX_RUN_NAME = 200
 
 
 def parse_train_config(value: Any, path: str = "config") -> TrainConfig:
@@ -193,6 +199,9 @@ def parse_train_config(value: Any, path: str = "config") -> TrainConfig:
     default = TrainConfig()
     batch = obj.get("batch_size")
     seed = obj.get("seed")
+    strategy = expect_str(obj.get("strategy", default.strategy), f"{at}strategy")
+    if strategy not in STRATEGIES:
+        raise ProtocolError(f"{at}strategy: unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
     return TrainConfig(
         lr=expect_number(obj["lr"], f"{at}lr", gt=0) if "lr" in obj else default.lr,
         local_epochs=(expect_int(obj["local_epochs"], f"{at}local_epochs", ge=1, le=MAX_LOCAL_EPOCHS)
@@ -200,20 +209,55 @@ def parse_train_config(value: Any, path: str = "config") -> TrainConfig:
         batch_size=None if batch is None else expect_int(batch, f"{at}batch_size", ge=1),
         mu=expect_number(obj["mu"], f"{at}mu", ge=0) if "mu" in obj else default.mu,
         seed=None if seed is None else expect_int(seed, f"{at}seed", ge=0, le=2**63 - 1),
+        strategy=strategy,
+        run=None if obj.get("run") is None else expect_str(obj["run"], f"{at}run", max_len=MAX_RUN_NAME),
     )
 
 
 def train_config_json(config: TrainConfig) -> dict[str, Any]:
-    return {name: getattr(config, name) for name in TRAIN_CONFIG_FIELDS}
+    """The "config" of /train. FedAvg's is the seed's, field for field: the
+    strategy and the run's name are sent only when another strategy needs them."""
+    fields = TRAIN_CONFIG_FIELDS if config.strategy != "fedavg" else TRAIN_CONFIG_FIELDS[:-2]
+    return {name: getattr(config, name) for name in fields}
 
 
-def parse_train_request(value: Any, num_features: int) -> tuple[Weights, float, int | None, TrainConfig]:
-    """POST /train body → (w, b, round or None, config)."""
-    obj = expect_object(value, "", ("global_model", "round", "config"), ("global_model",))
+def parse_train_request(value: Any, num_features: int) -> ClientTask:
+    """POST /train body → the client's task: θ_t, the round, the config, and
+    what the strategy sends besides ("control": SCAFFOLD's c)."""
+    obj = expect_object(value, "", ("global_model", "round", "config", "control"), ("global_model",))
     w, b = parse_model(obj["global_model"], "global_model", num_features)
     rnd = expect_int(obj["round"], "round", ge=0) if obj.get("round") is not None else None
     config = parse_train_config(obj["config"]) if obj.get("config") is not None else TrainConfig()
-    return w, b, rnd, config
+    strategy = STRATEGIES[config.strategy]
+    inputs = {}
+    for name in strategy.input_fields:
+        if obj.get(name) is None:
+            raise ProtocolError(f"{name}: missing (strategy {config.strategy} sends it)")
+        inputs[name] = as_theta(*parse_model(obj[name], name, num_features))
+    unexpected = [k for k in ("control",) if k in obj and k not in strategy.input_fields]
+    if unexpected:
+        raise ProtocolError(f"{unexpected[0]}: not part of strategy {config.strategy}")
+    return ClientTask(as_theta(w, b), rnd, config, inputs)
+
+
+def train_reply_json(client_id: str, n: int, local: Local, metrics: dict[str, Any],
+                     strategy: str) -> dict[str, Any]:
+    """A client's /train reply. FedAvg's is the seed's (local_model, data_size)
+    plus client_id and metrics; other strategies also say which one they ran
+    and send their own fields."""
+    body: dict[str, Any] = {"data_size": n, "client_id": client_id, "metrics": metrics}
+    if local.theta is not None:
+        body["local_model"] = model_json(*split(local.theta))
+    if strategy != "fedavg":
+        body["strategy"] = strategy
+    for key, value in local.extra.items():
+        if key in ("gradient", "control_delta"):
+            body[key] = model_json(*split(value))
+        elif key == "steps":
+            body[key] = int(value)
+    if "xtx" in local.extra:
+        body["stats"] = {"xtx": local.extra["xtx"].tolist(), "xty": local.extra["xty"].tolist()}
+    return body
 
 
 def parse_evaluate_request(value: Any, num_features: int) -> tuple[Weights, float]:
@@ -226,17 +270,42 @@ def parse_evaluate_request(value: Any, num_features: int) -> tuple[Weights, floa
 
 # --- what the server reads back ----------------------------------------------------
 
-def parse_train_reply(value: Any, num_features: int | None = None) -> dict[str, Any]:
-    """A client's /train reply → {"w", "b", "data_size", "client_id" or None,
-    "metrics" or None}. Only local_model and data_size are required, so the
-    seed's minimal clients work; fields we don't know are ignored (a newer
-    client may say more)."""
+class CannotDo(ProtocolError):
+    """A client's reply shows it did not run the strategy asked for: its
+    numbers mean something else, and averaging them would be wrong math."""
+
+
+def parse_train_reply(value: Any, num_features: int | None = None, strategy: str = "fedavg") -> dict[str, Any]:
+    """A client's /train reply → {"theta" (its local model, or None), "extra"
+    (the strategy's own fields as vectors), "data_size", "client_id" or None,
+    "metrics" or None}.
+
+    For FedAvg only local_model and data_size are required, so the seed's
+    minimal clients work, and fields we don't know are ignored (a newer client
+    may say more). Any other strategy's reply must name that strategy and hold
+    its fields; one that does not raises ``CannotDo``."""
     if not isinstance(value, Mapping):
         raise ProtocolError("reply: must be a JSON object")
-    for key in ("local_model", "data_size"):
+    if strategy != "fedavg" and value.get("strategy") != strategy:
+        said = value.get("strategy")
+        raise CannotDo(f"reply.strategy: asked for {strategy}, the client "
+                       + ("did not say which strategy it ran (a client that ignores the config?)" if said is None
+                          else f"ran {str(said)[:40]!r}"))
+    fields = STRATEGIES[strategy].reply_fields
+    for key in (*fields, "data_size"):
         if key not in value:
-            raise ProtocolError(f"reply.{key}: missing")
-    w, b = parse_model(value["local_model"], "reply.local_model", num_features)
+            raise (CannotDo if strategy != "fedavg" else ProtocolError)(f"reply.{key}: missing")
+    theta, extra = None, {}
+    if "local_model" in fields:
+        theta = as_theta(*parse_model(value["local_model"], "reply.local_model", num_features))
+        num_features = len(theta) - 1
+    for key in ("gradient", "control_delta"):
+        if key in fields:
+            extra[key] = as_theta(*parse_model(value[key], f"reply.{key}", num_features))
+    if "steps" in fields:
+        extra["steps"] = expect_int(value["steps"], "reply.steps", ge=1)
+    if "stats" in fields:
+        extra.update(_parse_stats(value["stats"], num_features))
     data_size = expect_int(value["data_size"], "reply.data_size", ge=1)
     client_id = value.get("client_id")
     if client_id is not None:
@@ -247,7 +316,26 @@ def parse_train_reply(value: Any, num_features: int | None = None) -> dict[str, 
             raise ProtocolError("reply.metrics: must be a JSON object")
         metrics = {k: expect_number(metrics[k], f"reply.metrics.{k}", ge=0)
                    for k in ("loss_before", "loss_after") if metrics.get(k) is not None}
-    return {"w": w, "b": b, "data_size": data_size, "client_id": client_id, "metrics": metrics}
+    return {"theta": theta, "extra": extra, "data_size": data_size, "client_id": client_id, "metrics": metrics}
+
+
+def _parse_stats(value: Any, num_features: int | None) -> dict[str, np.ndarray]:
+    """{"xtx": (d+1)×(d+1) symmetric, "xty": d+1 numbers} → vectors."""
+    obj = expect_object(value, "reply.stats", ("xtx", "xty"), ("xtx", "xty"))
+    xty = obj["xty"]
+    if not isinstance(xty, list) or not 2 <= len(xty) <= MAX_FEATURES + 1:
+        raise ProtocolError(f"reply.stats.xty: must be a list of 2 to {MAX_FEATURES + 1} numbers")
+    dim = len(xty)
+    if num_features is not None and dim != num_features + 1:
+        raise ProtocolError(f"reply.stats.xty: has {dim} entries, the model has {num_features + 1}")
+    rows = obj["xtx"]
+    if not isinstance(rows, list) or len(rows) != dim or not all(isinstance(r, list) and len(r) == dim for r in rows):
+        raise ProtocolError(f"reply.stats.xtx: must be a {dim}×{dim} list of lists")
+    xtx = np.array([[expect_number(v, f"reply.stats.xtx[{i}][{j}]") for j, v in enumerate(row)]
+                    for i, row in enumerate(rows)])
+    if not np.allclose(xtx, xtx.T, rtol=1e-9, atol=0.0):
+        raise ProtocolError("reply.stats.xtx: must be symmetric (it is Σ x̃x̃ᵀ)")
+    return {"xtx": xtx, "xty": np.array([expect_number(v, f"reply.stats.xty[{i}]") for i, v in enumerate(xty)])}
 
 
 def parse_evaluate_reply(value: Any) -> dict[str, Any]:
@@ -266,9 +354,10 @@ def parse_evaluate_reply(value: Any) -> dict[str, Any]:
 
 
 def parse_health_reply(value: Any) -> dict[str, Any]:
-    """A client's /health reply → {"client_id", "data_size", "num_features"},
-    each None when missing or not what it should be (seed clients have no
-    /health at all; what a client says here is a hint, checked again later)."""
+    """A client's /health reply → {"client_id", "data_size", "num_features",
+    "strategies"}, each None when missing or not what it should be (seed
+    clients have no /health at all; what a client says here is a hint,
+    checked again later)."""
     body = value if isinstance(value, Mapping) else {}
 
     def count(key: str) -> int | None:
@@ -276,5 +365,7 @@ def parse_health_reply(value: Any) -> dict[str, Any]:
         return v if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else None
 
     name = body.get("client_id")
+    strategies = body.get("strategies")
     return {"client_id": name if isinstance(name, str) and name else None,
-            "data_size": count("data_size"), "num_features": count("num_features")}
+            "data_size": count("data_size"), "num_features": count("num_features"),
+            "strategies": [s for s in strategies if isinstance(s, str)] if isinstance(strategies, list) else None}

@@ -1,8 +1,9 @@
-"""Orchestration: one run of FedAvg rounds over the configured clients.
+"""Orchestration: one run of federated rounds over the configured clients.
 
-Each round: sample clients, send them the global model, collect their local
-models, take the weighted average. The math lives in ``fedavg.aggregation``;
-this module only moves data and records what happened.
+Each round: sample clients, send them the global model, collect their
+replies, let the strategy turn them into the next global model. The math
+lives in ``fedavg.strategies``; this module only moves data and records what
+happened.
 """
 from __future__ import annotations
 
@@ -10,17 +11,21 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from fedavg.aggregation import Update, fmt_model, weighted_average, weighted_loss_avg
-from fedavg.wire import (ProtocolError, model_json, parse_evaluate_reply, parse_health_reply, parse_train_reply,
-                         train_config_json, weights_of)
+from fedavg.aggregation import weighted_loss_avg
+from fedavg.model import Theta, as_theta, split
+from fedavg.strategies import Result, State, Step, Strategy
+from fedavg.trace import fmt_theta
+from fedavg.wire import (CannotDo, ProtocolError, model_json, parse_evaluate_reply, parse_health_reply,
+                         parse_model, parse_train_reply, train_config_json)
 
 from .clients import ClientPool, Reply
 from .mathlog import loss_line, round_lines
-from .runs import RunStore
+from .runs import RoundRecord, RunStore
 from .settings import RunSettings
 
 log = logging.getLogger("fedavg.server")
@@ -60,7 +65,7 @@ class Federation:
         with self._lock:
             self._check_idle()
             run_id = self.store.create(settings.to_json(), self.pool.urls, settings.init or {"w": 0.0, "b": 0.0})
-            self._launch(Run(run_id, settings, self.pool, self.store))
+            self._launch(Run(run_id, settings, self.pool, self.store, key=_run_key(self.store.summary(run_id))))
             return run_id
 
     def resume(self, run_id: int) -> None:
@@ -82,7 +87,8 @@ class Federation:
             done = run["rounds_completed"]
             self.store.set_status(run_id, "running")
             self._launch(Run(run_id, settings, self.pool, self.store, first_round=done + 1,
-                             model=run["current_model"]))
+                             model=run["current_model"], state=self.store.server_state(run_id),
+                             key=_run_key(run)))
 
     def feature_counts(self, timeout_s: float = 2.0) -> set[int]:
         """The feature counts the clients' /health replies state (empty when
@@ -142,13 +148,17 @@ class Run:
     """One run: the loop of rounds and the state it carries between them."""
 
     def __init__(self, run_id: int, settings: RunSettings, pool: ClientPool, store: RunStore,
-                 first_round: int = 1, model: dict[str, Any] | None = None) -> None:
+                 first_round: int = 1, model: dict[str, Any] | None = None, state: State | None = None,
+                 key: str = "") -> None:
         self.run_id = run_id
         self.s = settings
         self.pool = pool
         self.store = store
         self.first_round = first_round
         self.model = model  # where a resumed run picks up; None = settings.init
+        self.strategy: Strategy = settings.make_strategy(len(pool.urls))
+        self.state = state  # the strategy's state after the last stored round; None = its initial state
+        self.key = key  # names the run to clients that keep state per run
         self.names = pool.names  # url → client_id, remembered across runs
         self.sizes: dict[str, int] = {}  # url → n_k as its /health reported it
         self.num_features: int | None = None
@@ -157,26 +167,30 @@ class Run:
 
     def execute(self) -> None:
         s = self.s
-        log.info("Run %s: %d round(s) over %d client(s), lr=%g, local_epochs=%d%s%s, seed=%d%s",
-                 self.run_id, s.rounds, len(self.pool.urls), s.lr, s.local_epochs,
+        log.info("Run %s: %s, %d round(s) over %d client(s), lr=%g, local_epochs=%d%s%s%s, seed=%d%s",
+                 self.run_id, s.strategy, s.rounds, len(self.pool.urls), s.lr, s.local_epochs,
                  "" if s.batch_size is None else f", batch_size={s.batch_size}",
-                 "" if not s.mu else f", mu={s.mu:g}", s.seed,
+                 "" if not s.mu else f", mu={s.mu:g}",
+                 "".join(f", {k}={v:g}" for k, v in (s.params or {}).items()), s.seed,
                  "" if self.first_round == 1 else f" (resumed at round {self.first_round})")
+        log.info("%s: %s", s.strategy, self.strategy.summary)
         try:
             self._probe_health()
-            w, b = self._initial_model()
+            theta = self._initial_model()
+            if self.state is None:
+                self.state = self.strategy.initial_state(theta)
             for r in range(self.first_round, s.rounds + 1):
                 self._unless_stopped(r)
-                w, b = self._round(r, w, b)
+                theta = self._round(r, theta)
                 if s.pace_s and r < s.rounds:
                     self.stop_requested.wait(s.pace_s)  # only when the user asked to watch slowly
-            self._final_evaluation(s.rounds, w, b)
+            self._final_evaluation(s.rounds, theta)
         except RunStopped as stop:
             log.info("Run %s %s: %s", self.run_id, stop.status.upper(), stop)
             self.store.finish(self.run_id, stop.status, str(stop))
             return
         self.store.finish(self.run_id, "completed")
-        log.info("Run %s completed: final global model %s", self.run_id, fmt_model(w, b))
+        log.info("Run %s completed: final global model %s", self.run_id, fmt_theta(theta))
 
     def _unless_stopped(self, r: int) -> None:
         if self.stop_requested.is_set():
@@ -186,34 +200,57 @@ class Run:
     # --- before the first round --------------------------------------------
 
     def _probe_health(self) -> None:
-        """Learn each client's name and feature count from /health. Seed
-        clients have no /health; they keep their URL as their name."""
+        """Learn each client's name and feature count from /health, and make
+        sure every client that answers can run the strategy. Seed clients have
+        no /health; they keep their URL as their name, and can run FedAvg only."""
         replies = self.pool.call_all(self.pool.urls, "GET", "/health", min(self.s.client_timeout_s, 5.0))
-        dims = set()
+        dims, unable = set(), []
         for reply in replies:
-            if reply.ok:
-                facts = parse_health_reply(reply.body)
+            facts = parse_health_reply(reply.body) if reply.ok else None
+            if facts is not None:
                 if facts["client_id"]:
                     self.names[reply.url] = facts["client_id"]
                 if facts["data_size"]:
                     self.sizes[reply.url] = facts["data_size"]
                 if facts["num_features"]:
                     dims.add(facts["num_features"])
+            # A client that is down may come back; one that answers must say it can.
+            answered = reply.ok or reply.status is not None
+            if self.s.strategy != "fedavg" and answered and self.s.strategy not in ((facts or {}).get("strategies") or ()):
+                unable.append(f"{self.names[reply.url]} ({'its /health does not list it' if reply.ok else 'no /health'})")
+        if unable:
+            raise RunStopped("failed", f"before round 1: strategy {self.s.strategy} is not one these clients can "
+                                       f"run: {', '.join(unable)}; nothing was averaged")
         if len(dims) > 1:
             raise RunStopped("failed", f"clients disagree on the number of features: {sorted(dims)}")
         self.num_features = dims.pop() if dims else None
 
-    def _initial_model(self) -> tuple[np.ndarray, float]:
+    def _initial_model(self) -> Theta:
         start = self.model or self.s.init
         if start is None:
-            return np.zeros(self.num_features or 1), 0.0
-        w = weights_of(start)
-        if self.num_features is not None and len(w) != self.num_features:
-            raise RunStopped("failed", f"init.w has {len(w)} weight(s) but the clients' data has "
+            return np.zeros((self.num_features or 1) + 1)
+        theta = as_theta(*parse_model(start, "init"))
+        if self.num_features is not None and len(theta) != self.num_features + 1:
+            raise RunStopped("failed", f"init.w has {len(theta) - 1} weight(s) but the clients' data has "
                                        f"{self.num_features} feature(s)")
-        return w, float(start["b"])
+        return theta
 
     # --- one round ----------------------------------------------------------
+
+    def _round(self, r: int, theta: Theta) -> Theta:
+        """One round of the strategy: the clients' work, then the server's step."""
+        started = time.perf_counter()
+        sample = self._sample(r)
+        replies = self.pool.call_all(sample, "POST", "/train", self.s.client_timeout_s,
+                                     self._train_bodies(r, theta, sample))
+        results, dropped = self._sort_replies(r, replies)
+        self._record_loss(r - 1, results)  # the loss each client measured on θ_t is round r−1's federated loss
+        self._enough_replies(r, theta, results, dropped)
+        step = self.strategy.aggregate(theta, results, self.state)
+        self._finite(r, step)
+        self._store(RoundRecord(r, self.s.strategy, theta, results, dropped, step, time.perf_counter() - started))
+        self.state = step.state
+        return step.theta
 
     def _sample(self, r: int) -> list[str]:
         """This round's clients: all of them, or a seeded random share
@@ -225,97 +262,96 @@ class Run:
         picked = np.random.default_rng([self.s.seed, r]).choice(len(urls), size=m, replace=False)
         return [urls[i] for i in sorted(picked)]
 
-    def _round(self, r: int, w: np.ndarray, b: float) -> tuple[np.ndarray, float]:
-        started = time.perf_counter()
-        sample = self._sample(r)
-        # Per-client seeds for mini-batch shuffling, derived from (run seed, round)
-        # so a replay of the run shuffles exactly the same way.
-        seeds = dict(zip(sample, np.random.SeedSequence([self.s.seed, r]).generate_state(len(sample))))
-        model_in = model_json(w, b)
+    def _train_bodies(self, r: int, theta: Theta, sample: list[str]) -> Callable[[str], dict[str, Any]]:
+        """url → its /train body: θ_t, the round, its config, and what the
+        strategy sends besides. Per-client seeds for mini-batch shuffling come
+        from (run seed, round), so a replay of the run shuffles the same way."""
+        seed_of = dict(zip(sample, np.random.SeedSequence([self.s.seed, r]).generate_state(len(sample))))
+        common = {"global_model": model_json(*split(theta)), "round": r,
+                  **{k: model_json(*split(v)) for k, v in self.strategy.inputs(self.state).items()}}
+        key = self.key if self.s.strategy != "fedavg" else None
+        return lambda url: {**common, "config": train_config_json(self.s.train_config(int(seed_of[url]), key))}
 
-        def body_for(url: str) -> dict[str, Any]:
-            return {"global_model": model_in, "round": r,
-                    "config": train_config_json(self.s.train_config(int(seeds[url])))}
-
-        replies = self.pool.call_all(sample, "POST", "/train", self.s.client_timeout_s, body_for)
-        participants, dropped = [], []
+    def _sort_replies(self, r: int, replies: list[Reply]) -> tuple[list[Result], list[dict[str, Any]]]:
+        """The replies that can join the aggregate, and the clients dropped with
+        their reasons. A client that ran another strategy fails the run: its
+        numbers mean something else, and nothing is averaged."""
+        results, dropped = [], []
         for reply in replies:
             try:
-                participants.append(self._participant(reply))
+                results.append(self._result(reply))
+            except CannotDo as e:
+                raise RunStopped("failed", f"round {r}: {self.names[reply.url]} cannot run strategy "
+                                           f"{self.s.strategy}: {e}; nothing was averaged") from None
             except ProtocolError as e:
                 dropped.append({"client_id": self.names[reply.url], "url": reply.url, "reason": str(e),
                                 "diverged": reply.diverged})
+        return results, dropped
 
-        # The loss each client measured on the incoming model *is* the
-        # federated evaluation of the previous round's model: no extra calls.
-        if r > 1:  # (after a resume too: round r-1 is in the store)
-            self._record_loss(r - 1, [(p["metrics"]["loss_before"], p["data_size"]) for p in participants
-                                      if p["metrics"] and "loss_before" in p["metrics"]], "loss_before in round "
-                              f"{r}'s replies")
-
-        diverged = [d["client_id"] for d in dropped if d["diverged"]]
-        if diverged:
-            # A client whose local training blew up says the lr is too large
-            # for its data; averaging on without it would only hide that.
-            self._log_partial(r, model_in, participants, dropped)
-            raise RunStopped("diverged", f"round {r}: local training diverged on {', '.join(diverged)} "
-                                         f"(lr={self.s.lr:g} is too large for its data); try a smaller lr")
-        if len(participants) < self.s.min_clients:
-            self._log_partial(r, model_in, participants, dropped)
-            missing = ", ".join(d["url"] + (f" = {d['client_id']}" if d["client_id"] != d["url"] else "")
-                                + f" ({d['reason']})" for d in dropped)
-            raise RunStopped("failed", f"round {r}: {len(participants)} client(s) replied, min_clients is "
-                                       f"{self.s.min_clients}; missing: {missing}")
-
-        new_w, new_b = weighted_average([Update(weights_of(p["local_model"]),
-                                                p["local_model"]["b"], p["data_size"]) for p in participants])
-        if not (np.all(np.isfinite(new_w)) and math.isfinite(new_b)):
-            raise RunStopped("diverged", f"round {r}: the global model is no longer finite "
-                                         f"(lr={self.s.lr:g} is too large); try a smaller lr")
-        total = sum(p["data_size"] for p in participants)
-        record = {
-            "round": r,
-            "global_model_in": model_in,
-            "participants": participants,
-            "dropped": [{k: v for k, v in d.items() if k != "diverged"} for d in dropped],
-            "N": total,
-            "terms": [_term(p, total) for p in participants],
-            "global_model": model_json(new_w, new_b),
-            "federated_loss": None,  # filled in by the next round, or the final evaluation
-            "duration_s": time.perf_counter() - started,  # sampling, the calls and the average
-        }
-        self.store.add_round(self.run_id, record)
-        for line in round_lines(record, self.s.rounds):
-            log.info("%s", line)
-        return new_w, new_b
-
-    def _participant(self, reply: Reply) -> dict[str, Any]:
-        """A reply that can join the average, or ProtocolError saying why not."""
+    def _result(self, reply: Reply) -> Result:
+        """A reply that can join the aggregate, or ProtocolError saying why not."""
         if not reply.ok:
             raise ProtocolError(reply.reason)
-        parsed = parse_train_reply(reply.body, self.num_features)
+        parsed = parse_train_reply(reply.body, self.num_features, self.s.strategy)
         said = self.sizes.get(reply.url)
         if said is not None and parsed["data_size"] != said:
             # n_k is the client's vote in the average: a count that changes
             # between /health and /train is not one to trust.
             raise ProtocolError(f"reply.data_size: {parsed['data_size']} differs from the {said} its /health reported")
-        if self.num_features is None:
-            self.num_features = len(parsed["w"])
+        if self.num_features is None and parsed["theta"] is not None:
+            self.num_features = len(parsed["theta"]) - 1
         if parsed["client_id"]:
             self.names[reply.url] = parsed["client_id"]
-        return {"client_id": self.names[reply.url], "url": reply.url, "data_size": parsed["data_size"],
-                "local_model": model_json(parsed["w"], parsed["b"]), "metrics": parsed["metrics"]}
+        return Result(self.names[reply.url], reply.url, parsed["data_size"], parsed["theta"], parsed["extra"],
+                      parsed["metrics"])
 
-    def _log_partial(self, r: int, model_in: dict, participants: list, dropped: list) -> None:
-        log.info("── Round %d/%d ── global model in: %s", r, self.s.rounds, fmt_model(weights_of(model_in), model_in["b"]))
-        for p in participants:
-            log.info("%s  replied (n_k=%d)", p["client_id"], p["data_size"])
+    def _enough_replies(self, r: int, theta: Theta, results: list[Result], dropped: list[dict[str, Any]]) -> None:
+        diverged = [d["client_id"] for d in dropped if d["diverged"]]
+        if diverged:
+            # A client whose local training blew up says the lr is too large
+            # for its data; averaging on without it would only hide that.
+            self._log_partial(r, theta, results, dropped)
+            raise RunStopped("diverged", f"round {r}: local training diverged on {', '.join(diverged)} "
+                                         f"(lr={self.s.lr:g} is too large for its data); try a smaller lr")
+        if len(results) < self.s.min_clients:
+            self._log_partial(r, theta, results, dropped)
+            missing = ", ".join(d["url"] + (f" = {d['client_id']}" if d["client_id"] != d["url"] else "")
+                                + f" ({d['reason']})" for d in dropped)
+            raise RunStopped("failed", f"round {r}: {len(results)} client(s) replied, min_clients is "
+                                       f"{self.s.min_clients}; missing: {missing}")
+
+    def _finite(self, r: int, step: Step) -> None:
+        if not np.all(np.isfinite(step.theta)):
+            raise RunStopped("diverged", f"round {r}: the global model is no longer finite "
+                                         f"(lr={self.s.lr:g} is too large); try a smaller lr")
+
+    def _store(self, record: RoundRecord) -> None:
+        for d in record.dropped:
+            d.pop("diverged", None)
+        stored = self.store.add_round(self.run_id, record)
+        for line in round_lines(stored, self.s.rounds):
+            log.info("%s", line)
+
+    def _log_partial(self, r: int, theta: Theta, results: list[Result], dropped: list[dict[str, Any]]) -> None:
+        log.info("── Round %d/%d ── global model in: %s", r, self.s.rounds, fmt_theta(theta))
+        for p in results:
+            log.info("%s  replied (n_k=%d)", p.client_id, p.n)
         for d in dropped:
             log.info("%s  DROPPED from this round: %s", d["client_id"], d["reason"])
 
     # --- federated loss ---------------------------------------------------------
 
-    def _record_loss(self, round_no: int, losses: list[tuple[float, int]], source: str) -> None:
+    def _record_loss(self, round_no: int, results: list[Result]) -> None:
+        """Round ``round_no``'s federated loss from the loss_before each client
+        measured on that round's model: no extra calls. (After a resume too:
+        round_no is in the store.)"""
+        if round_no < 1:
+            return
+        self._save_loss(round_no, [(p.metrics["loss_before"], p.n) for p in results
+                                   if p.metrics and "loss_before" in p.metrics],
+                        f"loss_before in round {round_no + 1}'s replies")
+
+    def _save_loss(self, round_no: int, losses: list[tuple[float, int]], source: str) -> None:
         if not losses:
             log.info("federated MSE of round %d's model: no client reported a loss", round_no)
             return
@@ -326,9 +362,9 @@ class Run:
         self.store.set_federated_loss(self.run_id, round_no, loss)
         log.info("%s", loss_line(round_no, [n for _, n in losses], [l for l, _ in losses], loss, source))
 
-    def _final_evaluation(self, round_no: int, w: np.ndarray, b: float) -> None:
+    def _final_evaluation(self, round_no: int, theta: Theta) -> None:
         """The last model has no next round to measure it: one /evaluate wave."""
-        body = {"global_model": model_json(w, b)}
+        body = {"global_model": model_json(*split(theta))}
         replies = self.pool.call_all(self.pool.urls, "POST", "/evaluate", self.s.client_timeout_s,
                                      lambda url: body)
         losses = []
@@ -340,12 +376,10 @@ class Run:
                 losses.append((parsed["loss"], parsed["data_size"]))
             except ProtocolError as e:
                 log.info("%s  not evaluated: %s", self.names[reply.url], e)
-        self._record_loss(round_no, losses, "final /evaluate")
+        self._save_loss(round_no, losses, "final /evaluate")
 
 
-def _term(p: dict[str, Any], total: int) -> dict[str, Any]:
-    """One client's share of the average: n_k/N, and n_k/N · w_k, n_k/N · b_k."""
-    weight = p["data_size"] / total
-    w = weights_of(p["local_model"])
-    return {"client_id": p["client_id"], "n_k": p["data_size"], "weight": weight,
-            **model_json(weight * w, weight * p["local_model"]["b"])}
+def _run_key(run: dict[str, Any]) -> str:
+    """What names a run to clients that keep state per run: its id and the
+    moment it was created, so a new database's run 1 is not an old run 1."""
+    return f"{run['run_id']}@{run['created_at']!r}"

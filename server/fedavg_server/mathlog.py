@@ -1,13 +1,14 @@
-"""The server's log of a round: the FedAvg arithmetic with its real numbers.
+"""The server's log of a round: the strategy's arithmetic with its real numbers.
 
-Every line is written from the round record that ``GET /runs/<id>`` returns,
-so the log and the API always show the same values.
+Every line is written from the round record that ``GET /runs/<id>`` returns
+(the strategy's own trace is in its "math"), so the log and the API always
+show the same values.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from fedavg.aggregation import TRACE_TERMS, explain_average, explain_weighted_sum, fmt, fmt_model
+from fedavg.trace import TRACE_TERMS, explain_weighted_sum, fmt, fmt_model
 from fedavg.wire import weights_of
 
 
@@ -17,32 +18,33 @@ def _line_of(model: dict[str, Any]) -> str:
     return f"y = {slope}·x + {fmt(model['b'])}"
 
 
+def _model(m: dict[str, Any]) -> str:
+    return fmt_model(weights_of(m), m["b"])
+
+
 def round_lines(record: dict[str, Any], rounds_planned: int) -> list[str]:
     """The whole block for one aggregated round (see the README for an example)."""
-    model_in = record["global_model_in"]
-    lines = [f"── Round {record['round']}/{rounds_planned} ── global model in: "
-             f"{fmt_model(weights_of(model_in), model_in['b'])}"]
+    lines = [f"── Round {record['round']}/{rounds_planned} ── global model in: {_model(record['global_model_in'])}"]
     participants = record["participants"]
     width = max((len(p["client_id"]) for p in participants[:TRACE_TERMS]), default=0)
     for p in participants[:TRACE_TERMS]:
-        m = p["local_model"]
         metrics = p.get("metrics") or {}
         loss = ""
         if "loss_before" in metrics and "loss_after" in metrics:
             loss = f"   (loss {fmt(metrics['loss_before'])}→{fmt(metrics['loss_after'])})"
-        lines.append(f"{p['client_id']:<{width}}  n_k={p['data_size']}  local model: "
-                     f"{fmt_model(weights_of(m), m['b'])}{loss}")
+        sent = [f"local model: {_model(p['local_model'])}"] if "local_model" in p else []
+        sent += [f"{key}: {_model(p[key])}" for key in ("gradient", "control_delta") if key in p]
+        sent += [f"steps τ_k={p['steps']}"] if "steps" in p else []
+        sent += ["stats: Σ x̃x̃ᵀ, Σ x̃y"] if "stats" in p else []
+        lines.append(f"{p['client_id']:<{width}}  n_k={p['data_size']}  {'  '.join(sent)}{loss}")
     if len(participants) > TRACE_TERMS:
         lines.append(f"… and {len(participants) - TRACE_TERMS} more clients (all in GET /runs/<id>)")
     for d in record["dropped"][:TRACE_TERMS]:
         lines.append(f"{d['client_id']}  DROPPED from this round: {d['reason']}")
     if len(record["dropped"]) > TRACE_TERMS:
         lines.append(f"… and {len(record['dropped']) - TRACE_TERMS} more dropped")
-    out = record["global_model"]
-    lines += explain_average([p["data_size"] for p in participants],
-                             [weights_of(p["local_model"]) for p in participants],
-                             [p["local_model"]["b"] for p in participants], weights_of(out), out["b"])
-    lines.append(f"global model out: {_line_of(out)}")
+    lines += record["math"]
+    lines.append(f"global model out: {_line_of(record['global_model'])}")
     return lines
 
 

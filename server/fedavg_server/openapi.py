@@ -6,7 +6,9 @@ from typing import Any
 from fedavg.openapi import AUTH_ERROR, ERRORS, SCHEMAS, document, json_content, ref, reply
 from fedavg.wire import MAX_LOCAL_EPOCHS
 
-from .settings import MAX_ROUNDS, STRATEGIES
+from fedavg.strategies import STRATEGIES, Param
+
+from .settings import MAX_ROUNDS
 
 RUN_STATUS = {"type": "string", "enum": ["running", "completed", "failed", "diverged", "interrupted"]}
 NOT_FOUND = {"404": reply("no such run", ref("Error"))}
@@ -14,6 +16,30 @@ BUSY = {"409": reply("a run is already running (its id is in run_id), or this ru
                      ref("Error"))}
 RUN_ID = [{"name": "run_id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}}]
 PLOT_NAMES = ["models", "params", "loss"]
+
+
+def strategy_params() -> dict[str, Any]:
+    """Every strategy's own settings, from their ``Param`` definitions (one
+    source: the same bounds the server checks)."""
+    out: dict[str, Any] = {}
+    for name, kind in STRATEGIES.items():
+        for p in kind.params:
+            schema = out.setdefault(p.name, {"type": "number", "description": ""})
+            schema["description"] += f"{name}: {p.help} (default {p.default:g}). "
+            _bounds(schema, p)
+    return out
+
+
+def _bounds(schema: dict[str, Any], p: Param) -> None:
+    # The widest bounds any strategy allows; the server checks the strategy's own.
+    if p.gt is not None or p.ge is not None:
+        low, exclusive = (p.gt, True) if p.gt is not None else (p.ge, False)
+        if "minimum" not in schema or low < schema["minimum"]:
+            schema["minimum"], schema["exclusiveMinimum"] = low, exclusive
+    if p.lt is not None or p.le is not None:
+        high, exclusive = (p.lt, True) if p.lt is not None else (p.le, False)
+        if "maximum" not in schema or high > schema["maximum"]:
+            schema["maximum"], schema["exclusiveMaximum"] = high, exclusive
 
 
 def server_document(num_clients: int) -> dict[str, Any]:
@@ -37,14 +63,18 @@ def server_document(num_clients: int) -> dict[str, Any]:
                 "client_timeout_s": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 600,
                                      "default": 10},
                 "wait": {"type": "boolean", "default": True},
+                **strategy_params(),
             },
         },
         "ResumeRequest": {"type": "object", "additionalProperties": False,
                           "properties": {"wait": {"type": "boolean", "default": True}}},
-        "Participant": {"type": "object", "required": ["client_id", "url", "data_size", "local_model"],
+        "Participant": {"type": "object", "required": ["client_id", "url", "data_size"],
                         "properties": {"client_id": {"type": "string"}, "url": {"type": "string"},
                                        "data_size": {"type": "integer", "minimum": 1},
                                        "local_model": ref("Model"),
+                                       "gradient": ref("Model"), "control_delta": ref("Model"),
+                                       "steps": {"type": "integer", "minimum": 1},
+                                       "stats": {"type": "object"},
                                        "metrics": {**ref("Metrics"), "nullable": True}}},
         "Dropped": {"type": "object", "required": ["client_id", "url", "reason"],
                     "properties": {"client_id": {"type": "string"}, "url": {"type": "string"},
@@ -62,6 +92,11 @@ def server_document(num_clients: int) -> dict[str, Any]:
                                  "N": {"type": "integer", "minimum": 1},
                                  "terms": {"type": "array", "items": ref("Term")},
                                  "global_model": ref("Model"),
+                                 "strategy": {"type": "string", "enum": list(STRATEGIES)},
+                                 "math": {"type": "array", "items": {"type": "string"},
+                                          "description": "the strategy's computation, written out"},
+                                 "server_state": {"type": "object", "description": "the strategy's state after "
+                                                  "this round (SCAFFOLD's c, FedAdam's m and v, …)"},
                                  "federated_loss": {"type": "number", "nullable": True}}},
         "RunSummary": {"type": "object", "required": ["run_id", "status", "settings", "error", "final_model"],
                        "properties": {"run_id": {"type": "integer"}, "status": RUN_STATUS,

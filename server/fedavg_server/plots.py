@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter, MaxNLocator
 
-from fedavg.aggregation import TRACE_TERMS, fmt
+from fedavg.trace import TRACE_TERMS, fmt
 from fedavg.wire import weights_of
 
 Run = dict[str, Any]

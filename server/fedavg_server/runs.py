@@ -10,8 +10,16 @@ import json
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from fedavg.aggregation import weights
+from fedavg.model import split
+from fedavg.strategies import Result, State, Step
+from fedavg.wire import model_json
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -38,6 +46,70 @@ CREATE TABLE IF NOT EXISTS rounds (
 # A run's row and how many rounds it has completed, without reading them.
 SUMMARY = ("SELECT runs.*, (SELECT COUNT(*) FROM rounds WHERE rounds.run_id = runs.run_id) AS rounds_completed "
            "FROM runs")
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One completed round as the federation keeps it (NumPy throughout);
+    the store turns it into the JSON that GET /runs/<id> returns."""
+
+    round: int
+    strategy: str
+    theta_in: np.ndarray
+    results: list[Result]
+    dropped: list[dict[str, str]]
+    step: Step
+    duration_s: float  # sampling, the calls and the aggregation
+
+
+def round_json(rec: RoundRecord) -> dict[str, Any]:
+    """The round as the API shows it. FedAvg's fields are the ones it always
+    had; "math" is the strategy's trace, "server_state" what it carries on."""
+    ns = [r.n for r in rec.results]
+    body: dict[str, Any] = {
+        "round": rec.round,
+        "strategy": rec.strategy,
+        "global_model_in": model_json(*split(rec.theta_in)),
+        "participants": [_participant_json(r) for r in rec.results],
+        "dropped": rec.dropped,
+        "N": sum(ns),
+        "terms": [],
+        "math": rec.step.trace,
+        "global_model": model_json(*split(rec.step.theta)),
+        "federated_loss": None,  # filled in by the next round, or the final evaluation
+        "duration_s": rec.duration_s,
+    }
+    if all(r.theta is not None for r in rec.results):
+        # Each client's share of the average: n_k/N, and n_k/N · W_k.
+        body["terms"] = [{"client_id": r.client_id, "n_k": r.n, "weight": float(p), **model_json(*split(p * r.theta))}
+                         for r, p in zip(rec.results, weights(ns))]
+    if rec.step.state:
+        body["server_state"] = state_json(rec.step.state)
+    return body
+
+
+def _participant_json(r: Result) -> dict[str, Any]:
+    out: dict[str, Any] = {"client_id": r.client_id, "url": r.url, "data_size": r.n}
+    if r.theta is not None:
+        out["local_model"] = model_json(*split(r.theta))
+    for key in ("gradient", "control_delta"):
+        if key in r.extra:
+            out[key] = model_json(*split(r.extra[key]))
+    if "steps" in r.extra:
+        out["steps"] = r.extra["steps"]
+    if "xtx" in r.extra:
+        out["stats"] = {"xtx": r.extra["xtx"].tolist(), "xty": r.extra["xty"].tolist()}
+    out["metrics"] = r.metrics
+    return out
+
+
+def state_json(state: State) -> dict[str, list[float]]:
+    return {k: [float(x) for x in v] for k, v in state.items()}
+
+
+def state_of(stored: dict[str, list[float]] | None) -> State | None:
+    """The inverse of ``state_json``: a stored server state back as vectors."""
+    return None if stored is None else {k: np.array(v, dtype=float) for k, v in stored.items()}
 
 
 class RunStore:
@@ -70,8 +142,10 @@ class RunStore:
                 ("running", json.dumps(settings), json.dumps(clients), time.time(), json.dumps(init_model)))
             return int(cur.lastrowid)
 
-    def add_round(self, run_id: int, record: dict[str, Any]) -> None:
-        """Commit one completed round and make its model the run's current one."""
+    def add_round(self, run_id: int, rec: RoundRecord) -> dict[str, Any]:
+        """Commit one completed round and make its model the run's current one;
+        return the round as stored (what the API and the log show)."""
+        record = round_json(rec)
         body = {k: v for k, v in record.items() if k != "federated_loss"}
         with self._lock, self._db:
             self._db.execute("BEGIN")
@@ -79,6 +153,7 @@ class RunStore:
                              (run_id, record["round"], json.dumps(body), record.get("federated_loss")))
             self._db.execute("UPDATE runs SET current_model = ? WHERE run_id = ?",
                              (json.dumps(record["global_model"]), run_id))
+        return record
 
     def set_federated_loss(self, run_id: int, round_no: int, loss: float | None) -> None:
         with self._lock:
@@ -119,6 +194,14 @@ class RunStore:
         with self._lock:
             row = self._db.execute(SUMMARY + " WHERE run_id = ?", (run_id,)).fetchone()
         return None if row is None else _run_json(row) | {"rounds_completed": row["rounds_completed"]}
+
+    def server_state(self, run_id: int) -> State | None:
+        """The strategy's state after the run's last completed round (None
+        before round 1, or for a strategy that keeps none)."""
+        with self._lock:
+            row = self._db.execute("SELECT record FROM rounds WHERE run_id = ? ORDER BY round DESC LIMIT 1",
+                                   (run_id,)).fetchone()
+        return None if row is None else state_of(json.loads(row["record"]).get("server_state"))
 
     def latest(self) -> dict[str, Any] | None:
         """The newest run's summary (no rounds: /status is polled often)."""

@@ -5,14 +5,12 @@ import secrets
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from fedavg.strategies import PARAM_NAMES, STRATEGIES, Strategy
 from fedavg.training import TrainConfig
-from fedavg.wire import (TRAIN_CONFIG_FIELDS, ProtocolError, expect_bool, expect_int, expect_number,
-                         expect_object, parse_model, parse_train_config)
+from fedavg.wire import (LOCAL_TRAINING_FIELDS, ProtocolError, expect_bool, expect_int, expect_number,
+                         expect_object, expect_str, parse_model, parse_train_config)
 
 MAX_ROUNDS = 100_000
-# FedAvg averages plain local GD; FedProx (Li et al., 2020) adds mu/2·||W − W_g||²
-# to each client's loss and averages the same way.
-STRATEGIES = ("fedavg", "fedprox")
 FEDPROX_DEFAULT_MU = 0.01
 
 
@@ -33,17 +31,21 @@ class RunSettings:
     init: dict[str, Any] | None = None  # {"w", "b"}; None = all zeros
     pace_s: float = 0.0
     client_timeout_s: float = 10.0
+    params: dict[str, float] | None = None  # the strategy's own settings (server_lr, beta1, …), defaults filled in
 
-    def train_config(self, client_seed: int | None) -> TrainConfig:
+    def train_config(self, client_seed: int | None, run: str | None = None) -> TrainConfig:
         return TrainConfig(lr=self.lr, local_epochs=self.local_epochs, batch_size=self.batch_size,
-                           mu=self.mu, seed=client_seed)
+                           mu=self.mu, seed=client_seed, strategy=self.strategy, run=run)
+
+    def make_strategy(self, num_clients: int) -> Strategy:
+        return STRATEGIES[self.strategy](lr=self.lr, num_clients=num_clients, **(self.params or {}))
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-START_FIELDS = ("rounds", "strategy", *TRAIN_CONFIG_FIELDS[:-1], "fraction", "min_clients", "seed", "init",
-                "pace_s", "client_timeout_s", "wait")
+START_FIELDS = ("rounds", "strategy", *LOCAL_TRAINING_FIELDS, *PARAM_NAMES, "fraction", "min_clients", "seed",
+                "init", "pace_s", "client_timeout_s", "wait")
 
 
 def parse_start(body: Any, num_clients: int) -> tuple[RunSettings, bool]:
@@ -52,19 +54,22 @@ def parse_start(body: Any, num_clients: int) -> tuple[RunSettings, bool]:
     obj = expect_object(body, "", START_FIELDS)
     # lr, local_epochs, batch_size and mu mean exactly what they mean to a
     # client, so the client's own parser checks them.
-    train = parse_train_config({k: obj[k] for k in TRAIN_CONFIG_FIELDS if k in obj}, "")
+    train = parse_train_config({k: obj[k] for k in LOCAL_TRAINING_FIELDS if k in obj}, "")
     settings = RunSettings(lr=train.lr, local_epochs=train.local_epochs, batch_size=train.batch_size,
                            mu=train.mu)
-    strategy = obj.get("strategy", "fedprox" if settings.mu > 0 else "fedavg")
+    strategy = expect_str(obj.get("strategy", "fedprox" if settings.mu > 0 else "fedavg"), "strategy")
     if strategy not in STRATEGIES:
-        raise ProtocolError(f"strategy: unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
-    if strategy == "fedavg" and settings.mu > 0:
-        raise ProtocolError("mu: the proximal term belongs to strategy fedprox; plain fedavg needs mu = 0")
-    if strategy == "fedprox" and "mu" not in obj:
+        raise ProtocolError(f"strategy: unknown strategy {str(strategy)[:40]!r} (known: {', '.join(STRATEGIES)})")
+    kind = STRATEGIES[strategy]
+    if not kind.uses_mu and settings.mu > 0:
+        raise ProtocolError(f"mu: the proximal term belongs to strategy fedprox; {strategy} needs mu = 0")
+    if kind.uses_mu and "mu" not in obj:
         settings = replace(settings, mu=FEDPROX_DEFAULT_MU)
-    if strategy == "fedprox" and settings.mu == 0:
-        raise ProtocolError("mu: strategy fedprox needs mu > 0")
-    settings = replace(settings, strategy=strategy)
+    if kind.uses_mu and settings.mu == 0:
+        raise ProtocolError(f"mu: strategy {strategy} needs mu > 0")
+    settings = replace(settings, strategy=strategy, params=_strategy_params(kind, obj))
+    if strategy == "exact" and "rounds" not in obj:
+        settings = replace(settings, rounds=1)  # its one round already gives the answer
     if "rounds" in obj:
         settings = replace(settings, rounds=expect_int(obj["rounds"], "rounds", ge=1, le=MAX_ROUNDS))
     if "fraction" in obj:
@@ -87,3 +92,15 @@ def parse_start(body: Any, num_clients: int) -> tuple[RunSettings, bool]:
             obj["client_timeout_s"], "client_timeout_s", gt=0, le=600))
     wait = expect_bool(obj["wait"], "wait") if "wait" in obj else True
     return settings, wait
+
+
+def _strategy_params(kind: type[Strategy], obj: dict[str, Any]) -> dict[str, float]:
+    """The strategy's own settings from the /start body, defaults filled in;
+    a setting that belongs to another strategy is a mistake worth naming."""
+    own = {p.name for p in kind.params}
+    for name in PARAM_NAMES:
+        if name in obj and name not in own:
+            users = ", ".join(s for s, k in STRATEGIES.items() if name in {p.name for p in k.params})
+            raise ProtocolError(f"{name}: not a setting of strategy {kind.name} (it belongs to {users})")
+    return {p.name: expect_number(obj[p.name], p.name, gt=p.gt, ge=p.ge, lt=p.lt, le=p.le) if p.name in obj
+            else p.default for p in kind.params}

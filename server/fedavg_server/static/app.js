@@ -2,7 +2,6 @@
 // server's JSON API and writes the FedAvg arithmetic with the real numbers.
 "use strict";
 
-const TRACE_TERMS = 6;       // as fedavg.aggregation: the first few terms, then the count
 const POLL_MS = 250;         // a round shows within a second of completing
 const HEALTH_EVERY = 4;      // ticks between /health checks (a run started elsewhere)
 const IDLE_REFRESH_MS = 5000; // between runs: the clients' health and the list of runs
@@ -63,16 +62,6 @@ function fmtW(w) {
 }
 const asList = (w) => (Array.isArray(w) ? w : [w]);
 
-// "(n_1/N)·v_1 + … = result", exactly as explain_weighted_sum writes it.
-function weightedSumLine(name, ns, values, result) {
-  const total = ns.reduce((s, n) => s + n, 0);
-  const terms = ns.slice(0, TRACE_TERMS).map((n, k) => `(${n}/${total})·${fmt(values[k])}`);
-  return `${name} = ${sumOfTerms(terms, ns.length)} = ${fmt(result)}`;
-}
-function sumOfTerms(terms, count) {
-  if (count <= TRACE_TERMS) return terms.join(" + ");
-  return terms.slice(0, TRACE_TERMS - 1).join(" + ") + ` + … (${count} terms)`;
-}
 
 // --- small DOM helpers --------------------------------------------------------
 
@@ -324,9 +313,7 @@ function renderMath() {
       "No round to show yet: start a run, or pick one." }));
     return;
   }
-  const ns = r.participants.map((p) => p.data_size);
   const d = asList(r.global_model.w).length;
-  const wName = (j) => (d === 1 ? "w" : `w[${j}]`);
 
   const table = el("table", { id: "terms" },
     el("caption", {}, "Each client's share n", el("sub", { text: "k" }), "/N of the average and its local model W",
@@ -335,27 +322,25 @@ function renderMath() {
       ...["Client", "n_k", "n_k/N", "local w_k", "local b_k", "n_k/N · w_k", "n_k/N · b_k"].map(
         (h) => el("th", { scope: "col", text: h })))));
   const body = el("tbody");
+  const total = r.N;
   r.participants.forEach((p, k) => {
-    const t = r.terms[k];
+    // Strategies that send no local model back (fedsgd, exact) have no terms.
+    const t = r.terms[k], m = p.local_model;
     body.append(el("tr", { dataset: { client: p.client_id } },
       el("th", { scope: "row", title: p.url, text: p.client_id }),
       num(String(p.data_size), "n_k"),
-      num(fmt(t.weight), "weight"),
-      num(fmtW(p.local_model.w), "w"),
-      num(fmt(p.local_model.b), "b"),
-      num(fmtW(t.w), "term_w"),
-      num(fmt(t.b), "term_b")));
+      num(fmt(t ? t.weight : p.data_size / total), "weight"),
+      num(m ? fmtW(m.w) : "–", "w"),
+      num(m ? fmt(m.b) : "–", "b"),
+      num(t ? fmtW(t.w) : "–", "term_w"),
+      num(t ? fmt(t.b) : "–", "term_b")));
   });
   table.append(body, el("tfoot", {}, el("tr", {},
     el("th", { scope: "row", text: "Σ = W_t+1" }), num(String(r.N), "N"), num(""), num(""), num(""),
     num(fmtW(r.global_model.w), "global_w"), num(fmt(r.global_model.b), "global_b"))));
 
-  const lines = [`N = ${sumOfTerms(ns.slice(0, TRACE_TERMS).map(String), ns.length)} = ${r.N}`];
-  for (let j = 0; j < d; j++) {
-    lines.push(weightedSumLine(wName(j), ns, r.participants.map((p) => asList(p.local_model.w)[j]),
-                               asList(r.global_model.w)[j]));
-  }
-  lines.push(weightedSumLine("b", ns, r.participants.map((p) => p.local_model.b), r.global_model.b));
+  // The strategy's computation as the server wrote it in its log (the record's "math").
+  const lines = r.math;
 
   const inModel = r.global_model_in;
   const parts = [

@@ -1,0 +1,23 @@
+"""The strategies: how clients train and how the server combines their replies.
+
+Each is a small class in a module of its own (``base`` says what a strategy
+is). ``STRATEGIES`` maps each name to its class; ``make`` builds one for a run.
+"""
+from __future__ import annotations
+
+from .base import ClientTask, Local, Param, Result, RunMemory, State, Step, Strategy
+from .exact import Exact
+from .fedavg import FedAvg, FedProx
+from .fednova import FedNova
+from .fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
+from .fedsgd import FedSGD
+from .scaffold import Scaffold
+
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (
+    FedAvg, FedSGD, FedProx, Scaffold, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedNova, Exact)}
+# Every server-side parameter any strategy has, each once (the same name means
+# the same thing everywhere; its default may differ by strategy).
+PARAM_NAMES: tuple[str, ...] = tuple(dict.fromkeys(p.name for s in STRATEGIES.values() for p in s.params))
+
+__all__ = ["STRATEGIES", "PARAM_NAMES", "ClientTask", "Local", "Param", "Result", "RunMemory", "State", "Step",
+           "Strategy"]

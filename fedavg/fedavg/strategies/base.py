@@ -1,0 +1,148 @@
+"""What a strategy is made of. ``fedavg.strategies`` lists them.
+
+A strategy answers three questions, one method each, on plain NumPy data:
+
+- ``local`` (client side): from the global model θ_t and its own data, what
+  does a client compute and send back?
+- ``inputs`` (server side): what does the server send besides θ_t?
+- ``aggregate`` (server side): how do the replies become θ_{t+1}, and what
+  state does the server carry to the next round?
+
+θ is one vector [w_1 … w_d, b]. The server's state is a dict of NumPy
+vectors, stored with every round, so a resumed run goes on exactly where it
+stopped. A client's state (SCAFFOLD's c_k) lives in its ``RunMemory``.
+"""
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..model import Theta, as_theta, split
+from ..training import TrainConfig, local_train
+
+State = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Param:
+    """A server-side setting of a strategy, with its default and bounds."""
+
+    name: str
+    default: float
+    help: str
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+
+@dataclass(frozen=True)
+class Result:
+    """One client's reply, as the server keeps it: the only participant record."""
+
+    client_id: str
+    url: str
+    n: int
+    theta: Theta | None  # its local model (None when the strategy sends none back)
+    extra: dict[str, Any] = field(default_factory=dict)  # gradient, control_delta, steps, xtx, xty
+    metrics: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class Step:
+    """What ``aggregate`` produced: the next model, the next state, and the
+    lines that write the computation out with its numbers."""
+
+    theta: Theta
+    state: State
+    trace: list[str]
+
+
+@dataclass(frozen=True)
+class Local:
+    """What a client's ``local`` produced: the reply fields of its strategy."""
+
+    theta: Theta | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RunMemory:
+    """What one client remembers between rounds of a run (SCAFFOLD's c_k).
+
+    The value is kept per (run, round): asked before round r, it returns the
+    value left by the latest round before r. A round that the server replays
+    after a crash therefore starts from exactly the state it started from the
+    first time. A restarted client remembers nothing (c_k starts at 0 again).
+    Bounded, so a server cannot make a client hold unbounded state.
+    """
+
+    RUNS = 8
+    ROUNDS_PER_RUN = 4
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: OrderedDict[str, dict[int, np.ndarray]] = OrderedDict()
+
+    def before(self, run: str, round_no: int) -> np.ndarray | None:
+        with self._lock:
+            kept = self._runs.get(run, {})
+            earlier = [r for r in kept if r < round_no]
+            return None if not earlier else kept[max(earlier)].copy()
+
+    def after(self, run: str, round_no: int, value: np.ndarray) -> None:
+        with self._lock:
+            kept = self._runs.setdefault(run, {})
+            self._runs.move_to_end(run)
+            kept[round_no] = value.copy()
+            for r in sorted(kept)[: -self.ROUNDS_PER_RUN]:
+                del kept[r]
+            while len(self._runs) > self.RUNS:
+                self._runs.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """Everything a client is asked to do in one round, parsed from /train."""
+
+    theta: Theta
+    round: int | None
+    config: TrainConfig
+    inputs: dict[str, np.ndarray]  # what the strategy's ``inputs`` sent (SCAFFOLD's c)
+
+
+class Strategy(ABC):
+    """The base: FedAvg's client side (plain local GD), no server state."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line: the update and where it comes from
+    params: ClassVar[tuple[Param, ...]] = ()
+    reply_fields: ClassVar[tuple[str, ...]] = ("local_model",)  # what a client's reply must hold
+    input_fields: ClassVar[tuple[str, ...]] = ()  # what the server sends beyond θ
+    uses_mu: ClassVar[bool] = False
+
+    def __init__(self, lr: float = 0.01, num_clients: int = 1, **values: float) -> None:
+        self.lr = lr  # the run's lr (FedSGD's server step uses it)
+        self.num_clients = num_clients  # K, every client configured (SCAFFOLD's c update)
+        self.p = {param.name: float(values.get(param.name, param.default)) for param in self.params}
+
+    def initial_state(self, theta: Theta) -> State:
+        return {}
+
+    def inputs(self, state: State) -> dict[str, np.ndarray]:
+        return {}
+
+    @abstractmethod
+    def aggregate(self, theta: Theta, results: list[Result], state: State) -> Step:
+        """θ_{t+1} and the next state from θ_t, the replies and the state."""
+
+    # --- the client side -------------------------------------------------------
+
+    @classmethod
+    def local(cls, task: ClientTask, X: np.ndarray, y: np.ndarray, memory: RunMemory) -> Local:
+        w, b = local_train(*split(task.theta), X, y, task.config)
+        return Local(as_theta(w, b))

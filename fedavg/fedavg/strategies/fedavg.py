@@ -1,0 +1,30 @@
+"""FedAvg (McMahan et al., 2017) and FedProx (Li et al., 2020).
+
+Both average the clients' local models by sample count; FedProx's clients
+add mu/2·‖W − W_t‖² to their loss, which keeps each local model near W_t.
+"""
+from __future__ import annotations
+
+from ..aggregation import weighted_average
+from ..model import Theta
+from ..trace import explain_average
+from .base import Result, State, Step, Strategy
+
+
+class FedAvg(Strategy):
+    name = "fedavg"
+    summary = "W_{t+1} = Σ_k n_k/N · W_k: the sample-weighted average of the local models"
+
+    def aggregate(self, theta: Theta, results: list[Result], state: State) -> Step:
+        """W_{t+1} = Σ_k n_k/N · W_k over the clients that replied."""
+        ns = [r.n for r in results]
+        local = [r.theta for r in results]
+        new = weighted_average(local, ns)
+        return Step(new, state, explain_average(ns, local, new))
+
+
+class FedProx(FedAvg):
+    name = "fedprox"
+    summary = ("FedAvg's average of local models trained on L_k(W) + mu/2·‖W − W_t‖² "
+               "(the proximal term keeps them near W_t)")
+    uses_mu = True

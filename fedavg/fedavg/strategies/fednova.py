@@ -1,0 +1,43 @@
+"""FedNova (Wang et al., 2020): normalized averaging.
+
+When clients take different numbers of local steps τ_k (mini-batches and
+unequal n_k), FedAvg's average over-weights the clients that stepped most, and
+converges to the optimum of a different objective. FedNova averages each
+client's update per step, d_k = (W_t − W_k)/τ_k, and rescales by the
+effective number of steps τ_eff = Σ_k n_k/N · τ_k (plain local SGD: a_k is all
+ones, ‖a_k‖₁ = τ_k). With equal τ_k it is FedAvg.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..aggregation import weighted_average
+from ..model import Theta
+from ..trace import explain_average, explain_each, explain_weighted_sum, fmt, names
+from ..training import local_steps
+from .base import ClientTask, Local, Result, RunMemory, State, Step, Strategy
+
+
+class FedNova(Strategy):
+    name = "fednova"
+    summary = "W_{t+1} = W_t − τ_eff · Σ_k n_k/N · (W_t − W_k)/τ_k,  τ_eff = Σ_k n_k/N · τ_k"
+    reply_fields = ("local_model", "steps")
+
+    @classmethod
+    def local(cls, task: ClientTask, X: np.ndarray, y: np.ndarray, memory: RunMemory) -> Local:
+        """FedAvg's local GD, and τ_k, the number of steps it took."""
+        trained = super().local(task, X, y, memory)
+        return Local(trained.theta, {"steps": local_steps(len(y), task.config)})
+
+    def aggregate(self, theta: Theta, results: list[Result], state: State) -> Step:
+        """d = Σ_k n_k/N · (W_t − W_k)/τ_k;  W_{t+1} = W_t − τ_eff·d."""
+        ns = [r.n for r in results]
+        taus = [r.extra["steps"] for r in results]
+        tau_eff = float(weighted_average([np.array([t], dtype=float) for t in taus], ns)[0])
+        per_step = [(theta - r.theta) / r.extra["steps"] for r in results]
+        d = weighted_average(per_step, ns)
+        new = theta - tau_eff * d
+        trace = [explain_weighted_sum("τ_eff", ns, taus, tau_eff)]
+        trace += explain_average(ns, per_step, d, symbol="d")[1:]
+        trace += explain_each(names(len(theta)), f"{{}} = {{}} − {fmt(tau_eff)}·{{}} = {{}}", theta, d, new)
+        return Step(new, state, trace)
