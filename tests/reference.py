@@ -5,6 +5,9 @@ from __future__ import annotations
 
 Sample = tuple[float, float]  # (x, y)
 
+# The seed's two clients: (1,3),(2,5) on y = 2x + 1 and (3,4),(4,5) on y = x + 1.
+SEED_DATA: list[list[Sample]] = [[(1.0, 3.0), (2.0, 5.0)], [(3.0, 4.0), (4.0, 5.0)]]
+
 
 def local_gd(data: list[Sample], w: float, b: float, lr: float = 0.01, epochs: int = 10) -> tuple[float, float]:
     """Full-batch gradient descent on L = 1/n Σ (w·x + b − y)², one step per epoch."""

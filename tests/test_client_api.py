@@ -71,9 +71,13 @@ def post_raw(client, path: str, body, content_type: str | None = "application/js
 def test_health(client, wide_client):
     r = client.get("/health")
     assert r.status_code == 200
-    assert r.get_json() == {"status": "ok", "client_id": "alice", "data_size": 3, "num_features": 1}
+    # what the client can run: the server checks it before round 1
+    strategies = ["fedavg", "fedsgd", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
+                  "fednova", "exact"]
+    assert r.get_json() == {"status": "ok", "client_id": "alice", "data_size": 3, "num_features": 1,
+                            "strategies": strategies}
     assert wide_client.get("/health").get_json() == {"status": "ok", "client_id": "bob", "data_size": 4,
-                                                     "num_features": 2}
+                                                     "num_features": 2, "strategies": strategies}
 
 
 def test_train_with_the_seed_body(client):

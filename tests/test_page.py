@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import launcher  # noqa: E402
-from fedavg.aggregation import explain_average, fmt  # noqa: E402
+from fedavg.trace import explain_average, fmt  # noqa: E402
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
@@ -132,8 +132,8 @@ def assert_round_shown(page: Page, record: dict, dead: str) -> None:
     # the weighted average written out exactly as the server's log writes it
     ps = record["participants"]
     lines = explain_average([p["data_size"] for p in ps],
-                            [np.atleast_1d(p["local_model"]["w"]) for p in ps], [p["local_model"]["b"] for p in ps],
-                            np.atleast_1d(record["global_model"]["w"]), record["global_model"]["b"])
+                            [np.append(p["local_model"]["w"], p["local_model"]["b"]) for p in ps],
+                            np.append(record["global_model"]["w"], record["global_model"]["b"]))
     assert page.locator("#average-lines").inner_text().strip() == "\n".join(lines)
     assert text(page, '#math [data-field="federated_loss"]') == fmt(record["federated_loss"])
     # the client that is not there: dropped, with the reason the server gave

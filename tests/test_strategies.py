@@ -1,0 +1,417 @@
+"""Every strategy over real HTTP (the apps as processes, started as the README
+starts them), against references written here in plain Python: loops of
+floats, no NumPy and nothing from ``fedavg``.
+
+What is checked: FedAvg's long-run fixed point against its closed form;
+FedSGD against centralised gradient descent; SCAFFOLD reaching the pooled
+optimum; Exact giving least squares in one round; FedAvgM, FedAdam, FedYogi,
+FedAdagrad and FedNova against the papers' updates for 20 rounds; the log
+showing each strategy's math; and a client that cannot run a strategy.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import threading
+
+import numpy as np
+import pytest
+from flask import Flask
+from werkzeug.serving import make_server
+
+import launcher
+from reference import SEED_DATA, local_gd
+
+Vec = list[float]
+
+
+@pytest.fixture(scope="module")
+def seed_fed(tmp_path_factory):
+    """client_1, client_2 and the server on free ports, with their own history."""
+    db = tmp_path_factory.mktemp("strategies") / "runs.db"
+    ports = {name: launcher.free_port() for name in launcher.DEFAULT_PORTS}
+    apps = launcher.start_federation(ports, server_args=["--db", str(db)])
+    yield apps
+    launcher.stop(list(apps.values()))
+
+
+def run(apps, **settings) -> dict:
+    status, body = launcher.post_json(apps["server"].url + "/start", settings)
+    assert status == 200, body
+    assert body["status"] == "completed", body.get("error")
+    return body
+
+
+def models(body: dict) -> list[Vec]:
+    return [[r["global_model"]["w"], r["global_model"]["b"]] for r in body["rounds"]]
+
+
+def close(a: Vec, b: Vec, tol: float) -> bool:
+    return all(abs(x - y) <= tol for x, y in zip(a, b))
+
+
+# --- plain-Python references ------------------------------------------------------
+
+
+def pooled_gradient(data: list[tuple[float, float]], w: float, b: float) -> Vec:
+    """∇ of 1/N Σ (w·x + b − y)² over all the rows given."""
+    n = len(data)
+    return [sum(2 / n * (w * x + b - y) * x for x, y in data), sum(2 / n * (w * x + b - y) for x, y in data)]
+
+
+def fedavg_closed_form(clients, lr: float, epochs: int) -> Vec:
+    """The fixed point of FedAvg with full-batch local GD, for one feature:
+    one local step is θ ← A_k θ + lr·g_k, A_k = I − lr·H_k; after E steps
+    θ ← A_k^E θ + S_k. The average's fixed point solves
+    (I − Σ p_k A_k^E) θ = Σ p_k S_k: 2×2, by Cramer's rule."""
+    total = sum(len(d) for d in clients)
+    M = [[0.0, 0.0], [0.0, 0.0]]
+    s = [0.0, 0.0]
+    for data in clients:
+        n, p = len(data), len(data) / total
+        H = [[sum(2 / n * x * x for x, _ in data), sum(2 / n * x for x, _ in data)],
+             [sum(2 / n * x for x, _ in data), 2.0]]
+        g = [sum(2 / n * x * y for x, y in data), sum(2 / n * y for _, y in data)]
+        A = [[1 - lr * H[0][0], -lr * H[0][1]], [-lr * H[1][0], 1 - lr * H[1][1]]]
+        P, S = [[1.0, 0.0], [0.0, 1.0]], [0.0, 0.0]
+        for _ in range(epochs):  # S = Σ_{j<E} A^j·lr·g, P = A^E
+            S = [S[i] + P[i][0] * lr * g[0] + P[i][1] * lr * g[1] for i in range(2)]
+            P = [[sum(A[i][k] * P[k][j] for k in range(2)) for j in range(2)] for i in range(2)]
+        for i in range(2):
+            s[i] += p * S[i]
+            for j in range(2):
+                M[i][j] += p * ((1.0 if i == j else 0.0) - P[i][j])
+    det = M[0][0] * M[1][1] - M[0][1] * M[1][0]
+    return [(s[0] * M[1][1] - M[0][1] * s[1]) / det, (M[0][0] * s[1] - s[0] * M[1][0]) / det]
+
+
+def local_models(clients, theta: Vec, lr: float, epochs: int) -> list[Vec]:
+    return [list(local_gd(data, theta[0], theta[1], lr, epochs)) for data in clients]
+
+
+def average(vectors: list[Vec], ns: list[int]) -> Vec:
+    total = sum(ns)
+    return [sum(n / total * v[j] for v, n in zip(vectors, ns)) for j in range(len(vectors[0]))]
+
+
+def solve(A: list[Vec], c: Vec) -> Vec:
+    """Gaussian elimination with partial pivoting."""
+    n = len(c)
+    M = [row[:] + [c[i]] for i, row in enumerate(A)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(M[r][col]))
+        M[col], M[pivot] = M[pivot], M[col]
+        for r in range(col + 1, n):
+            f = M[r][col] / M[col][col]
+            M[r] = [a - f * b for a, b in zip(M[r], M[col])]
+    out = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        out[r] = (M[r][n] - sum(M[r][k] * out[k] for k in range(r + 1, n))) / M[r][r]
+    return out
+
+
+# --- FedAvg's fixed point and FedSGD ------------------------------------------------
+
+
+def test_fedavg_run_long_ends_on_its_closed_form_fixed_point(seed_fed):
+    expected = fedavg_closed_form(SEED_DATA, 0.01, 10)
+    assert close(expected, [0.678506, 2.657290], 1e-6)  # the issue's figures
+    final = run(seed_fed, rounds=4000, seed=1)["final_model"]
+    assert close([final["w"], final["b"]], expected, 1e-9), (final, expected)
+
+
+def test_fedsgd_is_centralised_gradient_descent_round_by_round(seed_fed):
+    pooled = SEED_DATA[0] + SEED_DATA[1]
+    body = run(seed_fed, strategy="fedsgd", rounds=30, lr=0.1, seed=2)
+    theta = [0.0, 0.0]
+    for r, got in enumerate(models(body), start=1):
+        g = pooled_gradient(pooled, *theta)
+        theta = [theta[0] - 0.1 * g[0], theta[1] - 0.1 * g[1]]
+        assert close(got, theta, 1e-12), f"round {r}: {got} != {theta}"
+    assert all("gradient" in p and "local_model" not in p for p in body["rounds"][0]["participants"])
+
+
+def test_fedsgd_converges_to_the_pooled_least_squares_line(seed_fed):
+    final = run(seed_fed, strategy="fedsgd", rounds=1000, lr=0.1, seed=3)["final_model"]
+    assert close([final["w"], final["b"]], [0.5, 3.0], 1e-6), final
+
+
+def test_scaffold_at_the_seed_settings_reaches_the_pooled_optimum(seed_fed):
+    body = run(seed_fed, strategy="scaffold", rounds=600, seed=4)
+    final = body["final_model"]
+    assert close([final["w"], final["b"]], [0.5, 3.0], 1e-6), final
+    # FedAvg at the same settings stalls at its own fixed point, far from it
+    assert not close(fedavg_closed_form(SEED_DATA, 0.01, 10), [0.5, 3.0], 0.1)
+    assert set(body["rounds"][-1]["server_state"]) == {"c"}
+
+
+# --- Exact: least squares in one round ------------------------------------------------
+
+
+def test_exact_gives_the_seed_data_least_squares_line_in_one_round(seed_fed):
+    body = run(seed_fed, strategy="exact", seed=5)
+    assert len(body["rounds"]) == 1  # its default: one round is the answer
+    xs = [x for d in SEED_DATA for x, _ in d]
+    ys = [y for d in SEED_DATA for _, y in d]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    final = body["final_model"]
+    assert close([final["w"], final["b"]], [slope, my - slope * mx], 1e-9)
+
+
+def write_csv(path, rows: list[Vec]) -> str:
+    d = len(rows[0]) - 1
+    header = ",".join([*(f"x{j + 1}" for j in range(d)), "y"]) if d > 1 else "x,y"
+    path.write_text(header + "\n" + "\n".join(",".join(repr(v) for v in row) for row in rows) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def wide_fed(tmp_path_factory):
+    """Two clients with 3 features and unequal n_k (4 and 9 rows), as processes."""
+    tmp = tmp_path_factory.mktemp("wide")
+    rng = random.Random(8)
+    true = [1.5, -2.0, 0.5]
+    data = []
+    for name, n in (("a", 4), ("b", 9)):
+        rows = []
+        for _ in range(n):
+            x = [rng.uniform(-2, 2) for _ in true]
+            rows.append([*x, sum(t * v for t, v in zip(true, x)) + 0.7 + rng.gauss(0, 0.3)])
+        data.append(rows)
+    paths = [write_csv(tmp / f"{name}.csv", rows) for name, rows in zip("ab", data)]
+    apps = {}
+    try:
+        for name, path in zip(("client_1", "client_2"), paths):
+            apps[name] = launcher.start_app(name, launcher.free_port(), ["--data", path])
+        apps["server"] = launcher.start_app("server", launcher.free_port(), [
+            "--clients", f"{apps['client_1'].url},{apps['client_2'].url}", "--db", str(tmp / "runs.db")])
+        launcher.wait_healthy(list(apps.values()))
+        yield apps, data
+    finally:
+        launcher.stop(list(apps.values()))
+
+
+@pytest.mark.parametrize("ridge", [0.0, 2.5])
+def test_exact_gives_pooled_least_squares_with_three_features_and_unequal_n_k(wide_fed, ridge):
+    apps, data = wide_fed
+    rows = data[0] + data[1]
+    dim = len(rows[0])  # 3 weights and b
+    xt = [[*r[:-1], 1.0] for r in rows]
+    A = [[sum(x[i] * x[j] for x in xt) + (ridge if i == j < dim - 1 else 0.0) for j in range(dim)]
+         for i in range(dim)]
+    c = [sum(x[i] * r[-1] for x, r in zip(xt, rows)) for i in range(dim)]
+    expected = solve(A, c)
+    body = run(apps, strategy="exact", ridge=ridge, seed=6)
+    final = body["final_model"]
+    assert [p["data_size"] for p in body["rounds"][0]["participants"]] == [4, 9]
+    assert close([*final["w"], final["b"]], expected, 1e-9), (final, expected)
+
+
+# --- server optimizers and FedNova against the papers' updates -------------------------
+
+
+def fedopt_reference(name: str, rounds: int, lr: float, epochs: int, p: dict) -> list[Vec]:
+    """Reddi et al. (2021), Algorithm 2 and Hsu et al. (2019): the clients run
+    FedAvg's local GD; Δ = avg − θ; the server's optimizer steps on Δ."""
+    theta, m, v = [0.0, 0.0], [0.0, 0.0], [p.get("tau", 0.0) ** 2] * 2
+    out = []
+    for _ in range(rounds):
+        avg = average(local_models(SEED_DATA, theta, lr, epochs), [2, 2])
+        delta = [a - t for a, t in zip(avg, theta)]
+        if name == "fedavgm":
+            v = [p["momentum"] * vj + dj for vj, dj in zip(v, delta)]
+            theta = [t + p["server_lr"] * vj for t, vj in zip(theta, v)]
+        else:
+            m = [p["beta1"] * mj + (1 - p["beta1"]) * dj for mj, dj in zip(m, delta)]
+            if name == "fedadagrad":
+                v = [vj + dj * dj for vj, dj in zip(v, delta)]
+            elif name == "fedadam":
+                v = [p["beta2"] * vj + (1 - p["beta2"]) * dj * dj for vj, dj in zip(v, delta)]
+            else:  # fedyogi
+                v = [vj - (1 - p["beta2"]) * dj * dj * (1 if vj > dj * dj else -1 if vj < dj * dj else 0)
+                     for vj, dj in zip(v, delta)]
+            theta = [t + p["server_lr"] * mj / (math.sqrt(vj) + p["tau"]) for t, mj, vj in zip(theta, m, v)]
+        out.append(theta)
+    return out
+
+
+@pytest.mark.parametrize("name, params", [
+    ("fedavgm", {"server_lr": 0.7, "momentum": 0.6}),
+    ("fedadam", {"server_lr": 0.05, "beta1": 0.8, "beta2": 0.95, "tau": 0.01}),
+    ("fedyogi", {"server_lr": 0.05, "beta1": 0.8, "beta2": 0.95, "tau": 0.01}),
+    ("fedadagrad", {"server_lr": 0.05, "beta1": 0.8, "tau": 0.01}),
+])
+def test_server_optimizers_match_the_papers_update_for_20_rounds(seed_fed, name, params):
+    body = run(seed_fed, strategy=name, rounds=20, seed=7, **params)
+    expected = fedopt_reference(name, 20, 0.01, 10, params)
+    for r, (got, want) in enumerate(zip(models(body), expected), start=1):
+        assert close(got, want, 1e-9), f"round {r}: {got} != {want}"
+    assert body["settings"]["params"] == params
+
+
+def test_fednova_matches_normalized_averaging_with_unequal_steps(tmp_path):
+    """Unequal n_k (3 and 5 rows) and mini-batches of 2: τ_1 = 3·2 = 6 and
+    τ_2 = 3·3 = 9 local steps, so FedNova differs from FedAvg here."""
+    data = [[(0.5, 2.1), (1.5, 3.9), (2.5, 6.2)], [(1.0, 2.0), (2.0, 3.1), (3.0, 3.9), (4.0, 5.2), (5.0, 5.9)]]
+    paths = [write_csv(tmp_path / f"{k}.csv", [list(row) for row in rows]) for k, rows in enumerate(data)]
+    apps = {}
+    try:
+        for name, path in zip(("client_1", "client_2"), paths):
+            apps[name] = launcher.start_app(name, launcher.free_port(), ["--data", path])
+        apps["server"] = launcher.start_app("server", launcher.free_port(), [
+            "--clients", f"{apps['client_1'].url},{apps['client_2'].url}", "--db", str(tmp_path / "runs.db")])
+        launcher.wait_healthy(list(apps.values()))
+        lr, epochs, batch, seed = 0.02, 3, 2, 9
+        nova = run(apps, strategy="fednova", rounds=20, lr=lr, local_epochs=epochs, batch_size=batch, seed=seed)
+        plain = run(apps, strategy="fedavg", rounds=20, lr=lr, local_epochs=epochs, batch_size=batch, seed=seed)
+    finally:
+        launcher.stop(list(apps.values()))
+
+    theta = [0.0, 0.0]
+    ns = [len(d) for d in data]
+    for r, got in enumerate(models(nova), start=1):
+        # the shuffles the server asked for: one seed per client per round (docs/PROTOCOL.md)
+        seeds = np.random.SeedSequence([seed, r]).generate_state(2)
+        per_step, taus = [], []
+        for rows, client_seed in zip(data, seeds):
+            rng = np.random.default_rng(int(client_seed))
+            w, b, tau = theta[0], theta[1], 0
+            for _ in range(epochs):
+                order = [int(i) for i in rng.permutation(len(rows))]
+                for start in range(0, len(rows), batch):
+                    g = pooled_gradient([rows[i] for i in order[start:start + batch]], w, b)
+                    w, b, tau = w - lr * g[0], b - lr * g[1], tau + 1
+            taus.append(tau)
+            per_step.append([(theta[0] - w) / tau, (theta[1] - b) / tau])
+        tau_eff = average([[t] for t in taus], ns)[0]
+        d = average(per_step, ns)
+        theta = [theta[0] - tau_eff * d[0], theta[1] - tau_eff * d[1]]
+        assert close(got, theta, 1e-9), f"round {r}: {got} != {theta}"
+    assert taus == [6, 9]
+    assert [p["steps"] for p in nova["rounds"][0]["participants"]] == [6, 9]
+    assert not close(models(nova)[-1], models(plain)[-1], 1e-4)  # normalisation changes the answer
+
+
+# --- the math in the log, and clients that cannot run a strategy -----------------------
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedsgd", "scaffold", "fedadam", "fednova", "exact"])
+def test_the_log_writes_each_strategys_math_as_the_api_stores_it(seed_fed, name):
+    body = run(seed_fed, strategy=name, rounds=2, seed=10)
+    log = seed_fed["server"].output()
+    for record in body["rounds"]:
+        math_lines = record["math"]
+        assert len(math_lines) >= 2
+        block = "\n".join(math_lines)
+        assert block in log, f"round {record['round']} of {name}: its math is not in the log"
+        # the last lines end on the model the round produced, as the API has it
+        w = record["global_model"]["w"]
+        assert math_lines[-2].endswith(f"{w:.6f}") and math_lines[-1].endswith(f"{record['global_model']['b']:.6f}")
+
+
+def seed_style_client(lists_strategies: bool) -> Flask:
+    """A client that trains FedAvg whatever it is asked: like the seed's, it
+    ignores the config. With ``lists_strategies`` its /health claims them all
+    anyway (a liar); without, it has no /health (the seed's own)."""
+    app = Flask("seed-style")
+
+    @app.get("/health")
+    def health():
+        if not lists_strategies:
+            return {"error": "not found"}, 404
+        return {"status": "ok", "client_id": "claims_all", "data_size": 2, "num_features": 1,
+                "strategies": ["fedavg", "scaffold", "fedadam"]}
+
+    @app.post("/train")
+    def train():
+        return {"local_model": {"w": 1.0, "b": 1.0}, "data_size": 2}
+
+    return app
+
+
+@pytest.fixture
+def with_seed_style(seed_fed, tmp_path):
+    """A server pointed at client_1 and a seed-style client."""
+    served, apps = [], {}
+
+    def start(lists_strategies: bool) -> tuple[launcher.App, str]:
+        server = make_server("127.0.0.1", 0, seed_style_client(lists_strategies), threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        served.append(server)
+        url = f"http://127.0.0.1:{server.server_port}"
+        apps["server"] = launcher.start_app("server", launcher.free_port(), [
+            "--clients", f"{seed_fed['client_1'].url},{url}", "--db", str(tmp_path / f"{len(served)}.db")])
+        launcher.wait_healthy([apps["server"]])
+        return apps["server"], url
+
+    yield start
+    launcher.stop(list(apps.values()))
+    for server in served:
+        server.shutdown()
+
+
+def test_a_seed_style_client_still_runs_fedavg(with_seed_style):
+    server, url = with_seed_style(lists_strategies=False)
+    status, body = launcher.post_json(server.url + "/start", {"rounds": 2, "seed": 1})
+    assert status == 200 and body["status"] == "completed"
+    assert [p["url"] for p in body["rounds"][0]["participants"]][1] == url
+
+
+@pytest.mark.parametrize("strategy", ["scaffold", "fedsgd"])
+def test_a_client_without_health_fails_the_run_before_round_1(with_seed_style, strategy):
+    server, url = with_seed_style(lists_strategies=False)
+    status, body = launcher.post_json(server.url + "/start", {"strategy": strategy, "rounds": 3, "seed": 1})
+    assert status == 200 and body["status"] == "failed"
+    assert "before round 1" in body["error"] and url in body["error"] and strategy in body["error"]
+    assert body["rounds"] == [] and body["final_model"] == {"w": 0.0, "b": 0.0}  # nothing averaged
+
+
+def test_a_client_that_claims_a_strategy_but_ignores_it_fails_the_run_unaveraged(with_seed_style):
+    server, _ = with_seed_style(lists_strategies=True)
+    status, body = launcher.post_json(server.url + "/start", {"strategy": "scaffold", "rounds": 3, "seed": 1})
+    assert status == 200 and body["status"] == "failed"
+    assert "round 1" in body["error"] and "claims_all cannot run strategy scaffold" in body["error"]
+    assert "did not say which strategy it ran" in body["error"]
+    assert body["rounds"] == [] and body["final_model"] == {"w": 0.0, "b": 0.0}
+
+
+# --- stateful strategies resume exactly ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name, params", [
+    ("scaffold", {}),
+    ("fedavgm", {"momentum": 0.8}),
+    ("fedadam", {}),
+    ("fedyogi", {}),
+    ("fedadagrad", {}),
+])
+def test_a_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, name, params):
+    """kill -9 of the server mid-run, a restart on the same database, resume:
+    the server's state (c; m and v) comes back from SQLite, and SCAFFOLD's
+    clients replay the interrupted round from the c_k they had before it."""
+    ports = {app: launcher.free_port() for app in launcher.DEFAULT_PORTS}
+    db = tmp_path / "runs.db"
+    apps = launcher.start_federation(ports, server_args=["--db", str(db)])
+    try:
+        settings = {"strategy": name, "rounds": 30, "seed": 12, **params}
+        status, started = launcher.post_json(apps["server"].url + "/start", {**settings, "pace_s": 0.05,
+                                                                            "wait": False})
+        assert status == 202
+        run_id = started["run_id"]
+        launcher.wait_for_run(apps["server"].url, run_id, lambda r: len(r["rounds"]) >= 6)
+        os.killpg(apps["server"].proc.pid, signal.SIGKILL)
+        apps["server"].proc.wait(10)
+        apps["server"] = launcher.start_app("server", ports["server"], [
+            "--clients", f"{apps['client_1'].url},{apps['client_2'].url}", "--db", str(db)])
+        launcher.wait_healthy([apps["server"]])
+        status, resumed = launcher.post_json(f"{apps['server'].url}/runs/{run_id}/resume")
+        assert status == 200 and resumed["status"] == "completed", resumed.get("error")
+        straight = run(apps, **settings)
+    finally:
+        launcher.stop(list(apps.values()))
+    assert [r["round"] for r in resumed["rounds"]] == list(range(1, 31))
+    assert models(resumed) == models(straight)  # bit for bit, every round
+    assert resumed["rounds"][-1]["server_state"] == straight["rounds"][-1]["server_state"]
