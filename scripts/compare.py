@@ -144,7 +144,8 @@ def fmt_num(value: float | None, spec: str = ".3e") -> str:
 
 
 def table(results: list[dict[str, Any]], tol: float) -> str:
-    head = (f"{'strategy':<11} {'final model':<44} {'‖θ_T − θ*‖':>11} {'final loss':>11} "
+    width = max([len("final model")] + [len(fmt_model(r["final_model"])) for r in results if "final_model" in r])
+    head = (f"{'strategy':<11} {'final model':<{width}} {'‖θ_T − θ*‖':>11} {'final loss':>11} "
             f"{f'rounds ≤ {tol:g}':>13} {'wall s':>8}")
     lines = [head, "-" * len(head)]
     for r in results:
@@ -152,7 +153,7 @@ def table(results: list[dict[str, Any]], tol: float) -> str:
             lines.append(f"{r['strategy']:<11} {r['error']}")
             continue
         reached = r["rounds_to_tol"]
-        lines.append(f"{r['strategy']:<11} {fmt_model(r['final_model']):<44} {fmt_num(r['final_distance']):>11} "
+        lines.append(f"{r['strategy']:<11} {fmt_model(r['final_model']):<{width}} {fmt_num(r['final_distance']):>11} "
                      f"{fmt_num(r['final_loss'], '.6g'):>11} {reached if reached else 'never':>13} "
                      f"{r['wall_s']:>8.2f}")
         if not r["ok"]:
@@ -165,7 +166,7 @@ def chart(results: list[dict[str, Any]], prediction: dict[str, Any], title: str)
     FedAvg's predicted stopping distance ‖θ_FedAvg − θ*‖ as a dashed level.
     In the SVG each line is the group ``strategy-<name>`` and its legend
     entry ``legend-strategy-<name>``."""
-    fig = Figure(figsize=(7.0, 4.2), layout="constrained")
+    fig = Figure(figsize=(8.5, 4.2), layout="constrained")
     FigureCanvasAgg(fig)  # the Agg canvas: no GUI backend, no pyplot (as server/fedavg_server/plots.py)
     ax = fig.subplots()
     ran = [r for r in results if r.get("distances")]
@@ -193,7 +194,9 @@ def chart(results: list[dict[str, Any]], prediction: dict[str, Any], title: str)
     ax.grid(True, which="both", alpha=0.3)
     handles, _ = ax.get_legend_handles_labels()
     if handles:
-        legend = ax.legend(loc="best", fontsize=8)
+        # Past a few entries the legend would hide lines: put it beside the axes.
+        legend = (ax.legend(loc="best", fontsize=8) if len(handles) <= 4 else
+                  ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8))
         for handle, entry in zip(handles, legend.get_lines()):
             entry.set_gid(f"legend-{handle.get_gid()}")
     return fig
