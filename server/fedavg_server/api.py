@@ -88,7 +88,8 @@ def _launched(fed: Federation, run_id: int, wait: bool):
         return {"run_id": run_id, "status": "running", "url": f"/runs/{run_id}"}, 202
     fed.wait(run_id)
     run = fed.store.get(run_id)
-    message = {"completed": f"FedAvg finished {len(run['rounds'])} round(s)."}.get(
+    name = {"fedavg": "FedAvg"}.get(run["settings"]["strategy"], run["settings"]["strategy"])
+    message = {"completed": f"{name} finished {len(run['rounds'])} round(s)."}.get(
         run["status"], f"Run {run['status']}: {run['error']}")
     return {"message": message, **run}
 

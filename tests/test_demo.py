@@ -1,0 +1,37 @@
+"""`make demo`, the README's first command, run as a newcomer runs it: its
+last lines give FedAvg's 5-round model, the pooled least-squares line and
+where FedAvg settles, each checked against a reference computed here."""
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+from reference import SEED_DATA, reference_fedavg
+from test_strategies import fedavg_closed_form
+
+ROOT = Path(__file__).resolve().parent.parent
+LINE = re.compile(r"y = (-?\d+\.\d+)·x \+ (-?\d+\.\d+)")
+
+
+def test_make_demo_prints_the_model_the_pooled_line_and_the_drifted_fixed_point():
+    done = subprocess.run(["make", "--no-print-directory", "demo"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = done.stdout
+    final = next(ln for ln in out.splitlines() if ln.startswith("demo: final global model"))
+    pooled = next(ln for ln in out.splitlines() if "pooled least-squares model" in ln)
+    settles = next(ln for ln in out.splitlines() if "where FedAvg settles" in ln)
+
+    def numbers(text: str) -> tuple[float, float]:
+        w, b = LINE.search(text).groups()
+        return float(w), float(b)
+
+    w5, b5 = reference_fedavg(SEED_DATA, rounds=5)[-1]
+    assert numbers(final) == (round(w5, 6), round(b5, 6)) == (1.396271, 0.787802)
+    assert numbers(pooled) == (0.5, 3.0)  # the least-squares line through the four points
+    fixed = fedavg_closed_form(SEED_DATA, 0.01, 10)
+    assert numbers(settles) == (round(fixed[0], 6), round(fixed[1], 6))
+    # the FedAvg math of every round is in the output, as the seed promised
+    assert out.count("── Round ") == 5 and "w = (2/4)·" in out
+    assert "demo: stopped all three apps." in out
