@@ -318,6 +318,7 @@ K_TARGETS = {50: Target("<=", 40.0), 1000: Target("<=", 1000.0)}
 TRAIN_TARGET = Target(">=", 0.8)
 SEED_RSS_TARGET = Target("<=", 150.0, judged_on="max")
 DEMO_TARGET = Target("<=", 50.0)
+COMPARE_TARGET = Target("<=", 10.0)
 
 
 # --- item 3: local training ---------------------------------------------------------------
@@ -526,6 +527,27 @@ def bench_clients(res: Results, plan: Plan, wsgi: str, ks: Sequence[int], db_dir
                         "MB", rss, largest_k=k)
 
 
+def bench_compare(res: Results, plan: Plan, db_dir: Path) -> None:
+    """Item 7: `make compare` with every strategy on the seed scenario, timed as
+    a user waits for it: the whole command, apps started and stopped."""
+    rounds = 200 if plan is FULL else 20
+    times = []
+    for rep in range(max(1, plan.reps // 2)):
+        out = db_dir / f"compare-{rep}"
+        t0 = time.perf_counter()
+        done = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare.py"), "--rounds", str(rounds),
+                               "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        times.append(time.perf_counter() - t0)
+        if done.returncode != 0:
+            raise BenchError(f"make compare failed: {done.stdout[-500:]} {done.stderr[-500:]}")
+        failed = [r["strategy"] for r in json.loads((out / "compare.json").read_text())["results"]
+                  if r["status"] != "completed"]
+        if failed:
+            raise BenchError(f"make compare: {', '.join(failed)} did not complete")
+    res.add("compare_all_s", 7, f"make compare: all strategies × {rounds} rounds, seed (whole command)", "s",
+            times, COMPARE_TARGET if plan is FULL else None, rounds=rounds)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -555,6 +577,7 @@ def main() -> int:
             bench_seed(res, plan, "werkzeug", db_dir, full_set=False)
             bench_clients(res, plan, "waitress", plan.ks, db_dir)
             bench_clients(res, plan, "werkzeug", [50], db_dir)
+            bench_compare(res, plan, db_dir)
     except BenchError as e:
         note(f"stopped: {e}")
         return 1
