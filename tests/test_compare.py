@@ -163,3 +163,26 @@ def test_usage_errors_exit_2_before_starting_anything(args, message, tmp_path):
     proc = run_compare(*args, "--out", str(tmp_path / "out"), timeout_s=60)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_compare_all_strategies_on_the_seed_separates_those_that_drift_from_those_that_do_not(tmp_path):
+    """Every strategy the server knows completes; the ones that remove client
+    drift (scaffold, exact) get within 1e-3 of the pooled line, the ones that
+    average drifted models (fedavg, fedprox, fednova with equal steps) stay
+    outside FedAvg's predicted stop."""
+    proc = run_compare("--rounds", "300", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "compare.json").read_text())
+    results = {r["strategy"]: r for r in report["results"]}
+    assert set(results) == {"fedavg", "fedsgd", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi",
+                            "fedadagrad", "fednova", "exact"}
+    assert all(r["status"] == "completed" and r["rounds_done"] == 300 for r in results.values())
+    optimum = pooled_seed_line()
+    assert results["exact"]["rounds_to_tol"] == 1
+    assert math.dist((results["exact"]["final_model"]["w"], results["exact"]["final_model"]["b"]), optimum) < 1e-9
+    assert results["scaffold"]["rounds_to_tol"] is not None and results["scaffold"]["rounds_to_tol"] < 300
+    stop = report["fedavg_fixed_point"]["distance"]
+    for name in ("fedavg", "fedprox", "fednova"):
+        assert results[name]["rounds_to_tol"] is None and min(results[name]["distances"]) > stop, name
+    ids = svg_ids(tmp_path / "compare.svg")
+    assert {i for i in ids if i.startswith("strategy-")} == {f"strategy-{name}" for name in results}
