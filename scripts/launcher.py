@@ -42,6 +42,64 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether an app would fail to listen on host:port now. Binds as the
+    apps' WSGI servers do, with SO_REUSEADDR, so a connection of a stopped app
+    still in TIME_WAIT does not count."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def port_holders(port: int) -> list[tuple[int, str]]:
+    """(pid, command line) of each process with a TCP socket listening on
+    ``port`` (any address): the socket inodes from /proc/net/tcp and tcp6,
+    then the processes whose /proc/<pid>/fd links name one of them. Other
+    users' processes show only to root; no holder found is an empty list."""
+    sockets = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]  # after the header
+        except OSError:  # a kernel without IPv6 has no tcp6
+            continue
+        for row in rows:
+            fields = row.split()  # sl local_address rem_address st ... inode
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                sockets.add(f"socket:[{inode}]")
+    holders = []
+    if not sockets:
+        return holders
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and sockets & _fd_links(proc):
+            try:
+                argv = (proc / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+            except OSError:  # it exited meanwhile
+                continue
+            holders.append((int(proc.name), " ".join(a.decode(errors="replace") for a in argv)))
+    return sorted(holders)
+
+
+def _fd_links(proc: Path) -> set[str]:
+    """What each open file descriptor of a process points to; empty if we may
+    not look (another user's process) or it has exited."""
+    links = set()
+    try:
+        fds = list((proc / "fd").iterdir())
+    except OSError:
+        return links
+    for fd in fds:
+        try:
+            links.add(os.readlink(fd))
+        except OSError:  # closed since the listing
+            pass
+    return links
+
+
 @contextmanager
 def refusing_url(host: str = "127.0.0.1") -> Iterator[str]:
     """A URL whose port is bound but never listens: every connection to it is

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
+import select
+import shlex
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -204,6 +210,169 @@ def test_run_all_starts_three_and_ctrl_c_leaves_nothing_behind(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.stdout.close()
+
+
+RUN_ALL = ROOT / "scripts" / "run_all.py"
+
+
+def _run_all_args(ports: dict[str, int], db: Path) -> list[str]:
+    return [f"--{n.replace('_', '-')}-port={p}" for n, p in ports.items()] + [f"--db={db}"]
+
+
+def test_run_all_stops_the_apps_when_its_terminal_closes(tmp_path):
+    """Closing the terminal hangs it up: the kernel sends SIGHUP to run-all,
+    its session's leader here (`setsid -c`), and its writes fail from then on.
+    The apps, in sessions of their own, get nothing: run-all must stop them."""
+    ports = {name: launcher.free_port() for name in launcher.DEFAULT_PORTS}
+    master, terminal = pty.openpty()
+    # env --default-signal: a terminal's shell starts run-all with SIGHUP at its
+    # default, even if these tests run under nohup (run-all keeps an ignored SIGHUP ignored).
+    proc = subprocess.Popen(["setsid", "-c", "env", "--default-signal=HUP", sys.executable, str(RUN_ALL),
+                             *_run_all_args(ports, tmp_path / "runs.db")],
+                            stdin=terminal, stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    try:
+        seen = _read_until(master, "Ctrl-C stops all three", timeout_s=120)
+        assert "Ctrl-C stops all three" in seen, seen
+        children = _descendants(proc.pid)
+        assert len(children) >= 3
+        os.close(master)  # the terminal window goes away
+        master = None
+        assert proc.wait(30) == 0
+        _assert_nothing_left(ports, children)
+    finally:
+        if master is not None:
+            os.close(master)
+        _kill_tree(proc, ports)
+
+
+def test_run_all_piped_to_head_stops_the_apps_once_head_exits(tmp_path):
+    """`make run-all | head -n 3`: once head has its lines and exits, run-all
+    must notice (a failed write, or its idle check of the pipe) and stop the
+    apps, quietly: no traceback about the broken pipe."""
+    ports = {name: launcher.free_port() for name in launcher.DEFAULT_PORTS}
+    run_all = shlex.join([sys.executable, str(RUN_ALL), *_run_all_args(ports, tmp_path / "runs.db")])
+    with open(tmp_path / "stderr", "w+") as err:
+        # bash ends when both sides of the pipeline have: head, then run-all
+        proc = subprocess.Popen(["bash", "-c", f"{run_all} | head -n 3"], stdout=subprocess.PIPE, stderr=err,
+                                text=True, start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"run-all still running 120 s after starting; ports {ports}") from None
+        finally:
+            _kill_tree(proc, ports)
+        err.seek(0)
+        assert err.read() == ""
+    assert len(out.splitlines()) == 3, out
+    _assert_nothing_left(ports)
+
+
+def test_run_all_refuses_a_port_already_held_and_names_the_holder(tmp_path):
+    """An old server still on the port would answer /health for the new one:
+    run-all must start nothing, say which process holds the port and how to
+    stop it, and exit 2."""
+
+    class OldServer(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"status": "ok"}')
+
+        def log_message(self, *_):
+            pass
+
+    old = ThreadingHTTPServer(("127.0.0.1", 0), OldServer)
+    threading.Thread(target=old.serve_forever, daemon=True).start()
+    ports = {name: launcher.free_port() for name in launcher.DEFAULT_PORTS}
+    ports["server"] = old.server_address[1]
+    try:
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, str(RUN_ALL), *_run_all_args(ports, tmp_path / "runs.db")],
+                              capture_output=True, text=True, timeout=60)
+        took = time.monotonic() - started
+    finally:
+        old.shutdown()
+        old.server_close()
+    assert done.returncode == 2, done
+    assert done.stdout == ""  # nothing started, nothing reported as answering
+    assert took < 10, f"took {took:.1f} s"
+    me = os.getpid()  # this test process holds the port
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"run-all: port {ports['server']} (server) is already in use by pid {me} (")
+    assert f"stop it with `kill {me}`" in line and "--server-port" in line
+    assert not _processes_with_port(ports)
+
+
+def _read_until(fd: int, text: str, timeout_s: float) -> str:
+    """What a terminal shows until ``text`` appears, run-all exits, or the time is up."""
+    seen = b""
+    deadline = time.monotonic() + timeout_s
+    while text.encode() not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: every end of the terminal's other side is closed
+            break
+        if not chunk:
+            break
+        seen += chunk
+    return seen.decode(errors="replace")
+
+
+def _assert_nothing_left(ports: dict[str, int], children: list[int] = ()) -> None:
+    """Every port can be bound again, and no process of the apps remains."""
+    deadline = time.monotonic() + 10
+    while True:
+        bound = [p for p in ports.values() if _bound(p)]
+        left = [pid for pid in children if _alive(pid)] + _processes_with_port(ports)
+        if not bound and not left:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still bound: {bound}; still running: {left}")
+        time.sleep(0.05)  # polling interval
+
+
+def _bound(port: int) -> bool:
+    """Whether an app could not listen on the port (binding as the apps do, with SO_REUSEADDR)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def _processes_with_port(ports: dict[str, int]) -> list[int]:
+    """Live processes started with ``--port P`` for one of these ports: the
+    apps (and their `poetry run`), found whoever their parent is now."""
+    wanted = {f"--port\0{p}\0".encode() for p in ports.values()}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if any(w in cmdline for w in wanted) and _alive(int(entry.name)):
+                found.append(int(entry.name))
+    return found
+
+
+def _kill_tree(proc: subprocess.Popen, ports: dict[str, int]) -> None:
+    """After a failed test: SIGKILL what is left of a run-all and its apps,
+    also apps it left behind (no longer its children)."""
+    for pid in _descendants(proc.pid) + _processes_with_port(ports):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
 
 
 def _descendants(pid: int) -> list[int]:
