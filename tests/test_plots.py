@@ -1,5 +1,6 @@
-"""The charts: SVG from the real server for runs of 1 and 1000 rounds, 404s
-as JSON, ``?since=`` for live polling, and scripts/plot_run.py writing PNGs."""
+"""The charts: SVG from the real server for runs of 1 and 1000 rounds and a
+FedSGD run (no local models), 404s as JSON, ``?since=`` for live polling,
+several runs compared on one chart, and scripts/plot_run.py writing PNGs."""
 from __future__ import annotations
 
 import json
@@ -34,14 +35,17 @@ def get(url: str) -> tuple[int, str, bytes]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """The real apps, and two finished runs on them: 1 round and 1000 rounds."""
+    """The real apps, and finished runs on them: FedAvg for 1 round and 1000
+    rounds, FedSGD (no local models, only gradients) for 3."""
     ports = {name: launcher.free_port() for name in launcher.DEFAULT_PORTS}
     db = tmp_path_factory.mktemp("plots") / "runs.db"
     apps = launcher.start_federation(ports, server_args=["--db", str(db)])
     try:
         url = apps["server"].url
-        runs = {}
-        for rounds in (1, 1000):
+        status, fedsgd = launcher.post_json(url + "/start", {"rounds": 3, "strategy": "fedsgd", "seed": 7})
+        assert status == 200 and fedsgd["status"] == "completed", fedsgd
+        runs = {"fedsgd": fedsgd}
+        for rounds in (1, 1000):  # the 1000 rounds last: plot_run draws the latest run
             status, run = launcher.post_json(url + "/start", {"rounds": rounds, "pace_s": 0, "seed": 7})
             assert status == 200 and run["status"] == "completed", run
             runs[rounds] = run
@@ -67,6 +71,58 @@ def test_each_chart_is_valid_svg(server, rounds, name):
     assert ctype.startswith("image/svg+xml")
     assert_svg(body)
     assert len(body) < 2_000_000  # 1000 rounds stay one line each, not 1000 elements per series
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_fedsgd_run_without_local_models_still_draws(server, name):
+    """FedSGD's clients send gradients, not models: the charts draw the global
+    model alone, and the model lines say why the clients' lines are missing."""
+    url, runs = server
+    run = runs["fedsgd"]
+    assert all("local_model" not in p and "gradient" in p for r in run["rounds"] for p in r["participants"])
+    for round_no in (1, 3):
+        status, ctype, body = get(f"{url}/runs/{run['run_id']}/plots/{name}.svg?round={round_no}")
+        assert status == 200 and ctype.startswith("image/svg+xml"), body
+        assert_svg(body)
+    if name == "models":
+        assert b"<!-- 2 client(s) sent no local model, so no line -->" in body
+        assert b"strategy fedsgd" in body
+    assert render(run, name, "png").startswith(PNG_SIGNATURE)
+
+
+def compare_ids(root: ET.Element) -> set[str]:
+    return {g.get("id") for g in root.iter("{http://www.w3.org/2000/svg}g") if (g.get("id") or "").startswith("run-")}
+
+
+def test_compare_overlays_one_labelled_line_per_run(server):
+    url, runs = server
+    ids = [runs[1]["run_id"], runs[1000]["run_id"], runs["fedsgd"]["run_id"]]
+    status, ctype, body = get(f"{url}/compare.svg?runs={','.join(map(str, ids))}")
+    assert status == 200 and ctype.startswith("image/svg+xml")
+    assert compare_ids(assert_svg(body)) == {f"run-{i}" for i in ids}
+    for run_id, strategy in zip(ids, ("fedavg", "fedavg", "fedsgd")):
+        assert f"<!-- run {run_id}: {strategy} -->".encode() in body  # the legend's label
+    # the same run twice is one line
+    status, _, body = get(f"{url}/compare.svg?runs={ids[0]},{ids[0]}")
+    assert status == 200 and compare_ids(assert_svg(body)) == {f"run-{ids[0]}"}
+
+
+@pytest.mark.parametrize("query, status, message", [
+    ("", 400, "runs: required, the run ids to compare, e.g. runs=1,2"),
+    ("runs=", 400, "runs: must be run ids separated by commas, got ''"),
+    ("runs=1,x", 400, "runs: must be run ids separated by commas, got '1,x'"),
+    ("runs=1,-2", 400, "runs: must be run ids separated by commas, got '1,-2'"),
+    ("runs=" + ",".join(["1"] * 11), 400, "runs: at most 10 runs on one chart, got 11"),
+    ("runs=1&round=2", 400, "round: unknown query parameter"),
+    ("runs=1,987654", 404, "no run 987654"),
+    ("runs=" + "9" * 40, 404, "no run " + "9" * 40),
+    ("runs=1," + "9" * 50, 404, "no run " + "9" * 40),
+])
+def test_compare_says_what_is_wrong_as_json(server, query, status, message):
+    url, _ = server
+    got, ctype, body = get(f"{url}/compare.svg?{query}")
+    assert got == status and ctype.startswith("application/json")
+    assert json.loads(body) == {"error": message}
 
 
 def test_model_lines_of_a_chosen_round(server):

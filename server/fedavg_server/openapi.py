@@ -10,6 +10,9 @@ from fedavg.strategies import STRATEGIES, Param
 
 from .settings import MAX_ROUNDS
 
+# Runs on one comparison chart (GET /compare.svg; web.py checks it): more lines cannot be told apart.
+MAX_COMPARE = 10
+
 RUN_STATUS = {"type": "string", "enum": ["running", "completed", "failed", "diverged", "interrupted"]}
 NOT_FOUND = {"404": reply("no such run", ref("Error"))}
 BUSY = {"409": reply("a run is already running (its id is in run_id), or this run cannot be resumed",
@@ -204,6 +207,18 @@ def server_document(num_clients: int) -> dict[str, Any]:
                                   "content": {"image/svg+xml": {"schema": {"type": "string"}}}},
                           "400": ERRORS["400"],
                           "404": reply("no such run, or no such chart", ref("Error"))},
+        }},
+        "/compare.svg": {"get": {
+            "summary": "Several runs' federated loss per round on one chart (log scale), one line per run "
+                       "labelled \"run N: strategy\", drawn by matplotlib.",
+            "parameters": [{"name": "runs", "in": "query", "required": True,
+                            "description": f"the run ids, separated by commas (at most {MAX_COMPARE})",
+                            "schema": {"type": "string", "pattern": f"^[0-9]+(,[0-9]+){{0,{MAX_COMPARE - 1}}}$"},
+                            "example": "1,2"}],
+            "responses": {"200": {"description": "the chart",
+                                  "content": {"image/svg+xml": {"schema": {"type": "string"}}}},
+                          "400": ERRORS["400"],
+                          "404": reply("one of the runs does not exist", ref("Error"))},
         }},
     }
     return document("Raw FedAvg server", paths, schemas)

@@ -95,7 +95,8 @@ def _find_round(run: Run, round_no: int | None) -> dict[str, Any] | None:
 def models_figure(run: Run, round_no: int | None = None) -> Figure:
     """Chart 1: y = w·x + b of each client's local model in round ``round_no``
     (default: the last), of the global model that went in, and of the global
-    model that came out: W_{t+1} = Σ_k n_k/N · W_k."""
+    model that came out: W_{t+1} = Σ_k n_k/N · W_k for FedAvg. A client that
+    sent no local model (FedSGD's gradient, the exact strategy's sums) has no line."""
     record = _find_round(run, round_no)
     fig, (ax,) = _new_figure()
     fig.supxlabel(PRIVATE_NOTE, fontsize=9, style="italic")
@@ -109,18 +110,24 @@ def models_figure(run: Run, round_no: int | None = None) -> Figure:
     if model_in is not None:
         ax.plot(x, _slope(model_in) * x + model_in["b"], color="grey", linestyle=":", linewidth=1.5,
                 label=f"global in: y = {fmt(_slope(model_in))}·x + {fmt(model_in['b'])}")
-    for k, p in enumerate(record["participants"]):
+    with_model = [p for p in record["participants"] if p.get("local_model") is not None]
+    for k, p in enumerate(with_model):
         m = p["local_model"]
         label = (f"{_escape(p['client_id'])} (n_k={p['data_size']}): y = {fmt(_slope(m))}·x + {fmt(m['b'])}"
                  if k < TRACE_TERMS else None)
         ax.plot(x, _slope(m) * x + m["b"], color=color(p["url"]), linestyle="--", linewidth=1.3, label=label)
-    if len(record["participants"]) > TRACE_TERMS:
-        ax.plot([], [], " ", label=f"… and {len(record['participants']) - TRACE_TERMS} more clients")
+    if len(with_model) > TRACE_TERMS:
+        ax.plot([], [], " ", label=f"… and {len(with_model) - TRACE_TERMS} more clients")
+    without = len(record["participants"]) - len(with_model)
+    if without:
+        ax.plot([], [], " ", label=f"{without} client(s) sent no local model, so no line")
     out = record["global_model"]
     ax.plot(x, _slope(out) * x + out["b"], **GLOBAL_STYLE,
             label=f"global out: y = {fmt(_slope(out))}·x + {fmt(out['b'])}")
     features = _num_features(run)
-    ax.set_title(f"Run {run['run_id']}, round {record['round']}: " + AVERAGE_TEX)
+    strategy = record.get("strategy", "fedavg")  # rounds stored before strategies were FedAvg's
+    ax.set_title(f"Run {run['run_id']}, round {record['round']}: "
+                 + (AVERAGE_TEX if strategy in ("fedavg", "fedprox") else f"strategy {strategy}"))
     ax.set_xlabel("x" if features == 1 else f"x₁ (the other {features - 1} feature(s) at 0)")
     ax.set_ylabel("y = w·x + b")
     ax.set_xlim(*X_RANGE)
@@ -130,11 +137,14 @@ def models_figure(run: Run, round_no: int | None = None) -> Figure:
 
 
 def _series(run: Run, pick: Callable[[dict[str, Any]], float]) -> dict[str, tuple[str, np.ndarray]]:
-    """url → (client_id, value per round, NaN where the client did not take part)."""
+    """url → (client_id, value per round, NaN where the client did not take
+    part or sent no local model)."""
     rounds = run["rounds"]
     out: dict[str, tuple[str, np.ndarray]] = {}
     for i, record in enumerate(rounds):
         for p in record["participants"]:
+            if p.get("local_model") is None:
+                continue
             if p["url"] not in out:
                 out[p["url"]] = (p["client_id"], np.full(len(rounds), np.nan))
             out[p["url"]][1][i] = pick(p["local_model"])
@@ -181,15 +191,29 @@ def params_figure(run: Run, round_no: int | None = None) -> Figure:
     return fig
 
 
+def _loss_points(run: Run) -> list[tuple[int, float]]:
+    """(round, federated loss) where it was measured and can go on a log scale."""
+    return [(r["round"], r["federated_loss"]) for r in run["rounds"]
+            if r.get("federated_loss") is not None and r["federated_loss"] > 0 and math.isfinite(r["federated_loss"])]
+
+
+def _log_axis(ax: Any) -> None:
+    ax.set_yscale("log")
+    # Plain numbers (2, 0.5, 1e-05) rather than 2×10⁰ when the loss spans less than a decade.
+    ax.yaxis.set_major_formatter(LogFormatter())
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, which="both", alpha=0.3)
+
+
 def loss_figure(run: Run, round_no: int | None = None) -> Figure:
     """Chart 3: the federated loss L = Σ_k n_k/N · L_k of each round's global
     model, on a log scale (it falls by orders of magnitude); a vertical line
     at ``round_no`` if given."""
     fig, (ax,) = _new_figure()
     ax.set_title(f"Run {run['run_id']}: federated loss " + r"$L = \sum_k \, (n_k/N) \, L_k$")
-    points = [(r["round"], r["federated_loss"]) for r in run["rounds"]
-              if r.get("federated_loss") is not None and r["federated_loss"] > 0
-              and math.isfinite(r["federated_loss"])]
+    points = _loss_points(run)
     if not points:
         _empty(ax, "No federated loss yet: a round's loss is measured\n"
                    "when the next round starts (or after the last one).")
@@ -197,17 +221,39 @@ def loss_figure(run: Run, round_no: int | None = None) -> Figure:
     xs, ys = zip(*points)
     marker = "o" if len(points) <= MARKERS_UP_TO else None
     ax.plot(xs, ys, **GLOBAL_STYLE, marker=marker, markersize=4)
-    ax.set_yscale("log")
-    # Plain numbers (2, 0.5, 1e-05) rather than 2×10⁰ when the loss spans less than a decade.
-    ax.yaxis.set_major_formatter(LogFormatter())
-    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
-    ax.set_xlabel("round")
+    _log_axis(ax)
     ax.set_ylabel("MSE of the global model (log scale)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(True, which="both", alpha=0.3)
     if len(points) == 1:  # a single point: give the axis some room around it
         ax.set_xlim(xs[0] - 1, xs[0] + 1)
     _mark_round(run, [ax], round_no)
+    return fig
+
+
+def compare_figure(runs: list[Run]) -> Figure:
+    """Several runs' federated loss per round on one log scale, one line per
+    run, labelled "run N: strategy" (the line's SVG id is run-N)."""
+    fig, (ax,) = _new_figure()
+    ax.set_title("Federated loss per round " + r"$L = \sum_k \, (n_k/N) \, L_k$")
+    drawn = 0
+    for k, run in enumerate(runs):
+        strategy = (run.get("settings") or {}).get("strategy", "fedavg")
+        label = f"run {run['run_id']}: {strategy}"
+        points = _loss_points(run)
+        if not points:
+            ax.plot([], [], " ", label=f"{label} (no loss measured yet)")
+            continue
+        xs, ys = zip(*points)
+        marker = "o" if len(points) <= MARKERS_UP_TO else None
+        (line,) = ax.plot(xs, ys, color=f"C{k % 10}", linewidth=1.6, marker=marker, markersize=3, label=label)
+        line.set_gid(f"run-{run['run_id']}")
+        drawn += 1
+    if not drawn:
+        _empty(ax, "None of these runs has a federated loss yet.")
+    else:
+        _log_axis(ax)
+        ax.set_ylabel("MSE of the global model (log scale)")
+    if runs:
+        ax.legend(loc="best", fontsize=8)
     return fig
 
 
@@ -225,9 +271,18 @@ def render(run: Run, name: str, image_format: str = "svg", round_no: int | None 
     if round_no is not None:
         _find_round(run, round_no)
     with _render_lock:
-        fig = build(run, round_no)
-        buf = io.BytesIO()
-        # No date in the metadata: the same run gives the same bytes.
-        metadata = {"Date": None} if image_format == "svg" else {}
-        fig.savefig(buf, format=image_format, dpi=PNG_DPI, metadata=metadata)
+        return _save(build(run, round_no), image_format)
+
+
+def render_compare(runs: list[Run], image_format: str = "svg") -> bytes:
+    """``compare_figure`` of ``runs`` as SVG or PNG bytes."""
+    with _render_lock:
+        return _save(compare_figure(runs), image_format)
+
+
+def _save(fig: Figure, image_format: str) -> bytes:
+    buf = io.BytesIO()
+    # No date in the metadata: the same run gives the same bytes.
+    metadata = {"Date": None} if image_format == "svg" else {}
+    fig.savefig(buf, format=image_format, dpi=PNG_DPI, metadata=metadata)
     return buf.getvalue()

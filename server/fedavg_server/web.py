@@ -13,6 +13,7 @@ from fedavg.wire import ProtocolError
 
 from .api import federation, no_query_args
 from .clients import Reply
+from .openapi import MAX_COMPARE
 from .settings import MAX_ROUNDS, RunSettings
 
 bp = Blueprint("web", __name__)
@@ -88,3 +89,33 @@ def _round_arg() -> int | None:
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 9 and int(raw) >= 1):
         raise ProtocolError(f"round: must be a round number >= 1, got {raw!r}")
     return int(raw)
+
+
+@bp.get("/compare.svg")
+def compare():
+    """Several runs' federated loss per round on one log-scale chart, one line
+    per run: ?runs=1,2,3 (at most MAX_COMPARE)."""
+    no_query_args("runs")
+    store = federation().store
+    runs = []
+    for digits in _runs_arg():
+        # More digits than any run id has: no such run (and int() refuses thousands of digits).
+        run = store.get(int(digits)) if len(digits) <= 18 else None
+        if run is None:
+            return {"error": f"no run {digits[:40]}"}, 404
+        runs.append(run)
+    from .plots import render_compare  # matplotlib only when a chart is asked for (see plot)
+    return Response(render_compare(runs, "svg"), mimetype="image/svg+xml", headers={"Cache-Control": "no-store"})
+
+
+def _runs_arg() -> list[str]:
+    """?runs=1,2,3 → ["1", "2", "3"]: run ids as digits, each once, at most MAX_COMPARE."""
+    raw = request.args.get("runs")
+    if raw is None:
+        raise ProtocolError("runs: required, the run ids to compare, e.g. runs=1,2")
+    parts = raw.split(",")
+    if len(parts) > MAX_COMPARE:
+        raise ProtocolError(f"runs: at most {MAX_COMPARE} runs on one chart, got {len(parts)}")
+    if not all(part.isascii() and part.isdigit() for part in parts):
+        raise ProtocolError(f"runs: must be run ids separated by commas, got {raw[:40]!r}")
+    return list(dict.fromkeys(part.lstrip("0") or "0" for part in parts))
