@@ -2,7 +2,9 @@
 Playwright, against the real apps as processes on free loopback ports.
 
 The server is configured with a third client where nothing listens, so every
-round drops it and the page must say why. UPDATE_SCREENSHOT=1 writes the
+round drops it and the page must say why. The form picks a strategy and its
+own settings; a round shows that strategy's math and state; several runs
+can be compared on one chart. UPDATE_SCREENSHOT=1 writes the
 screenshot to docs/screenshot.png (the one the README shows); otherwise it
 goes to the test's temporary folder.
 """
@@ -14,6 +16,7 @@ import random
 import sys
 import time
 import urllib.request
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import launcher  # noqa: E402
+from fedavg.strategies import STRATEGIES  # noqa: E402
 from fedavg.trace import explain_average, fmt  # noqa: E402
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -305,3 +309,145 @@ def test_a_run_can_be_stopped_and_resumed_from_the_page(page: Page, federation):
     wait_status(page, "completed", 30_000)
     assert text(page, "#progress-text") == "40 / 40 rounds"
     assert get_json(f"{url}/runs/{run_id}")["status"] == "completed"
+
+
+# --- strategies: the form, each round's own math, and runs compared ---------------------------
+
+
+def start_run(url: str, body: dict) -> dict:
+    """A run started over the API, waited for: the page then shows it as a past run."""
+    status, run = launcher.post_json(url + "/start", body)
+    assert status == 200 and run["status"] == "completed", run
+    return run
+
+
+def show_round(page: Page, run_id: int, round_no: int) -> None:
+    """Pick a past run in the list (unless the page, freshly loaded, already
+    shows it as the newest run), then one of its rounds by number."""
+    page.wait_for_function("document.querySelector('#run-status').textContent.startsWith('Run ')")
+    if not text(page, "#run-status").startswith(f"Run {run_id} is "):
+        page.select_option("#run-select", str(run_id))
+        page.wait_for_function(f"document.querySelector('#run-status').textContent.startsWith('Run {run_id} is ')")
+    page.fill("#round-input", str(round_no))
+    page.dispatch_event("#round-input", "change")
+    page.wait_for_function(f"document.querySelector('#round-number').textContent === '{round_no}'")
+
+
+def test_the_form_starts_a_scaffold_run_with_its_own_server_lr(page: Page, federation):
+    url, _ = federation
+    # FedAvg first, with nothing of its own to set; every other strategy's settings hidden
+    assert page.input_value("#f-strategy") == "fedavg"
+    assert text(page, "#strategy-summary") == STRATEGIES["fedavg"].summary
+    assert page.is_hidden("#f-scaffold-server_lr") and page.is_hidden("#f-fedprox-mu")
+    # mu belongs to FedProx alone, with the default the server gives it
+    page.select_option("#f-strategy", "fedprox")
+    assert page.is_visible("#f-fedprox-mu") and page.input_value("#f-fedprox-mu") == "0.01"
+    page.select_option("#f-strategy", "scaffold")
+    assert text(page, "#strategy-summary") == STRATEGIES["scaffold"].summary
+    assert page.is_hidden("#f-fedprox-mu") and page.is_hidden("#f-fedadam-server_lr")
+    # the setting as fedavg.strategies defines it: its default and bounds
+    param = next(p for p in STRATEGIES["scaffold"].params if p.name == "server_lr")
+    assert page.input_value("#f-scaffold-server_lr") == f"{param.default:g}"
+    assert page.get_attribute("#f-scaffold-server_lr", "max") == f"{param.le:g}"
+    assert f"0 < server_lr ≤ {param.le:g}" in text(page, "#scaffold-server_lr-help")
+    assert page.inner_text('label[for="f-scaffold-server_lr"]') == "server_lr"
+
+    page.fill("#f-rounds", "2")
+    page.fill("#f-scaffold-server_lr", "0.5")
+    run_id = max([r["run_id"] for r in get_json(url + "/runs")["runs"]], default=0) + 1  # the server's next id
+    page.click("#start-button")
+    page.wait_for_function(f"document.querySelector('#run-status').textContent.startsWith('Run {run_id} is completed')")
+    run = get_json(f"{url}/runs/{run_id}")
+    assert run["settings"]["strategy"] == "scaffold" and run["settings"]["params"] == {"server_lr": 0.5}
+    assert "mu" not in json.dumps(run["settings"]["params"])
+    assert text(page, "#run-status").startswith(f"Run {run_id} is completed: scaffold (server_lr={fmt(0.5)}), ")
+    # and its last round: SCAFFOLD's math, each client's control-variate update, the server's c
+    record = run["rounds"][-1]
+    page.wait_for_function("document.querySelector('#math [data-field=\"strategy\"]') !== null")
+    assert text(page, '#math [data-field="strategy"]') == "scaffold"
+    assert page.locator("#average-lines").inner_text().strip() == "\n".join(record["math"])
+    for p in record["participants"]:
+        row = page.locator(f'#terms tbody tr[data-client="{p["client_id"]}"]')
+        assert row.locator('[data-field="control_delta_w"]').inner_text() == w_text(p["control_delta"]["w"])
+        assert row.locator('[data-field="control_delta_b"]').inner_text() == fmt(p["control_delta"]["b"])
+    c = record["server_state"]["c"]
+    assert page.locator('#server-state tr[data-state="c"] [data-field="w"]').inner_text() == fmt(c[0])
+    assert page.locator('#server-state tr[data-state="c"] [data-field="b"]').inner_text() == fmt(c[1])
+
+
+def test_an_out_of_range_strategy_setting_is_shown_next_to_its_field(page: Page, federation):
+    url, _ = federation
+    before = len(get_json(url + "/runs")["runs"])
+    page.select_option("#f-strategy", "fedadam")
+    page.fill("#f-fedadam-beta1", "1")
+    page.click("#start-button")
+    page.wait_for_function("document.querySelector('#fedadam-beta1-error').textContent !== ''")
+    assert text(page, "#fedadam-beta1-error") == "must be < 1, got 1"  # the API's "beta1: must be < 1, got 1"
+    assert page.get_attribute("#f-fedadam-beta1", "aria-invalid") == "true"
+    assert page.evaluate("document.activeElement.id") == "f-fedadam-beta1"
+    # the other strategies' beta1 (hidden, not sent) carry no message
+    assert page.locator("#fedyogi-beta1-error").inner_text() == ""
+    assert text(page, "#form-error") == ""
+    page.fill("#f-fedadam-beta1", "0.9")
+    assert text(page, "#fedadam-beta1-error") == ""
+    assert len(get_json(url + "/runs")["runs"]) == before  # nothing started
+
+
+def test_a_fedadam_round_shows_its_math_and_its_m_and_v(page: Page, federation):
+    url, _ = federation
+    run = start_run(url, {"strategy": "fedadam", "rounds": 3, "seed": 11, "server_lr": 0.2})
+    page.reload()
+    show_round(page, run["run_id"], 2)
+    record = run["rounds"][1]
+    assert text(page, '#math [data-field="strategy"]') == "fedadam"
+    assert text(page, '#math [data-field="summary"]') == STRATEGIES["fedadam"].summary
+    assert page.locator("#average-lines").inner_text().strip() == "\n".join(record["math"])
+    assert any(line.startswith("m_w = ") for line in record["math"])
+    assert set(record["server_state"]) == {"m", "v"}
+    for key, values in record["server_state"].items():
+        row = page.locator(f'#server-state tr[data-state="{key}"]')
+        assert row.locator('[data-field="w"]').inner_text() == fmt(values[0])
+        assert row.locator('[data-field="b"]').inner_text() == fmt(values[1])
+    # FedAdam averages local models first: each client's share is there too
+    assert page.locator("#terms tbody tr").count() == len(record["participants"]) == len(record["terms"])
+
+
+def test_a_fedsgd_round_shows_what_each_client_sent(page: Page, federation):
+    url, _ = federation
+    run = start_run(url, {"strategy": "fedsgd", "rounds": 2, "seed": 2})
+    page.reload()
+    show_round(page, run["run_id"], 2)
+    record = run["rounds"][1]
+    assert record["terms"] == []
+    assert page.locator("#average-lines").inner_text().strip() == "\n".join(record["math"])
+    for p in record["participants"]:
+        row = page.locator(f'#terms tbody tr[data-client="{p["client_id"]}"]')
+        assert row.locator('[data-field="gradient_w"]').inner_text() == w_text(p["gradient"]["w"])
+        assert row.locator('[data-field="gradient_b"]').inner_text() == fmt(p["gradient"]["b"])
+        assert row.locator('[data-field="w"]').count() == 0  # no local model, no column for one
+    assert page.locator("#server-state").count() == 0  # FedSGD keeps no state
+    # its model-lines chart draws (the global lines only)
+    page.wait_for_function("document.querySelector('#chart-models').src.startsWith('blob:')"
+                           " && document.querySelector('#chart-models').naturalWidth > 300")
+
+
+def test_the_comparison_view_overlays_two_runs(page: Page, federation):
+    url, _ = federation
+    first = start_run(url, {"strategy": "fedavg", "rounds": 4, "seed": 1})
+    second = start_run(url, {"strategy": "fedadam", "rounds": 4, "seed": 1})
+    page.reload()
+    for run in (first, second):
+        page.check(f"#compare-{run['run_id']}")
+    page.click("#compare-button")
+    page.wait_for_function("document.querySelector('#chart-compare').src.startsWith('blob:')"
+                           " && document.querySelector('#chart-compare').naturalWidth > 300")
+    assert page.is_visible("#chart-compare")
+    assert page.get_attribute("#chart-compare", "data-runs") == f"{first['run_id']},{second['run_id']}"
+    # the picture the page shows: one line per run, each labelled with its run and strategy
+    svg = page.evaluate("fetch(document.querySelector('#chart-compare').src).then(r => r.text())")
+    root = ET.fromstring(svg)
+    line_ids = {g.get("id") for g in root.iter("{http://www.w3.org/2000/svg}g")
+                if (g.get("id") or "").startswith("run-")}
+    assert line_ids == {f"run-{first['run_id']}", f"run-{second['run_id']}"}
+    for run, strategy in ((first, "fedavg"), (second, "fedadam")):
+        assert f"<!-- run {run['run_id']}: {strategy} -->" in svg  # the legend's text

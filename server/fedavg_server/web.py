@@ -2,19 +2,22 @@
 arithmetic and its charts. The page itself is a template and a little plain
 JavaScript (templates/, static/, served by the app's own static route); this
 blueprint adds what the page needs beyond the API: each client's health,
-and the charts as SVG drawn by matplotlib (plots.py)."""
+the start form's strategy settings (from fedavg.strategies, written once),
+and the charts as SVG drawn by matplotlib (plots.py), one run's or several
+runs' losses compared."""
 from __future__ import annotations
 
 from typing import Any
 
 from flask import Blueprint, Response, current_app, render_template, request
 
+from fedavg.strategies import STRATEGIES, Param, Strategy
 from fedavg.wire import ProtocolError
 
 from .api import federation, no_query_args
 from .clients import Reply
 from .openapi import MAX_COMPARE
-from .settings import MAX_ROUNDS, RunSettings
+from .settings import FEDPROX_DEFAULT_MU, MAX_ROUNDS, RunSettings
 
 bp = Blueprint("web", __name__)
 
@@ -27,8 +30,28 @@ PLOT_NAMES = ("models", "params", "loss")
 @bp.get("/")
 def index() -> str:
     # No check of the query string: a page should open whatever a link appends to it.
-    return render_template("index.html", defaults=RunSettings(), max_rounds=MAX_ROUNDS,
+    strategies = [(name, kind.summary, strategy_fields(kind)) for name, kind in STRATEGIES.items()]
+    return render_template("index.html", defaults=RunSettings(), max_rounds=MAX_ROUNDS, strategies=strategies,
+                           max_compare=MAX_COMPARE,
                            clients=federation().pool.urls, token_required=current_app.config["TOKEN"] is not None)
+
+
+def strategy_fields(kind: type[Strategy]) -> list[dict[str, Any]]:
+    """The form's inputs for one strategy's own settings, from its ``Param``
+    definitions (the bounds the server checks); FedProx's mu as well."""
+    params = list(kind.params)
+    if kind.uses_mu:
+        params.insert(0, Param("mu", FEDPROX_DEFAULT_MU, "μ, the weight of the proximal term", gt=0))
+    return [{"name": p.name, "default": f"{p.default:g}", "help": p.help, "bounds": _bounds_text(p),
+             "min": "" if p.ge is None else f"{p.ge:g}", "max": "" if p.le is None else f"{p.le:g}"}
+            for p in params]
+
+
+def _bounds_text(p: Param) -> str:
+    """'0 ≤ beta1 < 1', '0 < server_lr ≤ 10', … as the server checks them."""
+    low = f"{p.gt:g} < " if p.gt is not None else f"{p.ge:g} ≤ " if p.ge is not None else ""
+    high = f" < {p.lt:g}" if p.lt is not None else f" ≤ {p.le:g}" if p.le is not None else ""
+    return f"{low}{p.name}{high}"
 
 
 @bp.get("/clients")

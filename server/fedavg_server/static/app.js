@@ -136,6 +136,7 @@ async function loadRunList(selectId) {
   const text = (opts) => opts.map((o) => `${o.value} ${o.textContent}`).join("\n");
   if (text(options) !== text([...select.options])) select.replaceChildren(...options);
   if (current != null) select.value = String(current);
+  updateCompareList(body.runs);
   return body.runs;
 }
 
@@ -205,7 +206,7 @@ function showRunStatus() {
   const planned = run.settings.rounds;
   const done = state.rounds.length;
   const s = run.settings;
-  const strategy = s.strategy === "fedprox" ? `FedProx, mu=${fmt(s.mu)}` : "FedAvg";
+  const strategy = strategyText(s);
   $("#run-status").textContent =
     `Run ${run.run_id} is ${run.status}: ${strategy}, lr=${fmt(s.lr)}, ${s.local_epochs} local epoch(s)` +
     `${s.batch_size ? `, batch size ${s.batch_size}` : ""}, fraction=${fmt(s.fraction)}, ` +
@@ -220,6 +221,20 @@ function showRunStatus() {
   // one resumed from its last completed round.
   $("#run-stop").hidden = run.status !== "running";
   $("#run-resume").hidden = !["interrupted", "failed"].includes(run.status);
+}
+
+// "scaffold (server_lr=0.500000)", "fedprox (mu=0.010000)": the strategy and its own settings.
+function strategyText(s) {
+  const name = s.strategy || "fedavg";  // runs stored before strategies were FedAvg's
+  const own = Object.entries(s.params || {}).map(([k, v]) => `${k}=${fmt(v)}`);
+  if (name === "fedprox") own.unshift(`mu=${fmt(s.mu)}`);
+  return own.length ? `${name} (${own.join(", ")})` : name;
+}
+
+// The one-line formula of a strategy, as the form's <select> has it (from fedavg.strategies).
+function strategySummary(name) {
+  const option = $(`#f-strategy option[value="${CSS.escape(name)}"]`);
+  return option ? option.dataset.summary : "";
 }
 
 function authHeaders() {
@@ -305,6 +320,77 @@ function updateRoundNav() {
   $("#round-number").textContent = state.selected ?? "–";
 }
 
+// [w..., b] as the page writes a model: w one number with one feature, a list with several.
+const splitWB = (v) => ({ w: v.length === 2 ? v[0] : v.slice(0, -1), b: v[v.length - 1] });
+const fmtMatrix = (m) => `[${m.map((row) => asList(row).map(fmt).join(" ")).join("; ")}]`;
+
+// The columns of the client table: what each client sent (its local model,
+// gradient, control variate, steps or sums, whichever the strategy asks for)
+// and, when the strategy averages local models, its share n_k/N · W_k.
+function clientColumns(r) {
+  const ps = r.participants;
+  const has = (key) => ps.some((p) => p[key] != null);
+  const cols = [];
+  const pair = (key, headW, headB) => {
+    const field = key === "local_model" ? "" : `${key}_`;
+    cols.push({ head: headW, field: `${field}w`, cell: (p) => (p[key] ? fmtW(p[key].w) : "–") });
+    cols.push({ head: headB, field: `${field}b`, cell: (p) => (p[key] ? fmt(p[key].b) : "–") });
+  };
+  if (has("local_model")) pair("local_model", "local w_k", "local b_k");
+  if (has("gradient")) pair("gradient", "gradient ∂L_k/∂w", "∂L_k/∂b");
+  if (has("control_delta")) pair("control_delta", "Δc_k (w)", "Δc_k (b)");
+  if (has("steps")) {
+    cols.push({ head: "steps τ_k", field: "steps", cell: (p) => (p.steps == null ? "–" : String(p.steps)) });
+  }
+  if (has("stats")) {
+    cols.push({ head: "Σx̃x̃ᵀ", field: "xtx", cell: (p) => (p.stats ? fmtMatrix(p.stats.xtx) : "–") });
+    cols.push({ head: "Σx̃y", field: "xty", cell: (p) => (p.stats ? fmtMatrix([p.stats.xty]) : "–") });
+  }
+  if (!cols.length) pair("local_model", "local w_k", "local b_k");
+  return cols;
+}
+
+function clientTable(r) {
+  const cols = clientColumns(r);
+  const withTerms = r.terms.length > 0;
+  const heads = ["Client", "n_k", "n_k/N", ...cols.map((c) => c.head),
+                 ...(withTerms ? ["n_k/N · w_k", "n_k/N · b_k"] : [])];
+  const table = el("table", { id: "terms" },
+    el("caption", {}, "Each client's share n", el("sub", { text: "k" }), "/N and what it sent back" +
+      (withTerms ? ": its local model W" : "."), ...(withTerms ? [el("sub", { text: "k" }), "."] : [])),
+    el("thead", {}, el("tr", {}, ...heads.map((h) => el("th", { scope: "col", text: h })))));
+  const body = el("tbody");
+  const total = r.N;
+  r.participants.forEach((p, k) => {
+    const t = r.terms[k];
+    body.append(el("tr", { dataset: { client: p.client_id } },
+      el("th", { scope: "row", title: p.url, text: p.client_id }),
+      num(String(p.data_size), "n_k"),
+      num(fmt(t ? t.weight : p.data_size / total), "weight"),
+      ...cols.map((c) => num(c.cell(p), c.field)),
+      ...(withTerms ? [num(t ? fmtW(t.w) : "–", "term_w"), num(t ? fmt(t.b) : "–", "term_b")] : [])));
+  });
+  const blanks = cols.map(() => num(""));
+  table.append(body, el("tfoot", {}, el("tr", {},
+    el("th", { scope: "row", text: withTerms ? "Σ = W_t+1" : "Σ n_k = N" }), num(String(r.N), "N"), num(""),
+    ...blanks,
+    ...(withTerms ? [num(fmtW(r.global_model.w), "global_w"), num(fmt(r.global_model.b), "global_b")] : []))));
+  return table;
+}
+
+// The strategy's state after the round (SCAFFOLD's c, FedAdam's m and v, …): [w..., b] each.
+function serverStateTable(r) {
+  const keys = Object.keys(r.server_state);
+  return el("table", { id: "server-state" },
+    el("caption", { text: `The server's state after round ${r.round}, carried into the next round.` }),
+    el("thead", {}, el("tr", {}, ...["", "w", "b"].map((h) => el("th", { scope: "col", text: h })))),
+    el("tbody", {}, ...keys.map((key) => {
+      const { w, b } = splitWB(r.server_state[key]);
+      return el("tr", { dataset: { state: key } }, el("th", { scope: "row", text: key }),
+        num(fmtW(w), "w"), num(fmt(b), "b"));
+    })));
+}
+
 function renderMath() {
   const box = $("#math");
   const r = state.rounds.find((x) => x.round === state.selected);
@@ -314,41 +400,23 @@ function renderMath() {
     return;
   }
   const d = asList(r.global_model.w).length;
-
-  const table = el("table", { id: "terms" },
-    el("caption", {}, "Each client's share n", el("sub", { text: "k" }), "/N of the average and its local model W",
-      el("sub", { text: "k" }), " = (w", el("sub", { text: "k" }), ", b", el("sub", { text: "k" }), ")."),
-    el("thead", {}, el("tr", {},
-      ...["Client", "n_k", "n_k/N", "local w_k", "local b_k", "n_k/N · w_k", "n_k/N · b_k"].map(
-        (h) => el("th", { scope: "col", text: h })))));
-  const body = el("tbody");
-  const total = r.N;
-  r.participants.forEach((p, k) => {
-    // Strategies that send no local model back (fedsgd, exact) have no terms.
-    const t = r.terms[k], m = p.local_model;
-    body.append(el("tr", { dataset: { client: p.client_id } },
-      el("th", { scope: "row", title: p.url, text: p.client_id }),
-      num(String(p.data_size), "n_k"),
-      num(fmt(t ? t.weight : p.data_size / total), "weight"),
-      num(m ? fmtW(m.w) : "–", "w"),
-      num(m ? fmt(m.b) : "–", "b"),
-      num(t ? fmtW(t.w) : "–", "term_w"),
-      num(t ? fmt(t.b) : "–", "term_b")));
-  });
-  table.append(body, el("tfoot", {}, el("tr", {},
-    el("th", { scope: "row", text: "Σ = W_t+1" }), num(String(r.N), "N"), num(""), num(""), num(""),
-    num(fmtW(r.global_model.w), "global_w"), num(fmt(r.global_model.b), "global_b"))));
-
+  const strategy = r.strategy || "fedavg";  // rounds stored before strategies were FedAvg's
   // The strategy's computation as the server wrote it in its log (the record's "math").
   const lines = r.math;
 
   const inModel = r.global_model_in;
   const parts = [
+    el("p", { id: "strategy-line" }, "Strategy ",
+      el("strong", { dataset: { field: "strategy" }, text: strategy }), ": ",
+      el("code", { dataset: { field: "summary" }, text: strategySummary(strategy) })),
     el("p", {}, "Global model in (W", el("sub", { text: "t" }), "): ",
       el("code", { dataset: { field: "model_in" }, text: inModel ? `w=${fmtW(inModel.w)} b=${fmt(inModel.b)}` : "–" })),
-    table,
-    el("pre", { class: "formula", id: "average-lines", "aria-label": "The weighted average written out" },
+    clientTable(r),
+    el("pre", { class: "formula", id: "average-lines", "aria-label": `The computation of ${strategy}, written out` },
       lines.join("\n")),
+  ];
+  if (r.server_state && Object.keys(r.server_state).length) parts.push(serverStateTable(r));
+  parts.push(
     el("p", {}, "Global model out (W", el("sub", { text: "t+1" }), "): ",
       el("code", { dataset: { field: "model_out" },
                    text: d === 1 ? `y = ${fmt(r.global_model.w)}·x + ${fmt(r.global_model.b)}`
@@ -356,8 +424,7 @@ function renderMath() {
     el("p", {}, "Federated loss of this model, L = Σ n", el("sub", { text: "k" }), "/N · L", el("sub", { text: "k" }),
       ": ", el("code", { dataset: { field: "federated_loss" },
                          text: r.federated_loss == null ? "not measured yet (the next round measures it)"
-                                                        : fmt(r.federated_loss) })),
-  ];
+                                                        : fmt(r.federated_loss) })));
   if (r.dropped.length) {
     parts.push(el("h3", { text: `Dropped from round ${r.round}` }),
       el("ul", { id: "dropped" }, ...r.dropped.map((x) => el("li", { dataset: { client: x.client_id } },
@@ -426,9 +493,13 @@ function clearErrors(form) {
   $("#form-error").textContent = "";
 }
 
+// The field of that name that is in use: a strategy's setting (server_lr, …)
+// has an input in each strategy's fieldset, and only the chosen one is enabled.
+const enabled = (nodes) => [...nodes].find((n) => !n.closest("fieldset:disabled"));
+
 function showFieldError(form, name, message) {
-  const where = form.querySelector(`[data-error-for="${CSS.escape(name)}"]`);
-  const input = form.elements.namedItem(name);
+  const where = enabled(form.querySelectorAll(`[data-error-for="${CSS.escape(name)}"]`));
+  const input = enabled(form.querySelectorAll(`[name="${CSS.escape(name)}"]`));
   if (!where || !input) return false;
   where.textContent = message;
   input.setAttribute("aria-invalid", "true");
@@ -446,8 +517,9 @@ function showApiError(form, message) {
 // The body of POST /start: each number exactly as typed (a JSON literal, so
 // a long seed is not rounded through a float); empty fields take the defaults.
 function startBody(form) {
-  const parts = ['"wait": false'];
+  const parts = ['"wait": false', `"strategy": ${JSON.stringify($("#f-strategy").value)}`];
   for (const input of form.querySelectorAll('input[type="number"]')) {
+    if (input.matches(":disabled")) continue;  // another strategy's settings
     const raw = input.value.trim();
     if (input.validity.badInput) return { error: [input.name, "must be a number"] };
     if (raw === "") continue;
@@ -490,6 +562,57 @@ async function submitStart(event) {
   } finally {
     button.disabled = false;
   }
+}
+
+// Show and enable the chosen strategy's settings only, with its formula.
+function showStrategy() {
+  const name = $("#f-strategy").value;
+  for (const fieldset of document.querySelectorAll("fieldset[data-strategy]")) {
+    const mine = fieldset.dataset.strategy === name;
+    fieldset.hidden = !mine;
+    fieldset.disabled = !mine;
+  }
+  $("#strategy-summary").textContent = strategySummary(name);
+}
+
+// --- comparing runs: their federated loss on one chart -------------------------------
+
+function updateCompareList(runs) {
+  const list = $("#compare-runs");
+  const checked = new Set([...list.querySelectorAll("input:checked")].map((i) => i.value));
+  const items = runs.map((r) => el("li", {}, el("label", {},
+    el("input", { type: "checkbox", name: "runs", value: r.run_id, id: `compare-${r.run_id}`,
+                  checked: checked.has(String(r.run_id)) }),
+    ` Run ${r.run_id}: ${r.settings.strategy || "fedavg"}, ${r.status}, ${r.rounds_completed} round(s)`)));
+  if (!items.length) items.push(el("li", { class: "quiet", text: "no runs yet" }));
+  const text = (nodes) => nodes.map((n) => n.textContent).join("\n");
+  if (text(items) !== text([...list.children])) list.replaceChildren(...items);
+}
+
+async function submitCompare(event) {
+  event.preventDefault();
+  // Oldest first, whatever the list's order: the chart's colours follow the runs' order.
+  const ids = [...$("#compare-runs").querySelectorAll("input:checked")].map((i) => Number(i.value))
+    .sort((a, b) => a - b);
+  const error = $("#compare-error");
+  error.textContent = "";
+  const max = Number($("#compare-runs").dataset.max);
+  if (ids.length < 1) { error.textContent = "Pick at least one run."; return; }
+  if (ids.length > max) { error.textContent = `At most ${max} runs on one chart, ${ids.length} picked.`; return; }
+  const resp = await fetch(`/compare.svg?runs=${ids.join(",")}`, { cache: "no-store" });
+  if (!resp.ok) {
+    let body = null;
+    try { body = await resp.json(); } catch (e) { body = null; }
+    error.textContent = body && body.error ? body.error : `HTTP ${resp.status}`;
+    return;
+  }
+  const img = $("#chart-compare");
+  const old = img.src;
+  img.src = URL.createObjectURL(await resp.blob());
+  if (old.startsWith("blob:")) URL.revokeObjectURL(old);
+  img.alt = `Federated loss per round, log scale, of runs ${ids.join(", ")}.`;
+  img.dataset.runs = ids.join(",");
+  $("#compare-figure").hidden = false;
 }
 
 // --- the loop: poll the running run, notice runs started elsewhere --------------
@@ -536,10 +659,14 @@ function setUp() {
   const form = $("#start-form");
   form.addEventListener("submit", submitStart);
   form.addEventListener("input", (e) => {
-    const p = form.querySelector(`[data-error-for="${CSS.escape(e.target.name)}"]`);
+    const field = e.target.closest(".field");
+    const p = field && field.querySelector(".field-error");
     if (p) p.textContent = "";
     e.target.removeAttribute("aria-invalid");
   });
+  $("#f-strategy").addEventListener("change", showStrategy);
+  showStrategy();  // a browser may restore another choice than the page's default
+  $("#compare-form").addEventListener("submit", submitCompare);
   $("#clients-refresh").addEventListener("click", loadClients);
   $("#run-stop").addEventListener("click", () => runAction("stop"));
   $("#run-resume").addEventListener("click", () => runAction("resume"));
