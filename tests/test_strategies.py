@@ -15,6 +15,9 @@ import os
 import random
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,6 +171,21 @@ def write_csv(path, rows: list[Vec]) -> str:
     return str(path)
 
 
+@contextmanager
+def federation_on(tmp: Path, paths: list[str]) -> Iterator[dict[str, launcher.App]]:
+    """client_1 and client_2 on the given CSVs (--data) and a server, as processes."""
+    apps: dict[str, launcher.App] = {}
+    try:
+        for name, path in zip(("client_1", "client_2"), paths):
+            apps[name] = launcher.start_app(name, launcher.free_port(), ["--data", path])
+        apps["server"] = launcher.start_app("server", launcher.free_port(), [
+            "--clients", f"{apps['client_1'].url},{apps['client_2'].url}", "--db", str(tmp / "runs.db")])
+        launcher.wait_healthy(list(apps.values()))
+        yield apps
+    finally:
+        launcher.stop(list(apps.values()))
+
+
 @pytest.fixture(scope="module")
 def wide_fed(tmp_path_factory):
     """Two clients with 3 features and unequal n_k (4 and 9 rows), as processes."""
@@ -181,17 +199,8 @@ def wide_fed(tmp_path_factory):
             x = [rng.uniform(-2, 2) for _ in true]
             rows.append([*x, sum(t * v for t, v in zip(true, x)) + 0.7 + rng.gauss(0, 0.3)])
         data.append(rows)
-    paths = [write_csv(tmp / f"{name}.csv", rows) for name, rows in zip("ab", data)]
-    apps = {}
-    try:
-        for name, path in zip(("client_1", "client_2"), paths):
-            apps[name] = launcher.start_app(name, launcher.free_port(), ["--data", path])
-        apps["server"] = launcher.start_app("server", launcher.free_port(), [
-            "--clients", f"{apps['client_1'].url},{apps['client_2'].url}", "--db", str(tmp / "runs.db")])
-        launcher.wait_healthy(list(apps.values()))
+    with federation_on(tmp, [write_csv(tmp / f"{name}.csv", rows) for name, rows in zip("ab", data)]) as apps:
         yield apps, data
-    finally:
-        launcher.stop(list(apps.values()))
 
 
 @pytest.mark.parametrize("ridge", [0.0, 2.5])
@@ -257,18 +266,10 @@ def test_fednova_matches_normalized_averaging_with_unequal_steps(tmp_path):
     τ_2 = 3·3 = 9 local steps, so FedNova differs from FedAvg here."""
     data = [[(0.5, 2.1), (1.5, 3.9), (2.5, 6.2)], [(1.0, 2.0), (2.0, 3.1), (3.0, 3.9), (4.0, 5.2), (5.0, 5.9)]]
     paths = [write_csv(tmp_path / f"{k}.csv", [list(row) for row in rows]) for k, rows in enumerate(data)]
-    apps = {}
-    try:
-        for name, path in zip(("client_1", "client_2"), paths):
-            apps[name] = launcher.start_app(name, launcher.free_port(), ["--data", path])
-        apps["server"] = launcher.start_app("server", launcher.free_port(), [
-            "--clients", f"{apps['client_1'].url},{apps['client_2'].url}", "--db", str(tmp_path / "runs.db")])
-        launcher.wait_healthy(list(apps.values()))
-        lr, epochs, batch, seed = 0.02, 3, 2, 9
+    lr, epochs, batch, seed = 0.02, 3, 2, 9
+    with federation_on(tmp_path, paths) as apps:
         nova = run(apps, strategy="fednova", rounds=20, lr=lr, local_epochs=epochs, batch_size=batch, seed=seed)
         plain = run(apps, strategy="fedavg", rounds=20, lr=lr, local_epochs=epochs, batch_size=batch, seed=seed)
-    finally:
-        launcher.stop(list(apps.values()))
 
     theta = [0.0, 0.0]
     ns = [len(d) for d in data]
