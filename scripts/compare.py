@@ -28,9 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import LogFormatter, MaxNLocator
 
 from fedavg import theory
 from fedavg.scenarios import DIABETES_LR, SCENARIOS, make_clients
@@ -161,11 +158,15 @@ def table(results: list[dict[str, Any]], tol: float) -> str:
     return "\n".join(lines)
 
 
-def chart(results: list[dict[str, Any]], prediction: dict[str, Any], title: str) -> Figure:
+def chart(results: list[dict[str, Any]], prediction: dict[str, Any], title: str) -> Any:
     """‖θ_t − θ*‖ per round on a log scale, one line per strategy that ran,
     FedAvg's predicted stopping distance ‖θ_FedAvg − θ*‖ as a dashed level.
     In the SVG each line is the group ``strategy-<name>`` and its legend
     entry ``legend-strategy-<name>``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import LogFormatter, MaxNLocator
+
     fig = Figure(figsize=(8.5, 4.2), layout="constrained")
     FigureCanvasAgg(fig)  # the Agg canvas: no GUI backend, no pyplot (as server/fedavg_server/plots.py)
     ax = fig.subplots()
@@ -245,13 +246,19 @@ def main() -> int:
     try:
         print(f"compare: {args.scenario}, K={k}, {args.rounds} rounds, lr={lr:g}, E={args.local_epochs}; "
               f"starting a client host and a server …", flush=True)
+        # Both at once: the host serves client k at /clients/<k>, so the
+        # server's list is known before the host answers (checked below).
         host = start_app("client_host", free_port(), host_args)
         apps.append(host)
-        wait_healthy([host])
-        urls = [host.url + path for path in get_json(host.url + "/clients")["clients"]]
+        urls = [f"{host.url}/clients/{i}" for i in range(1, k + 1)]
         server = start_app("server", free_port(), ["--clients", ",".join(urls), "--db", f"{history.name}/runs.db"])
         apps.append(server)
-        wait_healthy([server])
+        # matplotlib takes half a second to load: load it while the apps start.
+        import matplotlib.backends.backend_agg  # noqa: F401
+        wait_healthy([host, server])
+        served = [host.url + path for path in get_json(host.url + "/clients")["clients"]]
+        if served != urls:
+            raise RuntimeError(f"the client host serves {len(served)} clients, not the {k} expected")
         for name in strategies:
             own = {n: v for who, n, v in args.param if who == name}
             result = run_strategy(server.url, name, {**base, **shared, **own}, optimum, args.tol, args.timeout)

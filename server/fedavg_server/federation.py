@@ -329,8 +329,9 @@ class Run:
         for d in record.dropped:
             d.pop("diverged", None)
         stored = self.store.add_round(self.run_id, record)
-        for line in round_lines(stored, self.s.rounds):
-            log.info("%s", line)
+        # One record, one write: a line-by-line log costs a write (and a
+        # wake-up of whoever reads the pipe) per line, every round.
+        log.info("%s", "\n".join(round_lines(stored, self.s.rounds)))
 
     def _log_partial(self, r: int, theta: Theta, results: list[Result], dropped: list[dict[str, Any]]) -> None:
         log.info("── Round %d/%d ── global model in: %s", r, self.s.rounds, fmt_theta(theta))
