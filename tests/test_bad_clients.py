@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from flask import Flask, Response
-from werkzeug.serving import make_server
 
 from fedavg.client import create_app as create_client_app
 from fedavg_server import create_app as create_server_app
+from conftest import ROOT, Served
 
-ROOT = Path(__file__).resolve().parent.parent
 release = threading.Event()  # lets the hanging fake go when the test ends
 
 
@@ -48,20 +46,6 @@ def fake_client(behaviour: str) -> Flask:
         return Response(bodies[behaviour], mimetype="application/json")
 
     return app
-
-
-class Served:
-    """A WSGI app on a free loopback port, in a thread, for the test's life."""
-
-    def __init__(self, app: Flask) -> None:
-        self.server = make_server("127.0.0.1", 0, app, threaded=True)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.thread.join(5)
 
 
 @pytest.fixture(scope="module")

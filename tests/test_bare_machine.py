@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 NOBODY = 65534  # Debian's `nobody`: a user without root and without sudo
 MISSING = "/nonexistent/chromium"
 

@@ -6,11 +6,10 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 
 # What --quick measures (K up to 50, so no K=200/1000 figures).
 QUICK_FIGURES = {

@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fedavg.client_host import create_host_app
 from fedavg.scenarios import SCENARIOS, make_clients
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("name", [s for s in SCENARIOS if s not in ("seed", "csv")])

@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reference import local_gd, reference_fedavg
+from reference import SEED_DATA, local_gd, reference_fedavg
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-SEED_DATA = [[(1.0, 3.0), (2.0, 5.0)], [(3.0, 4.0), (4.0, 5.0)]]
 SVG = "{http://www.w3.org/2000/svg}"
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import re
 import subprocess
-from pathlib import Path
 
 from reference import SEED_DATA, reference_fedavg
 from test_strategies import fedavg_closed_form
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 LINE = re.compile(r"y = (-?\d+\.\d+)·x \+ (-?\d+\.\d+)")
 
 

@@ -2,7 +2,6 @@
 the request, no 5xx, and every reply conforms to the document."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import schemathesis
@@ -14,8 +13,8 @@ from fedavg.client import create_app as create_client_app
 from fedavg.client_host import create_host_app
 from fedavg.scenarios import make_clients
 from fedavg_server import create_app as create_server_app
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 
 

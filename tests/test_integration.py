@@ -20,11 +20,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
 import launcher
-from reference import reference_fedavg
+from reference import SEED_DATA, reference_fedavg
+from conftest import ROOT
 
-SEED_DATA = [[(1.0, 3.0), (2.0, 5.0)], [(3.0, 4.0), (4.0, 5.0)]]
 NUM = r"(-?\d+\.\d+(?:e[+-]\d+)?)"
 
 

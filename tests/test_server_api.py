@@ -2,36 +2,17 @@
 over HTTP on free loopback ports: runs, their records, and bad /start input."""
 from __future__ import annotations
 
-import threading
 import time
-from pathlib import Path
 
 import pytest
 from flask import Flask, Response, request
-from werkzeug.serving import make_server
 
 import launcher
 from fedavg.client import create_app as create_client_app
 from fedavg_server import create_app as create_server_app
-from reference import local_gd, local_mse, reference_fedavg
+from reference import SEED_DATA, local_gd, local_mse, reference_fedavg
+from conftest import ROOT, Served
 
-ROOT = Path(__file__).resolve().parent.parent
-SEED_DATA = [[(1.0, 3.0), (2.0, 5.0)], [(3.0, 4.0), (4.0, 5.0)]]
-
-
-class Served:
-    """A WSGI app on a free loopback port, in a daemon thread."""
-
-    def __init__(self, app: Flask) -> None:
-        self.server = make_server(host="127.0.0.1", port=0, app=app, threaded=True)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
 
 
 def seed_style_client(data: list[tuple[float, float]]) -> Flask:

@@ -14,7 +14,6 @@ import math
 import os
 import random
 import signal
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flask import Flask
-from werkzeug.serving import make_server
 
 import launcher
 from reference import SEED_DATA, local_gd
@@ -334,24 +332,19 @@ def seed_style_client(lists_strategies: bool) -> Flask:
 
 
 @pytest.fixture
-def with_seed_style(seed_fed, tmp_path):
+def with_seed_style(seed_fed, tmp_path, serve):
     """A server pointed at client_1 and a seed-style client."""
-    served, apps = [], {}
+    apps: dict[str, launcher.App] = {}
 
     def start(lists_strategies: bool) -> tuple[launcher.App, str]:
-        server = make_server("127.0.0.1", 0, seed_style_client(lists_strategies), threaded=True)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        served.append(server)
-        url = f"http://127.0.0.1:{server.server_port}"
+        url = serve(seed_style_client(lists_strategies)).url
         apps["server"] = launcher.start_app("server", launcher.free_port(), [
-            "--clients", f"{seed_fed['client_1'].url},{url}", "--db", str(tmp_path / f"{len(served)}.db")])
+            "--clients", f"{seed_fed['client_1'].url},{url}", "--db", str(tmp_path / "runs.db")])
         launcher.wait_healthy([apps["server"]])
         return apps["server"], url
 
     yield start
     launcher.stop(list(apps.values()))
-    for server in served:
-        server.shutdown()
 
 
 def test_a_seed_style_client_still_runs_fedavg(with_seed_style):

@@ -7,17 +7,15 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fedavg import theory
 from fedavg.scenarios import DIABETES_LR, make_clients
-from reference import local_gd, reference_fedavg
+from reference import SEED_DATA, local_gd, reference_fedavg
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-SEED_DATA = [[(1.0, 3.0), (2.0, 5.0)], [(3.0, 4.0), (4.0, 5.0)]]
 
 
 def as_arrays(samples: list[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
