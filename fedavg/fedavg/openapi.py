@@ -14,7 +14,8 @@ SCHEMAS: dict[str, Any] = {
     "Error": {
         "type": "object", "required": ["error"],
         "properties": {"error": {"type": "string"}, "diverged": {"type": "boolean"},
-                       "run_id": {"type": "integer"}, "url": {"type": "string"}},
+                       "run_id": {"type": "integer"}, "url": {"type": "string"},
+                       "errors": {"type": "array", "items": {"type": "object"}}},
     },
     "Model": {
         "type": "object", "required": ["w", "b"], "additionalProperties": False,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -48,59 +49,117 @@ START_FIELDS = ("rounds", "strategy", *LOCAL_TRAINING_FIELDS, *PARAM_NAMES, "fra
                 "init", "pace_s", "client_timeout_s", "wait")
 
 
+class SettingsError(ProtocolError):
+    """Every problem of a /start body at once: ``str(e)`` is the first one
+    (what the API has always said), ``errors`` all of them, each
+    {"field", "message"}, so a form can show each next to its field."""
+
+    def __init__(self, problems: list[ProtocolError]) -> None:
+        super().__init__(str(problems[0]))
+        self.errors = [_field_error(str(p)) for p in problems]
+
+
+def _field_error(text: str) -> dict[str, str]:
+    """"rounds: must be >= 1, got 0" → {"field": "rounds", "message": "must be >= 1, got 0"};
+    a message that names no field has the field ""."""
+    field, sep, message = text.partition(": ")
+    if not sep or " " in field:
+        return {"field": "", "message": text}
+    return {"field": field, "message": message}
+
+
 def parse_start(body: Any, num_clients: int) -> tuple[RunSettings, bool]:
     """POST /start body (a JSON object; {} for defaults) → (settings, wait).
-    Raises ProtocolError for anything that cannot work, so a bad run never starts."""
-    obj = expect_object(body, "", START_FIELDS)
+    Raises SettingsError (a ProtocolError) naming every field that cannot
+    work, so a bad run never starts and the form can say all that is wrong."""
+    obj = expect_object(body, "", START_FIELDS)  # not an object, or unknown fields: nothing else to check
+    problems: list[ProtocolError] = []
+
+    def check(parse: Callable[[], Any], fallback: Any) -> Any:
+        """parse(), or note its error and carry on with ``fallback``."""
+        try:
+            return parse()
+        except ProtocolError as e:
+            problems.append(e)
+            return fallback
+
     # lr, local_epochs, batch_size and mu mean exactly what they mean to a
-    # client, so the client's own parser checks them.
-    train = parse_train_config({k: obj[k] for k in LOCAL_TRAINING_FIELDS if k in obj}, "")
-    settings = RunSettings(lr=train.lr, local_epochs=train.local_epochs, batch_size=train.batch_size,
-                           mu=train.mu)
-    strategy = expect_str(obj.get("strategy", "fedprox" if settings.mu > 0 else "fedavg"), "strategy")
-    if strategy not in STRATEGIES:
-        raise ProtocolError(f"strategy: unknown strategy {str(strategy)[:40]!r} (known: {', '.join(STRATEGIES)})")
-    kind = STRATEGIES[strategy]
-    if not kind.uses_mu and settings.mu > 0:
-        raise ProtocolError(f"mu: the proximal term belongs to strategy fedprox; {strategy} needs mu = 0")
-    if kind.uses_mu and "mu" not in obj:
-        settings = replace(settings, mu=FEDPROX_DEFAULT_MU)
-    if kind.uses_mu and settings.mu == 0:
-        raise ProtocolError(f"mu: strategy {strategy} needs mu > 0")
-    settings = replace(settings, strategy=strategy, params=_strategy_params(kind, obj))
-    if strategy == "exact" and "rounds" not in obj:
-        settings = replace(settings, rounds=1)  # its one round already gives the answer
+    # client, so the client's own parser checks them, one field at a time.
+    train = {}
+    for k in LOCAL_TRAINING_FIELDS:
+        if k in obj:
+            value = check(lambda k=k: getattr(parse_train_config({k: obj[k]}, ""), k), None)
+            if value is not None or obj[k] is None:
+                train[k] = value
+    settings = RunSettings(**train)
+    strategy = check(lambda: _strategy_name(obj, settings.mu), None)
+    if strategy is not None:
+        kind = STRATEGIES[strategy]
+        if not kind.uses_mu and settings.mu > 0:
+            problems.append(ProtocolError(
+                f"mu: the proximal term belongs to strategy fedprox; {strategy} needs mu = 0"))
+        if kind.uses_mu and "mu" not in obj:
+            settings = replace(settings, mu=FEDPROX_DEFAULT_MU)
+        if kind.uses_mu and settings.mu == 0 and "mu" in train:  # (a mu that did not parse is already named)
+            problems.append(ProtocolError(f"mu: strategy {strategy} needs mu > 0"))
+        settings = replace(settings, strategy=strategy, params=_strategy_params(kind, obj, problems))
+        if strategy == "exact" and "rounds" not in obj:
+            settings = replace(settings, rounds=1)  # its one round already gives the answer
     if "rounds" in obj:
-        settings = replace(settings, rounds=expect_int(obj["rounds"], "rounds", ge=1, le=MAX_ROUNDS))
+        settings = replace(settings, rounds=check(
+            lambda: expect_int(obj["rounds"], "rounds", ge=1, le=MAX_ROUNDS), settings.rounds))
     if "fraction" in obj:
-        settings = replace(settings, fraction=expect_number(obj["fraction"], "fraction", gt=0, le=1))
+        settings = replace(settings, fraction=check(
+            lambda: expect_number(obj["fraction"], "fraction", gt=0, le=1), settings.fraction))
     if "min_clients" in obj:
-        settings = replace(settings, min_clients=expect_int(obj["min_clients"], "min_clients", ge=1))
+        settings = replace(settings, min_clients=check(
+            lambda: expect_int(obj["min_clients"], "min_clients", ge=1), settings.min_clients))
     if settings.min_clients > num_clients:
-        raise ProtocolError(f"min_clients: {settings.min_clients} is more than the {num_clients} "
-                            "client(s) this server is configured with")
+        problems.append(ProtocolError(f"min_clients: {settings.min_clients} is more than the {num_clients} "
+                                      "client(s) this server is configured with"))
     seed = obj.get("seed")
-    seed = secrets.randbelow(2**31) if seed is None else expect_int(seed, "seed", ge=0, le=2**63 - 1)
+    seed = secrets.randbelow(2**31) if seed is None else check(
+        lambda: expect_int(seed, "seed", ge=0, le=2**63 - 1), None)
     settings = replace(settings, seed=seed)
     if obj.get("init") is not None:
-        w, b = parse_model(obj["init"], "init")
-        settings = replace(settings, init={"w": w.tolist(), "b": b})
+        init = check(lambda: parse_model(obj["init"], "init"), None)
+        if init is not None:
+            settings = replace(settings, init={"w": init[0].tolist(), "b": init[1]})
     if "pace_s" in obj:
-        settings = replace(settings, pace_s=expect_number(obj["pace_s"], "pace_s", ge=0, le=60))
+        settings = replace(settings, pace_s=check(
+            lambda: expect_number(obj["pace_s"], "pace_s", ge=0, le=60), settings.pace_s))
     if "client_timeout_s" in obj:
-        settings = replace(settings, client_timeout_s=expect_number(
-            obj["client_timeout_s"], "client_timeout_s", gt=0, le=600))
-    wait = expect_bool(obj["wait"], "wait") if "wait" in obj else True
+        settings = replace(settings, client_timeout_s=check(lambda: expect_number(
+            obj["client_timeout_s"], "client_timeout_s", gt=0, le=600), settings.client_timeout_s))
+    wait = check(lambda: expect_bool(obj["wait"], "wait"), True) if "wait" in obj else True
+    if problems:
+        raise SettingsError(problems)
     return settings, wait
 
 
-def _strategy_params(kind: type[Strategy], obj: dict[str, Any]) -> dict[str, float]:
+def _strategy_name(obj: dict[str, Any], mu: float) -> str:
+    strategy = expect_str(obj.get("strategy", "fedprox" if mu > 0 else "fedavg"), "strategy")
+    if strategy not in STRATEGIES:
+        raise ProtocolError(f"strategy: unknown strategy {str(strategy)[:40]!r} (known: {', '.join(STRATEGIES)})")
+    return strategy
+
+
+def _strategy_params(kind: type[Strategy], obj: dict[str, Any],
+                     problems: list[ProtocolError]) -> dict[str, float]:
     """The strategy's own settings from the /start body, defaults filled in;
-    a setting that belongs to another strategy is a mistake worth naming."""
+    a setting that belongs to another strategy is a mistake worth naming.
+    Each problem is added to ``problems``."""
     own = {p.name for p in kind.params}
     for name in PARAM_NAMES:
         if name in obj and name not in own:
             users = ", ".join(s for s, k in STRATEGIES.items() if name in {p.name for p in k.params})
-            raise ProtocolError(f"{name}: not a setting of strategy {kind.name} (it belongs to {users})")
-    return {p.name: expect_number(obj[p.name], p.name, gt=p.gt, ge=p.ge, lt=p.lt, le=p.le) if p.name in obj
-            else p.default for p in kind.params}
+            problems.append(ProtocolError(f"{name}: not a setting of strategy {kind.name} (it belongs to {users})"))
+    params = {}
+    for p in kind.params:
+        try:
+            params[p.name] = (expect_number(obj[p.name], p.name, gt=p.gt, ge=p.ge, lt=p.lt, le=p.le)
+                              if p.name in obj else p.default)
+        except ProtocolError as e:
+            problems.append(e)
+            params[p.name] = p.default
+    return params

@@ -17,7 +17,7 @@ from fedavg.wire import ProtocolError
 from .api import federation, no_query_args
 from .clients import Reply
 from .openapi import MAX_COMPARE
-from .settings import FEDPROX_DEFAULT_MU, MAX_ROUNDS, RunSettings
+from .settings import FEDPROX_DEFAULT_MU, MAX_ROUNDS, RunSettings, SettingsError
 
 bp = Blueprint("web", __name__)
 
@@ -25,6 +25,16 @@ bp = Blueprint("web", __name__)
 # page asks again on its own.
 HEALTH_TIMEOUT_S = 2.0
 PLOT_NAMES = ("models", "params", "loss")
+
+
+@bp.app_errorhandler(SettingsError)
+def settings_error(e: SettingsError):
+    """A /start body with bad fields: the first one's message as every 400
+    has it and, when there are several, all of them ("errors"), so the form
+    can show each next to its field. One bad field keeps the one-key body."""
+    if len(e.errors) == 1:
+        return {"error": str(e)}, 400
+    return {"error": str(e), "errors": e.errors}, 400
 
 
 @bp.get("/")
