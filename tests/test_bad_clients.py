@@ -2,6 +2,8 @@
 its reason, and the average is taken over the clients that replied well."""
 from __future__ import annotations
 
+import csv
+import io
 import threading
 import time
 
@@ -10,6 +12,7 @@ from flask import Flask, Response
 
 from fedavg.client import create_app as create_client_app
 from fedavg_server import create_app as create_server_app
+from fedavg_server.runs import run_to_csv
 from conftest import ROOT, Served
 
 release = threading.Event()  # lets the hanging fake go when the test ends
@@ -28,6 +31,10 @@ def fake_client(behaviour: str) -> Flask:
         "no_model": '{"data_size": 2}',
         "list_body": "[1, 2]",
         "lying_n": '{"local_model": {"w": 1, "b": 0}, "data_size": 1000, "client_id": "liar"}',
+        "huge_n": '{"local_model": {"w": 1, "b": 0}, "data_size": 1' + "0" * 309 + '}',
+        # 2 MiB of numbers: the server stops reading at its 1 MiB cap, before parsing
+        "flood": '{"local_model": {"w": 1, "b": 0}, "data_size": 2, "pad": [' + ",".join(["1.5"] * 520_000) + ']}',
+        "twice": '{"local_model": {"w": 1, "b": 0}, "data_size": 2, "data_size": 1}',
     }
 
     @app.get("/health")
@@ -92,6 +99,9 @@ def alone(good_client, tmp_path) -> dict:
     ("lying_n", "reply.data_size: 1000 differs from the 2 its /health reported"),
     ("http_500", "HTTP 500"),
     ("hang", "no reply within 0.5 s"),
+    ("huge_n", "reply.data_size: must be <= 1000000000000"),
+    ("flood", "bad reply: reply larger than 1048576 bytes"),
+    ("twice", "data_size: given twice"),
 ])
 def test_a_bad_reply_is_dropped_with_its_reason(run_with, good_client, tmp_path, behaviour, reason):
     run, fake_url = run_with(behaviour, client_timeout_s=0.5)
@@ -175,3 +185,22 @@ def test_a_round_with_more_hung_clients_than_connections_still_ends_at_the_timeo
         for f in fakes:
             f.close()
         release.clear()
+
+
+def test_two_clients_with_one_name_stay_apart_in_the_csv(good_client, tmp_path, serve):
+    """A second client that calls itself client_1 too: the CSV names each by
+    name and URL."""
+    impostor = serve(create_client_app({"CLIENT_ID": "client_1", "DATA_PATH": str(ROOT / "client_2" / "data.csv")}))
+    app = create_server_app({"CLIENTS": [good_client.url, impostor.url], "DATABASE": str(tmp_path / "runs.db")})
+    client = app.test_client()
+    run = client.post("/start", json={"rounds": 1, "seed": 1}).get_json()
+    csv_text = client.get(f"/runs/{run['run_id']}?format=csv").get_data(as_text=True)
+    assert csv_text.splitlines()[1].split(",")[-2] == f"client_1 ({good_client.url});client_1 ({impostor.url})"
+
+
+@pytest.mark.parametrize("name", ["=HYPERLINK(\"http://x\",\"y\")", "+1", "-1+1", "@SUM(1)", "\tx"])
+def test_a_client_name_that_is_a_formula_is_written_as_text_in_the_csv(name):
+    run = {"rounds": [{"round": 1, "N": 2, "global_model": {"w": 1.0, "b": 0.0}, "federated_loss": None,
+                       "participants": [{"client_id": name, "url": "http://h"}], "dropped": []}]}
+    row = next(csv.reader(io.StringIO(run_to_csv(run).splitlines()[1])))
+    assert row[5] == "'" + f"{name} (http://h)"

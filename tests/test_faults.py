@@ -136,7 +136,7 @@ def test_csv_export_has_one_row_per_round(fed):
         assert int(cells[0]) == record["round"] and int(cells[1]) == record["N"]
         assert float(cells[2]) == record["global_model"]["w"] and float(cells[3]) == record["global_model"]["b"]
         assert float(cells[4]) == record["federated_loss"]
-        assert cells[5] == "client_1;client_2" and cells[6] == ""
+        assert cells[5] == f"client_1 ({apps['client_1'].url});client_2 ({apps['client_2'].url})" and cells[6] == ""
 
 
 def test_client_killed_mid_run_with_min_clients_2_fails_cleanly(fed):

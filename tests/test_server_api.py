@@ -320,6 +320,7 @@ def test_fraction_with_a_seed_samples_the_same_clients_on_repeat(server, clients
     ({"min_clients": 0}, ["min_clients", ">= 1"]),
     ({"batch_size": 0}, ["batch_size", ">= 1"]),
     ({"mu": -1}, ["mu", ">= 0"]),
+    ('{"rounds": 1, "rounds": 2}', ["rounds", "given twice"]),
     ({"strategy": {}}, ["strategy", "must be a non-empty string"]),
     ({"strategy": ["fedavg"]}, ["strategy", "must be a non-empty string"]),
     ({"strategy": "fedsomething"}, ["strategy", "fedsomething", "known: fedavg, fedsgd, fedprox, scaffold"]),

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from fedavg.training import TrainConfig
-from fedavg.wire import (ProtocolError, loads, parse_evaluate_request, parse_model, parse_train_config,
-                         parse_train_reply, parse_train_request)
+from fedavg.wire import (ProtocolError, loads, parse_evaluate_request, parse_health_reply, parse_model,
+                         parse_train_config, parse_train_reply, parse_train_request)
 
 
 # --- the wire format ------------------------------------------------------------------------------
@@ -157,3 +157,32 @@ def test_parse_train_reply_of_a_seed_client_ignores_fields_it_does_not_know():
     parsed = parse_train_reply(json.loads('{"local_model": {"w": 1.5, "b": 2}, "data_size": 2, "note": "hi"}'))
     assert parsed["theta"].tolist() == [1.5, 2.0] and parsed["data_size"] == 2
     assert parsed["client_id"] is None and parsed["metrics"] is None
+
+
+@pytest.mark.parametrize("body, key", [
+    ('{"rounds": 1, "rounds": 2}', "rounds"),
+    ('{"global_model": {"w": 1, "b": 0, "w": 5}}', "w"),
+    ('[{"a": 1}, {"b": 1, "b": 1}]', "b"),
+])
+def test_loads_refuses_a_key_given_twice_naming_it(body, key):
+    # json.loads would keep the last value: what a validator checked would not be what runs
+    assert protocol_error(loads, body).startswith(f"{key}: given twice")
+
+
+@pytest.mark.parametrize("n", [10**12 + 1, 10**309])
+def test_a_sample_count_beyond_the_stated_maximum_is_refused(n):
+    reply = {"local_model": {"w": 1, "b": 0}, "data_size": n}
+    assert protocol_error(parse_train_reply, reply, 1).startswith("reply.data_size: must be <= 1000000000000")
+    assert parse_health_reply({"data_size": n, "client_id": "c"})["data_size"] is None
+
+
+def test_names_longer_than_200_characters_are_not_kept():
+    assert parse_health_reply({"client_id": "x" * 201})["client_id"] is None
+    assert parse_health_reply({"client_id": "x" * 200})["client_id"] == "x" * 200
+    reply = {"local_model": {"w": 1, "b": 0}, "data_size": 2, "client_id": "x" * 201}
+    assert protocol_error(parse_train_reply, reply, 1).startswith("reply.client_id: longer than 200")
+
+
+def test_health_lists_only_strategies_that_exist():
+    assert parse_health_reply({"strategies": ["fedavg", {"x": 1}, ["y"], "nosuch", "scaffold"]})["strategies"] == \
+        ["fedavg", "scaffold"]

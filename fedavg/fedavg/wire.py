@@ -23,6 +23,10 @@ from .training import TrainConfig
 # passes over its data; a model has one weight per feature).
 MAX_LOCAL_EPOCHS = 10_000
 MAX_FEATURES = 10_000
+# n_k is a client's vote in the average; no real client has more samples than
+# this, and a larger count (10^309 was tried) must not reach the arithmetic.
+MAX_DATA_SIZE = 10**12
+MAX_NAME = 200  # any name the server keeps (client_id): logs, the page, the CSV
 
 
 class ProtocolError(ValueError):
@@ -49,12 +53,24 @@ def _finite_float(text: str) -> float | NonFinite:
     return value if math.isfinite(value) else NonFinite(text, "is out of range for a 64-bit float")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose keys are all different: with {"rounds": 1, "rounds": 2}
+    the last would silently win, so what was checked is not what runs."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ProtocolError(f"{dup}: given twice in one JSON object (each field once)")
+    return obj
+
+
 def loads(body: bytes | str) -> Any:
     """Parse a JSON document. NaN, Infinity and overflowing numbers come back
-    as ``NonFinite`` markers, which every validator below rejects by field."""
+    as ``NonFinite`` markers, which every validator below rejects by field;
+    a key given twice in one object is refused."""
     try:
         text = body.decode("utf-8") if isinstance(body, bytes) else body
-        return json.loads(text, parse_constant=NonFinite, parse_float=_finite_float)
+        return json.loads(text, parse_constant=NonFinite, parse_float=_finite_float, object_pairs_hook=_unique_keys)
     except UnicodeDecodeError:
         raise ProtocolError("body is not UTF-8 text") from None
     except json.JSONDecodeError as e:
@@ -306,10 +322,10 @@ def parse_train_reply(value: Any, num_features: int | None = None, strategy: str
         extra["steps"] = expect_int(value["steps"], "reply.steps", ge=1)
     if "stats" in fields:
         extra.update(_parse_stats(value["stats"], num_features))
-    data_size = expect_int(value["data_size"], "reply.data_size", ge=1)
+    data_size = expect_int(value["data_size"], "reply.data_size", ge=1, le=MAX_DATA_SIZE)
     client_id = value.get("client_id")
     if client_id is not None:
-        client_id = expect_str(client_id, "reply.client_id")
+        client_id = expect_str(client_id, "reply.client_id", max_len=MAX_NAME)
     metrics = value.get("metrics")
     if metrics is not None:
         if not isinstance(metrics, Mapping):
@@ -348,8 +364,8 @@ def parse_evaluate_reply(value: Any) -> dict[str, Any]:
     client_id = value.get("client_id")
     return {
         "loss": expect_number(value["loss"], "reply.loss", ge=0),
-        "data_size": expect_int(value["data_size"], "reply.data_size", ge=1),
-        "client_id": None if client_id is None else expect_str(client_id, "reply.client_id"),
+        "data_size": expect_int(value["data_size"], "reply.data_size", ge=1, le=MAX_DATA_SIZE),
+        "client_id": None if client_id is None else expect_str(client_id, "reply.client_id", max_len=MAX_NAME),
     }
 
 
@@ -362,10 +378,10 @@ def parse_health_reply(value: Any) -> dict[str, Any]:
 
     def count(key: str) -> int | None:
         v = body.get(key)
-        return v if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else None
+        return v if isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_DATA_SIZE else None
 
     name = body.get("client_id")
     strategies = body.get("strategies")
-    return {"client_id": name if isinstance(name, str) and name else None,
+    return {"client_id": name if isinstance(name, str) and 0 < len(name) <= MAX_NAME else None,
             "data_size": count("data_size"), "num_features": count("num_features"),
-            "strategies": [s for s in strategies if isinstance(s, str)] if isinstance(strategies, list) else None}
+            "strategies": [s for s in strategies if isinstance(s, str) and s in STRATEGIES] if isinstance(strategies, list) else None}

@@ -18,7 +18,11 @@ RETRY_BACKOFF_S = 0.2
 # What call_all allows beyond a call's own deadline before it stops waiting
 # for that call (the call is then cut off by its own deadline soon after).
 DEADLINE_SLACK_S = 0.5
-MAX_REPLY_BYTES = 64 * 1024 * 1024
+# No reply of the protocol needs more: a model of MAX_FEATURES weights is about
+# 250 KB of JSON. Counted while reading, so a flood is cut off before it is
+# parsed (64 MiB of floats took the server to 800 MB). Exact's Σ x̃x̃ᵀ grows as
+# d²: it fits up to about 180 features.
+MAX_REPLY_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)

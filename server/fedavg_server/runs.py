@@ -241,6 +241,18 @@ def run_to_csv(run: dict[str, Any]) -> str:
         w = r["global_model"]["w"]
         writer.writerow([r["round"], r["N"], *(w if isinstance(w, list) else [w]), r["global_model"]["b"],
                          "" if r["federated_loss"] is None else r["federated_loss"],
-                         ";".join(p["client_id"] for p in r["participants"]),
-                         ";".join(x["client_id"] for x in r["dropped"])])
+                         _cell(";".join(_who(p) for p in r["participants"])),
+                         _cell(";".join(_who(x) for x in r["dropped"]))])
     return out.getvalue()
+
+
+def _who(client: dict[str, Any]) -> str:
+    """A client as name and URL: two clients may give the same name."""
+    return client["url"] if client["client_id"] == client["url"] else f"{client['client_id']} ({client['url']})"
+
+
+def _cell(text: str) -> str:
+    """A text cell a spreadsheet will not run: one that starts with = + - @
+    (or a tab or carriage return) is a formula to Excel and LibreOffice, so it
+    gets a leading apostrophe, which they show as text (OWASP's advice)."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
