@@ -31,3 +31,72 @@ def weighted_loss_avg(losses: Sequence[tuple[float, int]]) -> float:
         raise ValueError("weighted_loss_avg needs at least one loss")
     total = sum(n for _, n in losses)
     return float(sum(n / total * loss for loss, n in losses))
+
+
+# --- robust aggregation: when some clients may lie ---------------------------------
+#
+# FedAvg's average lets one client move the model anywhere (w = 10^12 pulls the
+# mean to ~10^12/K) and weighs n_k, which no one can check. Each rule below is
+# a drop-in for ``weighted_average`` that bounds what f bad clients can do.
+
+
+def capped_weights(ns: Sequence[int], max_weight: float) -> np.ndarray:
+    """p_k = n_k/N, then no p_k above ``max_weight``: capped shares are fixed at
+    the cap and the rest is shared among the others in proportion to n_k,
+    repeated until none is above it. With max_weight·K < 1 no such weights
+    exist, and every client gets 1/K."""
+    n = np.asarray(ns, dtype=float)
+    if max_weight * len(n) < 1:
+        return np.full(len(n), 1 / len(n))
+    p = n / n.sum()
+    capped = np.zeros(len(n), dtype=bool)
+    while np.any(p > max_weight * (1 + 1e-12)):
+        capped |= p > max_weight
+        free = ~capped
+        p = np.where(capped, max_weight, 0.0)
+        rest = 1.0 - max_weight * capped.sum()
+        p[free] = rest * n[free] / n[free].sum()
+    return p
+
+
+def coordinate_median(vectors: Sequence[np.ndarray]) -> np.ndarray:
+    """V_j = median_k V_k,j for every coordinate j (Yin et al., 2018); n_k is
+    not used: a count no one can check cannot buy a vote."""
+    return np.median(np.stack(vectors), axis=0)
+
+
+def trimmed_mean(vectors: Sequence[np.ndarray], beta: float) -> np.ndarray:
+    """For every coordinate: drop the ⌊β·K⌋ largest and the ⌊β·K⌋ smallest of
+    the K values and average the rest (Yin et al., 2018), 0 ≤ β < 1/2."""
+    values = np.sort(np.stack(vectors), axis=0)
+    cut = int(np.floor(beta * len(values)))
+    return values[cut: len(values) - cut].mean(axis=0)
+
+
+def krum_scores(vectors: Sequence[np.ndarray], f: int) -> np.ndarray:
+    """score_k = Σ of ‖V_k − V_j‖² over the K − f − 2 vectors V_j nearest to V_k
+    (Blanchard et al., 2017); needs K > f + 2."""
+    V = np.stack(vectors)
+    nearest = len(V) - f - 2
+    if nearest < 1:
+        raise ValueError(f"Krum with f={f} needs more than {f + 2} clients, got {len(V)}")
+    d2 = ((V[:, None, :] - V[None, :, :]) ** 2).sum(axis=2)
+    np.fill_diagonal(d2, np.inf)
+    return np.sort(d2, axis=1)[:, :nearest].sum(axis=1)
+
+
+def multi_krum(vectors: Sequence[np.ndarray], f: int, m: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The m vectors of lowest Krum score, averaged (m = 1: Krum itself, the
+    one vector nearest its neighbours). Returns (the result, the indices chosen)."""
+    chosen = np.argsort(krum_scores(vectors, f), kind="stable")[:m]
+    return np.stack(vectors)[chosen].mean(axis=0), chosen
+
+
+def clip_updates(deltas: Sequence[np.ndarray], bound: float) -> list[np.ndarray]:
+    """Δ_k · min(1, S/‖Δ_k‖): every update Δ_k = W_k − W_t scaled down to L2
+    norm at most S (norm bounding, Sun et al., 2019)."""
+    out = []
+    for d in deltas:
+        norm = float(np.linalg.norm(d))
+        out.append(d * (bound / norm) if norm > bound else d)
+    return out
