@@ -13,7 +13,6 @@ CHROMIUM ?= /usr/bin/chromium
 export CHROMIUM
 
 .PHONY: install run-all demo sim bench compare browser test clean
-K ?= 50
 ROUNDS ?= 20
 
 install: $(addsuffix /.venv/.installed,$(APPS))
@@ -38,8 +37,11 @@ run-all: install
 demo: install
 	cd server && $(POETRY) run python ../scripts/demo.py
 
+# K is passed only when given: sim.py's default is 50 clients, 2 for the seed.
+# `make sim SIM_ARGS=--keep` leaves the page up after the run (Ctrl-C stops it).
 sim: install
-	$(PYTHON) scripts/sim.py --clients $(K) --rounds $(ROUNDS) $(SIM_ARGS)
+	$(PYTHON) scripts/sim.py $(if $(filter command line environment,$(origin K)),--clients $(K)) \
+		--rounds $(ROUNDS) $(SIM_ARGS)
 
 # Figures, not pass/fail: every app started as the README starts it; prints a
 # table and writes bench/results.json. `make bench ARGS=--quick` for a quick look.

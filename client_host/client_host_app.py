@@ -5,10 +5,24 @@ Run: cd client_host && poetry install && poetry run python client_host_app.py --
 """
 import logging
 import sys
+from pathlib import Path
 
 from fedavg.client_host import create_host_app
-from fedavg.scenarios import SCENARIOS, make_clients
+from fedavg.scenarios import NOISE, SCENARIOS, make_clients
 from fedavg.service import cli, configure_logging, serve, shared_token
+
+# What generated each scenario's data, in one line (fedavg/scenarios.py has
+# the code); shown at start and in the host's /health "scenario".
+ABOUT = {
+    "seed": "the original two clients: (1,3),(2,5) on y = 2x + 1 and (3,4),(4,5) on y = x + 1",
+    "iid": f"x ~ U(0, 5), y = 2x + 1 + N(0, {NOISE}²) noise, the same for every client",
+    "feature-shift": f"y = 2x + 1 + N(0, {NOISE}²) noise, client k's x from its own window of [0, 5.5] (non-IID x)",
+    "label-shift": f"x ~ U(0, 5), y = a_k·x + 1 + N(0, {NOISE}²) noise, slope a_k from 1 to 3 across clients "
+                   "(non-IID y|x)",
+    "quantity-skew": f"x ~ U(0, 5), y = 2x + 1 + N(0, {NOISE}²) noise, log-normal client sizes n_k",
+    "csv": "your CSV, shuffled and split into K parts",
+    "diabetes": "scikit-learn's diabetes data (442 patients, 10 features, z-scored), split into K clients by age",
+}
 
 if __name__ == "__main__":
     parser = cli("Raw FedAvg client host: K simulated clients in one process", 6000)
@@ -16,19 +30,24 @@ if __name__ == "__main__":
     parser.add_argument("--clients", type=int, default=10, help="K, the number of clients (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="the scenario's seed (default 0)")
     parser.add_argument("--samples", type=int, default=20, help="n_k per client, or its mean (default 20)")
-    parser.add_argument("--csv", help="for --scenario csv: the CSV to split among the clients")
+    parser.add_argument("--csv", type=Path,
+                        help="for --scenario csv: the CSV to split among the clients (a relative path is "
+                             "relative to the directory this runs in: client_host/ under poetry run)")
     args = parser.parse_args()
     configure_logging()
     # One line per /train of a thousand clients would bury everything else.
     logging.getLogger("fedavg.client").setLevel(logging.WARNING)
+    csv = args.csv.resolve() if args.csv else None  # errors then name the file in full
     try:
-        clients = make_clients(args.scenario, args.clients, args.seed, args.samples, args.csv)
+        clients = make_clients(args.scenario, args.clients, args.seed, args.samples, csv)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    app = create_host_app(clients, shared_token(), f"{args.scenario}, K={len(clients)}, seed={args.seed}")
+    about = ABOUT[args.scenario] + (f" ({csv})" if args.scenario == "csv" else "")
+    app = create_host_app(clients, shared_token(),
+                          f"{args.scenario}: {about}; K={len(clients)}, seed={args.seed}")
     base = f"http://{args.host}:{args.port}"
-    print(f"client host: {len(clients)} clients ({args.scenario}, seed {args.seed}, "
-          f"{sum(len(c.y) for c in clients)} samples) at {base}/clients/1 … {base}/clients/{len(clients)}",
-          flush=True)
-    serve(app, args.host, args.port)
+    serve(app, args.host, args.port, announce=(
+        f"client host: {len(clients)} clients ({args.scenario}, seed {args.seed}, "
+        f"{sum(len(c.y) for c in clients)} samples) at {base}/clients/1 … {base}/clients/{len(clients)}\n"
+        f"client host: the data: {about}"))

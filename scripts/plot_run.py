@@ -1,11 +1,13 @@
 """Write a run's three charts as PNG files, for a report: the same charts the
 web page shows (fedavg_server.plots), drawn by matplotlib.
 
-    cd server && poetry run python ../scripts/plot_run.py http://127.0.0.1:5000            # the latest run
-    cd server && poetry run python ../scripts/plot_run.py http://127.0.0.1:5000/runs/3     # run 3
-    cd server && poetry run python ../scripts/plot_run.py fedavg-run-3.json --out report/  # a downloaded run
+    server/.venv/bin/python scripts/plot_run.py http://127.0.0.1:5000            # the latest run
+    server/.venv/bin/python scripts/plot_run.py http://127.0.0.1:5000/runs/3     # run 3
+    server/.venv/bin/python scripts/plot_run.py fedavg-run-3.json --out report/  # a downloaded run
 
-Runs in the server's environment (matplotlib, the fedavg_server package).
+Runs in the server's environment (matplotlib, the fedavg_server package),
+called by its path so that the files land where you are (`poetry run`
+would run it in server/). It prints the path of every file it writes.
 """
 from __future__ import annotations
 
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     written = write_charts(run, args.out, args.round)
     for path in written:
-        print(path)
+        print(path.resolve())
     return 0
 
 

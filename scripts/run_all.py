@@ -118,7 +118,8 @@ def main() -> int:
     apps = {}
     try:
         apps = start_federation(ports, echo=echo, server_args=["--db", db] if db else [])
-        echo(f"run-all: all three apps answer /health. Start the rounds with:\n"
+        echo(f"run-all: all three apps answer /health. The page: {apps['server'].url}/\n"
+             f"run-all: start the rounds there, or with:\n"
              f"    curl -X POST {apps['server'].url}/start\n"
              f"run-all: Ctrl-C stops all three.")
         while all(app.proc.poll() is None for app in apps.values()):

@@ -3,17 +3,54 @@
 Run: cd server && poetry install && poetry run python server_app.py
 Then: curl -X POST http://127.0.0.1:5000/start
 """
+import json
 import os
 import sys
+import time
+import urllib.error
+import urllib.request
 
 from fedavg.service import cli, configure_logging, serve
 from fedavg_server import client_urls, create_app
+
+HOST_WAIT_S = 30  # how long --clients-from waits for the client host to answer
+
+
+def clients_from(host_url: str, wait_s: float = HOST_WAIT_S) -> list[str]:
+    """Every client a client host serves (its GET /clients), as full URLs.
+    The host may still be starting: ask again until it answers or wait_s ends."""
+    base = host_url.rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise ValueError(f"--clients-from must be a client host's URL (http://…), got {host_url!r}")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with urllib.request.urlopen(base + "/clients", timeout=5) as resp:
+                paths = json.loads(resp.read())["clients"]
+            if not paths or not all(isinstance(p, str) and p.startswith("/") for p in paths):
+                raise ValueError(f"{base}/clients lists no clients: {paths!r}")
+            return [base + p for p in paths]
+        except urllib.error.HTTPError as e:
+            raise ValueError(f"{base}/clients answered HTTP {e.code}: is {base} a client host "
+                             "(cd client_host && poetry run python client_host_app.py)?") from None
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{base}/clients is not a client host's list of clients") from None
+        except (urllib.error.URLError, OSError) as e:
+            if time.monotonic() > deadline:
+                raise ValueError(f"no client host answers at {base} within {wait_s:g} s "
+                                 f"({getattr(e, 'reason', e)}); start it first: cd client_host && "
+                                 "poetry run python client_host_app.py --port <its port>") from None
+            time.sleep(0.2)  # polling interval while the host starts
+
 
 if __name__ == "__main__":
     parser = cli("Raw FedAvg server", 5000)
     parser.add_argument("--clients", default=os.environ.get("FEDAVG_CLIENTS"),
                         help="comma-separated client URLs (default: env FEDAVG_CLIENTS, "
                              "else http://127.0.0.1:5001,http://127.0.0.1:5002)")
+    parser.add_argument("--clients-from", metavar="HOST_URL",
+                        help="a client host's URL, e.g. http://127.0.0.1:6000: use every client it serves "
+                             f"(its GET /clients; waits up to {HOST_WAIT_S} s for it); adds to --clients if given")
     parser.add_argument("--max-parallel", type=int, default=None,
                         help="at most this many client calls at once (default: sized for this machine)")
     parser.add_argument("--db", default=os.environ.get("FEDAVG_DB"),
@@ -21,7 +58,12 @@ if __name__ == "__main__":
     args = parser.parse_args()
     configure_logging()
     try:
-        clients = client_urls(args.clients)
+        if args.clients_from:
+            hosted = clients_from(args.clients_from)
+            clients = (client_urls(args.clients) if args.clients else []) + hosted
+            print(f"server: {len(hosted)} client(s) from the client host at {args.clients_from}", flush=True)
+        else:
+            clients = client_urls(args.clients)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -31,11 +73,14 @@ if __name__ == "__main__":
     if args.max_parallel:
         config["MAX_PARALLEL"] = args.max_parallel
     app = create_app(config)
-    print(f"server: {len(clients)} client(s): {', '.join(clients)}; run history in {app.config['DATABASE']}; "
-          f"serving on http://{args.host}:{args.port}", flush=True)
-    print(f"server: start a run with  curl -X POST http://{args.host}:{args.port}/start", flush=True)
+    base = f"http://{args.host}:{args.port}"
+    shown = ", ".join(clients) if len(clients) <= 4 else f"{clients[0]} … {clients[-1]}"
     try:
-        serve(app, args.host, args.port)
+        serve(app, args.host, args.port, announce=(
+            f"server: {len(clients)} client(s): {shown}; run history in {app.config['DATABASE']}; "
+            f"serving on {base}\n"
+            f"server: the page: {base}/\n"
+            f"server: start a run with  curl -X POST {base}/start"))
     finally:
         # Ctrl-C or SIGTERM: a running run finishes its round and reads
         # "interrupted" (resumable), instead of dying half-way.
