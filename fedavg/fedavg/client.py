@@ -10,23 +10,44 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flask import Blueprint, Flask, g
+from flask import Blueprint, Flask, g, render_template
 
 from .data import DataError, load_csv
 from .model import mse, split
 from .openapi import client_document
 from .service import cli, configure_logging, install_json_errors, json_body, require_token, serve, shared_token
 from .strategies import STRATEGIES, RunMemory
-from .trace import fmt_theta
+from .trace import fmt, fmt_theta
 from .wire import parse_evaluate_request, parse_train_request, train_reply_json
 
 log = logging.getLogger("fedavg.client")
+
+
+class LastModel:
+    """The last global model this client received, for its own page: the
+    request it came with (/train or /evaluate) and the round, if said.
+    Request threads write it, the page reads it: hence the lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: dict[str, Any] | None = None
+
+    def keep(self, theta: np.ndarray, via: str, round_no: int | None) -> None:
+        w, b = split(np.asarray(theta, dtype=float))
+        seen = {"w": w.tolist(), "b": float(b), "via": via, "round": round_no}
+        with self._lock:
+            self._seen = seen
+
+    def get(self) -> dict[str, Any] | None:
+        with self._lock:
+            return self._seen
 
 
 @dataclass(frozen=True)
@@ -39,19 +60,32 @@ class LocalClient:
     y: np.ndarray
     # State kept between rounds, per run (SCAFFOLD's c_k); gone when the client restarts.
     memory: RunMemory = field(default_factory=RunMemory, compare=False, repr=False)
+    # The last global model received, shown on this client's own page only.
+    last_global: LastModel = field(default_factory=LastModel, compare=False, repr=False)
 
     @property
     def num_features(self) -> int:
         return self.X.shape[1]
 
     def health(self) -> dict[str, Any]:
+        # x_range (min and max of the first feature) lets the server's chart
+        # frame the model lines; it is a small, deliberate leak about the data.
+        x = self.X[:, 0]
         return {"status": "ok", "client_id": self.client_id, "data_size": len(self.y),
-                "num_features": self.num_features, "strategies": list(STRATEGIES)}
+                "num_features": self.num_features, "strategies": list(STRATEGIES),
+                "x_range": [float(x.min()), float(x.max())]}
+
+    def least_squares(self) -> np.ndarray:
+        """θ = [w..., b] minimising Σ_i (w·x_i + b − y_i)² on this client's
+        data alone: lstsq over X̃ = [X, 1] (the minimum-norm one if it is not unique)."""
+        X1 = np.column_stack([self.X, np.ones(len(self.y))])
+        return np.linalg.lstsq(X1, self.y, rcond=None)[0]
 
     def train(self, body: Any) -> tuple[dict[str, Any], int]:
         """POST /train: what the strategy asks of a client, from the global model
         (for FedAvg: local gradient descent, and the local model back)."""
         task = parse_train_request(body, self.num_features)
+        self.last_global.keep(task.theta, "/train", task.round)
         strategy = STRATEGIES[task.config.strategy]
         # Overflow is possible with a large lr; it is detected below and
         # reported as divergence, so NumPy need not warn about it.
@@ -78,6 +112,7 @@ class LocalClient:
     def evaluate(self, body: Any) -> tuple[dict[str, Any], int]:
         """POST /evaluate: the MSE of a model on this client's data."""
         w, b = parse_evaluate_request(body, self.num_features)
+        self.last_global.keep(np.append(w, b), "/evaluate", body.get("round"))
         with np.errstate(over="ignore", invalid="ignore"):
             loss = mse(w, b, self.X, self.y)
         if not math.isfinite(loss):
@@ -89,7 +124,7 @@ def client_blueprint(pick: Callable[[dict[str, Any]], LocalClient], token: str |
                      url_prefix: str | None = None) -> Blueprint:
     """The client endpoints. ``pick`` turns the URL's values (``k`` for a
     client host's /clients/<k>) into the client that answers."""
-    bp = Blueprint("client", __name__, url_prefix=url_prefix)
+    bp = Blueprint("client", __name__, url_prefix=url_prefix, template_folder="templates")
 
     @bp.url_value_preprocessor
     def choose_client(endpoint: str | None, values: dict[str, Any] | None) -> None:
@@ -103,6 +138,20 @@ def client_blueprint(pick: Callable[[dict[str, Any]], LocalClient], token: str |
     def openapi():
         return client_document(g.client.num_features)
 
+    @bp.get("/")
+    def page():
+        """This client's own page: its private points, its local least-squares
+        line and the last global model it received. Served only here; the
+        server never sees it (it is not part of the wire protocol)."""
+        return render_template("client_page.html", **page_context(g.client))
+
+    @bp.route("/start", methods=["GET", "POST"])
+    @bp.route("/runs", methods=["GET", "POST"])
+    def not_the_server():
+        # A run is started on the server, not here: say so instead of a bare 404.
+        return {"error": f"this is a client ({g.client.client_id}), not the server: /start and /runs are on "
+                         "the server (default http://127.0.0.1:5000)"}, 404
+
     @bp.post("/train")
     def train():
         require_token(token)
@@ -114,6 +163,52 @@ def client_blueprint(pick: Callable[[dict[str, Any]], LocalClient], token: str |
         return g.client.evaluate(json_body())
 
     return bp
+
+
+PAGE_ROWS = 500  # the table lists at most this many points (the scatter draws them all)
+SVG_W, SVG_H, SVG_PAD = 560, 360, 40
+
+
+def page_context(client: LocalClient) -> dict[str, Any]:
+    """What the client's page shows, computed here from the private data:
+    the points, the scatter of y against the first feature as SVG
+    coordinates, the local least-squares model and the last global model."""
+    x, y = client.X[:, 0], client.y
+    theta = client.least_squares()
+    last = client.last_global.get()
+    lo_x, hi_x = _padded(float(x.min()), float(x.max()))
+    # One feature: the y axis must hold the lines too, across the x range.
+    ys = [float(y.min()), float(y.max())]
+    lines = []
+    if client.num_features == 1:
+        lines.append(("lstsq", float(theta[0]), float(theta[1])))
+        if last is not None:
+            lines.append(("global", float(last["w"][0]), float(last["b"])))
+        ys += [w * xv + b for _, w, b in lines for xv in (lo_x, hi_x)]
+    lo_y, hi_y = _padded(min(ys), max(ys))
+
+    def sx(v: float) -> float:
+        return SVG_PAD + (v - lo_x) / (hi_x - lo_x) * (SVG_W - 2 * SVG_PAD)
+
+    def sy(v: float) -> float:
+        return SVG_H - SVG_PAD - (v - lo_y) / (hi_y - lo_y) * (SVG_H - 2 * SVG_PAD)
+
+    return {
+        "client_id": client.client_id, "n": len(y), "d": client.num_features,
+        "rows": [(list(map(float, xr)), float(yr)) for xr, yr in zip(client.X[:PAGE_ROWS], y[:PAGE_ROWS])],
+        "points": [(sx(float(a)), sy(float(b))) for a, b in zip(x, y)],
+        "lines": [{"name": name, "w": w, "b": b, "x1": sx(lo_x), "y1": sy(w * lo_x + b), "x2": sx(hi_x),
+                   "y2": sy(w * hi_x + b)} for name, w, b in lines],
+        "lstsq": {"w": theta[:-1].tolist(), "b": float(theta[-1])}, "last": last,
+        "axes": {"x": (lo_x, hi_x), "y": (lo_y, hi_y), "w": SVG_W, "h": SVG_H, "pad": SVG_PAD},
+        "x_range": (float(x.min()), float(x.max())), "page_rows": PAGE_ROWS, "fmt": fmt,
+    }
+
+
+def _padded(lo: float, hi: float) -> tuple[float, float]:
+    """[lo, hi] widened by 5% each side (by 1 when lo == hi), so points are not on the frame."""
+    margin = 0.05 * (hi - lo) or 1.0
+    return lo - margin, hi + margin
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -150,6 +245,5 @@ def main(client_id: str, port: int, data_path: Path) -> None:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"{args.client_id}: {app.config['DATA_SIZE']} private samples from {args.data}; "
-          f"serving on http://{args.host}:{args.port}", flush=True)
-    serve(app, args.host, args.port)
+    serve(app, args.host, args.port, announce=f"{args.client_id}: {app.config['DATA_SIZE']} private samples "
+                                              f"from {args.data}; serving on http://{args.host}:{args.port}")

@@ -88,8 +88,10 @@ def cli(description: str, default_port: int) -> argparse.ArgumentParser:
 WSGI_SERVERS = ("waitress", "werkzeug")
 
 
-def serve(app: Flask, host: str, port: int, threads: int = 8) -> None:
-    """Serve until interrupted, with the WSGI server FEDAVG_WSGI names.
+def serve(app: Flask, host: str, port: int, threads: int = 8, announce: str | None = None) -> None:
+    """Listen, then print ``announce`` (the app's "serving on …" line), then
+    serve until interrupted, with the WSGI server FEDAVG_WSGI names. A port
+    that is taken stops the app with one error line and no announcement.
 
     waitress (the default) keeps HTTP/1.1 connections alive, so the server's
     pooled connections are reused round after round; Werkzeug's development
@@ -106,15 +108,25 @@ def serve(app: Flask, host: str, port: int, threads: int = 8) -> None:
         sys.exit(2)
     try:
         if kind == "werkzeug":
-            app.run(host=host, port=port, threaded=True, use_reloader=False, debug=False)
+            from werkzeug.serving import make_server
+            server = make_server(host, port, app, threaded=True)  # binds here
+            _announce(announce)
+            server.serve_forever()
         else:
             import waitress
             # connection_limit: a server fanning out to a thousand clients, or
             # a host serving them, holds that many keep-alive connections.
-            waitress.serve(app, host=host, port=port, threads=threads, connection_limit=4096,
-                           ident="raw-fedavg", _quiet=True)
+            server = waitress.create_server(app, host=host, port=port, threads=threads, connection_limit=4096,
+                                            ident="raw-fedavg")  # binds here
+            _announce(announce)
+            server.run()
     except KeyboardInterrupt:
         pass
     except OSError as e:
         print(f"error: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
         sys.exit(1)
+
+
+def _announce(text: str | None) -> None:
+    if text:
+        print(text, flush=True)
