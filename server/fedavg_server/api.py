@@ -1,9 +1,10 @@
 """The server's HTTP API: thin wiring from requests to the Federation."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from flask import Blueprint, current_app, request
+from flask import Blueprint, Response, current_app, request
 
 from fedavg.service import json_body, require_token
 from fedavg.wire import ProtocolError, expect_bool, expect_object
@@ -83,15 +84,65 @@ def busy(e: Busy):
 
 def _launched(fed: Federation, run_id: int, wait: bool):
     """What /start and /resume answer: 202 at once, or the run once it ended,
-    with a one-line message first."""
+    its summary first (see ``ended_run``)."""
     if not wait:
         return {"run_id": run_id, "status": "running", "url": f"/runs/{run_id}"}, 202
     fed.wait(run_id)
-    run = fed.store.get(run_id)
+    return ended_run(fed.store.get(run_id), fed.warnings(run_id))
+
+
+# What a person needs from an ended run, in the order they read it; the whole
+# run (settings, every round) follows.
+SUMMARY_KEYS = ("message", "status", "final_line", "final_model", "rounds_completed", "warnings", "url")
+
+
+def ended_run(run: dict[str, Any], warnings: list[str]) -> Response:
+    """The ended run as JSON with its summary first: ``message`` (the seed's
+    field), the status, the final model (as a line and as numbers), the rounds
+    done, ``warnings`` (clients that were dropped) and the run's URL.
+
+    curl sends ``Accept: */*``: it gets one key per line and one round per
+    line, so ``| head`` shows the summary. A client that asks for
+    ``application/json`` by name gets the same keys on one line."""
     name = {"fedavg": "FedAvg"}.get(run["settings"]["strategy"], run["settings"]["strategy"])
     message = {"completed": f"{name} finished {len(run['rounds'])} round(s)."}.get(
         run["status"], f"Run {run['status']}: {run['error']}")
-    return {"message": message, **run}
+    if warnings:
+        message += " Warning: " + "; ".join(warnings) + "."
+    model = run["final_model"] or run["current_model"]
+    summary = {"message": message, "status": run["status"], "final_line": _line(model),
+               "final_model": run["final_model"], "rounds_completed": len(run["rounds"]),
+               "warnings": warnings, "url": f"/runs/{run['run_id']}"}
+    body = {**summary, **{k: v for k, v in run.items() if k not in summary}}
+    if any(kind == "application/json" for kind, _ in request.accept_mimetypes):
+        text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    else:
+        text = _one_key_a_line(body)
+    return current_app.response_class(text + "\n", mimetype="application/json")
+
+
+def _line(model: dict[str, Any]) -> str:
+    """y = w·x + b as the log writes it (w₁·x₁ + … with several features)."""
+    w = model["w"]
+    if not isinstance(w, list):
+        return f"y = {w:.6f}·x + {model['b']:.6f}"
+    return "y = " + " + ".join(f"{v:.6f}·x{j + 1}" for j, v in enumerate(w)) + f" + {model['b']:.6f}"
+
+
+def _one_key_a_line(body: dict[str, Any]) -> str:
+    """JSON for a terminal: one top-level key per line, each value compact,
+    lists of objects (the rounds) one item per line."""
+    def dump(v: Any) -> str:
+        return json.dumps(v, ensure_ascii=False)
+
+    lines = []
+    for key, value in body.items():
+        if isinstance(value, list) and value and isinstance(value[0], (dict, str)):
+            items = ",\n".join("    " + dump(v) for v in value)
+            lines.append(f"  {dump(key)}: [\n{items}\n  ]")
+        else:
+            lines.append(f"  {dump(key)}: {dump(value)}")
+    return "{\n" + ",\n".join(lines) + "\n}"
 
 
 @bp.get("/status")
@@ -134,7 +185,9 @@ def run(run_id: int):
     if fmt == "csv":
         return current_app.response_class(run_to_csv(found), mimetype="text/csv", headers={
             "Content-Disposition": f'attachment; filename="fedavg-run-{run_id}.csv"'})
-    return found
+    # Over the whole run, whatever ?since says: a client dropped from every
+    # round is worth a warning on the page even though the run "completed".
+    return found | {"warnings": federation().warnings(run_id)}
 
 
 @bp.get("/health")

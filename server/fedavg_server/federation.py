@@ -59,6 +59,7 @@ class Federation:
         self.store = store
         self._lock = threading.Lock()
         self._running: Run | None = None
+        self._tallies: dict[int, DropTally] = {}  # run id → its drops, read incrementally
 
     def start(self, settings: RunSettings) -> int:
         """Start a run in the background and return its id; Busy if one runs."""
@@ -142,6 +143,22 @@ class Federation:
         except Exception as e:  # a bug must end the run visibly, not hang it as "running"
             log.exception("run %s crashed", run.run_id)
             self.store.finish(run.run_id, "failed", f"internal error: {type(e).__name__}: {e}")
+        # "completed" must not hide a client that never took part.
+        for warning in self.warnings(run.run_id):
+            log.info("Run %s WARNING: %s", run.run_id, warning)
+
+    def warnings(self, run_id: int) -> list[str]:
+        """What the run's status does not say: each client dropped from some
+        of the rounds it was asked in (see DropTally). Only the rounds stored
+        since the last call are read."""
+        with self._lock:
+            tally = self._tallies.setdefault(run_id, DropTally())
+        with tally.lock:
+            found = self.store.get(run_id, since=tally.last_round)
+            if found is None:
+                return []
+            tally.add(found["rounds"])
+            return tally.warnings()
 
 
 class Run:
@@ -378,6 +395,47 @@ class Run:
             except ProtocolError as e:
                 log.info("%s  not evaluated: %s", self.names[reply.url], e)
         self._save_loss(round_no, losses, "final /evaluate")
+
+
+class DropTally:
+    """Per client, the rounds it was asked in and the rounds it was dropped
+    from, counted over stored round records (participants and dropped)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.last_round = 0
+        self.names: dict[str, str] = {}  # url → the name it is known by (its URL until it says one)
+        self.asked: dict[str, int] = {}
+        self.dropped: dict[str, int] = {}
+        self.reason: dict[str, str] = {}  # url → why it was last dropped
+
+    def add(self, rounds: list[dict[str, Any]]) -> None:
+        for record in rounds:
+            for p in record["participants"]:
+                self.names[p["url"]] = p["client_id"]
+                self.asked[p["url"]] = self.asked.get(p["url"], 0) + 1
+            for d in record["dropped"]:
+                self.names.setdefault(d["url"], d["client_id"])
+                self.asked[d["url"]] = self.asked.get(d["url"], 0) + 1
+                self.dropped[d["url"]] = self.dropped.get(d["url"], 0) + 1
+                self.reason[d["url"]] = d["reason"]
+            self.last_round = max(self.last_round, record["round"])
+
+    def warnings(self) -> list[str]:
+        """'client_2 dropped in 2/2 rounds (last: cannot connect: …)', one per
+        client dropped at least once; a client dropped from every round says
+        that the model is the other clients' alone."""
+        lines = []
+        for url, d in self.dropped.items():
+            asked = self.asked[url]
+            line = f"{self.names[url]} dropped in {d}/{asked} rounds"
+            if asked != self.last_round:
+                line += " it was sampled for"
+            line += f" (last reason: {self.reason[url]})"
+            if d == asked:
+                line += "; it never took part: the model and the federated MSE are the other clients' alone"
+            lines.append(line)
+        return lines
 
 
 def _run_key(run: dict[str, Any]) -> str:
