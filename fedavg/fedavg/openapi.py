@@ -120,7 +120,9 @@ def client_document(num_features: int) -> dict[str, Any]:
                                         "data_size": {"type": "integer", "minimum": 1},
                                         "num_features": {"type": "integer", "minimum": 1},
                                         "strategies": {"type": "array",
-                                                       "items": {"type": "string", "enum": list(STRATEGIES)}}}},
+                                                       "items": {"type": "string", "enum": list(STRATEGIES)}},
+                                        "x_range": {"type": "array", "items": NUMBER, "minItems": 2, "maxItems": 2,
+                                                    "description": "min and max of the first feature"}}},
     }
     paths = {
         "/train": {"post": {
