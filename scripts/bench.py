@@ -277,7 +277,8 @@ def machine() -> dict[str, Any]:
                               text=True).stdout.strip()
 
     def version(dist: str) -> str | None:
-        from importlib.metadata import PackageNotFoundError, version as v
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as v
         try:
             return v(dist)
         except PackageNotFoundError:
@@ -385,7 +386,7 @@ def bench_training(res: Results, plan: Plan) -> None:
             page_faults=faults["local_train"])
     res.add("train_mse_pass_ms", 3, "  one MSE pass (train adds two: loss_before, loss_after)", "ms",
             [t * 1e3 for t in passes], page_faults=faults["mse"])
-    res.add("train_ratio_loop", 3, "  ratio bare/local_train", "×", [b / l for b, l in zip(bares, loops)])
+    res.add("train_ratio_loop", 3, "  ratio bare/local_train", "×", [bare / loop for bare, loop in zip(bares, loops)])
 
 
 # --- stacks of real apps --------------------------------------------------------------------

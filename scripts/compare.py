@@ -31,7 +31,7 @@ import numpy as np
 
 from fedavg import theory
 from fedavg.scenarios import DIABETES_LR, SCENARIOS, make_clients
-from launcher import get_json, free_port, post_json, start_app, stop, wait_healthy
+from launcher import free_port, get_json, post_json, start_app, stop, wait_healthy
 
 ALL_STRATEGIES = ("fedavg", "fedsgd", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
                   "fednova", "exact")

@@ -7,7 +7,6 @@ import pytest
 from fedavg.aggregation import weighted_average, weighted_loss_avg
 from fedavg.trace import TRACE_TERMS, explain_average, explain_weighted_sum, fmt
 
-
 # --- the weighted average -------------------------------------------------------------
 
 

@@ -10,10 +10,10 @@ import time
 import pytest
 from flask import Flask, Response
 
+from conftest import ROOT, Served
 from fedavg.client import create_app as create_client_app
 from fedavg_server import create_app as create_server_app
 from fedavg_server.runs import run_to_csv
-from conftest import ROOT, Served
 
 release = threading.Event()  # lets the hanging fake go when the test ends
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from conftest import ROOT
 
 NOBODY = 65534  # Debian's `nobody`: a user without root and without sudo

@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
 
+from conftest import ROOT
 
 # What --quick measures (K up to 50, so no K=200/1000 figures).
 QUICK_FIGURES = {

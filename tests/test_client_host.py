@@ -7,10 +7,9 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from fedavg.client_host import create_host_app
 from fedavg.scenarios import SCENARIOS, make_clients
-from conftest import ROOT
-
 
 
 @pytest.mark.parametrize("name", [s for s in SCENARIOS if s not in ("seed", "csv")])
@@ -31,7 +30,8 @@ def test_scenarios_differ_the_way_their_names_say():
     assert lows == sorted(lows) and lows[-1] - lows[0] > 3  # each client sees its own x window
     labels = make_clients("label-shift", 5, samples=200)
     slopes = [np.polyfit(c.X[:, 0], c.y, 1)[0] for c in labels]
-    assert slopes == sorted(slopes) and slopes[0] == pytest.approx(1, abs=0.1) and slopes[-1] == pytest.approx(3, abs=0.1)
+    assert slopes == sorted(slopes)
+    assert slopes[0] == pytest.approx(1, abs=0.1) and slopes[-1] == pytest.approx(3, abs=0.1)
     skewed = [len(c.y) for c in make_clients("quantity-skew", 50, samples=20)]
     assert max(skewed) > 5 * min(skewed)
     seed = make_clients("seed", 2)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reference import SEED_DATA, local_gd, reference_fedavg
 from conftest import ROOT
+from reference import SEED_DATA, reference_fedavg
 
 SVG = "{http://www.w3.org/2000/svg}"
 

@@ -6,7 +6,6 @@ import pytest
 from fedavg.data import DataError, load_csv
 from reference import SEED_DATA
 
-
 # --- the client's data file ----------------------------------------------------------------------
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 import subprocess
 
+from conftest import ROOT
 from reference import SEED_DATA, reference_fedavg
 from test_strategies import fedavg_closed_form
-from conftest import ROOT
 
 LINE = re.compile(r"y = (-?\d+\.\d+)·x \+ (-?\d+\.\d+)")
 

@@ -2,18 +2,17 @@
 the request, no 5xx, and every reply conforms to the document."""
 from __future__ import annotations
 
-
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 import launcher
+from conftest import ROOT
 from fedavg.client import create_app as create_client_app
 from fedavg.client_host import create_host_app
 from fedavg.scenarios import make_clients
 from fedavg_server import create_app as create_server_app
-from conftest import ROOT
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 import launcher
-from reference import SEED_DATA, reference_fedavg
 from conftest import ROOT
+from reference import SEED_DATA, reference_fedavg
 
 NUM = r"(-?\d+\.\d+(?:e[+-]\d+)?)"
 

@@ -8,8 +8,15 @@ import random
 import numpy as np
 import pytest
 
-from fedavg.aggregation import (capped_weights, clip_updates, coordinate_median, krum_scores, multi_krum,
-                                trimmed_mean, weighted_average)
+from fedavg.aggregation import (
+    capped_weights,
+    clip_updates,
+    coordinate_median,
+    krum_scores,
+    multi_krum,
+    trimmed_mean,
+    weighted_average,
+)
 
 
 def vectors(seed: int, k: int, d: int = 3) -> list[list[float]]:

@@ -8,11 +8,10 @@ import pytest
 from flask import Flask, Response, request
 
 import launcher
+from conftest import ROOT, Served
 from fedavg.client import create_app as create_client_app
 from fedavg_server import create_app as create_server_app
 from reference import SEED_DATA, local_gd, local_mse, reference_fedavg
-from conftest import ROOT, Served
-
 
 
 def seed_style_client(data: list[tuple[float, float]]) -> Flask:

@@ -11,11 +11,10 @@ import time
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from fedavg import theory
 from fedavg.scenarios import DIABETES_LR, make_clients
 from reference import SEED_DATA, local_gd, reference_fedavg
-from conftest import ROOT
-
 
 
 def as_arrays(samples: list[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:

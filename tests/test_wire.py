@@ -6,9 +6,16 @@ import json
 import pytest
 
 from fedavg.training import TrainConfig
-from fedavg.wire import (ProtocolError, loads, parse_evaluate_request, parse_health_reply, parse_model,
-                         parse_train_config, parse_train_reply, parse_train_request)
-
+from fedavg.wire import (
+    ProtocolError,
+    loads,
+    parse_evaluate_request,
+    parse_health_reply,
+    parse_model,
+    parse_train_config,
+    parse_train_reply,
+    parse_train_request,
+)
 
 # --- the wire format ------------------------------------------------------------------------------
 

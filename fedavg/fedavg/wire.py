@@ -18,7 +18,6 @@ from .model import Weights, as_theta, split
 from .strategies import STRATEGIES, ClientTask, Local
 from .training import TrainConfig
 
-
 # Bounds that keep one request's work bounded (a client trains local_epochs
 # passes over its data; a model has one weight per feature).
 MAX_LOCAL_EPOCHS = 10_000
@@ -382,6 +381,7 @@ def parse_health_reply(value: Any) -> dict[str, Any]:
 
     name = body.get("client_id")
     strategies = body.get("strategies")
+    known = [s for s in strategies if isinstance(s, str) and s in STRATEGIES] if isinstance(strategies, list) else None
     return {"client_id": name if isinstance(name, str) and 0 < len(name) <= MAX_NAME else None,
             "data_size": count("data_size"), "num_features": count("num_features"),
-            "strategies": [s for s in strategies if isinstance(s, str) and s in STRATEGIES] if isinstance(strategies, list) else None}
+            "strategies": known}

@@ -4,9 +4,8 @@ from __future__ import annotations
 from typing import Any
 
 from fedavg.openapi import AUTH_ERROR, ERRORS, SCHEMAS, document, json_content, ref, reply
-from fedavg.wire import MAX_LOCAL_EPOCHS
-
 from fedavg.strategies import STRATEGIES, Param
+from fedavg.wire import MAX_LOCAL_EPOCHS
 
 from .settings import MAX_ROUNDS
 
