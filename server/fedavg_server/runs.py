@@ -7,9 +7,12 @@ were running read ``interrupted`` and can be resumed.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,31 +115,70 @@ def state_of(stored: dict[str, list[float]] | None) -> State | None:
     return None if stored is None else {k: np.array(v, dtype=float) for k, v in stored.items()}
 
 
+class StoreError(Exception):
+    """The run history cannot be read or written: the file is corrupt, its
+    folder read-only, the disk full, or the file gone. The message says which."""
+
+
+def _why(e: Exception) -> str:
+    text = str(e)
+    if "full" in text:
+        return f"disk full: {text}"
+    if "readonly" in text or "read-only" in text:
+        return f"read-only: {text}"
+    if "not a database" in text or "malformed" in text:
+        return f"corrupt: {text}"
+    return text
+
+
 class RunStore:
     """One SQLite file; one connection shared under a lock (writes are one
-    small row per round, so a lock costs nothing and keeps reads consistent)."""
+    small row per round, so a lock costs nothing and keeps reads consistent).
+    Every SQLite failure leaves as ``StoreError``."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        with self._lock:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
             self._db.executescript(SCHEMA)
             # Whatever was running when the last server process died is not running now.
             self._db.execute("UPDATE runs SET status = 'interrupted' WHERE status = 'running'")
+            self._file = os.stat(self.path)
+        except (sqlite3.Error, OSError) as e:
+            raise StoreError(f"cannot use {self.path} as the run history: {_why(e)}") from None
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
+    @contextmanager
+    def _using(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+        """The connection, under the lock, with SQLite's errors as StoreError.
+        Before a write: the file must still be the one opened (a history deleted
+        while the server runs would otherwise take writes that nobody can read)."""
+        with self._lock:
+            if write:
+                try:
+                    now = os.stat(self.path)
+                except OSError:
+                    now = None
+                if now is None or (now.st_dev, now.st_ino) != (self._file.st_dev, self._file.st_ino):
+                    raise StoreError(f"the run history {self.path} was deleted or replaced while the server ran; "
+                                     "restart the server")
+            try:
+                yield self._db
+            except sqlite3.Error as e:
+                raise StoreError(f"the run history {self.path}: {_why(e)}") from None
+
     # --- writes -----------------------------------------------------------------
 
     def create(self, settings: dict[str, Any], clients: list[str], init_model: dict[str, Any]) -> int:
-        with self._lock:
+        with self._using(write=True):
             cur = self._db.execute(
                 "INSERT INTO runs (status, settings, clients, created_at, current_model) VALUES (?, ?, ?, ?, ?)",
                 ("running", json.dumps(settings), json.dumps(clients), time.time(), json.dumps(init_model)))
@@ -147,7 +189,7 @@ class RunStore:
         return the round as stored (what the API and the log show)."""
         record = round_json(rec)
         body = {k: v for k, v in record.items() if k != "federated_loss"}
-        with self._lock, self._db:
+        with self._using(write=True), self._db:
             self._db.execute("BEGIN")
             self._db.execute("INSERT INTO rounds (run_id, round, record, federated_loss) VALUES (?, ?, ?, ?)",
                              (run_id, record["round"], json.dumps(body), record.get("federated_loss")))
@@ -156,64 +198,84 @@ class RunStore:
         return record
 
     def set_federated_loss(self, run_id: int, round_no: int, loss: float | None) -> None:
-        with self._lock:
+        with self._using(write=True):
             self._db.execute("UPDATE rounds SET federated_loss = ? WHERE run_id = ? AND round = ?",
                              (loss, run_id, round_no))
 
     def set_status(self, run_id: int, status: str) -> None:
-        with self._lock:
+        with self._using(write=True):
             self._db.execute("UPDATE runs SET status = ?, error = NULL, finished_at = NULL WHERE run_id = ?",
                              (status, run_id))
 
     def finish(self, run_id: int, status: str, error: str | None = None) -> None:
-        with self._lock:
+        with self._using(write=True):
             self._db.execute("UPDATE runs SET status = ?, error = ?, finished_at = ?, final_model = current_model "
                              "WHERE run_id = ?", (status, error, time.time(), run_id))
 
     # --- reads ----------------------------------------------------------------------
 
-    def get(self, run_id: int, since: int = 0) -> dict[str, Any] | None:
-        """The run with its rounds after round ``since`` (all by default)."""
+    def get(self, run_id: int, since: int = 0, limit: int | None = None) -> dict[str, Any] | None:
+        """The run with its rounds after round ``since``: all of them, or the
+        first ``limit`` (a 100,000-round run is 78 MB of JSON; pages keep a
+        reader's memory bounded)."""
         if not 0 <= run_id < 2**63:  # beyond SQLite's INTEGER: no such run
             return None
         since = min(max(since, 0), 2**63 - 1)
-        with self._lock:
+        with self._using():
             row = self._db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
             if row is None:
                 return None
             rounds = self._db.execute("SELECT record, federated_loss FROM rounds WHERE run_id = ? AND round > ? "
-                                      "ORDER BY round", (run_id, since)).fetchall()
+                                      "ORDER BY round LIMIT ?", (run_id, since, -1 if limit is None else limit)
+                                      ).fetchall()
         run = _run_json(row)
-        run["rounds"] = [json.loads(r["record"]) | {"federated_loss": r["federated_loss"]} for r in rounds]
+        run["rounds"] = [_round_of(r) for r in rounds]
         return run
+
+    def iter_rounds(self, run_id: int, batch: int = 1000) -> Iterator[dict[str, Any]]:
+        """Every round of a run, read ``batch`` at a time (for a streamed CSV:
+        the lock is held per batch, never for the whole run)."""
+        since = 0
+        while True:
+            with self._using():
+                rows = self._db.execute("SELECT round, record, federated_loss FROM rounds WHERE run_id = ? AND "
+                                        "round > ? ORDER BY round LIMIT ?", (run_id, since, batch)).fetchall()
+            yield from (_round_of(r) for r in rows)
+            if len(rows) < batch:
+                return
+            since = rows[-1]["round"]
 
     def summary(self, run_id: int) -> dict[str, Any] | None:
         """A run without its rounds, with rounds_completed."""
         if not 0 <= run_id < 2**63:
             return None
-        with self._lock:
+        with self._using():
             row = self._db.execute(SUMMARY + " WHERE run_id = ?", (run_id,)).fetchone()
         return None if row is None else _run_json(row) | {"rounds_completed": row["rounds_completed"]}
 
     def server_state(self, run_id: int) -> State | None:
         """The strategy's state after the run's last completed round (None
         before round 1, or for a strategy that keeps none)."""
-        with self._lock:
+        with self._using():
             row = self._db.execute("SELECT record FROM rounds WHERE run_id = ? ORDER BY round DESC LIMIT 1",
                                    (run_id,)).fetchone()
         return None if row is None else state_of(json.loads(row["record"]).get("server_state"))
 
     def latest(self) -> dict[str, Any] | None:
         """The newest run's summary (no rounds: /status is polled often)."""
-        with self._lock:
+        with self._using():
             row = self._db.execute(SUMMARY + " ORDER BY run_id DESC LIMIT 1").fetchone()
         return None if row is None else _run_json(row) | {"rounds_completed": row["rounds_completed"]}
 
     def summaries(self) -> list[dict[str, Any]]:
         """Every run without its rounds, newest first."""
-        with self._lock:
+        with self._using():
             rows = self._db.execute(SUMMARY + " ORDER BY run_id DESC").fetchall()
         return [_run_json(row) | {"rounds_completed": row["rounds_completed"]} for row in rows]
+
+
+def _round_of(row: sqlite3.Row) -> dict[str, Any]:
+    return json.loads(row["record"]) | {"federated_loss": row["federated_loss"]}
 
 
 def _run_json(row: sqlite3.Row) -> dict[str, Any]:
@@ -226,24 +288,38 @@ def _run_json(row: sqlite3.Row) -> dict[str, Any]:
 
 
 def run_to_csv(run: dict[str, Any]) -> str:
+    """The whole CSV of a run already read (see ``csv_lines``)."""
+    return "".join(csv_lines(run["rounds"]))
+
+
+def csv_lines(rounds: Iterable[dict[str, Any]]) -> Iterator[str]:
     """One row per round: round, N, the global w (w or w1..wd) and b,
-    federated loss, participants and dropped clients (';'-separated ids)."""
+    federated loss, participants and dropped clients (';'-separated, each as
+    name and URL), a line at a time, so a long run streams."""
     import csv
     import io
 
-    rounds = run["rounds"]
-    d = len(rounds[0]["global_model"]["w"]) if rounds and isinstance(rounds[0]["global_model"]["w"], list) else 1
-    w_cols = ["w"] if d == 1 else [f"w{j + 1}" for j in range(d)]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["round", "N", *w_cols, "b", "federated_loss", "participants", "dropped"])
+
+    def line(row: list[Any]) -> str:
+        out.seek(0)
+        out.truncate()
+        writer.writerow(row)
+        return out.getvalue()
+
+    w_cols = None
     for r in rounds:
         w = r["global_model"]["w"]
-        writer.writerow([r["round"], r["N"], *(w if isinstance(w, list) else [w]), r["global_model"]["b"],
-                         "" if r["federated_loss"] is None else r["federated_loss"],
-                         _cell(";".join(_who(p) for p in r["participants"])),
-                         _cell(";".join(_who(x) for x in r["dropped"]))])
-    return out.getvalue()
+        if w_cols is None:
+            w_cols = ["w"] if not isinstance(w, list) else [f"w{j + 1}" for j in range(len(w))]
+            yield line(["round", "N", *w_cols, "b", "federated_loss", "participants", "dropped"])
+        yield line([r["round"], r["N"], *(w if isinstance(w, list) else [w]), r["global_model"]["b"],
+                    "" if r["federated_loss"] is None else r["federated_loss"],
+                    _cell(";".join(_who(p) for p in r["participants"])),
+                    _cell(";".join(_who(x) for x in r["dropped"]))])
+    if w_cols is None:
+        yield line(["round", "N", "w", "b", "federated_loss", "participants", "dropped"])
 
 
 def _who(client: dict[str, Any]) -> str:

@@ -1,0 +1,62 @@
+"""RunStore on a real SQLite file: what it does when the file is corrupt,
+deleted while in use, or full, and reading a long run in pages."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedavg.strategies import Result, Step
+from fedavg_server.runs import RoundRecord, RunStore, StoreError, csv_lines, run_to_csv
+
+
+def record(r: int) -> RoundRecord:
+    theta = np.array([0.1 * r, 0.2])
+    results = [Result("client_1", "http://c1", 2, theta + 0.01), Result("client_2", "http://c2", 2, theta - 0.01)]
+    return RoundRecord(r, "fedavg", theta, results, [], Step(theta, {}, ["N = 2 + 2 = 4"]), 0.001)
+
+
+def test_a_file_that_is_not_a_database_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "runs.db"
+    path.write_bytes(b"this is not SQLite" * 100)
+    with pytest.raises(StoreError) as e:
+        RunStore(path)
+    assert str(path) in str(e.value) and "corrupt" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_history_deleted_while_in_use_is_noticed_at_the_next_write(tmp_path):
+    store = RunStore(tmp_path / "runs.db")
+    run_id = store.create({"rounds": 3}, ["http://c1"], {"w": 0.0, "b": 0.0})
+    store.add_round(run_id, record(1))
+    (tmp_path / "runs.db").unlink()
+    with pytest.raises(StoreError, match="deleted or replaced"):
+        store.add_round(run_id, record(2))
+
+
+def test_a_full_disk_is_a_store_error_that_says_so(tmp_path):
+    store = RunStore(tmp_path / "runs.db")
+    run_id = store.create({"rounds": 3}, ["http://c1"], {"w": 0.0, "b": 0.0})
+    # SQLite's own cap on the file's size: past it every write fails as on a full disk (SQLITE_FULL)
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(StoreError, match="disk full"):
+        for r in range(1, 200):
+            store.add_round(run_id, record(r))
+    assert store.summary(run_id)["status"] == "running"  # reads still work
+
+
+def test_pages_of_rounds_and_the_streamed_csv_give_the_whole_run(tmp_path):
+    store = RunStore(tmp_path / "runs.db")
+    run_id = store.create({"rounds": 25}, ["http://c1"], {"w": 0.0, "b": 0.0})
+    for r in range(1, 26):
+        store.add_round(run_id, record(r))
+    whole = store.get(run_id)["rounds"]
+    assert [x["round"] for x in whole] == list(range(1, 26))
+    paged, since = [], 0
+    while page := store.get(run_id, since=since, limit=10)["rounds"]:
+        assert len(page) <= 10
+        paged += page
+        since = page[-1]["round"]
+    assert paged == whole
+    assert list(store.iter_rounds(run_id, batch=7)) == whole
+    assert "".join(csv_lines(store.iter_rounds(run_id, batch=7))) == run_to_csv({"rounds": whole})
+    assert len(run_to_csv({"rounds": whole}).splitlines()) == 26
