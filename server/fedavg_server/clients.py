@@ -3,9 +3,11 @@ each bounded by a timeout, every failure turned into a reason a person can read.
 from __future__ import annotations
 
 import json
+import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +25,38 @@ DEADLINE_SLACK_S = 0.5
 # parsed (64 MiB of floats took the server to 800 MB). Exact's Σ x̃x̃ᵀ grows as
 # d²: it fits up to about 180 features.
 MAX_REPLY_BYTES = 1024 * 1024
+
+
+class CallThreads:
+    """Up to ``size`` threads that run client calls. Daemon threads, unlike
+    ThreadPoolExecutor's (which the interpreter joins at exit): a client that
+    never answers must not keep a stopping server alive until its timeout."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        with self._lock:
+            if len(self._threads) < self.size:
+                thread = threading.Thread(target=self._work, name=f"client-call-{len(self._threads)}", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            future, fn, args = self._jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue  # given up on before it started
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # handed to whoever waits on the future
+                future.set_exception(e)
 
 
 @dataclass(frozen=True)
@@ -58,8 +92,10 @@ class ClientPool:
         # connection per concurrent call, kept alive across rounds.
         self.http = urllib3.PoolManager(num_pools=max(10, len(self.urls)), maxsize=self.max_parallel,
                                         retries=False)
-        self.executor = ThreadPoolExecutor(self.max_parallel, thread_name_prefix="client-call")
+        self.threads = CallThreads(self.max_parallel)
         self.headers: dict[str, str] = {}
+        # Set when the server stops: waits end at once, calls still out are cancelled.
+        self.stopping = threading.Event()
 
     def call_all(self, urls: Sequence[str], method: str, path: str, timeout_s: float,
                  body_for: Callable[[str], Any] | None = None) -> list[Reply]:
@@ -69,11 +105,18 @@ class ClientPool:
         still busy by then is given up on."""
         def one(url: str) -> Reply:
             return self.call(url, method, path, timeout_s, None if body_for is None else body_for(url))
-        futures = [self.executor.submit(one, url) for url in urls]
-        wait(futures, timeout=timeout_s + RETRY_BACKOFF_S + DEADLINE_SLACK_S)
+        futures = [self.threads.submit(one, url) for url in urls]
+        deadline = time.monotonic() + timeout_s + RETRY_BACKOFF_S + DEADLINE_SLACK_S
+        pending = set(futures)
+        while pending and not self.stopping.is_set() and (left := deadline - time.monotonic()) > 0:
+            # short waits, so that a stopping server is not held by a slow client
+            _, pending = wait(pending, timeout=min(left, 0.1))
         return [f.result() if f.done() else self._given_up(f, url, timeout_s) for f, url in zip(futures, urls)]
 
     def _given_up(self, future: Future, url: str, timeout_s: float) -> Reply:
+        if self.stopping.is_set():
+            future.cancel()
+            return Reply(url, reason="cancelled: the server is stopping")
         if future.cancel():  # still queued behind slow clients: never called
             return Reply(url, reason=f"not called within {timeout_s:g} s: {self.max_parallel} slower calls "
                                      "held every connection (raise --max-parallel)")
@@ -84,7 +127,8 @@ class ClientPool:
         (a client restarting); a timeout is not retried: it already cost the
         full wait. ``timeout_s`` bounds the whole call, not each read: a reply
         that trickles in byte by byte is cut off at the deadline."""
-        headers = dict(self.headers)
+        # The client may stop working on a call the server has stopped waiting for.
+        headers = {**self.headers, "X-Deadline-S": f"{timeout_s:g}"}
         data = None
         if body is not None:
             data = json.dumps(body).encode()
@@ -130,7 +174,7 @@ class ClientPool:
         return Reply(url, body=reply_body, status=resp.status)
 
     def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.stopping.set()
         self.http.clear()
 
 
