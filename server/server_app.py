@@ -50,7 +50,9 @@ if __name__ == "__main__":
                              "else http://127.0.0.1:5001,http://127.0.0.1:5002)")
     parser.add_argument("--clients-from", metavar="HOST_URL",
                         help="a client host's URL, e.g. http://127.0.0.1:6000: use every client it serves "
-                             f"(its GET /clients; waits up to {HOST_WAIT_S} s for it); adds to --clients if given")
+                             "(its GET /clients); adds to --clients if given")
+    parser.add_argument("--clients-from-wait", type=float, default=HOST_WAIT_S, metavar="SECONDS",
+                        help=f"how long to wait for that host to answer (default {HOST_WAIT_S})")
     parser.add_argument("--max-parallel", type=int, default=None,
                         help="at most this many client calls at once (default: sized for this machine)")
     parser.add_argument("--db", default=os.environ.get("FEDAVG_DB"),
@@ -59,7 +61,7 @@ if __name__ == "__main__":
     configure_logging()
     try:
         if args.clients_from:
-            hosted = clients_from(args.clients_from)
+            hosted = clients_from(args.clients_from, args.clients_from_wait)
             clients = (client_urls(args.clients) if args.clients else []) + hosted
             print(f"server: {len(hosted)} client(s) from the client host at {args.clients_from}", flush=True)
         else:
