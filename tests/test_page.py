@@ -33,7 +33,10 @@ from fedavg.trace import explain_average, fmt  # noqa: E402
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 ROUNDS = 5
-PACE_S = 0.35  # rounds arrive one by one, each a visible step
+# Rounds arrive one by one, each a visible step. The page shows a round
+# together with its three charts (drawn by matplotlib, ~0.5 s for the three
+# on a 2-core machine), so a round must last longer than that to be seen alone.
+PACE_S = 1.0
 
 
 def get_json(url: str):
@@ -202,7 +205,7 @@ def test_a_run_from_the_form_arrives_round_by_round_with_the_api_numbers(page: P
     assert page.get_attribute("#download-csv", "href") == f"/runs/{run_id}?format=csv"
 
     # Watch the API and the page side by side: each round the server has
-    # committed shows on the page within a second, while the next is not done.
+    # committed shows on the page (with its charts) within two seconds, while the next is not done.
     shown_when_arrived = []
     seen = 0
     deadline = time.monotonic() + 30
@@ -210,7 +213,7 @@ def test_a_run_from_the_form_arrives_round_by_round_with_the_api_numbers(page: P
         assert time.monotonic() < deadline, f"only {seen} of {ROUNDS} rounds in 30 s"
         n = len(get_json(f"{url}/runs/{run_id}")["rounds"])
         for k in range(seen + 1, n + 1):
-            page.wait_for_function(f"document.querySelectorAll('#rounds tbody tr').length >= {k}", timeout=1_000)
+            page.wait_for_function(f"document.querySelectorAll('#rounds tbody tr').length >= {k}", timeout=2_000)
             shown_when_arrived.append((rows(page), text(page, "#progress-text")))
         seen = n
         time.sleep(0.01)  # polling interval
@@ -451,3 +454,166 @@ def test_the_comparison_view_overlays_two_runs(page: Page, federation):
     assert line_ids == {f"run-{first['run_id']}", f"run-{second['run_id']}"}
     for run, strategy in ((first, "fedavg"), (second, "fedadam")):
         assert f"<!-- run {run['run_id']}: {strategy} -->" in svg  # the legend's text
+
+
+# --- one state: every view shows the same run and round ----------------------------------
+
+# Read in one go (page.evaluate runs between the page's own tasks): the round
+# count of the run menu, the progress bar, the round in the title and in the
+# math panel, and the round and run each chart was drawn for.
+SAMPLE_JS = """() => {
+  const n = (t) => (t === undefined || t === null || t === '' || t === '–' ? 0 : Number(t));
+  const option = document.querySelector('#run-select').selectedOptions[0];
+  const menu = option ? option.textContent.match(/^Run (\\d+): \\w+, (\\d+)\\/(\\d+) rounds$/) : null;
+  const status = document.querySelector('#run-status').textContent.match(/^Run (\\d+) is/);
+  const charts = [...document.querySelectorAll('img[data-plot]')];
+  return {
+    menu_run: menu ? Number(menu[1]) : null, menu_rounds: menu ? Number(menu[2]) : null,
+    status_run: status ? Number(status[1]) : null,
+    progress: Number(document.querySelector('#progress').value),
+    progress_text: document.querySelector('#progress-text').textContent,
+    title_round: n(document.querySelector('#round-number').textContent),
+    math_round: n(document.querySelector('#math').dataset.round),
+    table_rows: document.querySelectorAll('#rounds tbody tr').length,
+    chart_rounds: charts.map((i) => n(i.dataset.round)),
+    chart_runs: charts.map((i) => n(i.dataset.run)),
+  };
+}"""
+
+# Every change the page makes to its DOM is sampled as well: a MutationObserver's
+# callback runs after the script that made the changes, so a view updated
+# in a later step than the others would be caught in between.
+OBSERVE_JS = f"""() => {{
+  window.__samples = [];
+  const sample = {SAMPLE_JS};
+  new MutationObserver(() => window.__samples.push(sample()))
+    .observe(document.body, {{subtree: true, childList: true, attributes: true, characterData: true}});
+}}"""
+
+
+def assert_one_round(sample: dict, run_id: int) -> None:
+    rounds = sample["menu_rounds"]
+    assert sample["menu_run"] == sample["status_run"] == run_id, sample
+    assert sample["chart_runs"] == [run_id] * 3, sample
+    assert sample["progress"] == sample["table_rows"] == rounds, sample
+    assert sample["progress_text"].startswith(f"{rounds} / "), sample
+    # following the latest round: the math and every chart show round `rounds`
+    assert sample["title_round"] == sample["math_round"] == rounds, sample
+    assert sample["chart_rounds"] == [rounds] * 3, sample
+
+
+def test_every_view_shows_the_same_round_while_a_paced_run_arrives(page: Page, federation):
+    url, _ = federation
+    rounds = 8
+    page.wait_for_function("document.querySelector('#run-status').textContent !== ''")
+    page.evaluate(OBSERVE_JS)
+    page.fill("#f-rounds", str(rounds))
+    page.fill("#f-pace_s", "0.3")
+    page.click("#start-button")
+    page.wait_for_function("document.querySelector('#run-status').dataset.status === 'running'")
+    run_id = int(page.input_value("#run-select"))
+    samples = []
+    deadline = time.monotonic() + 40
+    while True:
+        sample = page.evaluate(SAMPLE_JS)
+        samples.append(sample)
+        if sample["menu_rounds"] == rounds and "completed" in page.locator("#run-status").get_attribute("data-status"):
+            break
+        assert time.monotonic() < deadline, f"the run did not complete on the page in 40 s: {sample}"
+        page.wait_for_timeout(20)  # sampling interval, not a wait for anything
+    observed = [s for s in page.evaluate("window.__samples") if s["status_run"] == run_id]
+    for sample in samples + observed:
+        assert_one_round(sample, run_id)
+    # the samples saw the rounds arrive, not just the end
+    seen = {s["menu_rounds"] for s in samples + observed}
+    assert len(seen) >= 4 and rounds in seen, seen
+    assert len(get_json(f"{url}/runs/{run_id}")["rounds"]) == rounds
+
+
+# --- the form: every bad field at once -----------------------------------------------------
+
+
+def test_every_bad_field_is_shown_at_once_next_to_its_field(page: Page, federation):
+    url, _ = federation
+    before = len(get_json(url + "/runs")["runs"])
+    page.fill("#f-rounds", "0")
+    page.fill("#f-lr", "0")
+    page.fill("#f-fraction", "2")
+    page.click("#start-button")
+    page.wait_for_function("document.querySelector('#fraction-error').textContent !== ''")
+    # the API's own messages, each next to its field
+    status, body = launcher.post_json(url + "/start", {"rounds": 0, "lr": 0, "fraction": 2})
+    assert status == 400 and body["error"] == "lr: must be > 0, got 0"
+    assert {e["field"]: e["message"] for e in body["errors"]} == {
+        "lr": "must be > 0, got 0", "rounds": "must be >= 1, got 0", "fraction": "must be <= 1, got 2"}
+    assert text(page, "#lr-error") == "must be > 0, got 0"
+    assert text(page, "#rounds-error") == "must be >= 1, got 0"
+    assert text(page, "#fraction-error") == "must be <= 1, got 2"
+    for name in ("lr", "rounds", "fraction"):
+        assert page.get_attribute(f"#f-{name}", "aria-invalid") == "true"
+    assert page.evaluate("document.activeElement.id") == "f-lr"  # the first error's field
+    assert text(page, "#form-error") == ""
+    assert len(get_json(url + "/runs")["runs"]) == before  # nothing started
+
+
+# --- fifty clients: counted, collapsed, searchable --------------------------------------------
+
+K = 50
+
+
+@pytest.fixture(scope="module")
+def fifty(tmp_path_factory):
+    """A client host of 50 IID clients and a server configured with each of them."""
+    db = tmp_path_factory.mktemp("fifty") / "runs.db"
+    apps: list[launcher.App] = []
+    try:
+        host = launcher.start_app("client_host", launcher.free_port(), ["--scenario", "iid", "--clients", str(K)])
+        apps.append(host)
+        launcher.wait_healthy([host])
+        urls = [f"{host.url}/clients/{k}" for k in range(1, K + 1)]
+        server = launcher.start_app("server", launcher.free_port(), ["--clients", ",".join(urls), "--db", str(db)])
+        apps.append(server)
+        launcher.wait_healthy([server])
+        yield server.url, urls
+    finally:
+        launcher.stop(apps)
+
+
+def test_fifty_clients_are_summarised_collapsed_and_searchable(browser: Browser, fifty):
+    url, urls = fifty
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(15_000)
+        page.goto(url + "/")
+        page.wait_for_function("document.querySelector('#clients-summary').dataset.up !== undefined")
+        assert text(page, "#clients-summary").startswith(f"{K} of {K} client(s) up; N = {20 * K} samples")
+        assert page.get_attribute("#clients-summary", "data-down") == "0"
+        # collapsed: the counts are in view, the 50 rows are not, and the form sits right below
+        assert page.evaluate("document.querySelector('#clients-details').open") is False
+        assert not page.is_visible('#clients tbody tr[data-url$="/clients/1"]')
+        federation_box = page.locator("#federation").bounding_box()
+        assert federation_box["height"] < 200, federation_box
+        assert page.locator("#start-form").bounding_box()["y"] < 400
+        # opened and filtered: sim_1 and sim_10 … sim_19
+        page.click("#clients-details summary")
+        page.fill("#clients-filter", "sim_1")
+        page.wait_for_function("document.querySelector('#clients-shown').textContent !== ''")
+        shown = [r.locator('[data-field="client_id"]').inner_text() for r in page.locator("#clients tbody tr").all()
+                 if r.is_visible()]
+        assert sorted(shown) == sorted(["sim_1", *(f"sim_{k}" for k in range(10, 20))])
+        assert text(page, "#clients-shown") == f"11 of {K} shown"
+        # each row links to that client's own page
+        row = page.locator(f'#clients tbody tr[data-url="{urls[11]}"]')
+        assert row.locator('[data-field="page"]').get_attribute("href") == urls[11] + "/"
+        page.fill("#clients-filter", "")
+        page.wait_for_function("document.querySelector('#clients-shown').textContent === ''")
+        assert sum(r.is_visible() for r in page.locator("#clients tbody tr").all()) == K
+    finally:
+        context.close()
+
+
+def test_a_few_clients_are_listed_open_with_links_to_their_pages(page: Page, federation):
+    assert page.evaluate("document.querySelector('#clients-details').open") is True
+    for row in page.locator("#clients tbody tr").all():
+        assert row.locator('[data-field="page"]').get_attribute("href") == row.get_attribute("data-url") + "/"

@@ -2,10 +2,9 @@
 // server's JSON API and writes the FedAvg arithmetic with the real numbers.
 "use strict";
 
-const POLL_MS = 250;         // a round shows within a second of completing
+const POLL_MS = 250;         // a round shows, with its charts, within about a second of completing
 const HEALTH_EVERY = 4;      // ticks between /health checks (a run started elsewhere)
 const IDLE_REFRESH_MS = 5000; // between runs: the clients' health and the list of runs
-const CHARTS_EVERY_MS = 1000; // redraw charts at most this often while rounds arrive
 
 // --- numbers, written exactly as the server's log writes them ----------------
 
@@ -86,27 +85,98 @@ async function getJSON(url, options = {}) {
   return { status: resp.status, ok: resp.ok, body };
 }
 
-// --- state ------------------------------------------------------------------------
+// --- state: everything the page shows comes from here -------------------------------
+//
+// Loaders and the poll only change `state`; `render()` then draws every view
+// (run menu, status, progress, table of rounds, the round's math, the charts,
+// the federation) from one snapshot of it, in one synchronous pass. The
+// charts are fetched for that snapshot first, so no view ever shows another
+// round than the others.
 
 const state = {
-  run: null,        // the selected run without its rounds
-  rounds: [],       // its rounds, in order
-  selected: null,   // the round number shown in the arithmetic
+  clients: null,     // GET /clients: each configured client, up or down
+  runs: [],          // GET /runs: every run, without rounds
+  run: null,         // the selected run without its rounds
+  rounds: [],        // its rounds, in order (replaced, never changed in place)
+  selected: null,    // the round number shown in the arithmetic and the charts
+  follow: true,      // select each new round as it arrives
+  clientFilter: "",  // what the federation's filter box holds
+  actionError: "",   // the answer to Stop / Resume, when it was an error
   knownRunning: null,
-  charts: { timer: null, last: 0, busy: false, urls: {} },
   lastIdleRefresh: 0,
-  selectSeq: 0,     // bumped by every selectRun: a slower, older answer must not win
+  selectSeq: 0,      // bumped by every selectRun: a slower, older answer must not win
 };
+
+const lastRound = (rounds) => (rounds.length ? rounds[rounds.length - 1].round : null);
+
+function snapshot() {
+  return { ...state, rounds: state.rounds.slice() };
+}
+
+// What is on the screen now, to redraw only what changed.
+const view = { busy: false, again: false, charts: null, mathKey: null, table: { runId: null, rows: new Map() } };
+
+// Draw the page from the current state. One render at a time; a change while
+// the charts load draws again afterwards, from the newer state.
+async function render() {
+  if (view.busy) { view.again = true; return; }
+  view.busy = true;
+  try {
+    do {
+      view.again = false;
+      const snap = snapshot();
+      const charts = await chartsFor(snap);
+      paint(snap, charts);
+    } while (view.again);
+  } finally {
+    view.busy = false;
+  }
+}
+
+// Everything, synchronously: no poll or click can land between two views.
+function paint(snap, charts) {
+  paintClients(snap);
+  paintRunMenu(snap);
+  paintRun(snap);
+  paintRoundsTable(snap);
+  paintRoundNav(snap);
+  paintMath(snap);
+  paintCharts(snap, charts);
+  updateCompareList(runsAsShown(snap));
+}
+
+// The runs as the page shows them: the selected one with what the poll
+// knows of it (status, rounds so far), the others as GET /runs said.
+function runsAsShown(snap) {
+  const runs = snap.runs.map((r) => ({ ...r }));
+  if (snap.run) {
+    const mine = { ...snap.run, rounds_completed: snap.rounds.length };
+    const i = runs.findIndex((r) => r.run_id === mine.run_id);
+    if (i >= 0) runs[i] = mine;
+    else runs.unshift(mine);
+  }
+  return runs;
+}
 
 // --- the federation ------------------------------------------------------------
 
 async function loadClients() {
   const { ok, body } = await getJSON("/clients");
   if (!ok) return;
+  state.clients = body.clients;
+  render();
+}
+
+const clientText = (c) => `${c.client_id} ${c.url} ${c.status === "up" ? "up" : `down ${c.reason}`}`.toLowerCase();
+
+function paintClients(snap) {
+  if (!snap.clients) return;
   const tbody = $("#clients tbody");
-  let up = 0, total = 0;
-  for (const c of body.clients) {
-    let row = tbody.querySelector(`tr[data-url="${CSS.escape(c.url)}"]`);
+  const filter = snap.clientFilter.trim().toLowerCase();
+  let up = 0, total = 0, shown = 0;
+  for (const c of snap.clients) {
+    if (c.status === "up") { up += 1; total += c.n_k; }
+    const row = tbody.querySelector(`tr[data-url="${CSS.escape(c.url)}"]`);
     if (!row) continue;
     row.dataset.status = c.status;
     $('[data-field="client_id"]', row).textContent = c.client_id;
@@ -115,29 +185,41 @@ async function loadClients() {
     status.textContent = c.status === "up" ? "up" : `down: ${c.reason}`;
     status.className = c.status;
     $('[data-field="n_k"]', row).textContent = c.n_k ?? "–";
-    if (c.status === "up") { up += 1; total += c.n_k; }
+    row.hidden = filter !== "" && !clientText(c).includes(filter);
+    if (!row.hidden) shown += 1;
   }
+  const down = snap.clients.length - up;
   $("#clients-summary").textContent =
-    `${up} of ${body.clients.length} client(s) up; N = ${total} samples among those that are up.`;
+    `${up} of ${snap.clients.length} client(s) up; N = ${total} samples among those that are up` +
+    (down ? `; ${down} down.` : ".");
+  $("#clients-summary").dataset.up = up;
+  $("#clients-summary").dataset.down = down;
+  $("#clients-shown").textContent = filter ? `${shown} of ${snap.clients.length} shown` : "";
 }
 
 // --- runs ---------------------------------------------------------------------------
 
-async function loadRunList(selectId) {
+async function loadRunList() {
   const { ok, body } = await getJSON("/runs");
   if (!ok) return;
-  const select = $("#run-select");
-  const current = selectId ?? (state.run && state.run.run_id);
-  const options = body.runs.map((r) => el("option", {
-    value: r.run_id, text: `Run ${r.run_id}: ${r.status}, ${r.rounds_completed}/${r.settings.rounds} rounds`,
-  }));
-  if (!options.length) options.push(el("option", { value: "", text: "no runs yet" }));
-  // Rebuilt only when something changed: not under the hands of someone choosing.
-  const text = (opts) => opts.map((o) => `${o.value} ${o.textContent}`).join("\n");
-  if (text(options) !== text([...select.options])) select.replaceChildren(...options);
-  if (current != null) select.value = String(current);
-  updateCompareList(body.runs);
+  state.runs = body.runs;
+  render();
   return body.runs;
+}
+
+function paintRunMenu(snap) {
+  const select = $("#run-select");
+  const runs = runsAsShown(snap);
+  const options = runs.map((r) => [String(r.run_id),
+    `Run ${r.run_id}: ${r.status}, ${r.rounds_completed}/${r.settings.rounds} rounds`]);
+  if (!options.length) options.push(["", "no runs yet"]);
+  // Only the texts changed (rounds arriving): change them in place, not the
+  // options under the hands of someone choosing.
+  const same = options.length === select.options.length &&
+    options.every(([value], i) => select.options[i].value === value);
+  if (same) options.forEach(([, text], i) => { if (select.options[i].textContent !== text) select.options[i].textContent = text; });
+  else select.replaceChildren(...options.map(([value, text]) => el("option", { value, text })));
+  if (snap.run) select.value = String(snap.run.run_id);
 }
 
 async function selectRun(runId) {
@@ -147,17 +229,9 @@ async function selectRun(runId) {
   const { rounds, ...run } = body;
   state.run = run;
   state.rounds = rounds;
-  state.selected = null;
-  $("#run-select").value = String(run.run_id);
-  $("#downloads").hidden = false;
-  $("#download-json").href = `/runs/${run.run_id}`;
-  $("#download-json").setAttribute("download", `fedavg-run-${run.run_id}.json`);
-  $("#download-csv").href = `/runs/${run.run_id}?format=csv`;
-  $("#download-csv").setAttribute("download", `fedavg-run-${run.run_id}.csv`);
-  $("#rounds tbody").replaceChildren();
-  appendRoundRows(rounds);
-  showRunStatus();
-  selectRound(rounds.length ? rounds[rounds.length - 1].round : null);
+  state.selected = lastRound(rounds);
+  state.actionError = "";
+  await render();
 }
 
 // Poll the selected run for the rounds after the last one we have. The last
@@ -165,50 +239,44 @@ async function selectRun(runId) {
 async function pollRun() {
   const run = state.run;
   if (!run || run.status !== "running") return;
-  const have = state.rounds.length ? state.rounds[state.rounds.length - 1].round : 0;
+  const have = lastRound(state.rounds) ?? 0;
   const { ok, body } = await getJSON(`/runs/${run.run_id}?since=${Math.max(0, have - 1)}`);
   if (!ok || !state.run || state.run.run_id !== run.run_id) return;
   const { rounds, ...meta } = body;
   state.run = meta;
-  mergeRounds(rounds);
-  showRunStatus();
+  state.rounds = mergeRounds(state.rounds, rounds);
+  if (state.follow || state.selected === null) state.selected = lastRound(state.rounds);
+  await render();
   if (meta.status !== "running") {
     loadRunList();
     loadClients();
   }
 }
 
-function mergeRounds(incoming) {
-  const fresh = [];
+// The rounds we had, with the incoming ones added or (their loss measured since) replaced.
+function mergeRounds(have, incoming) {
+  const rounds = have.slice();
   for (const r of incoming) {
-    const i = state.rounds.findIndex((x) => x.round === r.round);
-    if (i >= 0) {
-      if (state.rounds[i].federated_loss !== r.federated_loss) {
-        state.rounds[i] = r;
-        updateRoundRow(r);
-        if (state.selected === r.round) renderMath();
-        scheduleCharts();
-      }
-    } else {
-      state.rounds.push(r);
-      fresh.push(r);
-    }
+    const i = rounds.findIndex((x) => x.round === r.round);
+    if (i >= 0) rounds[i] = r;
+    else rounds.push(r);
   }
-  if (!fresh.length) return;
-  appendRoundRows(fresh);
-  const last = fresh[fresh.length - 1].round;
-  if ($("#follow").checked || state.selected === null) selectRound(last, false);
-  else { updateRoundNav(); scheduleCharts(); }
+  return rounds;
 }
 
-function showRunStatus() {
-  const run = state.run;
+function paintRun(snap) {
+  const run = snap.run;
+  if (!run) return;
+  $("#downloads").hidden = false;
+  $("#download-json").href = `/runs/${run.run_id}`;
+  $("#download-json").setAttribute("download", `fedavg-run-${run.run_id}.json`);
+  $("#download-csv").href = `/runs/${run.run_id}?format=csv`;
+  $("#download-csv").setAttribute("download", `fedavg-run-${run.run_id}.csv`);
   const planned = run.settings.rounds;
-  const done = state.rounds.length;
+  const done = snap.rounds.length;
   const s = run.settings;
-  const strategy = strategyText(s);
   $("#run-status").textContent =
-    `Run ${run.run_id} is ${run.status}: ${strategy}, lr=${fmt(s.lr)}, ${s.local_epochs} local epoch(s)` +
+    `Run ${run.run_id} is ${run.status}: ${strategyText(s)}, lr=${fmt(s.lr)}, ${s.local_epochs} local epoch(s)` +
     `${s.batch_size ? `, batch size ${s.batch_size}` : ""}, fraction=${fmt(s.fraction)}, ` +
     `min clients ${s.min_clients}, seed ${s.seed}.`;
   $("#run-status").dataset.status = run.status;
@@ -216,7 +284,7 @@ function showRunStatus() {
   progress.max = planned;
   progress.value = done;
   $("#progress-text").textContent = `${done} / ${planned} rounds`;
-  $("#run-error").textContent = run.error ? `Run ${run.status}: ${run.error}` : "";
+  $("#run-error").textContent = snap.actionError || (run.error ? `Run ${run.status}: ${run.error}` : "");
   // A running run can be stopped after its round; an interrupted or failed
   // one resumed from its last completed round.
   $("#run-stop").hidden = run.status !== "running";
@@ -248,18 +316,20 @@ function authHeaders() {
 async function runAction(action) {
   const run = state.run;
   if (!run) return;
-  $("#run-error").textContent = "";
+  state.actionError = "";
   const body = action === "resume" ? JSON.stringify({ wait: false }) : "{}";
   try {
     const resp = await getJSON(`/runs/${run.run_id}/${action}`, { method: "POST", headers: authHeaders(), body });
     if (!resp.ok) {
-      $("#run-error").textContent = resp.body && resp.body.error ? resp.body.error : `HTTP ${resp.status}`;
+      state.actionError = resp.body && resp.body.error ? resp.body.error : `HTTP ${resp.status}`;
+      render();
       return;
     }
     if (action === "resume") state.knownRunning = run.run_id;
     await selectRun(run.run_id);
   } catch (e) {
-    $("#run-error").textContent = `The server did not answer: ${e.message}`;
+    state.actionError = `The server did not answer: ${e.message}`;
+    render();
   }
 }
 
@@ -278,46 +348,53 @@ function roundRowCells(r) {
   ];
 }
 
-function appendRoundRows(rounds) {
+// Add the rows that are new, redraw those whose loss arrived since.
+function paintRoundsTable(snap) {
+  const tbody = $("#rounds tbody");
+  const table = view.table;
+  const runId = snap.run ? snap.run.run_id : null;
+  if (table.runId !== runId || snap.rounds.length < table.rows.size) {
+    tbody.replaceChildren();
+    table.rows.clear();
+    table.runId = runId;
+  }
   const frag = document.createDocumentFragment();
-  for (const r of rounds) frag.append(el("tr", { dataset: { round: r.round } }, ...roundRowCells(r)));
-  $("#rounds tbody").append(frag);
-}
-
-function updateRoundRow(r) {
-  const row = $(`#rounds tbody tr[data-round="${r.round}"]`);
-  if (row) row.replaceChildren(...roundRowCells(r));
-  markSelectedRow();
-}
-
-function markSelectedRow() {
-  for (const row of document.querySelectorAll("#rounds tbody tr[aria-current]")) row.removeAttribute("aria-current");
-  const row = $(`#rounds tbody tr[data-round="${state.selected}"]`);
+  for (const r of snap.rounds) {
+    const drawn = table.rows.get(r.round);
+    if (drawn === undefined) frag.append(el("tr", { dataset: { round: r.round } }, ...roundRowCells(r)));
+    else if (drawn !== r.federated_loss) {
+      const row = $(`tr[data-round="${r.round}"]`, tbody);
+      if (row) row.replaceChildren(...roundRowCells(r));
+    }
+    table.rows.set(r.round, r.federated_loss);
+  }
+  tbody.append(frag);
+  for (const row of tbody.querySelectorAll("tr[aria-current]")) row.removeAttribute("aria-current");
+  const row = $(`tr[data-round="${snap.selected}"]`, tbody);
   if (row) row.setAttribute("aria-current", "true");
 }
 
 // --- the selected round: the weighted average, written out ---------------------
 
-// chartsNow: redraw at once (a click); while following a live run the
-// charts keep to their own pace instead.
-function selectRound(roundNo, chartsNow = true) {
+// The user picks a round: the table (stay on it), the arrows or the number
+// (follow again when it is the latest).
+function selectRound(roundNo, follow = roundNo === lastRound(state.rounds)) {
   state.selected = roundNo;
-  updateRoundNav();
-  renderMath();
-  markSelectedRow();
-  scheduleCharts(chartsNow);
+  state.follow = follow;
+  return render();
 }
 
-function updateRoundNav() {
+function paintRoundNav(snap) {
   const input = $("#round-input");
-  const first = state.rounds.length ? state.rounds[0].round : 0;
-  const last = state.rounds.length ? state.rounds[state.rounds.length - 1].round : 0;
+  const first = snap.rounds.length ? snap.rounds[0].round : 0;
+  const last = lastRound(snap.rounds) ?? 0;
   input.min = String(first || 1);
   input.max = String(last || 1);
-  input.value = state.selected ?? "";
-  $("#round-prev").disabled = !state.selected || state.selected <= first;
-  $("#round-next").disabled = !state.selected || state.selected >= last;
-  $("#round-number").textContent = state.selected ?? "–";
+  if (document.activeElement !== input) input.value = snap.selected ?? "";
+  $("#round-prev").disabled = !snap.selected || snap.selected <= first;
+  $("#round-next").disabled = !snap.selected || snap.selected >= last;
+  $("#round-number").textContent = snap.selected ?? "–";
+  $("#follow").checked = snap.follow;
 }
 
 // [w..., b] as the page writes a model: w one number with one feature, a list with several.
@@ -391,14 +468,22 @@ function serverStateTable(r) {
     })));
 }
 
-function renderMath() {
+function paintMath(snap) {
   const box = $("#math");
-  const r = state.rounds.find((x) => x.round === state.selected);
+  const r = snap.rounds.find((x) => x.round === snap.selected);
+  const key = `${snap.run ? snap.run.run_id : ""}|${snap.selected}|${r ? r.federated_loss : ""}`;
+  if (key === view.mathKey) return;
+  view.mathKey = key;
+  box.dataset.round = r ? r.round : "";
   if (!r) {
-    box.replaceChildren(el("p", { text: state.run ? "This run has no completed round yet." :
+    box.replaceChildren(el("p", { text: snap.run ? "This run has no completed round yet." :
       "No round to show yet: start a run, or pick one." }));
     return;
   }
+  box.replaceChildren(...mathParts(r));
+}
+
+function mathParts(r) {
   const d = asList(r.global_model.w).length;
   const strategy = r.strategy || "fedavg";  // rounds stored before strategies were FedAvg's
   // The strategy's computation as the server wrote it in its log (the record's "math").
@@ -433,54 +518,69 @@ function renderMath() {
   } else {
     parts.push(el("p", { class: "quiet", text: "No client was dropped from this round." }));
   }
-  box.replaceChildren(...parts);
+  return parts;
 }
 
 // --- charts: SVG drawn by the server (matplotlib) ----------------------------------
 
-// Fetched, not linked: the URL of a running run's chart stays the same while
-// its picture changes, and an <img> would not ask again.
-function scheduleCharts(now = false) {
-  const c = state.charts;
-  if (c.timer) { if (!now) return; clearTimeout(c.timer); }
-  const wait = now ? 0 : Math.max(0, CHARTS_EVERY_MS - (Date.now() - c.last));
-  c.timer = setTimeout(drawCharts, wait);
-}
+const PLOTS = ["models", "params", "loss"];
 
-async function drawCharts() {
-  const c = state.charts;
-  c.timer = null;
-  if (c.busy) { scheduleCharts(); return; }
-  if (!state.run) return;
-  c.busy = true;
-  c.last = Date.now();
-  const runId = state.run.run_id;
-  const selected = state.selected;
-  const q = selected ? `?round=${selected}` : "";
-  try {
-    await Promise.all([...document.querySelectorAll("img[data-plot]")].map(async (img) => {
-      const resp = await fetch(`/runs/${runId}/plots/${img.dataset.plot}.svg${q}`, { cache: "no-store" });
+// The three charts for a snapshot: its run, its selected round, as many
+// rounds as it has. Fetched (not linked: the URL of a running run's chart
+// stays the same while its picture changes) and decoded before the page
+// shows them, so they appear in the same pass as the numbers. Reused while
+// none of that changes.
+async function chartsFor(snap) {
+  if (!snap.run) return null;
+  const last = snap.rounds.length ? snap.rounds[snap.rounds.length - 1] : null;
+  const key = `${snap.run.run_id}|${snap.selected}|${snap.rounds.length}|${last ? last.federated_loss : ""}`;
+  if (view.charts && view.charts.key === key) return view.charts;
+  const q = snap.selected ? `?round=${snap.selected}` : "";
+  const urls = {};
+  await Promise.all(PLOTS.map(async (name) => {
+    urls[name] = null;
+    try {
+      const resp = await fetch(`/runs/${snap.run.run_id}/plots/${name}.svg${q}`, { cache: "no-store" });
       if (!resp.ok) return;
       const url = URL.createObjectURL(await resp.blob());
-      img.src = url;
-      if (c.urls[img.id]) URL.revokeObjectURL(c.urls[img.id]);
-      c.urls[img.id] = url;
-      img.alt = chartAlt(img.dataset.plot, runId, selected);
-    }));
-  } finally {
-    c.busy = false;
+      const probe = new Image();
+      probe.src = url;
+      await probe.decode();
+      urls[name] = url;
+    } catch (e) {
+      // Shown as "not available" below; the next change asks again.
+    }
+  }));
+  return { key, runId: snap.run.run_id, round: snap.selected, urls };
+}
+
+function paintCharts(snap, charts) {
+  if (!charts || charts === view.charts) return;
+  const old = view.charts;
+  view.charts = charts;
+  for (const name of PLOTS) {
+    const img = $(`img[data-plot="${name}"]`);
+    const url = charts.urls[name];
+    if (url) img.src = url;
+    else img.removeAttribute("src");
+    img.dataset.round = charts.round ?? "";
+    img.dataset.run = charts.runId;
+    img.alt = url ? chartAlt(snap, name, charts) : `Run ${charts.runId}: this chart is not available now.`;
   }
+  $("#charts-round").textContent = charts.round == null ? `run ${charts.runId}, no round yet`
+                                                        : `run ${charts.runId}, round ${charts.round}`;
+  if (old) for (const url of Object.values(old.urls)) if (url) URL.revokeObjectURL(url);
 }
 
 // What the chart shows, in words, for those who cannot see it.
-function chartAlt(name, runId, selected) {
-  const r = state.rounds.find((x) => x.round === selected);
+function chartAlt(snap, name, charts) {
+  const r = snap.rounds.find((x) => x.round === charts.round);
   if (name === "models") {
-    return r ? `Run ${runId}, round ${r.round}: the clients' local model lines and the global model ` +
-               `y = ${fmtW(r.global_model.w)}·x + ${fmt(r.global_model.b)}.` : `Run ${runId}: no round yet.`;
+    return r ? `Run ${charts.runId}, round ${r.round}: the clients' local model lines and the global model ` +
+               `y = ${fmtW(r.global_model.w)}·x + ${fmt(r.global_model.b)}.` : `Run ${charts.runId}: no round yet.`;
   }
-  if (name === "params") return `Run ${runId}: w and b of the global and local models over ${state.rounds.length} round(s).`;
-  return `Run ${runId}: federated loss per round on a log scale.`;
+  if (name === "params") return `Run ${charts.runId}: w and b of the global and local models over ${snap.rounds.length} round(s).`;
+  return `Run ${charts.runId}: federated loss per round on a log scale.`;
 }
 
 // --- the form -------------------------------------------------------------------------
@@ -497,21 +597,33 @@ function clearErrors(form) {
 // has an input in each strategy's fieldset, and only the chosen one is enabled.
 const enabled = (nodes) => [...nodes].find((n) => !n.closest("fieldset:disabled"));
 
-function showFieldError(form, name, message) {
+function showFieldError(form, name, message, focus = true) {
   const where = enabled(form.querySelectorAll(`[data-error-for="${CSS.escape(name)}"]`));
   const input = enabled(form.querySelectorAll(`[name="${CSS.escape(name)}"]`));
   if (!where || !input) return false;
   where.textContent = message;
   input.setAttribute("aria-invalid", "true");
-  input.focus();
+  if (focus) input.focus();
   return true;
 }
 
-// The API's errors read "field: what is wrong": shown next to that field.
-function showApiError(form, message) {
-  const colon = message.indexOf(": ");
-  if (colon > 0 && showFieldError(form, message.slice(0, colon), message.slice(colon + 2))) return;
-  $("#form-error").textContent = message;
+// The API's 400: "error" reads "field: what is wrong"; with several bad
+// fields "errors" lists each as {field, message}. Each goes next to its
+// field (the first one focused); one that names no field goes under the form.
+function showApiErrors(form, body) {
+  let list = body.errors;
+  if (!Array.isArray(list)) {
+    const colon = body.error.indexOf(": ");
+    list = [colon > 0 ? { field: body.error.slice(0, colon), message: body.error.slice(colon + 2) }
+                      : { field: "", message: body.error }];
+  }
+  const elsewhere = [];
+  list.forEach((e, i) => {
+    if (!(e.field && showFieldError(form, e.field, e.message, i === 0))) {
+      elsewhere.push(e.field ? `${e.field}: ${e.message}` : e.message);
+    }
+  });
+  $("#form-error").textContent = elsewhere.join(" ");
 }
 
 // The body of POST /start: each number exactly as typed (a JSON literal, so
@@ -547,15 +659,15 @@ async function submitStart(event) {
     const resp = await getJSON("/start", { method: "POST", headers, body });
     if (resp.status === 202) {
       state.knownRunning = resp.body.run_id;
-      await loadRunList(resp.body.run_id);
       await selectRun(resp.body.run_id);
+      loadRunList();
     } else if (resp.status === 401) {
       if (!showFieldError(form, "token", resp.body.error)) $("#form-error").textContent = resp.body.error;
     } else if (resp.status === 409 && resp.body.run_id != null) {
       $("#form-error").textContent = `${resp.body.error}: showing it.`;
       await selectRun(resp.body.run_id);
     } else {
-      showApiError(form, resp.body && resp.body.error ? resp.body.error : `HTTP ${resp.status}`);
+      showApiErrors(form, resp.body && resp.body.error ? resp.body : { error: `HTTP ${resp.status}` });
     }
   } catch (e) {
     $("#form-error").textContent = `The server did not answer: ${e.message}`;
@@ -619,6 +731,7 @@ async function submitCompare(event) {
 
 let tick = 0;
 async function loop() {
+  const started = Date.now();
   try {
     await pollRun();
     if (tick % HEALTH_EVERY === 0) await checkServer();
@@ -626,7 +739,8 @@ async function loop() {
     // The server may be restarting: keep trying, quietly.
   }
   tick += 1;
-  setTimeout(loop, POLL_MS);
+  // A poll that drew new charts took a while already: poll again sooner.
+  setTimeout(loop, Math.max(0, POLL_MS - (Date.now() - started)));
 }
 
 async function checkServer() {
@@ -674,15 +788,13 @@ function setUp() {
   $("#rounds tbody").addEventListener("click", (e) => {
     const button = e.target.closest("button[data-round]");
     if (!button) return;
-    $("#follow").checked = false;  // the user picked a round: stay on it
-    selectRound(Number(button.dataset.round));
+    selectRound(Number(button.dataset.round), false);  // picked by hand: stay on it
     $("#round-section").focus();
   });
   const step = (delta) => {
     if (!state.selected) return;
     const i = state.rounds.findIndex((x) => x.round === state.selected) + delta;
     if (i < 0 || i >= state.rounds.length) return;
-    $("#follow").checked = i === state.rounds.length - 1;
     selectRound(state.rounds[i].round);
   };
   $("#round-prev").addEventListener("click", () => step(-1));
@@ -690,12 +802,17 @@ function setUp() {
   $("#round-input").addEventListener("change", (e) => {
     const n = Number(e.target.value);
     if (state.rounds.some((x) => x.round === n)) {
-      $("#follow").checked = n === state.rounds[state.rounds.length - 1].round;
       selectRound(n);
-    } else updateRoundNav();
+    } else render();  // back to the round shown
   });
   $("#follow").addEventListener("change", (e) => {
-    if (e.target.checked && state.rounds.length) selectRound(state.rounds[state.rounds.length - 1].round);
+    state.follow = e.target.checked;
+    if (state.follow && state.rounds.length) state.selected = lastRound(state.rounds);
+    render();
+  });
+  $("#clients-filter").addEventListener("input", (e) => {
+    state.clientFilter = e.target.value;
+    render();
   });
 }
 
