@@ -24,8 +24,10 @@ from fedavg.wire import weights_of
 
 Run = dict[str, Any]
 
-# The x range of the model lines. The server never sees a client's x, so
-# the range cannot come from the data; this one frames the seed's (x = 1..4).
+# The x range of the model lines when the clients reported none (plot_run.py
+# on a downloaded run); it frames the seed's x = 1..4. The server never sees
+# a client's x; clients report the range of theirs in /health (x_range), and
+# the chart then spans all of those.
 X_RANGE = (0.0, 5.0)
 PRIVATE_NOTE = "Private data points are not shown: the server never sees them."
 # Markers help to read a short run; on a long one they would bury the line.
@@ -92,11 +94,23 @@ def _find_round(run: Run, round_no: int | None) -> dict[str, Any] | None:
     raise KeyError(round_no)
 
 
-def models_figure(run: Run, round_no: int | None = None) -> Figure:
+def x_span(x_ranges: list[tuple[float, float]] | None) -> tuple[float, float] | None:
+    """The x axis of the model lines: every reported [min, max] together,
+    widened by 5% each side (by 0.5 when all x are equal); None if none is known."""
+    if not x_ranges:
+        return None
+    lo, hi = min(r[0] for r in x_ranges), max(r[1] for r in x_ranges)
+    margin = 0.05 * (hi - lo) or 0.5
+    return lo - margin, hi + margin
+
+
+def models_figure(run: Run, round_no: int | None = None,
+                  x_ranges: list[tuple[float, float]] | None = None) -> Figure:
     """Chart 1: y = w·x + b of each client's local model in round ``round_no``
     (default: the last), of the global model that went in, and of the global
     model that came out: W_{t+1} = Σ_k n_k/N · W_k for FedAvg. A client that
-    sent no local model (FedSGD's gradient, the exact strategy's sums) has no line."""
+    sent no local model (FedSGD's gradient, the exact strategy's sums) has no line.
+    The x axis spans the clients' reported ``x_ranges`` ([min, max] of x₁), else X_RANGE."""
     record = _find_round(run, round_no)
     fig, (ax,) = _new_figure()
     fig.supxlabel(PRIVATE_NOTE, fontsize=9, style="italic")
@@ -105,7 +119,8 @@ def models_figure(run: Run, round_no: int | None = None) -> Figure:
         _empty(ax, "No round has completed yet.")
         return fig
     color = _colors(run)
-    x = np.array(X_RANGE)
+    span = x_span(x_ranges)
+    x = np.array(span or X_RANGE)
     model_in = record.get("global_model_in")
     if model_in is not None:
         ax.plot(x, _slope(model_in) * x + model_in["b"], color="grey", linestyle=":", linewidth=1.5,
@@ -128,9 +143,13 @@ def models_figure(run: Run, round_no: int | None = None) -> Figure:
     strategy = record.get("strategy", "fedavg")  # rounds stored before strategies were FedAvg's
     ax.set_title(f"Run {run['run_id']}, round {record['round']}: "
                  + (AVERAGE_TEX if strategy in ("fedavg", "fedprox") else f"strategy {strategy}"))
-    ax.set_xlabel("x" if features == 1 else f"x₁ (the other {features - 1} feature(s) at 0)")
+    x_name = "x" if features == 1 else f"x₁ (the other {features - 1} feature(s) at 0)"
+    if span is not None:
+        lo, hi = min(r[0] for r in x_ranges), max(r[1] for r in x_ranges)
+        x_name += f"; the clients report x₁ from {lo:g} to {hi:g}"
+    ax.set_xlabel(x_name)
     ax.set_ylabel("y = w·x + b")
-    ax.set_xlim(*X_RANGE)
+    ax.set_xlim(*x)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     return fig
@@ -264,14 +283,17 @@ PLOTS: dict[str, Callable[[Run, int | None], Figure]] = {
 }
 
 
-def render(run: Run, name: str, image_format: str = "svg", round_no: int | None = None) -> bytes:
-    """The chart ``name`` (one of PLOTS) of ``run`` as SVG or PNG bytes.
-    KeyError for an unknown name or a round the run does not have."""
+def render(run: Run, name: str, image_format: str = "svg", round_no: int | None = None,
+           x_ranges: list[tuple[float, float]] | None = None) -> bytes:
+    """The chart ``name`` (one of PLOTS) of ``run`` as SVG or PNG bytes;
+    ``x_ranges`` frame the model lines (see models_figure). KeyError for an
+    unknown name or a round the run does not have."""
     build = PLOTS[name]
     if round_no is not None:
         _find_round(run, round_no)
     with _render_lock:
-        return _save(build(run, round_no), image_format)
+        fig = models_figure(run, round_no, x_ranges) if name == "models" else build(run, round_no)
+        return _save(fig, image_format)
 
 
 def render_compare(runs: list[Run], image_format: str = "svg") -> bytes:

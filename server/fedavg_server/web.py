@@ -7,6 +7,8 @@ and the charts as SVG drawn by matplotlib (plots.py), one run's or several
 runs' losses compared."""
 from __future__ import annotations
 
+import math
+import threading
 from typing import Any
 
 from flask import Blueprint, Response, current_app, render_template, request
@@ -25,6 +27,9 @@ bp = Blueprint("web", __name__)
 # page asks again on its own.
 HEALTH_TIMEOUT_S = 2.0
 PLOT_NAMES = ("models", "params", "loss")
+# The page lists the clients one by one, open, up to this many; beyond, the
+# list starts collapsed (the counts stay in view) so the form is not pushed down.
+CLIENTS_OPEN_UP_TO = 8
 
 
 @bp.app_errorhandler(SettingsError)
@@ -41,9 +46,21 @@ def settings_error(e: SettingsError):
 def index() -> str:
     # No check of the query string: a page should open whatever a link appends to it.
     strategies = [(name, kind.summary, strategy_fields(kind)) for name, kind in STRATEGIES.items()]
+    _warm_plots()
     return render_template("index.html", defaults=RunSettings(), max_rounds=MAX_ROUNDS, strategies=strategies,
-                           max_compare=MAX_COMPARE,
+                           max_compare=MAX_COMPARE, clients_open_up_to=CLIENTS_OPEN_UP_TO,
                            clients=federation().pool.urls, token_required=current_app.config["TOKEN"] is not None)
+
+
+_warming = threading.Lock()
+
+
+def _warm_plots() -> None:
+    """Import matplotlib (~1 s) in the background when the page opens: the
+    page shows a round together with its charts, so the first chart should
+    not wait for the import."""
+    if _warming.acquire(blocking=False):  # once per process; never released
+        threading.Thread(target=lambda: __import__("fedavg_server.plots"), daemon=True, name="warm-plots").start()
 
 
 def strategy_fields(kind: type[Strategy]) -> list[dict[str, Any]]:
@@ -69,9 +86,27 @@ def clients() -> dict[str, Any]:
     """Each configured client's /health, probed concurrently: up or down,
     its name and n_k (its number of samples)."""
     no_query_args()
+    return {"clients": _probe_clients()}
+
+
+def _probe_clients() -> list[dict[str, Any]]:
+    """Every configured client's state, now; the x ranges they report are
+    kept for the model chart (``_x_ranges``)."""
     pool = federation().pool
     replies = pool.call_all(pool.urls, "GET", "/health", HEALTH_TIMEOUT_S)
-    return {"clients": [_client_state(reply, pool.names[reply.url]) for reply in replies]}
+    states = [_client_state(reply, pool.names[reply.url]) for reply in replies]
+    known = current_app.extensions.setdefault("fedavg_x_ranges", {})
+    known.update({c["url"]: c["x_range"] for c in states if c.get("x_range")})
+    return states
+
+
+def _x_ranges(urls: list[str]) -> list[tuple[float, float]]:
+    """The x ranges these clients reported in /health, as last probed; probed
+    now if none of them is known yet (a chart opened before the page's /clients)."""
+    known = current_app.extensions.setdefault("fedavg_x_ranges", {})
+    if not any(url in known for url in urls):
+        _probe_clients()
+    return [known[url] for url in urls if url in known]
 
 
 def _client_state(reply: Reply, known_name: str) -> dict[str, Any]:
@@ -89,7 +124,18 @@ def _client_state(reply: Reply, known_name: str) -> dict[str, Any]:
         "status": "up", "reason": None, "n_k": size,
         "client_id": name if isinstance(name, str) and name else known_name,
         "num_features": features if isinstance(features, int) and not isinstance(features, bool) else None,
+        "x_range": _range_of(body.get("x_range")),
     }
+
+
+def _range_of(value: Any) -> tuple[float, float] | None:
+    """A client's [min, max] of x₁ if it is two finite numbers in order; else None."""
+    if not (isinstance(value, list) and len(value) == 2):
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+        return None
+    lo, hi = float(value[0]), float(value[1])
+    return (lo, hi) if lo <= hi else None
 
 
 @bp.get("/runs/<int:run_id>/plots/<name>.svg")
@@ -106,8 +152,9 @@ def plot(run_id: int, name: str):
     # Imported here, not at the top: matplotlib takes ~0.6 s to import, which
     # every server start would pay even when no one opens the page.
     from .plots import render
+    x_ranges = _x_ranges(run.get("clients") or []) if name == "models" else []
     try:
-        svg = render(run, name, "svg", round_no)
+        svg = render(run, name, "svg", round_no, x_ranges=x_ranges)
     except KeyError:
         raise ProtocolError(f"round: run {run_id} has no round {round_no} "
                             f"({len(run['rounds'])} completed)") from None
