@@ -1,0 +1,228 @@
+"""The small things a newcomer trips over, each with the real processes:
+make sim's scenarios and its --csv, --keep and what it prints; the page's
+URL at start; a client on a taken port; --clients-from a client host; a
+completed run that hid a dead client; the /start answer's summary first."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import launcher
+import pytest
+from conftest import ROOT
+from reference import SEED_DATA, reference_fedavg
+
+from fedavg.scenarios import SCENARIOS
+
+SIM = ROOT / "scripts" / "sim.py"
+
+
+def load(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sim_and_the_host_know_the_same_scenarios_and_describe_each():
+    assert load(SIM, "sim").SCENARIOS == SCENARIOS
+    assert set(load(ROOT / "client_host" / "client_host_app.py", "client_host_app").ABOUT) == set(SCENARIOS)
+
+
+def test_make_sim_seed_runs_the_original_two_clients():
+    done = subprocess.run(["make", "sim", "ROUNDS=3", "SIM_ARGS=--scenario seed"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "(1,3),(2,5) on y = 2x + 1 and (3,4),(4,5) on y = x + 1" in done.stdout
+    rows = re.findall(r"^\s+(\d+)\s+4\s+2\s+0\s+(\S+)\s+(\S+)", done.stdout, re.M)
+    expected = reference_fedavg(SEED_DATA, rounds=3, lr=0.01, epochs=10)
+    assert [int(r) for r, _, _ in rows] == [1, 2, 3]
+    for (_, w, b), (w_ref, b_ref) in zip(rows, expected):
+        assert (w, b) == (f"{w_ref:.6f}", f"{b_ref:.6f}")
+
+
+def test_sim_seed_refuses_another_k_with_a_clear_message():
+    done = subprocess.run([sys.executable, str(SIM), "--scenario", "seed", "--clients", "5"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "scenario seed is the original two clients: K must be 2" in done.stderr
+
+
+def test_sim_reads_a_relative_csv_from_where_it_is_run(tmp_path):
+    rows = [(1, 3), (2, 5), (3, 4), (4, 5), (5, 6), (6, 8)]
+    (tmp_path / "mine.csv").write_text("x,y\n" + "".join(f"{x},{y}\n" for x, y in rows))
+    done = subprocess.run([sys.executable, str(SIM), "--scenario", "csv", "--csv", "mine.csv", "-k", "3",
+                           "--rounds", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"your CSV, shuffled and split into K parts ({tmp_path / 'mine.csv'})" in done.stdout
+    assert re.search(r"^\s+2\s+6\s+3\s+0\s", done.stdout, re.M), done.stdout
+
+
+class Lines:
+    """A process's output lines, read in a thread; ``wait_for`` is bounded."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc, self.seen, self._q = proc, [], queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._q.put(line)
+        self._q.put(None)
+
+    def wait_for(self, pattern: str, timeout_s: float = 120) -> re.Match:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                line = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.seen.append(line)
+            if found := re.search(pattern, line):
+                return found
+        raise AssertionError(f"no {pattern!r} in:\n{''.join(self.seen)}")
+
+
+def test_sim_keep_leaves_the_page_up_until_ctrl_c():
+    proc = subprocess.Popen([sys.executable, str(SIM), "--scenario", "iid", "-k", "5", "--rounds", "2", "--keep"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out = Lines(proc)
+        url = out.wait_for(r"--keep: the page is (http://127\.0\.0\.1:\d+)/ ")[1]
+        with urllib.request.urlopen(url + "/", timeout=10) as resp:
+            assert resp.status == 200 and b"<html" in resp.read().lower()
+        assert launcher.get_json(url + "/runs/1")["status"] == "completed"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        with pytest.raises(OSError):
+            urllib.request.urlopen(url + "/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_the_server_prints_the_page_url_when_it_starts(tmp_path):
+    port = launcher.free_port()
+    server = launcher.start_app("server", port, ["--db", str(tmp_path / "runs.db")])
+    try:
+        launcher.wait_healthy([server])
+        deadline = time.monotonic() + 10
+        while "the page:" not in server.output() and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling interval: the reader thread may trail /health
+        assert f"server: the page: http://127.0.0.1:{port}/\n" in server.output()
+    finally:
+        launcher.stop([server])
+
+
+def test_run_all_names_the_page_when_ready(tmp_path):
+    ports = {name: launcher.free_port() for name in launcher.DEFAULT_PORTS}
+    args = [f"--{n.replace('_', '-')}-port={p}" for n, p in ports.items()] + [f"--db={tmp_path / 'runs.db'}"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "run_all.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        Lines(proc).wait_for(rf"^run-all: all three apps answer /health\. The page: http://127\.0\.0\.1:{ports['server']}/$")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_client_on_a_taken_port_says_so_and_never_claims_to_serve():
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        client = launcher.start_app("client_1", port)
+        try:
+            assert client.proc.wait(60) == 1
+        finally:
+            launcher.stop([client])
+    out = client.output()
+    assert f"error: cannot listen on 127.0.0.1:{port}: Address already in use" in out
+    assert "serving on" not in out
+
+
+def test_clients_from_reads_the_hosts_client_list(tmp_path):
+    host = launcher.start_app("client_host", launcher.free_port(), ["--scenario", "iid", "--clients", "7"])
+    server = launcher.start_app("server", launcher.free_port(),
+                                ["--clients-from", f"{host.url}", "--db", str(tmp_path / "runs.db")])
+    apps = [host, server]
+    try:
+        launcher.wait_healthy(apps)  # the server waits for the host itself
+        expected = [f"{host.url}/clients/{k}" for k in range(1, 8)]
+        assert launcher.get_json(server.url + "/health")["clients"] == expected
+        status, run = launcher.post_json(server.url + "/start", {"rounds": 2})
+        assert status == 200 and run["status"] == "completed", run
+        assert [r["N"] for r in run["rounds"]] == [7 * 20] * 2
+        assert "server: 7 client(s) from the client host at" in server.output()
+    finally:
+        launcher.stop(apps)
+
+
+def test_clients_from_no_host_or_not_a_host_is_a_clear_error(tmp_path):
+    with launcher.refusing_url() as nobody:
+        server = launcher.start_app("server", launcher.free_port(),
+                                    ["--clients-from", nobody, "--clients-from-wait", "1"])
+        try:
+            assert server.proc.wait(60) == 2
+        finally:
+            launcher.stop([server])
+    assert f"error: no client host answers at {nobody} within 1 s" in server.output()
+
+    client = launcher.start_app("client_1", launcher.free_port())
+    try:
+        launcher.wait_healthy([client])
+        server = launcher.start_app("server", launcher.free_port(), ["--clients-from", client.url])
+        assert server.proc.wait(60) == 2
+        launcher.stop([server])
+        assert f"error: {client.url}/clients answered HTTP 404: is {client.url} a client host" in server.output()
+    finally:
+        launcher.stop([client])
+
+
+def test_a_completed_run_names_the_client_dropped_from_every_round(tmp_path):
+    ports = {name: launcher.free_port() for name in launcher.DEFAULT_PORTS}
+    apps = launcher.start_federation(ports, server_args=["--db", str(tmp_path / "runs.db")])
+    try:
+        server = apps["server"]
+        assert launcher.post_json(server.url + "/start", {"rounds": 1})[0] == 200  # the server learns the names
+        launcher.stop([apps["client_2"]])
+        done = subprocess.run(["curl", "-s", "-X", "POST", server.url + "/start", "-d", '{"rounds": 2}'],
+                              capture_output=True, text=True, timeout=120)
+        run = json.loads(done.stdout)
+        warning = "client_2 dropped in 2/2 rounds (last reason: cannot connect: Connection refused)"
+        assert run["status"] == "completed"
+        assert run["message"].startswith(f"FedAvg finished 2 round(s). Warning: {warning}"), run["message"]
+        assert run["warnings"][0].startswith(warning) and len(run["warnings"]) == 1
+        assert launcher.get_json(server.url + f"/runs/{run['run_id']}?since=1")["warnings"] == run["warnings"]
+        # The model is client_1's alone: plain-Python FedAvg over client_1 only.
+        w, b = reference_fedavg(SEED_DATA[:1], rounds=2, lr=0.01, epochs=10)[-1]
+        assert abs(run["final_model"]["w"] - w) < 1e-9 and abs(run["final_model"]["b"] - b) < 1e-9
+        deadline = time.monotonic() + 10
+        while warning not in server.output() and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling interval: the reader thread may trail the answer
+        assert f"Run {run['run_id']} WARNING: {warning}" in server.output()
+
+        # curl's answer: the summary first, one key a line; Accept: application/json: one line.
+        keys = ["message", "status", "final_line", "final_model", "rounds_completed", "warnings", "url"]
+        assert list(run)[:7] == keys and run["url"] == f"/runs/{run['run_id']}"
+        assert done.stdout.splitlines()[1].startswith('  "message": ')
+        req = urllib.request.Request(server.url + "/start", data=b'{"rounds": 1}', method="POST",
+                                     headers={"Accept": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            text = resp.read().decode()
+        assert text.count("\n") == 1 and list(json.loads(text))[:7] == keys
+    finally:
+        launcher.stop(list(apps.values()))
