@@ -225,3 +225,22 @@ def test_plot_run_says_what_is_wrong(server, tmp_path, args, message):
     assert done.returncode == 2
     assert message in done.stderr
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_the_model_lines_span_the_x_the_clients_report(server):
+    """The seed's clients report x₁ in [1, 2] and [3, 4] in /health: the
+    chart spans [1, 4] with 5% either side, and says where the range came from."""
+    url, runs = server
+    clients = json.loads(get(f"{url}/clients")[2])["clients"]
+    assert [c["x_range"] for c in clients] == [[1.0, 2.0], [3.0, 4.0]]
+    status, _, body = get(f"{url}/runs/{runs[1]['run_id']}/plots/models.svg")
+    assert status == 200
+    assert_svg(body)
+    assert "<!-- x; the clients report x₁ from 1 to 4 -->".encode() in body
+    # the figure itself: x from 1 − 0.15 to 4 + 0.15
+    from fedavg_server.plots import X_RANGE, models_figure
+    (ax,) = models_figure(runs[1], None, [(1.0, 2.0), (3.0, 4.0)]).axes
+    assert ax.get_xlim() == pytest.approx((1.0 - 0.15, 4.0 + 0.15))
+    # a run downloaded and drawn elsewhere: no ranges, the fixed frame
+    (ax,) = models_figure(runs[1]).axes
+    assert ax.get_xlim() == pytest.approx(X_RANGE)

@@ -1,0 +1,168 @@
+"""Each client's own page (GET / on the client, /clients/<k>/ on a client
+host), against real processes: the private points it holds, its local
+least-squares line against the closed form, and the last global model it
+received against the run's final model. And a client asked to /start says
+it is a client."""
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+
+import launcher
+
+# Values found nowhere else: the page must show them; the server must never hold them.
+POINTS = [(0.5, 2.25), (1.75, 4.125), (3.0, 6.5), (4.25, 8.375), (-1.5, -1.875)]
+
+
+class Page(HTMLParser):
+    """The elements of a client's page the tests read: every tag's attributes by id,
+    the table's data-x/data-y cells, the scatter's circles, and the text by id."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.by_id: dict[str, dict[str, str]] = {}
+        self.xs: list[float] = []
+        self.ys: list[float] = []
+        self.circles = 0
+        self.lines: dict[str, dict[str, str]] = {}
+        self.text: dict[str, str] = {}
+        self._open: list[str] = []
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        a = {k: v or "" for k, v in attrs}
+        if "id" in a:
+            self.by_id[a["id"]] = a
+            self.text[a["id"]] = ""
+        self._open.append(a.get("id", ""))
+        if "data-x" in a:
+            self.xs.append(float(a["data-x"]))
+        if "data-y" in a:
+            self.ys.append(float(a["data-y"]))
+        if tag == "circle" and a.get("class") == "point":
+            self.circles += 1
+        if tag == "line" and a.get("class") in ("lstsq", "global"):
+            self.lines[a["class"]] = a
+
+    def handle_startendtag(self, tag, attrs):
+        self.handle_starttag(tag, attrs)
+        self._open.pop()
+
+    def handle_endtag(self, tag):
+        if self._open:
+            self._open.pop()
+
+    def handle_data(self, data):
+        for i in self._open:
+            if i:
+                self.text[i] += data
+
+
+def get(url: str) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            return resp.status, resp.headers.get("Content-Type", ""), resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type", ""), e.read()
+
+
+def page_of(url: str) -> Page:
+    status, ctype, body = get(url)
+    assert status == 200 and ctype.startswith("text/html"), (status, body[:200])
+    return Page(body.decode())
+
+
+@pytest.fixture(scope="module")
+def apps(tmp_path_factory):
+    """client "alice" on the CSV above, client_2 on its own seed data, and a
+    server using both."""
+    tmp = tmp_path_factory.mktemp("client_page")
+    csv = tmp / "alice.csv"
+    csv.write_text("x,y\n" + "".join(f"{x},{y}\n" for x, y in POINTS))
+    started: dict[str, launcher.App] = {}
+    try:
+        started["alice"] = launcher.start_app("client_1", launcher.free_port(),
+                                              ["--data", str(csv), "--client-id", "alice"])
+        started["client_2"] = launcher.start_app("client_2", launcher.free_port())
+        clients = f"{started['alice'].url},{started['client_2'].url}"
+        started["server"] = launcher.start_app("server", launcher.free_port(),
+                                               ["--clients", clients, "--db", str(tmp / "runs.db")])
+        launcher.wait_healthy(list(started.values()))
+        yield {name: app.url for name, app in started.items()}
+    finally:
+        launcher.stop(list(started.values()))
+
+
+def test_the_page_shows_the_points_and_the_local_least_squares_line(apps):
+    page = page_of(apps["alice"] + "/")
+    x = np.array([p[0] for p in POINTS])
+    y = np.array([p[1] for p in POINTS])
+    assert page.xs == x.tolist() and page.ys == y.tolist()  # the table, every point
+    assert page.circles == len(POINTS)  # the scatter, every point
+    # least squares in closed form: slope = cov(x, y)/var(x), intercept = ȳ − slope·x̄
+    slope = float(np.mean((x - x.mean()) * (y - y.mean())) / np.mean((x - x.mean()) ** 2))
+    intercept = float(y.mean() - slope * x.mean())
+    lstsq = page.by_id["lstsq"]
+    assert float(lstsq["data-w"]) == pytest.approx(slope, rel=1e-12)
+    assert float(lstsq["data-b"]) == pytest.approx(intercept, rel=1e-12)
+    assert "lstsq" in page.lines and "global" not in page.lines  # nothing received yet
+    assert "None yet" in page.text["last-global"]
+    # the page says plainly that only this client serves it, and what /health gives away
+    assert "Only this client serves this page" in page.text["only-here"]
+    assert "small, deliberate leak" in page.text["only-here"]
+
+
+def test_health_reports_the_x_range_of_the_first_feature(apps):
+    status, _, body = get(apps["alice"] + "/health")
+    xs = [p[0] for p in POINTS]
+    assert status == 200 and json.loads(body)["x_range"] == [min(xs), max(xs)]
+
+
+def test_after_a_run_the_page_shows_the_final_global_model(apps):
+    status, run = launcher.post_json(apps["server"] + "/start", {"rounds": 3, "seed": 4})
+    assert status == 200 and run["status"] == "completed", run
+    final = run["rounds"][-1]["global_model"]  # the final /evaluate sends the last round's model out
+    assert run["final_model"] == final
+    page = page_of(apps["alice"] + "/")
+    last = page.by_id["last-global"]
+    assert float(last["data-w"]) == final["w"] and float(last["data-b"]) == final["b"]
+    assert last["data-via"] == "/evaluate"
+    assert "global" in page.lines
+    # the server's own replies never carry alice's points
+    for path in ("/runs", f"/runs/{run['run_id']}", "/clients", "/"):
+        _, _, body = get(apps["server"] + path)
+        assert b"2.25" not in body and b"4.125" not in body and b"8.375" not in body, path
+
+
+@pytest.mark.parametrize("method, path", [("POST", "/start"), ("GET", "/start"), ("GET", "/runs")])
+def test_a_client_asked_to_start_says_it_is_a_client(apps, method, path):
+    req = urllib.request.Request(apps["alice"] + path, data=b"{}" if method == "POST" else None, method=method)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 404 and e.value.headers["Content-Type"] == "application/json"
+    error = json.loads(e.value.read())["error"]
+    assert error.startswith("this is a client (alice), not the server")
+    assert "http://127.0.0.1:5000" in error
+
+
+def test_a_client_on_a_host_has_its_own_page(tmp_path):
+    host = launcher.start_app("client_host", launcher.free_port(),
+                              ["--scenario", "iid", "--clients", "3", "--samples", "7"])
+    try:
+        launcher.wait_healthy([host])
+        for k in (1, 3):
+            page = page_of(f"{host.url}/clients/{k}/")
+            assert len(page.xs) == page.circles == 7
+            assert page.by_id["scatter"]["aria-label"].startswith(f"7 private points of sim_{k},")
+            x, y = np.array(page.xs), np.array(page.ys)
+            slope = np.mean((x - x.mean()) * (y - y.mean())) / np.mean((x - x.mean()) ** 2)
+            assert float(page.by_id["lstsq"]["data-w"]) == pytest.approx(slope, rel=1e-9)
+        status, _, _ = get(f"{host.url}/clients/4/")
+        assert status == 404
+    finally:
+        launcher.stop([host])
