@@ -85,11 +85,11 @@ def parse_start(body: Any, num_clients: int) -> tuple[RunSettings, bool]:
 
     # lr, local_epochs, batch_size and mu mean exactly what they mean to a
     # client, so the client's own parser checks them, one field at a time.
-    train = {}
+    train, bad = {}, object()
     for k in LOCAL_TRAINING_FIELDS:
         if k in obj:
-            value = check(lambda k=k: getattr(parse_train_config({k: obj[k]}, ""), k), None)
-            if value is not None or obj[k] is None:
+            value = check(lambda k=k: getattr(parse_train_config({k: obj[k]}, ""), k), bad)
+            if value is not bad:  # (batch_size may be None: the whole data set)
                 train[k] = value
     settings = RunSettings(**train)
     strategy = check(lambda: _strategy_name(obj, settings.mu), None)
