@@ -11,9 +11,9 @@ import time
 
 import numpy as np
 
-from fedavg.trace import fmt
 from fedavg.data import load_csv
 from fedavg.theory import fedavg_fixed_point, pooled_optimum
+from fedavg.trace import fmt
 from launcher import ROOT, post_json, start_federation, stop
 
 

@@ -4,7 +4,6 @@ Run: cd server && poetry install && poetry run python server_app.py
 Then: curl -X POST http://127.0.0.1:5000/start
 """
 import json
-import os
 import sys
 import time
 import urllib.error
@@ -12,6 +11,7 @@ import urllib.request
 
 from fedavg.service import cli, configure_logging, serve
 from fedavg_server import client_urls, create_app
+from fedavg_server.runs import StoreError
 
 HOST_WAIT_S = 30  # how long --clients-from waits for the client host to answer
 
@@ -45,7 +45,7 @@ def clients_from(host_url: str, wait_s: float = HOST_WAIT_S) -> list[str]:
 
 if __name__ == "__main__":
     parser = cli("Raw FedAvg server", 5000)
-    parser.add_argument("--clients", default=os.environ.get("FEDAVG_CLIENTS"),
+    parser.add_argument("--clients",
                         help="comma-separated client URLs (default: env FEDAVG_CLIENTS, "
                              "else http://127.0.0.1:5001,http://127.0.0.1:5002)")
     parser.add_argument("--clients-from", metavar="HOST_URL",
@@ -55,31 +55,32 @@ if __name__ == "__main__":
                         help=f"how long to wait for that host to answer (default {HOST_WAIT_S})")
     parser.add_argument("--max-parallel", type=int, default=None,
                         help="at most this many client calls at once (default: sized for this machine)")
-    parser.add_argument("--db", default=os.environ.get("FEDAVG_DB"),
+    parser.add_argument("--db",
                         help="SQLite file of the run history (default: env FEDAVG_DB, else instance/fedavg.db)")
     args = parser.parse_args()
     configure_logging()
+    config = {}  # what the command line says; create_app reads FEDAVG_* for the rest
     try:
         if args.clients_from:
             hosted = clients_from(args.clients_from, args.clients_from_wait)
-            clients = (client_urls(args.clients) if args.clients else []) + hosted
+            config["CLIENTS"] = (client_urls(args.clients) if args.clients else []) + hosted
             print(f"server: {len(hosted)} client(s) from the client host at {args.clients_from}", flush=True)
-        else:
-            clients = client_urls(args.clients)
-    except ValueError as e:
+        elif args.clients:
+            config["CLIENTS"] = client_urls(args.clients)
+        if args.db:
+            config["DB"] = args.db
+        if args.max_parallel:
+            config["MAX_PARALLEL"] = args.max_parallel
+        app = create_app(config)
+    except (ValueError, StoreError) as e:  # bad URLs, a history that cannot be opened: one line
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    config = {"CLIENTS": clients}
-    if args.db:
-        config["DATABASE"] = args.db
-    if args.max_parallel:
-        config["MAX_PARALLEL"] = args.max_parallel
-    app = create_app(config)
+    clients = app.config["CLIENTS"]
     base = f"http://{args.host}:{args.port}"
     shown = ", ".join(clients) if len(clients) <= 4 else f"{clients[0]} … {clients[-1]}"
     try:
         serve(app, args.host, args.port, announce=(
-            f"server: {len(clients)} client(s): {shown}; run history in {app.config['DATABASE']}; "
+            f"server: {len(clients)} client(s): {shown}; run history in {app.config['DB']}; "
             f"serving on {base}\n"
             f"server: the page: {base}/\n"
             f"server: start a run with  curl -X POST {base}/start"))

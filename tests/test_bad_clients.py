@@ -69,7 +69,7 @@ def run_with(good_client, tmp_path):
     def run(behaviour: str, **settings):
         fake = Served(fake_client(behaviour))
         served.append(fake)
-        app = create_server_app({"CLIENTS": [good_client.url, fake.url], "DATABASE": str(tmp_path / "runs.db")})
+        app = create_server_app({"CLIENTS": [good_client.url, fake.url], "DB": str(tmp_path / "runs.db")})
         resp = app.test_client().post("/start", json={"rounds": 2, "seed": 1, **settings})
         assert resp.status_code == 200, resp.get_json()
         return resp.get_json(), fake.url
@@ -83,7 +83,7 @@ def run_with(good_client, tmp_path):
 
 def alone(good_client, tmp_path) -> dict:
     """The same run with the good client alone: what the average must equal."""
-    app = create_server_app({"CLIENTS": [good_client.url], "DATABASE": str(tmp_path / "alone.db")})
+    app = create_server_app({"CLIENTS": [good_client.url], "DB": str(tmp_path / "alone.db")})
     return app.test_client().post("/start", json={"rounds": 2, "seed": 1}).get_json()
 
 
@@ -123,7 +123,7 @@ def test_fewer_than_min_clients_fails_and_keeps_the_last_good_model(run_with):
 
 
 def test_too_large_lr_ends_the_run_as_diverged(good_client, tmp_path):
-    app = create_server_app({"CLIENTS": [good_client.url], "DATABASE": str(tmp_path / "runs.db")})
+    app = create_server_app({"CLIENTS": [good_client.url], "DB": str(tmp_path / "runs.db")})
     run = app.test_client().post("/start", json={"rounds": 50, "lr": 5.0}).get_json()
     assert run["status"] == "diverged"
     assert "smaller lr" in run["error"]
@@ -147,7 +147,7 @@ def test_a_reply_that_trickles_in_is_cut_off_at_the_timeout(good_client, tmp_pat
 
     fake = Served(app)
     try:
-        server = create_server_app({"CLIENTS": [good_client.url, fake.url], "DATABASE": str(tmp_path / "runs.db")})
+        server = create_server_app({"CLIENTS": [good_client.url, fake.url], "DB": str(tmp_path / "runs.db")})
         started = time.monotonic()
         run = server.test_client().post("/start", json={"rounds": 1, "client_timeout_s": 0.5}).get_json()
         elapsed = time.monotonic() - started
@@ -168,7 +168,7 @@ def test_a_round_with_more_hung_clients_than_connections_still_ends_at_the_timeo
     fakes = [Served(fake_client("hang")) for _ in range(8)]
     try:
         urls = [good_client.url] + [f.url for f in fakes]
-        server = create_server_app({"CLIENTS": urls, "DATABASE": str(tmp_path / "runs.db"), "MAX_PARALLEL": 2})
+        server = create_server_app({"CLIENTS": urls, "DB": str(tmp_path / "runs.db"), "MAX_PARALLEL": 2})
         started = time.monotonic()
         run = server.test_client().post("/start", json={"rounds": 1, "client_timeout_s": 0.5}).get_json()
         elapsed = time.monotonic() - started
@@ -191,7 +191,7 @@ def test_two_clients_with_one_name_stay_apart_in_the_csv(good_client, tmp_path, 
     """A second client that calls itself client_1 too: the CSV names each by
     name and URL."""
     impostor = serve(create_client_app({"CLIENT_ID": "client_1", "DATA_PATH": str(ROOT / "client_2" / "data.csv")}))
-    app = create_server_app({"CLIENTS": [good_client.url, impostor.url], "DATABASE": str(tmp_path / "runs.db")})
+    app = create_server_app({"CLIENTS": [good_client.url, impostor.url], "DB": str(tmp_path / "runs.db")})
     client = app.test_client()
     run = client.post("/start", json={"rounds": 1, "seed": 1}).get_json()
     csv_text = client.get(f"/runs/{run['run_id']}?format=csv").get_data(as_text=True)

@@ -43,7 +43,7 @@ def two_feature_client_schema(tmp_path):
 @pytest.fixture
 def server_schema(tmp_path):
     with launcher.refusing_url() as nobody:  # runs fail fast and cleanly
-        app = create_server_app({"CLIENTS": [nobody], "DATABASE": str(tmp_path / "runs.db")})
+        app = create_server_app({"CLIENTS": [nobody], "DB": str(tmp_path / "runs.db")})
         yield schemathesis.openapi.from_wsgi("/openapi.json", app)
 
 

@@ -16,12 +16,12 @@ import threading
 import time
 import urllib.request
 
-import launcher
 import pytest
-from conftest import ROOT
-from reference import SEED_DATA, reference_fedavg
 
+import launcher
+from conftest import ROOT
 from fedavg.scenarios import SCENARIOS
+from reference import SEED_DATA, reference_fedavg
 
 SIM = ROOT / "scripts" / "sim.py"
 

@@ -172,12 +172,15 @@ def test_since_gives_only_the_later_rounds(server):
     assert status == 200
     later = json.loads(body)
     assert later["rounds"] == run["rounds"][998:]
+    # the same run as /start answered, less its summary (which /start puts first) and the page's "more"
+    summary = ("message", "final_line", "rounds_completed", "url")
+    assert later.pop("more") is False
     assert {k: v for k, v in later.items() if k != "rounds"} == {k: v for k, v in run.items()
-                                                                if k not in ("rounds", "message")}
+                                                                if k != "rounds" and k not in summary}
     assert json.loads(get(f"{url}/runs/{run['run_id']}?since=0")[2])["rounds"] == run["rounds"]
     assert json.loads(get(f"{url}/runs/{run['run_id']}?since={'9' * 40}")[2])["rounds"] == []
     status, _, body = get(f"{url}/runs/{run['run_id']}?since=-1")
-    assert status == 400 and json.loads(body) == {"error": "since: must be a round number >= 0, got '-1'"}
+    assert status == 400 and json.loads(body) == {"error": "since: must be a whole number >= 0, got '-1'"}
 
 
 def test_a_run_without_rounds_still_draws():

@@ -13,8 +13,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import launcher
 import pytest
+
+import launcher
 from conftest import ROOT
 from reference import SEED_DATA, reference_fedavg
 from test_strategies import fedavg_closed_form

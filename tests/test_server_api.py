@@ -59,7 +59,7 @@ def make_server_client(tmp_path):
     apps = []
 
     def make(urls: list[str]):
-        app = create_server_app({"CLIENTS": urls, "DATABASE": str(tmp_path / f"runs{len(apps)}.db"),
+        app = create_server_app({"CLIENTS": urls, "DB": str(tmp_path / f"runs{len(apps)}.db"),
                                  "TOKEN": None})
         apps.append(app)
         return app.test_client()
@@ -393,3 +393,30 @@ def test_a_client_that_diverges_ends_the_run_as_diverged(clients, make_server_cl
     run = server.post("/start", json={"rounds": 500, "lr": 0.1}).get_json()
     assert run["status"] == "diverged" and "smaller lr" in run["error"]
     assert len(run["rounds"]) < 500
+
+
+def test_rounds_come_in_pages_that_add_up_to_the_run(server):
+    run = server.post("/start", json={"rounds": 25, "seed": 3}).get_json()
+    every = run["rounds"]
+    first = server.get(f"/runs/{run['run_id']}?limit=10").get_json()
+    assert [r["round"] for r in first["rounds"]] == list(range(1, 11)) and first["more"] is True
+    last = server.get(f"/runs/{run['run_id']}?since=20&limit=10").get_json()
+    assert [r["round"] for r in last["rounds"]] == list(range(21, 26)) and last["more"] is False
+    paged, since = [], 0
+    while True:
+        page = server.get(f"/runs/{run['run_id']}?since={since}&limit=7").get_json()
+        paged += page["rounds"]
+        if not page["more"]:
+            break
+        since = page["rounds"][-1]["round"]
+    assert [r["global_model"] for r in paged] == [r["global_model"] for r in every]
+    for bad in ("limit=0", "limit=10001", "limit=x"):
+        r = server.get(f"/runs/{run['run_id']}?{bad}")
+        assert r.status_code == 400 and r.get_json()["error"].startswith("limit:")
+
+
+def test_no_such_run_is_a_404_everywhere(server):
+    for method, path in (("get", "/runs/999"), ("get", "/runs/999?format=csv"), ("post", "/runs/999/resume"),
+                         ("post", "/runs/999/stop")):
+        r = getattr(server, method)(path)
+        assert r.status_code == 404 and r.get_json() == {"error": "no run 999"}, path

@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Flask
 
-from fedavg.service import install_json_errors, shared_token
+from fedavg.service import install_json_errors
 
 from .api import bp
 from .clients import ClientPool
@@ -34,24 +34,34 @@ def default_max_parallel() -> int:
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
-    """Build the server. Config: CLIENTS (list of URLs; default from
-    FEDAVG_CLIENTS, else the two local clients), DATABASE (the SQLite file of
-    run history; default from FEDAVG_DB, else instance/fedavg.db), TOKEN (shared
-    bearer token sent to clients and required on /start and /resume; default
-    from FEDAVG_TOKEN, None = open), MAX_PARALLEL."""
+    """Build the server. Config, each also read once from the environment as
+    FEDAVG_<KEY> (Flask's from_prefixed_env), a test's ``config`` last:
+
+    - CLIENTS: the client URLs, a list or "URL,URL" (default the two local clients);
+    - DB: the SQLite file of run history (default instance/fedavg.db);
+    - TOKEN: the shared bearer token sent to clients and required on /start
+      and the other endpoints that act (None = open);
+    - MAX_PARALLEL: client calls in flight at once.
+
+    Raises StoreError when the run history cannot be used."""
     app = Flask(__name__)
     app.config.from_mapping(
-        CLIENTS=client_urls(os.environ.get("FEDAVG_CLIENTS")),
+        CLIENTS=list(DEFAULT_CLIENTS),
         # The run history lives in the instance folder (server/instance/), kept out of git.
-        DATABASE=os.environ.get("FEDAVG_DB") or os.path.join(app.instance_path, "fedavg.db"),
+        DB=os.path.join(app.instance_path, "fedavg.db"),
         # 1 MiB: room for an init of MAX_FEATURES weights, and no more.
-        TOKEN=shared_token(), MAX_PARALLEL=default_max_parallel(), MAX_CONTENT_LENGTH=1024 * 1024)
+        TOKEN=None, MAX_PARALLEL=default_max_parallel(), MAX_CONTENT_LENGTH=1024 * 1024)
+    app.config.from_prefixed_env("FEDAVG")
     if config is not None:
         app.config.from_mapping(config)
+    if isinstance(app.config["CLIENTS"], str):
+        app.config["CLIENTS"] = client_urls(app.config["CLIENTS"])
+    # from_prefixed_env reads values as JSON when it can: a token of digits must stay text.
+    app.config["TOKEN"] = str(app.config["TOKEN"]) if app.config["TOKEN"] else None
     pool = ClientPool(app.config["CLIENTS"], app.config["MAX_PARALLEL"])
     if app.config["TOKEN"]:
         pool.headers["Authorization"] = f"Bearer {app.config['TOKEN']}"
-    app.extensions["fedavg"] = Federation(pool, RunStore(app.config["DATABASE"]))
+    app.extensions["fedavg"] = Federation(pool, RunStore(app.config["DB"]))
     install_json_errors(app)
     app.register_blueprint(bp)
     app.register_blueprint(web_bp)

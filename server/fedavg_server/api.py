@@ -9,9 +9,9 @@ from flask import Blueprint, Response, current_app, request
 from fedavg.service import json_body, require_token
 from fedavg.wire import ProtocolError, expect_bool, expect_object
 
-from .federation import Busy, CannotResume, Federation
+from .federation import Busy, CannotResume, Federation, NoSuchRun
 from .openapi import server_document
-from .runs import run_to_csv
+from .runs import StoreError, csv_lines
 from .settings import RunSettings, parse_start
 
 bp = Blueprint("api", __name__)
@@ -53,8 +53,6 @@ def resume(run_id: int):
     fed = federation()
     try:
         fed.resume(run_id)
-    except KeyError:
-        return {"error": f"no run {run_id}"}, 404
     except CannotResume as e:
         return {"error": str(e), "run_id": run_id}, 409
     return _launched(fed, run_id, wait)
@@ -72,8 +70,20 @@ def stop(run_id: int):
         return {"run_id": run_id, "status": "stopping", "url": f"/runs/{run_id}"}, 202
     found = fed.store.summary(run_id)
     if found is None:
-        return {"error": f"no run {run_id}"}, 404
-    return {"error": f"run {run_id} is {found['status']}, not running", "run_id": run_id}, 409
+        raise NoSuchRun(run_id)
+    return {"error": f"run {run_id} is {fed.truth(found)['status']}, not running", "run_id": run_id}, 409
+
+
+@bp.errorhandler(NoSuchRun)
+def no_such_run(e: NoSuchRun):
+    return {"error": str(e)}, 404
+
+
+@bp.app_errorhandler(StoreError)
+def store_unavailable(e: StoreError):
+    """The run history cannot be read or written (corrupt, full, deleted):
+    503 on what needs it; /health and /status still answer."""
+    return {"error": f"the run history is unavailable: {e}"}, 503
 
 
 @bp.errorhandler(Busy)
@@ -88,7 +98,7 @@ def _launched(fed: Federation, run_id: int, wait: bool):
     if not wait:
         return {"run_id": run_id, "status": "running", "url": f"/runs/{run_id}"}, 202
     fed.wait(run_id)
-    return ended_run(fed.store.get(run_id), fed.warnings(run_id))
+    return ended_run(fed.truth(fed.store.get(run_id)), fed.warnings(run_id))
 
 
 # What a person needs from an ended run, in the order they read it; the whole
@@ -147,47 +157,77 @@ def _one_key_a_line(body: dict[str, Any]) -> str:
 
 @bp.get("/status")
 def status():
-    """Seed-compatible: the current global model and the rounds planned."""
+    """Seed-compatible: the current global model and the rounds planned. It
+    answers even when the run history cannot be read, from what the server
+    knows in memory."""
     no_query_args()
     fed = federation()
-    run = fed.store.latest()
+    try:
+        run = fed.store.latest()
+    except StoreError as e:
+        running, ended = fed.running_id(), fed.unrecorded()
+        return {"status": "running" if running is not None else "unknown", "run_id": running,
+                "unrecorded_ends": {str(k): {"status": v[0], "error": v[1]} for k, v in ended.items()},
+                "error": f"the run history is unavailable: {e}"}
     if run is None:
         defaults = RunSettings()
         return {"current_global_model": {"w": 0.0, "b": 0.0}, "global_rounds_planned": defaults.rounds,
                 "run_id": None, "round": 0, "status": "idle"}
+    run = fed.truth(run)
     return {"current_global_model": run["current_model"], "global_rounds_planned": run["settings"]["rounds"],
-            "run_id": run["run_id"], "round": run["rounds_completed"], "status": run["status"]}
+            "run_id": run["run_id"], "round": run["rounds_completed"], "status": run["status"],
+            **({"error": run["error"]} if run["error"] else {})}
 
 
 @bp.get("/runs")
 def runs():
     no_query_args()
-    return {"runs": federation().store.summaries()}
+    fed = federation()
+    return {"runs": [fed.truth(r) for r in fed.store.summaries()]}
+
+
+# Rounds per GET /runs/<id>: a 100,000-round run is 78 MB of JSON at once.
+PAGE_ROUNDS = 1000
+MAX_PAGE_ROUNDS = 10_000
 
 
 @bp.get("/runs/<int:run_id>")
 def run(run_id: int):
-    """The whole run; ?format=csv gives one row per round instead;
-    ?since=N only the rounds after round N (the live page polls this way)."""
-    no_query_args("format", "since")
+    """The run and its rounds after round ?since=N (default 0), at most
+    ?limit= of them (default 1000; "more" says whether rounds follow: ask
+    again with since = the last round). ?format=csv streams every round, one
+    row each."""
+    no_query_args("format", "since", "limit")
     fmt = request.args.get("format", "json")
     if fmt not in ("json", "csv"):
         raise ProtocolError(f"format: must be json or csv, got {fmt!r}")
-    since = request.args.get("since", "0")
-    if not (since.isascii() and since.isdigit()):
-        raise ProtocolError(f"since: must be a round number >= 0, got {since!r}")
-    # More digits than any round number has: nothing comes after it (and
-    # int() refuses strings of thousands of digits).
-    after = int(since) if len(since) <= 18 else 2**63 - 1
-    found = federation().store.get(run_id, since=after)  # only the new rounds are read
-    if found is None:
-        return {"error": f"no run {run_id}"}, 404
+    after = _round_number("since", "0")
+    limit = _round_number("limit", str(PAGE_ROUNDS))
+    if not 1 <= limit <= MAX_PAGE_ROUNDS:
+        raise ProtocolError(f"limit: must be 1 to {MAX_PAGE_ROUNDS}, got {limit}")
+    fed = federation()
     if fmt == "csv":
-        return current_app.response_class(run_to_csv(found), mimetype="text/csv", headers={
+        if fed.store.summary(run_id) is None:
+            raise NoSuchRun(run_id)
+        return current_app.response_class(csv_lines(fed.store.iter_rounds(run_id)), mimetype="text/csv", headers={
             "Content-Disposition": f'attachment; filename="fedavg-run-{run_id}.csv"'})
+    found = fed.store.get(run_id, since=after, limit=limit + 1)  # one more: are there more?
+    if found is None:
+        raise NoSuchRun(run_id)
+    more = len(found["rounds"]) > limit
+    found["rounds"] = found["rounds"][:limit]
     # Over the whole run, whatever ?since says: a client dropped from every
     # round is worth a warning on the page even though the run "completed".
-    return found | {"warnings": federation().warnings(run_id)}
+    return fed.truth(found) | {"more": more, "warnings": fed.warnings(run_id)}
+
+
+def _round_number(name: str, default: str) -> int:
+    text = request.args.get(name, default)
+    if not (text.isascii() and text.isdigit()):
+        raise ProtocolError(f"{name}: must be a whole number >= 0, got {text[:40]!r}")
+    # More digits than any round number has: nothing comes after it (and
+    # int() refuses strings of thousands of digits).
+    return int(text) if len(text) <= 18 else 2**63 - 1
 
 
 @bp.get("/health")

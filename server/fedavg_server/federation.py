@@ -20,12 +20,20 @@ from fedavg.aggregation import weighted_loss_avg
 from fedavg.model import Theta, as_theta, split
 from fedavg.strategies import Result, State, Step, Strategy
 from fedavg.trace import fmt_theta
-from fedavg.wire import (CannotDo, ProtocolError, model_json, parse_evaluate_reply, parse_health_reply,
-                         parse_model, parse_train_reply, train_config_json)
+from fedavg.wire import (
+    CannotDo,
+    ProtocolError,
+    model_json,
+    parse_evaluate_reply,
+    parse_health_reply,
+    parse_model,
+    parse_train_reply,
+    train_config_json,
+)
 
 from .clients import ClientPool, Reply
 from .mathlog import loss_line, round_lines
-from .runs import RoundRecord, RunStore
+from .runs import RoundRecord, RunStore, StoreError
 from .settings import RunSettings
 
 log = logging.getLogger("fedavg.server")
@@ -41,6 +49,18 @@ class Busy(Exception):
 
 class CannotResume(Exception):
     """The run is not one that can be resumed (it completed, or diverged)."""
+
+
+class NoSuchRun(LookupError):
+    """No run has this id (a 404, and nothing else is)."""
+
+    def __init__(self, run_id: int) -> None:
+        super().__init__(f"no run {run_id}")
+        self.run_id = run_id
+
+
+# How often an end the store could not record (a full disk) is tried again.
+RECORD_RETRY_S = 1.0
 
 
 class RunStopped(Exception):
@@ -60,6 +80,9 @@ class Federation:
         self._lock = threading.Lock()
         self._running: Run | None = None
         self._tallies: dict[int, DropTally] = {}  # run id → its drops, read incrementally
+        # run id → (status, error) of a run that ended while the store could not
+        # record it; the truth until a retry records it (see _record_end).
+        self._unrecorded: dict[int, tuple[str, str | None]] = {}
 
     def start(self, settings: RunSettings) -> int:
         """Start a run in the background and return its id; Busy if one runs."""
@@ -76,7 +99,7 @@ class Federation:
             self._check_idle()
             run = self.store.summary(run_id)
             if run is None:
-                raise KeyError(run_id)
+                raise NoSuchRun(run_id)
             if run["status"] not in ("interrupted", "failed"):
                 raise CannotResume(f"run {run_id} is {run['status']}; only an interrupted or failed run "
                                    "can be resumed")
@@ -107,11 +130,13 @@ class Federation:
             run.stop_requested.set()
             return True
 
-    def shutdown(self, timeout_s: float = 15.0) -> None:
-        """The server is stopping: let the running run finish its round and
-        record itself ``interrupted``, so that it can be resumed later."""
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        """The server is stopping: calls still out to clients are given up on
+        at once, and the running run records itself ``interrupted`` (its last
+        completed round stays), so that /resume can continue it later."""
         with self._lock:
             run = self._running
+        self.pool.stopping.set()
         if run is not None and run.thread.is_alive():
             run.stop_requested.set()
             run.thread.join(timeout_s)
@@ -139,13 +164,53 @@ class Federation:
 
     def _run(self, run: Run) -> None:
         try:
-            run.execute()
+            status, error = run.execute()
+        except StoreError as e:  # a full disk, a deleted file: the run cannot go on
+            log.error("Run %s FAILED: %s", run.run_id, e)
+            status, error = "failed", str(e)
         except Exception as e:  # a bug must end the run visibly, not hang it as "running"
             log.exception("run %s crashed", run.run_id)
-            self.store.finish(run.run_id, "failed", f"internal error: {type(e).__name__}: {e}")
+            status, error = "failed", f"internal error: {type(e).__name__}: {e}"
+        self._record_end(run.run_id, status, error)
         # "completed" must not hide a client that never took part.
         for warning in self.warnings(run.run_id):
             log.info("Run %s WARNING: %s", run.run_id, warning)
+
+    def _record_end(self, run_id: int, status: str, error: str | None) -> None:
+        """Store how the run ended. If the store cannot take it now, the end is
+        kept in memory (so /status and /runs tell the truth, and nothing reads
+        "running" for ever) and tried again every RECORD_RETRY_S until it can."""
+        try:
+            self.store.finish(run_id, status, error)
+            return
+        except StoreError as e:
+            log.error("Run %s: its end (%s) cannot be recorded yet: %s", run_id, status, e)
+        with self._lock:
+            self._unrecorded[run_id] = (status, error)
+
+        def retry() -> None:
+            while not self.pool.stopping.wait(RECORD_RETRY_S):
+                try:
+                    self.store.finish(run_id, status, error)
+                except StoreError:
+                    continue
+                with self._lock:
+                    self._unrecorded.pop(run_id, None)
+                log.info("Run %s: its end (%s) is recorded now", run_id, status)
+                return
+
+        threading.Thread(target=retry, name=f"record-{run_id}", daemon=True).start()
+
+    def truth(self, run: dict[str, Any]) -> dict[str, Any]:
+        """A stored run as it really is: one whose end is not recorded yet
+        reads its end, not the "running" the store still holds."""
+        with self._lock:
+            end = self._unrecorded.get(run["run_id"])
+        return run if end is None else run | {"status": end[0], "error": end[1]}
+
+    def unrecorded(self) -> dict[int, tuple[str, str | None]]:
+        with self._lock:
+            return dict(self._unrecorded)
 
     def warnings(self, run_id: int) -> list[str]:
         """What the run's status does not say: each client dropped from some
@@ -182,7 +247,8 @@ class Run:
         self.stop_requested = threading.Event()  # POST /runs/<id>/stop, or the server stopping
         self.thread: threading.Thread | None = None
 
-    def execute(self) -> None:
+    def execute(self) -> tuple[str, str | None]:
+        """Run the rounds; return how the run ended: (status, error or None)."""
         s = self.s
         log.info("Run %s: %s, %d round(s) over %d client(s), lr=%g, local_epochs=%d%s%s%s, seed=%d%s",
                  self.run_id, s.strategy, s.rounds, len(self.pool.urls), s.lr, s.local_epochs,
@@ -204,10 +270,14 @@ class Run:
             self._final_evaluation(s.rounds, theta)
         except RunStopped as stop:
             log.info("Run %s %s: %s", self.run_id, stop.status.upper(), stop)
-            self.store.finish(self.run_id, stop.status, str(stop))
-            return
-        self.store.finish(self.run_id, "completed")
+            return stop.status, str(stop)
         log.info("Run %s completed: final global model %s", self.run_id, fmt_theta(theta))
+        return "completed", None
+
+    def _unless_server_stopping(self, r: int) -> None:
+        if self.pool.stopping.is_set():
+            raise RunStopped("interrupted", f"the server stopped during round {r}; the rounds before it are "
+                                            f"kept (POST /runs/{self.run_id}/resume continues it)")
 
     def _unless_stopped(self, r: int) -> None:
         if self.stop_requested.is_set():
@@ -233,8 +303,10 @@ class Run:
                     dims.add(facts["num_features"])
             # A client that is down may come back; one that answers must say it can.
             answered = reply.ok or reply.status is not None
-            if self.s.strategy != "fedavg" and answered and self.s.strategy not in ((facts or {}).get("strategies") or ()):
-                unable.append(f"{self.names[reply.url]} ({'its /health does not list it' if reply.ok else 'no /health'})")
+            can = (facts or {}).get("strategies") or ()
+            if self.s.strategy != "fedavg" and answered and self.s.strategy not in can:
+                why = "its /health does not list it" if reply.ok else "no /health"
+                unable.append(f"{self.names[reply.url]} ({why})")
         if unable:
             raise RunStopped("failed", f"before round 1: strategy {self.s.strategy} is not one these clients can "
                                        f"run: {', '.join(unable)}; nothing was averaged")
@@ -260,6 +332,7 @@ class Run:
         sample = self._sample(r)
         replies = self.pool.call_all(sample, "POST", "/train", self.s.client_timeout_s,
                                      self._train_bodies(r, theta, sample))
+        self._unless_server_stopping(r)
         results, dropped = self._sort_replies(r, replies)
         self._record_loss(r - 1, results)  # the loss each client measured on θ_t is round r−1's federated loss
         self._enough_replies(r, theta, results, dropped)
@@ -378,13 +451,16 @@ class Run:
             raise RunStopped("diverged", f"the federated loss of round {round_no}'s model is no longer finite "
                                          f"(lr={self.s.lr:g} is too large); try a smaller lr")
         self.store.set_federated_loss(self.run_id, round_no, loss)
-        log.info("%s", loss_line(round_no, [n for _, n in losses], [l for l, _ in losses], loss, source))
+        log.info("%s", loss_line(round_no, [n for _, n in losses], [x for x, _ in losses], loss, source))
 
     def _final_evaluation(self, round_no: int, theta: Theta) -> None:
         """The last model has no next round to measure it: one /evaluate wave."""
         body = {"global_model": model_json(*split(theta))}
         replies = self.pool.call_all(self.pool.urls, "POST", "/evaluate", self.s.client_timeout_s,
                                      lambda url: body)
+        if self.pool.stopping.is_set():
+            raise RunStopped("interrupted", "the server stopped during the final evaluation (POST "
+                                            f"/runs/{self.run_id}/resume finishes it)")
         losses = []
         for reply in replies:
             try:

@@ -16,6 +16,8 @@ RUN_STATUS = {"type": "string", "enum": ["running", "completed", "failed", "dive
 NOT_FOUND = {"404": reply("no such run", ref("Error"))}
 BUSY = {"409": reply("a run is already running (its id is in run_id), or this run cannot be resumed",
                      ref("Error"))}
+UNAVAILABLE = {"503": reply("the run history cannot be read or written (corrupt, disk full, deleted)",
+                           ref("Error"))}
 RUN_ID = [{"name": "run_id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}}]
 PLOT_NAMES = ["models", "params", "loss"]
 
@@ -112,6 +114,13 @@ def server_document(num_clients: int) -> dict[str, Any]:
                                "settings": {"type": "object"}, "error": {"type": "string", "nullable": True},
                                "final_model": {**ref("Model"), "nullable": True},
                                "message": {"type": "string"},
+                               "final_line": {"type": "string", "description": "the final model as y = w·x + b"},
+                               "rounds_completed": {"type": "integer"},
+                               "url": {"type": "string"},
+                               "warnings": {"type": "array", "items": {"type": "string"},
+                                            "description": "clients dropped from rounds they were asked in"},
+                               "more": {"type": "boolean",
+                                        "description": "GET /runs/<id>: rounds follow this page (ask with since)"},
                                "rounds": {"type": "array", "items": ref("Round")}}},
         "ClientState": {"type": "object", "required": ["url", "client_id", "status", "n_k", "reason"],
                         "properties": {"url": {"type": "string"},
@@ -133,7 +142,7 @@ def server_document(num_clients: int) -> dict[str, Any]:
         "/start": {"post": {
             "summary": "Start a run of FedAvg rounds.", "security": secured,
             "requestBody": {"required": False, **json_content(ref("StartRequest"))},
-            "responses": {**wait_replies, **ERRORS, **AUTH_ERROR, **BUSY},
+            "responses": {**wait_replies, **ERRORS, **AUTH_ERROR, **BUSY, **UNAVAILABLE},
         }},
         "/runs/{run_id}/resume": {"post": {
             "summary": "Continue an interrupted or failed run from its last completed round.",
@@ -157,27 +166,34 @@ def server_document(num_clients: int) -> dict[str, Any]:
             "parameters": RUN_ID + [{"name": "format", "in": "query", "required": False,
                                      "schema": {"type": "string", "enum": ["json", "csv"]}},
                                     {"name": "since", "in": "query", "required": False,
-                                     "description": "only the rounds after this round (live polling)",
-                                     "schema": {"type": "integer", "minimum": 0, "default": 0}}],
+                                     "description": "only the rounds after this round (live polling, paging)",
+                                     "schema": {"type": "integer", "minimum": 0, "default": 0}},
+                                    {"name": "limit", "in": "query", "required": False,
+                                     "description": "at most this many rounds (JSON); `more` says if others follow",
+                                     "schema": {"type": "integer", "minimum": 1, "maximum": 10000,
+                                                "default": 1000}}],
             "responses": {"200": {"description": "the run",
                                   "content": {"application/json": {"schema": ref("Run")},
                                               "text/csv": {"schema": {"type": "string"}}}},
-                          "400": ERRORS["400"], **NOT_FOUND},
+                          "400": ERRORS["400"], **NOT_FOUND, **UNAVAILABLE},
         }},
         "/runs": {"get": {"summary": "Every run, newest first, without rounds.",
                           "responses": {"200": reply("the runs", {
                               "type": "object", "required": ["runs"],
-                              "properties": {"runs": {"type": "array", "items": ref("RunSummary")}}})}}},
+                              "properties": {"runs": {"type": "array", "items": ref("RunSummary")}}}),
+                                        **UNAVAILABLE}}},
         "/status": {"get": {"summary": "Seed-compatible: the current global model and the rounds planned.",
                             "responses": {"200": reply("status", {
                                 "type": "object",
-                                "required": ["current_global_model", "global_rounds_planned", "run_id", "round",
-                                             "status"],
+                                "description": "with the run history unreadable: status and run_id from memory, "
+                                               "and error",
+                                "required": ["run_id", "status"],
                                 "properties": {"current_global_model": ref("Model"),
                                                "global_rounds_planned": {"type": "integer"},
                                                "run_id": {"type": "integer", "nullable": True},
                                                "round": {"type": "integer"},
-                                               "status": {"type": "string"}}})}}},
+                                               "status": {"type": "string"},
+                                               "error": {"type": "string"}}})}}},
         "/health": {"get": {"summary": "Liveness, the configured clients, the running run.",
                             "responses": {"200": reply("ok", {
                                 "type": "object", "required": ["status", "clients", "running_run_id"],

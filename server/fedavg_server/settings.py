@@ -8,8 +8,17 @@ from typing import Any
 
 from fedavg.strategies import PARAM_NAMES, STRATEGIES, Strategy
 from fedavg.training import TrainConfig
-from fedavg.wire import (LOCAL_TRAINING_FIELDS, ProtocolError, expect_bool, expect_int, expect_number,
-                         expect_object, expect_str, parse_model, parse_train_config)
+from fedavg.wire import (
+    LOCAL_TRAINING_FIELDS,
+    ProtocolError,
+    expect_bool,
+    expect_int,
+    expect_number,
+    expect_object,
+    expect_str,
+    parse_model,
+    parse_train_config,
+)
 
 MAX_ROUNDS = 100_000
 FEDPROX_DEFAULT_MU = 0.01

@@ -1,0 +1,225 @@
+"""Faults that used to leave the server stuck, on real server processes: a
+client that never answers while the server is asked to stop, and a run
+history that is corrupt, read-only, deleted or on a full disk."""
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from flask import Flask
+
+import launcher
+from conftest import ROOT
+from fedavg_server.clients import ClientPool
+from fedavg_server.federation import Federation
+from fedavg_server.runs import RunStore
+
+# Mounting a small filesystem and dropping privileges need root; CI runs as
+# root and runs these (a non-root CI fails them loudly); a developer without
+# root is told why they did not run.
+needs_root = pytest.mark.skipif(os.geteuid() != 0 and os.environ.get("CI") != "true",
+                                reason="mounts a small tmpfs / runs the server as nobody: needs root (CI runs it)")
+
+
+def get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, launcher.json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, launcher.json.loads(e.read() or b"{}")
+
+
+def poll(what: str, check, timeout_s: float = 20.0):
+    deadline = time.monotonic() + timeout_s
+    while not (found := check()):
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:g} s"
+        time.sleep(0.05)  # polling interval
+    return found
+
+
+def server(db: Path, clients: str, **kw) -> launcher.App:
+    app = launcher.start_app("server", launcher.free_port(), ["--clients", clients, "--db", str(db)], **kw)
+    launcher.wait_healthy([app])
+    return app
+
+
+# --- a client that never answers ---------------------------------------------------------
+
+
+def test_sigterm_with_a_hung_client_exits_at_once_and_the_run_is_resumable(tmp_path, serve):
+    called, release = threading.Event(), threading.Event()
+    hung = Flask("hung")
+
+    @hung.post("/train")
+    def train():
+        called.set()
+        release.wait(120)  # far past the test; released at its end
+        return {"local_model": {"w": 1, "b": 0}, "data_size": 2}
+
+    url = serve(hung).url
+    db = tmp_path / "runs.db"
+    app = server(db, url)
+    try:
+        status, started = launcher.post_json(app.url + "/start", {"rounds": 3, "client_timeout_s": 60,
+                                                                  "wait": False})
+        assert status == 202
+        assert called.wait(20), "the server never called the client"
+        t0 = time.monotonic()
+        os.killpg(app.proc.pid, signal.SIGTERM)
+        app.proc.wait(30)
+        took = time.monotonic() - t0
+    finally:
+        launcher.stop([app])
+    assert took < 8, f"SIGTERM took {took:.1f} s with a hung client (client_timeout_s = 60)"
+    assert "Traceback" not in app.output()
+    again = server(db, url)
+    try:
+        status, run = get(f"{again.url}/runs/{started['run_id']}")
+        assert status == 200 and run["status"] == "interrupted", run
+        assert "the server stopped during round 1" in run["error"]
+    finally:
+        release.set()
+        launcher.stop([again])
+
+
+# --- the run history --------------------------------------------------------------------
+
+
+def test_a_corrupt_history_file_stops_the_server_in_one_line(tmp_path):
+    db = tmp_path / "runs.db"
+    db.write_bytes(b"not a database " * 1000)
+    app = launcher.start_app("server", launcher.free_port(), ["--db", str(db)])
+    assert app.proc.wait(60) == 2
+    launcher.stop([app])
+    out = app.output()
+    assert "Traceback" not in out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(db) in errors[0] and "corrupt" in errors[0]
+
+
+@needs_root
+def test_a_read_only_history_folder_stops_the_server_in_one_line(tmp_path):
+    """As an ordinary user (nobody) in a folder it cannot write: root would
+    write anyway. The app's own Python, as `poetry run` would pick it."""
+    assert os.geteuid() == 0, "drops to nobody: run as root (CI does)"
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    for d in (tmp_path, folder):
+        d.chmod(0o755)
+    folder.chmod(0o555)
+    done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           str(ROOT / "server" / ".venv" / "bin" / "python"), "server_app.py",
+                           "--port", str(launcher.free_port()), "--db", str(folder / "runs.db")],
+                          cwd=ROOT / "server", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(folder / "runs.db") in errors[0], done.stderr
+
+
+@pytest.fixture(scope="module")
+def seed_clients():
+    ports = {name: launcher.free_port() for name in ("client_1", "client_2")}
+    apps = [launcher.start_app(name, port) for name, port in ports.items()]
+    launcher.wait_healthy(apps)
+    yield ",".join(a.url for a in apps)
+    launcher.stop(apps)
+
+
+def test_corrupt_pages_are_a_503_on_the_history_while_health_and_status_answer(tmp_path, seed_clients):
+    db = tmp_path / "runs.db"
+    app = server(db, seed_clients)
+    try:
+        status, run = launcher.post_json(app.url + "/start", {"rounds": 3})
+        assert status == 200 and run["status"] == "completed"
+        # Everything into the main file, then garbage over every page after the first.
+        with sqlite3.connect(db) as other:
+            other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        with open(db, "r+b") as f:
+            size = f.seek(0, 2)
+            f.seek(4096)
+            f.write(os.urandom(size - 4096))
+        for path in ("/runs", f"/runs/{run['run_id']}"):
+            status, body = get(app.url + path)
+            assert status == 503 and "run history is unavailable" in body["error"], (path, body)
+        assert get(app.url + "/health")[0] == 200
+        status, body = get(app.url + "/status")
+        assert status == 200 and "run history is unavailable" in body["error"]
+        assert "Traceback" not in app.output()
+    finally:
+        launcher.stop([app])
+
+
+def test_a_history_deleted_while_running_is_noticed(tmp_path, seed_clients):
+    db = tmp_path / "runs.db"
+    app = server(db, seed_clients)
+    try:
+        assert launcher.post_json(app.url + "/start", {"rounds": 2})[0] == 200
+        for p in tmp_path.glob("runs.db*"):
+            p.unlink()
+        status, body = launcher.post_json(app.url + "/start", {"rounds": 2})
+        assert status == 503 and "deleted or replaced" in body["error"], body
+        assert get(app.url + "/status")[0] == 200
+    finally:
+        launcher.stop([app])
+
+
+@needs_root
+def test_a_full_disk_fails_the_run_the_truth_is_told_and_it_is_recorded_once_there_is_room(tmp_path, seed_clients):
+    """The history on a 1 MiB tmpfs, nearly filled: the run fails "disk full"
+    instead of hanging as "running"; /status says so while the store cannot
+    record it; freed space lets the server record it, and a new run start."""
+    assert os.geteuid() == 0, "mounts a tmpfs: run as root (CI does)"
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
+    app = None
+    try:
+        db = disk / "runs.db"
+        app = server(db, seed_clients)
+        filler = disk / "filler"
+        with open(filler, "wb") as f:  # leave a little room: a few dozen rounds' worth
+            f.write(b"\0" * (1024 * 1024 - 160 * 1024))
+        status, started = launcher.post_json(app.url + "/start", {"rounds": 100000, "wait": False})
+        assert status == 202
+        run_id = started["run_id"]
+        body = poll("the run ends", lambda: (s := get(app.url + "/status")[1])["status"] != "running" and s)
+        assert body["run_id"] == run_id and body["status"] == "failed" and "disk full" in body["error"], body
+        assert get(app.url + "/health")[1]["running_run_id"] is None  # not stuck
+        filler.unlink()
+        run = poll("the end is recorded", lambda: (r := get(f"{app.url}/runs/{run_id}?limit=1"))[0] == 200 and
+                   r[1]["status"] == "failed" and r[1])
+        assert "disk full" in run["error"]
+        status, again = launcher.post_json(app.url + "/start", {"rounds": 2})
+        assert status == 200 and again["status"] == "completed"
+    finally:
+        if app is not None:
+            launcher.stop([app])
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_an_end_the_store_cannot_take_is_the_truth_until_a_retry_records_it(tmp_path):
+    """The store refuses every write (SQLite's query_only: its connection
+    cannot write, as with a full disk or a read-only file): the run's end is
+    kept in memory, what the API reads says it, and once the store takes
+    writes again the end is recorded."""
+    store = RunStore(tmp_path / "runs.db")
+    fed = Federation(ClientPool([]), store)
+    run_id = store.create({"rounds": 3}, [], {"w": 0.0, "b": 0.0})
+    store._db.execute("PRAGMA query_only = ON")
+    fed._record_end(run_id, "failed", "disk full: test")
+    assert store.summary(run_id)["status"] == "running"  # the store could not take it
+    assert fed.truth(store.summary(run_id))["status"] == "failed"
+    assert fed.unrecorded() == {run_id: ("failed", "disk full: test")}
+    store._db.execute("PRAGMA query_only = OFF")
+    poll("the retry records it", lambda: store.summary(run_id)["status"] == "failed", timeout_s=10)
+    poll("and forgets it", lambda: not fed.unrecorded(), timeout_s=10)
+    fed.pool.close()
