@@ -66,7 +66,9 @@ browser:
 	@scripts/ensure_browser.sh
 
 # browser first: on a machine without it, fail before minutes of installing.
+# ruff (its settings in pyproject.toml) before the tests: seconds, not minutes.
 test: browser install .venv/.installed
+	.venv/bin/ruff check .
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -74,7 +74,7 @@ def stop(run_id: int):
     return {"error": f"run {run_id} is {fed.truth(found)['status']}, not running", "run_id": run_id}, 409
 
 
-@bp.errorhandler(NoSuchRun)
+@bp.app_errorhandler(NoSuchRun)
 def no_such_run(e: NoSuchRun):
     return {"error": str(e)}, 404
 

@@ -80,18 +80,22 @@ def _empty(ax: Any, message: str) -> None:
     ax.set_yticks([])
 
 
+class NoSuchRound(LookupError):
+    """The run has no round of that number (a bad ?round=, not a bug)."""
+
+
 def _find_round(run: Run, round_no: int | None) -> dict[str, Any] | None:
-    """Round ``round_no`` (None = the last one); KeyError if the run has no such round."""
+    """Round ``round_no`` (None = the last one); NoSuchRound if the run has none such."""
     if not run["rounds"]:
         if round_no is None:
             return None
-        raise KeyError(round_no)
+        raise NoSuchRound(round_no)
     if round_no is None:
         return run["rounds"][-1]
     for record in run["rounds"]:
         if record["round"] == round_no:
             return record
-    raise KeyError(round_no)
+    raise NoSuchRound(round_no)
 
 
 def x_span(x_ranges: list[tuple[float, float]] | None) -> tuple[float, float] | None:
@@ -286,8 +290,8 @@ PLOTS: dict[str, Callable[[Run, int | None], Figure]] = {
 def render(run: Run, name: str, image_format: str = "svg", round_no: int | None = None,
            x_ranges: list[tuple[float, float]] | None = None) -> bytes:
     """The chart ``name`` (one of PLOTS) of ``run`` as SVG or PNG bytes;
-    ``x_ranges`` frame the model lines (see models_figure). KeyError for an
-    unknown name or a round the run does not have."""
+    ``x_ranges`` frame the model lines (see models_figure). NoSuchRound for
+    a round the run does not have."""
     build = PLOTS[name]
     if round_no is not None:
         _find_round(run, round_no)

@@ -18,6 +18,7 @@ from fedavg.wire import ProtocolError
 
 from .api import federation, no_query_args
 from .clients import Reply
+from .federation import NoSuchRun
 from .openapi import MAX_COMPARE
 from .settings import FEDPROX_DEFAULT_MU, MAX_ROUNDS, RunSettings, SettingsError
 
@@ -148,14 +149,14 @@ def plot(run_id: int, name: str):
         return {"error": f"no plot {name!r} (known: {', '.join(PLOT_NAMES)})"}, 404
     run = federation().store.get(run_id)
     if run is None:
-        return {"error": f"no run {run_id}"}, 404
+        raise NoSuchRun(run_id)
     # Imported here, not at the top: matplotlib takes ~0.6 s to import, which
     # every server start would pay even when no one opens the page.
-    from .plots import render
+    from .plots import NoSuchRound, render
     x_ranges = _x_ranges(run.get("clients") or []) if name == "models" else []
     try:
         svg = render(run, name, "svg", round_no, x_ranges=x_ranges)
-    except KeyError:
+    except NoSuchRound:
         raise ProtocolError(f"round: run {run_id} has no round {round_no} "
                             f"({len(run['rounds'])} completed)") from None
     # A running run's chart changes with every round: never cache it.
