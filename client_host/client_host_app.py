@@ -47,7 +47,7 @@ if __name__ == "__main__":
     app = create_host_app(clients, shared_token(),
                           f"{args.scenario}: {about}; K={len(clients)}, seed={args.seed}")
     base = f"http://{args.host}:{args.port}"
-    serve(app, args.host, args.port, announce=(
+    serve(app, args.host, args.port, allowed_hosts=args.allowed_host, announce=(
         f"client host: {len(clients)} clients ({args.scenario}, seed {args.seed}, "
         f"{sum(len(c.y) for c in clients)} samples) at {base}/clients/1 … {base}/clients/{len(clients)}\n"
         f"client host: the data: {about}"))

@@ -79,7 +79,7 @@ if __name__ == "__main__":
     base = f"http://{args.host}:{args.port}"
     shown = ", ".join(clients) if len(clients) <= 4 else f"{clients[0]} … {clients[-1]}"
     try:
-        serve(app, args.host, args.port, announce=(
+        serve(app, args.host, args.port, allowed_hosts=args.allowed_host, announce=(
             f"server: {len(clients)} client(s): {shown}; run history in {app.config['DB']}; "
             f"serving on {base}\n"
             f"server: the page: {base}/\n"

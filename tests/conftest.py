@@ -1,13 +1,15 @@
 """What every test shares, as flaskr's conftest does: scripts/ on the path
 (tests start the apps with scripts/launcher.py, the code `make run-all` and
-`make demo` use), the repository root, and a WSGI app served on a free
-loopback port for the tests that stand up a fake or in-process client.
+`make demo` use), the repository root, a WSGI app served on a free loopback
+port for the tests that stand up a fake or in-process client, and the
+headless Chromium the page tests drive.
 
 The seed's data is in reference.py (with the plain-Python FedAvg that
 checks the code); launcher.get_json and launcher.wait_for_run read the API.
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -48,3 +50,23 @@ def serve() -> Iterator[Callable[[Flask], Served]]:
     yield start
     for s in served:
         s.close()
+
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium, headless, through Playwright (its own browser
+    download cannot work offline). `make test` sets CHROMIUM (its one
+    default, /usr/bin/chromium) and installs the browser first, or says how."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = os.environ.get("CHROMIUM")
+    assert chromium, "run the page tests with `make test`: it sets CHROMIUM and installs Chromium when missing"
+    assert Path(chromium).exists(), f"no browser at CHROMIUM={chromium}: `make browser` installs Debian's chromium"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        yield b
+        b.close()

@@ -137,10 +137,13 @@ def test_evaluate_is_the_mse(client, wide_client):
     assert r.get_json()["loss"] == pytest.approx(mse(np.array([1.0, 2.0]), -1.0, TWO_X, TWO_Y), abs=1e-12)
 
 
-def test_train_without_content_type_is_still_json(client):
-    # the seed's clients are called by `requests.post(json=...)`, but curl users forget -H
-    r = post_raw(client, "/train", '{"global_model": {"w": 0, "b": 0}}', content_type=None)
-    assert r.status_code == 200 and r.get_json()["data_size"] == 3
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_a_body_not_sent_as_json_is_refused(client, content_type):
+    """A web page can send text/plain or a form anywhere without the browser
+    asking first; only JSON needs the app's consent. (The seed's server sends
+    requests.post(json=...); curl -d needs -H 'Content-Type: application/json'.)"""
+    r = post_raw(client, "/train", '{"global_model": {"w": 0, "b": 0}}', content_type=content_type)
+    assert r.status_code == 415 and "Content-Type: application/json" in r.get_json()["error"]
 
 
 # --- bad input: 400 with the field named ------------------------------------------------

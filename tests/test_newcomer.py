@@ -199,7 +199,8 @@ def test_a_completed_run_names_the_client_dropped_from_every_round(tmp_path):
         server = apps["server"]
         assert launcher.post_json(server.url + "/start", {"rounds": 1})[0] == 200  # the server learns the names
         launcher.stop([apps["client_2"]])
-        done = subprocess.run(["curl", "-s", "-X", "POST", server.url + "/start", "-d", '{"rounds": 2}'],
+        done = subprocess.run(["curl", "-s", "-X", "POST", server.url + "/start",
+                               "-H", "Content-Type: application/json", "-d", '{"rounds": 2}'],
                               capture_output=True, text=True, timeout=120)
         run = json.loads(done.stdout)
         warning = "client_2 dropped in 2/2 rounds (last reason: cannot connect: Connection refused)"
@@ -220,7 +221,7 @@ def test_a_completed_run_names_the_client_dropped_from_every_round(tmp_path):
         assert list(run)[:7] == keys and run["url"] == f"/runs/{run['run_id']}"
         assert done.stdout.splitlines()[1].startswith('  "message": ')
         req = urllib.request.Request(server.url + "/start", data=b'{"rounds": 1}', method="POST",
-                                     headers={"Accept": "application/json"})
+                                     headers={"Accept": "application/json", "Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as resp:
             text = resp.read().decode()
         assert text.count("\n") == 1 and list(json.loads(text))[:7] == keys

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 import time
 import urllib.request
 import xml.etree.ElementTree as ET
@@ -21,17 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+import launcher
+from conftest import ROOT
+from fedavg.strategies import STRATEGIES
+from fedavg.trace import explain_average, fmt
 
-import launcher  # noqa: E402
-from fedavg.strategies import STRATEGIES  # noqa: E402
-from fedavg.trace import explain_average, fmt  # noqa: E402
-
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 ROUNDS = 5
 # Rounds arrive one by one, each a visible step. The page shows a round
 # together with its three charts (drawn by matplotlib, ~0.5 s for the three
@@ -67,19 +62,6 @@ def federation(tmp_path_factory):
             yield apps["server"].url, dead
         finally:
             launcher.stop(list(apps.values()))
-
-
-@pytest.fixture(scope="module")
-def browser():
-    # `make test` sets CHROMIUM (its one default, Debian's /usr/bin/chromium)
-    # and installs the browser first (`make browser`), or says how to.
-    chromium = os.environ.get("CHROMIUM")
-    assert chromium, "run the page tests with `make test`: it sets CHROMIUM and installs Chromium when missing"
-    assert Path(chromium).exists(), f"no browser at CHROMIUM={chromium}: `make browser` installs Debian's chromium"
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture

@@ -38,10 +38,11 @@ TERMINALS = {
     "server": "cd server   && poetry install && poetry run python server_app.py",
 }
 SEED_CURL = "curl -X POST http://127.0.0.1:5000/start"
+JSON_START = "curl -s -X POST http://127.0.0.1:5000/start -H 'Content-Type: application/json' -d "
 DRIFT_CURLS = {  # local epochs → the README's line
-    10: """curl -s -X POST http://127.0.0.1:5000/start -d '{"rounds": 1000}' | head -n 5""",
-    1: """curl -s -X POST http://127.0.0.1:5000/start -d '{"rounds": 10000, "local_epochs": 1}' | head -n 5""",
-    100: """curl -s -X POST http://127.0.0.1:5000/start -d '{"rounds": 300, "local_epochs": 100}' | head -n 5""",
+    10: JSON_START + """'{"rounds": 1000}' | head -n 5""",
+    1: JSON_START + """'{"rounds": 10000, "local_epochs": 1}' | head -n 5""",
+    100: JSON_START + """'{"rounds": 300, "local_epochs": 100}' | head -n 5""",
 }
 PLOT = "server/.venv/bin/python scripts/plot_run.py http://127.0.0.1:5000/runs/1"
 SIM = 'make sim K=50 ROUNDS=10 SIM_ARGS="--scenario label-shift"'

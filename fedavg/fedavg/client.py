@@ -22,7 +22,16 @@ from flask import Blueprint, Flask, g, render_template
 from .data import DataError, load_csv
 from .model import mse, split
 from .openapi import client_document
-from .service import cli, configure_logging, install_json_errors, json_body, require_token, serve, shared_token
+from .service import (
+    cli,
+    configure_logging,
+    install_json_errors,
+    install_request_guards,
+    json_body,
+    require_token,
+    serve,
+    shared_token,
+)
 from .strategies import STRATEGIES, RunMemory
 from .trace import fmt, fmt_theta
 from .wire import parse_evaluate_request, parse_train_request, train_reply_json
@@ -228,6 +237,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     client = LocalClient(app.config["CLIENT_ID"], X, y)
     app.config.update(DATA_SIZE=len(y), NUM_FEATURES=client.num_features)
     install_json_errors(app)
+    install_request_guards(app)
     app.register_blueprint(client_blueprint(lambda values: client, app.config["TOKEN"]))
     return app
 
@@ -245,5 +255,6 @@ def main(client_id: str, port: int, data_path: Path) -> None:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    serve(app, args.host, args.port, announce=f"{args.client_id}: {app.config['DATA_SIZE']} private samples "
-                                              f"from {args.data}; serving on http://{args.host}:{args.port}")
+    serve(app, args.host, args.port, allowed_hosts=args.allowed_host,
+          announce=f"{args.client_id}: {app.config['DATA_SIZE']} private samples from {args.data}; "
+                   f"serving on http://{args.host}:{args.port}")

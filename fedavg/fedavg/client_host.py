@@ -11,7 +11,7 @@ from werkzeug.exceptions import NotFound
 
 from .client import LocalClient, client_blueprint
 from .openapi import host_document
-from .service import install_json_errors
+from .service import install_json_errors, install_request_guards
 
 
 def create_host_app(clients: Sequence[LocalClient], token: str | None = None,
@@ -20,6 +20,7 @@ def create_host_app(clients: Sequence[LocalClient], token: str | None = None,
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = 4 * 1024 * 1024
     install_json_errors(app)
+    install_request_guards(app)
 
     def pick(values: dict[str, Any]) -> LocalClient:
         k = values.pop("k")

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import hmac
+import ipaddress
 import logging
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from flask import Flask, request
-from werkzeug.exceptions import HTTPException, Unauthorized
+from werkzeug.exceptions import Forbidden, HTTPException, Unauthorized, UnsupportedMediaType
 
 from .wire import ProtocolError, loads
 
@@ -25,6 +27,11 @@ def json_body(if_empty: Any = None) -> Any:
     data = request.get_data(cache=True)
     if not data.strip():
         return if_empty
+    if request.mimetype != "application/json":
+        # A web page can send text/plain or a form to any address without the
+        # browser asking first; only JSON needs the server's consent (CORS).
+        raise UnsupportedMediaType(f"the body must be JSON, sent as Content-Type: application/json "
+                                   f"(got {request.mimetype or 'none'})")
     return loads(data)
 
 
@@ -44,6 +51,46 @@ def require_token(token: str | None) -> None:
     scheme, _, value = given.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
         raise Unauthorized("missing or wrong bearer token (set FEDAVG_TOKEN to the shared token)")
+
+
+def install_request_guards(app: Flask) -> None:
+    """Refuse what a hostile web page could make a user's browser send:
+
+    - a Host that is neither an IP address, localhost, nor a name given with
+      --allowed-host (DNS rebinding points an attacker's name at 127.0.0.1;
+      the browser then sends that name as Host);
+    - an Origin other than this app's own (a page elsewhere posting here; the
+      browser sends Origin with every cross-site POST, curl never does).
+    Together with JSON-only bodies (``json_body``) this stops cross-site
+    requests: the page's own fetch passes, curl and the server's calls pass."""
+
+    @app.before_request
+    def guard() -> None:
+        name = _host_name(request.host)
+        if not _known_host(name, app.config.get("ALLOWED_HOSTS", ())):
+            raise Forbidden(f"unknown Host {name[:100]!r}: this app answers to its IP addresses, localhost "
+                            "and the names given with --allowed-host")
+        origin = request.headers.get("Origin")
+        if origin is not None and origin != f"{request.scheme}://{request.host}":
+            raise Forbidden(f"cross-site request from {origin[:100]!r} refused: only this app's own page "
+                            f"({request.scheme}://{request.host}) may send requests from a browser")
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header: 'a:5000' → 'a', '[::1]:5000' → '::1'."""
+    if host.startswith("["):
+        return host[1:host.find("]")]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _known_host(name: str, allowed: Sequence[str]) -> bool:
+    if name.lower() in ("localhost", *(h.lower() for h in allowed)):
+        return True
+    try:
+        ipaddress.ip_address(name)  # an address is not a name an attacker's DNS can re-point
+        return True
+    except ValueError:
+        return False
 
 
 def install_json_errors(app: Flask) -> None:
@@ -82,13 +129,17 @@ def cli(description: str, default_port: int) -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=default_port, help=f"port (default {default_port})")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="a host name this app answers to besides its IP addresses and localhost "
+                             "(repeatable); any other Host header is refused (DNS rebinding)")
     return parser
 
 
 WSGI_SERVERS = ("waitress", "werkzeug")
 
 
-def serve(app: Flask, host: str, port: int, threads: int = 8, announce: str | None = None) -> None:
+def serve(app: Flask, host: str, port: int, threads: int = 8, announce: str | None = None,
+          allowed_hosts: Sequence[str] = ()) -> None:
     """Listen, then print ``announce`` (the app's "serving on …" line), then
     serve until interrupted, with the WSGI server FEDAVG_WSGI names. A port
     that is taken stops the app with one error line and no announcement.
@@ -99,6 +150,7 @@ def serve(app: Flask, host: str, port: int, threads: int = 8, announce: str | No
     the figures that decided it. ``threads`` bounds concurrent requests; a
     waited /start holds one for its whole run.
     """
+    app.config["ALLOWED_HOSTS"] = [*app.config.get("ALLOWED_HOSTS", ()), *allowed_hosts]
     # SIGTERM (kill, a process manager) stops the app as Ctrl-C does, so
     # that it can end cleanly.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

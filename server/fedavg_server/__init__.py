@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Flask
 
-from fedavg.service import install_json_errors
+from fedavg.service import install_json_errors, install_request_guards
 
 from .api import bp
 from .clients import ClientPool
@@ -63,6 +63,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         pool.headers["Authorization"] = f"Bearer {app.config['TOKEN']}"
     app.extensions["fedavg"] = Federation(pool, RunStore(app.config["DB"]))
     install_json_errors(app)
+    install_request_guards(app)
     app.register_blueprint(bp)
     app.register_blueprint(web_bp)
     return app
