@@ -55,6 +55,10 @@ if __name__ == "__main__":
                         help=f"how long to wait for that host to answer (default {HOST_WAIT_S})")
     parser.add_argument("--max-parallel", type=int, default=None,
                         help="at most this many client calls at once (default: sized for this machine)")
+    parser.add_argument("--public-read", action="store_true",
+                        help="with FEDAVG_TOKEN set, still show every client's own numbers (local models, "
+                             "losses) to anyone who can reach the server: the teaching view, for a demo on one "
+                             "machine; without it they need the token")
     parser.add_argument("--db",
                         help="SQLite file of the run history (default: env FEDAVG_DB, else instance/fedavg.db)")
     args = parser.parse_args()
@@ -71,6 +75,8 @@ if __name__ == "__main__":
             config["DB"] = args.db
         if args.max_parallel:
             config["MAX_PARALLEL"] = args.max_parallel
+        if args.public_read:
+            config["PUBLIC_READ"] = True
         app = create_app(config)
     except (ValueError, StoreError) as e:  # bad URLs, a history that cannot be opened: one line
         print(f"error: {e}", file=sys.stderr)

@@ -61,3 +61,64 @@ def test_read_only_endpoints_stay_open(secured):
         assert status == 200, path
     for name in ("client_1", "client_2"):
         assert call(secured[name].url + "/health")[0] == 200
+
+
+PRIVATE = ("local_model", "metrics", "gradient", "control_delta", "stats")
+
+
+def client_losses(run: dict) -> list[tuple[float, float]] | None:
+    """What the attack needs: each client's losses at known models. A client's
+    MSE is a quadratic in (w, b) whose coefficients are its Σx², Σx, Σxy, Σy
+    and Σy²; losses at five known models give them, and with two points they
+    give the points."""
+    rounds = run["rounds"]
+    seen = [p for r in rounds for p in r["participants"] if p.get("metrics")]
+    return [(p["metrics"]["loss_before"], p["metrics"]["loss_after"]) for p in seen] or None
+
+
+def test_each_clients_numbers_need_the_token_the_aggregates_do_not(secured):
+    server = secured["server"].url
+    status, run = call(server + "/start", "POST", {"rounds": 3, "seed": 4}, token=TOKEN)
+    assert status == 200
+    status, open_view = call(f"{server}/runs/{run['run_id']}")
+    assert status == 200 and open_view["private"] is True
+    for full, seen in zip(run["rounds"], open_view["rounds"]):
+        assert seen["global_model"] == full["global_model"] and seen["N"] == full["N"]
+        assert seen["federated_loss"] == full["federated_loss"]
+        assert [p["client_id"] for p in seen["participants"]] == [p["client_id"] for p in full["participants"]]
+        assert not any(k in p for p in seen["participants"] for k in PRIVATE)
+        assert all(set(t) == {"client_id", "n_k", "weight"} for t in seen["terms"])
+        # no trace line holds a client's number
+        for p in full["participants"]:
+            assert f"{p['local_model']['w']:.6f}" not in " ".join(seen["math"])
+    assert client_losses(open_view) is None and client_losses(run) is not None
+    status, operator_view = call(f"{server}/runs/{run['run_id']}", token=TOKEN)
+    assert status == 200 and "private" not in operator_view
+    assert operator_view["rounds"][0]["participants"][0]["local_model"] == run["rounds"][0]["participants"][0][
+        "local_model"]
+    # the model chart draws no client's line without the token
+    with urllib.request.urlopen(f"{server}/runs/{run['run_id']}/plots/models.svg", timeout=60) as resp:
+        svg = resp.read().decode()
+    assert "client_1" not in svg and "global out" in svg
+
+
+def test_public_read_keeps_the_teaching_view_and_clients_warn_without_a_token(tmp_path):
+    ports = {name: launcher.free_port() for name in launcher.DEFAULT_PORTS}
+    apps = launcher.start_federation(ports, server_args=["--db", str(tmp_path / "runs.db"), "--public-read"],
+                                     env={"FEDAVG_TOKEN": TOKEN})
+    try:
+        status, run = call(apps["server"].url + "/start", "POST", {"rounds": 1}, token=TOKEN)
+        status, seen = call(f"{apps['server'].url}/runs/{run['run_id']}")
+        assert status == 200 and "private" not in seen
+        assert seen["rounds"][0]["participants"][0]["local_model"] == run["rounds"][0]["participants"][0][
+            "local_model"]
+        assert "no FEDAVG_TOKEN" not in apps["client_1"].output()
+    finally:
+        launcher.stop(list(apps.values()))
+    open_client = launcher.start_app("client_1", launcher.free_port(), env={"FEDAVG_TOKEN": ""})
+    try:
+        launcher.wait_healthy([open_client])
+        assert "no FEDAVG_TOKEN: anyone who can reach this port can call /train and /evaluate" in \
+            open_client.output()
+    finally:
+        launcher.stop([open_client])

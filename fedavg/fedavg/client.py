@@ -255,6 +255,10 @@ def main(client_id: str, port: int, data_path: Path) -> None:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    risk = "" if app.config["TOKEN"] else (
+        f"\n{args.client_id}: no FEDAVG_TOKEN: anyone who can reach this port can call /train and /evaluate, "
+        "and the losses of a few chosen models give small data back exactly; set the same FEDAVG_TOKEN "
+        "here and on the server to answer only it")
     serve(app, args.host, args.port, allowed_hosts=args.allowed_host,
           announce=f"{args.client_id}: {app.config['DATA_SIZE']} private samples from {args.data}; "
-                   f"serving on http://{args.host}:{args.port}")
+                   f"serving on http://{args.host}:{args.port}{risk}")

@@ -41,15 +41,17 @@ def shared_token() -> str | None:
     return os.environ.get("FEDAVG_TOKEN") or None
 
 
+def has_token(token: str) -> bool:
+    """Does the request carry ``Authorization: Bearer <token>``? Compared in
+    constant time, so the answer's timing leaks nothing."""
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+
+
 def require_token(token: str | None) -> None:
-    """401 unless the request carries ``Authorization: Bearer <token>``
-    (compared in constant time, so the answer's timing leaks nothing).
-    Nothing is required when no token is configured."""
-    if token is None:
-        return
-    given = request.headers.get("Authorization", "")
-    scheme, _, value = given.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+    """401 unless the request carries the token; nothing is required when no
+    token is configured."""
+    if token is not None and not has_token(token):
         raise Unauthorized("missing or wrong bearer token (set FEDAVG_TOKEN to the shared token)")
 
 

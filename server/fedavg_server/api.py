@@ -9,6 +9,7 @@ from flask import Blueprint, Response, current_app, request
 from fedavg.service import json_body, require_token
 from fedavg.wire import ProtocolError, expect_bool, expect_object
 
+from .access import reader_view
 from .federation import Busy, CannotResume, Federation, NoSuchRun
 from .openapi import server_document
 from .runs import StoreError, csv_lines
@@ -218,7 +219,7 @@ def run(run_id: int):
     found["rounds"] = found["rounds"][:limit]
     # Over the whole run, whatever ?since says: a client dropped from every
     # round is worth a warning on the page even though the run "completed".
-    return fed.truth(found) | {"more": more, "warnings": fed.warnings(run_id)}
+    return reader_view(fed.truth(found)) | {"more": more, "warnings": fed.warnings(run_id)}
 
 
 def _round_number(name: str, default: str) -> int:

@@ -16,6 +16,7 @@ from flask import Blueprint, Response, current_app, render_template, request
 from fedavg.strategies import STRATEGIES, Param, Strategy
 from fedavg.wire import ProtocolError
 
+from .access import reader_view
 from .api import federation, no_query_args
 from .clients import Reply
 from .federation import NoSuchRun
@@ -150,6 +151,7 @@ def plot(run_id: int, name: str):
     run = federation().store.get(run_id)
     if run is None:
         raise NoSuchRun(run_id)
+    run = reader_view(run)  # the charts draw each client's model only for who may read it
     # Imported here, not at the top: matplotlib takes ~0.6 s to import, which
     # every server start would pay even when no one opens the page.
     from .plots import NoSuchRound, render

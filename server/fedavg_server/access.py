@@ -1,0 +1,45 @@
+"""Who may read what: each client's own numbers belong to the server's operator.
+
+A client's local model, its losses and what its strategy sends (a gradient,
+Δc_k, Σ x̃x̃ᵀ) are functions of its private data: two points and the losses
+at two known models give the points back. With a token set (FEDAVG_TOKEN),
+those are shown only to requests that carry it; everyone else reads the
+aggregates (the global models, N, the federated loss, who took part and who
+was dropped). PUBLIC_READ (--public-read) shows everything to everyone: the
+teaching view, for a demo on one machine. Without a token nothing is
+private anyway: anyone who can reach the server can also start runs.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from flask import current_app
+
+from fedavg.service import has_token
+
+# A participant's fields that come from its private data.
+PRIVATE = ("local_model", "gradient", "control_delta", "stats", "metrics")
+HIDDEN = ("each client's own numbers are shown only with the token (the server's operator), "
+          "or on a server started with --public-read")
+
+
+def reads_clients() -> bool:
+    """May this request see each client's own numbers?"""
+    token = current_app.config["TOKEN"]
+    return token is None or current_app.config.get("PUBLIC_READ", False) or has_token(token)
+
+
+def reader_view(run: dict[str, Any]) -> dict[str, Any]:
+    """The run as this request may read it: whole, or with each client's own
+    numbers taken out of every round (and "private": true saying so)."""
+    if reads_clients():
+        return run
+    return run | {"private": True, "rounds": [_aggregates(r) for r in run["rounds"]]}
+
+
+def _aggregates(record: dict[str, Any]) -> dict[str, Any]:
+    return record | {
+        "participants": [{k: v for k, v in p.items() if k not in PRIVATE} for p in record["participants"]],
+        "terms": [{k: t[k] for k in ("client_id", "n_k", "weight")} for t in record["terms"]],
+        "math": [HIDDEN],  # the trace writes every client's numbers out
+    }
