@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from fedavg.client_host import create_host_app
-from fedavg.scenarios import NOISE, SCENARIOS, make_clients
+from fedavg.scenarios import ATTACKERS, ATTACKS, NOISE, SCENARIOS, make_clients
 from fedavg.service import cli, configure_logging, serve, shared_token
 
 # What generated each scenario's data, in one line (fedavg/scenarios.py has
@@ -22,6 +22,8 @@ ABOUT = {
     "quantity-skew": f"x ~ U(0, 5), y = 2x + 1 + N(0, {NOISE}²) noise, log-normal client sizes n_k",
     "csv": "your CSV, shuffled and split into K parts",
     "diabetes": "scikit-learn's diabetes data (442 patients, 10 features, z-scored), split into K clients by age",
+    "byzantine": f"x ~ U(0, 5), y = 2x + 1 + N(0, {NOISE}²) noise, the same for every client (as iid); the first "
+                 "F clients (attacker_1 …) train honestly and then lie in their replies",
 }
 
 if __name__ == "__main__":
@@ -33,17 +35,28 @@ if __name__ == "__main__":
     parser.add_argument("--csv", type=Path,
                         help="for --scenario csv: the CSV to split among the clients (a relative path is "
                              "relative to the directory this runs in: client_host/ under poetry run)")
+    parser.add_argument("--attackers", type=int, metavar="F",
+                        help=f"for --scenario byzantine: how many clients attack, the first F (default {ATTACKERS})")
+    parser.add_argument("--attack", choices=ATTACKS,
+                        help="for --scenario byzantine: what they send (default huge): "
+                             + "; ".join(f"{name}: {what}" for name, what in ATTACKS.items()))
     args = parser.parse_args()
+    if args.scenario != "byzantine" and (args.attackers is not None or args.attack is not None):
+        parser.error(f"--attackers and --attack are for --scenario byzantine, not {args.scenario}")
+    attackers = ATTACKERS if args.attackers is None else args.attackers
+    attack = args.attack or "huge"
     configure_logging()
     # One line per /train of a thousand clients would bury everything else.
     logging.getLogger("fedavg.client").setLevel(logging.WARNING)
     csv = args.csv.resolve() if args.csv else None  # errors then name the file in full
     try:
-        clients = make_clients(args.scenario, args.clients, args.seed, args.samples, csv)
+        clients = make_clients(args.scenario, args.clients, args.seed, args.samples, csv, attackers, attack)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     about = ABOUT[args.scenario] + (f" ({csv})" if args.scenario == "csv" else "")
+    if args.scenario == "byzantine":
+        about += f": {attackers} attacker(s), attack {attack}: each {ATTACKS[attack]}"
     app = create_host_app(clients, shared_token(),
                           f"{args.scenario}: {about}; K={len(clients)}, seed={args.seed}")
     base = f"http://{args.host}:{args.port}"

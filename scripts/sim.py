@@ -19,7 +19,7 @@ from launcher import free_port, get_json, post_json, start_app, stop, wait_healt
 
 # The client host's scenarios (fedavg.scenarios.SCENARIOS; a test keeps the
 # two equal: this script cannot import fedavg).
-SCENARIOS = ("seed", "iid", "feature-shift", "label-shift", "quantity-skew", "csv", "diabetes")
+SCENARIOS = ("seed", "iid", "feature-shift", "label-shift", "quantity-skew", "csv", "diabetes", "byzantine")
 DEFAULT_K = 50
 SCENARIO_K = {"seed": 2, "diabetes": 4}  # the seed has two clients; diabetes converges at lr 0.1 for K <= 10
 DEFAULT_LR = 0.01

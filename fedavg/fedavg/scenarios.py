@@ -9,24 +9,46 @@ private (X, y). A scenario is reproducible from its name and seed.
 - ``csv``: a user's CSV (x,y or x1..xd,y) shuffled and split into K parts.
 - ``diabetes``: real data, scikit-learn's bundled diabetes set (442 patients,
   10 features), split into K clients by age (non-IID); see ``diabetes_clients``.
+- ``byzantine``: ``iid``'s clients, of which the first f are ``Attacker``s:
+  honest data, lying replies (one of ``ATTACKS``); see ``Attacker``.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .client import LocalClient
 from .data import load_csv
+from .model import split
+from .wire import model_json, parse_train_request, weights_of
 
-SCENARIOS = ("seed", "iid", "feature-shift", "label-shift", "quantity-skew", "csv", "diabetes")
+SCENARIOS = ("seed", "iid", "feature-shift", "label-shift", "quantity-skew", "csv", "diabetes", "byzantine")
 NOISE = 0.1
+
+# byzantine: what an attacker sends instead of its honest reply
+SCALE = 100.0  # scale: W_t + 100·(W_k − W_t)
+FLIP = 10.0  # sign_flip: W_t − 10·(W_k − W_t)
+HUGE = 1e12  # huge: every weight and b = 10^12
+LYING_N = 10**9  # lying_n: n_k = 10^9, 50 million times the 20 rows it holds
+ATTACKS = {
+    "scale": f"sends W_t + {SCALE:g}·(W_k − W_t), its update scaled up",
+    "sign_flip": f"sends W_t − {FLIP:g}·(W_k − W_t), its update reversed and scaled up",
+    "huge": f"sends the model w = b = {HUGE:.0e}",
+    "lying_n": f"sends its honest W_k but says n_k = {LYING_N:.0e} (in /train, /evaluate and /health)",
+}
+ATTACKERS = 2  # f, the default number of attackers
 
 
 def make_clients(name: str, k: int, seed: int = 0, samples: int = 20,
-                 csv_path: str | Path | None = None) -> list[LocalClient]:
+                 csv_path: str | Path | None = None, attackers: int = ATTACKERS,
+                 attack: str = "huge") -> list[LocalClient]:
     """K clients of scenario ``name``; ``samples`` is each client's n_k
-    (the mean n_k for quantity-skew)."""
+    (the mean n_k for quantity-skew). ``attackers`` (f) and ``attack``
+    are byzantine's: the first f clients lie."""
     if name not in SCENARIOS:
         raise ValueError(f"unknown scenario {name!r} (known: {', '.join(SCENARIOS)})")
     if name == "seed":
@@ -64,7 +86,74 @@ def make_clients(name: str, k: int, seed: int = 0, samples: int = 20,
         x = rng.uniform(lo, hi, size=n)
         y = slope * x + 1.0 + rng.normal(0.0, NOISE, size=n)
         clients.append(LocalClient(f"sim_{i + 1}", x[:, None], y))
+    if name == "byzantine":
+        if attack not in ATTACKS:
+            raise ValueError(f"unknown attack {attack!r} (known: {', '.join(ATTACKS)})")
+        if not 0 <= attackers <= k:
+            raise ValueError(f"scenario byzantine: attackers must be 0..K={k}, got {attackers}")
+        # the same data as iid (same seed, same client index), only the replies lie
+        clients[:attackers] = [Attacker(f"attacker_{i + 1}", c.X, c.y, attack=attack)
+                               for i, c in enumerate(clients[:attackers])]
     return clients
+
+
+def honest(clients: list[LocalClient]) -> list[LocalClient]:
+    """The clients that do not lie (all but byzantine's attackers)."""
+    return [c for c in clients if not isinstance(c, Attacker)]
+
+
+def poison(attack: str, theta_t: np.ndarray, theta_k: np.ndarray) -> np.ndarray:
+    """What an attacker sends instead of its honest model W_k, from the global
+    model W_t it was given (FedSGD's gradient g is an update from 0)."""
+    if attack == "scale":
+        return theta_t + SCALE * (theta_k - theta_t)
+    if attack == "sign_flip":
+        return theta_t - FLIP * (theta_k - theta_t)
+    if attack == "huge":
+        return np.full_like(theta_k, HUGE)
+    return theta_k  # lying_n: the model is honest, the count is not
+
+
+@dataclass(frozen=True)
+class Attacker(LocalClient):
+    """A Byzantine client: honest data, honest training, then a lie in its
+    /train reply (``ATTACKS``). It poisons the local model (FedSGD: the
+    gradient); SCAFFOLD's Δc_k, FedNova's steps and Exact's statistics are
+    sent as computed. Its /evaluate losses are honest; a lying_n attacker
+    claims n_k = 10^9 everywhere, so the server's /health check agrees."""
+
+    attack: str = "huge"
+
+    def health(self) -> dict[str, Any]:
+        facts = super().health()
+        if self.attack == "lying_n":
+            facts["data_size"] = LYING_N
+        return facts
+
+    def train(self, body: Any) -> tuple[dict[str, Any], int]:
+        reply, status = super().train(body)  # the honest reply: the request is valid
+        if status != 200:
+            return reply, status
+        if self.attack == "lying_n":
+            return {**reply, "data_size": LYING_N}, status
+        theta_t = parse_train_request(body, self.num_features).theta
+        with np.errstate(over="ignore", invalid="ignore"):
+            if "local_model" in reply:
+                theta_k = np.append(weights_of(reply["local_model"]), reply["local_model"]["b"])
+                reply["local_model"] = model_json(*split(poison(self.attack, theta_t, theta_k)))
+            if "gradient" in reply:
+                g = np.append(weights_of(reply["gradient"]), reply["gradient"]["b"])
+                reply["gradient"] = model_json(*split(poison(self.attack, np.zeros_like(g), g)))
+        sent = [reply[key] for key in ("local_model", "gradient") if key in reply]
+        if not all(math.isfinite(v) for m in sent for v in [*np.atleast_1d(m["w"]), m["b"]]):
+            return {"error": "the poisoned model is not finite", "diverged": True}, 422
+        return reply, status
+
+    def evaluate(self, body: Any) -> tuple[dict[str, Any], int]:
+        reply, status = super().evaluate(body)
+        if status == 200 and self.attack == "lying_n":
+            reply["data_size"] = LYING_N
+        return reply, status
 
 
 DIABETES_ROWS = 442
