@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import threading
 import time
 
@@ -204,3 +205,53 @@ def test_a_client_name_that_is_a_formula_is_written_as_text_in_the_csv(name):
                        "participants": [{"client_id": name, "url": "http://h"}], "dropped": []}]}
     row = next(csv.reader(io.StringIO(run_to_csv(run).splitlines()[1])))
     assert row[5] == "'" + f"{name} (http://h)"
+
+
+def outlier_client(w: float, n: int = 2) -> Flask:
+    """A client that answers /health honestly-looking and always sends the model w, b = 0."""
+    app = Flask("outlier")
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "client_id": "outlier", "data_size": n, "num_features": 1}
+
+    @app.post("/train")
+    def train():
+        return {"local_model": {"w": w, "b": 0.0}, "data_size": n, "client_id": "outlier"}
+
+    return app
+
+
+def test_a_poisoned_update_is_blamed_on_its_sender_not_on_the_honest_client_or_the_lr(good_client, tmp_path, serve):
+    """w = 1e300 from one client: the average is 5e299, the honest client's
+    next local training overflows. The run names the sender, not client_1's lr."""
+    bad = serve(outlier_client(1e300))
+    app = create_server_app({"CLIENTS": [good_client.url, bad.url], "DB": str(tmp_path / "runs.db")})
+    run = app.test_client().post("/start", json={"rounds": 5, "seed": 1}).get_json()
+    assert run["status"] == "diverged"
+    assert "outlier (update norm 1e+300" in run["error"] and "not the lr" in run["error"], run["error"]
+    assert run["rounds"][0]["suspicious"][0]["client_id"] == "outlier"
+
+
+def test_a_scaled_update_is_flagged_even_when_fedavg_goes_on(good_client, tmp_path, serve):
+    bad = serve(outlier_client(500.0))
+    app = create_server_app({"CLIENTS": [good_client.url, bad.url], "DB": str(tmp_path / "runs.db")})
+    run = app.test_client().post("/start", json={"rounds": 2, "seed": 1}).get_json()
+    first = run["rounds"][0]  # from W_0 = 0, each update is the local model itself
+    honest = next(p for p in first["participants"] if p["client_id"] == "client_1")["local_model"]
+    flagged = first["suspicious"]
+    assert [x["client_id"] for x in flagged] == ["outlier"]
+    assert flagged[0]["update_norm"] == pytest.approx(500.0, rel=1e-12)
+    assert flagged[0]["ratio"] == pytest.approx(500.0 / math.hypot(honest["w"], honest["b"]), rel=1e-9)
+    assert run["status"] == "completed"  # a flag, not a verdict
+
+
+@pytest.mark.parametrize("settings, cause", [
+    ({"strategy": "fedprox", "mu": 1e308}, "mu=1e+308 is too large"),
+    ({"init": {"w": 1e308, "b": 0}}, "the starting model has a weight of 1e+308"),
+    ({"lr": 0.5, "rounds": 50}, "lr=0.5 is too large"),
+])
+def test_divergence_names_its_cause(good_client, tmp_path, settings, cause):
+    app = create_server_app({"CLIENTS": [good_client.url], "DB": str(tmp_path / "runs.db")})
+    run = app.test_client().post("/start", json={"rounds": 3, "seed": 1, **settings}).get_json()
+    assert run["status"] == "diverged" and cause in run["error"], run["error"]

@@ -100,3 +100,18 @@ def clip_updates(deltas: Sequence[np.ndarray], bound: float) -> list[np.ndarray]
         norm = float(np.linalg.norm(d))
         out.append(d * (bound / norm) if norm > bound else d)
     return out
+
+
+def outliers(norms: Sequence[float], factor: float = 10.0) -> list[tuple[int, float]]:
+    """(k, ratio) for each client whose update norm ‖Δ_k‖ is more than
+    ``factor`` times the median of the other clients' norms (leave-one-out,
+    so that with two clients each is compared with the other). A flag worth
+    a look, not a verdict: an honest client far from the rest is flagged too."""
+    out = []
+    for k, norm in enumerate(norms):
+        others = [n for j, n in enumerate(norms) if j != k]
+        if others:
+            typical = float(np.median(others))
+            if typical > 0 and norm > factor * typical:
+                out.append((k, norm / typical))
+    return out

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from fedavg.aggregation import weighted_loss_avg
+from fedavg.aggregation import outliers, weighted_loss_avg
 from fedavg.model import Theta, as_theta, split
-from fedavg.strategies import Result, State, Step, Strategy
+from fedavg.strategies import CannotCombine, Result, State, Step, Strategy
 from fedavg.trace import fmt_theta
 from fedavg.wire import (
     CannotDo,
@@ -246,6 +246,8 @@ class Run:
         self.num_features: int | None = None
         self.stop_requested = threading.Event()  # POST /runs/<id>/stop, or the server stopping
         self.thread: threading.Thread | None = None
+        self.suspects: list[dict[str, Any]] = []  # the last round's outliers: a lead when the next one blows up
+        self.jump = 1.0  # ‖θ_{t+1}‖ / ‖θ_t‖ of the last round: a sudden leap is no learning rate's doing
 
     def execute(self) -> tuple[str, str | None]:
         """Run the rounds; return how the run ended: (status, error or None)."""
@@ -336,11 +338,31 @@ class Run:
         results, dropped = self._sort_replies(r, replies)
         self._record_loss(r - 1, results)  # the loss each client measured on θ_t is round r−1's federated loss
         self._enough_replies(r, theta, results, dropped)
-        step = self.strategy.aggregate(theta, results, self.state)
-        self._finite(r, step)
-        self._store(RoundRecord(r, self.s.strategy, theta, results, dropped, step, time.perf_counter() - started))
-        self.state = step.state
+        suspects = self._outliers(theta, results)
+        step = self._aggregate(r, theta, results)
+        self._finite(r, step, suspects)
+        self._store(RoundRecord(r, self.s.strategy, theta, results, dropped, step, time.perf_counter() - started,
+                                suspects))
+        self.state, self.suspects = step.state, suspects
+        with np.errstate(over="ignore", invalid="ignore"):
+            self.jump = _norm(step.theta) / max(_norm(theta), 1.0)
         return step.theta
+
+    def _aggregate(self, r: int, theta: Theta, results: list[Result]) -> Step:
+        try:
+            return self.strategy.aggregate(theta, results, self.state)
+        except CannotCombine as e:
+            raise RunStopped("failed", f"round {r}: {e}") from None
+
+    def _outliers(self, theta: Theta, results: list[Result]) -> list[dict[str, Any]]:
+        """The clients whose update (W_k − W_t, or the gradient they sent) is
+        far larger than the others': flagged under any aggregator, FedAvg too."""
+        updates = [r.theta - theta if r.theta is not None else r.extra.get("gradient") for r in results]
+        if any(u is None for u in updates) or len(updates) < 2:
+            return []  # exact sends statistics, not an update
+        norms = [_norm(u) for u in updates]
+        return [{"client_id": results[k].client_id, "url": results[k].url, "update_norm": norms[k], "ratio": ratio}
+                for k, ratio in outliers(norms) if np.isfinite(norms[k]) and np.isfinite(ratio)]
 
     def _sample(self, r: int) -> list[str]:
         """This round's clients: all of them, or a seeded random share
@@ -398,11 +420,12 @@ class Run:
     def _enough_replies(self, r: int, theta: Theta, results: list[Result], dropped: list[dict[str, Any]]) -> None:
         diverged = [d["client_id"] for d in dropped if d["diverged"]]
         if diverged:
-            # A client whose local training blew up says the lr is too large
-            # for its data; averaging on without it would only hide that.
+            # A client whose local training blew up: averaging on without it
+            # would only hide why. Which was it: the lr, mu, or a model that
+            # was already absurd when it arrived?
             self._log_partial(r, theta, results, dropped)
-            raise RunStopped("diverged", f"round {r}: local training diverged on {', '.join(diverged)} "
-                                         f"(lr={self.s.lr:g} is too large for its data); try a smaller lr")
+            raise RunStopped("diverged", f"round {r}: local training diverged on {', '.join(diverged)}: "
+                                         f"{self._why_diverged(r, theta)}")
         if len(results) < self.s.min_clients:
             self._log_partial(r, theta, results, dropped)
             missing = ", ".join(d["url"] + (f" = {d['client_id']}" if d["client_id"] != d["url"] else "")
@@ -410,10 +433,29 @@ class Run:
             raise RunStopped("failed", f"round {r}: {len(results)} client(s) replied, min_clients is "
                                        f"{self.s.min_clients}; missing: {missing}")
 
-    def _finite(self, r: int, step: Step) -> None:
-        if not np.all(np.isfinite(step.theta)):
-            raise RunStopped("diverged", f"round {r}: the global model is no longer finite "
-                                         f"(lr={self.s.lr:g} is too large); try a smaller lr")
+    def _finite(self, r: int, step: Step, suspects: list[dict[str, Any]]) -> None:
+        if np.all(np.isfinite(step.theta)):
+            return
+        suspects = [x for x in suspects if x["ratio"] > SUDDEN]  # far beyond what a large lr does
+        if suspects:
+            raise RunStopped("diverged", f"round {r}: the aggregate is no longer finite: {_named(suspects)}; an "
+                                         "outlier, not the lr: a robust aggregator (median, trimmed_mean, krum) or "
+                                         "clip_norm would hold")
+        raise RunStopped("diverged", f"round {r}: the global model is no longer finite "
+                                     f"(lr={self.s.lr:g} is too large); try a smaller lr")
+
+    def _why_diverged(self, r: int, theta: Theta) -> str:
+        """The likeliest cause of a client's local training blowing up."""
+        size = float(np.max(np.abs(theta)))
+        if size > ABSURD and r == self.first_round:
+            return f"the starting model has a weight of {size:.3g}, too large for any lr"
+        if size > ABSURD and self.jump > SUDDEN and self.suspects:
+            return (f"it started from a global model with a weight of {size:.3g}, {self.jump:.3g}× the one before, "
+                    f"which round {r - 1}'s aggregate took from {_named(self.suspects)}: an outlier, not the lr; "
+                    "a robust aggregator (median, trimmed_mean, krum) or clip_norm would hold")
+        if self.s.mu and self.s.mu * self.s.lr >= 2:
+            return f"mu={self.s.mu:g} is too large for lr={self.s.lr:g} (lr·mu ≥ 2 overshoots); try a smaller mu"
+        return f"lr={self.s.lr:g} is too large for its data; try a smaller lr"
 
     def _store(self, record: RoundRecord) -> None:
         for d in record.dropped:
@@ -512,6 +554,24 @@ class DropTally:
                 line += "; it never took part: the model and the federated MSE are the other clients' alone"
             lines.append(line)
         return lines
+
+
+# A weight this large is no model anyone trained: the sign of an attack or a
+# typo, not of a learning rate (the largest double is ~1.8e308).
+ABSURD = 1e100
+# A model that grows this much in one round was pushed, not trained: an lr
+# too large grows it by a steady factor a round, far less than this.
+SUDDEN = 1e6
+
+
+def _norm(v: np.ndarray) -> float:
+    """‖v‖ without overflow: sqrt(Σv²) would overflow for entries near 1e300."""
+    return float(np.hypot.reduce(v)) if len(v) else 0.0
+
+
+def _named(suspects: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{x['client_id']} (update norm {x['update_norm']:.3g}, {x['ratio']:.3g}× the others')"
+                     for x in suspects[:6])
 
 
 def _run_key(run: dict[str, Any]) -> str:

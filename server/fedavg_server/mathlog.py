@@ -39,6 +39,9 @@ def round_lines(record: dict[str, Any], rounds_planned: int) -> list[str]:
         lines.append(f"{p['client_id']:<{width}}  n_k={p['data_size']}  {'  '.join(sent)}{loss}")
     if len(participants) > TRACE_TERMS:
         lines.append(f"… and {len(participants) - TRACE_TERMS} more clients (all in GET /runs/<id>)")
+    for x in record.get("suspicious", [])[:TRACE_TERMS]:
+        lines.append(f"{x['client_id']}  SUSPICIOUS: its update's norm {fmt(x['update_norm'])} is "
+                     f"{x['ratio']:.3g}× the others' median")
     for d in record["dropped"][:TRACE_TERMS]:
         lines.append(f"{d['client_id']}  DROPPED from this round: {d['reason']}")
     if len(record["dropped"]) > TRACE_TERMS:

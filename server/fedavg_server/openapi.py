@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from fedavg.openapi import AUTH_ERROR, ERRORS, SCHEMAS, document, json_content, ref, reply
-from fedavg.strategies import STRATEGIES, Param
+from fedavg.strategies import AGGREGATORS, STRATEGIES, Param
 from fedavg.wire import MAX_LOCAL_EPOCHS
 
 from .settings import MAX_ROUNDS
@@ -68,6 +68,19 @@ def server_document(num_clients: int) -> dict[str, Any]:
                                      "default": 10},
                 "wait": {"type": "boolean", "default": True},
                 **strategy_params(),
+                "aggregator": {"type": "string", "enum": list(AGGREGATORS), "default": "mean",
+                               "description": "how client vectors are combined: FedAvg's weighted mean, or a "
+                                              "robust rule (not for strategy exact)"},
+                "trim": {"type": "number", "minimum": 0, "maximum": 0.5, "exclusiveMaximum": True, "default": 0.1,
+                         "description": "trimmed_mean: the share cut from each end of every coordinate"},
+                "byzantine": {"type": "integer", "minimum": 0, "default": 1,
+                              "description": "krum: the attackers tolerated (needs more than byzantine + 2 clients)"},
+                "krum_m": {"type": "integer", "minimum": 1, "default": 1,
+                           "description": "krum: average the m best (multi-Krum)"},
+                "clip_norm": {"type": "number", "minimum": 0, "exclusiveMinimum": True,
+                              "description": "bound on each client's update ‖W_k − W_t‖ before combining"},
+                "max_weight": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1,
+                               "description": "cap on any one client's share n_k/N (mean only)"},
             },
         },
         "ResumeRequest": {"type": "object", "additionalProperties": False,
@@ -99,6 +112,9 @@ def server_document(num_clients: int) -> dict[str, Any]:
                                  "strategy": {"type": "string", "enum": list(STRATEGIES)},
                                  "math": {"type": "array", "items": {"type": "string"},
                                           "description": "the strategy's computation, written out"},
+                                 "suspicious": {"type": "array", "description": "clients whose update norm is "
+                                                "more than 10× the others' median (a flag, not a verdict)",
+                                                "items": {"type": "object"}},
                                  "server_state": {"type": "object", "description": "the strategy's state after "
                                                   "this round (SCAFFOLD's c, FedAdam's m and v, …)"},
                                  "federated_loss": {"type": "number", "nullable": True}}},

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ class RoundRecord:
     dropped: list[dict[str, str]]
     step: Step
     duration_s: float  # sampling, the calls and the aggregation
+    suspicious: list[dict[str, Any]] = field(default_factory=list)  # updates far larger than the others'
 
 
 def round_json(rec: RoundRecord) -> dict[str, Any]:
@@ -75,6 +76,7 @@ def round_json(rec: RoundRecord) -> dict[str, Any]:
         "global_model_in": model_json(*split(rec.theta_in)),
         "participants": [_participant_json(r) for r in rec.results],
         "dropped": rec.dropped,
+        "suspicious": rec.suspicious,
         "N": sum(ns),
         "terms": [],
         "math": rec.step.trace,

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from fedavg.strategies import PARAM_NAMES, STRATEGIES, Strategy
+from fedavg.strategies import AGGREGATORS, PARAM_NAMES, STRATEGIES, Combine, Strategy
 from fedavg.training import TrainConfig
 from fedavg.wire import (
     LOCAL_TRAINING_FIELDS,
@@ -42,20 +42,23 @@ class RunSettings:
     pace_s: float = 0.0
     client_timeout_s: float = 10.0
     params: dict[str, float] | None = None  # the strategy's own settings (server_lr, beta1, …), defaults filled in
+    robust: dict[str, Any] | None = None  # a robust rule instead of the average (aggregator, trim, …); None = mean
 
     def train_config(self, client_seed: int | None, run: str | None = None) -> TrainConfig:
         return TrainConfig(lr=self.lr, local_epochs=self.local_epochs, batch_size=self.batch_size,
                            mu=self.mu, seed=client_seed, strategy=self.strategy, run=run)
 
     def make_strategy(self, num_clients: int) -> Strategy:
-        return STRATEGIES[self.strategy](lr=self.lr, num_clients=num_clients, **(self.params or {}))
+        return STRATEGIES[self.strategy](lr=self.lr, num_clients=num_clients, combine=Combine(**(self.robust or {})),
+                                         **(self.params or {}))
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-START_FIELDS = ("rounds", "strategy", *LOCAL_TRAINING_FIELDS, *PARAM_NAMES, "fraction", "min_clients", "seed",
-                "init", "pace_s", "client_timeout_s", "wait")
+ROBUST_FIELDS = ("aggregator", "trim", "byzantine", "krum_m", "clip_norm", "max_weight")
+START_FIELDS = ("rounds", "strategy", *LOCAL_TRAINING_FIELDS, *PARAM_NAMES, *ROBUST_FIELDS, "fraction", "min_clients",
+                "seed", "init", "pace_s", "client_timeout_s", "wait")
 
 
 class SettingsError(ProtocolError):
@@ -111,7 +114,8 @@ def parse_start(body: Any, num_clients: int) -> tuple[RunSettings, bool]:
             settings = replace(settings, mu=FEDPROX_DEFAULT_MU)
         if kind.uses_mu and settings.mu == 0 and "mu" in train:  # (a mu that did not parse is already named)
             problems.append(ProtocolError(f"mu: strategy {strategy} needs mu > 0"))
-        settings = replace(settings, strategy=strategy, params=_strategy_params(kind, obj, problems))
+        settings = replace(settings, strategy=strategy, params=_strategy_params(kind, obj, problems),
+                           robust=_robust(strategy, obj, num_clients, problems))
         if strategy == "exact" and "rounds" not in obj:
             settings = replace(settings, rounds=1)  # its one round already gives the answer
     if "rounds" in obj:
@@ -172,3 +176,46 @@ def _strategy_params(kind: type[Strategy], obj: dict[str, Any],
             problems.append(e)
             params[p.name] = p.default
     return params
+
+
+def _robust(strategy: str, obj: dict[str, Any], num_clients: int,
+            problems: list[ProtocolError]) -> dict[str, Any] | None:
+    """The robust rule's settings from the /start body (None: FedAvg's
+    weighted average). A setting of another rule is a mistake worth naming."""
+    given = [f for f in ROBUST_FIELDS if f in obj]
+    if not given:
+        return None
+    if strategy == "exact":
+        problems.append(ProtocolError(f"{given[0]}: strategy exact sums the clients' statistics; "
+                                      "a robust rule does not apply to it"))
+        return None
+    out: dict[str, Any] = {}
+    try:
+        out["aggregator"] = expect_str(obj.get("aggregator", "mean"), "aggregator")
+        if out["aggregator"] not in AGGREGATORS:
+            raise ProtocolError(f"aggregator: unknown {out['aggregator'][:40]!r} (known: {', '.join(AGGREGATORS)})")
+    except ProtocolError as e:
+        problems.append(e)
+        return None
+    rule = out["aggregator"]
+    belongs = {"trim": "trimmed_mean", "byzantine": "krum", "krum_m": "krum", "max_weight": "mean"}
+    for name, owner in belongs.items():
+        if name in obj and rule != owner:
+            problems.append(ProtocolError(f"{name}: a setting of aggregator {owner}, not {rule}"))
+    checks = {
+        "trim": lambda v: expect_number(v, "trim", ge=0, lt=0.5),
+        "byzantine": lambda v: expect_int(v, "byzantine", ge=0, le=max(num_clients - 3, 0)),
+        "krum_m": lambda v: expect_int(v, "krum_m", ge=1, le=num_clients),
+        "clip_norm": lambda v: expect_number(v, "clip_norm", gt=0),
+        "max_weight": lambda v: expect_number(v, "max_weight", gt=0, le=1),
+    }
+    for name, check in checks.items():
+        if name in obj:
+            try:
+                out[name] = check(obj[name])
+            except ProtocolError as e:
+                problems.append(e)
+    if rule == "krum" and num_clients <= out.get("byzantine", 1) + 2:
+        problems.append(ProtocolError(f"aggregator: krum with byzantine={out.get('byzantine', 1)} needs more than "
+                                      f"{out.get('byzantine', 1) + 2} clients; this server has {num_clients}"))
+    return out

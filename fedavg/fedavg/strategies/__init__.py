@@ -6,6 +6,7 @@ is). ``STRATEGIES`` maps each name to its class; ``make`` builds one for a run.
 from __future__ import annotations
 
 from .base import ClientTask, Local, Param, Result, RunMemory, State, Step, Strategy
+from .combine import AGGREGATORS, CannotCombine, Combine
 from .exact import Exact
 from .fedavg import FedAvg, FedProx
 from .fednova import FedNova
@@ -19,5 +20,5 @@ STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (
 # the same thing everywhere; its default may differ by strategy).
 PARAM_NAMES: tuple[str, ...] = tuple(dict.fromkeys(p.name for s in STRATEGIES.values() for p in s.params))
 
-__all__ = ["STRATEGIES", "PARAM_NAMES", "ClientTask", "Local", "Param", "Result", "RunMemory", "State", "Step",
-           "Strategy"]
+__all__ = ["STRATEGIES", "PARAM_NAMES", "AGGREGATORS", "CannotCombine", "Combine", "ClientTask", "Local", "Param",
+           "Result", "RunMemory", "State", "Step", "Strategy"]

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..model import Theta, as_theta, split
 from ..training import TrainConfig, local_train
+from .combine import Combine
 
 State = dict[str, np.ndarray]
 
@@ -125,9 +126,10 @@ class Strategy(ABC):
     input_fields: ClassVar[tuple[str, ...]] = ()  # what the server sends beyond θ
     uses_mu: ClassVar[bool] = False
 
-    def __init__(self, lr: float = 0.01, num_clients: int = 1, **values: float) -> None:
+    def __init__(self, lr: float = 0.01, num_clients: int = 1, combine: Combine = Combine(), **values: float) -> None:
         self.lr = lr  # the run's lr (FedSGD's server step uses it)
         self.num_clients = num_clients  # K, every client configured (SCAFFOLD's c update)
+        self.combine = combine  # FedAvg's weighted average, or a robust rule
         self.p = {param.name: float(values.get(param.name, param.default)) for param in self.params}
 
     def initial_state(self, theta: Theta) -> State:

@@ -5,9 +5,7 @@ add mu/2·‖W − W_t‖² to their loss, which keeps each local model near W_t
 """
 from __future__ import annotations
 
-from ..aggregation import weighted_average
 from ..model import Theta
-from ..trace import explain_average
 from .base import Result, State, Step, Strategy
 
 
@@ -16,11 +14,10 @@ class FedAvg(Strategy):
     summary = "W_{t+1} = Σ_k n_k/N · W_k: the sample-weighted average of the local models"
 
     def aggregate(self, theta: Theta, results: list[Result], state: State) -> Step:
-        """W_{t+1} = Σ_k n_k/N · W_k over the clients that replied."""
-        ns = [r.n for r in results]
-        local = [r.theta for r in results]
-        new = weighted_average(local, ns)
-        return Step(new, state, explain_average(ns, local, new))
+        """W_{t+1} = Σ_k n_k/N · W_k over the clients that replied (or the
+        run's robust rule in its place)."""
+        new, trace = self.combine([r.theta for r in results], [r.n for r in results], theta)
+        return Step(new, state, trace)
 
 
 class FedProx(FedAvg):

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..aggregation import weighted_average
 from ..model import Theta
-from ..trace import explain_average, explain_each, explain_weighted_sum, fmt, names
+from ..trace import explain_each, explain_weighted_sum, fmt, names
 from ..training import local_steps
 from .base import ClientTask, Local, Result, RunMemory, State, Step, Strategy
 
@@ -35,9 +35,9 @@ class FedNova(Strategy):
         taus = [r.extra["steps"] for r in results]
         tau_eff = float(weighted_average([np.array([t], dtype=float) for t in taus], ns)[0])
         per_step = [(theta - r.theta) / r.extra["steps"] for r in results]
-        d = weighted_average(per_step, ns)
+        d, d_lines = self.combine(per_step, ns, np.zeros_like(theta), symbol="d")
         new = theta - tau_eff * d
         trace = [explain_weighted_sum("τ_eff", ns, taus, tau_eff)]
-        trace += explain_average(ns, per_step, d, symbol="d")[1:]
+        trace += d_lines[1:] if self.combine.plain else d_lines  # (N is in the τ_eff line)
         trace += explain_each(names(len(theta)), f"{{}} = {{}} − {fmt(tau_eff)}·{{}} = {{}}", theta, d, new)
         return Step(new, state, trace)

@@ -15,10 +15,10 @@ from abc import abstractmethod
 
 import numpy as np
 
-from ..aggregation import weighted_average
 from ..model import Theta
-from ..trace import explain_average, explain_each, fmt, names
+from ..trace import explain_each, fmt, names
 from .base import Param, Result, State, Step, Strategy
+from .combine import Combine
 
 SERVER_LR = Param("server_lr", 0.1, "η, the server's learning rate", gt=0, le=10)
 BETA1 = Param("beta1", 0.9, "β1, the decay of the first moment m", ge=0, lt=1)
@@ -26,13 +26,12 @@ BETA2 = Param("beta2", 0.99, "β2, the decay of the second moment v", ge=0, lt=1
 TAU = Param("tau", 1e-3, "τ, the adaptivity: v's floor in η·m/(√v + τ)", gt=0, le=10)
 
 
-def pseudo_gradient(theta: Theta, results: list[Result]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """avg = Σ_k n_k/N · W_k and Δ = avg − W_t, with the lines that write avg out."""
-    ns = [r.n for r in results]
-    local = [r.theta for r in results]
-    avg = weighted_average(local, ns)
+def pseudo_gradient(theta: Theta, results: list[Result], combine: Combine) -> tuple[np.ndarray, np.ndarray,
+                                                                                   list[str]]:
+    """avg = Σ_k n_k/N · W_k (or the run's robust rule) and Δ = avg − W_t,
+    with the lines that write them out."""
+    avg, lines = combine([r.theta for r in results], [r.n for r in results], theta, symbol="avg")
     delta = avg - theta
-    lines = explain_average(ns, local, avg, symbol="avg")
     lines += explain_each(names(len(theta), "Δ"), "{} = {} − {} = {}", avg, theta, delta)
     return avg, delta, lines
 
@@ -48,7 +47,7 @@ class FedAvgM(Strategy):
 
     def aggregate(self, theta: Theta, results: list[Result], state: State) -> Step:
         """v_t = β·v_{t-1} + Δ_t;  W_{t+1} = W_t + η·v_t."""
-        _, delta, trace = pseudo_gradient(theta, results)
+        _, delta, trace = pseudo_gradient(theta, results, self.combine)
         beta, eta = self.p["momentum"], self.p["server_lr"]
         v = beta * state["v"] + delta
         new = theta + eta * v
@@ -73,7 +72,7 @@ class _Adaptive(Strategy):
     def aggregate(self, theta: Theta, results: list[Result], state: State) -> Step:
         """m_t = β1·m_{t-1} + (1 − β1)·Δ_t;  v_t by the subclass's rule;
         W_{t+1} = W_t + η·m_t / (√v_t + τ)."""
-        _, delta, trace = pseudo_gradient(theta, results)
+        _, delta, trace = pseudo_gradient(theta, results, self.combine)
         b1, eta, tau = self.p["beta1"], self.p["server_lr"], self.p["tau"]
         m = b1 * state["m"] + (1 - b1) * delta
         v = self.second_moment(state["v"], delta * delta)

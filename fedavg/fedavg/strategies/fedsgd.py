@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..aggregation import weighted_average
 from ..model import Theta, as_theta, gradients, split
-from ..trace import explain_average, explain_each, fmt, names
+from ..trace import explain_each, fmt, names
 from .base import ClientTask, Local, Result, RunMemory, State, Step, Strategy
 
 
@@ -27,10 +26,8 @@ class FedSGD(Strategy):
 
     def aggregate(self, theta: Theta, results: list[Result], state: State) -> Step:
         """g = Σ_k n_k/N · g_k;  W_{t+1} = W_t − lr·g."""
-        ns = [r.n for r in results]
-        grads = [r.extra["gradient"] for r in results]
-        g = weighted_average(grads, ns)
+        g, trace = self.combine([r.extra["gradient"] for r in results], [r.n for r in results],
+                                np.zeros_like(theta), symbol="g")
         new = theta - self.lr * g
-        trace = explain_average(ns, grads, g, symbol="g")
         trace += explain_each(names(len(theta)), f"{{}} = {{}} − {fmt(self.lr)}·{{}} = {{}}", theta, g, new)
         return Step(new, state, trace)

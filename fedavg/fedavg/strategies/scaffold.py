@@ -55,7 +55,7 @@ class Scaffold(Strategy):
         ns = [r.n for r in results]
         dy = [r.theta - theta for r in results]
         dc = [r.extra["control_delta"] for r in results]
-        delta = weighted_average(dy, ns)
+        delta, dy_lines = self.combine(dy, ns, np.zeros_like(theta), symbol="Δy")
         eta = self.p["server_lr"]
         new = theta + eta * delta
         share = len(results) / max(self.num_clients, len(results))
@@ -65,6 +65,6 @@ class Scaffold(Strategy):
         trace = explain_average(ns, dc, dc_avg, symbol="Δc")
         trace += explain_each(names(len(theta), "c"), f"{{}} = {{}} + ({len(results)}/{k})·{{}} = {{}}",
                               state["c"], dc_avg, c)
-        trace += explain_average(ns, dy, delta, symbol="Δy")[1:]
+        trace += dy_lines[1:] if self.combine.plain else dy_lines  # (N is written above)
         trace += explain_each(names(len(theta)), f"{{}} = {{}} + {fmt(eta)}·{{}} = {{}}", theta, delta, new)
         return Step(new, {"c": c}, trace)

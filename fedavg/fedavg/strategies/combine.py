@@ -1,0 +1,99 @@
+"""How a strategy combines its clients' vectors: FedAvg's weighted average, or
+a robust rule when some clients may lie (a run's ``aggregator`` settings).
+
+Every strategy that averages what its clients send (their models, updates,
+gradients or per-step updates) calls ``Combine`` instead of the average
+itself, so one setting makes any of them robust. Each rule returns the lines
+that write it out with its numbers, like the average's.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..aggregation import (
+    capped_weights,
+    clip_updates,
+    coordinate_median,
+    krum_scores,
+    multi_krum,
+    trimmed_mean,
+    weights,
+)
+from ..trace import explain_average, fmt, names
+
+AGGREGATORS = ("mean", "median", "trimmed_mean", "krum")
+
+
+class CannotCombine(ValueError):
+    """Too few replies for the rule (Krum with f attackers needs more than f + 2)."""
+
+
+@dataclass(frozen=True)
+class Combine:
+    """The rule and its settings, as the run's settings give them."""
+
+    aggregator: str = "mean"
+    trim: float = 0.1  # trimmed_mean: β, the share cut from each end of every coordinate
+    byzantine: int = 1  # krum: f, the attackers it tolerates
+    krum_m: int = 1  # krum: average the m best (multi-Krum when m > 1)
+    clip_norm: float | None = None  # bound on each ‖V_k − center‖ before combining
+    max_weight: float | None = None  # cap on any one client's share n_k/N
+
+    @property
+    def plain(self) -> bool:
+        """FedAvg's own average, untouched (its trace is the seed's)."""
+        return self.aggregator == "mean" and self.clip_norm is None and self.max_weight is None
+
+    def __call__(self, vectors: Sequence[np.ndarray], ns: Sequence[int], center: np.ndarray,
+                 symbol: str = "") -> tuple[np.ndarray, list[str]]:
+        """The combined vector and the lines that write it out. ``center`` is
+        what the vectors are updates from (θ_t for models; 0 for gradients)."""
+        if self.plain:
+            result = weights(ns) @ np.stack(vectors)
+            return result, explain_average(ns, vectors, result, symbol)
+        lines = []
+        if self.clip_norm is not None:
+            # Norm bounding (Sun et al., 2019): no update longer than S.
+            deltas = [v - center for v in vectors]
+            clipped = clip_updates(deltas, self.clip_norm)
+            cut = [k for k, (d, c) in enumerate(zip(deltas, clipped)) if c is not d]
+            vectors = [center + c for c in clipped]
+            lines.append(f"clip_norm S={fmt(self.clip_norm)}: {len(cut)} of {len(vectors)} update(s) scaled "
+                         f"down to ‖Δ_k‖ = S" + (f" (clients {', '.join(str(k + 1) for k in cut[:6])}"
+                                                  f"{' …' if len(cut) > 6 else ''})" if cut else ""))
+        coords = names(len(center), symbol)
+        if self.aggregator == "mean":
+            p = capped_weights(ns, self.max_weight) if self.max_weight is not None else weights(ns)
+            result = p @ np.stack(vectors)
+            if self.max_weight is not None:
+                lines.append(f"max_weight {fmt(self.max_weight)}: shares p_k = n_k/N capped, the rest "
+                             f"shared in proportion to n_k; largest p_k = {fmt(float(p.max()))}")
+            lines += [f"{name} = " + " + ".join(f"{fmt(p[k])}·{fmt(v[j])}" for k, v in enumerate(vectors[:6]))
+                      + (f" + … ({len(vectors)} terms)" if len(vectors) > 6 else "") + f" = {fmt(result[j])}"
+                      for j, name in enumerate(coords)]
+            return result, lines
+        if self.aggregator == "median":
+            result = coordinate_median(vectors)
+            lines += [f"{name} = median of the {len(vectors)} clients' values = {fmt(result[j])}"
+                      for j, name in enumerate(coords)]
+            return result, lines
+        if self.aggregator == "trimmed_mean":
+            cut = int(np.floor(self.trim * len(vectors)))
+            result = trimmed_mean(vectors, self.trim)
+            lines += [f"{name} = mean of the middle {len(vectors) - 2 * cut} of {len(vectors)} values "
+                      f"(β={fmt(self.trim)}: {cut} cut from each end) = {fmt(result[j])}"
+                      for j, name in enumerate(coords)]
+            return result, lines
+        if len(vectors) <= self.byzantine + 2:
+            raise CannotCombine(f"krum with byzantine={self.byzantine} needs more than {self.byzantine + 2} "
+                                f"replies, got {len(vectors)}")
+        m = min(self.krum_m, len(vectors))
+        result, chosen = multi_krum(vectors, self.byzantine, m)
+        scores = krum_scores(vectors, self.byzantine)
+        lines.append(f"Krum (f={self.byzantine}): score_k = Σ ‖V_k − V_j‖² over its {len(vectors) - self.byzantine - 2}"
+                     f" nearest; lowest {m}: clients " + ", ".join(f"{k + 1} ({fmt(scores[k])})" for k in chosen[:6]))
+        lines += [f"{name} = mean of the {m} chosen = {fmt(result[j])}" for j, name in enumerate(coords)]
+        return result, lines

@@ -1,0 +1,178 @@
+"""Robust rules as run settings, over HTTP: five honest clients on a client
+host and one that always sends w = b = 10^6. Every round's global model is
+checked against the rule computed here in plain Python from the round's own
+local models."""
+from __future__ import annotations
+
+import math
+
+import pytest
+from flask import Flask, request
+
+import launcher
+from fedavg_server import create_app as create_server_app
+
+HUGE = 1e6
+
+
+@pytest.fixture(scope="module")
+def host():
+    app = launcher.start_app("client_host", launcher.free_port(), ["--scenario", "iid", "--clients", "5"])
+    launcher.wait_healthy([app])
+    yield [f"{app.url}/clients/{k}" for k in range(1, 6)]
+    launcher.stop([app])
+
+
+def liar(n: int = 20) -> Flask:
+    app = Flask("liar")
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "client_id": "liar", "data_size": n, "num_features": 1,
+                "strategies": ["fedavg", "fedsgd", "fedprox", "scaffold", "fedavgm", "fedadam", "fednova"]}
+
+    @app.post("/train")
+    def train():
+        asked = (request.get_json().get("config") or {}).get("strategy", "fedavg")
+        return {"local_model": {"w": HUGE, "b": HUGE}, "data_size": n, "client_id": "liar", "strategy": asked}
+
+    @app.post("/evaluate")
+    def evaluate():
+        return {"loss": 1.0, "data_size": n, "client_id": "liar"}
+
+    return app
+
+
+@pytest.fixture
+def server(host, serve, tmp_path):
+    urls = [*host, serve(liar()).url]
+    app = create_server_app({"CLIENTS": urls, "DB": str(tmp_path / "runs.db")})
+    yield app.test_client()
+    app.extensions["fedavg"].pool.close()
+
+
+def run(server, **settings) -> dict:
+    r = server.post("/start", json={"rounds": 4, "seed": 2, **settings})
+    assert r.status_code == 200, r.get_json()
+    body = r.get_json()
+    assert body["status"] == "completed", body["error"]
+    return body
+
+
+def locals_of(record: dict) -> list[list[float]]:
+    return [[p["local_model"]["w"], p["local_model"]["b"]] for p in record["participants"]]
+
+
+def median(xs: list[float]) -> float:
+    s, m = sorted(xs), len(xs) // 2
+    return s[m] if len(s) % 2 else (s[m - 1] + s[m]) / 2
+
+
+def close(a, b, tol=1e-9) -> bool:
+    return all(abs(x - y) <= tol * max(1.0, abs(y)) for x, y in zip(a, b))
+
+
+def global_of(record: dict) -> list[float]:
+    return [record["global_model"]["w"], record["global_model"]["b"]]
+
+
+def test_plain_fedavg_is_pulled_away_by_one_liar(server):
+    rounds = run(server)["rounds"]
+    assert global_of(rounds[-1])[0] > HUGE / 10  # one of six clients owns the average
+    assert [x["client_id"] for x in rounds[0]["suspicious"]] == ["liar"]
+
+
+def test_median_is_each_coordinates_median_and_holds(server):
+    body = run(server, aggregator="median")
+    for record in body["rounds"]:
+        vs = locals_of(record)
+        assert close(global_of(record), [median([v[j] for v in vs]) for j in (0, 1)])
+        assert "median of the 6 clients' values" in record["math"][0]
+    assert abs(global_of(body["rounds"][-1])[0]) < 10
+
+
+def test_trimmed_mean_drops_the_extremes(server):
+    body = run(server, aggregator="trimmed_mean", trim=0.2)
+    for record in body["rounds"]:
+        vs = locals_of(record)
+        want = []
+        for j in (0, 1):
+            kept = sorted(v[j] for v in vs)[1:-1]  # ⌊0.2·6⌋ = 1 from each end
+            want.append(sum(kept) / len(kept))
+        assert close(global_of(record), want)
+    assert abs(global_of(body["rounds"][-1])[0]) < 10
+
+
+def test_krum_picks_the_vector_nearest_its_neighbours(server):
+    body = run(server, aggregator="krum", byzantine=1, krum_m=2)
+    for record in body["rounds"]:
+        vs = locals_of(record)
+        scores = []
+        for i, v in enumerate(vs):
+            d = sorted(sum((a - b) ** 2 for a, b in zip(v, u)) for j, u in enumerate(vs) if j != i)
+            scores.append(sum(d[: len(vs) - 1 - 2]))
+        best = sorted(range(len(vs)), key=lambda i: scores[i])[:2]
+        assert close(global_of(record), [sum(vs[i][j] for i in best) / 2 for j in (0, 1)])
+        assert "liar" not in [record["participants"][i]["client_id"] for i in best]
+
+
+def test_clipping_bounds_the_liars_pull(server):
+    body = run(server, clip_norm=1.0)
+    theta = [0.0, 0.0]
+    for record in body["rounds"]:
+        ns = [p["data_size"] for p in record["participants"]]
+        total = sum(ns)
+        want = [0.0, 0.0]
+        for v, n in zip(locals_of(record), ns):
+            d = [v[0] - theta[0], v[1] - theta[1]]
+            norm = math.hypot(*d)
+            scale = min(1.0, 1.0 / norm) if norm else 1.0
+            want = [want[j] + n / total * (theta[j] + scale * d[j]) for j in (0, 1)]
+        assert close(global_of(record), want)
+        theta = global_of(record)
+
+
+def test_max_weight_caps_a_lying_sample_count(host, serve, tmp_path):
+    boaster = Flask("boaster")  # an honest-looking model, but n_k = 10^9
+
+    @boaster.get("/health")
+    def health():
+        return {"status": "ok", "client_id": "boaster", "data_size": 10**9, "num_features": 1}
+
+    @boaster.post("/train")
+    def train():
+        return {"local_model": {"w": 50.0, "b": 50.0}, "data_size": 10**9, "client_id": "boaster"}
+
+    app = create_server_app({"CLIENTS": [*host, serve(boaster).url], "DB": str(tmp_path / "runs.db")})
+    client = app.test_client()
+    plain = client.post("/start", json={"rounds": 1, "seed": 2}).get_json()["rounds"][0]
+    assert global_of(plain)[0] == pytest.approx(50.0, abs=1e-3)  # 10^9 samples own the average
+    capped = client.post("/start", json={"rounds": 1, "seed": 2, "max_weight": 0.2}).get_json()["rounds"][0]
+    ns = [p["data_size"] for p in capped["participants"]]
+    # water-filling by hand: the boaster's share is the cap, the rest split by n_k
+    others = sum(n for n in ns if n != 10**9)
+    p = [0.2 if n == 10**9 else 0.8 * n / others for n in ns]
+    assert close(global_of(capped), [sum(pk * v[j] for pk, v in zip(p, locals_of(capped))) for j in (0, 1)])
+    app.extensions["fedavg"].pool.close()
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"aggregator": "mode"}, ["aggregator", "known: mean, median, trimmed_mean, krum"]),
+    ({"aggregator": "median", "trim": 0.1}, ["trim", "aggregator trimmed_mean"]),
+    ({"aggregator": "trimmed_mean", "trim": 0.5}, ["trim", "< 0.5"]),
+    ({"aggregator": "krum", "byzantine": 9}, ["byzantine", "<="]),
+    ({"clip_norm": 0}, ["clip_norm", "> 0"]),
+    ({"max_weight": 1.5}, ["max_weight", "<= 1"]),
+    ({"aggregator": "median", "max_weight": 0.5}, ["max_weight", "aggregator mean"]),
+    ({"strategy": "exact", "aggregator": "median"}, ["aggregator", "exact"]),
+])
+def test_robust_settings_out_of_place_are_a_400_naming_the_field(server, body, words):
+    r = server.post("/start", json=body)
+    assert r.status_code == 400
+    assert all(w in r.get_json()["error"] for w in words), r.get_json()
+
+
+def test_robust_rules_work_under_other_strategies_too(server):
+    body = run(server, strategy="fedadam", aggregator="median", rounds=3)
+    assert all("avg_w = median of the 6 clients' values" in r["math"][0] for r in body["rounds"])
+    assert abs(global_of(body["rounds"][-1])[0]) < 10
