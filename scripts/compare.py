@@ -1,6 +1,11 @@
 """make compare: run each strategy on the same federation and measure how
 close it gets to the pooled least-squares optimum θ*.
 
+With --aggregators, each strategy runs once per combining rule of the server
+(mean, median, trimmed_mean, krum), rows "fedavg+median" and so on; on the
+byzantine scenario θ* is the honest clients' pooled optimum (the attackers'
+data is honest, their replies are not).
+
 A client host serves the scenario's clients and a server is pointed at all
 of them (the apps started as the README starts them, on free ports, history
 in a temporary file). Each strategy is one ``POST /start`` with the same
@@ -30,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from fedavg import theory
-from fedavg.scenarios import DIABETES_LR, SCENARIOS, make_clients
+from fedavg.scenarios import ATTACKERS, ATTACKS, DIABETES_LR, SCENARIOS, honest, make_clients
 from launcher import free_port, get_json, post_json, start_app, stop, wait_healthy
 
 ALL_STRATEGIES = ("fedavg", "fedsgd", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
@@ -41,6 +46,9 @@ DEFAULT_LR = {"diabetes": DIABETES_LR}  # any other scenario: the server's 0.01
 # size) is drawn at this floor instead of falling off the chart
 FLOOR = 1e-16
 MARKERS = "osD^vxP*<>"
+# mean is the server's default (FedAvg's weighted average): a mean row sends no
+# "aggregator" field, the others send theirs.
+MEAN = "mean"
 
 
 def parse_param(text: str) -> tuple[str | None, str, Any]:
@@ -84,24 +92,39 @@ def settled_at(distances: list[float | None], tol: float) -> int | None:
     return found
 
 
+def robust_defaults(aggregator: str | None, attackers: int, k: int) -> dict[str, Any]:
+    """What a robust rule is told about the byzantine scenario's f attackers,
+    as its paper assumes it knows f: trimmed_mean trims β = f/K each side,
+    krum tolerates byzantine = f. Only where the server would accept it."""
+    if aggregator == "trimmed_mean" and attackers / k < 0.5:
+        return {"trim": attackers / k}
+    if aggregator == "krum" and attackers <= k - 3:
+        return {"byzantine": attackers}
+    return {}
+
+
 def run_strategy(server_url: str, name: str, body: dict[str, Any], optimum: np.ndarray, tol: float,
-                 timeout_s: float) -> dict[str, Any]:
-    """One POST /start (waiting for the run to end) → its row of the result."""
+                 timeout_s: float, aggregator: str | None = None) -> dict[str, Any]:
+    """One POST /start (waiting for the run to end) → its row of the result,
+    labelled "strategy" or, with an aggregator, "strategy+aggregator"."""
+    label = name if aggregator is None else f"{name}+{aggregator}"
+    rule = {"aggregator": aggregator} if aggregator not in (None, MEAN) else {}
+    row = {"strategy": name, "aggregator": aggregator, "label": label}
     t0 = time.perf_counter()
     try:
-        status, run = post_json(server_url + "/start", {**body, "strategy": name}, timeout_s=timeout_s)
+        status, run = post_json(server_url + "/start", {**body, **rule, "strategy": name}, timeout_s=timeout_s)
     except (OSError, ValueError) as e:  # no answer in time, connection lost, a reply that is not JSON
-        return {"strategy": name, "ok": False, "error": f"no usable reply: {e}", "wall_s": time.perf_counter() - t0}
+        return {**row, "ok": False, "error": f"no usable reply: {e}", "wall_s": time.perf_counter() - t0}
     wall = time.perf_counter() - t0
     if status != 200:
-        return {"strategy": name, "ok": False, "http_status": status, "wall_s": wall,
+        return {**row, "ok": False, "http_status": status, "wall_s": wall,
                 "error": f"refused (HTTP {status}): {run.get('error', run)}"}
     rounds = run.get("rounds") or []
     distances = [distance(r["global_model"], optimum) for r in rounds]
     losses = [r.get("federated_loss") for r in rounds]
     final = run.get("final_model") or (rounds[-1]["global_model"] if rounds else None)
     return {
-        "strategy": name, "ok": run.get("status") == "completed", "status": run.get("status"),
+        **row, "ok": run.get("status") == "completed", "status": run.get("status"),
         "error": run.get("error"), "run_id": run.get("run_id"), "wall_s": wall,
         "rounds_done": len(rounds), "final_model": final,
         "final_distance": distance(final, optimum) if final else None,
@@ -109,6 +132,8 @@ def run_strategy(server_url: str, name: str, body: dict[str, Any], optimum: np.n
         "rounds_to_tol": settled_at(distances, tol),
         "distances": distances, "losses": losses,
         "round_durations_s": [r.get("duration_s") for r in rounds],
+        # the clients the server flagged each round (update norm > 10× the others' median)
+        "suspicious": [[s.get("client_id") or s.get("url") for s in r.get("suspicious") or []] for r in rounds],
     }
 
 
@@ -126,12 +151,17 @@ def predict_fedavg(data: list[tuple[np.ndarray, np.ndarray]], lr: float, epochs:
     return {**out, "theta": point.tolist(), "distance": float(np.linalg.norm(point - optimum)), "error": None}
 
 
+def fmt_big(value: float) -> str:
+    """6 decimals, or 6 significant digits and an exponent for a model an attack blew up."""
+    return f"{value:.6f}" if abs(value) < 1e7 else f"{value:.6e}"
+
+
 def fmt_model(model: dict[str, Any] | None) -> str:
     if model is None:
         return "-"
     w = np.atleast_1d(np.asarray(model["w"], dtype=float))
     if len(w) == 1:
-        return f"y = {w[0]:.6f}·x + {model['b']:.6f}"
+        return f"y = {fmt_big(w[0])}·x + {fmt_big(model['b'])}"
     shown = ", ".join(f"{v:.4f}" for v in w[:3]) + (f", … ({len(w)})" if len(w) > 3 else "")
     return f"w = [{shown}], b = {model['b']:.4f}"
 
@@ -142,27 +172,29 @@ def fmt_num(value: float | None, spec: str = ".3e") -> str:
 
 def table(results: list[dict[str, Any]], tol: float) -> str:
     width = max([len("final model")] + [len(fmt_model(r["final_model"])) for r in results if "final_model" in r])
-    head = (f"{'strategy':<11} {'final model':<{width}} {'‖θ_T − θ*‖':>11} {'final loss':>11} "
+    name = max([11] + [len(r["label"]) for r in results])
+    head = (f"{'strategy':<{name}} {'final model':<{width}} {'‖θ_T − θ*‖':>11} {'final loss':>11} "
             f"{f'rounds ≤ {tol:g}':>13} {'wall s':>8}")
     lines = [head, "-" * len(head)]
     for r in results:
         if "final_model" not in r:  # refused, or no reply: the reason is the whole row
-            lines.append(f"{r['strategy']:<11} {r['error']}")
+            lines.append(f"{r['label']:<{name}} {r['error']}")
             continue
         reached = r["rounds_to_tol"]
-        lines.append(f"{r['strategy']:<11} {fmt_model(r['final_model']):<{width}} {fmt_num(r['final_distance']):>11} "
-                     f"{fmt_num(r['final_loss'], '.6g'):>11} {reached if reached else 'never':>13} "
-                     f"{r['wall_s']:>8.2f}")
+        lines.append(f"{r['label']:<{name}} {fmt_model(r['final_model']):<{width}} "
+                     f"{fmt_num(r['final_distance']):>11} {fmt_num(r['final_loss'], '.6g'):>11} "
+                     f"{reached if reached else 'never':>13} {r['wall_s']:>8.2f}")
         if not r["ok"]:
-            lines.append(f"{'':<11} run {r['status']}: {r['error']}")
+            lines.append(f"{'':<{name}} run {r['status']}: {r['error']}")
     return "\n".join(lines)
 
 
-def chart(results: list[dict[str, Any]], prediction: dict[str, Any], title: str) -> Any:
+def chart(results: list[dict[str, Any]], prediction: dict[str, Any], title: str, without: str = "") -> Any:
     """‖θ_t − θ*‖ per round on a log scale, one line per strategy that ran,
     FedAvg's predicted stopping distance ‖θ_FedAvg − θ*‖ as a dashed level.
-    In the SVG each line is the group ``strategy-<name>`` and its legend
-    entry ``legend-strategy-<name>``."""
+    In the SVG each line is the group ``strategy-<label>`` and its legend
+    entry ``legend-strategy-<label>`` (the label: "fedavg", or "fedavg+median"
+    with an aggregator). ``without`` names who the prediction leaves out."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import LogFormatter, MaxNLocator
@@ -178,18 +210,19 @@ def chart(results: list[dict[str, Any]], prediction: dict[str, Any], title: str)
         # own every few rounds, staggered, keeps each one visible.
         every = max(1, len(ys) // 10)
         ax.plot(xs, ys, color=f"C{k % 10}", linewidth=1.5, marker=MARKERS[k % len(MARKERS)], markersize=5,
-                markevery=(k * every // max(len(ran), 1), every), gid=f"strategy-{r['strategy']}",
-                label=r["strategy"] + ("" if r["ok"] else f" ({r['status']})"))
+                markevery=(k * every // max(len(ran), 1), every), gid=f"strategy-{r['label']}",
+                label=r["label"] + ("" if r["ok"] else f" ({r['status']})"))
     if prediction["distance"] is not None:
         ax.axhline(max(prediction["distance"], FLOOR), color="black", linestyle="--", linewidth=1,
                    gid="fedavg-fixed-point",
-                   label=f"FedAvg's predicted stop (lr={prediction['lr']:g}, E={prediction['local_epochs']})")
+                   label=f"FedAvg's predicted stop{without} (lr={prediction['lr']:g}, "
+                         f"E={prediction['local_epochs']})")
     ax.set_yscale("log")
     # Plain numbers (2, 0.5, 1e-05) rather than 2×10⁰ when the range spans less than a decade.
     ax.yaxis.set_major_formatter(LogFormatter())
     ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
     ax.set_xlabel("round")
-    ax.set_ylabel(r"$\|\theta_t - \theta^*\|$, $\theta^*$ = pooled least squares")
+    ax.set_ylabel(r"$\|\theta_t - \theta^*\|$, $\theta^*$ = pooled least squares" + (" (honest)" if without else ""))
     ax.set_title(title)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, which="both", alpha=0.3)
@@ -208,6 +241,11 @@ def main() -> int:
     parser.add_argument("--scenario", choices=SCENARIOS, default="seed")
     parser.add_argument("--strategies", default=" ".join(ALL_STRATEGIES),
                         help="space- or comma-separated (default: all ten)")
+    parser.add_argument("--aggregators", help="run each strategy with each of these combining rules, e.g. "
+                                              "mean,median,trimmed_mean,krum (default: the server's, unnamed)")
+    parser.add_argument("--attackers", type=int, metavar="F",
+                        help=f"for --scenario byzantine: the first F clients attack (default {ATTACKERS})")
+    parser.add_argument("--attack", choices=ATTACKS, help="for --scenario byzantine: what they send (default huge)")
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--clients", "-k", type=int, help="K (default 2 for seed, 4 for diabetes, else 10)")
     parser.add_argument("--seed", type=int, default=0, help="the scenario's seed and every run's seed")
@@ -216,7 +254,8 @@ def main() -> int:
     parser.add_argument("--lr", type=float, help=f"default {DIABETES_LR} for diabetes, else 0.01")
     parser.add_argument("--local-epochs", type=int, default=10)
     parser.add_argument("--param", action="append", default=[], type=parse_param, metavar="[STRATEGY.]NAME=VALUE",
-                        help="another /start field, for every strategy or only STRATEGY's (repeatable)")
+                        help="another /start field, for every run or only for one strategy's, one aggregator's "
+                             "or one row's (fedprox.mu=0.5, krum.krum_m=3, fedavg+mean.max_weight=0.2; repeatable)")
     parser.add_argument("--tol", type=float, default=1e-3, help="'rounds ≤ tol' column (default 1e-3)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds one run may take (default 3600)")
     parser.add_argument("--out", default="compare-out", help="output directory (default ./compare-out)")
@@ -224,28 +263,49 @@ def main() -> int:
     strategies = [s for s in args.strategies.replace(",", " ").split() if s]
     k = args.clients or DEFAULT_CLIENTS.get(args.scenario, 10)
     lr = args.lr if args.lr is not None else DEFAULT_LR.get(args.scenario, 0.01)
+    aggregators = [a for a in (args.aggregators or "").replace(",", " ").split() if a] or [None]
     if not strategies:
         parser.error("--strategies: name at least one")
+    if args.aggregators is not None and aggregators == [None]:
+        parser.error("--aggregators: name at least one")
+    if args.scenario != "byzantine" and (args.attackers is not None or args.attack is not None):
+        parser.error(f"--attackers and --attack are for --scenario byzantine, not {args.scenario}")
+    attackers = ATTACKERS if args.attackers is None else args.attackers
+    attack = args.attack or "huge"
     if args.rounds < 1 or args.local_epochs < 1 or lr <= 0 or args.tol <= 0:
         parser.error("--rounds and --local-epochs must be >= 1, --lr and --tol > 0")
     try:  # the same clients the host will serve: same name, K, seed, samples
-        clients = make_clients(args.scenario, k, args.seed, args.samples, args.csv)
+        clients = make_clients(args.scenario, k, args.seed, args.samples, args.csv, attackers, attack)
     except (ValueError, OSError) as e:
         parser.error(str(e))
-    data = [(c.X, c.y) for c in clients]
+    # The attackers' rows are honest but their replies lie: θ* (and FedAvg's
+    # stop) are those of the honest clients alone, what a defence should reach.
+    good = honest(clients)
+    liars = [c.client_id for c in clients if all(c is not h for h in good)]
+    data = [(c.X, c.y) for c in good]
     optimum = theory.pooled_optimum(data)
     prediction = predict_fedavg(data, lr, args.local_epochs, optimum)
 
     base = {"rounds": args.rounds, "seed": args.seed, "lr": lr, "local_epochs": args.local_epochs}
     shared = {name: value for who, name, value in args.param if who is None}
     host_args = ["--scenario", args.scenario, "--clients", str(k), "--seed", str(args.seed),
-                 "--samples", str(args.samples), *(["--csv", str(Path(args.csv).resolve())] if args.csv else [])]
+                 "--samples", str(args.samples), *(["--csv", str(Path(args.csv).resolve())] if args.csv else []),
+                 *(["--attackers", str(attackers), "--attack", attack] if args.scenario == "byzantine" else [])]
+    told = ({a: robust_defaults(a, attackers, k) for a in aggregators} if args.scenario == "byzantine" else {})
     out = Path(args.out)
     apps, results = [], []
     history = tempfile.TemporaryDirectory(prefix="fedavg-compare-")
     try:
         print(f"compare: {args.scenario}, K={k}, {args.rounds} rounds, lr={lr:g}, E={args.local_epochs}; "
               f"starting a client host and a server …", flush=True)
+        if args.scenario == "byzantine":
+            print(f"compare: {len(liars)} attacker(s) ({', '.join(liars) or 'none'}): each {ATTACKS[attack]}",
+                  flush=True)
+            for a, given in told.items():
+                if given:
+                    print(f"compare: {a} is told f = {attackers}: " + ", ".join(f"{n} = {v:g}" for n, v in
+                                                                                given.items()) + " (--param overrides)",
+                          flush=True)
         # Both at once: the host serves client k at /clients/<k>, so the
         # server's list is known before the host answers (checked below).
         host = start_app("client_host", free_port(), host_args)
@@ -260,12 +320,15 @@ def main() -> int:
         if served != urls:
             raise RuntimeError(f"the client host serves {len(served)} clients, not the {k} expected")
         for name in strategies:
-            own = {n: v for who, n, v in args.param if who == name}
-            result = run_strategy(server.url, name, {**base, **shared, **own}, optimum, args.tol, args.timeout)
-            results.append(result)
-            state = (f"{result['status']}, ‖θ_T − θ*‖ = {fmt_num(result['final_distance'])}"
-                     if "final_model" in result else result["error"])
-            print(f"compare: {name}: {state} ({result['wall_s']:.2f} s)", flush=True)
+            for aggregator in aggregators:
+                label = name if aggregator is None else f"{name}+{aggregator}"
+                own = {n: v for who, n, v in args.param if who in (name, aggregator, label)}
+                body = {**base, **told.get(aggregator, {}), **shared, **own}
+                result = run_strategy(server.url, name, body, optimum, args.tol, args.timeout, aggregator)
+                results.append(result)
+                state = (f"{result['status']}, ‖θ_T − θ*‖ = {fmt_num(result['final_distance'])}"
+                         if "final_model" in result else result["error"])
+                print(f"compare: {label}: {state} ({result['wall_s']:.2f} s)", flush=True)
     except RuntimeError as e:  # an app did not start
         print(f"compare: {e}", file=sys.stderr)
         return 1
@@ -276,8 +339,17 @@ def main() -> int:
     print()
     print(table(results, args.tol))
     print(f"\npooled optimum θ* = {np.array2string(optimum, precision=6)}")
+    without = ""
+    if args.scenario == "byzantine":
+        without = " without the attackers"
+        print(f"θ* is the least squares over the {len(good)} honest clients' rows only; the {len(liars)} attacker(s) "
+              f"({', '.join(liars) or 'none'}) hold honest data but each {ATTACKS[attack]}, so θ* leaves them out")
+        flagged = {r["label"]: r["suspicious"][-1] for r in results if r.get("suspicious") and r["suspicious"][-1]}
+        if flagged:
+            print("flagged suspicious in the last round (update norm > 10× the median of the others'): "
+                  + "; ".join(f"{label}: {', '.join(map(str, ids))}" for label, ids in flagged.items()))
     if prediction["theta"] is not None:
-        print(f"FedAvg's predicted stop (full participation, lr={lr:g}, E={args.local_epochs}): "
+        print(f"FedAvg's predicted stop{without} (full participation, lr={lr:g}, E={args.local_epochs}): "
               f"{np.array2string(np.array(prediction['theta']), precision=6)}, "
               f"‖θ_FedAvg − θ*‖ = {prediction['distance']:.3e}, ρ = {prediction['spectral_radius']:.6f} a round")
     else:
@@ -288,14 +360,19 @@ def main() -> int:
         "settings": {"scenario": args.scenario, "clients": k, "seed": args.seed, "samples": args.samples,
                      "csv": args.csv, "rounds": args.rounds, "lr": lr, "local_epochs": args.local_epochs,
                      "params": [{"strategy": who, "name": n, "value": v} for who, n, v in args.param],
-                     "strategies": strategies, "tol": args.tol},
+                     "strategies": strategies, "aggregators": None if aggregators == [None] else aggregators,
+                     "attackers": liars if args.scenario == "byzantine" else None,
+                     "attack": attack if args.scenario == "byzantine" else None,
+                     "told": {a: v for a, v in told.items() if v}, "tol": args.tol},
+        "optimum_over": [c.client_id for c in good],
         "pooled_optimum": optimum.tolist(),
         "fedavg_fixed_point": prediction,
         "results": results,
     }
     paths = [out / "compare.json", out / "compare.png", out / "compare.svg"]
     paths[0].write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
-    fig = chart(results, prediction, f"{args.scenario}, K={k}: distance to the pooled optimum")
+    title = f"{args.scenario}, K={k}" + (f", {len(liars)} × {attack}" if args.scenario == "byzantine" else "")
+    fig = chart(results, prediction, f"{title}: distance to the pooled optimum", without)
     fig.savefig(paths[1], dpi=150)
     fig.savefig(paths[2], metadata={"Date": None})  # no date: the same results give the same bytes
     print("\ncompare: wrote " + ", ".join(str(p) for p in paths))
