@@ -193,3 +193,30 @@ def test_a_running_run_can_be_stopped_and_resumed(fed):
     assert status == 200 and resumed["status"] == "completed" and len(resumed["rounds"]) == 30
     status, straight = launcher.post_json(server.url + "/start", {"rounds": 30, "seed": 4})
     assert resumed["final_model"] == pytest.approx(straight["final_model"], abs=1e-12)
+
+
+def test_resume_refuses_to_switch_federations_silently(fed, tmp_path):
+    """The server restarted with another client list: resume says what
+    changed and refuses, unless asked to go on with the current clients,
+    which the run then records."""
+    apps, ports, db = fed
+    server = apps["server"]
+    status, started = launcher.post_json(server.url + "/start", {"rounds": 30, "pace_s": 0.05, "wait": False})
+    run_id = started["run_id"]
+    poll_run(server.url, run_id, lambda r: len(r["rounds"]) >= 2)
+    launcher.post_json(f"{server.url}/runs/{run_id}/stop")
+    done = len(poll_run(server.url, run_id, lambda r: r["status"] == "interrupted")["rounds"])
+    launcher.stop([server])
+    with launcher.refusing_url() as stranger:
+        apps["server"] = server = launcher.start_app(
+            "server", ports["server"], ["--clients", f"{apps['client_1'].url},{stranger}", "--db", str(db)])
+        launcher.wait_healthy([server])
+        status, body = launcher.post_json(f"{server.url}/runs/{run_id}/resume")
+        assert status == 409
+        assert f"no longer here: {apps['client_2'].url}" in body["error"] and f"new here: {stranger}" in body["error"]
+        assert get_json(f"{server.url}/runs/{run_id}")["status"] == "interrupted"  # nothing ran
+        status, body = launcher.post_json(f"{server.url}/runs/{run_id}/resume", {"clients": "current"})
+        assert status == 200 and body["status"] == "completed", body
+        assert body["clients"] == [apps["client_1"].url, stranger]
+        assert all(p["url"] == apps["client_1"].url for r in body["rounds"][done:] for p in r["participants"])
+        assert all(d["url"] == stranger for r in body["rounds"][done:] for d in r["dropped"])

@@ -49,11 +49,13 @@ def resume(run_id: int):
     """Continue an interrupted run; same wait semantics as /start."""
     require_token(current_app.config["TOKEN"])
     no_query_args()
-    body = expect_object(json_body(if_empty={}), "", ("wait",))
+    body = expect_object(json_body(if_empty={}), "", ("wait", "clients"))
     wait = expect_bool(body["wait"], "wait") if "wait" in body else True
+    if body.get("clients", "current") != "current":
+        raise ProtocolError('clients: the only choice is "current" (go on with this server\'s clients)')
     fed = federation()
     try:
-        fed.resume(run_id)
+        fed.resume(run_id, current_clients="clients" in body)
     except CannotResume as e:
         return {"error": str(e), "run_id": run_id}, 409
     return _launched(fed, run_id, wait)

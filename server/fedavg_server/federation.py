@@ -92,9 +92,12 @@ class Federation:
             self._launch(Run(run_id, settings, self.pool, self.store, key=_run_key(self.store.summary(run_id))))
             return run_id
 
-    def resume(self, run_id: int) -> None:
+    def resume(self, run_id: int, current_clients: bool = False) -> None:
         """Continue an interrupted (or failed) run from its last completed
-        round's global model up to its planned number of rounds."""
+        round's global model up to its planned number of rounds, with the
+        clients it ran with. A server restarted with other clients refuses,
+        saying the difference, unless ``current_clients``: then the run goes
+        on with this server's clients, and records them."""
         with self._lock:
             self._check_idle()
             run = self.store.summary(run_id)
@@ -108,6 +111,17 @@ class Federation:
                 # The server may have been restarted with fewer clients.
                 raise CannotResume(f"run {run_id} needs min_clients={settings.min_clients}; this server has "
                                    f"{len(self.pool.urls)} client(s)")
+            if run["clients"] != self.pool.urls:
+                gone = [u for u in run["clients"] if u not in self.pool.urls]
+                new = [u for u in self.pool.urls if u not in run["clients"]]
+                if not current_clients:
+                    raise CannotResume(
+                        f"run {run_id} ran with other clients than this server's: no longer here: "
+                        f"{', '.join(gone[:6]) or 'none'}{' …' if len(gone) > 6 else ''}; new here: "
+                        f"{', '.join(new[:6]) or 'none'}{' …' if len(new) > 6 else ''}; resume with "
+                        '{"clients": "current"} to go on with this server\'s clients (recorded in the run)')
+                self.store.set_clients(run_id, self.pool.urls)
+                log.info("Run %s resumes with this server's clients: %d gone, %d new", run_id, len(gone), len(new))
             done = run["rounds_completed"]
             self.store.set_status(run_id, "running")
             self._launch(Run(run_id, settings, self.pool, self.store, first_round=done + 1,

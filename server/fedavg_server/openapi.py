@@ -84,7 +84,10 @@ def server_document(num_clients: int) -> dict[str, Any]:
             },
         },
         "ResumeRequest": {"type": "object", "additionalProperties": False,
-                          "properties": {"wait": {"type": "boolean", "default": True}}},
+                          "properties": {"wait": {"type": "boolean", "default": True},
+                                         "clients": {"type": "string", "enum": ["current"],
+                                                     "description": "go on with this server's clients when they "
+                                                                    "differ from the run's (recorded in the run)"}}},
         "Participant": {"type": "object", "required": ["client_id", "url", "data_size"],
                         "properties": {"client_id": {"type": "string"}, "url": {"type": "string"},
                                        "data_size": {"type": "integer", "minimum": 1},

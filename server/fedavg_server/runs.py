@@ -204,6 +204,10 @@ class RunStore:
             self._db.execute("UPDATE rounds SET federated_loss = ? WHERE run_id = ? AND round = ?",
                              (loss, run_id, round_no))
 
+    def set_clients(self, run_id: int, clients: list[str]) -> None:
+        with self._using(write=True):
+            self._db.execute("UPDATE runs SET clients = ? WHERE run_id = ?", (json.dumps(clients), run_id))
+
     def set_status(self, run_id: int, status: str) -> None:
         with self._using(write=True):
             self._db.execute("UPDATE runs SET status = ?, error = NULL, finished_at = NULL WHERE run_id = ?",
