@@ -11,13 +11,14 @@ import logging
 import math
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flask import Blueprint, Flask, g, render_template
+from flask import Blueprint, Flask, g, render_template, request
 
 from .data import DataError, load_csv
 from .model import mse, split
@@ -32,11 +33,23 @@ from .service import (
     serve,
     shared_token,
 )
-from .strategies import STRATEGIES, RunMemory
+from .strategies import STRATEGIES, ClientTask, RunMemory
 from .trace import fmt, fmt_theta
+from .training import TrainingStopped
 from .wire import parse_evaluate_request, parse_train_request, train_reply_json
 
 log = logging.getLogger("fedavg.client")
+MAX_TRAININGS = 2  # per client: the server's round and one more (a retry)
+
+
+def _deadline_s() -> float | None:
+    """The server's X-Deadline-S: how long it will wait for this call (a
+    number of seconds, 0 to 3600; anything else is ignored)."""
+    try:
+        value = float(request.headers.get("X-Deadline-S", ""))
+    except ValueError:
+        return None
+    return value if 0 < value <= 3600 else None
 
 
 class LastModel:
@@ -71,6 +84,10 @@ class LocalClient:
     memory: RunMemory = field(default_factory=RunMemory, compare=False, repr=False)
     # The last global model received, shown on this client's own page only.
     last_global: LastModel = field(default_factory=LastModel, compare=False, repr=False)
+    # Trainings in progress at once; a server that keeps calling after its own
+    # timeouts must not pile up abandoned jobs.
+    slots: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(MAX_TRAININGS),
+                                              compare=False, repr=False)
 
     @property
     def num_features(self) -> int:
@@ -90,10 +107,27 @@ class LocalClient:
         X1 = np.column_stack([self.X, np.ones(len(self.y))])
         return np.linalg.lstsq(X1, self.y, rcond=None)[0]
 
-    def train(self, body: Any) -> tuple[dict[str, Any], int]:
+    def train(self, body: Any, deadline_s: float | None = None) -> tuple[dict[str, Any], int]:
         """POST /train: what the strategy asks of a client, from the global model
-        (for FedAvg: local gradient descent, and the local model back)."""
+        (for FedAvg: local gradient descent, and the local model back).
+        ``deadline_s``: the server stops waiting after that long, so training
+        stops then too (an abandoned job would only hold the next round up).
+        At most MAX_TRAININGS at once: one more is a 429."""
         task = parse_train_request(body, self.num_features)
+        if deadline_s is not None:
+            task = replace(task, deadline=time.monotonic() + deadline_s)
+        if not self.slots.acquire(blocking=False):
+            return {"error": f"busy: {MAX_TRAININGS} trainings already in progress; try again later"}, 429
+        try:
+            return self._train(task)
+        except TrainingStopped as e:
+            log.warning("%s round %s: the server's deadline passed: %s of %d", self.client_id, task.round, e,
+                        task.config.local_epochs)
+            return {"error": f"the server's deadline passed: training {e} of {task.config.local_epochs}"}, 503
+        finally:
+            self.slots.release()
+
+    def _train(self, task: ClientTask) -> tuple[dict[str, Any], int]:
         self.last_global.keep(task.theta, "/train", task.round)
         strategy = STRATEGIES[task.config.strategy]
         # Overflow is possible with a large lr; it is detected below and
@@ -164,7 +198,8 @@ def client_blueprint(pick: Callable[[dict[str, Any]], LocalClient], token: str |
     @bp.post("/train")
     def train():
         require_token(token)
-        return g.client.train(json_body())
+        response = g.client.train(json_body(), _deadline_s())
+        return (*response, {"Retry-After": "1"}) if response[1] == 429 else response
 
     @bp.post("/evaluate")
     def evaluate():

@@ -1,6 +1,7 @@
 """Local training: what a client does with the global model it receives."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,9 +22,17 @@ class TrainConfig:
     run: str | None = None  # names the run, for state a client keeps between rounds (SCAFFOLD's c_k)
 
 
+class TrainingStopped(Exception):
+    """``stop()`` said to give up (the server's deadline passed) after ``epochs`` epochs."""
+
+    def __init__(self, epochs: int) -> None:
+        super().__init__(f"stopped after {epochs} epoch(s)")
+        self.epochs = epochs
+
+
 def local_train(
     w: Weights, b: float, X: np.ndarray, y: np.ndarray, config: TrainConfig = TrainConfig(),
-    correction: np.ndarray | None = None,
+    correction: np.ndarray | None = None, stop: Callable[[], bool] | None = None,
 ) -> tuple[Weights, float]:
     """Gradient descent from the global model (w_g, b_g) on local data:
 
@@ -33,14 +42,17 @@ def local_train(
     epoch. mu > 0 adds FedProx's proximal term (Li et al., 2020), which keeps
     the local model near the global one; mu = 0 is plain FedAvg. ``correction``
     (c_w…, c_b), when given, is added to every step's gradient: SCAFFOLD's
-    c − c_k (Karimireddy et al., 2020).
+    c − c_k (Karimireddy et al., 2020). ``stop``, asked before every epoch,
+    ends the training with TrainingStopped when it says so.
     """
     w_g, b_g = np.array(w, dtype=float), float(b)
     w, b = w_g.copy(), b_g
     n = len(y)
     full_batch = config.batch_size is None or config.batch_size >= n
     rng = None if full_batch else np.random.default_rng(config.seed)
-    for _ in range(config.local_epochs):
+    for epoch in range(config.local_epochs):
+        if stop is not None and stop():
+            raise TrainingStopped(epoch)
         batches = [slice(None)] if full_batch else _minibatches(rng, n, config.batch_size)
         for rows in batches:
             dw, db = gradients(w, b, X[rows], y[rows])

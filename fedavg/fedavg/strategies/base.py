@@ -15,6 +15,7 @@ stopped. A client's state (SCAFFOLD's c_k) lives in its ``RunMemory``.
 from __future__ import annotations
 
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -114,6 +115,10 @@ class ClientTask:
     round: int | None
     config: TrainConfig
     inputs: dict[str, np.ndarray]  # what the strategy's ``inputs`` sent (SCAFFOLD's c)
+    deadline: float | None = None  # time.monotonic() after which the server no longer waits
+
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
 
 
 class Strategy(ABC):
@@ -146,5 +151,5 @@ class Strategy(ABC):
 
     @classmethod
     def local(cls, task: ClientTask, X: np.ndarray, y: np.ndarray, memory: RunMemory) -> Local:
-        w, b = local_train(*split(task.theta), X, y, task.config)
+        w, b = local_train(*split(task.theta), X, y, task.config, stop=task.past_deadline)
         return Local(as_theta(w, b))

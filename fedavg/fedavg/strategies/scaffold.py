@@ -42,7 +42,8 @@ class Scaffold(Strategy):
         c_k = memory.before(run, task.round or 0)
         if c_k is None:
             c_k = np.zeros_like(task.theta)
-        w, b = local_train(*split(task.theta), X, y, task.config, correction=c - c_k)
+        w, b = local_train(*split(task.theta), X, y, task.config, correction=c - c_k,
+                           stop=task.past_deadline)
         theta_k = as_theta(w, b)
         tau = local_steps(len(y), task.config)
         c_k_new = c_k - c + (task.theta - theta_k) / (tau * task.config.lr)
