@@ -130,8 +130,8 @@ class Attacker(LocalClient):
             facts["data_size"] = LYING_N
         return facts
 
-    def train(self, body: Any) -> tuple[dict[str, Any], int]:
-        reply, status = super().train(body)  # the honest reply: the request is valid
+    def train(self, body: Any, deadline_s: float | None = None) -> tuple[dict[str, Any], int]:
+        reply, status = super().train(body, deadline_s)  # the honest reply: the request is valid
         if status != 200:
             return reply, status
         if self.attack == "lying_n":
