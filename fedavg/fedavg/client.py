@@ -36,20 +36,26 @@ from .service import (
 from .strategies import STRATEGIES, ClientTask, RunMemory
 from .trace import fmt, fmt_theta
 from .training import TrainingStopped
-from .wire import parse_evaluate_request, parse_train_request, train_reply_json
+from .wire import ProtocolError, parse_evaluate_request, parse_train_request, train_reply_json
 
 log = logging.getLogger("fedavg.client")
 MAX_TRAININGS = 2  # per client: the server's round and one more (a retry)
 
 
 def _deadline_s() -> float | None:
-    """The server's X-Deadline-S: how long it will wait for this call (a
-    number of seconds, 0 to 3600; anything else is ignored)."""
-    try:
-        value = float(request.headers.get("X-Deadline-S", ""))
-    except ValueError:
+    """The server's X-Deadline-S: how long it will wait for this call, in
+    seconds (more than 0, at most 3600); None when not sent."""
+    raw = request.headers.get("X-Deadline-S")
+    if raw is None:
         return None
-    return value if 0 < value <= 3600 else None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 3600:
+        raise ProtocolError(f"X-Deadline-S: must be a number of seconds, more than 0 and at most 3600, "
+                            f"got {raw[:40]!r}")
+    return value
 
 
 class LastModel:
@@ -123,7 +129,7 @@ class LocalClient:
         except TrainingStopped as e:
             log.warning("%s round %s: the server's deadline passed: %s of %d", self.client_id, task.round, e,
                         task.config.local_epochs)
-            return {"error": f"the server's deadline passed: training {e} of {task.config.local_epochs}"}, 503
+            return {"error": f"the server's deadline passed: training {e} of {task.config.local_epochs}"}, 408
         finally:
             self.slots.release()
 
