@@ -247,3 +247,19 @@ def test_the_model_lines_span_the_x_the_clients_report(server):
     # a run downloaded and drawn elsewhere: no ranges, the fixed frame
     (ax,) = models_figure(runs[1]).axes
     assert ax.get_xlim() == pytest.approx(X_RANGE)
+
+
+def test_a_chart_that_cannot_get_its_turn_is_a_503_not_a_hang(tmp_path, monkeypatch):
+    """Another request is drawing (the lock is held): after LOCK_WAIT_S the
+    chart request answers 503 with Retry-After instead of queueing for good."""
+    from fedavg_server import create_app, plots
+
+    app = create_app({"CLIENTS": ["http://127.0.0.1:9"], "DB": str(tmp_path / "runs.db")})
+    store = app.extensions["fedavg"].store
+    run_id = store.create({"rounds": 1, "strategy": "fedavg"}, ["http://127.0.0.1:9"], {"w": 0.0, "b": 0.0})
+    monkeypatch.setattr(plots, "LOCK_WAIT_S", 0.2)
+    with plots._render_lock:
+        r = app.test_client().get(f"/runs/{run_id}/plots/loss.svg")
+    assert r.status_code == 503 and r.headers["Retry-After"] == "1" and "try again" in r.get_json()["error"]
+    assert app.test_client().get(f"/runs/{run_id}/plots/loss.svg").status_code == 200
+    app.extensions["fedavg"].pool.close()

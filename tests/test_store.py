@@ -60,3 +60,13 @@ def test_pages_of_rounds_and_the_streamed_csv_give_the_whole_run(tmp_path):
     assert list(store.iter_rounds(run_id, batch=7)) == whole
     assert "".join(csv_lines(store.iter_rounds(run_id, batch=7))) == run_to_csv({"rounds": whole})
     assert len(run_to_csv({"rounds": whole}).splitlines()) == 26
+
+
+def test_a_thinned_read_keeps_every_kth_round_and_those_asked_for(tmp_path):
+    store = RunStore(tmp_path / "runs.db")
+    run_id = store.create({"rounds": 23}, ["http://c1"], {"w": 0.0, "b": 0.0})
+    for r in range(1, 24):
+        store.add_round(run_id, record(r))
+    thinned = store.get(run_id, every=5, keep=(1, 23, 7))["rounds"]
+    assert [x["round"] for x in thinned] == [1, 5, 7, 10, 15, 20, 23]
+    assert [x["round"] for x in store.get(run_id, every=1)["rounds"]] == list(range(1, 24))

@@ -11,7 +11,8 @@ from __future__ import annotations
 import io
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -38,8 +39,26 @@ PNG_DPI = 150
 AVERAGE_TEX = r"$W_{t+1} = \sum_k \, (n_k/N) \, W_k$"
 
 # matplotlib does not promise thread safety (its font and text caches are
-# shared); a chart takes ~0.1 s, so the server's request threads take turns.
+# shared); a chart takes ~0.1 s, so the server's request threads take turns,
+# and none waits longer than LOCK_WAIT_S for its turn (then: 503, try again).
 _render_lock = threading.Lock()
+LOCK_WAIT_S = 10.0
+# Lines a chart draws for clients: past this many, a legend line counts the rest.
+CLIENT_LINES = 50
+
+
+class ChartsBusy(Exception):
+    """Other charts held the lock for LOCK_WAIT_S."""
+
+
+@contextmanager
+def _turn() -> Iterator[None]:
+    if not _render_lock.acquire(timeout=LOCK_WAIT_S):
+        raise ChartsBusy(f"the server is drawing other charts; none was free within {LOCK_WAIT_S:g} s, try again")
+    try:
+        yield
+    finally:
+        _render_lock.release()
 
 
 def _escape(text: str) -> str:
@@ -130,13 +149,15 @@ def models_figure(run: Run, round_no: int | None = None,
         ax.plot(x, _slope(model_in) * x + model_in["b"], color="grey", linestyle=":", linewidth=1.5,
                 label=f"global in: y = {fmt(_slope(model_in))}·x + {fmt(model_in['b'])}")
     with_model = [p for p in record["participants"] if p.get("local_model") is not None]
-    for k, p in enumerate(with_model):
+    for k, p in enumerate(with_model[:CLIENT_LINES]):
         m = p["local_model"]
         label = (f"{_escape(p['client_id'])} (n_k={p['data_size']}): y = {fmt(_slope(m))}·x + {fmt(m['b'])}"
                  if k < TRACE_TERMS else None)
         ax.plot(x, _slope(m) * x + m["b"], color=color(p["url"]), linestyle="--", linewidth=1.3, label=label)
     if len(with_model) > TRACE_TERMS:
-        ax.plot([], [], " ", label=f"… and {len(with_model) - TRACE_TERMS} more clients")
+        drawn = min(len(with_model), CLIENT_LINES)
+        ax.plot([], [], " ", label=f"… and {len(with_model) - TRACE_TERMS} more clients"
+                + (f" ({len(with_model) - drawn} not drawn)" if drawn < len(with_model) else ""))
     without = len(record["participants"]) - len(with_model)
     if without:
         ax.plot([], [], " ", label=f"{without} client(s) sent no local model, so no line")
@@ -169,6 +190,8 @@ def _series(run: Run, pick: Callable[[dict[str, Any]], float]) -> dict[str, tupl
             if p.get("local_model") is None:
                 continue
             if p["url"] not in out:
+                if len(out) == CLIENT_LINES:
+                    continue  # enough lines to see the spread; the rest would bury them
                 out[p["url"]] = (p["client_id"], np.full(len(rounds), np.nan))
             out[p["url"]][1][i] = pick(p["local_model"])
     return out
@@ -295,14 +318,14 @@ def render(run: Run, name: str, image_format: str = "svg", round_no: int | None 
     build = PLOTS[name]
     if round_no is not None:
         _find_round(run, round_no)
-    with _render_lock:
+    with _turn():
         fig = models_figure(run, round_no, x_ranges) if name == "models" else build(run, round_no)
         return _save(fig, image_format)
 
 
 def render_compare(runs: list[Run], image_format: str = "svg") -> bytes:
     """``compare_figure`` of ``runs`` as SVG or PNG bytes."""
-    with _render_lock:
+    with _turn():
         return _save(compare_figure(runs), image_format)
 
 

@@ -220,10 +220,12 @@ class RunStore:
 
     # --- reads ----------------------------------------------------------------------
 
-    def get(self, run_id: int, since: int = 0, limit: int | None = None) -> dict[str, Any] | None:
+    def get(self, run_id: int, since: int = 0, limit: int | None = None, every: int = 1,
+            keep: tuple[int, ...] = ()) -> dict[str, Any] | None:
         """The run with its rounds after round ``since``: all of them, or the
         first ``limit`` (a 100,000-round run is 78 MB of JSON; pages keep a
-        reader's memory bounded)."""
+        reader's memory bounded); with ``every`` > 1 only every such round
+        and those in ``keep`` (a chart needs a few thousand points, not all)."""
         if not 0 <= run_id < 2**63:  # beyond SQLite's INTEGER: no such run
             return None
         since = min(max(since, 0), 2**63 - 1)
@@ -231,9 +233,10 @@ class RunStore:
             row = self._db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
             if row is None:
                 return None
-            rounds = self._db.execute("SELECT record, federated_loss FROM rounds WHERE run_id = ? AND round > ? "
-                                      "ORDER BY round LIMIT ?", (run_id, since, -1 if limit is None else limit)
-                                      ).fetchall()
+            rounds = self._db.execute(
+                "SELECT record, federated_loss FROM rounds WHERE run_id = ? AND round > ? AND "
+                f"(round % ? = 0 OR round IN ({', '.join('?' * len(keep)) or 'NULL'})) ORDER BY round LIMIT ?",
+                (run_id, since, max(every, 1), *keep, -1 if limit is None else limit)).fetchall()
         run = _run_json(row)
         run["rounds"] = [_round_of(r) for r in rounds]
         return run

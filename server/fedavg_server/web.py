@@ -140,6 +140,9 @@ def _range_of(value: Any) -> tuple[float, float] | None:
     return (lo, hi) if lo <= hi else None
 
 
+CHART_ROUNDS = 2000
+
+
 @bp.get("/runs/<int:run_id>/plots/<name>.svg")
 def plot(run_id: int, name: str):
     """One chart of a run as SVG: models (?round=N, default the last),
@@ -148,16 +151,17 @@ def plot(run_id: int, name: str):
     round_no = _round_arg()
     if name not in PLOT_NAMES:
         return {"error": f"no plot {name!r} (known: {', '.join(PLOT_NAMES)})"}, 404
-    run = federation().store.get(run_id)
+    run = _chart_run(run_id, round_no)
     if run is None:
         raise NoSuchRun(run_id)
-    run = reader_view(run)  # the charts draw each client's model only for who may read it
     # Imported here, not at the top: matplotlib takes ~0.6 s to import, which
     # every server start would pay even when no one opens the page.
-    from .plots import NoSuchRound, render
+    from .plots import ChartsBusy, NoSuchRound, render
     x_ranges = _x_ranges(run.get("clients") or []) if name == "models" else []
     try:
         svg = render(run, name, "svg", round_no, x_ranges=x_ranges)
+    except ChartsBusy as e:
+        return {"error": str(e)}, 503, {"Retry-After": "1"}
     except NoSuchRound:
         raise ProtocolError(f"round: run {run_id} has no round {round_no} "
                             f"({len(run['rounds'])} completed)") from None
@@ -179,16 +183,33 @@ def compare():
     """Several runs' federated loss per round on one log-scale chart, one line
     per run: ?runs=1,2,3 (at most MAX_COMPARE)."""
     no_query_args("runs")
-    store = federation().store
     runs = []
     for digits in _runs_arg():
         # More digits than any run id has: no such run (and int() refuses thousands of digits).
-        run = store.get(int(digits)) if len(digits) <= 18 else None
+        run = _chart_run(int(digits)) if len(digits) <= 18 else None
         if run is None:
             return {"error": f"no run {digits[:40]}"}, 404
         runs.append(run)
-    from .plots import render_compare  # matplotlib only when a chart is asked for (see plot)
-    return Response(render_compare(runs, "svg"), mimetype="image/svg+xml", headers={"Cache-Control": "no-store"})
+    from .plots import ChartsBusy, render_compare  # matplotlib only when a chart is asked for (see plot)
+    try:
+        svg = render_compare(runs, "svg")
+    except ChartsBusy as e:
+        return {"error": str(e)}, 503, {"Retry-After": "1"}
+    return Response(svg, mimetype="image/svg+xml", headers={"Cache-Control": "no-store"})
+
+
+def _chart_run(run_id: int, round_no: int | None = None) -> dict[str, Any] | None:
+    """The run as a chart reads it: at most CHART_ROUNDS rounds, evenly spaced,
+    with the first, the last and ``round_no`` (a 100,000-round run would
+    otherwise take the whole history into memory and hold the chart lock for
+    seconds), and each client's numbers only for who may read them."""
+    store = federation().store
+    found = store.summary(run_id)
+    if found is None:
+        return None
+    done = found["rounds_completed"]
+    run = store.get(run_id, every=-(-done // CHART_ROUNDS), keep=tuple(r for r in (1, done, round_no) if r))
+    return reader_view(run)
 
 
 def _runs_arg() -> list[str]:
