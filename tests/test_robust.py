@@ -14,7 +14,9 @@ from fedavg.aggregation import (
     coordinate_median,
     krum_scores,
     multi_krum,
+    outliers,
     trimmed_mean,
+    update_norms,
     weighted_average,
 )
 
@@ -104,3 +106,24 @@ def test_against_lying_clients_the_average_breaks_and_the_robust_rules_hold():
     assert np.linalg.norm(weighted_average(liar, ns) - liar[0]) < 1e-3
     capped = capped_weights(ns, 0.2) @ np.stack(liar)
     assert np.linalg.norm(capped - truth) < 0.2 * np.linalg.norm(liar[0] - truth) + 0.1
+
+
+@pytest.mark.parametrize("k", [2, 3, 6, 7, 50])
+def test_outliers_compares_each_norm_with_the_median_of_the_others(k):
+    rng = random.Random(k)
+    norms = [rng.uniform(0.5, 2.0) for _ in range(k)]
+    norms[k // 2] = 1000.0
+    got = dict(outliers(norms))
+    for i, n in enumerate(norms):
+        others = [m for j, m in enumerate(norms) if j != i]
+        typical = median(others)
+        if n > 10 * typical:
+            assert got[i] == pytest.approx(n / typical, rel=1e-12)
+        else:
+            assert i not in got
+    assert k // 2 in got
+
+
+def test_update_norms_do_not_overflow():
+    got = update_norms([np.array([1e300, 1e300]), np.array([3.0, 4.0]), np.zeros(2)])
+    assert got == pytest.approx([math.sqrt(2) * 1e300, 5.0, 0.0], rel=1e-12)

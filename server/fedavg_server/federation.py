@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fedavg.aggregation import outliers, weighted_loss_avg
+from fedavg.aggregation import outliers, update_norms, weighted_loss_avg
 from fedavg.model import Theta, as_theta, split
 from fedavg.strategies import CannotCombine, Result, State, Step, Strategy
 from fedavg.trace import fmt_theta
@@ -358,8 +358,8 @@ class Run:
         self._store(RoundRecord(r, self.s.strategy, theta, results, dropped, step, time.perf_counter() - started,
                                 suspects))
         self.state, self.suspects = step.state, suspects
-        with np.errstate(over="ignore", invalid="ignore"):
-            self.jump = _norm(step.theta) / max(_norm(theta), 1.0)
+        before, after = update_norms([theta, step.theta])
+        self.jump = after / max(before, 1.0)
         return step.theta
 
     def _aggregate(self, r: int, theta: Theta, results: list[Result]) -> Step:
@@ -374,9 +374,9 @@ class Run:
         updates = [r.theta - theta if r.theta is not None else r.extra.get("gradient") for r in results]
         if any(u is None for u in updates) or len(updates) < 2:
             return []  # exact sends statistics, not an update
-        norms = [_norm(u) for u in updates]
-        return [{"client_id": results[k].client_id, "url": results[k].url, "update_norm": norms[k], "ratio": ratio}
-                for k, ratio in outliers(norms) if np.isfinite(norms[k]) and np.isfinite(ratio)]
+        norms = update_norms(updates)
+        return [{"client_id": results[k].client_id, "url": results[k].url, "update_norm": float(norms[k]),
+                 "ratio": ratio} for k, ratio in outliers(norms) if np.isfinite(norms[k]) and np.isfinite(ratio)]
 
     def _sample(self, r: int) -> list[str]:
         """This round's clients: all of them, or a seeded random share
@@ -576,11 +576,6 @@ ABSURD = 1e100
 # A model that grows this much in one round was pushed, not trained: an lr
 # too large grows it by a steady factor a round, far less than this.
 SUDDEN = 1e6
-
-
-def _norm(v: np.ndarray) -> float:
-    """‖v‖ without overflow: sqrt(Σv²) would overflow for entries near 1e300."""
-    return float(np.hypot.reduce(v)) if len(v) else 0.0
 
 
 def _named(suspects: list[dict[str, Any]]) -> str:
