@@ -255,3 +255,15 @@ def test_divergence_names_its_cause(good_client, tmp_path, settings, cause):
     app = create_server_app({"CLIENTS": [good_client.url], "DB": str(tmp_path / "runs.db")})
     run = app.test_client().post("/start", json={"rounds": 3, "seed": 1, **settings}).get_json()
     assert run["status"] == "diverged" and cause in run["error"], run["error"]
+
+
+@pytest.mark.parametrize("settings", [{"lr": 0.3, "rounds": 300}, {"lr": 100, "rounds": 20}])
+def test_a_large_lr_with_two_honest_clients_is_blamed_on_the_lr_not_on_a_client(good_client, tmp_path, serve,
+                                                                                   settings):
+    """Both honest clients blow up together: one's update may be >10× the
+    other's, but neither is an outlier pushing a calm federation."""
+    other = serve(create_client_app({"CLIENT_ID": "client_2", "DATA_PATH": str(ROOT / "client_2" / "data.csv")}))
+    app = create_server_app({"CLIENTS": [good_client.url, other.url], "DB": str(tmp_path / "runs.db")})
+    run = app.test_client().post("/start", json={"seed": 1, **settings}).get_json()
+    assert run["status"] == "diverged", run
+    assert f"lr={settings['lr']:g} is too large" in run["error"] and "outlier" not in run["error"], run["error"]

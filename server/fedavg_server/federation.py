@@ -115,10 +115,11 @@ class Federation:
                 gone = [u for u in run["clients"] if u not in self.pool.urls]
                 new = [u for u in self.pool.urls if u not in run["clients"]]
                 if not current_clients:
+                    change = (f"no longer here: {', '.join(gone[:6]) or 'none'}{' …' if len(gone) > 6 else ''}; "
+                              f"new here: {', '.join(new[:6]) or 'none'}{' …' if len(new) > 6 else ''}"
+                              if gone or new else "the same clients in another order (sampling follows the order)")
                     raise CannotResume(
-                        f"run {run_id} ran with other clients than this server's: no longer here: "
-                        f"{', '.join(gone[:6]) or 'none'}{' …' if len(gone) > 6 else ''}; new here: "
-                        f"{', '.join(new[:6]) or 'none'}{' …' if len(new) > 6 else ''}; resume with "
+                        f"run {run_id} ran with other clients than this server's: {change}; resume with "
                         '{"clients": "current"} to go on with this server\'s clients (recorded in the run)')
                 self.store.set_clients(run_id, self.pool.urls)
                 log.info("Run %s resumes with this server's clients: %d gone, %d new", run_id, len(gone), len(new))
@@ -260,7 +261,9 @@ class Run:
         self.num_features: int | None = None
         self.stop_requested = threading.Event()  # POST /runs/<id>/stop, or the server stopping
         self.thread: threading.Thread | None = None
-        self.suspects: list[dict[str, Any]] = []  # the last round's outliers: a lead when the next one blows up
+        # The last round's outliers that alone explain a leap (the others moved
+        # as trained models do): a lead when the next round blows up.
+        self.culprits: list[dict[str, Any]] = []
         self.jump = 1.0  # ‖θ_{t+1}‖ / ‖θ_t‖ of the last round: a sudden leap is no learning rate's doing
 
     def execute(self) -> tuple[str, str | None]:
@@ -273,6 +276,8 @@ class Run:
                  "".join(f", {k}={v:g}" for k, v in (s.params or {}).items()), s.seed,
                  "" if self.first_round == 1 else f" (resumed at round {self.first_round})")
         log.info("%s: %s", s.strategy, self.strategy.summary)
+        if s.robust:
+            log.info("robust rule in place of the average: %s", ", ".join(f"{k}={v}" for k, v in s.robust.items()))
         try:
             self._probe_health()
             theta = self._initial_model()
@@ -352,12 +357,12 @@ class Run:
         results, dropped = self._sort_replies(r, replies)
         self._record_loss(r - 1, results)  # the loss each client measured on θ_t is round r−1's federated loss
         self._enough_replies(r, theta, results, dropped)
-        suspects = self._outliers(theta, results)
+        suspects, culprits = self._outliers(theta, results)
         step = self._aggregate(r, theta, results)
-        self._finite(r, step, suspects)
+        self._finite(r, step, culprits)
         self._store(RoundRecord(r, self.s.strategy, theta, results, dropped, step, time.perf_counter() - started,
                                 suspects))
-        self.state, self.suspects = step.state, suspects
+        self.state, self.culprits = step.state, culprits
         before, after = update_norms([theta, step.theta])
         self.jump = after / max(before, 1.0)
         return step.theta
@@ -368,15 +373,25 @@ class Run:
         except CannotCombine as e:
             raise RunStopped("failed", f"round {r}: {e}") from None
 
-    def _outliers(self, theta: Theta, results: list[Result]) -> list[dict[str, Any]]:
+    def _outliers(self, theta: Theta, results: list[Result]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """The clients whose update (W_k − W_t, or the gradient they sent) is
-        far larger than the others': flagged under any aggregator, FedAvg too."""
+        far larger than the others': flagged under any aggregator, FedAvg too.
+        Also those of them that alone explain a leap of the model: outliers
+        while every other client moved as trained models do (by less than
+        CALM × (‖W_t‖ + 1)); when all move wildly, the lr is the likelier cause."""
         updates = [r.theta - theta if r.theta is not None else r.extra.get("gradient") for r in results]
         if any(u is None for u in updates) or len(updates) < 2:
-            return []  # exact sends statistics, not an update
+            return [], []  # exact sends statistics, not an update
         norms = update_norms(updates)
-        return [{"client_id": results[k].client_id, "url": results[k].url, "update_norm": float(norms[k]),
-                 "ratio": ratio} for k, ratio in outliers(norms) if np.isfinite(norms[k]) and np.isfinite(ratio)]
+        flagged = [(k, ratio) for k, ratio in outliers(norms) if np.isfinite(norms[k]) and np.isfinite(ratio)]
+        suspects = [{"client_id": results[k].client_id, "url": results[k].url, "update_norm": float(norms[k]),
+                     "ratio": ratio} for k, ratio in flagged]
+        others = [n for k, n in enumerate(norms) if k not in {j for j, _ in flagged}]
+        calm = bool(others) and max(others) <= CALM * (update_norms([theta])[0] + 1)
+        # A client whose own loss grew while it trained is diverging at this
+        # lr on its own data: honest, and the lr's doing.
+        culprits = [x for (k, _), x in zip(flagged, suspects) if not _loss_grew(results[k])]
+        return suspects, culprits if calm else []
 
     def _sample(self, r: int) -> list[str]:
         """This round's clients: all of them, or a seeded random share
@@ -447,12 +462,11 @@ class Run:
             raise RunStopped("failed", f"round {r}: {len(results)} client(s) replied, min_clients is "
                                        f"{self.s.min_clients}; missing: {missing}")
 
-    def _finite(self, r: int, step: Step, suspects: list[dict[str, Any]]) -> None:
+    def _finite(self, r: int, step: Step, culprits: list[dict[str, Any]]) -> None:
         if np.all(np.isfinite(step.theta)):
             return
-        suspects = [x for x in suspects if x["ratio"] > SUDDEN]  # far beyond what a large lr does
-        if suspects:
-            raise RunStopped("diverged", f"round {r}: the aggregate is no longer finite: {_named(suspects)}; an "
+        if culprits:
+            raise RunStopped("diverged", f"round {r}: the aggregate is no longer finite: {_named(culprits)}; an "
                                          "outlier, not the lr: a robust aggregator (median, trimmed_mean, krum) or "
                                          "clip_norm would hold")
         raise RunStopped("diverged", f"round {r}: the global model is no longer finite "
@@ -463,9 +477,9 @@ class Run:
         size = float(np.max(np.abs(theta)))
         if size > ABSURD and r == self.first_round:
             return f"the starting model has a weight of {size:.3g}, too large for any lr"
-        if size > ABSURD and self.jump > SUDDEN and self.suspects:
+        if size > ABSURD and self.jump > SUDDEN and self.culprits:
             return (f"it started from a global model with a weight of {size:.3g}, {self.jump:.3g}× the one before, "
-                    f"which round {r - 1}'s aggregate took from {_named(self.suspects)}: an outlier, not the lr; "
+                    f"which round {r - 1}'s aggregate took from {_named(self.culprits)}: an outlier, not the lr; "
                     "a robust aggregator (median, trimmed_mean, krum) or clip_norm would hold")
         if self.s.mu and self.s.mu * self.s.lr >= 2:
             return f"mu={self.s.mu:g} is too large for lr={self.s.lr:g} (lr·mu ≥ 2 overshoots); try a smaller mu"
@@ -576,6 +590,14 @@ ABSURD = 1e100
 # A model that grows this much in one round was pushed, not trained: an lr
 # too large grows it by a steady factor a round, far less than this.
 SUDDEN = 1e6
+# An honest client's update moves the model by at most this many times its
+# size (+1); an lr too large moves every client's by far more.
+CALM = 10.0
+
+
+def _loss_grew(result: Result) -> bool:
+    m = result.metrics or {}
+    return "loss_before" in m and "loss_after" in m and m["loss_after"] > m["loss_before"]
 
 
 def _named(suspects: list[dict[str, Any]]) -> str:
