@@ -3,6 +3,7 @@ clients refuse /train and /evaluate without it, the server refuses /start and
 /resume without it; read-only endpoints stay open."""
 from __future__ import annotations
 
+import base64
 import json
 import urllib.error
 import urllib.request
@@ -122,3 +123,33 @@ def test_public_read_keeps_the_teaching_view_and_clients_warn_without_a_token(tm
             open_client.output()
     finally:
         launcher.stop([open_client])
+
+
+def test_a_clients_own_page_needs_the_token_as_a_password(secured):
+    url = secured["client_1"].url + "/"
+    for headers in ({}, {"Authorization": "Basic " + base64.b64encode(b"me:wrong").decode()},
+                    {"Authorization": "Bearer wrong"}):
+        req = urllib.request.Request(url, headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == 401 and e.value.headers["WWW-Authenticate"].startswith("Basic ")
+    login = base64.b64encode(f"anyone:{TOKEN}".encode()).decode()
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": f"Basic {login}"}),
+                                timeout=30) as resp:
+        assert resp.status == 200 and "3" in resp.read().decode()  # its points: (1, 3), (2, 5)
+
+
+def test_the_servers_yes_no_and_list_settings_read_from_the_environment(tmp_path, monkeypatch):
+    from fedavg_server import create_app
+
+    monkeypatch.setenv("FEDAVG_ALLOWED_HOSTS", "fedavg.lan, other.lan")
+    monkeypatch.setenv("FEDAVG_PUBLIC_READ", "no")
+    app = create_app({"CLIENTS": ["http://127.0.0.1:9"], "DB": str(tmp_path / "runs.db")})
+    assert app.config["ALLOWED_HOSTS"] == ["fedavg.lan", "other.lan"] and app.config["PUBLIC_READ"] is False
+    client = app.test_client()
+    assert client.get("/health", headers={"Host": "fedavg.lan"}).status_code == 200
+    assert client.get("/health", headers={"Host": "f"}).status_code == 403
+    app.extensions["fedavg"].pool.close()
+    monkeypatch.setenv("FEDAVG_PUBLIC_READ", "maybe")
+    with pytest.raises(ValueError, match="FEDAVG_PUBLIC_READ"):
+        create_app({"CLIENTS": ["http://127.0.0.1:9"], "DB": str(tmp_path / "runs2.db")})

@@ -63,3 +63,13 @@ def test_a_third_training_at_once_is_told_to_come_back(slow_client):
     assert "busy: 2 trainings already in progress" in busy["error"]
     # and once they are done, it trains again
     assert train(slow_client.url, 0.3)[0] == 408
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-1", "3601", "nan", "inf"])
+def test_a_malformed_deadline_is_a_400_naming_the_header(slow_client, value):
+    body = json.dumps({"global_model": {"w": 0, "b": 0}}).encode()
+    req = urllib.request.Request(slow_client.url + "/train", data=body, method="POST",
+                                 headers={"Content-Type": "application/json", "X-Deadline-S": value})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 400 and json.loads(e.value.read())["error"].startswith("X-Deadline-S:")

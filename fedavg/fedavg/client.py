@@ -26,6 +26,7 @@ from .openapi import client_document
 from .service import (
     cli,
     configure_logging,
+    has_token,
     install_json_errors,
     install_request_guards,
     json_body,
@@ -191,7 +192,12 @@ def client_blueprint(pick: Callable[[dict[str, Any]], LocalClient], token: str |
     def page():
         """This client's own page: its private points, its local least-squares
         line and the last global model it received. Served only here; the
-        server never sees it (it is not part of the wire protocol)."""
+        server never sees it (it is not part of the wire protocol). With a
+        token set, only for who knows it: the browser asks for it as a
+        password (any user name)."""
+        if token is not None and not has_token(token, page=True):
+            return ({"error": "this page shows the client's private data: log in with the token as password"},
+                    401, {"WWW-Authenticate": f'Basic realm="{g.client.client_id}\'s own page", charset="UTF-8"'})
         return render_template("client_page.html", **page_context(g.client))
 
     @bp.route("/start", methods=["GET", "POST"])

@@ -41,9 +41,14 @@ def shared_token() -> str | None:
     return os.environ.get("FEDAVG_TOKEN") or None
 
 
-def has_token(token: str) -> bool:
+def has_token(token: str, page: bool = False) -> bool:
     """Does the request carry ``Authorization: Bearer <token>``? Compared in
-    constant time, so the answer's timing leaks nothing."""
+    constant time, so the answer's timing leaks nothing. With ``page``, a
+    browser's Basic login with the token as its password counts too (a
+    browser cannot send a bearer token to a page, but asks for a password)."""
+    auth = request.authorization
+    if page and auth is not None and auth.type == "basic":
+        return hmac.compare_digest((auth.password or "").encode(), token.encode())
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
 

@@ -27,6 +27,15 @@ def client_urls(value: str | None) -> list[str]:
     return urls or list(DEFAULT_CLIENTS)
 
 
+def _flag(value: Any) -> bool:
+    """A yes/no setting as the environment may give it: true/false, 1/0, yes/no, on/off."""
+    if isinstance(value, str):
+        if value.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+            raise ValueError(f"FEDAVG_PUBLIC_READ must be true or false, got {value!r}")
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
 def default_max_parallel() -> int:
     """Client calls in flight at once: enough threads to keep the cores busy
     while most of them wait on the network."""
@@ -56,8 +65,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         app.config.from_mapping(config)
     if isinstance(app.config["CLIENTS"], str):
         app.config["CLIENTS"] = client_urls(app.config["CLIENTS"])
-    # from_prefixed_env reads values as JSON when it can: a token of digits must stay text.
+    # from_prefixed_env reads values as JSON when it can, else as text: a token
+    # of digits must stay text, "a.lan,b.lan" is a list, "no" is not true.
     app.config["TOKEN"] = str(app.config["TOKEN"]) if app.config["TOKEN"] else None
+    if isinstance(app.config.get("ALLOWED_HOSTS"), str):
+        app.config["ALLOWED_HOSTS"] = [h.strip() for h in app.config["ALLOWED_HOSTS"].split(",") if h.strip()]
+    app.config["PUBLIC_READ"] = _flag(app.config.get("PUBLIC_READ", False))
     pool = ClientPool(app.config["CLIENTS"], app.config["MAX_PARALLEL"])
     if app.config["TOKEN"]:
         pool.headers["Authorization"] = f"Bearer {app.config['TOKEN']}"
