@@ -308,10 +308,12 @@ def main() -> int:
                           flush=True)
         # Both at once: the host serves client k at /clients/<k>, so the
         # server's list is known before the host answers (checked below).
-        host = start_app("client_host", free_port(), host_args)
+        # Their own Pythons, without Poetry's start-up: compare is timed as a whole (bench item 7).
+        host = start_app("client_host", free_port(), host_args, via_poetry=False)
         apps.append(host)
         urls = [f"{host.url}/clients/{i}" for i in range(1, k + 1)]
-        server = start_app("server", free_port(), ["--clients", ",".join(urls), "--db", f"{history.name}/runs.db"])
+        server = start_app("server", free_port(), ["--clients", ",".join(urls), "--db", f"{history.name}/runs.db"],
+                           via_poetry=False)
         apps.append(server)
         # matplotlib takes half a second to load: load it while the apps start.
         import matplotlib.backends.backend_agg  # noqa: F401
