@@ -237,6 +237,15 @@ def wait_for_run(server_url: str, run_id: int, until: Callable[[dict], bool], ti
         time.sleep(0.02)  # polling interval
 
 
+def fetch(url: str, timeout_s: float = 60.0) -> tuple[int, str, bytes]:
+    """GET url: (status, content type, body) whatever the status."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            return resp.status, resp.headers.get("Content-Type", ""), resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type", ""), e.read()
+
+
 def post_json(url: str, body: dict | None = None, timeout_s: float = 300.0) -> tuple[int, dict]:
     """POST a JSON body; (status, parsed reply) whatever the status."""
     data = json.dumps(body).encode() if body is not None else b""

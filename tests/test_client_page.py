@@ -63,16 +63,8 @@ class Page(HTMLParser):
                 self.text[i] += data
 
 
-def get(url: str) -> tuple[int, str, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as resp:
-            return resp.status, resp.headers.get("Content-Type", ""), resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers.get("Content-Type", ""), e.read()
-
-
 def page_of(url: str) -> Page:
-    status, ctype, body = get(url)
+    status, ctype, body = launcher.fetch(url)
     assert status == 200 and ctype.startswith("text/html"), (status, body[:200])
     return Page(body.decode())
 
@@ -118,7 +110,7 @@ def test_the_page_shows_the_points_and_the_local_least_squares_line(apps):
 
 
 def test_health_reports_the_x_range_of_the_first_feature(apps):
-    status, _, body = get(apps["alice"] + "/health")
+    status, _, body = launcher.fetch(apps["alice"] + "/health")
     xs = [p[0] for p in POINTS]
     assert status == 200 and json.loads(body)["x_range"] == [min(xs), max(xs)]
 
@@ -135,7 +127,7 @@ def test_after_a_run_the_page_shows_the_final_global_model(apps):
     assert "global" in page.lines
     # the server's own replies never carry alice's points
     for path in ("/runs", f"/runs/{run['run_id']}", "/clients", "/"):
-        _, _, body = get(apps["server"] + path)
+        _, _, body = launcher.fetch(apps["server"] + path)
         assert b"2.25" not in body and b"4.125" not in body and b"8.375" not in body, path
 
 
@@ -162,7 +154,7 @@ def test_a_client_on_a_host_has_its_own_page(tmp_path):
             x, y = np.array(page.xs), np.array(page.ys)
             slope = np.mean((x - x.mean()) * (y - y.mean())) / np.mean((x - x.mean()) ** 2)
             assert float(page.by_id["lstsq"]["data-w"]) == pytest.approx(slope, rel=1e-9)
-        status, _, _ = get(f"{host.url}/clients/4/")
+        status, _, _ = launcher.fetch(f"{host.url}/clients/4/")
         assert status == 404
     finally:
         launcher.stop([host])

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -22,15 +20,6 @@ from fedavg_server.plots import render  # noqa: E402
 SVG = "{http://www.w3.org/2000/svg}svg"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NAMES = ("models", "params", "loss")
-
-
-def get(url: str) -> tuple[int, str, bytes]:
-    """(status, content type, body) whatever the status."""
-    try:
-        with urllib.request.urlopen(url, timeout=60) as resp:
-            return resp.status, resp.headers.get("Content-Type", ""), resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers.get("Content-Type", ""), e.read()
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +55,7 @@ def assert_svg(body: bytes) -> ET.Element:
 @pytest.mark.parametrize("name", NAMES)
 def test_each_chart_is_valid_svg(server, rounds, name):
     url, runs = server
-    status, ctype, body = get(f"{url}/runs/{runs[rounds]['run_id']}/plots/{name}.svg")
+    status, ctype, body = launcher.fetch(f"{url}/runs/{runs[rounds]['run_id']}/plots/{name}.svg")
     assert status == 200, body
     assert ctype.startswith("image/svg+xml")
     assert_svg(body)
@@ -81,7 +70,7 @@ def test_a_fedsgd_run_without_local_models_still_draws(server, name):
     run = runs["fedsgd"]
     assert all("local_model" not in p and "gradient" in p for r in run["rounds"] for p in r["participants"])
     for round_no in (1, 3):
-        status, ctype, body = get(f"{url}/runs/{run['run_id']}/plots/{name}.svg?round={round_no}")
+        status, ctype, body = launcher.fetch(f"{url}/runs/{run['run_id']}/plots/{name}.svg?round={round_no}")
         assert status == 200 and ctype.startswith("image/svg+xml"), body
         assert_svg(body)
     if name == "models":
@@ -97,13 +86,13 @@ def compare_ids(root: ET.Element) -> set[str]:
 def test_compare_overlays_one_labelled_line_per_run(server):
     url, runs = server
     ids = [runs[1]["run_id"], runs[1000]["run_id"], runs["fedsgd"]["run_id"]]
-    status, ctype, body = get(f"{url}/compare.svg?runs={','.join(map(str, ids))}")
+    status, ctype, body = launcher.fetch(f"{url}/compare.svg?runs={','.join(map(str, ids))}")
     assert status == 200 and ctype.startswith("image/svg+xml")
     assert compare_ids(assert_svg(body)) == {f"run-{i}" for i in ids}
     for run_id, strategy in zip(ids, ("fedavg", "fedavg", "fedsgd")):
         assert f"<!-- run {run_id}: {strategy} -->".encode() in body  # the legend's label
     # the same run twice is one line
-    status, _, body = get(f"{url}/compare.svg?runs={ids[0]},{ids[0]}")
+    status, _, body = launcher.fetch(f"{url}/compare.svg?runs={ids[0]},{ids[0]}")
     assert status == 200 and compare_ids(assert_svg(body)) == {f"run-{ids[0]}"}
 
 
@@ -120,7 +109,7 @@ def test_compare_overlays_one_labelled_line_per_run(server):
 ])
 def test_compare_says_what_is_wrong_as_json(server, query, status, message):
     url, _ = server
-    got, ctype, body = get(f"{url}/compare.svg?{query}")
+    got, ctype, body = launcher.fetch(f"{url}/compare.svg?{query}")
     assert got == status and ctype.startswith("application/json")
     assert json.loads(body) == {"error": message}
 
@@ -129,10 +118,10 @@ def test_model_lines_of_a_chosen_round(server):
     url, runs = server
     run_id = runs[1000]["run_id"]
     for round_no in (1, 500, 1000):
-        status, _, body = get(f"{url}/runs/{run_id}/plots/models.svg?round={round_no}")
+        status, _, body = launcher.fetch(f"{url}/runs/{run_id}/plots/models.svg?round={round_no}")
         assert status == 200
         assert_svg(body)
-    status, _, body = get(f"{url}/runs/{run_id}/plots/params.svg?round=500")
+    status, _, body = launcher.fetch(f"{url}/runs/{run_id}/plots/params.svg?round=500")
     assert status == 200
     assert_svg(body)
 
@@ -146,21 +135,21 @@ def test_model_lines_of_a_chosen_round(server):
 def test_bad_query_is_a_400_json(server, query, message):
     url, runs = server
     run_id = runs[1000]["run_id"]
-    status, ctype, body = get(f"{url}/runs/{run_id}/plots/models.svg?{query}")
+    status, ctype, body = launcher.fetch(f"{url}/runs/{run_id}/plots/models.svg?{query}")
     assert status == 400 and ctype.startswith("application/json")
     assert json.loads(body) == {"error": message.format(id=run_id)}
 
 
 def test_missing_run_is_a_404_json(server):
     url, _ = server
-    status, ctype, body = get(f"{url}/runs/987654/plots/models.svg")
+    status, ctype, body = launcher.fetch(f"{url}/runs/987654/plots/models.svg")
     assert status == 404 and ctype.startswith("application/json")
     assert json.loads(body) == {"error": "no run 987654"}
 
 
 def test_unknown_chart_is_a_404_json(server):
     url, runs = server
-    status, ctype, body = get(f"{url}/runs/{runs[1]['run_id']}/plots/scatter.svg")
+    status, ctype, body = launcher.fetch(f"{url}/runs/{runs[1]['run_id']}/plots/scatter.svg")
     assert status == 404 and ctype.startswith("application/json")
     assert json.loads(body) == {"error": "no plot 'scatter' (known: models, params, loss)"}
 
@@ -168,7 +157,7 @@ def test_unknown_chart_is_a_404_json(server):
 def test_since_gives_only_the_later_rounds(server):
     url, runs = server
     run = runs[1000]
-    status, _, body = get(f"{url}/runs/{run['run_id']}?since=998")
+    status, _, body = launcher.fetch(f"{url}/runs/{run['run_id']}?since=998")
     assert status == 200
     later = json.loads(body)
     assert later["rounds"] == run["rounds"][998:]
@@ -177,9 +166,9 @@ def test_since_gives_only_the_later_rounds(server):
     assert later.pop("more") is False
     assert {k: v for k, v in later.items() if k != "rounds"} == {k: v for k, v in run.items()
                                                                 if k != "rounds" and k not in summary}
-    assert json.loads(get(f"{url}/runs/{run['run_id']}?since=0")[2])["rounds"] == run["rounds"]
-    assert json.loads(get(f"{url}/runs/{run['run_id']}?since={'9' * 40}")[2])["rounds"] == []
-    status, _, body = get(f"{url}/runs/{run['run_id']}?since=-1")
+    assert json.loads(launcher.fetch(f"{url}/runs/{run['run_id']}?since=0")[2])["rounds"] == run["rounds"]
+    assert json.loads(launcher.fetch(f"{url}/runs/{run['run_id']}?since={'9' * 40}")[2])["rounds"] == []
+    status, _, body = launcher.fetch(f"{url}/runs/{run['run_id']}?since=-1")
     assert status == 400 and json.loads(body) == {"error": "since: must be a whole number >= 0, got '-1'"}
 
 
@@ -209,7 +198,7 @@ def test_plot_run_writes_three_pngs_from_the_server_and_from_a_file(server, tmp_
 
     # the run's JSON as the page downloads it (GET /runs/<id>), saved to a file
     saved = tmp_path / "run.json"
-    saved.write_bytes(get(f"{url}/runs/{runs[1]['run_id']}")[2])
+    saved.write_bytes(launcher.fetch(f"{url}/runs/{runs[1]['run_id']}")[2])
     done = plot_run(str(saved), "--out", "from-file", "--round", "1", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     for name in NAMES:
@@ -234,9 +223,9 @@ def test_the_model_lines_span_the_x_the_clients_report(server):
     """The seed's clients report x₁ in [1, 2] and [3, 4] in /health: the
     chart spans [1, 4] with 5% either side, and says where the range came from."""
     url, runs = server
-    clients = json.loads(get(f"{url}/clients")[2])["clients"]
+    clients = json.loads(launcher.fetch(f"{url}/clients")[2])["clients"]
     assert [c["x_range"] for c in clients] == [[1.0, 2.0], [3.0, 4.0]]
-    status, _, body = get(f"{url}/runs/{runs[1]['run_id']}/plots/models.svg")
+    status, _, body = launcher.fetch(f"{url}/runs/{runs[1]['run_id']}/plots/models.svg")
     assert status == 200
     assert_svg(body)
     assert "<!-- x; the clients report x₁ from 1 to 4 -->".encode() in body

@@ -3,14 +3,13 @@ client that never answers while the server is asked to stop, and a run
 history that is corrupt, read-only, deleted or on a full disk."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -30,11 +29,8 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0 and os.environ.get("CI") != "t
 
 
 def get(url: str) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return resp.status, launcher.json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        return e.code, launcher.json.loads(e.read() or b"{}")
+    status, _, body = launcher.fetch(url, timeout_s=10)
+    return status, json.loads(body or b"{}")
 
 
 def poll(what: str, check, timeout_s: float = 20.0):
