@@ -206,6 +206,10 @@ def test_a_run_from_the_form_arrives_round_by_round_with_the_api_numbers(page: P
 
     run = get_json(f"{url}/runs/{run_id}")
     assert run["status"] == "completed" and len(run["rounds"]) == ROUNDS
+    # "completed" does not hide the client that never took part: a warning says so
+    assert run["warnings"] and f"dropped in {ROUNDS}/{ROUNDS} rounds" in run["warnings"][0]
+    page.wait_for_function("!document.querySelector('#run-warnings').hidden")
+    assert page.locator("#run-warnings li").all_inner_texts() == run["warnings"]
     # the last round's loss comes from the final /evaluate, after the last round: the page has it too
     page.wait_for_function(f"document.querySelector('#math [data-field=\"federated_loss\"]').textContent === "
                            f"'{fmt(run['rounds'][-1]['federated_loss'])}'")
@@ -599,3 +603,14 @@ def test_a_few_clients_are_listed_open_with_links_to_their_pages(page: Page, fed
     assert page.evaluate("document.querySelector('#clients-details').open") is True
     for row in page.locator("#clients tbody tr").all():
         assert row.locator('[data-field="page"]').get_attribute("href") == row.get_attribute("data-url") + "/"
+
+
+def test_a_run_longer_than_a_page_of_rounds_is_shown_whole(page: Page, federation):
+    """GET /runs/<id> answers 1000 rounds a page; the page reads them all."""
+    url, _ = federation
+    status, run = launcher.post_json(url + "/start", {"rounds": 1003, "seed": 5})
+    assert status == 200 and run["status"] == "completed"
+    page.reload()
+    page.select_option("#run-select", str(run["run_id"]))
+    page.wait_for_function("document.querySelectorAll('#rounds tbody tr').length === 1003", timeout=30_000)
+    assert text(page, "#progress-text") == "1003 / 1003 rounds"

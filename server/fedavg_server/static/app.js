@@ -222,10 +222,25 @@ function paintRunMenu(snap) {
   if (snap.run) select.value = String(snap.run.run_id);
 }
 
+// The whole run: GET /runs/<id> answers in pages of rounds ("more" says
+// another follows), so a long run is read page by page.
+async function fetchRun(runId) {
+  let { ok, body } = await getJSON(`/runs/${runId}`);
+  if (!ok) return null;
+  let rounds = body.rounds;
+  while (body.more) {
+    const next = await getJSON(`/runs/${runId}?since=${lastRound(rounds)}`);
+    if (!next.ok) return null;
+    body = next.body;
+    rounds = rounds.concat(body.rounds);
+  }
+  return { ...body, rounds };
+}
+
 async function selectRun(runId) {
   const seq = ++state.selectSeq;
-  const { ok, body } = await getJSON(`/runs/${runId}`);
-  if (!ok || seq !== state.selectSeq) return;
+  const body = await fetchRun(runId);
+  if (!body || seq !== state.selectSeq) return;
   const { rounds, ...run } = body;
   state.run = run;
   state.rounds = rounds;
@@ -280,6 +295,10 @@ function paintRun(snap) {
     `${s.batch_size ? `, batch size ${s.batch_size}` : ""}, fraction=${fmt(s.fraction)}, ` +
     `min clients ${s.min_clients}, seed ${s.seed}.`;
   $("#run-status").dataset.status = run.status;
+  // "completed" can hide a client that never took part: say so.
+  const warnings = run.warnings || [];
+  $("#run-warnings").hidden = !warnings.length;
+  $("#run-warnings").replaceChildren(...warnings.map((w) => el("li", { text: w })));
   const progress = $("#progress");
   progress.max = planned;
   progress.value = done;
