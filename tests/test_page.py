@@ -614,3 +614,37 @@ def test_a_run_longer_than_a_page_of_rounds_is_shown_whole(page: Page, federatio
     page.select_option("#run-select", str(run["run_id"]))
     page.wait_for_function("document.querySelectorAll('#rounds tbody tr').length === 1003", timeout=30_000)
     assert text(page, "#progress-text") == "1003 / 1003 rounds"
+
+
+def test_a_suspicious_update_is_flagged_on_the_page(browser: Browser, tmp_path, serve):
+    """One client always sends w = b = 500: the round's math panel lists it
+    with its update norm and ratio, as the API has them."""
+    from flask import Flask
+
+    outlier = Flask("outlier")
+
+    @outlier.get("/health")
+    def health():
+        return {"status": "ok", "client_id": "outlier", "data_size": 2, "num_features": 1}
+
+    @outlier.post("/train")
+    def train():
+        return {"local_model": {"w": 500.0, "b": 500.0}, "data_size": 2, "client_id": "outlier"}
+
+    apps = {"client_1": launcher.start_app("client_1", launcher.free_port())}
+    try:
+        apps["server"] = launcher.start_app("server", launcher.free_port(), [
+            "--clients", f"{apps['client_1'].url},{serve(outlier).url}", "--db", str(tmp_path / "runs.db")])
+        launcher.wait_healthy(list(apps.values()))
+        status, run = launcher.post_json(apps["server"].url + "/start", {"rounds": 1, "seed": 1})
+        flagged = run["rounds"][0]["suspicious"]
+        assert status == 200 and [x["client_id"] for x in flagged] == ["outlier"]
+        tab = browser.new_context().new_page()
+        tab.goto(apps["server"].url + "/")
+        tab.wait_for_selector("#suspicious li")
+        item = tab.locator("#suspicious li").inner_text()
+        assert item.startswith("outlier: its update's norm " + fmt(flagged[0]["update_norm"]))
+        assert f" is {flagged[0]['ratio']:.3g}× the others' median" in item  # (a ratio of hundreds)
+        tab.context.close()
+    finally:
+        launcher.stop(list(apps.values()))

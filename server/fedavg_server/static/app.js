@@ -529,6 +529,13 @@ function mathParts(r) {
       ": ", el("code", { dataset: { field: "federated_loss" },
                          text: r.federated_loss == null ? "not measured yet (the next round measures it)"
                                                         : fmt(r.federated_loss) })));
+  if ((r.suspicious || []).length) {
+    // A flag, not a verdict: an update far larger than the other clients'.
+    parts.push(el("h3", { text: `Suspicious updates in round ${r.round}` }),
+      el("ul", { id: "suspicious", class: "warning" }, ...r.suspicious.map((x) =>
+        el("li", { dataset: { client: x.client_id } }, el("strong", { text: x.client_id }),
+          `: its update's norm ${fmt(x.update_norm)} is ${x.ratio.toPrecision(3)}× the others' median`))));
+  }
   if (r.dropped.length) {
     parts.push(el("h3", { text: `Dropped from round ${r.round}` }),
       el("ul", { id: "dropped" }, ...r.dropped.map((x) => el("li", { dataset: { client: x.client_id } },
