@@ -533,7 +533,7 @@ def bench_compare(res: Results, plan: Plan, db_dir: Path) -> None:
     a user waits for it: the whole command, apps started and stopped."""
     rounds = 200 if plan is FULL else 20
     times = []
-    for rep in range(max(1, plan.reps // 2)):
+    for rep in range(plan.reps):
         out = db_dir / f"compare-{rep}"
         t0 = time.perf_counter()
         done = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare.py"), "--rounds", str(rounds),
