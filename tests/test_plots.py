@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import launcher  # noqa: E402
-from fedavg_server.plots import render  # noqa: E402
+import launcher
+from conftest import ROOT
+from fedavg_server.plots import render
 
 SVG = "{http://www.w3.org/2000/svg}svg"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
