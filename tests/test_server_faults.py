@@ -16,7 +16,6 @@ import pytest
 from flask import Flask
 
 import launcher
-from conftest import ROOT
 from fedavg_server.clients import ClientPool
 from fedavg_server.federation import Federation
 from fedavg_server.runs import RunStore
@@ -103,22 +102,23 @@ def test_a_corrupt_history_file_stops_the_server_in_one_line(tmp_path):
 
 @needs_root
 def test_a_read_only_history_folder_stops_the_server_in_one_line(tmp_path):
-    """As an ordinary user (nobody) in a folder it cannot write: root would
-    write anyway. The app's own Python, as `poetry run` would pick it."""
-    assert os.geteuid() == 0, "drops to nobody: run as root (CI does)"
+    """The history's folder on a filesystem mounted read-only: no one, root
+    included, can create the file (a chmod would not stop root, and dropping
+    to another user would need the repository readable by it)."""
+    assert os.geteuid() == 0, "mounts a read-only tmpfs: run as root (CI does)"
     folder = tmp_path / "ro"
     folder.mkdir()
-    for d in (tmp_path, folder):
-        d.chmod(0o755)
-    folder.chmod(0o555)
-    done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                           str(ROOT / "server" / ".venv" / "bin" / "python"), "server_app.py",
-                           "--port", str(launcher.free_port()), "--db", str(folder / "runs.db")],
-                          cwd=ROOT / "server", capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2, done.stdout + done.stderr
-    assert "Traceback" not in done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and str(folder / "runs.db") in errors[0], done.stderr
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)], check=True)
+    try:
+        app = launcher.start_app("server", launcher.free_port(), ["--db", str(folder / "runs.db")])
+        assert app.proc.wait(60) == 2, app.output()
+        launcher.stop([app])
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+    out = app.output()
+    assert "Traceback" not in out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(folder / "runs.db") in errors[0], out
 
 
 @pytest.fixture(scope="module")
