@@ -28,6 +28,7 @@ import json
 import math
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,46 @@ def run_strategy(server_url: str, name: str, body: dict[str, Any], optimum: np.n
         # the clients the server flagged each round (update norm > 10× the others' median)
         "suspicious": [[s.get("client_id") or s.get("url") for s in r.get("suspicious") or []] for r in rounds],
     }
+
+
+def run_plan(plan: list[tuple[str, str | None, dict[str, Any]]], servers: list[str], optimum: np.ndarray,
+             tol: float, timeout_s: float) -> list[dict[str, Any]]:
+    """Every (strategy, aggregator, /start body) of ``plan``, each server
+    taking the next one as soon as its last run ended; rows in ``plan``'s
+    order, a line printed as each run ends."""
+    results: list[dict[str, Any] | None] = [None] * len(plan)
+    todo = iter(range(len(plan)))
+    lock = threading.Lock()
+    failed: list[BaseException] = []
+
+    def work(server_url: str) -> None:
+        try:
+            take_turns(server_url)
+        except BaseException as e:  # raised again below, in the caller's thread
+            failed.append(e)
+
+    def take_turns(server_url: str) -> None:
+        while not failed:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            name, aggregator, body = plan[i]
+            result = run_strategy(server_url, name, body, optimum, tol, timeout_s, aggregator)
+            results[i] = result
+            state = (f"{result['status']}, ‖θ_T − θ*‖ = {fmt_num(result['final_distance'])}"
+                     if "final_model" in result else result["error"])
+            with lock:
+                print(f"compare: {result['label']}: {state} ({result['wall_s']:.2f} s)", flush=True)
+
+    threads = [threading.Thread(target=work, args=(url,), daemon=True) for url in servers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failed:
+        raise failed[0]
+    return [r for r in results if r is not None]
 
 
 def predict_fedavg(data: list[tuple[np.ndarray, np.ndarray]], lr: float, epochs: int,
@@ -258,6 +299,9 @@ def main() -> int:
                              "or one row's (fedprox.mu=0.5, krum.krum_m=3, fedavg+mean.max_weight=0.2; repeatable)")
     parser.add_argument("--tol", type=float, default=1e-3, help="'rounds ≤ tol' column (default 1e-3)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds one run may take (default 3600)")
+    parser.add_argument("--jobs", "-j", type=int, default=2,
+                        help="federations (a client host and a server each) running strategies side by side "
+                             "(default 2: a round leaves half of a 2-core machine idle; 1 times each run alone)")
     parser.add_argument("--out", default="compare-out", help="output directory (default ./compare-out)")
     args = parser.parse_args()
     strategies = [s for s in args.strategies.replace(",", " ").split() if s]
@@ -272,8 +316,8 @@ def main() -> int:
         parser.error(f"--attackers and --attack are for --scenario byzantine, not {args.scenario}")
     attackers = ATTACKERS if args.attackers is None else args.attackers
     attack = args.attack or "huge"
-    if args.rounds < 1 or args.local_epochs < 1 or lr <= 0 or args.tol <= 0:
-        parser.error("--rounds and --local-epochs must be >= 1, --lr and --tol > 0")
+    if args.rounds < 1 or args.local_epochs < 1 or args.jobs < 1 or lr <= 0 or args.tol <= 0:
+        parser.error("--rounds, --local-epochs and --jobs must be >= 1, --lr and --tol > 0")
     try:  # the same clients the host will serve: same name, K, seed, samples
         clients = make_clients(args.scenario, k, args.seed, args.samples, args.csv, attackers, attack)
     except (ValueError, OSError) as e:
@@ -293,11 +337,12 @@ def main() -> int:
                  *(["--attackers", str(attackers), "--attack", attack] if args.scenario == "byzantine" else [])]
     told = ({a: robust_defaults(a, attackers, k) for a in aggregators} if args.scenario == "byzantine" else {})
     out = Path(args.out)
+    jobs = min(args.jobs, len(strategies) * len(aggregators))
     apps, results = [], []
     history = tempfile.TemporaryDirectory(prefix="fedavg-compare-")
     try:
         print(f"compare: {args.scenario}, K={k}, {args.rounds} rounds, lr={lr:g}, E={args.local_epochs}; "
-              f"starting a client host and a server …", flush=True)
+              f"starting {jobs} client host(s) and server(s) …", flush=True)
         if args.scenario == "byzantine":
             print(f"compare: {len(liars)} attacker(s) ({', '.join(liars) or 'none'}): each {ATTACKS[attack]}",
                   flush=True)
@@ -306,31 +351,34 @@ def main() -> int:
                     print(f"compare: {a} is told f = {attackers}: " + ", ".join(f"{n} = {v:g}" for n, v in
                                                                                 given.items()) + " (--param overrides)",
                           flush=True)
-        # Both at once: the host serves client k at /clients/<k>, so the
+        # Each federation is a client host and a server pointed at it, all
+        # started at once: the host serves client k at /clients/<k>, so the
         # server's list is known before the host answers (checked below).
         # Their own Pythons, without Poetry's start-up: compare is timed as a whole (bench item 7).
-        host = start_app("client_host", free_port(), host_args, via_poetry=False)
-        apps.append(host)
-        urls = [f"{host.url}/clients/{i}" for i in range(1, k + 1)]
-        server = start_app("server", free_port(), ["--clients", ",".join(urls), "--db", f"{history.name}/runs.db"],
-                           via_poetry=False)
-        apps.append(server)
+        federations = []
+        for _ in range(jobs):
+            host = start_app("client_host", free_port(), host_args, via_poetry=False)
+            apps.append(host)
+            urls = [f"{host.url}/clients/{i}" for i in range(1, k + 1)]
+            server = start_app("server", free_port(), ["--clients", ",".join(urls),
+                                                       "--db", f"{history.name}/runs-{len(federations)}.db"],
+                               via_poetry=False)
+            apps.append(server)
+            federations.append((host, server, urls))
         # matplotlib takes half a second to load: load it while the apps start.
         import matplotlib.backends.backend_agg  # noqa: F401
-        wait_healthy([host, server])
-        served = [host.url + path for path in get_json(host.url + "/clients")["clients"]]
-        if served != urls:
-            raise RuntimeError(f"the client host serves {len(served)} clients, not the {k} expected")
+        wait_healthy(apps)
+        for host, _, urls in federations:
+            served = [host.url + path for path in get_json(host.url + "/clients")["clients"]]
+            if served != urls:
+                raise RuntimeError(f"the client host serves {len(served)} clients, not the {k} expected")
+        plan = []
         for name in strategies:
             for aggregator in aggregators:
                 label = name if aggregator is None else f"{name}+{aggregator}"
                 own = {n: v for who, n, v in args.param if who in (name, aggregator, label)}
-                body = {**base, **told.get(aggregator, {}), **shared, **own}
-                result = run_strategy(server.url, name, body, optimum, args.tol, args.timeout, aggregator)
-                results.append(result)
-                state = (f"{result['status']}, ‖θ_T − θ*‖ = {fmt_num(result['final_distance'])}"
-                         if "final_model" in result else result["error"])
-                print(f"compare: {label}: {state} ({result['wall_s']:.2f} s)", flush=True)
+                plan.append((name, aggregator, {**base, **told.get(aggregator, {}), **shared, **own}))
+        results = run_plan(plan, [server.url for _, server, _ in federations], optimum, args.tol, args.timeout)
     except RuntimeError as e:  # an app did not start
         print(f"compare: {e}", file=sys.stderr)
         return 1
