@@ -4,6 +4,8 @@ several runs compared on one chart, and scripts/plot_run.py writing PNGs."""
 from __future__ import annotations
 
 import json
+import math
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -14,6 +16,7 @@ import pytest
 import launcher
 from conftest import ROOT
 from fedavg_server.plots import render
+from reference import SEED_DATA
 
 SVG = "{http://www.w3.org/2000/svg}svg"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -23,7 +26,7 @@ NAMES = ("models", "params", "loss")
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The real apps, and finished runs on them: FedAvg for 1 round and 1000
-    rounds, FedSGD (no local models, only gradients) for 3."""
+    rounds, FedSGD (no local models, only gradients) for 3, exact for 1."""
     ports = {name: launcher.free_port() for name in launcher.DEFAULT_PORTS}
     db = tmp_path_factory.mktemp("plots") / "runs.db"
     apps = launcher.start_federation(ports, server_args=["--db", str(db)])
@@ -31,7 +34,9 @@ def server(tmp_path_factory):
         url = apps["server"].url
         status, fedsgd = launcher.post_json(url + "/start", {"rounds": 3, "strategy": "fedsgd", "seed": 7})
         assert status == 200 and fedsgd["status"] == "completed", fedsgd
-        runs = {"fedsgd": fedsgd}
+        status, exact = launcher.post_json(url + "/start", {"rounds": 1, "strategy": "exact"})
+        assert status == 200 and exact["status"] == "completed", exact
+        runs = {"fedsgd": fedsgd, "exact": exact}
         for rounds in (1, 1000):  # the 1000 rounds last: plot_run draws the latest run
             status, run = launcher.post_json(url + "/start", {"rounds": rounds, "pace_s": 0, "seed": 7})
             assert status == 200 and run["status"] == "completed", run
@@ -92,6 +97,51 @@ def test_compare_overlays_one_labelled_line_per_run(server):
     # the same run twice is one line
     status, _, body = launcher.fetch(f"{url}/compare.svg?runs={ids[0]},{ids[0]}")
     assert status == 200 and compare_ids(assert_svg(body)) == {f"run-{ids[0]}"}
+
+
+def pooled_line(clients: list[list[tuple[float, float]]]) -> tuple[float, float]:
+    """Least squares through every client's points at once: slope and intercept in closed form."""
+    points = [pt for data in clients for pt in data]
+    mx = sum(x for x, _ in points) / len(points)
+    my = sum(y for _, y in points) / len(points)
+    w = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return w, my - w * mx
+
+
+def test_compare_draws_the_distance_to_an_exact_runs_optimum(server):
+    """With an exact run on the same clients chosen, every other run's
+    ‖θ_t − θ*‖ is drawn, its last value in the legend: here against the
+    pooled line of the seed's four points, computed in this test. The exact
+    run itself is θ* (to 1e-9 of the closed form) and gets no line."""
+    url, runs = server
+    w_star, b_star = pooled_line(SEED_DATA)
+    exact_id = runs["exact"]["run_id"]
+    chosen = [runs[1000], runs["fedsgd"], runs["exact"]]
+    status, _, body = launcher.fetch(f"{url}/compare.svg?runs={','.join(str(r['run_id']) for r in chosen)}")
+    assert status == 200
+    root = assert_svg(body)
+    drawn = {g.get("id") for g in root.iter("{http://www.w3.org/2000/svg}g")
+             if (g.get("id") or "").startswith("distance-")}
+    assert drawn == {f"distance-run-{r['run_id']}" for r in chosen[:2]}
+    assert math.hypot(runs["exact"]["final_model"]["w"] - w_star, runs["exact"]["final_model"]["b"] - b_star) < 1e-9
+    for run in chosen[:2]:
+        model = run["rounds"][-1]["global_model"]
+        distance = math.hypot(model["w"] - w_star, model["b"] - b_star)
+        name = f"run {run['run_id']}: {run['settings']['strategy']}"
+        legend = rf"<!-- {name}, last (\S+) \(θ\* from run {exact_id}\) -->"
+        found = re.search(legend, body.decode())
+        assert found, legend
+        assert abs(float(found.group(1)) - distance) <= 1e-6 * max(distance, 1e-3), (found.group(1), distance)
+    # FedAvg stops short of θ* (0.4137 at its fixed point), the exact run is on it
+    assert math.hypot(runs[1000]["final_model"]["w"] - w_star, runs[1000]["final_model"]["b"] - b_star) > 0.3
+
+
+def test_compare_without_an_exact_run_says_how_to_get_the_distance(server):
+    url, runs = server
+    status, _, body = launcher.fetch(f"{url}/compare.svg?runs={runs[1]['run_id']},{runs['fedsgd']['run_id']}")
+    assert status == 200
+    assert b"distance-run-" not in body
+    assert b"compare with an exact run" in body
 
 
 @pytest.mark.parametrize("query, status, message", [

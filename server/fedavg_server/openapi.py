@@ -244,7 +244,8 @@ def server_document(num_clients: int) -> dict[str, Any]:
         }},
         "/compare.svg": {"get": {
             "summary": "Several runs' federated loss per round on one chart (log scale), one line per run "
-                       "labelled \"run N: strategy\", drawn by matplotlib.",
+                       "labelled \"run N: strategy\", drawn by matplotlib; below it each run's distance to the "
+                       "pooled optimum θ* when a chosen exact run (no ridge) took the same clients with the same n_k.",
             "parameters": [{"name": "runs", "in": "query", "required": True,
                             "description": f"the run ids, separated by commas (at most {MAX_COMPARE})",
                             "schema": {"type": "string", "pattern": f"^[0-9]+(,[0-9]+){{0,{MAX_COMPARE - 1}}}$"},

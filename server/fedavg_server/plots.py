@@ -275,21 +275,64 @@ def loss_figure(run: Run, round_no: int | None = None) -> Figure:
     return fig
 
 
+def _clients_of(rounds: list[dict[str, Any]]) -> frozenset[tuple[str, Any]]:
+    """(URL, n_k) of every client that took part in ``rounds``."""
+    return frozenset((p["url"], p.get("n_k")) for r in rounds for p in r["participants"])
+
+
+def known_optimum(run: Run, runs: list[Run]) -> tuple[np.ndarray, Run] | None:
+    """θ* = [w, b], the pooled least-squares model of ``run``'s clients, where
+    the chosen ``runs`` know it: an ``exact`` run without ridge solves
+    (Σ_k X̃_kᵀX̃_k) θ* = Σ_k X̃_kᵀy_k, so its last global model is θ* of the
+    clients it took, if they are the clients ``run`` took with the same n_k
+    (the server never reads the data to find out otherwise). None if no
+    chosen run is such."""
+    mine = _clients_of(run["rounds"])
+    for other in runs:
+        settings = other.get("settings") or {}
+        if (settings.get("strategy") == "exact" and not (settings.get("params") or {}).get("ridge")
+                and other["rounds"] and not other["rounds"][-1].get("dropped")
+                and _clients_of(other["rounds"][-1:]) == mine):
+            model = other["rounds"][-1]["global_model"]
+            return np.append(weights_of(model), float(model["b"])), other
+    return None
+
+
+def _distances(run: Run, optimum: np.ndarray) -> tuple[list[int], list[float]]:
+    """(rounds, ‖θ_t − θ*‖ of each round's global model θ_t = [w, b])."""
+    with np.errstate(over="ignore", invalid="ignore"):  # a model that blew up is inf away: a gap in the line
+        return ([r["round"] for r in run["rounds"]],
+                [float(np.linalg.norm(np.append(weights_of(r["global_model"]), r["global_model"]["b"]) - optimum))
+                 for r in run["rounds"]])
+
+
 def compare_figure(runs: list[Run]) -> Figure:
-    """Several runs' federated loss per round on one log scale, one line per
-    run, labelled "run N: strategy" (the line's SVG id is run-N)."""
-    fig, (ax,) = _new_figure()
+    """Several runs on shared rounds, one line per run labelled "run N:
+    strategy": the federated loss per round on a log scale (SVG id run-N)
+    and, below it, ‖θ_t − θ*‖ for each run whose optimum θ* a chosen exact
+    run knows (see known_optimum; SVG id distance-run-N). The exact run that
+    gives θ* is on it by definition and is not drawn there; with no such run
+    a note says how to get the lower chart."""
+    known = {run["run_id"]: found for run in runs if run["rounds"] and (found := known_optimum(run, runs))
+             and found[1] is not run}
+    fig, axes = _new_figure(2 if known else 1, SIZE_IN[1] * (1.7 if known else 1))
+    ax = axes[0]
     ax.set_title("Federated loss per round " + r"$L = \sum_k \, (n_k/N) \, L_k$")
     drawn = 0
     for k, run in enumerate(runs):
-        strategy = (run.get("settings") or {}).get("strategy", "fedavg")
-        label = f"run {run['run_id']}: {strategy}"
+        label = f"run {run['run_id']}: {(run.get('settings') or {}).get('strategy', 'fedavg')}"
+        marker = "o" if len(run["rounds"]) <= MARKERS_UP_TO else None
+        if run["run_id"] in known:
+            optimum, source = known[run["run_id"]]
+            xs, ds = _distances(run, optimum)
+            (line,) = axes[1].plot(xs, ds, color=f"C{k % 10}", linewidth=1.6, marker=marker, markersize=3,
+                                   label=f"{label}, last {fmt(ds[-1])} (θ* from run {source['run_id']})")
+            line.set_gid(f"distance-run-{run['run_id']}")
         points = _loss_points(run)
         if not points:
             ax.plot([], [], " ", label=f"{label} (no loss measured yet)")
             continue
         xs, ys = zip(*points)
-        marker = "o" if len(points) <= MARKERS_UP_TO else None
         (line,) = ax.plot(xs, ys, color=f"C{k % 10}", linewidth=1.6, marker=marker, markersize=3, label=label)
         line.set_gid(f"run-{run['run_id']}")
         drawn += 1
@@ -300,6 +343,15 @@ def compare_figure(runs: list[Run]) -> Figure:
         ax.set_ylabel("MSE of the global model (log scale)")
     if runs:
         ax.legend(loc="best", fontsize=8)
+    if not known:
+        # supxlabel, not fig.text: the constrained layout makes room for it
+        fig.supxlabel("The distance to the pooled optimum θ* needs θ*: compare with an exact run "
+                              "(no ridge) on the same clients.", fontsize=8, color="0.35")
+        return fig
+    _log_axis(axes[1])
+    axes[1].set_title(r"Distance to the pooled optimum $\|\theta_t - \theta^*\|$")
+    axes[1].set_ylabel(r"$\|\theta_t - \theta^*\|$ (log scale)")
+    axes[1].legend(loc="best", fontsize=8)
     return fig
 
 

@@ -748,7 +748,7 @@ async function submitCompare(event) {
   const old = img.src;
   img.src = URL.createObjectURL(await resp.blob());
   if (old.startsWith("blob:")) URL.revokeObjectURL(old);
-  img.alt = `Federated loss per round, log scale, of runs ${ids.join(", ")}.`;
+  img.alt = `Federated loss per round, log scale, of runs ${ids.join(", ")}, and their distance to the pooled optimum when an exact run among them knows it.`;
   img.dataset.runs = ids.join(",");
   $("#compare-figure").hidden = false;
 }
