@@ -1,0 +1,366 @@
+"""Secure aggregation's core (fedavg/secagg.py) without HTTP: the four rounds
+run in-process, and every number is checked against plain Python written
+here (sums with math.fsum, fixed point with ints, HKDF with hmac, published
+test vectors for ChaCha20 and X25519), never against the module's own output."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+
+from fedavg import secagg
+from fedavg.trace import fmt
+
+SESSION = b"run 1 round 1"
+SCALE = secagg.SCALE_BITS
+
+
+def ref_encode(v: float, scale_bits: int) -> int:
+    return round(v * 2**scale_bits) % 2**64
+
+
+def ref_decode(word: int, scale_bits: int) -> float:
+    return (word - 2**64 if word >= 2**63 else word) / 2**scale_bits
+
+
+def plain_sum(vectors: list[list[float]]) -> list[float]:
+    return [math.fsum(column) for column in zip(*vectors)]
+
+
+class Federation:
+    """Rounds 0-2 of one session: every client advertises; those not in
+    `before` share keys (U2) and send y_i. Unmasking is left to each test."""
+
+    def __init__(self, xs: dict[int, list[float]], t: int, before: tuple[int, ...] = (), session: bytes = SESSION,
+                 tamper: tuple[int, int] | None = None) -> None:
+        self.xs, self.t, self.session = xs, t, session
+        self.clients = {i: secagg.SecAggClient(i, session, t) for i in xs}
+        self.public = {i: c.advertise() for i, c in self.clients.items()}  # U1
+        self.sealed = {i: self.clients[i].share_keys(self.public) for i in xs if i not in before}
+        self.u2 = sorted(self.sealed)
+        if tamper:  # (sender, recipient): the server flips a bit of what it forwards
+            sender, recipient = tamper
+            blob = self.sealed[sender][recipient]
+            self.sealed[sender][recipient] = blob[:-1] + bytes([blob[-1] ^ 1])
+        self.masked = {i: self.clients[i].masked_input(xs[i], self.inbox(i), self.u2) for i in self.u2}
+
+    def inbox(self, i: int) -> dict[int, bytes]:
+        return {j: self.sealed[j][i] for j in self.u2 if j != i}
+
+    def unmask(self, u3: list[int], silent: tuple[int, ...] = ()) -> dict:
+        dropped = [j for j in self.u2 if j not in u3]
+        return {i: self.clients[i].unmask(u3, dropped) for i in u3 if i not in silent}
+
+    def total(self, u3: list[int], replies: dict) -> tuple[np.ndarray, list[str]]:
+        b, s_sk = secagg.collect_shares(replies)
+        return secagg.unmask_sum({i: self.masked[i] for i in u3}, b, s_sk, self.public, survivors_u2=self.u2,
+                                 session=self.session, threshold=self.t, length=len(next(iter(self.xs.values()))))
+
+
+def random_inputs(k: int, d: int, seed: int) -> dict[int, list[float]]:
+    rng = random.Random(seed)
+    return {i: [rng.gauss(0, 10) * 10 ** rng.randint(-3, 3) for _ in range(d)] for i in range(1, k + 1)}
+
+
+def assert_close(got: np.ndarray, want: list[float], parties: int) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert abs(g - w) <= parties * 2.0**-SCALE
+
+
+# --- fixed point -------------------------------------------------------------
+
+def test_encode_matches_integer_fixed_point_and_decodes_within_the_scale():
+    values = [0.0, 1.0, -1.0, 0.5, -2.5e-8, 3.14159265, -123456.789, 9.9e5]
+    words = secagg.encode(values, SCALE, 10)
+    assert words.dtype == np.uint64
+    assert [int(w) for w in words] == [ref_encode(v, SCALE) for v in values]
+    for w, v in zip(secagg.decode(words, SCALE), values):
+        assert w == ref_decode(ref_encode(v, SCALE), SCALE)
+        assert abs(w - v) <= 2.0 ** -(SCALE + 1)
+
+
+def test_encode_refuses_values_whose_sum_could_wrap_and_non_finite_values():
+    limit = 2.0**63 / 2**SCALE / 100  # 100 parties: |x| must stay below this
+    secagg.encode([limit * 0.999], SCALE, 100)
+    with pytest.raises(ValueError, match=r"x\[1\].*wrap around"):
+        secagg.encode([0.0, -limit], SCALE, 100)
+    with pytest.raises(ValueError, match=r"x\[0\] is not finite"):
+        secagg.encode([float("nan")], SCALE, 2)
+    with pytest.raises(ValueError, match="scale_bits"):
+        secagg.encode([1.0], 63, 2)
+
+
+# --- the primitives against published vectors --------------------------------
+
+def test_prg_is_chacha20_keystream_read_little_endian():
+    # RFC 8439, appendix A.1, test vector 1: zero key, zero nonce, block counter 0.
+    stream = bytes.fromhex("76b8e0ada0f13d90405d6ae55386bd28bdd219b8a08ded1aa836efcc8b770dc7")
+    want = [int.from_bytes(stream[k:k + 8], "little") for k in range(0, 32, 8)]
+    assert [int(w) for w in secagg.expand(bytes(32), 4)] == want
+
+
+def test_agree_is_hkdf_sha256_of_x25519_and_symmetric():
+    # RFC 7748, section 6.1.
+    alice_sk = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
+    bob_sk = bytes.fromhex("5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb")
+    bob_pk = bytes.fromhex("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f")
+    shared = bytes.fromhex("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742")
+    # HKDF (RFC 5869) with no salt: PRK = HMAC(0^32, IKM), OKM = HMAC(PRK, info || 0x01).
+    prk = hmac.new(bytes(32), shared, hashlib.sha256).digest()
+    want = hmac.new(prk, b"mask" + SESSION + b"\x01", hashlib.sha256).digest()
+    assert secagg.agree(alice_sk, bob_pk, secagg.MASK, SESSION) == want
+    assert secagg.agree(bob_sk, secagg.public_of(alice_sk), secagg.MASK, SESSION) == want
+    assert secagg.agree(alice_sk, bob_pk, secagg.SHARE, SESSION) != want
+
+
+def test_another_session_gives_the_same_keys_other_masks():
+    a_sk, a_pk = secagg.new_keypair()
+    b_sk, b_pk = secagg.new_keypair()
+    seed_1 = secagg.agree(a_sk, b_pk, secagg.MASK, b"run 3 round 7")
+    seed_2 = secagg.agree(a_sk, b_pk, secagg.MASK, b"run 3 round 8")
+    assert seed_1 == secagg.agree(b_sk, a_pk, secagg.MASK, b"run 3 round 7")
+    assert seed_1 != seed_2
+    assert not np.array_equal(secagg.expand(seed_1, 8), secagg.expand(seed_2, 8))
+
+
+def test_malformed_public_keys_are_named():
+    sk, _ = secagg.new_keypair()
+    with pytest.raises(ValueError, match="s_pk of client 4: not a raw 32-byte"):
+        secagg.agree(sk, bytes(31), secagg.MASK, SESSION, "s_pk of client 4")
+    with pytest.raises(ValueError, match="c_pk of client 2: a low-order point"):
+        secagg.agree(sk, bytes(32), secagg.SHARE, SESSION, "c_pk of client 2")
+    client = secagg.SecAggClient(1, SESSION, 2)
+    peers = {1: client.advertise(), 2: {"c_pk": bytes(32), "s_pk": secagg.new_keypair()[1]}}
+    with pytest.raises(ValueError, match="c_pk of client 2"):
+        client.share_keys(peers)
+    peers[2] = {"c_pk": secagg.new_keypair()[1], "s_pk": b"short"}
+    with pytest.raises(ValueError, match=r"peers\[2\].s_pk: must be 32 bytes"):
+        client.share_keys(peers)
+    peers[2] = {"c_pk": peers[1]["s_pk"], "s_pk": secagg.new_keypair()[1]}
+    with pytest.raises(ValueError, match="c_pk of client 2 is also the s_pk of client 1"):
+        client.share_keys(peers)
+
+
+def test_shamir_any_t_shares_rebuild_a_32_byte_secret():
+    secret = bytes(range(32))
+    shares = secagg.split_secret(secret, 3, [5, 9, 2, 7])
+    assert sorted(shares) == [2, 5, 7, 9]
+    for holders in ([5, 9, 2], [2, 7, 9], [5, 9, 2, 7]):
+        assert secagg.combine_secret({h: shares[h] for h in holders}, 3) == secret
+    with pytest.raises(ValueError, match="only 2 of 3 shares"):
+        secagg.combine_secret({5: shares[5], 9: shares[9]}, 3)
+    assert secagg.combine_secret({5: shares[5], 9: shares[9]}, 2) != secret  # t−1 points: another polynomial
+
+
+def test_sealed_shares_are_bound_to_key_and_aad():
+    key = bytes(range(32))
+    blob = secagg.seal(key, b"two shares", b"1>2")
+    assert secagg.open_sealed(key, blob, b"1>2") == b"two shares"
+    for bad_blob, aad in ((blob, b"2>1"), (blob[:-1] + bytes([blob[-1] ^ 1]), b"1>2"), (blob[:5], b"1>2")):
+        with pytest.raises(ValueError, match="failed authentication"):
+            secagg.open_sealed(key, bad_blob, aad)
+
+
+# --- the whole protocol ----------------------------------------------------------
+
+@pytest.mark.parametrize("k, t", [(2, 2), (3, 2), (10, 6)])
+def test_unmasked_sum_is_the_plain_sum(k, t):
+    xs = random_inputs(k, 4, seed=k)
+    fed = Federation(xs, t)
+    u3 = fed.u2
+    total, trace = fed.total(u3, fed.unmask(u3))
+    assert_close(total, plain_sum(list(xs.values())), k)
+    assert trace[-1].startswith("= Σ x_i = ")
+
+
+def test_a_masked_vector_alone_looks_uniform_and_says_nothing_of_its_input():
+    d = 4000
+    xs = random_inputs(3, d, seed=7)
+    fed = Federation(xs, 2)
+    for i, y in fed.masked.items():
+        words = [int(w) for w in y]
+        top = sum(w >> 63 for w in words) / d
+        assert abs(top - 0.5) < 0.05  # the top bit of uniform words is a fair coin
+        far = sum(abs(ref_decode(w, SCALE) - x) > 1e3 for w, x in zip(words, xs[i]))
+        assert far > 0.99 * d
+
+
+def test_a_client_lost_after_sharing_keys_has_its_masks_removed_and_input_left_out():
+    xs = random_inputs(5, 3, seed=11)
+    fed = Federation(xs, 3)
+    u3 = [1, 2, 4, 5]  # client 3's y never reaches the server
+    replies = fed.unmask(u3)
+    assert all(list(r["s_sk"]) == [3] and list(r["b"]) == u3 for r in replies.values())
+    total, trace = fed.total(u3, replies)
+    assert_close(total, plain_sum([xs[i] for i in u3]), 5)
+    assert any("dropped client 3" in line for line in trace)
+
+
+def test_a_client_lost_before_sharing_keys_is_not_in_any_mask():
+    xs = random_inputs(5, 3, seed=12)
+    fed = Federation(xs, 3, before=(2,))
+    assert fed.u2 == [1, 3, 4, 5]
+    total, _ = fed.total(fed.u2, fed.unmask(fed.u2))
+    assert_close(total, plain_sum([xs[i] for i in fed.u2]), 5)
+
+
+def test_both_kinds_of_dropout_and_a_silent_survivor_together():
+    xs = random_inputs(10, 2, seed=13)
+    fed = Federation(xs, 5, before=(4, 9))
+    u3 = [1, 2, 3, 6, 7, 10]  # 5 and 8 lost after sharing
+    total, _ = fed.total(u3, fed.unmask(u3, silent=(2,)))  # 2 sent y but not its shares: 5 replies still ≥ t
+    assert_close(total, plain_sum([xs[i] for i in u3]), 10)
+
+
+def test_the_trace_writes_the_weighted_sum_and_n():
+    thetas = {1: ([1.2, 0.4], 2), 2: ([0.8, 0.6], 6)}
+    xs = {i: list(secagg.weighted_input(np.array(theta), n)) for i, (theta, n) in thetas.items()}
+    fed = Federation(xs, 2)
+    total, trace = fed.total([1, 2], fed.unmask([1, 2]))
+    want = plain_sum([[n * v for v in theta] + [n] for theta, n in thetas.values()])  # [8.0, 4.4, 8]
+    assert_close(total, want, 2)
+    theta, n = secagg.weighted_mean(total)
+    assert n == 8 and abs(theta[0] - 0.9) < 1e-6
+    assert f"N = {fmt(8)}" in trace[-1] and fmt(8.0) in trace[-1]
+    assert trace[1].startswith(f"y_1 = [{int(fed.masked[1][0])}, ")
+
+
+def test_protocol_over_json_with_the_wire_parsers():
+    xs = random_inputs(3, 3, seed=14)
+    clients = {i: secagg.SecAggClient(i, SESSION, 2) for i in xs}
+
+    def wire(value):  # what the HTTP layer will do: JSON text and back
+        return json.loads(json.dumps(secagg.to_wire(value)))
+
+    public = {i: secagg.keys_from_wire(wire(c.advertise()), f"advertise[{i}]") for i, c in clients.items()}
+    peers = secagg.indexed_from_wire(wire(public), "peers", secagg.keys_from_wire)
+    sealed = {i: secagg.indexed_from_wire(wire(c.share_keys(peers)), "shares", secagg.bytes_from_wire)
+              for i, c in clients.items()}
+    u2 = secagg.indices_from_wire(wire([1, 2, 3]), "survivors_u2")
+    masked = {}
+    for i, c in clients.items():
+        inbox = secagg.indexed_from_wire(wire({j: sealed[j][i] for j in u2 if j != i}), "received",
+                                         secagg.bytes_from_wire)
+        masked[i] = secagg.vector_from_wire(wire(c.masked_input(xs[i], inbox, u2)), "masked", 3)
+    replies = {i: secagg.reveal_from_wire(wire(c.unmask(u2, [])), "unmask") for i, c in clients.items()}
+    b, s_sk = secagg.collect_shares(replies)
+    total, _ = secagg.unmask_sum(masked, b, s_sk, public, survivors_u2=u2, session=SESSION, threshold=2, length=3)
+    assert_close(total, plain_sum(list(xs.values())), 3)
+
+
+# --- refusals ---------------------------------------------------------------------
+
+def test_fewer_than_t_survivors_the_server_fails_and_clients_refuse():
+    fed = Federation(random_inputs(4, 2, seed=21), 3)
+    u3 = [1, 2]
+    for i in u3:
+        with pytest.raises(ValueError, match="only 2 survivors, fewer than t=3"):
+            fed.clients[i].unmask(u3, [3, 4])
+    with pytest.raises(secagg.SecAggError, match="only 2 of t=3 clients"):
+        fed.total(u3, {})
+
+
+def test_too_few_shares_of_a_secret_is_a_secagg_error():
+    fed = Federation(random_inputs(4, 2, seed=22), 3)
+    replies = fed.unmask([1, 2, 3, 4], silent=(2, 3))
+    with pytest.raises(secagg.SecAggError, match=r"b_1: only 2 of t=3 shares"):
+        fed.total([1, 2, 3, 4], replies)
+
+
+def test_a_client_never_reveals_both_shares_of_one_client():
+    fed = Federation(random_inputs(3, 2, seed=23), 2)
+    client = fed.clients[1]
+    with pytest.raises(ValueError, match=r"both b and s_sk of client\(s\) \[3\]"):
+        client.unmask([1, 2, 3], [3])
+    client.unmask([1, 2, 3], [])
+    with pytest.raises(ValueError, match=r"both b and s_sk of client\(s\) \[3\]"):
+        client.unmask([1, 2], [3])  # a second request cannot get the other half
+
+
+def test_a_client_refuses_to_talk_about_clients_it_has_no_shares_from():
+    fed = Federation(random_inputs(4, 2, seed=24), 2, before=(4,))
+    with pytest.raises(ValueError, match=r"client\(s\) \[4\] never sent this client shares"):
+        fed.clients[1].unmask([1, 2, 3], [4])
+
+
+def test_one_masked_input_per_session_a_retry_gets_the_same():
+    fed = Federation(random_inputs(3, 2, seed=29), 2)
+    again = fed.clients[1].masked_input(fed.xs[1], fed.inbox(1), fed.u2)
+    assert np.array_equal(again, fed.masked[1])
+    with pytest.raises(ValueError, match="already sent"):
+        fed.clients[1].masked_input([v + 1 for v in fed.xs[1]], fed.inbox(1), fed.u2)
+
+
+def test_a_tampered_ciphertext_is_refused_naming_its_sender():
+    fed = Federation(random_inputs(3, 2, seed=25), 2, tamper=(2, 1))
+    with pytest.raises(ValueError, match="shares from client 2: .*failed authentication"):
+        fed.clients[1].unmask([1, 2, 3], [])
+    fed.clients[3].unmask([1, 2, 3], [])  # what reached client 3 is intact
+
+
+def test_a_wrong_share_is_left_out_and_named_when_spare_shares_exist():
+    xs = random_inputs(5, 2, seed=26)
+    fed = Federation(xs, 3)
+    u3 = [1, 2, 3, 4]
+    replies = fed.unmask(u3)
+    share = replies[2]["b"][4]
+    replies[2]["b"][4] = share[:-1] + bytes([share[-1] ^ 0xFF])
+    share = replies[3]["s_sk"][5]
+    replies[3]["s_sk"][5] = share[:6] + bytes([share[6] ^ 1]) + share[7:]
+    total, trace = fed.total(u3, replies)
+    assert_close(total, plain_sum([xs[i] for i in u3]), 5)
+    assert any(line.startswith("b_4: the share(s) from client(s) [2] are wrong") for line in trace)
+    assert any(line.startswith("s_sk_5: the share(s) from client(s) [3] are wrong") for line in trace)
+
+
+def test_a_wrong_share_among_exactly_t_is_a_secagg_error_naming_the_holders():
+    fed = Federation(random_inputs(3, 2, seed=27), 3)
+    replies = fed.unmask([1, 2, 3])
+    replies[3]["b"][1] = replies[3]["b"][1][:-1] + b"\x00"
+    with pytest.raises(secagg.SecAggError, match=r"b_1: the shares from clients \[1, 2, 3\]") as caught:
+        fed.total([1, 2, 3], replies)
+    assert caught.value.clients == [1, 2, 3]
+
+
+def test_malformed_masked_vectors_are_named():
+    fed = Federation(random_inputs(3, 2, seed=28), 2)
+    replies = fed.unmask([1, 2, 3])
+    b, s_sk = secagg.collect_shares(replies)
+    kwargs = dict(survivors_u2=fed.u2, session=SESSION, threshold=2, length=2)
+    for bad, message in ((fed.masked[2][:1], r"client 2: has shape \(1,\), expected 2 words"),
+                         (np.array([0.5, 1.5]), "client 2: must be words in 0..2"),
+                         (np.array([-1, 3]), "client 2: must be words in 0..2")):
+        with pytest.raises(ValueError, match=message):
+            secagg.unmask_sum({**fed.masked, 2: bad}, b, s_sk, fed.public, **kwargs)
+
+
+# --- the wire format ----------------------------------------------------------------
+
+def test_wire_round_trips_and_rejects_malformed_fields_by_name():
+    key = secagg.new_keypair()[1]
+    assert secagg.bytes_from_wire(secagg.to_wire(key), "c_pk", 32) == key
+    words = np.array([0, 1, 2**64 - 1], dtype=np.uint64)
+    assert [int(w) for w in secagg.vector_from_wire(secagg.to_wire(words), "y", 3)] == [0, 1, 2**64 - 1]
+    assert secagg.to_wire({3: [b"\x00"]}) == {"3": ["AA=="]}
+    bad = [
+        (lambda: secagg.bytes_from_wire("not base64!", "c_pk", 32), "c_pk: is not base64"),
+        (lambda: secagg.bytes_from_wire(secagg.to_wire(key[:31]), "c_pk", 32), "c_pk: must be 32 bytes"),
+        (lambda: secagg.bytes_from_wire("QR==", "share"), "share: is not canonical"),
+        (lambda: secagg.bytes_from_wire(12, "share"), "share: must be base64"),
+        (lambda: secagg.vector_from_wire(secagg.to_wire(words), "y", 2), "y: must be base64 text of 16 bytes"),
+        (lambda: secagg.indices_from_wire([1, 2, 1], "survivors_u3"), "survivors_u3: client 1 is listed twice"),
+        (lambda: secagg.indices_from_wire([1, True], "dropped"), "dropped: a client index"),
+        (lambda: secagg.indexed_from_wire({"03": "AA=="}, "received", secagg.bytes_from_wire), "received: key '03'"),
+        (lambda: secagg.indexed_from_wire({"3": "?"}, "received", secagg.bytes_from_wire), r"received\.3: is not"),
+        (lambda: secagg.keys_from_wire({"c_pk": "AA==", "x": 1}, "peers.2"), "peers.2: must be an object with"),
+        (lambda: secagg.reveal_from_wire({"b": {}}, "unmask"), "unmask: must be an object with exactly b and s_sk"),
+    ]
+    for call, message in bad:
+        with pytest.raises(ValueError, match=message):
+            call()
