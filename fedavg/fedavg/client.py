@@ -23,6 +23,7 @@ from flask import Blueprint, Flask, g, render_template, request
 from .data import DataError, load_csv
 from .model import mse, split
 from .openapi import client_document
+from .privacy import privatize
 from .service import (
     cli,
     configure_logging,
@@ -142,6 +143,13 @@ class LocalClient:
         with np.errstate(over="ignore", invalid="ignore"):
             loss_before = mse(*split(task.theta), self.X, self.y)
             local = strategy.local(task, self.X, self.y, self.memory)
+            within_clip = None
+            if task.config.private and local.theta is not None:
+                # DP-FedAvg: only the clipped (and, if asked, noised) model leaves this client, and
+                # the bit adaptive clipping counts: was the update no longer than the bound?
+                bound = math.inf if task.config.dp_clip is None else task.config.dp_clip
+                within_clip = float(np.linalg.norm(local.theta - task.theta) <= bound)
+                local = replace(local, theta=privatize(local.theta, task.theta, bound, task.config.dp_noise_std))
             theta = task.theta if local.theta is None else local.theta
             loss_after = mse(*split(theta), self.X, self.y)
         vectors = [theta, *(v for v in local.extra.values() if isinstance(v, np.ndarray))]
@@ -157,6 +165,8 @@ class LocalClient:
                      "" if strategy.name == "fedavg" else f"[{strategy.name}] ", fmt_theta(task.theta),
                      fmt_theta(theta), f"{loss_before:.6g}", f"{loss_after:.6g}")
         metrics = {"loss_before": loss_before if math.isfinite(loss_before) else None, "loss_after": loss_after}
+        if within_clip is not None:
+            metrics["within_clip"] = within_clip
         return train_reply_json(self.client_id, len(self.y), local, metrics, strategy.name), 200
 
     def evaluate(self, body: Any) -> tuple[dict[str, Any], int]:

@@ -38,6 +38,12 @@ SCHEMAS: dict[str, Any] = {
                          "description": "what the client computes; only sent for strategies other than fedavg"},
             "run": {"type": "string", "minLength": 1, "maxLength": MAX_RUN_NAME, "nullable": True,
                     "description": "names the run, for state a client keeps between rounds (SCAFFOLD's c_k)"},
+            "dp": {"type": "object", "additionalProperties": False, "nullable": True,
+                   "description": "a DP run's: clip W_k − W_t to L2 norm `clip`, then add N(0, noise_std²) to "
+                                  "each coordinate, before replying",
+                   "properties": {"clip": {"type": "number", "minimum": 0, "exclusiveMinimum": True,
+                                           "nullable": True},
+                                  "noise_std": {"type": "number", "minimum": 0, "default": 0}}},
         },
     },
     "Metrics": {

@@ -20,6 +20,14 @@ class TrainConfig:
     seed: int | None = None  # shuffles mini-batches; unused for full batch
     strategy: str = "fedavg"  # what the client computes (fedavg.strategies)
     run: str | None = None  # names the run, for state a client keeps between rounds (SCAFFOLD's c_k)
+    # DP-FedAvg (fedavg.privacy): clip W_k − W_t to this L2 norm, then add
+    # N(0, dp_noise_std²) to each coordinate, before replying. None/0: neither.
+    dp_clip: float | None = None
+    dp_noise_std: float = 0.0
+
+    @property
+    def private(self) -> bool:
+        return self.dp_clip is not None or self.dp_noise_std > 0
 
 
 class TrainingStopped(Exception):

@@ -204,13 +204,15 @@ def model_json(w: Weights, b: float) -> dict[str, Any]:
 # What a run's settings say about local training (POST /start takes them as is).
 LOCAL_TRAINING_FIELDS = ("lr", "local_epochs", "batch_size", "mu")
 TRAIN_CONFIG_FIELDS = (*LOCAL_TRAINING_FIELDS, "seed", "strategy", "run")
+DP_CONFIG_FIELDS = ("clip", "noise_std")
 MAX_RUN_NAME = 200
 
 
 def parse_train_config(value: Any, path: str = "config") -> TrainConfig:
     """The optional "config" of /train; a missing field takes the seed's default."""
-    obj = expect_object(value, path, TRAIN_CONFIG_FIELDS)
+    obj = expect_object(value, path, (*TRAIN_CONFIG_FIELDS, "dp"))
     at = f"{path}." if path else ""
+    dp = expect_object(obj["dp"], f"{at}dp", DP_CONFIG_FIELDS) if obj.get("dp") is not None else {}
     default = TrainConfig()
     batch = obj.get("batch_size")
     seed = obj.get("seed")
@@ -226,6 +228,8 @@ def parse_train_config(value: Any, path: str = "config") -> TrainConfig:
         seed=None if seed is None else expect_int(seed, f"{at}seed", ge=0, le=2**63 - 1),
         strategy=strategy,
         run=None if obj.get("run") is None else expect_str(obj["run"], f"{at}run", max_len=MAX_RUN_NAME),
+        dp_clip=None if dp.get("clip") is None else expect_number(dp["clip"], f"{at}dp.clip", gt=0),
+        dp_noise_std=expect_number(dp["noise_std"], f"{at}dp.noise_std", ge=0) if "noise_std" in dp else 0.0,
     )
 
 
@@ -233,7 +237,10 @@ def train_config_json(config: TrainConfig) -> dict[str, Any]:
     """The "config" of /train. FedAvg's is the seed's, field for field: the
     strategy and the run's name are sent only when another strategy needs them."""
     fields = TRAIN_CONFIG_FIELDS if config.strategy != "fedavg" else TRAIN_CONFIG_FIELDS[:-2]
-    return {name: getattr(config, name) for name in fields}
+    out = {name: getattr(config, name) for name in fields}
+    if config.private:  # a DP run's: what the client does to its model before it sends it
+        out["dp"] = {"clip": config.dp_clip, "noise_std": config.dp_noise_std}
+    return out
 
 
 def parse_train_request(value: Any, num_features: int) -> ClientTask:
@@ -329,8 +336,10 @@ def parse_train_reply(value: Any, num_features: int | None = None, strategy: str
     if metrics is not None:
         if not isinstance(metrics, Mapping):
             raise ProtocolError("reply.metrics: must be a JSON object")
-        metrics = {k: expect_number(metrics[k], f"reply.metrics.{k}", ge=0)
-                   for k in ("loss_before", "loss_after") if metrics.get(k) is not None}
+        # within_clip: a DP client's bit, 1 if its update was no longer than the
+        # clip bound before it clipped (adaptive clipping counts them)
+        metrics = {k: expect_number(metrics[k], f"reply.metrics.{k}", ge=0, le=1 if k == "within_clip" else None)
+                   for k in ("loss_before", "loss_after", "within_clip") if metrics.get(k) is not None}
     return {"theta": theta, "extra": extra, "data_size": data_size, "client_id": client_id, "metrics": metrics}
 
 

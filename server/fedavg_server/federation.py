@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from fedavg.aggregation import outliers, update_norms, weighted_loss_avg
 from fedavg.model import Theta, as_theta, split
+from fedavg.privacy import DPAverage, adapt_clip, client_noise_std, noise_std
 from fedavg.strategies import CannotCombine, Result, State, Step, Strategy
 from fedavg.trace import fmt_theta
 from fedavg.wire import (
@@ -278,6 +281,14 @@ class Run:
         log.info("%s: %s", s.strategy, self.strategy.summary)
         if s.robust:
             log.info("robust rule in place of the average: %s", ", ".join(f"{k}={v}" for k, v in s.robust.items()))
+        if s.dp:
+            log.info("DP-FedAvg: W_{t+1} = W_t + (Σ_k clip_S(W_k − W_t) + N(0, σ²S²)) / M with σ=%g, S=%s, M=q·K=%g, "
+                     "δ=%g%s%s%s", s.dp["noise_multiplier"], "∞" if s.dp["clip"] is None else f"{s.dp['clip']:g}",
+                     s.dp["expected"], s.dp["delta"],
+                     "" if s.dp["target_epsilon"] is None else f", budget ε ≤ {s.dp['target_epsilon']:g}",
+                     ", noise added by the clients" if s.dp["local_noise"] else "",
+                     "" if not s.dp["adaptive"] else ", adaptive S: " + ", ".join(
+                         f"{k}={v:g}" for k, v in s.dp["adaptive"].items()))
         try:
             self._probe_health()
             theta = self._initial_model()
@@ -285,6 +296,7 @@ class Run:
                 self.state = self.strategy.initial_state(theta)
             for r in range(self.first_round, s.rounds + 1):
                 self._unless_stopped(r)
+                self._within_budget(r)
                 theta = self._round(r, theta)
                 if s.pace_s and r < s.rounds:
                     self.stop_requested.wait(s.pace_s)  # only when the user asked to watch slowly
@@ -345,6 +357,21 @@ class Run:
                                        f"{self.num_features} feature(s)")
         return theta
 
+    def _within_budget(self, r: int) -> None:
+        """A DP run with a budget stops before the round that would overspend it."""
+        dp = self.s.dp
+        if not dp or dp["target_epsilon"] is None:
+            return
+        spent, next_eps = (self._epsilon(n) for n in (r - 1, r))
+        if next_eps > dp["target_epsilon"]:
+            raise RunStopped("budget_exhausted", f"round {r} would bring ε to {next_eps:.4g}, past the budget "
+                                                 f"target_epsilon = {dp['target_epsilon']:g} (δ = {dp['delta']:g}); "
+                                                 f"{r - 1} round(s) spent ε = {spent:.4g}")
+
+    def _epsilon(self, rounds: int) -> float:
+        from .accountant import epsilon  # dp-accounting (with SciPy) only for runs that use it
+        return epsilon(self.s.fraction, self.s.dp["noise_multiplier"], rounds, self.s.dp["delta"])
+
     # --- one round ----------------------------------------------------------
 
     def _round(self, r: int, theta: Theta) -> Theta:
@@ -356,22 +383,64 @@ class Run:
         self._unless_server_stopping(r)
         results, dropped = self._sort_replies(r, replies)
         self._record_loss(r - 1, results)  # the loss each client measured on θ_t is round r−1's federated loss
-        self._enough_replies(r, theta, results, dropped)
+        self._enough_replies(r, theta, results, dropped, len(sample))
         suspects, culprits = self._outliers(theta, results)
         step = self._aggregate(r, theta, results)
         self._finite(r, step, culprits)
+        privacy = None
+        if self.s.dp:
+            step, privacy = self._private_step(r, theta, results, step)
         self._store(RoundRecord(r, self.s.strategy, theta, results, dropped, step, time.perf_counter() - started,
-                                suspects))
+                                suspects, privacy))
         self.state, self.culprits = step.state, culprits
         before, after = update_norms([theta, step.theta])
         self.jump = after / max(before, 1.0)
         return step.theta
 
     def _aggregate(self, r: int, theta: Theta, results: list[Result]) -> Step:
+        if self.s.dp:
+            # DP-FedAvg's clipped, noised average in place of the strategy's own,
+            # with this round's clip bound S (adaptive clipping moves it).
+            dp = self.s.dp
+            self.strategy.combine = DPAverage(self._clip_bound(), dp["update_noise_multiplier"], dp["expected"],
+                                              local=dp["local_noise"])
         try:
             return self.strategy.aggregate(theta, results, self.state)
         except CannotCombine as e:
             raise RunStopped("failed", f"round {r}: {e}") from None
+
+    def _clip_bound(self) -> float:
+        """This round's S: the setting, or where adaptive clipping left it (kept in the server state)."""
+        if self.state and "dp_clip" in self.state:
+            return float(self.state["dp_clip"][0])
+        return math.inf if self.s.dp["clip"] is None else self.s.dp["clip"]
+
+    def _private_step(self, r: int, theta: Theta, results: list[Result], step: Step) -> tuple[Step, dict[str, Any]]:
+        """The round's privacy record (ε spent so far, the clip bound and the
+        noise it used) and, with adaptive clipping, the next round's S."""
+        dp, bound, spent = self.s.dp, self._clip_bound(), self._epsilon(r)
+        record = {"epsilon": spent if math.isfinite(spent) else None,  # None: ∞, no noise (JSON has no ∞)
+                  "delta": dp["delta"], "target_epsilon": dp["target_epsilon"],
+                  "clip": None if math.isinf(bound) else bound, "noise_multiplier": dp["noise_multiplier"],
+                  "update_noise_multiplier": dp["update_noise_multiplier"],
+                  "noise_std": noise_std(dp["update_noise_multiplier"], bound, dp["expected"]),
+                  "expected_clients": dp["expected"]}
+        trace = [*step.trace, f"privacy: ε = {spent:.6g} spent after {r} round(s) at δ = {dp['delta']:g}"
+                 + ("" if dp["target_epsilon"] is None else f" (budget {dp['target_epsilon']:g})")]
+        state = {k: v for k, v in step.state.items() if k != "dp_clip"}
+        if dp["adaptive"]:
+            a = dp["adaptive"]
+            # Each client's bit (its update fit under S before it clipped); a client that
+            # did not say is counted from what it sent.
+            unclipped = sum((x.metrics or {}).get("within_clip", float(np.linalg.norm(x.theta - theta) <= bound))
+                            for x in results if x.theta is not None)
+            new_bound, share = adapt_clip(bound, unclipped, dp["expected"], a["target_quantile"], a["lr"],
+                                          a["count_noise"])
+            record |= {"unclipped_share": share, "next_clip": new_bound}
+            state["dp_clip"] = np.array([new_bound])
+            trace.append(f"adaptive clip: b̄ = (unclipped + N(0, σ_b²)) / M = {share:.6g}; S ← S·exp(−η(b̄ − γ)) = "
+                         f"{bound:.6g}·exp(−{a['lr']:g}·({share:.6g} − {a['target_quantile']:g})) = {new_bound:.6g}")
+        return Step(step.theta, state, trace), record
 
     def _outliers(self, theta: Theta, results: list[Result]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """The clients whose update (W_k − W_t, or the gradient they sent) is
@@ -395,8 +464,14 @@ class Run:
 
     def _sample(self, r: int) -> list[str]:
         """This round's clients: all of them, or a seeded random share
-        ``max(min_clients, ceil(fraction·K))`` that is the same on every replay."""
+        ``max(min_clients, ceil(fraction·K))`` that is the same on every replay.
+        A DP run samples each client with probability q = fraction on its own
+        (Poisson sampling, what its accountant assumes) from the system's
+        entropy: a sample the seed could replay would be no secret."""
         urls = self.pool.urls
+        if self.s.dp and self.s.fraction < 1:
+            draw = random.SystemRandom()
+            return [url for url in urls if draw.random() < self.s.fraction]
         m = min(len(urls), max(self.s.min_clients, math.ceil(self.s.fraction * len(urls) - 1e-9)))
         if m == len(urls):
             return list(urls)
@@ -411,7 +486,14 @@ class Run:
         common = {"global_model": model_json(*split(theta)), "round": r,
                   **{k: model_json(*split(v)) for k, v in self.strategy.inputs(self.state).items()}}
         key = self.key if self.s.strategy != "fedavg" else None
-        return lambda url: {**common, "config": train_config_json(self.s.train_config(int(seed_of[url]), key))}
+        private = {}
+        if self.s.dp:  # what each client does to its model before sending it: clip, and its share of the noise
+            dp, bound = self.s.dp, self._clip_bound()
+            private = {"dp_clip": None if math.isinf(bound) else bound,
+                       "dp_noise_std": (client_noise_std(dp["update_noise_multiplier"], bound, dp["expected"])
+                                        if dp["local_noise"] else 0.0)}
+        return lambda url: {**common, "config": train_config_json(
+            replace(self.s.train_config(int(seed_of[url]), key), **private))}
 
     def _sort_replies(self, r: int, replies: list[Reply]) -> tuple[list[Result], list[dict[str, Any]]]:
         """The replies that can join the aggregate, and the clients dropped with
@@ -446,7 +528,8 @@ class Run:
         return Result(self.names[reply.url], reply.url, parsed["data_size"], parsed["theta"], parsed["extra"],
                       parsed["metrics"])
 
-    def _enough_replies(self, r: int, theta: Theta, results: list[Result], dropped: list[dict[str, Any]]) -> None:
+    def _enough_replies(self, r: int, theta: Theta, results: list[Result], dropped: list[dict[str, Any]],
+                        sampled: int) -> None:
         diverged = [d["client_id"] for d in dropped if d["diverged"]]
         if diverged:
             # A client whose local training blew up: averaging on without it
@@ -455,7 +538,8 @@ class Run:
             self._log_partial(r, theta, results, dropped)
             raise RunStopped("diverged", f"round {r}: local training diverged on {', '.join(diverged)}: "
                                          f"{self._why_diverged(r, theta)}")
-        if len(results) < self.s.min_clients:
+        # (A DP round may sample fewer than min_clients, or none: its release is then mostly noise.)
+        if len(results) < (min(self.s.min_clients, sampled) if self.s.dp else self.s.min_clients):
             self._log_partial(r, theta, results, dropped)
             missing = ", ".join(d["url"] + (f" = {d['client_id']}" if d["client_id"] != d["url"] else "")
                                 + f" ({d['reason']})" for d in dropped)

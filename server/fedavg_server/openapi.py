@@ -7,12 +7,13 @@ from fedavg.openapi import AUTH_ERROR, ERRORS, SCHEMAS, document, json_content, 
 from fedavg.strategies import AGGREGATORS, STRATEGIES, Param
 from fedavg.wire import MAX_LOCAL_EPOCHS
 
-from .settings import MAX_ROUNDS
+from .settings import DP_STRATEGIES, MAX_ROUNDS
 
 # Runs on one comparison chart (GET /compare.svg; web.py checks it): more lines cannot be told apart.
 MAX_COMPARE = 10
 
-RUN_STATUS = {"type": "string", "enum": ["running", "completed", "failed", "diverged", "interrupted"]}
+RUN_STATUS = {"type": "string", "enum": ["running", "completed", "failed", "diverged", "interrupted",
+                                                "budget_exhausted"]}
 NOT_FOUND = {"404": reply("no such run", ref("Error"))}
 BUSY = {"409": reply("a run is already running (its id is in run_id), or this run cannot be resumed",
                      ref("Error"))}
@@ -81,6 +82,35 @@ def server_document(num_clients: int) -> dict[str, Any]:
                               "description": "bound on each client's update ‖W_k − W_t‖ before combining"},
                 "max_weight": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1,
                                "description": "cap on any one client's share n_k/N (mean only)"},
+                "dp": {**ref("DPSettings"), "nullable": True},
+            },
+        },
+        "DPSettings": {
+            "type": "object", "additionalProperties": False, "required": ["noise_multiplier", "clip"],
+            "description": "DP-FedAvg: W_{t+1} = W_t + (Σ_k clip_S(W_k − W_t) + N(0, σ²S²)) / M, M = fraction·K; "
+                           f"strategies {', '.join(DP_STRATEGIES)} with the mean only",
+            "properties": {
+                "noise_multiplier": {"type": "number", "minimum": 0, "maximum": 1e6, "description": "σ"},
+                "clip": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1e12,
+                         "nullable": True, "description": "S, the L2 bound on each update (null = ∞, only with σ = 0)"},
+                "delta": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1,
+                          "exclusiveMaximum": True, "default": 1e-5},
+                "target_epsilon": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1e6,
+                                   "nullable": True,
+                                   "description": "the budget: the run stops as budget_exhausted before a round "
+                                                  "that would pass it (needs σ > 0)"},
+                "local_noise": {"type": "boolean", "default": False,
+                                "description": "each client adds N(0, σ²S²/M) itself; the server only sums"},
+                "adaptive": {"type": "object", "additionalProperties": False, "nullable": True,
+                             "description": "adaptive clipping (Andrew et al., 2021): S tracks a quantile of "
+                                            "the update norms",
+                             "properties": {
+                                 "target_quantile": {"type": "number", "minimum": 0, "exclusiveMinimum": True,
+                                                     "maximum": 1, "exclusiveMaximum": True, "default": 0.5},
+                                 "lr": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 10,
+                                        "default": 0.2},
+                                 "count_noise": {"type": "number", "minimum": 0, "maximum": 1e6,
+                                                 "description": "σ_b, > noise_multiplier/2 (default: max(M/20, σ))"}}},
             },
         },
         "ResumeRequest": {"type": "object", "additionalProperties": False,
@@ -120,6 +150,11 @@ def server_document(num_clients: int) -> dict[str, Any]:
                                                 "items": {"type": "object"}},
                                  "server_state": {"type": "object", "description": "the strategy's state after "
                                                   "this round (SCAFFOLD's c, FedAdam's m and v, …)"},
+                                 "privacy": {"type": "object", "description": "a DP run's: epsilon spent after "
+                                             "this round, delta, target_epsilon, clip, noise_multiplier, "
+                                             "update_noise_multiplier, noise_std (on the model), "
+                                             "expected_clients, and with adaptive clipping unclipped_share "
+                                             "and next_clip"},
                                  "federated_loss": {"type": "number", "nullable": True}}},
         "RunSummary": {"type": "object", "required": ["run_id", "status", "settings", "error", "final_model"],
                        "properties": {"run_id": {"type": "integer"}, "status": RUN_STATUS,

@@ -64,6 +64,7 @@ class RoundRecord:
     step: Step
     duration_s: float  # sampling, the calls and the aggregation
     suspicious: list[dict[str, Any]] = field(default_factory=list)  # updates far larger than the others'
+    privacy: dict[str, Any] | None = None  # a DP run's: ε spent so far, the clip bound, the noise
 
 
 def round_json(rec: RoundRecord) -> dict[str, Any]:
@@ -90,6 +91,8 @@ def round_json(rec: RoundRecord) -> dict[str, Any]:
                          for r, p in zip(rec.results, weights(ns))]
     if rec.step.state:
         body["server_state"] = state_json(rec.step.state)
+    if rec.privacy is not None:
+        body["privacy"] = rec.privacy
     return body
 
 

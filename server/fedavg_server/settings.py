@@ -1,11 +1,13 @@
 """A run's settings: what ``POST /start`` may say, checked before anything starts."""
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from fedavg.privacy import update_noise_multiplier
 from fedavg.strategies import AGGREGATORS, PARAM_NAMES, STRATEGIES, Combine, Strategy
 from fedavg.training import TrainConfig
 from fedavg.wire import (
@@ -43,6 +45,7 @@ class RunSettings:
     client_timeout_s: float = 10.0
     params: dict[str, float] | None = None  # the strategy's own settings (server_lr, beta1, …), defaults filled in
     robust: dict[str, Any] | None = None  # a robust rule instead of the average (aggregator, trim, …); None = mean
+    dp: dict[str, Any] | None = None  # DP-FedAvg's settings (fedavg.privacy), defaults filled in; None = no DP
 
     def train_config(self, client_seed: int | None, run: str | None = None) -> TrainConfig:
         return TrainConfig(lr=self.lr, local_epochs=self.local_epochs, batch_size=self.batch_size,
@@ -58,7 +61,14 @@ class RunSettings:
 
 ROBUST_FIELDS = ("aggregator", "trim", "byzantine", "krum_m", "clip_norm", "max_weight")
 START_FIELDS = ("rounds", "strategy", *LOCAL_TRAINING_FIELDS, *PARAM_NAMES, *ROBUST_FIELDS, "fraction", "min_clients",
-                "seed", "init", "pace_s", "client_timeout_s", "wait")
+                "seed", "init", "pace_s", "client_timeout_s", "dp", "wait")
+# The strategies whose server step starts from the average of local models,
+# which DP-FedAvg's noised average replaces. FedSGD, SCAFFOLD and FedNova send
+# more than a model (gradients, control variates, step counts) that DP would
+# have to bound too; exact sends statistics.
+DP_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+DP_FIELDS = ("noise_multiplier", "clip", "delta", "target_epsilon", "local_noise", "adaptive")
+ADAPTIVE_FIELDS = ("target_quantile", "lr", "count_noise")
 
 
 class SettingsError(ProtocolError):
@@ -144,6 +154,8 @@ def parse_start(body: Any, num_clients: int) -> tuple[RunSettings, bool]:
     if "client_timeout_s" in obj:
         settings = replace(settings, client_timeout_s=check(lambda: expect_number(
             obj["client_timeout_s"], "client_timeout_s", gt=0, le=600), settings.client_timeout_s))
+    if obj.get("dp") is not None:
+        settings = replace(settings, dp=_dp(obj, settings, num_clients, problems))
     wait = check(lambda: expect_bool(obj["wait"], "wait"), True) if "wait" in obj else True
     if problems:
         raise SettingsError(problems)
@@ -218,4 +230,75 @@ def _robust(strategy: str, obj: dict[str, Any], num_clients: int,
     if rule == "krum" and num_clients <= out.get("byzantine", 1) + 2:
         problems.append(ProtocolError(f"aggregator: krum with byzantine={out.get('byzantine', 1)} needs more than "
                                       f"{out.get('byzantine', 1) + 2} clients; this server has {num_clients}"))
+    return out
+
+
+def _dp(obj: dict[str, Any], settings: RunSettings, num_clients: int,
+        problems: list[ProtocolError]) -> dict[str, Any] | None:
+    """DP-FedAvg's settings from the /start body's "dp" object, defaults
+    filled in, with ``expected`` = M = q·K (the denominator of every round's
+    release) and ``update_noise_multiplier`` (σ, or z_Δ with adaptive clipping)."""
+    try:
+        dp = expect_object(obj["dp"], "dp", DP_FIELDS, ("noise_multiplier", "clip"))
+    except ProtocolError as e:
+        problems.append(e)
+        return None
+    found = len(problems)
+
+    def field(name: str, parse: Callable[[Any, str], Any], default: Any = None) -> Any:
+        if dp.get(name) is None:
+            return default
+        try:
+            return parse(dp[name], f"dp.{name}")
+        except ProtocolError as e:
+            problems.append(e)
+            return default
+
+    sigma = field("noise_multiplier", lambda v, at: expect_number(v, at, ge=0, le=1e6), 0.0)
+    bound = field("clip", lambda v, at: expect_number(v, at, gt=0, le=1e12), math.inf)
+    out = {"noise_multiplier": sigma, "clip": None if math.isinf(bound) else bound,
+           "delta": field("delta", lambda v, at: expect_number(v, at, gt=0, lt=1), 1e-5),
+           "target_epsilon": field("target_epsilon", lambda v, at: expect_number(v, at, gt=0, le=1e6)),
+           "local_noise": field("local_noise", expect_bool, False),
+           "expected": settings.fraction * num_clients, "adaptive": None}
+    if settings.strategy not in DP_STRATEGIES:
+        problems.append(ProtocolError(f"dp: strategy {settings.strategy} sends more than a model; DP-FedAvg "
+                                      f"bounds and noises models only ({', '.join(DP_STRATEGIES)})"))
+    if settings.robust:
+        problems.append(ProtocolError(f"dp: DP-FedAvg's clipped, noised average replaces the combining rule; "
+                                      f"drop {', '.join(sorted(settings.robust))}"))
+    if dp.get("clip") is None and sigma > 0:
+        problems.append(ProtocolError("dp.clip: noise is σ·S: it needs a finite clip bound S when "
+                                      "noise_multiplier > 0"))
+    if out["target_epsilon"] is not None and sigma == 0:
+        problems.append(ProtocolError("dp.target_epsilon: without noise (noise_multiplier = 0) ε is infinite"))
+    if dp.get("adaptive") is not None:
+        out["adaptive"] = _adaptive(dp["adaptive"], sigma, out["expected"], dp.get("clip") is None, problems)
+    if len(problems) > found:
+        return None
+    out["update_noise_multiplier"] = (update_noise_multiplier(sigma, out["adaptive"]["count_noise"])
+                                      if out["adaptive"] else sigma)
+    return out
+
+
+def _adaptive(value: Any, sigma: float, expected: float, no_bound: bool,
+              problems: list[ProtocolError]) -> dict[str, float] | None:
+    """Adaptive clipping's settings (Andrew et al., 2021): the quantile γ of
+    update norms S should track, the step η, and σ_b, the noise on the count
+    of unclipped clients (default: M/20, the paper's choice, or σ if larger)."""
+    try:
+        obj = expect_object(value, "dp.adaptive", ADAPTIVE_FIELDS)
+        out = {"target_quantile": expect_number(obj.get("target_quantile", 0.5), "dp.adaptive.target_quantile",
+                                                gt=0, lt=1),
+               "lr": expect_number(obj.get("lr", 0.2), "dp.adaptive.lr", gt=0, le=10),
+               "count_noise": (expect_number(obj["count_noise"], "dp.adaptive.count_noise", ge=0, le=1e6)
+                               if "count_noise" in obj else max(expected / 20, sigma))}
+    except ProtocolError as e:
+        problems.append(e)
+        return None
+    if no_bound:
+        problems.append(ProtocolError("dp.adaptive: adapts a finite clip bound; give dp.clip as its start"))
+    if sigma > 0 and not 2 * out["count_noise"] > sigma:
+        problems.append(ProtocolError(f"dp.adaptive.count_noise: must be > noise_multiplier/2 = {sigma / 2:g}, so "
+                                      "that the update keeps some of the noise; got " f"{out['count_noise']:g}"))
     return out

@@ -303,11 +303,27 @@ function paintRun(snap) {
   progress.max = planned;
   progress.value = done;
   $("#progress-text").textContent = `${done} / ${planned} rounds`;
+  paintPrivacy(s.dp, snap.rounds.length ? snap.rounds[snap.rounds.length - 1].privacy : null);
   $("#run-error").textContent = snap.actionError || (run.error ? `Run ${run.status}: ${run.error}` : "");
   // A running run can be stopped after its round; an interrupted or failed
   // one resumed from its last completed round.
   $("#run-stop").hidden = run.status !== "running";
   $("#run-resume").hidden = !["interrupted", "failed"].includes(run.status);
+}
+
+// A DP run's ε spent so far (after its last round) against its budget, if it has one.
+function paintPrivacy(dp, last) {
+  $("#privacy").hidden = !dp;
+  if (!dp) return;
+  const spent = last ? last.epsilon : 0;
+  const budget = dp.target_epsilon;
+  const meter = $("#privacy-meter");
+  meter.max = budget || Math.max(spent, 1);
+  meter.value = Number.isFinite(spent) ? spent : meter.max;
+  meter.hidden = !budget;
+  $("#privacy-text").textContent = `ε = ${Number.isFinite(spent) ? spent.toFixed(4) : "∞"}` +
+    (budget ? ` of the budget ${budget}` : " (no budget set)") + ` at δ = ${dp.delta}; ` +
+    `σ = ${dp.noise_multiplier}, clip S = ${last && last.clip !== null ? fmt(last.clip) : dp.clip === null ? "∞" : fmt(dp.clip)}`;
 }
 
 // "scaffold (server_lr=0.500000)", "fedprox (mu=0.010000)": the strategy and its own settings.
