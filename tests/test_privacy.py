@@ -13,7 +13,7 @@ import statistics
 
 import pytest
 
-from conftest import ROOT  # noqa: F401  (puts scripts/ on the path)
+from conftest import ROOT
 from launcher import DEFAULT_PORTS, free_port, post_json, start_app, start_federation, stop, wait_healthy
 from reference import SEED_DATA, local_gd, reference_fedavg
 
@@ -235,3 +235,30 @@ def test_t_rounds_cost_t_times_one_round(q, sigma, rounds):
     """The server scales one round's divergences by T; the accountant composing T rounds itself agrees."""
     from fedavg_server.accountant import epsilon, epsilon_composed
     assert epsilon(q, sigma, rounds, 1e-5) == pytest.approx(epsilon_composed(q, sigma, rounds, 1e-5), rel=1e-12)
+
+
+def test_make_privacy_tabulates_epsilon_against_accuracy(tmp_path):
+    """scripts/privacy.py (what `make privacy` runs): one row per σ on each
+    scenario, ε as dp-accounting gives it for q = 1 over the rounds run, and
+    the no-DP row first."""
+    import json
+    import subprocess
+    import sys
+
+    from dp_accounting import GaussianDpEvent, SelfComposedDpEvent
+    from dp_accounting.rdp import RdpAccountant
+
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "privacy.py"), "--repeats", "2", "--sigmas", "0,2",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "privacy.json").read_text())
+    assert [(s["scenario"], s["clients"]) for s in report] == [("seed", 2), ("iid", 50)]
+    for scenario in report:
+        labels = [row["label"] for row in scenario["rows"]]
+        assert labels == ["no DP", "σ = 0", "σ = 2"]
+        accountant = RdpAccountant()
+        accountant.compose(SelfComposedDpEvent(GaussianDpEvent(2.0), scenario["rounds"]))
+        assert scenario["rows"][2]["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+        assert scenario["rows"][1]["epsilon"] is None  # σ = 0: ε = ∞
+        assert len(scenario["rows"][2]["losses"]) == 2  # noisy settings are repeated
+        assert f"{scenario['rows'][2]['epsilon']:.3g}" in done.stdout
