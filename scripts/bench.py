@@ -153,9 +153,9 @@ class BenchError(Exception):
     """An app did not start or a run did not complete: no figure can be trusted."""
 
 
-def run_rounds(server: App, rounds: int, seed: int) -> list[float]:
+def run_rounds(server: App, rounds: int, seed: int, **settings: Any) -> list[float]:
     """One run of ``rounds`` rounds; each round's server-side ``duration_s``."""
-    status, run = post_json(server.url + "/start", {"rounds": rounds, "seed": seed}, timeout_s=600)
+    status, run = post_json(server.url + "/start", {"rounds": rounds, "seed": seed, **settings}, timeout_s=3600)
     if status != 200 or run.get("status") != "completed":
         raise BenchError(f"run on {server.url} did not complete: HTTP {status}: {run.get('error') or run}")
     return [r["duration_s"] for r in run["rounds"]]
@@ -320,6 +320,8 @@ TRAIN_TARGET = Target(">=", 0.8)
 SEED_RSS_TARGET = Target("<=", 150.0, judged_on="max")
 DEMO_TARGET = Target("<=", 50.0)
 COMPARE_TARGET = Target("<=", 10.0)
+SECAGG_RATIO_TARGET = Target("<=", 10.0)
+SECAGG_K100_TARGET = Target("<=", 2000.0)
 
 
 # --- item 3: local training ---------------------------------------------------------------
@@ -549,6 +551,82 @@ def bench_compare(res: Results, plan: Plan, db_dir: Path) -> None:
             times, COMPARE_TARGET if plan is FULL else None, rounds=rounds)
 
 
+def bench_secagg(res: Results, plan: Plan, db_dir: Path) -> None:
+    """Item 8: a secure-aggregation round against a plain one with 10 clients
+    on a client host, one with 100, and where the time goes (in-process)."""
+    rounds = 10 if plan is FULL else 3
+    for k in (10, 100) if plan is FULL else (10,):
+        with Stack("waitress", db_dir) as stack:
+            note(f"starting a client host with K={k} (iid) and a server for secure aggregation …")
+            host = stack.start("client_host", ["--scenario", "iid", "--clients", str(k), "--seed", "0"])
+            server = stack.server([f"{host.url}/clients/{i}" for i in range(1, k + 1)], f"secagg{k}")
+            stack.healthy()
+            run_rounds(server, 1, seed=0, secagg=True)
+            plain, secure = [], []
+            reps = plan.reps if k == 10 else 2
+            for rep in range(reps):
+                if k == 10:
+                    plain.append(statistics.median(run_rounds(server, rounds, seed=rep)))
+                secure.append(statistics.median(run_rounds(server, rounds if k == 10 else 2, seed=rep, secagg=True)))
+            res.add(f"secagg_round_ms_k{k}", 8, f"secure-aggregation round, K={k} on one client host", "ms",
+                    [s * 1e3 for s in secure], SECAGG_K100_TARGET if k == 100 else None)
+            if k == 10:
+                res.add("secagg_plain_round_ms_k10", 8, "  the same federation, plain FedAvg round", "ms",
+                        [p * 1e3 for p in plain])
+                res.add("secagg_ratio_k10", 8, "  ratio secure / plain, K=10", "×",
+                        [s / p for s, p in zip(secure, plain)], SECAGG_RATIO_TARGET)
+    for k in (10, 100) if plan is FULL else (10,):
+        for part, (label, seconds) in secagg_parts(k).items():
+            res.add(f"secagg_{part}_ms_k{k}", 8, f"  K={k}, one round in-process: {label}", "ms", [seconds * 1e3])
+
+
+def secagg_parts(k: int) -> dict[str, tuple[str, float]]:
+    """One protocol run among k clients in this process, with the time spent
+    in each kind of work summed: key agreement (X25519 + HKDF), the PRG
+    (ChaCha20), Shamir (split and combine), sealing (AES-GCM), and the rest."""
+    import numpy as np
+
+    from fedavg import secagg
+    kinds = {"agree": "agreement", "expand": "prg", "split_secret": "shamir_split", "combine_secret": "shamir_combine",
+             "seal": "sealing", "open_sealed": "sealing"}
+    labels = {"agreement": "key agreement (X25519 + HKDF)", "prg": "PRG (ChaCha20)", "shamir_split": "Shamir split",
+              "shamir_combine": "Shamir combine", "sealing": "sealing shares (AES-GCM)"}
+    spent = dict.fromkeys(labels, 0.0)
+    originals = {name: getattr(secagg, name) for name in kinds}
+
+    def timed(name: str) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return originals[name](*args, **kwargs)
+            finally:
+                spent[kinds[name]] += time.perf_counter() - t0
+        return wrapper
+
+    session, t, length = b"bench", k // 2 + 1, 6
+    try:
+        for name in kinds:
+            setattr(secagg, name, timed(name))
+        t0 = time.perf_counter()
+        clients = {i: secagg.SecAggClient(i, session, t) for i in range(1, k + 1)}
+        public = {i: c.advertise() for i, c in clients.items()}
+        peers = {i: {"c_pk": p["c_pk"], "s_pk": p["s_pk"]} for i, p in public.items()}
+        sealed = {i: c.share_keys(peers) for i, c in clients.items()}
+        u2 = sorted(clients)
+        ys = {i: c.masked_input(np.full(length, 0.5), {j: sealed[j][i] for j in u2 if j != i}, u2)
+              for i, c in clients.items()}
+        reveals = {i: c.unmask(u2, []) for i, c in clients.items()}
+        b_shares, s_shares = secagg.collect_shares(reveals)
+        secagg.unmask_sum(ys, b_shares, s_shares, public, survivors_u2=u2, session=session, threshold=t,
+                          length=length)
+        total = time.perf_counter() - t0
+    finally:
+        for name, fn in originals.items():
+            setattr(secagg, name, fn)
+    return {**{part: (labels[part], s) for part, s in spent.items()}, "whole": ("whole round", total),
+            "rest": ("the rest (validation, NumPy, Python)", total - sum(spent.values()))}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -579,6 +657,7 @@ def main() -> int:
             bench_clients(res, plan, "waitress", plan.ks, db_dir)
             bench_clients(res, plan, "werkzeug", [50], db_dir)
             bench_compare(res, plan, db_dir)
+            bench_secagg(res, plan, db_dir)
     except BenchError as e:
         note(f"stopped: {e}")
         return 1

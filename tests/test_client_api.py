@@ -71,13 +71,13 @@ def post_raw(client, path: str, body, content_type: str | None = "application/js
 def test_health(client, wide_client):
     r = client.get("/health")
     assert r.status_code == 200
-    # what the client can run: the server checks it before round 1
+    # what the client can run (strategies, secure aggregation): the server checks it before round 1
     strategies = ["fedavg", "fedsgd", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
                   "fednova", "exact"]
     assert r.get_json() == {"status": "ok", "client_id": "alice", "data_size": 3, "num_features": 1,
-                            "strategies": strategies, "x_range": [-0.75, 2.5]}
+                            "strategies": strategies, "secagg": True, "x_range": [-0.75, 2.5]}
     assert wide_client.get("/health").get_json() == {"status": "ok", "client_id": "bob", "data_size": 4,
-                                                     "num_features": 2, "strategies": strategies,
+                                                     "num_features": 2, "strategies": strategies, "secagg": True,
                                                      "x_range": [0.5, 3.25]}
 
 

@@ -648,3 +648,32 @@ def test_a_suspicious_update_is_flagged_on_the_page(browser: Browser, tmp_path, 
         tab.context.close()
     finally:
         launcher.stop(list(apps.values()))
+
+
+# --- privacy: a secure round shows only the sum; a DP run shows ε against its budget ------
+
+def test_a_secure_round_shows_no_clients_numbers_and_its_unmasking(page: Page, federation):
+    url, _ = federation
+    run = start_run(url, {"rounds": 2, "secagg": True})
+    page.reload()
+    show_round(page, run["run_id"], 2)
+    record = run["rounds"][1]
+    assert page.locator("#average-lines").inner_text().strip() == "\n".join(record["math"])
+    assert "Σ y_i" in page.locator("#average-lines").inner_text()
+    for p in record["participants"]:
+        row = page.locator(f'#terms tbody tr[data-client="{p["client_id"]}"]')
+        assert row.locator('[data-field="n_k"]').inner_text() == "masked"
+        assert row.locator('[data-field="w"]').inner_text() == "–"
+    assert "Secure aggregation" in page.locator("#terms caption").inner_text()
+
+
+def test_a_dp_run_shows_epsilon_spent_against_its_budget(page: Page, federation):
+    url, _ = federation
+    run = start_run(url, {"rounds": 3, "dp": {"noise_multiplier": 2.0, "clip": 1.0, "target_epsilon": 50}})
+    page.reload()
+    show_round(page, run["run_id"], 3)
+    spent = run["rounds"][-1]["privacy"]["epsilon"]
+    assert page.is_visible("#privacy")
+    assert page.locator("#privacy-text").inner_text().startswith(f"ε = {spent:.4f} of the budget 50")
+    assert float(page.get_attribute("#privacy-meter", "value")) == pytest.approx(spent, rel=1e-6)
+    assert float(page.get_attribute("#privacy-meter", "max")) == 50

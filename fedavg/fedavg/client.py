@@ -24,6 +24,7 @@ from .data import DataError, load_csv
 from .model import mse, split
 from .openapi import client_document
 from .privacy import privatize
+from .secure_client import Sessions, add_secure_routes
 from .service import (
     cli,
     configure_logging,
@@ -35,7 +36,7 @@ from .service import (
     serve,
     shared_token,
 )
-from .strategies import STRATEGIES, ClientTask, RunMemory
+from .strategies import STRATEGIES, ClientTask, Local, RunMemory
 from .trace import fmt, fmt_theta
 from .training import TrainingStopped
 from .wire import ProtocolError, parse_evaluate_request, parse_train_request, train_reply_json
@@ -81,6 +82,17 @@ class LastModel:
 
 
 @dataclass(frozen=True)
+class Learned:
+    """One round's local work: the strategy's reply fields, the model it ends
+    at (θ_t when the strategy sends no model), the losses, the strategy."""
+
+    local: Local
+    theta: np.ndarray
+    metrics: dict[str, Any]
+    strategy: str
+
+
+@dataclass(frozen=True)
 class LocalClient:
     """One client's private data (X, y) and its answers to the server.
     Nothing it returns contains a data row."""
@@ -96,6 +108,8 @@ class LocalClient:
     # timeouts must not pile up abandoned jobs.
     slots: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(MAX_TRAININGS),
                                               compare=False, repr=False)
+    # Secure aggregation's sessions in progress (fedavg.secure_client), a few rounds at most.
+    sessions: Sessions = field(default_factory=Sessions, compare=False, repr=False)
 
     @property
     def num_features(self) -> int:
@@ -106,7 +120,7 @@ class LocalClient:
         # frame the model lines; it is a small, deliberate leak about the data.
         x = self.X[:, 0]
         return {"status": "ok", "client_id": self.client_id, "data_size": len(self.y),
-                "num_features": self.num_features, "strategies": list(STRATEGIES),
+                "num_features": self.num_features, "strategies": list(STRATEGIES), "secagg": True,
                 "x_range": [float(x.min()), float(x.max())]}
 
     def least_squares(self) -> np.ndarray:
@@ -121,13 +135,21 @@ class LocalClient:
         ``deadline_s``: the server stops waiting after that long, so training
         stops then too (an abandoned job would only hold the next round up).
         At most MAX_TRAININGS at once: one more is a 429."""
+        task = self.task(body, deadline_s)
+        return self.guarded(task, lambda: self._train(task))
+
+    def task(self, body: Any, deadline_s: float | None = None) -> ClientTask:
+        """A /train body (or secure aggregation's first request) → the task, with the server's deadline."""
         task = parse_train_request(body, self.num_features)
-        if deadline_s is not None:
-            task = replace(task, deadline=time.monotonic() + deadline_s)
+        return task if deadline_s is None else replace(task, deadline=time.monotonic() + deadline_s)
+
+    def guarded(self, task: ClientTask, work: Callable[[], tuple[dict[str, Any], int]]) -> tuple[dict[str, Any], int]:
+        """``work()`` (which trains on ``task``) in one of the MAX_TRAININGS
+        slots: 429 when none is free, 408 when the server's deadline passed."""
         if not self.slots.acquire(blocking=False):
             return {"error": f"busy: {MAX_TRAININGS} trainings already in progress; try again later"}, 429
         try:
-            return self._train(task)
+            return work()
         except TrainingStopped as e:
             log.warning("%s round %s: the server's deadline passed: %s of %d", self.client_id, task.round, e,
                         task.config.local_epochs)
@@ -136,7 +158,17 @@ class LocalClient:
             self.slots.release()
 
     def _train(self, task: ClientTask) -> tuple[dict[str, Any], int]:
-        self.last_global.keep(task.theta, "/train", task.round)
+        learned = self.learn(task, "/train")
+        if isinstance(learned, tuple):
+            return learned
+        return train_reply_json(self.client_id, len(self.y), learned.local, learned.metrics,
+                                learned.strategy), 200
+
+    def learn(self, task: ClientTask, via: str) -> Learned | tuple[dict[str, Any], int]:
+        """What the strategy computes from θ_t on this client's data (privatized
+        for a DP run), with the losses before and after; or the 422 reply when
+        local training diverged."""
+        self.last_global.keep(task.theta, via, task.round)
         strategy = STRATEGIES[task.config.strategy]
         # Overflow is possible with a large lr; it is detected below and
         # reported as divergence, so NumPy need not warn about it.
@@ -167,14 +199,18 @@ class LocalClient:
         metrics = {"loss_before": loss_before if math.isfinite(loss_before) else None, "loss_after": loss_after}
         if within_clip is not None:
             metrics["within_clip"] = within_clip
-        return train_reply_json(self.client_id, len(self.y), local, metrics, strategy.name), 200
+        return Learned(local, theta, metrics, strategy.name)
+
+    def loss(self, theta: np.ndarray, via: str, round_no: int | None) -> float:
+        """The MSE of θ on this client's data (inf or NaN when θ is absurd)."""
+        self.last_global.keep(theta, via, round_no)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return mse(*split(theta), self.X, self.y)
 
     def evaluate(self, body: Any) -> tuple[dict[str, Any], int]:
         """POST /evaluate: the MSE of a model on this client's data."""
         w, b = parse_evaluate_request(body, self.num_features)
-        self.last_global.keep(np.append(w, b), "/evaluate", body.get("round"))
-        with np.errstate(over="ignore", invalid="ignore"):
-            loss = mse(w, b, self.X, self.y)
+        loss = self.loss(np.append(w, b), "/evaluate", body.get("round"))
         if not math.isfinite(loss):
             return {"error": "loss is not finite for this model", "diverged": True}, 422
         return {"loss": loss, "data_size": len(self.y), "client_id": self.client_id}, 200
@@ -228,6 +264,7 @@ def client_blueprint(pick: Callable[[dict[str, Any]], LocalClient], token: str |
         require_token(token)
         return g.client.evaluate(json_body())
 
+    add_secure_routes(bp, token, _deadline_s)
     return bp
 
 

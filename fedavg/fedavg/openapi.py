@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .strategies import STRATEGIES
-from .wire import MAX_FEATURES, MAX_LOCAL_EPOCHS, MAX_RUN_NAME
+from .wire import MAX_FEATURES, MAX_LOCAL_EPOCHS, MAX_RUN_NAME, SECAGG_SCALE_BITS
 
 NUMBER = {"type": "number"}
 
@@ -127,6 +127,8 @@ def client_document(num_features: int) -> dict[str, Any]:
                                         "num_features": {"type": "integer", "minimum": 1},
                                         "strategies": {"type": "array",
                                                        "items": {"type": "string", "enum": list(STRATEGIES)}},
+                                        "secagg": {"type": "boolean",
+                                                   "description": "it speaks secure aggregation (/secagg/*)"},
                                         "x_range": {"type": "array", "items": NUMBER, "minItems": 2, "maxItems": 2,
                                                     "description": "min and max of the first feature"}}},
     }
@@ -156,9 +158,62 @@ def client_document(num_features: int) -> dict[str, Any]:
                             "responses": {"200": reply("ok", ref("ClientHealth"))}}},
         "/openapi.json": {"get": {"summary": "This document.",
                                   "responses": {"200": reply("OpenAPI 3 document", {"type": "object"})}}},
+        **secagg_paths(train_in, secured, diverged),
     }
     schemas["TrainRequest"] = train_in
     return document("Raw FedAvg client", paths, schemas)
+
+
+def secagg_paths(train_in: dict[str, Any], secured: list[dict[str, Any]],
+                 diverged: dict[str, Any]) -> dict[str, Any]:
+    """Secure aggregation's four requests (fedavg.secure_client). Keys,
+    shares and ciphertexts are base64 text; a masked vector is the base64 of
+    its little-endian uint64 words; objects of them are keyed by client
+    index as decimal text."""
+    session = {"type": "string", "minLength": 1, "maxLength": 200,
+               "description": "names this round's protocol run; fresh every attempt"}
+    b64 = {"type": "string", "description": "base64"}
+    indices = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+    by_index = {"type": "object", "additionalProperties": b64}
+    keys = {"type": "object", "required": ["c_pk", "s_pk"], "additionalProperties": False,
+            "properties": {"c_pk": b64, "s_pk": b64, "b_commit": b64}}
+
+    def step(summary: str, body: dict[str, Any], required: list[str], answer: dict[str, Any],
+             extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"post": {"summary": summary, "security": secured,
+                         "requestBody": {"required": True, **json_content(
+                             {"type": "object", "additionalProperties": False, "required": ["session", *required],
+                              "properties": {"session": session, **body}})},
+                         "responses": {"200": reply("the step's answer", answer), **ERRORS, **AUTH_ERROR,
+                                       **(extra or {})}}}
+
+    advertise = {**train_in["properties"],
+                 "index": {"type": "integer", "minimum": 1}, "threshold": {"type": "integer", "minimum": 2},
+                 "scale_bits": {"type": "integer", "minimum": 8, "maximum": 40, "default": SECAGG_SCALE_BITS},
+                 "evaluate": {"type": "boolean", "description": "no training: the input is [0, 0, n_k·L_k, n_k, 0]"}}
+    busy = {"429": reply("busy: as many trainings as it takes at once are in progress", ref("Error")),
+            "408": reply("the caller's deadline (X-Deadline-S) passed before training ended", ref("Error"))}
+    return {
+        "/secagg/advertise": step(
+            "Secure aggregation 0: train, keep the input x_k = [w_k·θ_k, w_k, n_k·L_k, n_k, bit_k]; send two "
+            "X25519 public keys and SHA-256(b_k).", advertise, ["index", "threshold", "global_model"],
+            {"type": "object", "required": ["client_id", "keys", "length"],
+             "properties": {"client_id": {"type": "string"}, "keys": keys, "length": {"type": "integer"}}},
+            {**diverged, **busy}),
+        "/secagg/share": step(
+            "Secure aggregation 1: the others' keys in; Shamir shares of s_sk_k and b_k out, each sealed "
+            "(AES-GCM) to its holder.", {"peers": {"type": "object", "additionalProperties": keys}}, ["peers"],
+            {"type": "object", "required": ["shares"], "properties": {"shares": by_index}}),
+        "/secagg/masked": step(
+            "Secure aggregation 2: the shares sealed to this client in; y_k = x_k + PRG(b_k) ± PRG(s_kj) out.",
+            {"survivors": indices, "received": by_index, "parties": {"type": "integer", "minimum": 1}},
+            ["survivors", "received"],
+            {"type": "object", "required": ["masked"], "properties": {"masked": b64}}),
+        "/secagg/unmask": step(
+            "Secure aggregation 3: who survived in; shares of b_j (survivors) and of s_sk_j (dropped) out, "
+            "never both for one j.", {"survivors": indices, "dropped": indices}, ["survivors", "dropped"],
+            {"type": "object", "required": ["b", "s_sk"], "properties": {"b": by_index, "s_sk": by_index}}),
+    }
 
 
 def host_document(num_clients: int) -> dict[str, Any]:

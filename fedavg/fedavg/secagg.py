@@ -16,8 +16,9 @@ One method of ``SecAggClient`` per round; the server's side is ``unmask_sum``.
    for j in U2 \\ U3, never both for one j. From t shares of each the server gets
        Σ_{i∈U3} x_i = Σ_{i∈U3} y_i − Σ_{i∈U3} PRG(b_i) − Σ_{j∈U2\\U3} Σ_{i∈U3} ±PRG(s_ij)
 
-x_i is fixed point (``encode``), and for FedAvg x_k = [n_k·θ_k, n_k]
-(``weighted_input``): the server learns Σ n_k·θ_k and N, i.e. the average.
+x_i is fixed point (``encode``); for FedAvg x_k holds n_k·θ_k and n_k
+(fedavg.secure_client.secure_input): the server learns Σ n_k·θ_k and N,
+i.e. the average.
 Every primitive is a library's: X25519, HKDF-SHA256, ChaCha20, AES-GCM and
 SHA-256 from ``cryptography``; Shamir over GF(2^128) from pycryptodome.
 
@@ -48,10 +49,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .trace import TRACE_TERMS, fmt
+from .wire import SECAGG_SCALE_BITS
 
 T = TypeVar("T")
 MASK, SHARE = b"mask", b"share"  # the two purposes of a key agreement (HKDF's info, before the session)
-SCALE_BITS = 24  # fixed point: 2^-24 ≈ 6e-8 per client, and |n·w| up to ~5e11 / parties still fits
+SCALE_BITS = SECAGG_SCALE_BITS  # fixed point: 2^-24 ≈ 6e-8 per client, and |n·w| up to ~5e11 / parties still fits
 KEY_BYTES = 32
 MAX_INDEX = 2**32 - 1  # an index is packed in 4 bytes (a share's x, a ciphertext's aad)
 MAX_PARTIES = 10_000  # and the parsers bound how many a message may name
@@ -103,16 +105,6 @@ def _check_threshold(threshold: Any) -> None:
 def decode(total: np.ndarray, scale_bits: int) -> np.ndarray:
     """Words mod 2^64 read as signed 64-bit numbers, divided by 2^s."""
     return np.ascontiguousarray(total, dtype=np.uint64).view(np.int64) / 2.0**scale_bits
-
-
-def weighted_input(theta: np.ndarray, n: int) -> np.ndarray:
-    """x_k = [n_k·θ_k, n_k]: summed over k it gives Σ n_k·θ_k and N."""
-    return np.append(n * np.asarray(theta, dtype=float), float(n))
-
-
-def weighted_mean(total: np.ndarray) -> tuple[np.ndarray, float]:
-    """From Σ x_k = [Σ n_k·θ_k, N]: (θ = Σ n_k/N · θ_k, N)."""
-    return total[:-1] / total[-1], float(total[-1])
 
 
 # --- the primitives, each a library's ---------------------------------------------
@@ -223,6 +215,7 @@ class SecAggClient:
         self._sealed: dict[int, bytes] = {}
         self._own = b""  # this client's own share of s_sk_i, then of b_i
         self._seeds: dict[int, bytes] = {}
+        self._box: dict[int, bytes] = {}  # j → the key sealing what i and j send each other
         self._u2: set[int] | None = None
         self._received: dict[int, bytes] = {}
         self._sent: tuple[np.ndarray, np.ndarray] | None = None  # (encode(x), y_i), to answer a retry alike
@@ -259,7 +252,7 @@ class SecAggClient:
         s_shares = split_secret(self._s_sk, self.threshold, peers)
         b_shares = split_secret(self._b, self.threshold, peers)
         self._sealed = {j: seal(box[j], s_shares[j] + b_shares[j], _aad(self.session, self.index, j)) for j in others}
-        self._own, self._seeds, self.peers = s_shares[self.index] + b_shares[self.index], seeds, peers
+        self._own, self._seeds, self._box, self.peers = s_shares[self.index] + b_shares[self.index], seeds, box, peers
         return dict(self._sealed)
 
     def masked_input(self, x: Any, received: Mapping[int, bytes], survivors_u2: Iterable[int],
@@ -321,9 +314,8 @@ class SecAggClient:
     def _open(self, j: int) -> bytes:
         if j == self.index:
             return self._own
-        key = agree(self._c_sk, self.peers[j]["c_pk"], SHARE, self.session, f"c_pk of client {j}")
         try:
-            plain = open_sealed(key, self._received[j], _aad(self.session, j, self.index))
+            plain = open_sealed(self._box[j], self._received[j], _aad(self.session, j, self.index))
         except ValueError as e:
             raise ValueError(f"shares from client {j}: {e}") from None
         if len(plain) != len(self._own):
@@ -355,7 +347,7 @@ def unmask_sum(masked: Mapping[int, Any], b_shares: Mapping[int, Mapping[int, by
 
     U3 = the keys of `masked` (y_i, `length` words each), U1 = those of `public` (the advertised
     keys and b_commit). Each b_i must hash to b_commit_i and each s_sk_j give s_pk_j. Returns the
-    sum and the trace; the trace reads the last entry as N (the layout of ``weighted_input``)."""
+    sum and the trace."""
     _check_threshold(threshold)
     _check_scale(scale_bits)
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
@@ -399,17 +391,16 @@ def unmask_sum(masked: Mapping[int, Any], b_shares: Mapping[int, Mapping[int, by
                          f"matches s_pk_{j})")
     trace += [f"… and those of {len(gone) - TRACE_TERMS} more dropped clients"] if len(gone) > TRACE_TERMS else []
     x = decode(total, scale_bits)
-    trace.append(f"= Σ x_i = {_show_words(total)}, decoded ÷ 2^{scale_bits}: "
-                 f"Σ n_k·θ_k = {_show_floats(x[:-1])}, N = {fmt(x[-1])}")
+    trace.append(f"= Σ x_i = {_show_words(total)}, decoded ÷ 2^{scale_bits}: {_show_floats(x)}")
     return x, trace
 
 
 def _recover(name: str, shares: Mapping[int, bytes], threshold: int, verify: Callable[[bytes], bool],
              trace: list[str]) -> bytes:
-    """The secret from all its shares, checked against what its owner published. A wrong share
-    cannot hide among spare ones; when the check fails, the fewest holders whose shares explain it
-    are left out and named, as long as t shares remain. Interpolation is pycryptodome's pure Python,
-    O(m²) for m shares: about 5 ms a secret for 10 holders, 0.5 s for 100."""
+    """The secret from its shares, checked against what its owner published: first from t of
+    them (interpolation is pycryptodome's pure Python, O(m²) for m shares, so t rather than all
+    saves most of the time); when the check fails, from all of them, then with the fewest holders
+    left out whose shares explain it, named, as long as t shares remain."""
     holders = sorted(shares)
     if len(holders) < threshold:
         raise SecAggError(f"{name}: only {len(holders)} of t={threshold} shares (from {holders}); cannot unmask")
@@ -421,6 +412,8 @@ def _recover(name: str, shares: Mapping[int, bytes], threshold: int, verify: Cal
             return None
         return secret if verify(secret) else None
 
+    if (secret := attempt(holders[:threshold])) is not None:
+        return secret  # t shares that rebuild the committed value: any others would only agree
     if (secret := attempt(holders)) is not None:
         return secret
     removals = itertools.chain.from_iterable(itertools.combinations(holders, r)

@@ -205,6 +205,9 @@ def model_json(w: Weights, b: float) -> dict[str, Any]:
 LOCAL_TRAINING_FIELDS = ("lr", "local_epochs", "batch_size", "mu")
 TRAIN_CONFIG_FIELDS = (*LOCAL_TRAINING_FIELDS, "seed", "strategy", "run")
 DP_CONFIG_FIELDS = ("clip", "noise_std")
+# Secure aggregation's default fixed point: inputs are integers mod 2^64 in
+# units of 2^-SECAGG_SCALE_BITS (fedavg.secagg; a run may choose 8 to 40).
+SECAGG_SCALE_BITS = 24
 MAX_RUN_NAME = 200
 
 
@@ -379,7 +382,7 @@ def parse_evaluate_reply(value: Any) -> dict[str, Any]:
 
 def parse_health_reply(value: Any) -> dict[str, Any]:
     """A client's /health reply → {"client_id", "data_size", "num_features",
-    "strategies"}, each None when missing or not what it should be (seed
+    "strategies", "secagg"}, each None (False) when missing or not what it should be (seed
     clients have no /health at all; what a client says here is a hint,
     checked again later)."""
     body = value if isinstance(value, Mapping) else {}
@@ -393,4 +396,4 @@ def parse_health_reply(value: Any) -> dict[str, Any]:
     known = [s for s in strategies if isinstance(s, str) and s in STRATEGIES] if isinstance(strategies, list) else None
     return {"client_id": name if isinstance(name, str) and 0 < len(name) <= MAX_NAME else None,
             "data_size": count("data_size"), "num_features": count("num_features"),
-            "strategies": known}
+            "strategies": known, "secagg": body.get("secagg") is True}

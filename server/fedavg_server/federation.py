@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import math
 import random
+import secrets
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from fedavg.aggregation import outliers, update_norms, weighted_loss_avg
 from fedavg.model import Theta, as_theta, split
 from fedavg.privacy import DPAverage, adapt_clip, client_noise_std, noise_std
 from fedavg.strategies import CannotCombine, Result, State, Step, Strategy
-from fedavg.trace import fmt_theta
+from fedavg.trace import fmt, fmt_theta
 from fedavg.wire import (
     CannotDo,
     ProtocolError,
@@ -37,7 +38,10 @@ from fedavg.wire import (
 from .clients import ClientPool, Reply
 from .mathlog import loss_line, round_lines
 from .runs import RoundRecord, RunStore, StoreError
-from .settings import RunSettings
+from .settings import RunSettings, sampled_per_round
+
+if TYPE_CHECKING:
+    from .secure import SecureSum
 
 log = logging.getLogger("fedavg.server")
 
@@ -324,7 +328,7 @@ class Run:
         sure every client that answers can run the strategy. Seed clients have
         no /health; they keep their URL as their name, and can run FedAvg only."""
         replies = self.pool.call_all(self.pool.urls, "GET", "/health", min(self.s.client_timeout_s, 5.0))
-        dims, unable = set(), []
+        dims, unable, unmasked = set(), [], []
         for reply in replies:
             facts = parse_health_reply(reply.body) if reply.ok else None
             if facts is not None:
@@ -340,9 +344,14 @@ class Run:
             if self.s.strategy != "fedavg" and answered and self.s.strategy not in can:
                 why = "its /health does not list it" if reply.ok else "no /health"
                 unable.append(f"{self.names[reply.url]} ({why})")
+            if self.s.secagg and answered and not (facts or {}).get("secagg"):
+                unmasked.append(self.names[reply.url])
         if unable:
             raise RunStopped("failed", f"before round 1: strategy {self.s.strategy} is not one these clients can "
                                        f"run: {', '.join(unable)}; nothing was averaged")
+        if unmasked:
+            raise RunStopped("failed", f"before round 1: {', '.join(unmasked)} cannot do secure aggregation (its "
+                                       "/health does not say secagg: true); nothing was sent")
         if len(dims) > 1:
             raise RunStopped("failed", f"clients disagree on the number of features: {sorted(dims)}")
         self.num_features = dims.pop() if dims else None
@@ -378,12 +387,15 @@ class Run:
         """One round of the strategy: the clients' work, then the server's step."""
         started = time.perf_counter()
         sample = self._sample(r)
-        replies = self.pool.call_all(sample, "POST", "/train", self.s.client_timeout_s,
-                                     self._train_bodies(r, theta, sample))
-        self._unless_server_stopping(r)
-        results, dropped = self._sort_replies(r, replies)
+        if self.s.secagg:
+            results, dropped, secure = self._secure_replies(r, theta, sample)
+        else:
+            replies = self.pool.call_all(sample, "POST", "/train", self.s.client_timeout_s,
+                                         self._train_bodies(r, theta, sample))
+            self._unless_server_stopping(r)
+            (results, dropped), secure = self._sort_replies(r, replies), None
         self._record_loss(r - 1, results)  # the loss each client measured on θ_t is round r−1's federated loss
-        self._enough_replies(r, theta, results, dropped, len(sample))
+        self._enough_replies(r, theta, results, dropped, len(sample), secure)
         suspects, culprits = self._outliers(theta, results)
         step = self._aggregate(r, theta, results)
         self._finite(r, step, culprits)
@@ -391,11 +403,55 @@ class Run:
         if self.s.dp:
             step, privacy = self._private_step(r, theta, results, step)
         self._store(RoundRecord(r, self.s.strategy, theta, results, dropped, step, time.perf_counter() - started,
-                                suspects, privacy))
+                                suspects, privacy, secure))
         self.state, self.culprits = step.state, culprits
         before, after = update_norms([theta, step.theta])
         self.jump = after / max(before, 1.0)
         return step.theta
+
+    def _secure_replies(self, r: int, theta: Theta, sample: list[str]) \
+            -> tuple[list[Result], list[dict[str, Any]], SecureSum]:
+        """The round's clients' work under secure aggregation: the server
+        learns Σ_k x_k = [Σ w_k·θ_k, Σ w_k, Σ n_k·L_k, N, Σ bit_k] and gives the
+        strategy that sum as one reply: the average θ̄ = Σ w_k·θ_k / Σ w_k
+        with weight N = Σ w_k (for DP-FedAvg, θ_t + Σ_k Δ_k: it divides by M
+        itself), and the federated loss as its loss_before."""
+        from .secure import SecureRoundFailed, secure_sum  # cryptography: only for runs that use it
+        d = self.num_features or len(theta) - 1
+        # A fresh session each attempt: a round restarted after a crash gets fresh keys.
+        session = f"{self.key or self.run_id}|round {r}|{secrets.token_hex(8)}"
+        bodies = self._train_bodies(r, theta, sample)
+        try:
+            secure = secure_sum(self.pool, sample, self.names, session, self.s.secagg["threshold"],
+                                self.s.secagg["scale_bits"], d + 5, self.s.client_timeout_s, bodies)
+        except SecureRoundFailed as e:
+            self._unless_server_stopping(r)
+            raise RunStopped("failed", f"round {r}: {e}") from None
+        self._unless_server_stopping(r)
+        total = secure.total
+        weight = float(total[d + 1])
+        mean = total[: d + 1] / weight
+        model = theta + (total[: d + 1] - weight * theta) if self.s.dp else mean
+        secure.trace.append(f"θ̄ = Σ w_k·θ_k / Σ w_k = [{', '.join(fmt(v) for v in mean)}] over Σ w_k = {fmt(weight)}"
+                            + (f"; DP-FedAvg goes on from θ_t + Σ_k Δ_k = [{', '.join(fmt(v) for v in model)}]"
+                               if self.s.dp else ""))
+        metrics = {"loss_before": float(total[d + 2] / total[d + 3]), "within_clip": float(total[d + 4])}
+        label = f"the secure sum of {len(secure.survivors)} clients"
+        return [Result(label, "", max(1, round(weight)), model, {}, metrics)], secure.dropped, secure
+
+    def _secure_evaluation(self, round_no: int, theta: Theta, body: dict[str, Any]) -> None:
+        from .secure import SecureRoundFailed, secure_sum
+        d = len(theta) - 1
+        session = f"{self.key or self.run_id}|evaluation|{secrets.token_hex(8)}"
+        try:
+            total = secure_sum(self.pool, self.pool.urls, self.names, session, self.s.secagg["threshold"],
+                               self.s.secagg["scale_bits"], d + 5, self.s.client_timeout_s,
+                               lambda url: {**body, "evaluate": True}).total
+        except SecureRoundFailed as e:
+            log.info("federated MSE of round %d's model: not measured: %s", round_no, e)
+            return
+        self._save_loss(round_no, [(float(total[d + 2] / total[d + 3]), max(1, round(float(total[d + 3]))))],
+                        "a secure sum of n_k·L_k over the clients")
 
     def _aggregate(self, r: int, theta: Theta, results: list[Result]) -> Step:
         if self.s.dp:
@@ -472,7 +528,7 @@ class Run:
         if self.s.dp and self.s.fraction < 1:
             draw = random.SystemRandom()
             return [url for url in urls if draw.random() < self.s.fraction]
-        m = min(len(urls), max(self.s.min_clients, math.ceil(self.s.fraction * len(urls) - 1e-9)))
+        m = sampled_per_round(self.s, len(urls))
         if m == len(urls):
             return list(urls)
         picked = np.random.default_rng([self.s.seed, r]).choice(len(urls), size=m, replace=False)
@@ -529,7 +585,7 @@ class Run:
                       parsed["metrics"])
 
     def _enough_replies(self, r: int, theta: Theta, results: list[Result], dropped: list[dict[str, Any]],
-                        sampled: int) -> None:
+                        sampled: int, secure: SecureSum | None = None) -> None:
         diverged = [d["client_id"] for d in dropped if d["diverged"]]
         if diverged:
             # A client whose local training blew up: averaging on without it
@@ -539,11 +595,12 @@ class Run:
             raise RunStopped("diverged", f"round {r}: local training diverged on {', '.join(diverged)}: "
                                          f"{self._why_diverged(r, theta)}")
         # (A DP round may sample fewer than min_clients, or none: its release is then mostly noise.)
-        if len(results) < (min(self.s.min_clients, sampled) if self.s.dp else self.s.min_clients):
+        replied = len(secure.survivors) if secure else len(results)
+        if replied < (min(self.s.min_clients, sampled) if self.s.dp else self.s.min_clients):
             self._log_partial(r, theta, results, dropped)
             missing = ", ".join(d["url"] + (f" = {d['client_id']}" if d["client_id"] != d["url"] else "")
                                 + f" ({d['reason']})" for d in dropped)
-            raise RunStopped("failed", f"round {r}: {len(results)} client(s) replied, min_clients is "
+            raise RunStopped("failed", f"round {r}: {replied} client(s) replied, min_clients is "
                                        f"{self.s.min_clients}; missing: {missing}")
 
     def _finite(self, r: int, step: Step, culprits: list[dict[str, Any]]) -> None:
@@ -608,8 +665,12 @@ class Run:
         log.info("%s", loss_line(round_no, [n for _, n in losses], [x for x, _ in losses], loss, source))
 
     def _final_evaluation(self, round_no: int, theta: Theta) -> None:
-        """The last model has no next round to measure it: one /evaluate wave."""
+        """The last model has no next round to measure it: one /evaluate wave
+        (under secure aggregation, one secure sum of n_k·L_k and n_k)."""
         body = {"global_model": model_json(*split(theta))}
+        if self.s.secagg:
+            self._secure_evaluation(round_no, theta, body)
+            return
         replies = self.pool.call_all(self.pool.urls, "POST", "/evaluate", self.s.client_timeout_s,
                                      lambda url: body)
         if self.pool.stopping.is_set():

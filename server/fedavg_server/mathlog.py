@@ -36,7 +36,10 @@ def round_lines(record: dict[str, Any], rounds_planned: int) -> list[str]:
         sent += [f"{key}: {_model(p[key])}" for key in ("gradient", "control_delta") if key in p]
         sent += [f"steps τ_k={p['steps']}"] if "steps" in p else []
         sent += ["stats: Σ x̃x̃ᵀ, Σ x̃y"] if "stats" in p else []
-        lines.append(f"{p['client_id']:<{width}}  n_k={p['data_size']}  {'  '.join(sent)}{loss}")
+        if p["data_size"] is None:  # secure aggregation: the server has nothing of this client's own
+            sent = ["its input masked: only the sum below is known"]
+        lines.append(f"{p['client_id']:<{width}}  n_k={p['data_size'] if p['data_size'] is not None else '?'}  "
+                     f"{'  '.join(sent)}{loss}")
     if len(participants) > TRACE_TERMS:
         lines.append(f"… and {len(participants) - TRACE_TERMS} more clients (all in GET /runs/<id>)")
     for x in record.get("suspicious", [])[:TRACE_TERMS]:

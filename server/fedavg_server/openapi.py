@@ -5,7 +5,7 @@ from typing import Any
 
 from fedavg.openapi import AUTH_ERROR, ERRORS, SCHEMAS, document, json_content, ref, reply
 from fedavg.strategies import AGGREGATORS, STRATEGIES, Param
-from fedavg.wire import MAX_LOCAL_EPOCHS
+from fedavg.wire import MAX_LOCAL_EPOCHS, SECAGG_SCALE_BITS
 
 from .settings import DP_STRATEGIES, MAX_ROUNDS
 
@@ -83,6 +83,19 @@ def server_document(num_clients: int) -> dict[str, Any]:
                 "max_weight": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1,
                                "description": "cap on any one client's share n_k/N (mean only)"},
                 "dp": {**ref("DPSettings"), "nullable": True},
+                "secagg": {"nullable": True, "description": "secure aggregation: true (defaults), or "
+                                                            "{threshold, scale_bits}",
+                           "oneOf": [{"type": "boolean"}, ref("SecAggSettings")]},
+            },
+        },
+        "SecAggSettings": {
+            "type": "object", "additionalProperties": False,
+            "properties": {
+                "threshold": {"type": "integer", "minimum": 2,
+                              "description": "t: survivors needed to unmask a round (default: a majority of the "
+                                             "clients a round asks; at most that many)"},
+                "scale_bits": {"type": "integer", "minimum": 8, "maximum": 40, "default": SECAGG_SCALE_BITS,
+                               "description": "fixed point: inputs are integers mod 2^64 in units of 2^-scale_bits"},
             },
         },
         "DPSettings": {

@@ -65,6 +65,7 @@ class RoundRecord:
     duration_s: float  # sampling, the calls and the aggregation
     suspicious: list[dict[str, Any]] = field(default_factory=list)  # updates far larger than the others'
     privacy: dict[str, Any] | None = None  # a DP run's: ε spent so far, the clip bound, the noise
+    secure: Any = None  # a secure-aggregation round's SecureSum: who took part, and the unmasking's trace
 
 
 def round_json(rec: RoundRecord) -> dict[str, Any]:
@@ -93,6 +94,12 @@ def round_json(rec: RoundRecord) -> dict[str, Any]:
         body["server_state"] = state_json(rec.step.state)
     if rec.privacy is not None:
         body["privacy"] = rec.privacy
+    if rec.secure is not None:
+        # The server saw only the sum: the participants without a number of
+        # their own, N from the sum, and the unmasking before the strategy's math.
+        body |= {"participants": rec.secure.participants(rec.secure.names),
+                 "N": rec.results[0].n, "terms": [], "math": [*rec.secure.trace, *rec.step.trace],
+                 "secagg": {"survivors": len(rec.secure.survivors)}}
     return body
 
 

@@ -12,6 +12,7 @@ from fedavg.strategies import AGGREGATORS, PARAM_NAMES, STRATEGIES, Combine, Str
 from fedavg.training import TrainConfig
 from fedavg.wire import (
     LOCAL_TRAINING_FIELDS,
+    SECAGG_SCALE_BITS,
     ProtocolError,
     expect_bool,
     expect_int,
@@ -46,6 +47,7 @@ class RunSettings:
     params: dict[str, float] | None = None  # the strategy's own settings (server_lr, beta1, …), defaults filled in
     robust: dict[str, Any] | None = None  # a robust rule instead of the average (aggregator, trim, …); None = mean
     dp: dict[str, Any] | None = None  # DP-FedAvg's settings (fedavg.privacy), defaults filled in; None = no DP
+    secagg: dict[str, int] | None = None  # secure aggregation's threshold t and scale_bits; None = models in the clear
 
     def train_config(self, client_seed: int | None, run: str | None = None) -> TrainConfig:
         return TrainConfig(lr=self.lr, local_epochs=self.local_epochs, batch_size=self.batch_size,
@@ -61,7 +63,7 @@ class RunSettings:
 
 ROBUST_FIELDS = ("aggregator", "trim", "byzantine", "krum_m", "clip_norm", "max_weight")
 START_FIELDS = ("rounds", "strategy", *LOCAL_TRAINING_FIELDS, *PARAM_NAMES, *ROBUST_FIELDS, "fraction", "min_clients",
-                "seed", "init", "pace_s", "client_timeout_s", "dp", "wait")
+                "seed", "init", "pace_s", "client_timeout_s", "dp", "secagg", "wait")
 # The strategies whose server step starts from the average of local models,
 # which DP-FedAvg's noised average replaces. FedSGD, SCAFFOLD and FedNova send
 # more than a model (gradients, control variates, step counts) that DP would
@@ -69,6 +71,7 @@ START_FIELDS = ("rounds", "strategy", *LOCAL_TRAINING_FIELDS, *PARAM_NAMES, *ROB
 DP_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 DP_FIELDS = ("noise_multiplier", "clip", "delta", "target_epsilon", "local_noise", "adaptive")
 ADAPTIVE_FIELDS = ("target_quantile", "lr", "count_noise")
+SECAGG_FIELDS = ("threshold", "scale_bits")
 
 
 class SettingsError(ProtocolError):
@@ -156,6 +159,8 @@ def parse_start(body: Any, num_clients: int) -> tuple[RunSettings, bool]:
             obj["client_timeout_s"], "client_timeout_s", gt=0, le=600), settings.client_timeout_s))
     if obj.get("dp") is not None:
         settings = replace(settings, dp=_dp(obj, settings, num_clients, problems))
+    if obj.get("secagg") not in (None, False):
+        settings = replace(settings, secagg=_secagg(obj["secagg"], settings, num_clients, problems))
     wait = check(lambda: expect_bool(obj["wait"], "wait"), True) if "wait" in obj else True
     if problems:
         raise SettingsError(problems)
@@ -302,3 +307,43 @@ def _adaptive(value: Any, sigma: float, expected: float, no_bound: bool,
         problems.append(ProtocolError(f"dp.adaptive.count_noise: must be > noise_multiplier/2 = {sigma / 2:g}, so "
                                       "that the update keeps some of the noise; got " f"{out['count_noise']:g}"))
     return out
+
+
+def sampled_per_round(settings: RunSettings, num_clients: int) -> int:
+    """How many clients a round asks: max(min_clients, ⌈fraction·K⌉), at most K."""
+    return min(num_clients, max(settings.min_clients, math.ceil(settings.fraction * num_clients - 1e-9)))
+
+
+def _secagg(value: Any, settings: RunSettings, num_clients: int,
+            problems: list[ProtocolError]) -> dict[str, int] | None:
+    """Secure aggregation's settings: ``true`` for the defaults, or
+    {"threshold": t, "scale_bits": s}. t shares rebuild a secret, so t
+    survivors are needed to unmask a round and fewer than t clients
+    together learn nothing; 2 ≤ t ≤ the clients a round asks (default: a
+    majority of them). Inputs are fixed point with s fractional bits."""
+    asked = sampled_per_round(settings, num_clients)
+    try:
+        obj = {} if value is True else expect_object(value, "secagg", SECAGG_FIELDS)
+        out = {"threshold": (expect_int(obj["threshold"], "secagg.threshold", ge=2, le=max(asked, 2))
+                             if "threshold" in obj else max(2, asked // 2 + 1)),
+               "scale_bits": expect_int(obj.get("scale_bits", SECAGG_SCALE_BITS), "secagg.scale_bits", ge=8, le=40)}
+    except ProtocolError as e:
+        problems.append(e)
+        return None
+    found = len(problems)
+    if asked < 2:
+        problems.append(ProtocolError(f"secagg: a round asks {asked} client; a sum of one client's input is that "
+                                      "input (secure aggregation needs at least 2)"))
+    if out["threshold"] > asked:
+        problems.append(ProtocolError(f"secagg.threshold: {out['threshold']} is more than the {asked} clients a "
+                                      "round asks"))
+    if settings.strategy not in DP_STRATEGIES:
+        problems.append(ProtocolError(f"secagg: strategy {settings.strategy} needs more than the average of the "
+                                      f"models; secure aggregation gives only that ({', '.join(DP_STRATEGIES)})"))
+    if settings.robust:
+        problems.append(ProtocolError(f"secagg: the server sees only the sum, so no rule that needs each update "
+                                      f"({', '.join(sorted(settings.robust))})"))
+    if settings.dp and not settings.dp["local_noise"]:
+        problems.append(ProtocolError("secagg: with dp the server cannot clip or noise updates it cannot see; "
+                                      "set dp.local_noise to true (each client adds its share of the noise)"))
+    return out if len(problems) == found else None

@@ -467,9 +467,12 @@ function clientTable(r) {
   const withTerms = r.terms.length > 0;
   const heads = ["Client", "n_k", "n_k/N", ...cols.map((c) => c.head),
                  ...(withTerms ? ["n_k/N · w_k", "n_k/N · b_k"] : [])];
-  const table = el("table", { id: "terms" },
-    el("caption", {}, "Each client's share n", el("sub", { text: "k" }), "/N and what it sent back" +
-      (withTerms ? ": its local model W" : "."), ...(withTerms ? [el("sub", { text: "k" }), "."] : [])),
+  const caption = r.secagg
+    ? el("caption", { text: "Secure aggregation: each client sent its input masked, and the server learnt only " +
+                            "their sum (the math below): no client's n_k or model." })
+    : el("caption", {}, "Each client's share n", el("sub", { text: "k" }), "/N and what it sent back" +
+      (withTerms ? ": its local model W" : "."), ...(withTerms ? [el("sub", { text: "k" }), "."] : []));
+  const table = el("table", { id: "terms" }, caption,
     el("thead", {}, el("tr", {}, ...heads.map((h) => el("th", { scope: "col", text: h })))));
   const body = el("tbody");
   const total = r.N;
@@ -477,8 +480,8 @@ function clientTable(r) {
     const t = r.terms[k];
     body.append(el("tr", { dataset: { client: p.client_id } },
       el("th", { scope: "row", title: p.url, text: p.client_id }),
-      num(String(p.data_size), "n_k"),
-      num(fmt(t ? t.weight : p.data_size / total), "weight"),
+      num(p.data_size == null ? "masked" : String(p.data_size), "n_k"),
+      num(t ? fmt(t.weight) : p.data_size == null ? "–" : fmt(p.data_size / total), "weight"),
       ...cols.map((c) => num(c.cell(p), c.field)),
       ...(withTerms ? [num(t ? fmtW(t.w) : "–", "term_w"), num(t ? fmt(t.b) : "–", "term_b")] : [])));
   });

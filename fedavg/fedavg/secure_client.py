@@ -1,0 +1,150 @@
+"""A client's side of secure aggregation over HTTP: the four requests of
+Bonawitz et al.'s protocol (``fedavg.secagg``), in one session per round.
+
+    POST /secagg/advertise  train on θ_t, keep the input x_k; send two public keys and b_commit
+                            (with "evaluate": true, no training: x_k = [0, 0, n_k·L_k, n_k, 0],
+                            the final model's federated loss)
+    POST /secagg/share      the others' keys in; shares of s_sk_k and b_k out, sealed to each
+    POST /secagg/masked     the shares sealed to this client in; y_k = x_k + masks out
+    POST /secagg/unmask     who survived in; shares of their b_j and of the dropped ones' s_sk_j out
+
+The input is x_k = [w_k·θ_k, w_k, n_k·L_k, n_k, bit_k] with w_k = n_k (1 in
+a DP run: DP-FedAvg's equal weights), L_k the loss of θ_t on this client's
+data and bit_k DP's "my update fit under the clip bound" (1 without DP):
+the server learns Σ w_k·θ_k, Σ w_k, Σ n_k·L_k, N and the count of unclipped
+updates, i.e. the average, the federated loss and what adaptive clipping
+needs, and no single client's. A session lives in memory
+only, and only for the last few rounds: a client restarted mid-round has
+none, and the server starts that round again with fresh keys.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from flask import Blueprint, g
+
+from .service import json_body, require_token
+from .wire import ProtocolError, expect_bool, expect_int, expect_object, expect_str
+
+if TYPE_CHECKING:
+    from .secagg import SecAggClient
+
+MAX_SESSIONS = 4  # rounds a client keeps state for at once: a server cannot make it hold more
+MAX_SESSION_NAME = 200
+TRAIN_FIELDS = ("global_model", "round", "config")
+
+
+class Sessions:
+    """Session name → (SecAggClient, its input x_k); the oldest is forgotten past MAX_SESSIONS."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: OrderedDict[str, tuple[SecAggClient, np.ndarray]] = OrderedDict()
+
+    def start(self, name: str, client: SecAggClient, x: np.ndarray) -> None:
+        with self._lock:
+            if name in self._open:
+                raise ProtocolError(f"session: {name[:40]!r} has already begun on this client; a new round "
+                                    "needs a new session (its keys must be fresh)")
+            self._open[name] = (client, x)
+            while len(self._open) > MAX_SESSIONS:
+                self._open.popitem(last=False)
+
+    def get(self, name: str) -> tuple[SecAggClient, np.ndarray]:
+        with self._lock:
+            found = self._open.get(name)
+        if found is None:
+            raise ProtocolError(f"session: no session {name[:40]!r} on this client (never advertised here, "
+                                "or forgotten: a client keeps the last few)")
+        return found
+
+
+def secure_input(theta: np.ndarray, weight: float, n: int, loss: float, bit: float) -> np.ndarray:
+    """x_k = [w_k·θ_k, w_k, n_k·L_k, n_k, bit_k]: what the server may learn the sum of."""
+    return np.concatenate([weight * theta, [weight, n * loss, n, bit]])
+
+
+def add_secure_routes(bp: Blueprint, token: str | None, deadline_s: Callable[[], float | None]) -> None:
+    """The four /secagg/* endpoints on the client blueprint (``g.client`` is the LocalClient)."""
+
+    @bp.post("/secagg/advertise")
+    def advertise():
+        require_token(token)
+        from . import secagg  # cryptography and pycryptodome: only for clients that are asked
+        obj = expect_object(json_body(), "", ("session", "index", "threshold", "scale_bits", "evaluate",
+                                              *TRAIN_FIELDS), ("session", "index", "threshold", "global_model"))
+        name = _session_name(obj)
+        client = g.client
+        task = client.task({k: obj[k] for k in TRAIN_FIELDS if k in obj}, deadline_s())
+
+        def work() -> tuple[dict[str, Any], int]:
+            n = len(client.y)
+            if expect_bool(obj.get("evaluate", False), "evaluate"):
+                loss = client.loss(task.theta, "/secagg/advertise", task.round)
+                if not math.isfinite(loss):
+                    return {"error": "loss is not finite for this model", "diverged": True}, 422
+                x = secure_input(np.zeros_like(task.theta), 0.0, n, loss, 0.0)
+            else:
+                learned = client.learn(task, "/secagg/advertise")
+                if isinstance(learned, tuple):  # diverged: the 422 as /train says it
+                    return learned
+                x = secure_input(learned.theta, 1.0 if task.config.private else float(n), n,
+                                 learned.metrics.get("loss_before") or 0.0, learned.metrics.get("within_clip", 1.0))
+            party = _protocol(lambda: secagg.SecAggClient(
+                expect_int(obj["index"], "index", ge=1), name.encode(), expect_int(obj["threshold"], "threshold"),
+                expect_int(obj.get("scale_bits", secagg.SCALE_BITS), "scale_bits")))
+            client.sessions.start(name, party, x)
+            return {"client_id": client.client_id, "keys": secagg.to_wire(party.advertise()), "length": len(x)}, 200
+        return client.guarded(task, work)
+
+    @bp.post("/secagg/share")
+    def share():
+        require_token(token)
+        from . import secagg
+        obj = expect_object(json_body(), "", ("session", "peers"), ("session", "peers"))
+        party, _ = g.client.sessions.get(_session_name(obj))
+        sealed = _protocol(lambda: party.share_keys(secagg.indexed_from_wire(obj["peers"], "peers",
+                                                                              secagg.keys_from_wire)))
+        return {"shares": secagg.to_wire(sealed)}
+
+    @bp.post("/secagg/masked")
+    def masked():
+        require_token(token)
+        from . import secagg
+        obj = expect_object(json_body(), "", ("session", "survivors", "received", "parties"),
+                            ("session", "survivors", "received"))
+        party, x = g.client.sessions.get(_session_name(obj))
+        y = _protocol(lambda: party.masked_input(
+            x, secagg.indexed_from_wire(obj["received"], "received", secagg.bytes_from_wire),
+            secagg.indices_from_wire(obj["survivors"], "survivors"),
+            expect_int(obj["parties"], "parties", ge=1) if "parties" in obj else None))
+        return {"masked": secagg.to_wire(y)}
+
+    @bp.post("/secagg/unmask")
+    def unmask():
+        require_token(token)
+        from . import secagg
+        obj = expect_object(json_body(), "", ("session", "survivors", "dropped"), ("session", "survivors", "dropped"))
+        party, _ = g.client.sessions.get(_session_name(obj))
+        revealed = _protocol(lambda: party.unmask(secagg.indices_from_wire(obj["survivors"], "survivors"),
+                                                  secagg.indices_from_wire(obj["dropped"], "dropped")))
+        return secagg.to_wire(revealed)
+
+
+def _session_name(obj: dict[str, Any]) -> str:
+    return expect_str(obj["session"], "session", max_len=MAX_SESSION_NAME)
+
+
+def _protocol(step: Callable[[], Any]) -> Any:
+    """A protocol step; what it refuses (fedavg.secagg's ValueError, with its reason) is a 400."""
+    try:
+        return step()
+    except ProtocolError:
+        raise
+    except ValueError as e:
+        raise ProtocolError(str(e)) from None

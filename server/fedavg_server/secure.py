@@ -1,0 +1,152 @@
+"""The server's side of secure aggregation: one round of Bonawitz et al.'s
+protocol over the clients' /secagg/* endpoints (``fedavg.secure_client``),
+ending in the sum of their inputs and nothing else.
+
+Four waves of calls, each to the clients still in:
+
+    U1 = those that trained and advertised keys      (POST /secagg/advertise)
+    U2 = those of U1 that sent their sealed shares   (POST /secagg/share)
+    U3 = those of U2 whose masked input arrived      (POST /secagg/masked)
+    the unmasking: U3's shares of each b_i (i ∈ U3) and of each s_sk_j (j ∈ U2 \\ U3)
+
+Fewer than t clients at any step and the round fails, before any share is
+asked for: nothing is unmasked. A client whose message is malformed, whose
+keys are bad or whose masked vector looks unmasked is dropped with its
+reason, and the protocol goes on without it. The keys, shares and masked
+vectors live in this call's memory only; the round record keeps the trace
+(a masked vector's first words, the unmasking, the sum).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedavg import secagg
+
+from .clients import ClientPool, Reply
+
+# A masked word is uniform on [0, 2^64); an input in the clear is a small
+# fixed-point number, within 2^56 of 0 mod 2^64. A vector whose every word
+# is that close was not masked (for a masked one the odds are 2^-7 per word).
+CLEAR = 2**56
+
+
+class SecureRoundFailed(Exception):
+    """Fewer than t clients are left: the round cannot be unmasked (and nothing was)."""
+
+
+@dataclass
+class SecureSum:
+    """What a round of secure aggregation gave: Σ_k x_k over U3, who took
+    part (U3's URLs), who was dropped at which step and why, and the trace."""
+
+    total: np.ndarray
+    survivors: list[str]
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+    trace: list[str] = field(default_factory=list)
+    names: dict[str, str] = field(default_factory=dict)  # url → client_id
+
+    def participants(self, names: dict[str, str]) -> list[dict[str, Any]]:
+        """U3 as a round record lists it: no number of their own (data_size null: the server learns only N)."""
+        return [{"client_id": names.get(url, url), "url": url, "data_size": None} for url in self.survivors]
+
+
+def secure_sum(pool: ClientPool, urls: Sequence[str], names: dict[str, str], session: str, threshold: int,
+               scale_bits: int, length: int, timeout_s: float,
+               train_body: Callable[[str], dict[str, Any]]) -> SecureSum:
+    """One protocol run among ``urls`` (client i is urls[i − 1]); each
+    input has ``length`` words. Raises SecureRoundFailed below t clients."""
+    index = {url: i for i, url in enumerate(urls, start=1)}
+    url_of = {i: url for url, i in index.items()}
+    dropped: list[dict[str, Any]] = []
+
+    def drop(url: str, step: str, reason: str, diverged: bool = False) -> None:
+        dropped.append({"client_id": names.get(url, url), "url": url, "reason": f"secagg {step}: {reason}",
+                        "diverged": diverged})
+
+    def wave(step: str, members: list[int], body: Callable[[int], dict[str, Any]],
+             parse: Callable[[int, dict[str, Any]], Any]) -> dict[int, Any]:
+        """Call /secagg/<step> on ``members``; {i: parse(i, reply)} for those
+        whose reply parses, the others dropped with the reason."""
+        replies: list[Reply] = pool.call_all([url_of[i] for i in members], "POST", f"/secagg/{step}", timeout_s,
+                                             lambda url: {"session": session, **body(index[url])})
+        got = {}
+        for i, reply in zip(members, replies):
+            if not reply.ok:
+                drop(url_of[i], step, reply.reason, reply.diverged)
+                continue
+            try:
+                got[i] = parse(i, reply.body)
+            except ValueError as e:  # (ProtocolError too)
+                drop(url_of[i], step, str(e))
+        if len(got) < threshold:
+            raise SecureRoundFailed(f"after /secagg/{step} only {len(got)} client(s) are left, fewer than the "
+                                    f"threshold t={threshold}: the round cannot be unmasked, and nothing was "
+                                    "revealed (" + "; ".join(f"{d['client_id']}: {d['reason']}" for d in dropped)
+                                    + ")")
+        return got
+
+    seen: dict[bytes, int] = {}  # every public key advertised so far → its client
+
+    def advertised(i: int, body: dict[str, Any]) -> dict[str, bytes]:
+        if body.get("length") != length:
+            raise ValueError(f"reply.length: its input has {body.get('length')!r} words, this round's have {length}")
+        if isinstance(body.get("client_id"), str):
+            names[url_of[i]] = body["client_id"][:200]
+        keys = secagg.keys_from_wire(body.get("keys"), "reply.keys")
+        if "b_commit" not in keys:
+            raise ValueError("reply.keys.b_commit: missing")
+        for name in ("c_pk", "s_pk"):
+            # One exchange with a throwaway key: a point no one can agree with (of small order) is
+            # refused here, before the other clients use it and fail on it.
+            secagg.agree(secagg.new_keypair()[0], keys[name], secagg.MASK, b"check", f"reply.keys.{name}")
+            if keys[name] in seen:
+                raise ValueError(f"reply.keys.{name}: the same key as client {seen[keys[name]]} sent")
+            seen[keys[name]] = i
+        return keys
+
+    public = wave("advertise", sorted(url_of), lambda i: {**train_body(url_of[i]), "index": i, "threshold": threshold,
+                                                          "scale_bits": scale_bits}, advertised)
+    peers = secagg.to_wire(public)
+    u1 = sorted(public)
+
+    def shared(i: int, body: dict[str, Any]) -> dict[int, bytes]:
+        sealed = secagg.indexed_from_wire(body.get("shares"), "reply.shares", secagg.bytes_from_wire)
+        if set(sealed) != set(u1) - {i}:
+            raise ValueError(f"reply.shares: sealed for clients {sorted(sealed)}, not for every other client of "
+                             f"U1 {u1}")
+        return sealed
+
+    sealed = wave("share", u1, lambda i: {"peers": peers}, shared)
+    u2 = sorted(sealed)
+
+    def masked(i: int, body: dict[str, Any]) -> np.ndarray:
+        y = secagg.vector_from_wire(body.get("masked"), "reply.masked", length)
+        if np.all(np.minimum(y, np.uint64(0) - y) < np.uint64(CLEAR)):
+            # Its numbers are not written anywhere: it sent them in the clear, the server keeps them out.
+            raise ValueError("reply.masked: every word is a small fixed-point number, not a masked one: the input "
+                             "was sent unmasked, and is left out")
+        return y
+
+    ys = wave("masked", u2, lambda i: {"survivors": u2, "parties": len(u1), "received": secagg.to_wire(
+        {j: sealed[j][i] for j in u2 if j != i})}, masked)
+    u3 = sorted(ys)
+    gone = [j for j in u2 if j not in ys]
+    reveals = wave("unmask", u3, lambda i: {"survivors": u3, "dropped": gone},
+                   lambda i, body: secagg.reveal_from_wire(body, "reply"))
+    b_shares, s_shares = secagg.collect_shares(reveals)
+    try:
+        total, trace = secagg.unmask_sum(ys, b_shares, s_shares, public, survivors_u2=u2,
+                                         session=session.encode(), threshold=threshold, length=length,
+                                         scale_bits=scale_bits)
+    except secagg.SecAggError as e:
+        culprits = ", ".join(names.get(url_of[i], url_of[i]) for i in e.clients if i in url_of)
+        raise SecureRoundFailed(f"unmasking failed: {e}" + (f" (clients: {culprits})" if culprits else "")) from None
+    who = {i: names.get(url_of[i], url_of[i]) for i in u1}
+    trace = [f"secure aggregation, t={threshold}, inputs x_k = [w_k·θ_k, w_k, n_k·L_k, n_k, bit_k] in fixed point "
+             f"(2^-{scale_bits}): clients " + ", ".join(f"{i} = {who[i]}" for i in u1[:10])
+             + (f", … ({len(u1)})" if len(u1) > 10 else ""), *trace]
+    return SecureSum(total, [url_of[i] for i in u3], dropped, trace, {url_of[i]: who[i] for i in u3})
