@@ -11,7 +11,8 @@ One method of ``SecAggClient`` per round; the server's side is ``unmask_sum``.
    U2 = the clients that did.
 2. MaskedInputCollection, with s_ij = agree(s_sk_i, s_pk_j, "mask") = s_ji:
        y_i = x_i + PRG(b_i) + Σ_{j∈U2, j>i} PRG(s_ij) − Σ_{j∈U2, j<i} PRG(s_ij)   (mod 2^64)
-   U3 = the clients whose y_i arrived.
+   U3 = the clients whose y_i arrived. b_i is a 128-bit seed and PRG(b_i) the
+   ChaCha20 keystream under HKDF(b_i); PRG(s_ij) is the keystream under s_ij.
 3. Unmasking: every survivor reveals its share of b_j for j in U3 and of s_sk_j
    for j in U2 \\ U3, never both for one j. From t shares of each the server gets
        Σ_{i∈U3} x_i = Σ_{i∈U3} y_i − Σ_{i∈U3} PRG(b_i) − Σ_{j∈U2\\U3} Σ_{i∈U3} ±PRG(s_ij)
@@ -55,6 +56,9 @@ T = TypeVar("T")
 MASK, SHARE = b"mask", b"share"  # the two purposes of a key agreement (HKDF's info, before the session)
 SCALE_BITS = SECAGG_SCALE_BITS  # fixed point: 2^-24 ≈ 6e-8 per client, and |n·w| up to ~5e11 / parties still fits
 KEY_BYTES = 32
+# b_i, the self-mask seed: 128 bits, one Shamir chunk (sharing and rebuilding
+# it is most of a round's cost); the PRG's 256-bit key is HKDF(b_i).
+SEED_BYTES = 16
 MAX_INDEX = 2**32 - 1  # an index is packed in 4 bytes (a share's x, a ciphertext's aad)
 MAX_PARTIES = 10_000  # and the parsers bound how many a message may name
 LEAVE_OUT_TRIES = 256  # subsets tried when a secret's shares disagree: bounded work per secret
@@ -116,6 +120,12 @@ def expand(seed: bytes, length: int) -> np.ndarray:
         raise ValueError(f"expand: the seed must be {KEY_BYTES} bytes, got {len(seed)}")
     stream = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor().update(bytes(8 * length))
     return np.frombuffer(stream, dtype="<u8").astype(np.uint64)
+
+
+def self_mask(seed: bytes, length: int) -> np.ndarray:
+    """PRG(b_i): the ChaCha20 keystream under HKDF-SHA256(b_i), ``length`` words."""
+    key = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=b"self mask").derive(seed)
+    return expand(key, length)
 
 
 def sha256(data: bytes) -> bytes:
@@ -210,7 +220,7 @@ class SecAggClient:
         self.threshold, self.scale_bits = threshold, scale_bits
         self._c_sk, self.c_pk = new_keypair()
         self._s_sk, self.s_pk = new_keypair()
-        self._b = os.urandom(KEY_BYTES)  # drawn now, so that AdvertiseKeys can commit to it
+        self._b = os.urandom(SEED_BYTES)  # drawn now, so that AdvertiseKeys can commit to it
         self.peers: dict[int, dict[str, bytes]] | None = None
         self._sealed: dict[int, bytes] = {}
         self._own = b""  # this client's own share of s_sk_i, then of b_i
@@ -279,7 +289,7 @@ class SecAggClient:
                 return self._sent[1].copy()
             raise ValueError("masked_input: already sent in this session (two inputs under the same masks "
                              "would reveal their difference)")
-        y = words + expand(self._b, len(words))
+        y = words + self_mask(self._b, len(words))
         for j in sorted(u2 - {self.index}):
             # s_ij = s_ji: j adds the same mask with the opposite sign, so the pair cancels in the sum.
             y = y + expand(self._seeds[j], len(y)) if j > self.index else y - expand(self._seeds[j], len(y))
@@ -306,7 +316,7 @@ class SecAggClient:
             raise ValueError(f"unmask: client(s) {sorted(self._u2 - u3 - gone)} of U2 are neither in survivors_u3 "
                              "nor in dropped")
         pairs = {j: self._open(j) for j in sorted(u3 | gone)}
-        half = len(self._own) // 2
+        half = len(self._own) - (_X.size + SEED_BYTES)  # (its share of s_sk_i, then of b_i)
         self._revealed["b"] |= u3
         self._revealed["s_sk"] |= gone
         return {"b": {j: pairs[j][half:] for j in sorted(u3)}, "s_sk": {j: pairs[j][:half] for j in sorted(gone)}}
@@ -375,7 +385,7 @@ def unmask_sum(masked: Mapping[int, Any], b_shares: Mapping[int, Mapping[int, by
     selfmask = np.zeros(length, dtype=np.uint64)
     for i in u3:
         b = _recover(f"b_{i}", b_shares.get(i, {}), threshold, lambda s, i=i: sha256(s) == public[i]["b_commit"], trace)
-        selfmask = selfmask + expand(b, length)
+        selfmask = selfmask + self_mask(b, length)
     total = total - selfmask
     trace.append(f"− Σ PRG(b_i) = {_show_words(selfmask)} (each b_i rebuilt from its shares, equal to its commitment)")
     for j in gone:
