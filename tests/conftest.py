@@ -1,8 +1,8 @@
 """What every test shares, as flaskr's conftest does: scripts/ on the path
 (tests start the apps with scripts/launcher.py, the code `make run-all` and
 `make demo` use), the repository root, a WSGI app served on a free loopback
-port for the tests that stand up a fake or in-process client, and the
-headless Chromium the page tests drive.
+port for the tests that stand up a fake or in-process client, the seed's
+three apps, and the headless Chromium the page tests drive.
 
 The seed's data is in reference.py (with the plain-Python FedAvg that
 checks the code); launcher.get_json and launcher.wait_for_run read the API.
@@ -50,6 +50,20 @@ def serve() -> Iterator[Callable[[Flask], Served]]:
     yield start
     for s in served:
         s.close()
+
+
+@pytest.fixture(scope="module")
+def seed_server(tmp_path_factory) -> Iterator[str]:
+    """The seed's three apps started as the README starts them, the run
+    history in a temporary file; yields the server's URL."""
+    import launcher
+    db = tmp_path_factory.mktemp("seed") / "runs.db"
+    apps = launcher.start_federation({name: launcher.free_port() for name in launcher.DEFAULT_PORTS},
+                                     server_args=["--db", str(db)])
+    try:
+        yield apps["server"].url
+    finally:
+        launcher.stop(list(apps.values()))
 
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

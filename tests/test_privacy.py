@@ -14,19 +14,8 @@ import statistics
 import pytest
 
 from conftest import ROOT
-from launcher import DEFAULT_PORTS, free_port, post_json, start_app, start_federation, stop, wait_healthy
+from launcher import free_port, post_json, start_app, stop, wait_healthy
 from reference import SEED_DATA, local_gd, reference_fedavg
-
-
-@pytest.fixture(scope="module")
-def seed_server(tmp_path_factory):
-    """The seed's three apps, as the README starts them, history in a temporary file."""
-    db = tmp_path_factory.mktemp("privacy") / "runs.db"
-    apps = start_federation({name: free_port() for name in DEFAULT_PORTS}, server_args=["--db", str(db)])
-    try:
-        yield apps["server"].url
-    finally:
-        stop(list(apps.values()))
 
 
 def start(url: str, body: dict) -> dict:

@@ -366,17 +366,6 @@ def test_a_server_killed_mid_round_restarts_that_round_from_scratch(three, tmp_p
     assert not [s for s in shares if s in stored or s in log]
 
 
-@pytest.fixture(scope="module")
-def seed_server(tmp_path_factory):
-    from launcher import DEFAULT_PORTS, start_federation
-    db = tmp_path_factory.mktemp("secagg") / "runs.db"
-    apps = start_federation({name: free_port() for name in DEFAULT_PORTS}, server_args=["--db", str(db)])
-    try:
-        yield apps["server"].url
-    finally:
-        stop(list(apps.values()))
-
-
 def test_dp_with_secure_aggregation_is_dp_fedavg_on_the_masked_sum(seed_server):
     """dp.local_noise with secagg: each client clips (and would add its noise)
     before masking; with σ = 0 the release is θ_t + Σ_k clip_S(Δ_k) / M, computed here."""

@@ -7,7 +7,7 @@ from fedavg.openapi import AUTH_ERROR, ERRORS, SCHEMAS, document, json_content, 
 from fedavg.strategies import AGGREGATORS, STRATEGIES, Param
 from fedavg.wire import MAX_LOCAL_EPOCHS, SECAGG_SCALE_BITS
 
-from .settings import DP_STRATEGIES, MAX_ROUNDS
+from .settings import MAX_ROUNDS, MODEL_AVERAGING
 
 # Runs on one comparison chart (GET /compare.svg; web.py checks it): more lines cannot be told apart.
 MAX_COMPARE = 10
@@ -101,7 +101,7 @@ def server_document(num_clients: int) -> dict[str, Any]:
         "DPSettings": {
             "type": "object", "additionalProperties": False, "required": ["noise_multiplier", "clip"],
             "description": "DP-FedAvg: W_{t+1} = W_t + (Σ_k clip_S(W_k − W_t) + N(0, σ²S²)) / M, M = fraction·K; "
-                           f"strategies {', '.join(DP_STRATEGIES)} with the mean only",
+                           f"strategies {', '.join(MODEL_AVERAGING)} with the mean only",
             "properties": {
                 "noise_multiplier": {"type": "number", "minimum": 0, "maximum": 1e6, "description": "σ"},
                 "clip": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1e12,

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from fedavg import secagg
+from fedavg.trace import TRACE_TERMS
 
 from .clients import ClientPool, Reply
 
@@ -83,10 +84,11 @@ def secure_sum(pool: ClientPool, urls: Sequence[str], names: dict[str, str], ses
             except ValueError as e:  # (ProtocolError too)
                 drop(url_of[i], step, str(e))
         if len(got) < threshold:
+            shown = "; ".join(f"{d['client_id']}: {d['reason']}" for d in dropped[:TRACE_TERMS])
+            more = f"; … {len(dropped) - TRACE_TERMS} more" if len(dropped) > TRACE_TERMS else ""
             raise SecureRoundFailed(f"after /secagg/{step} only {len(got)} client(s) are left, fewer than the "
                                     f"threshold t={threshold}: the round cannot be unmasked, and nothing was "
-                                    "revealed (" + "; ".join(f"{d['client_id']}: {d['reason']}" for d in dropped)
-                                    + ")")
+                                    f"revealed ({len(dropped)} dropped: {shown}{more})")
         return got
 
     seen: dict[bytes, int] = {}  # every public key advertised so far → its client

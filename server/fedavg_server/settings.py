@@ -64,11 +64,11 @@ class RunSettings:
 ROBUST_FIELDS = ("aggregator", "trim", "byzantine", "krum_m", "clip_norm", "max_weight")
 START_FIELDS = ("rounds", "strategy", *LOCAL_TRAINING_FIELDS, *PARAM_NAMES, *ROBUST_FIELDS, "fraction", "min_clients",
                 "seed", "init", "pace_s", "client_timeout_s", "dp", "secagg", "wait")
-# The strategies whose server step starts from the average of local models,
-# which DP-FedAvg's noised average replaces. FedSGD, SCAFFOLD and FedNova send
-# more than a model (gradients, control variates, step counts) that DP would
-# have to bound too; exact sends statistics.
-DP_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+# The strategies whose server step starts from the average of the local
+# models: what DP-FedAvg's noised average replaces, and all that secure
+# aggregation gives the server. FedSGD, SCAFFOLD and FedNova send more than a
+# model (gradients, control variates, step counts); exact sends statistics.
+MODEL_AVERAGING = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 DP_FIELDS = ("noise_multiplier", "clip", "delta", "target_epsilon", "local_noise", "adaptive")
 ADAPTIVE_FIELDS = ("target_quantile", "lr", "count_noise")
 SECAGG_FIELDS = ("threshold", "scale_bits")
@@ -266,12 +266,7 @@ def _dp(obj: dict[str, Any], settings: RunSettings, num_clients: int,
            "target_epsilon": field("target_epsilon", lambda v, at: expect_number(v, at, gt=0, le=1e6)),
            "local_noise": field("local_noise", expect_bool, False),
            "expected": settings.fraction * num_clients, "adaptive": None}
-    if settings.strategy not in DP_STRATEGIES:
-        problems.append(ProtocolError(f"dp: strategy {settings.strategy} sends more than a model; DP-FedAvg "
-                                      f"bounds and noises models only ({', '.join(DP_STRATEGIES)})"))
-    if settings.robust:
-        problems.append(ProtocolError(f"dp: DP-FedAvg's clipped, noised average replaces the combining rule; "
-                                      f"drop {', '.join(sorted(settings.robust))}"))
+    _averages_models("dp", "DP-FedAvg's clipped, noised average of the models replaces it", settings, problems)
     if dp.get("clip") is None and sigma > 0:
         problems.append(ProtocolError("dp.clip: noise is σ·S: it needs a finite clip bound S when "
                                       "noise_multiplier > 0"))
@@ -309,6 +304,17 @@ def _adaptive(value: Any, sigma: float, expected: float, no_bound: bool,
     return out
 
 
+def _averages_models(name: str, because: str, settings: RunSettings, problems: list[ProtocolError]) -> None:
+    """DP and secure aggregation both work on the average of the models: a
+    strategy that sends more, or a rule that needs each update, is a 400."""
+    if settings.strategy not in MODEL_AVERAGING:
+        problems.append(ProtocolError(f"{name}: strategy {settings.strategy} needs more than the average of the "
+                                      f"models, and {because} (strategies: {', '.join(MODEL_AVERAGING)})"))
+    if settings.robust:
+        problems.append(ProtocolError(f"{name}: {', '.join(sorted(settings.robust))} needs each update, and "
+                                      f"{because}"))
+
+
 def sampled_per_round(settings: RunSettings, num_clients: int) -> int:
     """How many clients a round asks: max(min_clients, ⌈fraction·K⌉), at most K."""
     return min(num_clients, max(settings.min_clients, math.ceil(settings.fraction * num_clients - 1e-9)))
@@ -337,12 +343,7 @@ def _secagg(value: Any, settings: RunSettings, num_clients: int,
     if out["threshold"] > asked:
         problems.append(ProtocolError(f"secagg.threshold: {out['threshold']} is more than the {asked} clients a "
                                       "round asks"))
-    if settings.strategy not in DP_STRATEGIES:
-        problems.append(ProtocolError(f"secagg: strategy {settings.strategy} needs more than the average of the "
-                                      f"models; secure aggregation gives only that ({', '.join(DP_STRATEGIES)})"))
-    if settings.robust:
-        problems.append(ProtocolError(f"secagg: the server sees only the sum, so no rule that needs each update "
-                                      f"({', '.join(sorted(settings.robust))})"))
+    _averages_models("secagg", "the server learns only the sum of the models", settings, problems)
     if settings.dp and not settings.dp["local_noise"]:
         problems.append(ProtocolError("secagg: with dp the server cannot clip or noise updates it cannot see; "
                                       "set dp.local_noise to true (each client adds its share of the noise)"))
