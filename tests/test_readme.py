@@ -89,7 +89,7 @@ def test_every_readme_command_is_run_here_or_by_the_test_the_map_names():
 
 def test_the_readme_is_short_and_its_links_resolve():
     text = README.read_text(encoding="utf-8")
-    assert len(text.splitlines()) <= 200
+    assert len(text.splitlines()) <= 165  # "about 150": the seed's compare table and log are most of the rest
     for target in re.findall(r"\]\(([^)#]+)\)", text):
         if not target.startswith("http"):
             assert (ROOT / target).exists(), target
