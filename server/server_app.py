@@ -16,6 +16,20 @@ from fedavg_server.runs import StoreError
 HOST_WAIT_S = 30  # how long --clients-from waits for the client host to answer
 
 
+def outside_line(host_url: str) -> dict | None:
+    """The client host's pooled least-squares line (GET /scenario), for the
+    page to draw labelled as outside knowledge; None if it has none to give."""
+    try:
+        with urllib.request.urlopen(host_url.rstrip("/") + "/scenario", timeout=5) as resp:
+            body = json.loads(resp.read())
+        line = body.get("pooled_line")
+        if not (isinstance(line, dict) and all(isinstance(line.get(k), (int, float)) for k in ("w", "b"))):
+            return None
+        return {"w": float(line["w"]), "b": float(line["b"]), "scenario": str(body.get("scenario", ""))[:200]}
+    except (OSError, ValueError, AttributeError):  # an older host, or none: the page draws without it
+        return None
+
+
 def clients_from(host_url: str, wait_s: float = HOST_WAIT_S) -> list[str]:
     """Every client a client host serves (its GET /clients), as full URLs.
     The host may still be starting: ask again until it answers or wait_s ends."""
@@ -68,6 +82,9 @@ if __name__ == "__main__":
         if args.clients_from:
             hosted = clients_from(args.clients_from, args.clients_from_wait)
             config["CLIENTS"] = (client_urls(args.clients) if args.clients else []) + hosted
+            line = outside_line(args.clients_from)
+            if line is not None:
+                config["OUTSIDE_LINE"] = {**line, "clients": hosted}
             print(f"server: {len(hosted)} client(s) from the client host at {args.clients_from}", flush=True)
         elif args.clients:
             config["CLIENTS"] = client_urls(args.clients)

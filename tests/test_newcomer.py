@@ -171,6 +171,39 @@ def test_clients_from_reads_the_hosts_client_list(tmp_path):
         launcher.stop(apps)
 
 
+def test_a_simulations_pooled_line_is_drawn_as_outside_knowledge(tmp_path):
+    """A server on a client host draws the host's pooled least-squares line on
+    the model chart, labelled as outside knowledge: here against the line
+    through the scenario's documented rows (tests/test_byzantine.py's
+    client_data), computed in closed form. A run on other clients, or a
+    server without a host, draws none."""
+    from test_byzantine import client_data
+    host = launcher.start_app("client_host", launcher.free_port(), ["--scenario", "iid", "--clients", "4",
+                                                                    "--seed", "3"])
+    server = launcher.start_app("server", launcher.free_port(),
+                                ["--clients-from", host.url, "--db", str(tmp_path / "runs.db")])
+    try:
+        launcher.wait_healthy([host, server])
+        rows = [pt for i in range(4) for pt in client_data(i, seed=3)]
+        mx, my = sum(x for x, _ in rows) / len(rows), sum(y for _, y in rows) / len(rows)
+        w = sum((x - mx) * (y - my) for x, y in rows) / sum((x - mx) ** 2 for x, _ in rows)
+        b = my - w * mx
+        said = launcher.get_json(host.url + "/scenario")
+        assert said["simulated"] is True and said["clients"] == 4
+        assert abs(said["pooled_line"]["w"] - w) < 1e-9 and abs(said["pooled_line"]["b"] - b) < 1e-9
+        status, run = launcher.post_json(server.url + "/start", {"rounds": 2})
+        assert status == 200 and run["status"] == "completed", run
+        _, _, svg = launcher.fetch(f"{server.url}/runs/{run['run_id']}/plots/models.svg")
+        text = svg.decode()
+        assert 'id="outside-line"' in text
+        found = re.search(r"<!-- pooled least squares y = (\S+)·x \+ (\S+): outside knowledge \(the (.+?)'s own "
+                          r"data\) -->", text)
+        assert found, "no outside-knowledge legend"
+        assert abs(float(found.group(1)) - w) < 1e-6 and abs(float(found.group(2)) - b) < 1e-6
+    finally:
+        launcher.stop([server, host])
+
+
 def test_clients_from_no_host_or_not_a_host_is_a_clear_error(tmp_path):
     with launcher.refusing_url() as nobody:
         server = launcher.start_app("server", launcher.free_port(),

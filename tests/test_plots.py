@@ -63,6 +63,7 @@ def test_each_chart_is_valid_svg(server, rounds, name):
     assert ctype.startswith("image/svg+xml")
     assert_svg(body)
     assert len(body) < 2_000_000  # 1000 rounds stay one line each, not 1000 elements per series
+    assert b'id="outside-line"' not in body  # real clients: no pooled line the server could know
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -6,12 +6,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from flask import Flask
 from werkzeug.exceptions import NotFound
 
 from .client import LocalClient, client_blueprint
 from .openapi import host_document
 from .service import install_json_errors, install_request_guards
+
+
+def pooled_line(clients: Sequence[LocalClient]) -> dict[str, float] | None:
+    """θ* = argmin Σ_k Σ_i (w·x_i + b − y_i)² over every client's rows at once,
+    as {"w", "b"}; None with several features (the chart draws one)."""
+    if clients[0].num_features != 1:
+        return None
+    X = np.vstack([c.X for c in clients])
+    y = np.concatenate([c.y for c in clients])
+    w, b = np.linalg.lstsq(np.column_stack([X, np.ones(len(y))]), y, rcond=None)[0]
+    return {"w": float(w), "b": float(b)}
 
 
 def create_host_app(clients: Sequence[LocalClient], token: str | None = None,
@@ -29,6 +41,7 @@ def create_host_app(clients: Sequence[LocalClient], token: str | None = None,
         return clients[k - 1]
 
     app.register_blueprint(client_blueprint(pick, token, url_prefix="/clients/<int:k>"))
+    pooled = pooled_line(clients)
 
     @app.get("/health")
     def health():
@@ -38,6 +51,13 @@ def create_host_app(clients: Sequence[LocalClient], token: str | None = None,
     @app.get("/openapi.json")
     def openapi():
         return host_document(len(clients))
+
+    @app.get("/scenario")
+    def scenario():
+        """What only a simulation can say: the least-squares line of all its
+        clients' rows pooled (one feature only). The server's page may draw
+        it, labelled as outside knowledge; no run ever reads it."""
+        return {"scenario": description, "simulated": True, "clients": len(clients), "pooled_line": pooled}
 
     @app.get("/clients")
     def urls():

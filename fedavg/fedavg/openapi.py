@@ -226,6 +226,13 @@ def host_document(num_clients: int) -> dict[str, Any]:
                                   "clients": {"type": "integer", "minimum": 1, "maximum": num_clients},
                                   "scenario": {"type": "string"},
                                   "data_size": {"type": "integer", "minimum": 1}}})}}},
+        "/scenario": {"get": {"summary": "The simulation's pooled least-squares line (one feature), for a page "
+                                         "to draw as outside knowledge.", "responses": {"200": reply(
+            "the scenario", {"type": "object", "required": ["scenario", "simulated", "clients", "pooled_line"],
+                             "properties": {"scenario": {"type": "string"}, "simulated": {"type": "boolean"},
+                                            "clients": {"type": "integer", "minimum": 1},
+                                            "pooled_line": {"type": "object", "nullable": True,
+                                                            "properties": {"w": NUMBER, "b": NUMBER}}}})}}},
         "/clients": {"get": {"summary": "The path of every client on this host.", "responses": {"200": reply(
             "the paths", {"type": "object", "required": ["clients"],
                           "properties": {"clients": {"type": "array", "items": {"type": "string"}}}})}}},

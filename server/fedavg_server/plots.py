@@ -127,13 +127,15 @@ def x_span(x_ranges: list[tuple[float, float]] | None) -> tuple[float, float] | 
     return lo - margin, hi + margin
 
 
-def models_figure(run: Run, round_no: int | None = None,
-                  x_ranges: list[tuple[float, float]] | None = None) -> Figure:
+def models_figure(run: Run, round_no: int | None = None, x_ranges: list[tuple[float, float]] | None = None,
+                  outside: dict[str, Any] | None = None) -> Figure:
     """Chart 1: y = w·x + b of each client's local model in round ``round_no``
     (default: the last), of the global model that went in, and of the global
     model that came out: W_{t+1} = Σ_k n_k/N · W_k for FedAvg. A client that
     sent no local model (FedSGD's gradient, the exact strategy's sums) has no line.
-    The x axis spans the clients' reported ``x_ranges`` ([min, max] of x₁), else X_RANGE."""
+    The x axis spans the clients' reported ``x_ranges`` ([min, max] of x₁), else X_RANGE.
+    ``outside``: a simulation's pooled least-squares line {"w", "b",
+    "scenario"}, drawn and labelled as knowledge no client gave (SVG id outside-line)."""
     record = _find_round(run, round_no)
     fig, (ax,) = _new_figure()
     fig.supxlabel(PRIVATE_NOTE, fontsize=9, style="italic")
@@ -161,6 +163,11 @@ def models_figure(run: Run, round_no: int | None = None,
     without = len(record["participants"]) - len(with_model)
     if without:
         ax.plot([], [], " ", label=f"{without} client(s) sent no local model, so no line")
+    if outside is not None and _num_features(run) == 1:
+        (line,) = ax.plot(x, outside["w"] * x + outside["b"], color="tab:green", linestyle="-.", linewidth=1.5,
+                          label=f"pooled least squares y = {fmt(outside['w'])}·x + {fmt(outside['b'])}: outside "
+                                f"knowledge (the {_escape(outside['scenario'] or 'simulation')}'s own data)")
+        line.set_gid("outside-line")
     out = record["global_model"]
     ax.plot(x, _slope(out) * x + out["b"], **GLOBAL_STYLE,
             label=f"global out: y = {fmt(_slope(out))}·x + {fmt(out['b'])}")
@@ -363,7 +370,7 @@ PLOTS: dict[str, Callable[[Run, int | None], Figure]] = {
 
 
 def render(run: Run, name: str, image_format: str = "svg", round_no: int | None = None,
-           x_ranges: list[tuple[float, float]] | None = None) -> bytes:
+           x_ranges: list[tuple[float, float]] | None = None, outside: dict[str, Any] | None = None) -> bytes:
     """The chart ``name`` (one of PLOTS) of ``run`` as SVG or PNG bytes;
     ``x_ranges`` frame the model lines (see models_figure). NoSuchRound for
     a round the run does not have."""
@@ -371,7 +378,7 @@ def render(run: Run, name: str, image_format: str = "svg", round_no: int | None 
     if round_no is not None:
         _find_round(run, round_no)
     with _turn():
-        fig = models_figure(run, round_no, x_ranges) if name == "models" else build(run, round_no)
+        fig = models_figure(run, round_no, x_ranges, outside) if name == "models" else build(run, round_no)
         return _save(fig, image_format)
 
 

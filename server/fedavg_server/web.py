@@ -158,8 +158,12 @@ def plot(run_id: int, name: str):
     # every server start would pay even when no one opens the page.
     from .plots import ChartsBusy, NoSuchRound, render
     x_ranges = _x_ranges(run.get("clients") or []) if name == "models" else []
+    # A simulation's pooled line, for a run over exactly the host's clients.
+    outside = current_app.config.get("OUTSIDE_LINE")
+    if name != "models" or not outside or set(run.get("clients") or []) != set(outside["clients"]):
+        outside = None
     try:
-        svg = render(run, name, "svg", round_no, x_ranges=x_ranges)
+        svg = render(run, name, "svg", round_no, x_ranges=x_ranges, outside=outside)
     except ChartsBusy as e:
         return {"error": str(e)}, 503, {"Retry-After": "1"}
     except NoSuchRound:
