@@ -6,9 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from .strategies import STRATEGIES
+from .training import TrainConfig
 from .wire import MAX_FEATURES, MAX_LOCAL_EPOCHS, MAX_RUN_NAME, SECAGG_SCALE_BITS
 
 NUMBER = {"type": "number"}
+SEED = TrainConfig()  # the seed's local training: the defaults the document states are the code's own
 
 SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -26,15 +28,16 @@ SCHEMAS: dict[str, Any] = {
             "b": NUMBER,
         },
     },
-    "TrainConfig": {
+    "TrainConfig": {  # its defaults are TrainConfig's own, the seed's
         "type": "object", "additionalProperties": False,
         "properties": {
-            "lr": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "default": 0.01},
-            "local_epochs": {"type": "integer", "minimum": 1, "maximum": MAX_LOCAL_EPOCHS, "default": 10},
-            "batch_size": {"type": "integer", "minimum": 1, "nullable": True, "default": None},
-            "mu": {"type": "number", "minimum": 0, "default": 0},
+            "lr": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "default": SEED.lr},
+            "local_epochs": {"type": "integer", "minimum": 1, "maximum": MAX_LOCAL_EPOCHS,
+                             "default": SEED.local_epochs},
+            "batch_size": {"type": "integer", "minimum": 1, "nullable": True, "default": SEED.batch_size},
+            "mu": {"type": "number", "minimum": 0, "default": SEED.mu},
             "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1, "nullable": True},
-            "strategy": {"type": "string", "enum": list(STRATEGIES), "default": "fedavg",
+            "strategy": {"type": "string", "enum": list(STRATEGIES), "default": SEED.strategy,
                          "description": "what the client computes; only sent for strategies other than fedavg"},
             "run": {"type": "string", "minLength": 1, "maxLength": MAX_RUN_NAME, "nullable": True,
                     "description": "names the run, for state a client keeps between rounds (SCAFFOLD's c_k)"},

@@ -4,10 +4,24 @@ from __future__ import annotations
 from typing import Any
 
 from fedavg.openapi import AUTH_ERROR, ERRORS, SCHEMAS, document, json_content, ref, reply
-from fedavg.strategies import AGGREGATORS, STRATEGIES, Param
+from fedavg.strategies import AGGREGATORS, STRATEGIES, Combine, Param
 from fedavg.wire import MAX_LOCAL_EPOCHS, SECAGG_SCALE_BITS
 
-from .settings import MAX_ROUNDS, MODEL_AVERAGING
+from .settings import (
+    ADAPTIVE_LR,
+    ADAPTIVE_QUANTILE,
+    DP_DELTA,
+    MAX_CLIENT_TIMEOUT_S,
+    MAX_PACE_S,
+    MAX_ROUNDS,
+    MODEL_AVERAGING,
+    RunSettings,
+)
+
+# The defaults the document states are the code's own (RunSettings, Combine),
+# so the two cannot drift apart; tests/test_protocol_doc.py holds PROTOCOL.md to them.
+DEFAULT = RunSettings()
+RULE = Combine()
 
 # Runs on one comparison chart (GET /compare.svg; web.py checks it): more lines cannot be told apart.
 MAX_COMPARE = 10
@@ -53,30 +67,33 @@ def server_document(num_clients: int) -> dict[str, Any]:
         "StartRequest": {
             "type": "object", "additionalProperties": False,
             "properties": {
-                "rounds": {"type": "integer", "minimum": 1, "maximum": MAX_ROUNDS, "default": 5},
+                "rounds": {"type": "integer", "minimum": 1, "maximum": MAX_ROUNDS, "default": DEFAULT.rounds},
                 "strategy": {"type": "string", "enum": list(STRATEGIES), "default": "fedavg"},
-                "lr": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "default": 0.01},
-                "local_epochs": {"type": "integer", "minimum": 1, "maximum": MAX_LOCAL_EPOCHS, "default": 10},
+                "lr": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "default": DEFAULT.lr},
+                "local_epochs": {"type": "integer", "minimum": 1, "maximum": MAX_LOCAL_EPOCHS,
+                                 "default": DEFAULT.local_epochs},
                 "batch_size": {"type": "integer", "minimum": 1, "nullable": True},
-                "mu": {"type": "number", "minimum": 0, "default": 0},
+                "mu": {"type": "number", "minimum": 0, "default": DEFAULT.mu},
                 "fraction": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1,
-                             "default": 1},
-                "min_clients": {"type": "integer", "minimum": 1, "maximum": num_clients, "default": 1},
+                             "default": DEFAULT.fraction},
+                "min_clients": {"type": "integer", "minimum": 1, "maximum": num_clients,
+                                "default": DEFAULT.min_clients},
                 "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1, "nullable": True},
                 "init": {**ref("Model"), "nullable": True},
-                "pace_s": {"type": "number", "minimum": 0, "maximum": 60, "default": 0},
-                "client_timeout_s": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 600,
-                                     "default": 10},
+                "pace_s": {"type": "number", "minimum": 0, "maximum": MAX_PACE_S, "default": DEFAULT.pace_s},
+                "client_timeout_s": {"type": "number", "minimum": 0, "exclusiveMinimum": True,
+                                     "maximum": MAX_CLIENT_TIMEOUT_S, "default": DEFAULT.client_timeout_s},
                 "wait": {"type": "boolean", "default": True},
                 **strategy_params(),
-                "aggregator": {"type": "string", "enum": list(AGGREGATORS), "default": "mean",
+                "aggregator": {"type": "string", "enum": list(AGGREGATORS), "default": RULE.aggregator,
                                "description": "how client vectors are combined: FedAvg's weighted mean, or a "
                                               "robust rule (not for strategy exact)"},
-                "trim": {"type": "number", "minimum": 0, "maximum": 0.5, "exclusiveMaximum": True, "default": 0.1,
+                "trim": {"type": "number", "minimum": 0, "maximum": 0.5, "exclusiveMaximum": True, "default": RULE.trim,
                          "description": "trimmed_mean: the share cut from each end of every coordinate"},
-                "byzantine": {"type": "integer", "minimum": 0, "maximum": max(num_clients - 3, 0), "default": 1,
+                "byzantine": {"type": "integer", "minimum": 0, "maximum": max(num_clients - 3, 0),
+                              "default": RULE.byzantine,
                               "description": "krum: the attackers tolerated (needs more than byzantine + 2 clients)"},
-                "krum_m": {"type": "integer", "minimum": 1, "maximum": max(num_clients, 1), "default": 1,
+                "krum_m": {"type": "integer", "minimum": 1, "maximum": max(num_clients, 1), "default": RULE.krum_m,
                            "description": "krum: average the m best (multi-Krum)"},
                 "clip_norm": {"type": "number", "minimum": 0, "exclusiveMinimum": True,
                               "description": "bound on each client's update ‖W_k − W_t‖ before combining"},
@@ -107,7 +124,7 @@ def server_document(num_clients: int) -> dict[str, Any]:
                 "clip": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1e12,
                          "nullable": True, "description": "S, the L2 bound on each update (null = ∞, only with σ = 0)"},
                 "delta": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1,
-                          "exclusiveMaximum": True, "default": 1e-5},
+                          "exclusiveMaximum": True, "default": DP_DELTA},
                 "target_epsilon": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1e6,
                                    "nullable": True,
                                    "description": "the budget: the run stops as budget_exhausted before a round "
@@ -119,9 +136,10 @@ def server_document(num_clients: int) -> dict[str, Any]:
                                             "the update norms",
                              "properties": {
                                  "target_quantile": {"type": "number", "minimum": 0, "exclusiveMinimum": True,
-                                                     "maximum": 1, "exclusiveMaximum": True, "default": 0.5},
+                                                     "maximum": 1, "exclusiveMaximum": True,
+                                                     "default": ADAPTIVE_QUANTILE},
                                  "lr": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 10,
-                                        "default": 0.2},
+                                        "default": ADAPTIVE_LR},
                                  "count_noise": {"type": "number", "minimum": 0, "maximum": 1e6,
                                                  "description": "σ_b, > noise_multiplier/2 (default: max(M/20, σ))"}}},
             },

@@ -24,6 +24,12 @@ from fedavg.wire import (
 )
 
 MAX_ROUNDS = 100_000
+MAX_PACE_S = 60.0
+MAX_CLIENT_TIMEOUT_S = 600.0
+# DP-FedAvg's defaults (docs/PRIVACY.md; the OpenAPI document states the same values).
+DP_DELTA = 1e-5
+ADAPTIVE_QUANTILE = 0.5
+ADAPTIVE_LR = 0.2
 FEDPROX_DEFAULT_MU = 0.01
 
 
@@ -153,10 +159,10 @@ def parse_start(body: Any, num_clients: int) -> tuple[RunSettings, bool]:
             settings = replace(settings, init={"w": init[0].tolist(), "b": init[1]})
     if "pace_s" in obj:
         settings = replace(settings, pace_s=check(
-            lambda: expect_number(obj["pace_s"], "pace_s", ge=0, le=60), settings.pace_s))
+            lambda: expect_number(obj["pace_s"], "pace_s", ge=0, le=MAX_PACE_S), settings.pace_s))
     if "client_timeout_s" in obj:
         settings = replace(settings, client_timeout_s=check(lambda: expect_number(
-            obj["client_timeout_s"], "client_timeout_s", gt=0, le=600), settings.client_timeout_s))
+            obj["client_timeout_s"], "client_timeout_s", gt=0, le=MAX_CLIENT_TIMEOUT_S), settings.client_timeout_s))
     if obj.get("dp") is not None:
         settings = replace(settings, dp=_dp(obj, settings, num_clients, problems))
     if obj.get("secagg") not in (None, False):
@@ -262,7 +268,7 @@ def _dp(obj: dict[str, Any], settings: RunSettings, num_clients: int,
     sigma = field("noise_multiplier", lambda v, at: expect_number(v, at, ge=0, le=1e6), 0.0)
     bound = field("clip", lambda v, at: expect_number(v, at, gt=0, le=1e12), math.inf)
     out = {"noise_multiplier": sigma, "clip": None if math.isinf(bound) else bound,
-           "delta": field("delta", lambda v, at: expect_number(v, at, gt=0, lt=1), 1e-5),
+           "delta": field("delta", lambda v, at: expect_number(v, at, gt=0, lt=1), DP_DELTA),
            "target_epsilon": field("target_epsilon", lambda v, at: expect_number(v, at, gt=0, le=1e6)),
            "local_noise": field("local_noise", expect_bool, False),
            "expected": settings.fraction * num_clients, "adaptive": None}
@@ -288,9 +294,10 @@ def _adaptive(value: Any, sigma: float, expected: float, no_bound: bool,
     of unclipped clients (default: M/20, the paper's choice, or σ if larger)."""
     try:
         obj = expect_object(value, "dp.adaptive", ADAPTIVE_FIELDS)
-        out = {"target_quantile": expect_number(obj.get("target_quantile", 0.5), "dp.adaptive.target_quantile",
+        out = {"target_quantile": expect_number(obj.get("target_quantile", ADAPTIVE_QUANTILE),
+                                                "dp.adaptive.target_quantile",
                                                 gt=0, lt=1),
-               "lr": expect_number(obj.get("lr", 0.2), "dp.adaptive.lr", gt=0, le=10),
+               "lr": expect_number(obj.get("lr", ADAPTIVE_LR), "dp.adaptive.lr", gt=0, le=10),
                "count_noise": (expect_number(obj["count_noise"], "dp.adaptive.count_noise", ge=0, le=1e6)
                                if "count_noise" in obj else max(expected / 20, sigma))}
     except ProtocolError as e:

@@ -873,5 +873,4 @@ async function main() {
   loop();
 }
 
-window.fedavgFmt = fmt;  // the page's number format, for checking it against the server's
 document.addEventListener("DOMContentLoaded", main);
