@@ -390,7 +390,8 @@ def unmask_sum(masked: Mapping[int, Any], b_shares: Mapping[int, Mapping[int, by
     graph = check_graph(neighbors, public)
     gone = sorted(u2 - set(u3))
     # The shares that count: from a secret's neighbourhood (no one else was sent one).
-    b_of = {i: {h: s for h, s in b_shares.get(i, {}).items() if h in closed(graph, i)} for i in u3}
+    hoods = {i: closed(graph, i) for i in u3}
+    b_of = {i: {h: s for h, s in b_shares.get(i, {}).items() if h in hoods[i]} for i in u3}
     s_sk_of = {j: {h: s for h, s in s_sk_shares.get(j, {}).items() if h in graph[j]}
                for j in gone if graph[j] & set(u3)}
     lacking = [f"{name}_{i}: only {len(got)} of t={threshold} shares (from {sorted(got)})"
