@@ -13,9 +13,10 @@ Four waves of calls, each to the clients still in:
     the unmasking: U3's shares of each b_i (i ∈ U3) and of each s_sk_j (j ∈ U2 \\ U3),
     each client asked about its own neighbourhood only
 
-Fewer than t clients at any step, or fewer than t left in a neighbourhood
-whose secret is needed (``secagg.unmaskable``), and the round fails before
-any share is asked for: nothing is unmasked. A client whose message is malformed, whose
+Fewer than t clients at any step, fewer than t left in a neighbourhood
+whose secret is needed, or survivors cut apart in the graph
+(``fedavg.secagg_graph.unmaskable``), and the round fails before any share
+is asked for: nothing is unmasked. A client whose message is malformed, whose
 keys are bad or whose masked vector looks unmasked is dropped with its
 reason, and the protocol goes on without it. The keys, shares and masked
 vectors live in this call's memory only; the round record keeps the trace
