@@ -1,6 +1,7 @@
 """docs/PROTOCOL.md's field tables against the code's one source of the wire
 contract, the OpenAPI documents: the POST /start table against the server's
-StartRequest, the /train config table against the client's TrainConfig.
+StartRequest (and its secagg.* table against SecAggSettings), the /train
+config table against the client's TrainConfig.
 Same field names both ways; where both state a type, a default or a bound,
 they agree. A field added to the code and not to the doc (or the other way
 round) fails here."""
@@ -135,6 +136,11 @@ def check_against(doc: dict[str, dict[str, str]], properties: dict[str, dict], w
 def test_the_start_table_is_the_servers_start_request():
     properties = server_document(2)["components"]["schemas"]["StartRequest"]["properties"]
     check_against(field_table("### POST /start"), properties, "StartRequest")
+
+
+def test_the_secagg_table_is_the_servers_secagg_settings():
+    properties = server_document(2)["components"]["schemas"]["SecAggSettings"]["properties"]
+    check_against(field_table("### POST /start", "secagg."), properties, "SecAggSettings")
 
 
 def test_the_train_config_table_is_the_clients_train_config():

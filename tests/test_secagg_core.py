@@ -1,11 +1,14 @@
-"""Secure aggregation's core (fedavg/secagg.py) without HTTP: the four rounds
-run in-process, and every number is checked against plain Python written
-here (sums with math.fsum, fixed point with ints, HKDF with hmac, published
-test vectors for ChaCha20 and X25519), never against the module's own output."""
+"""Secure aggregation's core (fedavg/secagg.py, fedavg/secagg_graph.py) without
+HTTP: the four rounds run in-process, over the complete graph and over
+SecAgg+'s sparse one, and every number is checked against plain Python
+written here (sums with math.fsum, fixed point with ints, HKDF with hmac,
+published test vectors for ChaCha20 and X25519, the ring distances of a
+Harary graph), never against the module's own output."""
 from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
 import math
 import random
@@ -13,7 +16,7 @@ import random
 import numpy as np
 import pytest
 
-from fedavg import secagg
+from fedavg import secagg, secagg_graph
 from fedavg.trace import fmt
 
 SESSION = b"run 1 round 1"
@@ -34,32 +37,43 @@ def plain_sum(vectors: list[list[float]]) -> list[float]:
 
 class Federation:
     """Rounds 0-2 of one session: every client advertises; those not in
-    `before` share keys (U2) and send y_i. Unmasking is left to each test."""
+    `before` share keys (U2) and send y_i. Unmasking is left to each test.
+    With a `graph` {i: N(i)} (SecAgg+), each client is given only its
+    neighbourhood N[i] = N(i) ∪ {i}, as the server does; without, all of U1."""
 
     def __init__(self, xs: dict[int, list[float]], t: int, before: tuple[int, ...] = (), session: bytes = SESSION,
-                 tamper: tuple[int, int] | None = None) -> None:
-        self.xs, self.t, self.session = xs, t, session
+                 tamper: tuple[int, int] | None = None, graph: dict[int, set[int]] | None = None) -> None:
+        self.xs, self.t, self.session, self.graph = xs, t, session, graph
         self.clients = {i: secagg.SecAggClient(i, session, t) for i in xs}
         self.public = {i: c.advertise() for i, c in self.clients.items()}  # U1
-        self.sealed = {i: self.clients[i].share_keys(self.public) for i in xs if i not in before}
+        self.sealed = {i: self.clients[i].share_keys({j: self.public[j] for j in self.hood(i)})
+                       for i in xs if i not in before}
         self.u2 = sorted(self.sealed)
         if tamper:  # (sender, recipient): the server flips a bit of what it forwards
             sender, recipient = tamper
             blob = self.sealed[sender][recipient]
             self.sealed[sender][recipient] = blob[:-1] + bytes([blob[-1] ^ 1])
-        self.masked = {i: self.clients[i].masked_input(xs[i], self.inbox(i), self.u2) for i in self.u2}
+        self.masked = {i: self.clients[i].masked_input(xs[i], self.inbox(i), self.told(i, self.u2), len(xs))
+                       for i in self.u2}
+
+    def hood(self, i: int) -> set[int]:
+        return set(self.xs) if self.graph is None else self.graph[i] | {i}
+
+    def told(self, i: int, among: list[int]) -> list[int]:
+        return sorted(self.hood(i) & set(among))
 
     def inbox(self, i: int) -> dict[int, bytes]:
-        return {j: self.sealed[j][i] for j in self.u2 if j != i}
+        return {j: self.sealed[j][i] for j in self.told(i, self.u2) if j != i}
 
     def unmask(self, u3: list[int], silent: tuple[int, ...] = ()) -> dict:
         dropped = [j for j in self.u2 if j not in u3]
-        return {i: self.clients[i].unmask(u3, dropped) for i in u3 if i not in silent}
+        return {i: self.clients[i].unmask(self.told(i, u3), self.told(i, dropped)) for i in u3 if i not in silent}
 
     def total(self, u3: list[int], replies: dict) -> tuple[np.ndarray, list[str]]:
         b, s_sk = secagg.collect_shares(replies)
         return secagg.unmask_sum({i: self.masked[i] for i in u3}, b, s_sk, self.public, survivors_u2=self.u2,
-                                 session=self.session, threshold=self.t, length=len(next(iter(self.xs.values()))))
+                                 session=self.session, threshold=self.t, length=len(next(iter(self.xs.values()))),
+                                 neighbors=self.graph)
 
 
 def random_inputs(k: int, d: int, seed: int) -> dict[int, list[float]]:
@@ -337,6 +351,143 @@ def test_malformed_masked_vectors_are_named():
                          (np.array([-1, 3]), "client 2: must be words in 0..2")):
         with pytest.raises(ValueError, match=message):
             secagg.unmask_sum({**fed.masked, 2: bad}, b, s_sk, fed.public, **kwargs)
+
+
+# --- SecAgg+: the communication graph --------------------------------------------------
+
+def ring_neighbours(order: list[int], k: int) -> dict[int, set[int]]:
+    """H(k, n) for even k as its definition reads: i and j are neighbours when they
+    sit at most k/2 places apart on the ring (either way round)."""
+    n, place = len(order), {c: p for p, c in enumerate(order)}
+    return {i: {j for j in order if j != i and min(abs(place[i] - place[j]), n - abs(place[i] - place[j])) <= k // 2}
+            for i in order}
+
+
+def connected(members: set[int], graph: dict[int, set[int]]) -> bool:
+    if not members:
+        return True
+    seen, todo = set(), [min(members)]
+    while todo:
+        i = todo.pop()
+        if i not in seen:
+            seen.add(i)
+            todo.extend((graph[i] & members) - seen)
+    return seen == members
+
+
+@pytest.mark.parametrize("n, k", [(5, 2), (12, 4), (30, 6), (100, 14)])
+def test_harary_graph_with_even_k_joins_each_client_to_the_k_nearest_on_the_ring(n, k):
+    order = random.Random(n).sample(range(1, n + 1), n)
+    assert secagg_graph.harary_graph(order, k) == ring_neighbours(order, k)
+
+
+@pytest.mark.parametrize("n, k", [(7, 2), (8, 3), (9, 3), (10, 4), (11, 5)])
+def test_harary_graph_is_k_regular_symmetric_and_k_connected(n, k):
+    """Every client has k neighbours (one has k + 1 when k and n are odd), and
+    removing any k − 1 clients leaves the others connected: tried for every set."""
+    order = random.Random(k).sample(range(1, n + 1), n)
+    graph = secagg_graph.harary_graph(order, k)
+    degrees = sorted(len(js) for js in graph.values())
+    assert degrees == ([k] * (n - 1) + [k + 1] if k % 2 and n % 2 else [k] * n)
+    assert all(i not in js and all(i in graph[j] for j in js) for i, js in graph.items())
+    for removed in itertools.combinations(order, k - 1):
+        assert connected(set(order) - set(removed), graph), removed
+
+
+@pytest.mark.parametrize("n", [2, 3, 8, 9])
+def test_k_of_n_minus_1_or_more_is_the_complete_graph(n):
+    order = list(range(n, 0, -1))
+    for k in (n - 1, n + 5):
+        assert secagg_graph.harary_graph(order, max(k, 1)) == {i: set(order) - {i} for i in order}
+
+
+def test_the_defaults_are_the_complete_graph_up_to_20_clients_then_2_log2_n_and_a_majority():
+    assert [secagg_graph.default_neighbors(n) for n in (2, 3, 10, 20)] == [1, 2, 9, 19]
+    assert [secagg_graph.default_neighbors(n) for n in (21, 100, 1000, 10_000)] == [
+        2 * math.ceil(math.log2(n)) for n in (21, 100, 1000, 10_000)] == [10, 14, 20, 28]
+    # t = a majority of the k + 1 clients of a neighbourhood; the complete graph's t = n//2 + 1 as before
+    assert [secagg_graph.default_threshold(k) for k in (1, 2, 9, 14, 99)] == [2, 2, 6, 8, 51]
+
+
+def sparse(n: int, k: int, seed: int) -> dict[int, set[int]]:
+    return secagg_graph.harary_graph(random.Random(seed).sample(range(1, n + 1), n), k)
+
+
+def test_over_a_graph_each_client_shares_with_its_neighbours_and_the_sum_is_the_plain_sum():
+    xs = random_inputs(12, 3, seed=31)
+    graph = sparse(12, 4, seed=31)
+    fed = Federation(xs, 3, graph=graph)
+    for i, sealed in fed.sealed.items():
+        assert set(sealed) == graph[i]  # shares for its 4 neighbours only
+    total, trace = fed.total(fed.u2, fed.unmask(fed.u2))
+    assert_close(total, plain_sum(list(xs.values())), 12)
+    assert "neighbours only" in trace[0]
+
+
+def test_over_a_graph_dropouts_before_and_after_sharing_and_after_the_masked_input():
+    """2 lost before sharing keys, 5 and 9 after (their pair masks come off with
+    their rebuilt s_sk, only for their neighbours), 11 after its y arrived but
+    silent at the unmasking (in the sum): the survivors' plain sum."""
+    xs = random_inputs(14, 2, seed=32)
+    graph = sparse(14, 6, seed=32)
+    fed = Federation(xs, 3, before=(2,), graph=graph)
+    u3 = [i for i in fed.u2 if i not in (5, 9)]
+    replies = fed.unmask(u3, silent=(11,))
+    for i, reply in replies.items():
+        assert set(reply["s_sk"]) == {5, 9} & graph[i]  # asked only about its own neighbours
+        assert set(reply["b"]) == set(u3) & (graph[i] | {i})
+    assert secagg_graph.unmaskable(graph, fed.u2, u3, 3) == []
+    total, trace = fed.total(u3, replies)
+    assert_close(total, plain_sum([xs[i] for i in u3]), 14)
+    for j in (5, 9):
+        pairs = sorted(graph[j] & set(u3))
+        assert any(line.startswith(f"− the masks of dropped client {j} ") and f"N({j}) = {pairs}" in line
+                   for line in trace)
+
+
+def test_a_neighbourhood_left_with_fewer_than_t_is_named_and_nothing_is_rebuilt(monkeypatch):
+    """Client 1 survives but only one of its 4 neighbours does: b_1 cannot get t = 3
+    shares. unmaskable says so (the server asks for no share), and unmask_sum refuses
+    before it rebuilds any secret, though 9 of 12 clients are left."""
+    xs = random_inputs(12, 2, seed=33)
+    graph = sparse(12, 4, seed=33)
+    lost = sorted(graph[1])[:3]
+    fed = Federation(xs, 3, graph=graph)
+    u3 = [i for i in fed.u2 if i not in lost]
+    problems = secagg_graph.unmaskable(graph, fed.u2, u3, 3)
+    assert any(p.startswith("b_1: only 2 of the 5 clients of N[1] are left") for p in problems), problems
+    replies = {i: fed.clients[i].unmask(fed.told(i, u3), fed.told(i, lost)) for i in u3 if i != 1}
+    rebuilt = []
+    monkeypatch.setattr(secagg, "combine_secret", lambda *a: rebuilt.append(a))
+    with pytest.raises(secagg.SecAggError, match=r"b_1: only 1 of t=3 shares .*no secret was rebuilt"):
+        fed.total(u3, replies)
+    assert rebuilt == []
+    with pytest.raises(ValueError, match="only 2 survivors, fewer than t=3"):
+        fed.clients[1].unmask(fed.told(1, u3), fed.told(1, lost))  # the client itself refuses too
+
+
+def test_survivors_cut_in_two_by_the_dropouts_are_refused():
+    """A ring (k = 2) of 8 that loses two opposite clients: each part could be
+    unmasked on its own, which would tell the server each part's sum."""
+    order = [1, 2, 3, 4, 5, 6, 7, 8]
+    graph = secagg_graph.harary_graph(order, 2)
+    u2 = order
+    u3 = [1, 2, 3, 5, 6, 7]  # 4 and 8 dropped: {1, 2, 3} and {5, 6, 7} share no edge
+    assert secagg_graph.unmaskable(graph, u2, u3, 2) == [
+        "U3 falls apart in the graph: clients [5, 6, 7] have no path to client 1 through other survivors (the server "
+        "would learn each part's sum)"]
+    assert secagg_graph.unmaskable(graph, u2, [1, 2, 3, 4, 5, 6, 7], 2) == []
+
+
+def test_unmask_sum_refuses_a_graph_that_is_not_one_over_u1():
+    fed = Federation(random_inputs(4, 2, seed=34), 2)
+    replies = fed.unmask(fed.u2)
+    b, s_sk = secagg.collect_shares(replies)
+    kwargs = dict(survivors_u2=fed.u2, session=SESSION, threshold=2, length=2)
+    for graph, message in (({1: {2}, 2: {1}}, "must list every client of U1"),
+                           ({1: {2}, 2: {3}, 3: {4}, 4: {1}}, r"neighbors\[1\]: must be other clients of U1, each")):
+        with pytest.raises(ValueError, match=message):
+            secagg.unmask_sum(fed.masked, b, s_sk, fed.public, neighbors=graph, **kwargs)
 
 
 # --- the wire format ----------------------------------------------------------------

@@ -204,8 +204,9 @@ def secagg_paths(train_in: dict[str, Any], secured: list[dict[str, Any]],
              "properties": {"client_id": {"type": "string"}, "keys": keys, "length": {"type": "integer"}}},
             {**diverged, **busy}),
         "/secagg/share": step(
-            "Secure aggregation 1: the others' keys in; Shamir shares of s_sk_k and b_k out, each sealed "
-            "(AES-GCM) to its holder.", {"peers": {"type": "object", "additionalProperties": keys}}, ["peers"],
+            "Secure aggregation 1: its neighbourhood's keys in (every other client's in the complete graph); "
+            "Shamir shares of s_sk_k and b_k out, each sealed (AES-GCM) to its holder.",
+            {"peers": {"type": "object", "additionalProperties": keys}}, ["peers"],
             {"type": "object", "required": ["shares"], "properties": {"shares": by_index}}),
         "/secagg/masked": step(
             "Secure aggregation 2: the shares sealed to this client in; y_k = x_k + PRG(b_k) ± PRG(s_kj) out.",

@@ -1,21 +1,29 @@
-"""Secure aggregation (Bonawitz et al., CCS 2017), honest-but-curious version:
-the server learns Σ_{i∈U3} x_i over the clients that survived, and no single x_i.
+"""Secure aggregation (Bonawitz et al., CCS 2017), honest-but-curious version,
+over a communication graph as in SecAgg+ (Bell et al., CCS 2020): the server
+learns Σ_{i∈U3} x_i over the clients that survived, and no single x_i.
 
 One method of ``SecAggClient`` per round; the server's side is ``unmask_sum``.
+The server draws a graph over U1 (``secagg_graph``): client i masks with, and
+shares its secrets among, only its k neighbours N(i), and N[i] = N(i) ∪ {i}
+is its neighbourhood. With k = |U1| − 1 (the complete graph) this is
+Bonawitz et al.'s protocol; with k ~ log n each client's work is O(k), not
+O(n). The client needs no graph of its own: the server tells it its
+neighbourhood, and each step below is read within it.
 
 0. AdvertiseKeys: client i publishes two X25519 public keys, c_pk_i (to seal
    shares) and s_pk_i (for pair masks), and b_commit_i = SHA-256(b_i), its
    self-mask seed's commitment. U1 = the clients that did.
 1. ShareKeys: i splits s_sk_i and b_i into Shamir shares (threshold t), one for
-   each j in U1, and seals j's pair under agree(c_sk_i, c_pk_j, "share").
+   each j in N[i], and seals j's pair under agree(c_sk_i, c_pk_j, "share").
    U2 = the clients that did.
 2. MaskedInputCollection, with s_ij = agree(s_sk_i, s_pk_j, "mask") = s_ji:
-       y_i = x_i + PRG(b_i) + Σ_{j∈U2, j>i} PRG(s_ij) − Σ_{j∈U2, j<i} PRG(s_ij)   (mod 2^64)
+       y_i = x_i + PRG(b_i) + Σ_{j∈U2∩N(i), j>i} PRG(s_ij) − Σ_{j∈U2∩N(i), j<i} PRG(s_ij)   (mod 2^64)
    U3 = the clients whose y_i arrived. b_i is a 128-bit seed and PRG(b_i) the
    ChaCha20 keystream under HKDF(b_i); PRG(s_ij) is the keystream under s_ij.
-3. Unmasking: every survivor reveals its share of b_j for j in U3 and of s_sk_j
-   for j in U2 \\ U3, never both for one j. From t shares of each the server gets
-       Σ_{i∈U3} x_i = Σ_{i∈U3} y_i − Σ_{i∈U3} PRG(b_i) − Σ_{j∈U2\\U3} Σ_{i∈U3} ±PRG(s_ij)
+3. Unmasking: every survivor reveals its share of b_j for j in U3 ∩ N[i] and of
+   s_sk_j for j in (U2 \\ U3) ∩ N(i), never both for one j. From t shares of each
+   (so t survivors in each needed neighbourhood) the server gets
+       Σ_{i∈U3} x_i = Σ_{i∈U3} y_i − Σ_{i∈U3} PRG(b_i) − Σ_{j∈U2\\U3} Σ_{i∈U3∩N(j)} ±PRG(s_ij)
 
 x_i is fixed point (``encode``); for FedAvg x_k holds n_k·θ_k and n_k
 (fedavg.secure_client.secure_input): the server learns Σ n_k·θ_k and N,
@@ -49,6 +57,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from .secagg_graph import check_graph, closed, show_ids
 from .trace import TRACE_TERMS, fmt
 from .wire import SECAGG_SCALE_BITS
 
@@ -237,7 +246,8 @@ class SecAggClient:
 
     def share_keys(self, peers: Mapping[int, Mapping[str, bytes]]) -> dict[int, bytes]:
         """ShareKeys: {j: seal(agree(c_sk_i, c_pk_j, "share"), j's share of s_sk_i + of b_i)}
-        for every j ≠ i in U1 = `peers` (which lists i itself, with its own keys)."""
+        for every j ≠ i in `peers`: N[i], i's neighbourhood in U1 (all of U1 in the complete
+        graph), which lists i itself, with its own keys."""
         peers = {_index(j, "peers"): _check_keys(keys, f"peers[{j}]") for j, keys in peers.items()}
         if self.peers is not None:
             if peers == self.peers:  # a retried request: the same ciphertexts
@@ -268,9 +278,11 @@ class SecAggClient:
     def masked_input(self, x: Any, received: Mapping[int, bytes], survivors_u2: Iterable[int],
                      n_parties: int | None = None) -> np.ndarray:
         """MaskedInputCollection: y_i = encode(x) + PRG(b_i) + Σ_{j∈U2, j>i} PRG(s_ij) − Σ_{j∈U2, j<i} PRG(s_ij)
-        (mod 2^64). `received` is {j: what j sealed for i} for every j in U2 \\ {i}; `n_parties`
-        (default |U1|) bounds the sum for ``encode``'s overflow check. Once per session: a retry
-        with the same arguments gets the same y_i, anything else is refused."""
+        (mod 2^64), where U2 = `survivors_u2` is told within N[i] (the peers of ``share_keys``).
+        `received` is {j: what j sealed for i} for every j in U2 \\ {i}; `n_parties`
+        (default |N[i]|, the peers it was given; the server sends |U1|) bounds the sum for ``encode``'s
+        overflow check. Once per session: a retry with the same arguments gets the same y_i, anything
+        else is refused."""
         if self.peers is None:
             raise ValueError("masked_input: share_keys comes first")
         u2 = set(_index_list(survivors_u2, "survivors_u2"))
@@ -298,7 +310,7 @@ class SecAggClient:
 
     def unmask(self, survivors_u3: Iterable[int], dropped: Iterable[int]) -> dict[str, dict[int, bytes]]:
         """Unmasking: {"b": {j: share of b_j} for j in U3, "s_sk": {j: share of s_sk_j} for j in dropped},
-        refused when U3 and dropped overlap, |U3| < t, or they are not a split of U2."""
+        (both told within N[i]), refused when they overlap, |U3| < t, or they are not a split of U2."""
         if self._u2 is None:
             raise ValueError("unmask: masked_input comes first")
         u3, gone = set(_index_list(survivors_u3, "survivors_u3")), set(_index_list(dropped, "dropped"))
@@ -352,12 +364,15 @@ def collect_shares(replies: Mapping[int, Mapping[str, Mapping[int, bytes]]]) \
 def unmask_sum(masked: Mapping[int, Any], b_shares: Mapping[int, Mapping[int, bytes]],
                s_sk_shares: Mapping[int, Mapping[int, bytes]], public: Mapping[int, Mapping[str, bytes]], *,
                survivors_u2: Iterable[int], session: bytes, threshold: int, length: int,
-               scale_bits: int = SCALE_BITS) -> tuple[np.ndarray, list[str]]:
-    """Σ_{i∈U3} x_i = Σ_{i∈U3} y_i − Σ_{i∈U3} PRG(b_i) − Σ_{j∈U2\\U3} Σ_{i∈U3} ±PRG(s_ij), decoded.
+               scale_bits: int = SCALE_BITS,
+               neighbors: Mapping[int, Iterable[int]] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Σ_{i∈U3} x_i = Σ_{i∈U3} y_i − Σ_{i∈U3} PRG(b_i) − Σ_{j∈U2\\U3} Σ_{i∈U3∩N(j)} ±PRG(s_ij), decoded.
 
     U3 = the keys of `masked` (y_i, `length` words each), U1 = those of `public` (the advertised
-    keys and b_commit). Each b_i must hash to b_commit_i and each s_sk_j give s_pk_j. Returns the
-    sum and the trace."""
+    keys and b_commit), `neighbors` the graph {i: N(i)} over U1 (None: the complete graph). Only
+    shares from a secret's neighbourhood count, and every secret needed must have t of them before
+    any is rebuilt. Each b_i must hash to b_commit_i and each s_sk_j give s_pk_j. Returns the sum
+    and the trace."""
     _check_threshold(threshold)
     _check_scale(scale_bits)
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
@@ -372,9 +387,24 @@ def unmask_sum(masked: Mapping[int, Any], b_shares: Mapping[int, Mapping[int, by
     if len(u3) < threshold:
         raise SecAggError(f"only {len(u3)} of t={threshold} clients sent a masked input (U3 = {u3}): "
                           "too few to unmask", u3)
+    graph = check_graph(neighbors, public)
     gone = sorted(u2 - set(u3))
+    # The shares that count: from a secret's neighbourhood (no one else was sent one).
+    hoods = {i: closed(graph, i) for i in u3}
+    b_of = {i: {h: s for h, s in b_shares.get(i, {}).items() if h in hoods[i]} for i in u3}
+    s_sk_of = {j: {h: s for h, s in s_sk_shares.get(j, {}).items() if h in graph[j]}
+               for j in gone if graph[j] & set(u3)}
+    lacking = [f"{name}_{i}: only {len(got)} of t={threshold} shares (from {sorted(got)})"
+               for name, shares in (("b", b_of), ("s_sk", s_sk_of)) for i, got in shares.items()
+               if len(got) < threshold]
+    if lacking:
+        more = f"; … {len(lacking) - TRACE_TERMS} more" if len(lacking) > TRACE_TERMS else ""
+        raise SecAggError("; ".join(lacking[:TRACE_TERMS]) + more + "; cannot unmask, and no secret was rebuilt")
+    complete = all(len(js) == len(public) - 1 for js in graph.values())
     trace = [f"U1 = {len(public)} clients advertised keys, U2 = {sorted(u2)} shared them, U3 = {u3} sent y_i"
-             + (f"; dropped after sharing: {gone}" if gone else "")]
+             + (f"; dropped after sharing: {gone}" if gone else "")
+             + ("" if complete else "; each masked with and shared among its neighbours only: "
+                + ", ".join(f"N({i}) = {sorted(graph[i])}" for i in sorted(graph)[:3]) + ", …")]
     trace += [f"y_{i} = {_show_words(ys[i])} (noise mod 2^64; its first entry decoded: "
               f"{fmt(decode(ys[i][:1], scale_bits)[0])})" for i in u3[:TRACE_TERMS]]
     trace += [f"… and {len(u3) - TRACE_TERMS} more masked inputs"] if len(u3) > TRACE_TERMS else []
@@ -384,21 +414,24 @@ def unmask_sum(masked: Mapping[int, Any], b_shares: Mapping[int, Mapping[int, by
     trace.append(f"Σ y_i = {_show_words(total)}")
     selfmask = np.zeros(length, dtype=np.uint64)
     for i in u3:
-        b = _recover(f"b_{i}", b_shares.get(i, {}), threshold, lambda s, i=i: sha256(s) == public[i]["b_commit"], trace)
+        b = _recover(f"b_{i}", b_of[i], threshold, lambda s, i=i: sha256(s) == public[i]["b_commit"], trace)
         selfmask = selfmask + self_mask(b, length)
     total = total - selfmask
     trace.append(f"− Σ PRG(b_i) = {_show_words(selfmask)} (each b_i rebuilt from its shares, equal to its commitment)")
     for j in gone:
-        s_sk = _recover(f"s_sk_{j}", s_sk_shares.get(j, {}), threshold,
+        pairs = sorted(graph[j] & set(u3))
+        if not pairs:
+            continue  # no survivor masked with j: nothing of j's is in the sum, and s_sk_j stays secret
+        s_sk = _recover(f"s_sk_{j}", s_sk_of[j], threshold,
                         lambda s, j=j: len(s) == KEY_BYTES and public_of(s) == public[j]["s_pk"], trace)
         undo = np.zeros(length, dtype=np.uint64)
-        for i in u3:
+        for i in pairs:
             mask = expand(agree(s_sk, public[i]["s_pk"], MASK, session, f"s_pk of client {i}"), length)
             undo = undo + mask if j > i else undo - mask  # what i added for its pair with j
         total = total - undo
         if j in gone[:TRACE_TERMS]:
             trace.append(f"− the masks of dropped client {j} = {_show_words(undo)} (s_sk_{j} rebuilt, "
-                         f"matches s_pk_{j})")
+                         f"matches s_pk_{j}; its pairs with U3 ∩ N({j}) = {show_ids(pairs)})")
     trace += [f"… and those of {len(gone) - TRACE_TERMS} more dropped clients"] if len(gone) > TRACE_TERMS else []
     x = decode(total, scale_bits)
     trace.append(f"= Σ x_i = {_show_words(total)}, decoded ÷ 2^{scale_bits}: {_show_floats(x)}")

@@ -4,9 +4,11 @@ Bonawitz et al.'s protocol (``fedavg.secagg``), in one session per round.
     POST /secagg/advertise  train on θ_t, keep the input x_k; send two public keys and b_commit
                             (with "evaluate": true, no training: x_k = [0, 0, n_k·L_k, n_k, 0],
                             the final model's federated loss)
-    POST /secagg/share      the others' keys in; shares of s_sk_k and b_k out, sealed to each
+    POST /secagg/share      its neighbourhood's keys in (all the others' in the complete graph);
+                            shares of s_sk_k and b_k out, sealed to each neighbour
     POST /secagg/masked     the shares sealed to this client in; y_k = x_k + masks out
-    POST /secagg/unmask     who survived in; shares of their b_j and of the dropped ones' s_sk_j out
+    POST /secagg/unmask     who of its neighbourhood survived in; shares of their b_j and of the
+                            dropped ones' s_sk_j out
 
 The input is x_k = [w_k·θ_k, w_k, n_k·L_k, n_k, bit_k] with w_k = n_k (1 in
 a DP run: DP-FedAvg's equal weights), L_k the loss of θ_t on this client's

@@ -423,7 +423,8 @@ class Run:
         bodies = self._train_bodies(r, theta, sample)
         try:
             secure = secure_sum(self.pool, sample, self.names, session, self.s.secagg["threshold"],
-                                self.s.secagg["scale_bits"], d + 5, self.s.client_timeout_s, bodies)
+                                self.s.secagg["scale_bits"], d + 5, self.s.client_timeout_s, bodies,
+                                self.s.secagg.get("neighbors"))
         except SecureRoundFailed as e:
             self._unless_server_stopping(r)
             raise RunStopped("failed", f"round {r}: {e}") from None
@@ -446,7 +447,7 @@ class Run:
         try:
             total = secure_sum(self.pool, self.pool.urls, self.names, session, self.s.secagg["threshold"],
                                self.s.secagg["scale_bits"], d + 5, self.s.client_timeout_s,
-                               lambda url: {**body, "evaluate": True}).total
+                               lambda url: {**body, "evaluate": True}, self.s.secagg.get("neighbors")).total
         except SecureRoundFailed as e:
             log.info("federated MSE of round %d's model: not measured: %s", round_no, e)
             return

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from fedavg.openapi import AUTH_ERROR, ERRORS, SCHEMAS, document, json_content, ref, reply
+from fedavg.secagg_graph import COMPLETE_UP_TO
 from fedavg.strategies import AGGREGATORS, STRATEGIES, Combine, Param
 from fedavg.wire import MAX_LOCAL_EPOCHS, SECAGG_SCALE_BITS
 
@@ -101,16 +102,20 @@ def server_document(num_clients: int) -> dict[str, Any]:
                                "description": "cap on any one client's share n_k/N (mean only)"},
                 "dp": {**ref("DPSettings"), "nullable": True},
                 "secagg": {"nullable": True, "description": "secure aggregation: true (defaults), or "
-                                                            "{threshold, scale_bits}",
+                                                            "{neighbors, threshold, scale_bits}",
                            "oneOf": [{"type": "boolean"}, ref("SecAggSettings")]},
             },
         },
         "SecAggSettings": {
             "type": "object", "additionalProperties": False,
             "properties": {
+                "neighbors": {"type": "integer", "minimum": 1, "maximum": max(num_clients - 1, 1),
+                              "description": "k: each client masks with and shares its secrets among k others "
+                                             "(SecAgg+; at most the clients a round asks − 1, the complete graph "
+                                             f"and the default up to {COMPLETE_UP_TO} clients, else 2⌈log2 n⌉)"},
                 "threshold": {"type": "integer", "minimum": 2,
-                              "description": "t: survivors needed to unmask a round (default: a majority of the "
-                                             "clients a round asks; at most that many)"},
+                              "description": "t: survivors needed in a client's neighbourhood of k + 1 to unmask "
+                                             "it (default: a majority of k + 1; at most k + 1)"},
                 "scale_bits": {"type": "integer", "minimum": 8, "maximum": 40, "default": SECAGG_SCALE_BITS,
                                "description": "fixed point: inputs are integers mod 2^64 in units of 2^-scale_bits"},
             },

@@ -1,16 +1,22 @@
 """The server's side of secure aggregation: one round of Bonawitz et al.'s
 protocol over the clients' /secagg/* endpoints (``fedavg.secure_client``),
-ending in the sum of their inputs and nothing else.
+ending in the sum of their inputs and nothing else; over a graph of k
+neighbours per client (SecAgg+, Bell et al.), the complete graph when k is
+None or at least |U1| − 1.
 
 Four waves of calls, each to the clients still in:
 
     U1 = those that trained and advertised keys      (POST /secagg/advertise)
-    U2 = those of U1 that sent their sealed shares   (POST /secagg/share)
+    the graph: Harary's H(k, |U1|) over U1 in an order drawn from OS entropy
+    U2 = those of U1 that sent their sealed shares   (POST /secagg/share, each given N[i]'s keys)
     U3 = those of U2 whose masked input arrived      (POST /secagg/masked)
-    the unmasking: U3's shares of each b_i (i ∈ U3) and of each s_sk_j (j ∈ U2 \\ U3)
+    the unmasking: U3's shares of each b_i (i ∈ U3) and of each s_sk_j (j ∈ U2 \\ U3),
+    each client asked about its own neighbourhood only
 
-Fewer than t clients at any step and the round fails, before any share is
-asked for: nothing is unmasked. A client whose message is malformed, whose
+Fewer than t clients at any step, fewer than t left in a neighbourhood
+whose secret is needed, or survivors cut apart in the graph
+(``fedavg.secagg_graph.unmaskable``), and the round fails before any share
+is asked for: nothing is unmasked. A client whose message is malformed, whose
 keys are bad or whose masked vector looks unmasked is dropped with its
 reason, and the protocol goes on without it. The keys, shares and masked
 vectors live in this call's memory only; the round record keeps the trace
@@ -18,13 +24,15 @@ vectors live in this call's memory only; the round record keeps the trace
 """
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
 from fedavg import secagg
+from fedavg.secagg_graph import closed, harary_graph, unmaskable
 from fedavg.trace import TRACE_TERMS
 
 from .clients import ClientPool, Reply
@@ -57,9 +65,11 @@ class SecureSum:
 
 def secure_sum(pool: ClientPool, urls: Sequence[str], names: dict[str, str], session: str, threshold: int,
                scale_bits: int, length: int, timeout_s: float,
-               train_body: Callable[[str], dict[str, Any]]) -> SecureSum:
+               train_body: Callable[[str], dict[str, Any]], neighbors: int | None = None) -> SecureSum:
     """One protocol run among ``urls`` (client i is urls[i − 1]); each
-    input has ``length`` words. Raises SecureRoundFailed below t clients."""
+    input has ``length`` words; each client has ``neighbors`` = k neighbours
+    (None: all the others). Raises SecureRoundFailed below t clients, overall
+    or where a needed secret's shares are held."""
     index = {url: i for i, url in enumerate(urls, start=1)}
     url_of = {i: url for url, i in index.items()}
     dropped: list[dict[str, Any]] = []
@@ -84,12 +94,22 @@ def secure_sum(pool: ClientPool, urls: Sequence[str], names: dict[str, str], ses
             except ValueError as e:  # (ProtocolError too)
                 drop(url_of[i], step, str(e))
         if len(got) < threshold:
-            shown = "; ".join(f"{d['client_id']}: {d['reason']}" for d in dropped[:TRACE_TERMS])
-            more = f"; … {len(dropped) - TRACE_TERMS} more" if len(dropped) > TRACE_TERMS else ""
-            raise SecureRoundFailed(f"after /secagg/{step} only {len(got)} client(s) are left, fewer than the "
-                                    f"threshold t={threshold}: the round cannot be unmasked, and nothing was "
-                                    f"revealed ({len(dropped)} dropped: {shown}{more})")
+            fail(f"after /secagg/{step} only {len(got)} client(s) are left, fewer than the threshold t={threshold}")
         return got
+
+    def fail(why: str) -> NoReturn:
+        shown = "; ".join(f"{d['client_id']}: {d['reason']}" for d in dropped[:TRACE_TERMS])
+        more = f"; … {len(dropped) - TRACE_TERMS} more" if len(dropped) > TRACE_TERMS else ""
+        raise SecureRoundFailed(f"{why}: the round cannot be unmasked, and nothing was revealed ({len(dropped)} "
+                                f"dropped: {shown}{more})")
+
+    def enough(step: str, u2: list[int], u3: list[int]) -> None:
+        """Every secret the unmasking will need keeps t holders in its neighbourhood, and U3 is connected."""
+        problems = unmaskable(graph, u2, u3, threshold)
+        if problems:
+            more = f"; … {len(problems) - 3} more" if len(problems) > 3 else ""
+            fail(f"after /secagg/{step} a neighbourhood has fewer than the threshold t={threshold} clients left "
+                 f"or the survivors' graph is cut: " + "; ".join(problems[:3]) + more)
 
     seen: dict[bytes, int] = {}  # every public key advertised so far → its client
 
@@ -112,18 +132,24 @@ def secure_sum(pool: ClientPool, urls: Sequence[str], names: dict[str, str], ses
 
     public = wave("advertise", sorted(url_of), lambda i: {**train_body(url_of[i]), "index": i, "threshold": threshold,
                                                           "scale_bits": scale_bits}, advertised)
-    peers = secagg.to_wire(public)
+    keys = secagg.to_wire(public)
     u1 = sorted(public)
+    # A fresh order from OS entropy each round, never the run's seed: who neighbours whom is
+    # decided only now, after U1 is known, and a replayed seed cannot foresee it.
+    k = len(u1) - 1 if neighbors is None else min(neighbors, len(u1) - 1)
+    graph = harary_graph(random.SystemRandom().sample(u1, len(u1)), k)
 
     def shared(i: int, body: dict[str, Any]) -> dict[int, bytes]:
         sealed = secagg.indexed_from_wire(body.get("shares"), "reply.shares", secagg.bytes_from_wire)
-        if set(sealed) != set(u1) - {i}:
-            raise ValueError(f"reply.shares: sealed for clients {sorted(sealed)}, not for every other client of "
-                             f"U1 {u1}")
+        if set(sealed) != graph[i]:
+            raise ValueError(f"reply.shares: sealed for clients {sorted(sealed)}, not for every neighbour of "
+                             f"client {i} {sorted(graph[i])}")
         return sealed
 
-    sealed = wave("share", u1, lambda i: {"peers": peers}, shared)
+    sealed = wave("share", u1, lambda i: {"peers": {str(j): keys[str(j)] for j in sorted(closed(graph, i))}},
+                  shared)
     u2 = sorted(sealed)
+    enough("share", u2, u2)
 
     def masked(i: int, body: dict[str, Any]) -> np.ndarray:
         y = secagg.vector_from_wire(body.get("masked"), "reply.masked", length)
@@ -133,22 +159,35 @@ def secure_sum(pool: ClientPool, urls: Sequence[str], names: dict[str, str], ses
                              "was sent unmasked, and is left out")
         return y
 
-    ys = wave("masked", u2, lambda i: {"survivors": u2, "parties": len(u1), "received": secagg.to_wire(
-        {j: sealed[j][i] for j in u2 if j != i})}, masked)
+    def told(i: int, among: list[int]) -> list[int]:
+        return sorted(closed(graph, i).intersection(among))
+
+    ys = wave("masked", u2, lambda i: {"survivors": told(i, u2), "parties": len(u1), "received": secagg.to_wire(
+        {j: sealed[j][i] for j in told(i, u2) if j != i})}, masked)
     u3 = sorted(ys)
     gone = [j for j in u2 if j not in ys]
-    reveals = wave("unmask", u3, lambda i: {"survivors": u3, "dropped": gone},
-                   lambda i, body: secagg.reveal_from_wire(body, "reply"))
+    enough("masked", u2, u3)
+
+    def revealed(i: int, body: dict[str, Any]) -> dict[str, dict[int, bytes]]:
+        reveal = secagg.reveal_from_wire(body, "reply")
+        for kind, asked in (("b", told(i, u3)), ("s_sk", told(i, gone))):
+            if sorted(reveal[kind]) != asked:
+                raise ValueError(f"reply.{kind}: shares for clients {sorted(reveal[kind])}, asked for {asked}")
+        return reveal
+
+    reveals = wave("unmask", u3, lambda i: {"survivors": told(i, u3), "dropped": told(i, gone)}, revealed)
     b_shares, s_shares = secagg.collect_shares(reveals)
     try:
         total, trace = secagg.unmask_sum(ys, b_shares, s_shares, public, survivors_u2=u2,
                                          session=session.encode(), threshold=threshold, length=length,
-                                         scale_bits=scale_bits)
+                                         scale_bits=scale_bits, neighbors=graph)
     except secagg.SecAggError as e:
         culprits = ", ".join(names.get(url_of[i], url_of[i]) for i in e.clients if i in url_of)
         raise SecureRoundFailed(f"unmasking failed: {e}" + (f" (clients: {culprits})" if culprits else "")) from None
     who = {i: names.get(url_of[i], url_of[i]) for i in u1}
     trace = [f"secure aggregation, t={threshold}, inputs x_k = [w_k·θ_k, w_k, n_k·L_k, n_k, bit_k] in fixed point "
              f"(2^-{scale_bits}): clients " + ", ".join(f"{i} = {who[i]}" for i in u1[:10])
-             + (f", … ({len(u1)})" if len(u1) > 10 else ""), *trace]
+             + (f", … ({len(u1)})" if len(u1) > 10 else "")
+             + ("" if k == len(u1) - 1 else f"; SecAgg+: k={k} neighbours each, Harary's H({k}, {len(u1)}) over "
+                "U1 in an order drawn from OS entropy, t of a neighbourhood's k + 1 needed"), *trace]
     return SecureSum(total, [url_of[i] for i in u3], dropped, trace, {url_of[i]: who[i] for i in u3})

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from fedavg.privacy import update_noise_multiplier
+from fedavg.secagg_graph import default_neighbors, default_threshold
 from fedavg.strategies import AGGREGATORS, PARAM_NAMES, STRATEGIES, Combine, Strategy
 from fedavg.training import TrainConfig
 from fedavg.wire import (
@@ -53,7 +54,7 @@ class RunSettings:
     params: dict[str, float] | None = None  # the strategy's own settings (server_lr, beta1, …), defaults filled in
     robust: dict[str, Any] | None = None  # a robust rule instead of the average (aggregator, trim, …); None = mean
     dp: dict[str, Any] | None = None  # DP-FedAvg's settings (fedavg.privacy), defaults filled in; None = no DP
-    secagg: dict[str, int] | None = None  # secure aggregation's threshold t and scale_bits; None = models in the clear
+    secagg: dict[str, int] | None = None  # secure aggregation's neighbors k, threshold t, scale_bits; None = clear
 
     def train_config(self, client_seed: int | None, run: str | None = None) -> TrainConfig:
         return TrainConfig(lr=self.lr, local_epochs=self.local_epochs, batch_size=self.batch_size,
@@ -77,7 +78,7 @@ START_FIELDS = ("rounds", "strategy", *LOCAL_TRAINING_FIELDS, *PARAM_NAMES, *ROB
 MODEL_AVERAGING = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 DP_FIELDS = ("noise_multiplier", "clip", "delta", "target_epsilon", "local_noise", "adaptive")
 ADAPTIVE_FIELDS = ("target_quantile", "lr", "count_noise")
-SECAGG_FIELDS = ("threshold", "scale_bits")
+SECAGG_FIELDS = ("neighbors", "threshold", "scale_bits")
 
 
 class SettingsError(ProtocolError):
@@ -330,26 +331,40 @@ def sampled_per_round(settings: RunSettings, num_clients: int) -> int:
 def _secagg(value: Any, settings: RunSettings, num_clients: int,
             problems: list[ProtocolError]) -> dict[str, int] | None:
     """Secure aggregation's settings: ``true`` for the defaults, or
-    {"threshold": t, "scale_bits": s}. t shares rebuild a secret, so t
-    survivors are needed to unmask a round and fewer than t clients
-    together learn nothing; 2 ≤ t ≤ the clients a round asks (default: a
-    majority of them). Inputs are fixed point with s fractional bits."""
+    {"neighbors": k, "threshold": t, "scale_bits": s}. Each client masks
+    with and shares its secrets among k others (SecAgg+'s graph; k = the
+    clients a round asks − 1 is the complete graph, Bonawitz et al.'s
+    protocol): 1 ≤ k < the clients a round asks, default the complete graph
+    up to 20 clients, else 2⌈log2 n⌉ (fedavg.secagg_graph). t
+    shares rebuild a secret, so t survivors are needed in a neighbourhood of
+    k + 1 and fewer than t of a client's neighbours together learn nothing
+    of it; 2 ≤ t ≤ k + 1 (default: a majority of k + 1). Inputs are fixed
+    point with s fractional bits."""
     asked = sampled_per_round(settings, num_clients)
     try:
         obj = {} if value is True else expect_object(value, "secagg", SECAGG_FIELDS)
-        out = {"threshold": (expect_int(obj["threshold"], "secagg.threshold", ge=2, le=max(asked, 2))
-                             if "threshold" in obj else max(2, asked // 2 + 1)),
+        out = {"neighbors": (expect_int(obj["neighbors"], "secagg.neighbors", ge=1, le=max(asked - 1, 1))
+                             if "neighbors" in obj else default_neighbors(asked)),
+               "threshold": expect_int(obj["threshold"], "secagg.threshold", ge=2) if "threshold" in obj else None,
                "scale_bits": expect_int(obj.get("scale_bits", SECAGG_SCALE_BITS), "secagg.scale_bits", ge=8, le=40)}
     except ProtocolError as e:
         problems.append(e)
         return None
     found = len(problems)
+    k = out["neighbors"]
+    if out["threshold"] is None:
+        out["threshold"] = default_threshold(k)
     if asked < 2:
         problems.append(ProtocolError(f"secagg: a round asks {asked} client; a sum of one client's input is that "
                                       "input (secure aggregation needs at least 2)"))
-    if out["threshold"] > asked:
-        problems.append(ProtocolError(f"secagg.threshold: {out['threshold']} is more than the {asked} clients a "
-                                      "round asks"))
+    elif k == 1 and asked > 2:
+        problems.append(ProtocolError(f"secagg.neighbors: with 1 neighbour each the {asked} clients fall apart into "
+                                      "pairs, and the server would learn each pair's sum (at least 2)"))
+    if out["threshold"] > k + 1:
+        problems.append(ProtocolError(
+            f"secagg.threshold: {out['threshold']} is more than the {asked} clients a round asks" if k == asked - 1
+            else f"secagg.threshold: {out['threshold']} is more than the {k + 1} clients of a neighbourhood (a "
+                 f"client and its {k} neighbours): no secret could be rebuilt"))
     _averages_models("secagg", "the server learns only the sum of the models", settings, problems)
     if settings.dp and not settings.dp["local_noise"]:
         problems.append(ProtocolError("secagg: with dp the server cannot clip or noise updates it cannot see; "
