@@ -222,8 +222,13 @@ def test_the_documented_one_one_in_a_million_gaussian():
 @pytest.mark.parametrize("q, sigma, rounds", [(1.0, 1.1, 7), (0.5, 1.0, 40), (0.1, 0.8, 300)])
 def test_t_rounds_cost_t_times_one_round(q, sigma, rounds):
     """The server scales one round's divergences by T; the accountant composing T rounds itself agrees."""
-    from fedavg_server.accountant import epsilon, epsilon_composed
-    assert epsilon(q, sigma, rounds, 1e-5) == pytest.approx(epsilon_composed(q, sigma, rounds, 1e-5), rel=1e-12)
+    from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
+    from dp_accounting.rdp import RdpAccountant
+
+    from fedavg_server.accountant import epsilon
+    composed = RdpAccountant()
+    composed.compose(SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), rounds))
+    assert epsilon(q, sigma, rounds, 1e-5) == pytest.approx(composed.get_epsilon(1e-5), rel=1e-12)
 
 
 def test_make_privacy_tabulates_epsilon_against_accuracy(tmp_path):

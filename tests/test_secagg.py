@@ -192,24 +192,35 @@ def test_secure_fedavg_is_fedavg_for_100_rounds_and_no_model_is_written(tmp_path
     assert "y_1 = [" in log and "noise mod 2^64" in log  # what the server did see is there
 
 
-def test_ten_clients_for_100_rounds(tmp_path):
-    """Ten iid clients on a client host: FedAvg in plain Python on the same rows, within the scale."""
-    host = start_app("client_host", free_port(), ["--scenario", "iid", "--clients", "10"])
+def assert_fedavg(run: dict, data: list[list[tuple[float, float]]], tol: float) -> None:
+    """Every round's global model within ``tol`` of plain-Python FedAvg on ``data`` from (0, 0)."""
+    w = b = 0.0
+    for record in run["rounds"]:
+        w, b = fedavg_round(data, w, b)
+        assert abs(record["global_model"]["w"] - w) <= tol
+        assert abs(record["global_model"]["b"] - b) <= tol
+
+
+def hosted_run(tmp_path, k: int, body: dict) -> dict:
+    """One completed run of ``body`` on k iid clients of a client host, with a
+    server on them (--clients-from); both stopped after."""
+    host = start_app("client_host", free_port(), ["--scenario", "iid", "--clients", str(k)])
     server = None
     try:
         wait_healthy([host])
         server = start_app("server", free_port(), ["--clients-from", host.url, "--db", str(tmp_path / "runs.db")])
         wait_healthy([server])
-        status, run = post_json(server.url + "/start", {"rounds": 100, "secagg": {"threshold": 6}}, timeout_s=600)
+        status, run = post_json(server.url + "/start", body, timeout_s=600)
         assert status == 200 and run["status"] == "completed", run.get("error")
+        return run
     finally:
         stop([a for a in (server, host) if a is not None])
-    data = [client_data(i) for i in range(10)]
-    w = b = 0.0
-    for record in run["rounds"]:
-        w, b = fedavg_round(data, w, b)
-        assert abs(record["global_model"]["w"] - w) <= 100 * SCALE
-        assert abs(record["global_model"]["b"] - b) <= 100 * SCALE
+
+
+def test_ten_clients_for_100_rounds(tmp_path):
+    """Ten iid clients on a client host: FedAvg in plain Python on the same rows, within the scale."""
+    run = hosted_run(tmp_path, 10, {"rounds": 100, "secagg": {"threshold": 6}})
+    assert_fedavg(run, [client_data(i) for i in range(10)], 100 * SCALE)
     assert len(run["rounds"][-1]["participants"]) == 10
 
 
@@ -472,23 +483,10 @@ def test_secagg_plus_30_clients_with_4_neighbours_each_for_20_rounds_is_fedavg(t
     """30 iid clients on a client host, k = 4 (t = 3 by default, a majority of 5):
     every round's model within 20 × the scale of plain-Python FedAvg, and each
     client masked with 4 others (the neighbourhoods the round's math shows)."""
-    host = start_app("client_host", free_port(), ["--scenario", "iid", "--clients", "30"])
-    server = None
-    try:
-        wait_healthy([host])
-        server = start_app("server", free_port(), ["--clients-from", host.url, "--db", str(tmp_path / "runs.db")])
-        wait_healthy([server])
-        status, run = post_json(server.url + "/start", {"rounds": 20, "secagg": {"neighbors": 4}}, timeout_s=600)
-        assert status == 200 and run["status"] == "completed", run.get("error")
-    finally:
-        stop([a for a in (server, host) if a is not None])
+    run = hosted_run(tmp_path, 30, {"rounds": 20, "secagg": {"neighbors": 4}})
     assert run["settings"]["secagg"] == {"neighbors": 4, "threshold": 3, "scale_bits": 24}
-    data = [client_data(i) for i in range(30)]
-    w = b = 0.0
+    assert_fedavg(run, [client_data(i) for i in range(30)], 20 * SCALE)
     for record in run["rounds"]:
-        w, b = fedavg_round(data, w, b)
-        assert abs(record["global_model"]["w"] - w) <= 20 * SCALE
-        assert abs(record["global_model"]["b"] - b) <= 20 * SCALE
         assert len(record["participants"]) == 30
         math = "\n".join(record["math"])
         assert "SecAgg+: k=4 neighbours each" in math

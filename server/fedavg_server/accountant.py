@@ -20,7 +20,7 @@ import logging
 import math
 
 import numpy as np
-from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
+from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent
 from dp_accounting.rdp import RdpAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 
@@ -40,16 +40,8 @@ def epsilon(q: float, noise_multiplier: float, rounds: int, delta: float,
         return math.inf
     orders, rdp = _one_round(q, noise_multiplier, orders)
     # Rényi divergences add up over rounds: T rounds cost T times one round's,
-    # what SelfComposedDpEvent(…, T) computes (checked in tests/test_privacy.py).
+    # what SelfComposedDpEvent(…, T) computes (tests/test_privacy.py checks it).
     return float(compute_epsilon(orders, rounds * rdp, delta)[0])
-
-
-def epsilon_composed(q: float, noise_multiplier: float, rounds: int, delta: float,
-                     orders: tuple[float, ...] | None = None) -> float:
-    """The same ε through the accountant's own composition of T rounds (slower: for checking ``epsilon``)."""
-    accountant = RdpAccountant(list(orders)) if orders else RdpAccountant()
-    accountant.compose(SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(noise_multiplier)), rounds))
-    return float(accountant.get_epsilon(delta))
 
 
 @functools.lru_cache(maxsize=64)

@@ -14,7 +14,6 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -549,8 +548,8 @@ class Run:
             private = {"dp_clip": None if math.isinf(bound) else bound,
                        "dp_noise_std": (client_noise_std(dp["update_noise_multiplier"], bound, dp["expected"])
                                         if dp["local_noise"] else 0.0)}
-        return lambda url: {**common, "config": train_config_json(
-            replace(self.s.train_config(int(seed_of[url]), key), **private))}
+        return lambda url: {**common, "config": train_config_json(self.s.train_config(int(seed_of[url]), key,
+                                                                                      **private))}
 
     def _sort_replies(self, r: int, replies: list[Reply]) -> tuple[list[Result], list[dict[str, Any]]]:
         """The replies that can join the aggregate, and the clients dropped with

@@ -56,9 +56,11 @@ class RunSettings:
     dp: dict[str, Any] | None = None  # DP-FedAvg's settings (fedavg.privacy), defaults filled in; None = no DP
     secagg: dict[str, int] | None = None  # secure aggregation's neighbors k, threshold t, scale_bits; None = clear
 
-    def train_config(self, client_seed: int | None, run: str | None = None) -> TrainConfig:
+    def train_config(self, client_seed: int | None, run: str | None = None, dp_clip: float | None = None,
+                     dp_noise_std: float = 0.0) -> TrainConfig:
         return TrainConfig(lr=self.lr, local_epochs=self.local_epochs, batch_size=self.batch_size,
-                           mu=self.mu, seed=client_seed, strategy=self.strategy, run=run)
+                           mu=self.mu, seed=client_seed, strategy=self.strategy, run=run, dp_clip=dp_clip,
+                           dp_noise_std=dp_noise_std)
 
     def make_strategy(self, num_clients: int) -> Strategy:
         return STRATEGIES[self.strategy](lr=self.lr, num_clients=num_clients, combine=Combine(**(self.robust or {})),
