@@ -184,7 +184,7 @@ def train_body() -> dict[str, Any]:
 
 def per_call_urllib3(http, url: str, data: bytes, calls: int) -> float:
     """Median seconds of sequential POSTs over one pooled keep-alive
-    connection, the way the server's ClientPool calls (urllib3 PoolManager)."""
+    connection, the way the server's HttpTransport calls (urllib3 PoolManager)."""
     import urllib3
     timeout = urllib3.Timeout(connect=10, read=10)
     headers = {"Content-Type": "application/json"}

@@ -12,6 +12,9 @@ import pytest
 
 import launcher
 
+# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
+pytestmark = pytest.mark.system
+
 TOKEN = "s3cret-for-tests"
 
 
@@ -149,7 +152,7 @@ def test_the_servers_yes_no_and_list_settings_read_from_the_environment(tmp_path
     client = app.test_client()
     assert client.get("/health", headers={"Host": "fedavg.lan"}).status_code == 200
     assert client.get("/health", headers={"Host": "f"}).status_code == 403
-    app.extensions["fedavg"].pool.close()
+    app.extensions["fedavg"].transport.close()
     monkeypatch.setenv("FEDAVG_PUBLIC_READ", "maybe")
     with pytest.raises(ValueError, match="FEDAVG_PUBLIC_READ"):
         create_app({"CLIENTS": ["http://127.0.0.1:9"], "DB": str(tmp_path / "runs2.db")})

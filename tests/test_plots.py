@@ -18,6 +18,9 @@ from conftest import ROOT
 from fedavg_server.plots import render
 from reference import SEED_DATA
 
+# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
+pytestmark = pytest.mark.system
+
 SVG = "{http://www.w3.org/2000/svg}svg"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NAMES = ("models", "params", "loss")
@@ -300,4 +303,4 @@ def test_a_chart_that_cannot_get_its_turn_is_a_503_not_a_hang(tmp_path, monkeypa
         r = app.test_client().get(f"/runs/{run_id}/plots/loss.svg")
     assert r.status_code == 503 and r.headers["Retry-After"] == "1" and "try again" in r.get_json()["error"]
     assert app.test_client().get(f"/runs/{run_id}/plots/loss.svg").status_code == 200
-    app.extensions["fedavg"].pool.close()
+    app.extensions["fedavg"].transport.close()

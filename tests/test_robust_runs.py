@@ -12,6 +12,9 @@ from flask import Flask, request
 import launcher
 from fedavg_server import create_app as create_server_app
 
+# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
+pytestmark = pytest.mark.system
+
 HUGE = 1e6
 
 
@@ -48,7 +51,7 @@ def server(host, serve, tmp_path):
     urls = [*host, serve(liar()).url]
     app = create_server_app({"CLIENTS": urls, "DB": str(tmp_path / "runs.db")})
     yield app.test_client()
-    app.extensions["fedavg"].pool.close()
+    app.extensions["fedavg"].transport.close()
 
 
 def run(server, **settings) -> dict:
@@ -153,7 +156,7 @@ def test_max_weight_caps_a_lying_sample_count(host, serve, tmp_path):
     others = sum(n for n in ns if n != 10**9)
     p = [0.2 if n == 10**9 else 0.8 * n / others for n in ns]
     assert close(global_of(capped), [sum(pk * v[j] for pk, v in zip(p, locals_of(capped))) for j in (0, 1)])
-    app.extensions["fedavg"].pool.close()
+    app.extensions["fedavg"].transport.close()
 
 
 @pytest.mark.parametrize("body, words", [

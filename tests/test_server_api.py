@@ -70,7 +70,7 @@ def make_server_client(tmp_path):
         running = fed.running_id()
         if running is not None:
             fed.wait(running)
-        fed.pool.close()
+        fed.transport.close()
         fed.store.close()
 
 

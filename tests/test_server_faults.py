@@ -16,9 +16,12 @@ import pytest
 from flask import Flask
 
 import launcher
-from fedavg_server.clients import ClientPool
 from fedavg_server.federation import Federation
+from fedavg_server.http_transport import HttpTransport
 from fedavg_server.runs import RunStore
+
+# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
+pytestmark = pytest.mark.system
 
 # Mounting a small filesystem and dropping privileges need root; CI runs as
 # root and runs these (a non-root CI fails them loudly); a developer without
@@ -208,7 +211,7 @@ def test_an_end_the_store_cannot_take_is_the_truth_until_a_retry_records_it(tmp_
     kept in memory, what the API reads says it, and once the store takes
     writes again the end is recorded."""
     store = RunStore(tmp_path / "runs.db")
-    fed = Federation(ClientPool([]), store)
+    fed = Federation(HttpTransport([]), store)
     run_id = store.create({"rounds": 3}, [], {"w": 0.0, "b": 0.0})
     store._db.execute("PRAGMA query_only = ON")
     fed._record_end(run_id, "failed", "disk full: test")
@@ -218,4 +221,4 @@ def test_an_end_the_store_cannot_take_is_the_truth_until_a_retry_records_it(tmp_
     store._db.execute("PRAGMA query_only = OFF")
     poll("the retry records it", lambda: store.summary(run_id)["status"] == "failed", timeout_s=10)
     poll("and forgets it", lambda: not fed.unrecorded(), timeout_s=10)
-    fed.pool.close()
+    fed.transport.close()

@@ -18,7 +18,7 @@ def server_client(tmp_path):
     app = create_server_app({"CLIENTS": ["http://127.0.0.1:9"], "DB": str(tmp_path / "runs.db"),
                              "ALLOWED_HOSTS": ["fedavg.lan"]})
     yield app.test_client()
-    app.extensions["fedavg"].pool.close()
+    app.extensions["fedavg"].transport.close()
 
 
 def runs_of(client) -> list:
@@ -88,6 +88,7 @@ def evil_site(target: str) -> Flask:
     return app
 
 
+@pytest.mark.system
 def test_a_forged_request_from_another_page_starts_nothing_and_the_form_still_works(browser, tmp_path, serve):
     apps = launcher.start_federation({name: launcher.free_port() for name in launcher.DEFAULT_PORTS},
                                      server_args=["--db", str(tmp_path / "runs.db")])

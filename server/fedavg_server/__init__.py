@@ -10,8 +10,8 @@ from flask import Flask
 from fedavg.service import install_json_errors, install_request_guards
 
 from .api import bp
-from .clients import ClientPool
 from .federation import Federation
+from .http_transport import HttpTransport
 from .runs import RunStore
 from .web import bp as web_bp
 
@@ -50,7 +50,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     - DB: the SQLite file of run history (default instance/fedavg.db);
     - TOKEN: the shared bearer token sent to clients and required on /start
       and the other endpoints that act (None = open);
-    - MAX_PARALLEL: client calls in flight at once.
+    - MAX_PARALLEL: client calls in flight at once;
+    - TRANSPORT: how the clients are reached (default HTTP to CLIENTS; an
+      ``InProcessTransport`` calls client apps in this process).
 
     Raises StoreError when the run history cannot be used."""
     app = Flask(__name__)
@@ -71,10 +73,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     if isinstance(app.config.get("ALLOWED_HOSTS"), str):
         app.config["ALLOWED_HOSTS"] = [h.strip() for h in app.config["ALLOWED_HOSTS"].split(",") if h.strip()]
     app.config["PUBLIC_READ"] = _flag(app.config.get("PUBLIC_READ", False))
-    pool = ClientPool(app.config["CLIENTS"], app.config["MAX_PARALLEL"])
+    # A test or a lab hands in its own transport (fedavg_server.inprocess); the apps talk HTTP.
+    transport = app.config.get("TRANSPORT") or HttpTransport(app.config["CLIENTS"], app.config["MAX_PARALLEL"])
+    app.config["CLIENTS"] = transport.urls
     if app.config["TOKEN"]:
-        pool.headers["Authorization"] = f"Bearer {app.config['TOKEN']}"
-    app.extensions["fedavg"] = Federation(pool, RunStore(app.config["DB"]))
+        transport.headers["Authorization"] = f"Bearer {app.config['TOKEN']}"
+    app.extensions["fedavg"] = Federation(transport, RunStore(app.config["DB"]))
     install_json_errors(app)
     install_request_guards(app)
     app.register_blueprint(bp)

@@ -34,7 +34,7 @@ def start():
     require_token(current_app.config["TOKEN"])
     no_query_args()
     fed = federation()
-    settings, wait = parse_start(json_body(if_empty={}), len(fed.pool.urls))
+    settings, wait = parse_start(json_body(if_empty={}), len(fed.transport.urls))
     if settings.init is not None:
         # A starting model that cannot fit the clients' data is bad input, not a failed run.
         d, dims = len(settings.init["w"]), fed.feature_counts()
@@ -237,9 +237,9 @@ def _round_number(name: str, default: str) -> int:
 def health() -> dict[str, Any]:
     no_query_args()
     fed = federation()
-    return {"status": "ok", "clients": fed.pool.urls, "running_run_id": fed.running_id()}
+    return {"status": "ok", "clients": fed.transport.urls, "running_run_id": fed.running_id()}
 
 
 @bp.get("/openapi.json")
 def openapi() -> dict[str, Any]:
-    return server_document(len(federation().pool.urls))
+    return server_document(len(federation().transport.urls))

@@ -34,10 +34,10 @@ from fedavg.wire import (
     train_config_json,
 )
 
-from .clients import ClientPool, Reply
 from .mathlog import loss_line, round_lines
 from .runs import RoundRecord, RunStore, StoreError
 from .settings import RunSettings, sampled_per_round
+from .transport import Reply, Transport
 
 if TYPE_CHECKING:
     from .secure import SecureSum
@@ -80,8 +80,8 @@ class RunStopped(Exception):
 class Federation:
     """The clients, the run history, and at most one run in progress."""
 
-    def __init__(self, pool: ClientPool, store: RunStore) -> None:
-        self.pool = pool
+    def __init__(self, transport: Transport, store: RunStore) -> None:
+        self.transport = transport
         self.store = store
         self._lock = threading.Lock()
         self._running: Run | None = None
@@ -94,8 +94,8 @@ class Federation:
         """Start a run in the background and return its id; Busy if one runs."""
         with self._lock:
             self._check_idle()
-            run_id = self.store.create(settings.to_json(), self.pool.urls, settings.init or {"w": 0.0, "b": 0.0})
-            self._launch(Run(run_id, settings, self.pool, self.store, key=_run_key(self.store.summary(run_id))))
+            run_id = self.store.create(settings.to_json(), self.transport.urls, settings.init or {"w": 0.0, "b": 0.0})
+            self._launch(Run(run_id, settings, self.transport, self.store, key=_run_key(self.store.summary(run_id))))
             return run_id
 
     def resume(self, run_id: int, current_clients: bool = False) -> None:
@@ -113,13 +113,13 @@ class Federation:
                 raise CannotResume(f"run {run_id} is {run['status']}; only an interrupted or failed run "
                                    "can be resumed")
             settings = RunSettings(**run["settings"])
-            if settings.min_clients > len(self.pool.urls):
+            if settings.min_clients > len(self.transport.urls):
                 # The server may have been restarted with fewer clients.
                 raise CannotResume(f"run {run_id} needs min_clients={settings.min_clients}; this server has "
-                                   f"{len(self.pool.urls)} client(s)")
-            if run["clients"] != self.pool.urls:
-                gone = [u for u in run["clients"] if u not in self.pool.urls]
-                new = [u for u in self.pool.urls if u not in run["clients"]]
+                                   f"{len(self.transport.urls)} client(s)")
+            if run["clients"] != self.transport.urls:
+                gone = [u for u in run["clients"] if u not in self.transport.urls]
+                new = [u for u in self.transport.urls if u not in run["clients"]]
                 if not current_clients:
                     change = (f"no longer here: {', '.join(gone[:6]) or 'none'}{' …' if len(gone) > 6 else ''}; "
                               f"new here: {', '.join(new[:6]) or 'none'}{' …' if len(new) > 6 else ''}"
@@ -127,18 +127,18 @@ class Federation:
                     raise CannotResume(
                         f"run {run_id} ran with other clients than this server's: {change}; resume with "
                         '{"clients": "current"} to go on with this server\'s clients (recorded in the run)')
-                self.store.set_clients(run_id, self.pool.urls)
+                self.store.set_clients(run_id, self.transport.urls)
                 log.info("Run %s resumes with this server's clients: %d gone, %d new", run_id, len(gone), len(new))
             done = run["rounds_completed"]
             self.store.set_status(run_id, "running")
-            self._launch(Run(run_id, settings, self.pool, self.store, first_round=done + 1,
+            self._launch(Run(run_id, settings, self.transport, self.store, first_round=done + 1,
                              model=run["current_model"], state=self.store.server_state(run_id),
                              key=_run_key(run)))
 
     def feature_counts(self, timeout_s: float = 2.0) -> set[int]:
         """The feature counts the clients' /health replies state (empty when
         none says: seed clients have no /health)."""
-        replies = self.pool.call_all(self.pool.urls, "GET", "/health", timeout_s)
+        replies = self.transport.call_all(self.transport.urls, "GET", "/health", timeout_s)
         return {n for r in replies if r.ok and (n := parse_health_reply(r.body)["num_features"])}
 
     def stop(self, run_id: int) -> bool:
@@ -157,7 +157,7 @@ class Federation:
         completed round stays), so that /resume can continue it later."""
         with self._lock:
             run = self._running
-        self.pool.stopping.set()
+        self.transport.stopping.set()
         if run is not None and run.thread.is_alive():
             run.stop_requested.set()
             run.thread.join(timeout_s)
@@ -210,7 +210,7 @@ class Federation:
             self._unrecorded[run_id] = (status, error)
 
         def retry() -> None:
-            while not self.pool.stopping.wait(RECORD_RETRY_S):
+            while not self.transport.stopping.wait(RECORD_RETRY_S):
                 try:
                     self.store.finish(run_id, status, error)
                 except StoreError:
@@ -250,19 +250,19 @@ class Federation:
 class Run:
     """One run: the loop of rounds and the state it carries between them."""
 
-    def __init__(self, run_id: int, settings: RunSettings, pool: ClientPool, store: RunStore,
+    def __init__(self, run_id: int, settings: RunSettings, transport: Transport, store: RunStore,
                  first_round: int = 1, model: dict[str, Any] | None = None, state: State | None = None,
                  key: str = "") -> None:
         self.run_id = run_id
         self.s = settings
-        self.pool = pool
+        self.transport = transport
         self.store = store
         self.first_round = first_round
         self.model = model  # where a resumed run picks up; None = settings.init
-        self.strategy: Strategy = settings.make_strategy(len(pool.urls))
+        self.strategy: Strategy = settings.make_strategy(len(transport.urls))
         self.state = state  # the strategy's state after the last stored round; None = its initial state
         self.key = key  # names the run to clients that keep state per run
-        self.names = pool.names  # url → client_id, remembered across runs
+        self.names = transport.names  # url → client_id, remembered across runs
         self.sizes: dict[str, int] = {}  # url → n_k as its /health reported it
         self.num_features: int | None = None
         self.stop_requested = threading.Event()  # POST /runs/<id>/stop, or the server stopping
@@ -276,7 +276,7 @@ class Run:
         """Run the rounds; return how the run ended: (status, error or None)."""
         s = self.s
         log.info("Run %s: %s, %d round(s) over %d client(s), lr=%g, local_epochs=%d%s%s%s, seed=%d%s",
-                 self.run_id, s.strategy, s.rounds, len(self.pool.urls), s.lr, s.local_epochs,
+                 self.run_id, s.strategy, s.rounds, len(self.transport.urls), s.lr, s.local_epochs,
                  "" if s.batch_size is None else f", batch_size={s.batch_size}",
                  "" if not s.mu else f", mu={s.mu:g}",
                  "".join(f", {k}={v:g}" for k, v in (s.params or {}).items()), s.seed,
@@ -311,7 +311,7 @@ class Run:
         return "completed", None
 
     def _unless_server_stopping(self, r: int) -> None:
-        if self.pool.stopping.is_set():
+        if self.transport.stopping.is_set():
             raise RunStopped("interrupted", f"the server stopped during round {r}; the rounds before it are "
                                             f"kept (POST /runs/{self.run_id}/resume continues it)")
 
@@ -326,7 +326,7 @@ class Run:
         """Learn each client's name and feature count from /health, and make
         sure every client that answers can run the strategy. Seed clients have
         no /health; they keep their URL as their name, and can run FedAvg only."""
-        replies = self.pool.call_all(self.pool.urls, "GET", "/health", min(self.s.client_timeout_s, 5.0))
+        replies = self.transport.call_all(self.transport.urls, "GET", "/health", min(self.s.client_timeout_s, 5.0))
         dims, unable, unmasked = set(), [], []
         for reply in replies:
             facts = parse_health_reply(reply.body) if reply.ok else None
@@ -389,7 +389,7 @@ class Run:
         if self.s.secagg:
             results, dropped, secure = self._secure_replies(r, theta, sample)
         else:
-            replies = self.pool.call_all(sample, "POST", "/train", self.s.client_timeout_s,
+            replies = self.transport.call_all(sample, "POST", "/train", self.s.client_timeout_s,
                                          self._train_bodies(r, theta, sample))
             self._unless_server_stopping(r)
             (results, dropped), secure = self._sort_replies(r, replies), None
@@ -421,7 +421,7 @@ class Run:
         session = f"{self.key or self.run_id}|round {r}|{secrets.token_hex(8)}"
         bodies = self._train_bodies(r, theta, sample)
         try:
-            secure = secure_sum(self.pool, sample, self.names, session, self.s.secagg["threshold"],
+            secure = secure_sum(self.transport, sample, self.names, session, self.s.secagg["threshold"],
                                 self.s.secagg["scale_bits"], d + 5, self.s.client_timeout_s, bodies,
                                 self.s.secagg.get("neighbors"))
         except SecureRoundFailed as e:
@@ -444,7 +444,7 @@ class Run:
         d = len(theta) - 1
         session = f"{self.key or self.run_id}|evaluation|{secrets.token_hex(8)}"
         try:
-            total = secure_sum(self.pool, self.pool.urls, self.names, session, self.s.secagg["threshold"],
+            total = secure_sum(self.transport, self.transport.urls, self.names, session, self.s.secagg["threshold"],
                                self.s.secagg["scale_bits"], d + 5, self.s.client_timeout_s,
                                lambda url: {**body, "evaluate": True}, self.s.secagg.get("neighbors")).total
         except SecureRoundFailed as e:
@@ -524,7 +524,7 @@ class Run:
         A DP run samples each client with probability q = fraction on its own
         (Poisson sampling, what its accountant assumes) from the system's
         entropy: a sample the seed could replay would be no secret."""
-        urls = self.pool.urls
+        urls = self.transport.urls
         if self.s.dp and self.s.fraction < 1:
             draw = random.SystemRandom()
             return [url for url in urls if draw.random() < self.s.fraction]
@@ -671,9 +671,9 @@ class Run:
         if self.s.secagg:
             self._secure_evaluation(round_no, theta, body)
             return
-        replies = self.pool.call_all(self.pool.urls, "POST", "/evaluate", self.s.client_timeout_s,
+        replies = self.transport.call_all(self.transport.urls, "POST", "/evaluate", self.s.client_timeout_s,
                                      lambda url: body)
-        if self.pool.stopping.is_set():
+        if self.transport.stopping.is_set():
             raise RunStopped("interrupted", "the server stopped during the final evaluation (POST "
                                             f"/runs/{self.run_id}/resume finishes it)")
         losses = []

@@ -35,7 +35,7 @@ from fedavg import secagg
 from fedavg.secagg_graph import closed, harary_graph, unmaskable
 from fedavg.trace import TRACE_TERMS
 
-from .clients import ClientPool, Reply
+from .transport import Reply, Transport
 
 # A masked word is uniform on [0, 2^64); an input in the clear is a small
 # fixed-point number, within 2^56 of 0 mod 2^64. A vector whose every word
@@ -63,7 +63,7 @@ class SecureSum:
         return [{"client_id": names.get(url, url), "url": url, "data_size": None} for url in self.survivors]
 
 
-def secure_sum(pool: ClientPool, urls: Sequence[str], names: dict[str, str], session: str, threshold: int,
+def secure_sum(transport: Transport, urls: Sequence[str], names: dict[str, str], session: str, threshold: int,
                scale_bits: int, length: int, timeout_s: float,
                train_body: Callable[[str], dict[str, Any]], neighbors: int | None = None) -> SecureSum:
     """One protocol run among ``urls`` (client i is urls[i − 1]); each
@@ -82,7 +82,7 @@ def secure_sum(pool: ClientPool, urls: Sequence[str], names: dict[str, str], ses
              parse: Callable[[int, dict[str, Any]], Any]) -> dict[int, Any]:
         """Call /secagg/<step> on ``members``; {i: parse(i, reply)} for those
         whose reply parses, the others dropped with the reason."""
-        replies: list[Reply] = pool.call_all([url_of[i] for i in members], "POST", f"/secagg/{step}", timeout_s,
+        replies: list[Reply] = transport.call_all([url_of[i] for i in members], "POST", f"/secagg/{step}", timeout_s,
                                              lambda url: {"session": session, **body(index[url])})
         got = {}
         for i, reply in zip(members, replies):

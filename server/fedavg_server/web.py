@@ -18,10 +18,10 @@ from fedavg.wire import ProtocolError
 
 from .access import reader_view
 from .api import federation, no_query_args
-from .clients import Reply
 from .federation import NoSuchRun
 from .openapi import MAX_COMPARE
 from .settings import FEDPROX_DEFAULT_MU, MAX_ROUNDS, RunSettings, SettingsError
+from .transport import Reply
 
 bp = Blueprint("web", __name__)
 
@@ -51,7 +51,7 @@ def index() -> str:
     _warm_plots()
     return render_template("index.html", defaults=RunSettings(), max_rounds=MAX_ROUNDS, strategies=strategies,
                            max_compare=MAX_COMPARE, clients_open_up_to=CLIENTS_OPEN_UP_TO,
-                           clients=federation().pool.urls, token_required=current_app.config["TOKEN"] is not None)
+                           clients=federation().transport.urls, token_required=current_app.config["TOKEN"] is not None)
 
 
 _warming = threading.Lock()
@@ -94,9 +94,9 @@ def clients() -> dict[str, Any]:
 def _probe_clients() -> list[dict[str, Any]]:
     """Every configured client's state, now; the x ranges they report are
     kept for the model chart (``_x_ranges``)."""
-    pool = federation().pool
-    replies = pool.call_all(pool.urls, "GET", "/health", HEALTH_TIMEOUT_S)
-    states = [_client_state(reply, pool.names[reply.url]) for reply in replies]
+    transport = federation().transport
+    replies = transport.call_all(transport.urls, "GET", "/health", HEALTH_TIMEOUT_S)
+    states = [_client_state(reply, transport.names[reply.url]) for reply in replies]
     known = current_app.extensions.setdefault("fedavg_x_ranges", {})
     known.update({c["url"]: c["x_range"] for c in states if c.get("x_range")})
     return states

@@ -1,30 +1,24 @@
-"""Talking to clients: concurrent calls over pooled keep-alive connections,
-each bounded by a timeout, every failure turned into a reason a person can read."""
+"""The HTTP transport: concurrent calls to the clients over pooled keep-alive
+connections, each bounded by a timeout, every failure turned into a reason a
+person can read (``fedavg_server.transport`` says what a transport is)."""
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, wait
-from dataclasses import dataclass
 from typing import Any
 
 import urllib3
 from urllib3.exceptions import HTTPError, NewConnectionError, TimeoutError
 
-from fedavg.wire import ProtocolError, loads
+from .transport import MAX_REPLY_BYTES, Reply, reply_from, request_body
 
 RETRY_BACKOFF_S = 0.2
 # What call_all allows beyond a call's own deadline before it stops waiting
 # for that call (the call is then cut off by its own deadline soon after).
 DEADLINE_SLACK_S = 0.5
-# No reply of the protocol needs more: a model of MAX_FEATURES weights is about
-# 250 KB of JSON. Counted while reading, so a flood is cut off before it is
-# parsed (64 MiB of floats took the server to 800 MB). Exact's Σ x̃x̃ᵀ grows as
-# d²: it fits up to about 180 features.
-MAX_REPLY_BYTES = 1024 * 1024
 
 
 class CallThreads:
@@ -59,22 +53,7 @@ class CallThreads:
                 future.set_exception(e)
 
 
-@dataclass(frozen=True)
-class Reply:
-    """What one client call gave: a parsed JSON body, or the reason it failed."""
-
-    url: str
-    body: dict[str, Any] | None = None
-    status: int | None = None
-    reason: str | None = None
-    diverged: bool = False  # the client said its local training blew up
-
-    @property
-    def ok(self) -> bool:
-        return self.reason is None
-
-
-class ClientPool:
+class HttpTransport:
     """The configured clients and one shared HTTP session to reach them."""
 
     def __init__(self, urls: Sequence[str], max_parallel: int = 32) -> None:
@@ -127,12 +106,7 @@ class ClientPool:
         (a client restarting); a timeout is not retried: it already cost the
         full wait. ``timeout_s`` bounds the whole call, not each read: a reply
         that trickles in byte by byte is cut off at the deadline."""
-        # The client may stop working on a call the server has stopped waiting for.
-        headers = {**self.headers, "X-Deadline-S": f"{timeout_s:g}"}
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
+        headers, data = request_body(self.headers, timeout_s, body)
         deadline = time.monotonic() + timeout_s
         for attempt in (1, 2):
             try:
@@ -157,21 +131,7 @@ class ClientPool:
                 return Reply(url, reason=f"bad reply: {e}")
             except ValueError as e:  # a URL urllib3 cannot use
                 return Reply(url, reason=f"request failed: {e}")
-        ok = 200 <= resp.status < 300
-        try:
-            reply_body = loads(content)
-        except ProtocolError as e:
-            reply_body = None
-            if ok:
-                return Reply(url, status=resp.status, reason=f"bad reply: {e}")
-        if not ok:
-            said = reply_body.get("error") if isinstance(reply_body, dict) else None
-            return Reply(url, status=resp.status,
-                         reason=f"HTTP {resp.status}" + (f": {said}" if said else ""),
-                         diverged=isinstance(reply_body, dict) and reply_body.get("diverged") is True)
-        if not isinstance(reply_body, dict):
-            return Reply(url, status=resp.status, reason="bad reply: not a JSON object")
-        return Reply(url, body=reply_body, status=resp.status)
+        return reply_from(url, resp.status, content)
 
     def close(self) -> None:
         self.stopping.set()
