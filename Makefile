@@ -8,11 +8,11 @@ POETRY ?= $(or $(shell command -v poetry 2>/dev/null),$(TOOLS)/poetry/bin/poetry
 export POETRY
 
 # The browser the page tests drive (tests/test_page.py reads CHROMIUM too):
-# `make test CHROMIUM=/path/to/chromium` uses another one.
+# `make test-all CHROMIUM=/path/to/chromium` uses another one.
 CHROMIUM ?= /usr/bin/chromium
 export CHROMIUM
 
-.PHONY: install run-all demo sim bench compare privacy browser test clean
+.PHONY: install run-all demo sim bench compare privacy browser test test-all clean
 ROUNDS ?= 20
 
 install: $(addsuffix /.venv/.installed,$(APPS))
@@ -70,11 +70,22 @@ privacy: install .venv/.installed
 browser:
 	@scripts/ensure_browser.sh
 
-# browser first: on a machine without it, fail before minutes of installing.
-# ruff (its settings in pyproject.toml) before the tests: seconds, not minutes.
-test: browser install .venv/.installed
+# The everyday tier: every test that runs in this process (the math, every
+# strategy, DP, secure aggregation and the robust rules on in-process
+# federations, the parsers, the store). ruff first: seconds, not minutes.
+# `make test PYTEST_ARGS='-k dp'` passes arguments through (docs/TESTS.md).
+test: .venv/.installed
 	.venv/bin/ruff check .
-	.venv/bin/python -m pytest $(PYTEST_ARGS)
+	.venv/bin/python -m pytest -m "not system" $(PYTEST_ARGS)
+
+# Everything: make test, then the tests marked system, which start the apps
+# as processes the way the README does, drive Chromium, use network
+# namespaces (as root) or fuzz the APIs; two at a time, one per core
+# (XDIST=0 for one at a time). browser first: on a machine without it, fail
+# before minutes of installing. What .ci/run runs.
+XDIST ?= 2
+test-all: browser install test
+	.venv/bin/python -m pytest -m system $(if $(filter-out 0,$(XDIST)),-n $(XDIST)) $(PYTEST_ARGS)
 
 clean:
 	rm -rf .venv $(addsuffix /.venv,$(APPS)) $(TOOLS)

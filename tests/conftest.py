@@ -1,8 +1,11 @@
 """What every test shares, as flaskr's conftest does: scripts/ on the path
 (tests start the apps with scripts/launcher.py, the code `make run-all` and
 `make demo` use), the repository root, a WSGI app served on a free loopback
-port for the tests that stand up a fake or in-process client, the seed's
-three apps, and the headless Chromium the page tests drive.
+port for the tests that stand up a fake or in-process client, federations in
+this process (``federation``, ``seed_federation``: the server app over client
+apps through ``InProcessTransport``, driven through the server's own API),
+the seed's three apps as processes, and the headless Chromium the page tests
+drive.
 
 The seed's data is in reference.py (with the plain-Python FedAvg that
 checks the code); launcher.get_json and launcher.wait_for_run read the API.
@@ -10,10 +13,13 @@ checks the code); launcher.get_json and launcher.wait_for_run read the API.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flask import Flask
@@ -21,6 +27,39 @@ from werkzeug.serving import make_server
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
+
+
+@contextmanager
+def _no_process_unless_system(item: pytest.Item) -> Iterator[None]:
+    """make test's tier runs in this process: a test that starts a process
+    (an app, a script, make, a browser), itself or through a fixture, belongs
+    to make test-all and is marked ``@pytest.mark.system``. This keeps the
+    everyday tier fast, and says so when a test forgets."""
+    if item.get_closest_marker("system") is not None:
+        yield
+        return
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"{item.nodeid} starts a process ({args[0] if args else kwargs}): mark it "
+                             "@pytest.mark.system (make test-all), or drive the apps in-process")
+
+    popen, subprocess.Popen = subprocess.Popen, refuse
+    try:
+        yield
+    finally:
+        subprocess.Popen = popen
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    with _no_process_unless_system(item):  # (a module's fixtures are set up here, with its first test)
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with _no_process_unless_system(item):
+        yield
 
 
 class Served:
@@ -66,6 +105,69 @@ def seed_server(tmp_path_factory) -> Iterator[str]:
         launcher.stop(list(apps.values()))
 
 
+class Federated:
+    """A server app over client apps in this process, driven through its own
+    API (Flask's test client): what a real federation answers, without a socket."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+        self.http = app.test_client()
+        self.fed = app.extensions["fedavg"]
+
+    def post(self, path: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        r = self.http.post(path, json=body, headers=headers or {})
+        return r.status_code, r.get_json()
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        r = self.http.get(path, headers=headers or {})
+        return r.status_code, r.get_json()
+
+    def run(self, **settings: Any) -> dict[str, Any]:
+        """POST /start with these settings and wait: the ended run (a 200, else the test fails)."""
+        status, body = self.post("/start", settings)
+        assert status == 200, body
+        return body
+
+    def close(self) -> None:
+        self.fed.shutdown()
+        self.fed.transport.close()
+        self.fed.store.close()
+
+
+@pytest.fixture
+def federation(tmp_path) -> Iterator[Callable[..., Federated]]:
+    """federation(clients, token=None, **server_config) → a Federated over
+    those LocalClients (one client host app), its history in a temporary file."""
+    from fedavg_server.inprocess import federation_app
+
+    made: list[Federated] = []
+
+    def make(clients: list[Any], token: str | None = None, **config: Any) -> Federated:
+        made.append(Federated(federation_app(clients, tmp_path / f"runs-{len(made)}.db", token, **config)))
+        return made[-1]
+
+    yield make
+    for f in made:
+        f.close()
+
+
+@pytest.fixture(scope="module")
+def seed_federation(tmp_path_factory) -> Iterator[Federated]:
+    """The seed's two client apps (client_1/data.csv and client_2/data.csv,
+    at the URLs the server calls by default) and its server, in this process."""
+    from fedavg.client import create_app as client_app
+    from fedavg_server import DEFAULT_CLIENTS, create_app
+    from fedavg_server.inprocess import InProcessTransport
+
+    apps = [client_app({"CLIENT_ID": name, "DATA_PATH": str(ROOT / name / "data.csv"), "TOKEN": None})
+            for name in ("client_1", "client_2")]
+    db = tmp_path_factory.mktemp("seed-inprocess") / "runs.db"
+    federated = Federated(create_app({"TRANSPORT": InProcessTransport(dict(zip(DEFAULT_CLIENTS, apps))),
+                                      "DB": str(db), "TOKEN": None}))
+    yield federated
+    federated.close()
+
+
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 
@@ -73,12 +175,12 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 @pytest.fixture(scope="module")
 def browser():
     """Debian's Chromium, headless, through Playwright (its own browser
-    download cannot work offline). `make test` sets CHROMIUM (its one
+    download cannot work offline). `make test-all` sets CHROMIUM (its one
     default, /usr/bin/chromium) and installs the browser first, or says how."""
     from playwright.sync_api import sync_playwright
 
     chromium = os.environ.get("CHROMIUM")
-    assert chromium, "run the page tests with `make test`: it sets CHROMIUM and installs Chromium when missing"
+    assert chromium, "run the page tests with `make test-all`: it sets CHROMIUM and installs Chromium when missing"
     assert Path(chromium).exists(), f"no browser at CHROMIUM={chromium}: `make browser` installs Debian's chromium"
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)

@@ -1,7 +1,7 @@
-"""Two commands on a bare machine, `make install` and `make test`, met the way
+"""Commands on a bare machine, `make install` and `make test-all`, met the way
 a newcomer meets them: the browser the page tests need (`make browser`, which
-`make test` runs first: scripts/ensure_browser.sh) and Poetry when it is not
-on PATH (the README's fallback)."""
+`make test-all` runs first: scripts/ensure_browser.sh) and Poetry when it is
+not on PATH (the README's fallback)."""
 from __future__ import annotations
 
 import os
@@ -16,12 +16,15 @@ import pytest
 
 from conftest import ROOT
 
+# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
+pytestmark = pytest.mark.system
+
 NOBODY = 65534  # Debian's `nobody`: a user without root and without sudo
 MISSING = "/nonexistent/chromium"
 
 
 def fresh_env(**extra: str) -> dict[str, str]:
-    """A login's environment: none of the variables the `make test` running
+    """A login's environment: none of the variables the `make test-all` running
     these tests exports (POETRY, CHROMIUM, MAKEFLAGS…), and no poetry on PATH."""
     path = [d for d in os.environ["PATH"].split(":") if d and not (Path(d) / "poetry").exists()]
     return {"PATH": ":".join(path), "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8", **extra}
@@ -65,10 +68,10 @@ def copy():
         shutil.rmtree(root)
 
 
-def test_make_test_without_chromium_and_without_root_stops_at_once_with_the_command(copy):
+def test_make_test_all_without_chromium_and_without_root_stops_at_once_with_the_command(copy):
     """Not root: nothing to install with, so one line with the exact command,
     at once (before `make install`'s minutes), and no attempt at installing."""
-    cmd = ["make", "test"]
+    cmd = ["make", "test-all"]
     if os.geteuid() == 0:  # root would install: be the newcomer without it
         cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *cmd]
     env = fresh_env(CHROMIUM=MISSING)
@@ -80,7 +83,7 @@ def test_make_test_without_chromium_and_without_root_stops_at_once_with_the_comm
     assert took < 10, f"took {took:.1f} s"
     assert done.stdout == ""
     ours = [line for line in done.stderr.splitlines() if not line.startswith("make: ***")]  # make's own trailer
-    assert ours == [f"make test: the page tests need Chromium at {MISSING}; "
+    assert ours == [f"make test-all: the page tests need Chromium at {MISSING}; "
                     "install it with: sudo apt-get update && sudo apt-get install -y chromium"]
     assert copy.calls() == []
     assert not Path(MISSING).exists()

@@ -11,6 +11,9 @@ import pytest
 
 from conftest import ROOT
 
+# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
+pytestmark = pytest.mark.system
+
 # What --quick measures (K up to 50, so no K=200/1000 figures).
 QUICK_FIGURES = {
     "train_ms", "train_bare_ms", "train_ratio", "train_local_train_ms", "train_mse_pass_ms", "train_ratio_loop",

@@ -20,6 +20,9 @@ from conftest import ROOT
 from launcher import free_port, get_json, post_json, start_app, stop, wait_healthy
 from reference import local_gd, local_mse
 
+# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
+pytestmark = pytest.mark.system
+
 K, F, SAMPLES, SEED, ROUNDS = 10, 2, 20, 0, 50
 ROBUST = ("median", "trimmed_mean", "krum")
 

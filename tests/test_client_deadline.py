@@ -14,6 +14,9 @@ import pytest
 
 import launcher
 
+# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
+pytestmark = pytest.mark.system
+
 EPOCHS = 10_000  # on 200,000 rows: many seconds of work if nothing stops it
 
 

@@ -73,6 +73,7 @@ def test_the_host_serves_each_client_under_its_own_prefix():
     assert bad.status_code == 400 and bad.get_json()["error"].startswith("global_model.w")
 
 
+@pytest.mark.system
 def test_make_sim_runs_a_federation_of_a_client_host_and_prints_each_round():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "sim.py"), "--clients", "40", "--rounds", "4",
                            "--scenario", "quantity-skew"], capture_output=True, text=True, timeout=180)

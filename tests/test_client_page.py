@@ -15,6 +15,9 @@ import pytest
 
 import launcher
 
+# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
+pytestmark = pytest.mark.system
+
 # Values found nowhere else: the page must show them; the server must never hold them.
 POINTS = [(0.5, 2.25), (1.75, 4.125), (3.0, 6.5), (4.25, 8.375), (-1.5, -1.875)]
 

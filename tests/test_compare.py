@@ -17,6 +17,9 @@ import pytest
 from conftest import ROOT
 from reference import SEED_DATA, reference_fedavg
 
+# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
+pytestmark = pytest.mark.system
+
 SVG = "{http://www.w3.org/2000/svg}"
 
 

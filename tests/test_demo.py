@@ -6,9 +6,14 @@ from __future__ import annotations
 import re
 import subprocess
 
+import pytest
+
 from conftest import ROOT
 from reference import SEED_DATA, reference_fedavg
 from test_strategies import fedavg_closed_form
+
+# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
+pytestmark = pytest.mark.system
 
 LINE = re.compile(r"y = (-?\d+\.\d+)·x \+ (-?\d+\.\d+)")
 

@@ -13,6 +13,9 @@ import launcher
 from launcher import get_json
 from launcher import wait_for_run as poll_run
 
+# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
+pytestmark = pytest.mark.system
+
 
 @pytest.fixture
 def fed(tmp_path):

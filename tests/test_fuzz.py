@@ -14,6 +14,9 @@ from fedavg.client_host import create_host_app
 from fedavg.scenarios import make_clients
 from fedavg_server import create_app as create_server_app
 
+# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
+pytestmark = pytest.mark.system
+
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 
 

@@ -24,6 +24,9 @@ import launcher
 from conftest import ROOT
 from reference import SEED_DATA, reference_fedavg
 
+# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
+pytestmark = pytest.mark.system
+
 NUM = r"(-?\d+\.\d+(?:e[+-]\d+)?)"
 
 

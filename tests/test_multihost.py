@@ -14,6 +14,9 @@ import launcher
 from launcher import get_json
 from launcher import wait_for_run as poll_run
 
+# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
+pytestmark = pytest.mark.system
+
 
 def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)

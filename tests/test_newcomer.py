@@ -23,6 +23,9 @@ from conftest import ROOT
 from fedavg.scenarios import SCENARIOS
 from reference import SEED_DATA, reference_fedavg
 
+# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
+pytestmark = pytest.mark.system
+
 SIM = ROOT / "scripts" / "sim.py"
 
 

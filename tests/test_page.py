@@ -27,6 +27,9 @@ from conftest import ROOT
 from fedavg.strategies import STRATEGIES
 from fedavg.trace import explain_average, fmt
 
+# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
+pytestmark = pytest.mark.system
+
 ROUNDS = 5
 # Rounds arrive one by one, each a visible step. The page shows a round
 # together with its three charts (drawn by matplotlib, ~0.5 s for the three

@@ -17,6 +17,9 @@ from conftest import ROOT
 from launcher import free_port, post_json, start_app, stop, wait_healthy
 from reference import SEED_DATA, local_gd, reference_fedavg
 
+# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
+pytestmark = pytest.mark.system
+
 
 def start(url: str, body: dict) -> dict:
     status, run = post_json(url + "/start", body, timeout_s=600)

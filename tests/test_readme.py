@@ -20,12 +20,16 @@ from conftest import ROOT
 from reference import SEED_DATA, reference_fedavg
 from test_strategies import fedavg_closed_form
 
+# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
+pytestmark = pytest.mark.system
+
 README = ROOT / "README.md"
 
 # Commands run by another test (file::test), or by CI (.ci/run).
 COVERED_BY = {
     "make demo": "tests/test_demo.py::test_make_demo_prints_the_model_the_pooled_line_and_the_drifted_fixed_point",
     "make test": ".ci/run",
+    "make test-all": ".ci/run",
     'export PATH="$PWD/.tools/poetry/bin:$PATH"':
         "tests/test_bare_machine.py::test_readme_poetry_fallback_works_in_every_app_folder",
     # make run-all is `python3 scripts/run_all.py` once installed; that test

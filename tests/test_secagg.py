@@ -33,6 +33,9 @@ from test_byzantine import client_data
 from launcher import App, free_port, post_json, refusing_url, start_app, stop, wait_healthy
 from reference import SEED_DATA, local_gd, reference_fedavg
 
+# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
+pytestmark = pytest.mark.system
+
 SCALE = 2.0**-24  # the default scale_bits
 
 

@@ -25,6 +25,9 @@ from flask import Flask
 import launcher
 from reference import SEED_DATA, local_gd
 
+# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
+pytestmark = pytest.mark.system
+
 Vec = list[float]
 
 

@@ -271,6 +271,7 @@ def test_diabetes_pooled_optimum_is_lstsq_on_all_patients_and_fedavg_drifts_from
         theory.fedavg_fixed_point(data, 0.2, 10)  # the docstring's "lr = 0.2 diverges"
 
 
+@pytest.mark.system
 def test_scikit_learn_stays_out_of_the_apps_that_do_not_need_it():
     for app in ("client_1", "client_2", "server", "fedavg"):
         text = (ROOT / app / "pyproject.toml").read_text()
