@@ -5,13 +5,11 @@ import json
 
 import pytest
 
+from fedavg.strict_json import ProtocolError, loads, parse_model
 from fedavg.training import TrainConfig
 from fedavg.wire import (
-    ProtocolError,
-    loads,
     parse_evaluate_request,
     parse_health_reply,
-    parse_model,
     parse_train_config,
     parse_train_reply,
     parse_train_request,

@@ -37,9 +37,11 @@ from .service import (
     shared_token,
 )
 from .strategies import STRATEGIES, ClientTask, Local, RunMemory
+from .strategies.fields import LOCAL_MODEL
+from .strict_json import ProtocolError
 from .trace import fmt, fmt_theta
 from .training import TrainingStopped
-from .wire import ProtocolError, parse_evaluate_request, parse_train_request, train_reply_json
+from .wire import parse_evaluate_request, parse_train_request, train_reply_json
 
 log = logging.getLogger("fedavg.client")
 MAX_TRAININGS = 2  # per client: the server's round and one more (a retry)
@@ -184,8 +186,8 @@ class LocalClient:
                 local = replace(local, theta=privatize(local.theta, task.theta, bound, task.config.dp_noise_std))
             theta = task.theta if local.theta is None else local.theta
             loss_after = mse(*split(theta), self.X, self.y)
-        vectors = [theta, *(v for v in local.extra.values() if isinstance(v, np.ndarray))]
-        if not (math.isfinite(loss_after) and all(bool(np.all(np.isfinite(v))) for v in vectors)):
+        sent = [(f.kind, local.value(f)) for f in strategy.replies if f is not LOCAL_MODEL]
+        if not (math.isfinite(loss_after) and np.all(np.isfinite(theta)) and all(k.finite(v) for k, v in sent)):
             # JSON cannot carry inf/NaN; say plainly what happened instead.
             log.warning("%s round %s: local training diverged with lr=%g", self.client_id, task.round,
                         task.config.lr)

@@ -3,11 +3,13 @@ the client's document (served at /openapi.json). The server's document builds
 on ``SCHEMAS`` (fedavg_server.openapi)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from .strategies import STRATEGIES
+from .strategies import REPLY_FIELDS, SENT_FIELDS, STRATEGIES, Field
+from .strict_json import MAX_FEATURES
 from .training import TrainConfig
-from .wire import MAX_FEATURES, MAX_LOCAL_EPOCHS, MAX_RUN_NAME, SECAGG_SCALE_BITS
+from .wire import MAX_LOCAL_EPOCHS, MAX_RUN_NAME, SECAGG_SCALE_BITS
 
 NUMBER = {"type": "number"}
 SEED = TrainConfig()  # the seed's local training: the defaults the document states are the code's own
@@ -57,6 +59,11 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
+def field_schemas(fields: Sequence[Field]) -> dict[str, Any]:
+    """Each field a strategy declares (``fedavg.strategies.fields``), as its kind describes it."""
+    return {f.name: {**f.kind.schema(), "description": f.help} for f in fields}
+
+
 def ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -102,8 +109,7 @@ def client_document(num_features: int) -> dict[str, Any]:
                                "round": {"type": "integer", "minimum": 0, "nullable": True}}}
     train_in = {**model_in, "properties": {**model_in["properties"],
                                            "config": {**ref("TrainConfig"), "nullable": True},
-                                           "control": {**ref("Model"),
-                                                       "description": "scaffold only: the server's c"}}}
+                                           **field_schemas(SENT_FIELDS)}}
     diverged = {"422": reply("local training diverged (non-finite model): use a smaller lr", ref("Error"))}
     secured = [{}, {"bearer": []}]
     schemas = {
@@ -112,13 +118,10 @@ def client_document(num_features: int) -> dict[str, Any]:
         "TrainReply": {"type": "object", "required": ["data_size", "client_id", "metrics"],
                        "description": "local_model for fedavg (the seed's reply); other strategies also name "
                                       "themselves and send their own fields",
-                       "properties": {"local_model": ref("Model"),
-                                      "data_size": {"type": "integer", "minimum": 1},
+                       "properties": {"data_size": {"type": "integer", "minimum": 1},
                                       "client_id": {"type": "string"}, "metrics": ref("Metrics"),
                                       "strategy": {"type": "string", "enum": list(STRATEGIES)},
-                                      "gradient": ref("Model"), "control_delta": ref("Model"),
-                                      "steps": {"type": "integer", "minimum": 1},
-                                      "stats": {"type": "object", "required": ["xtx", "xty"]}}},
+                                      **field_schemas(REPLY_FIELDS)}},
         "EvaluateReply": {"type": "object", "required": ["loss", "data_size", "client_id"],
                           "properties": {"loss": {"type": "number", "minimum": 0},
                                          "data_size": {"type": "integer", "minimum": 1},

@@ -14,7 +14,6 @@ private (X, y). A scenario is reproducible from its name and seed.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,8 @@ import numpy as np
 
 from .client import LocalClient
 from .data import load_csv
-from .model import split
-from .wire import model_json, parse_train_request, weights_of
+from .strategies import STRATEGIES
+from .wire import parse_train_request
 
 SCENARIOS = ("seed", "iid", "feature-shift", "label-shift", "quantity-skew", "csv", "diabetes", "byzantine")
 NOISE = 0.1
@@ -136,17 +135,17 @@ class Attacker(LocalClient):
             return reply, status
         if self.attack == "lying_n":
             return {**reply, "data_size": LYING_N}, status
-        theta_t = parse_train_request(body, self.num_features).theta
-        with np.errstate(over="ignore", invalid="ignore"):
-            if "local_model" in reply:
-                theta_k = np.append(weights_of(reply["local_model"]), reply["local_model"]["b"])
-                reply["local_model"] = model_json(*split(poison(self.attack, theta_t, theta_k)))
-            if "gradient" in reply:
-                g = np.append(weights_of(reply["gradient"]), reply["gradient"]["b"])
-                reply["gradient"] = model_json(*split(poison(self.attack, np.zeros_like(g), g)))
-        sent = [reply[key] for key in ("local_model", "gradient") if key in reply]
-        if not all(math.isfinite(v) for m in sent for v in [*np.atleast_1d(m["w"]), m["b"]]):
-            return {"error": "the poisoned model is not finite", "diverged": True}, 422
+        task = parse_train_request(body, self.num_features)
+        # The fields that are its update (the local model, FedSGD's gradient) carry the lie.
+        updates = [f for f in STRATEGIES[task.config.strategy].replies if f.update_from is not None]
+        for sent in updates:
+            value = sent.kind.parse(reply[sent.name], sent.name, self.num_features)
+            center = task.theta if sent.update_from == "global" else np.zeros_like(value)
+            with np.errstate(over="ignore", invalid="ignore"):
+                lie = poison(self.attack, center, value)
+            if not sent.kind.finite(lie):
+                return {"error": "the poisoned model is not finite", "diverged": True}, 422
+            reply[sent.name] = sent.kind.to_json(lie)
         return reply, status
 
     def evaluate(self, body: Any) -> tuple[dict[str, Any], int]:

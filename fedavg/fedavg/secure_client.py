@@ -31,7 +31,7 @@ import numpy as np
 from flask import Blueprint, g
 
 from .service import json_body, require_token
-from .wire import ProtocolError, expect_bool, expect_int, expect_object, expect_str
+from .strict_json import ProtocolError, expect_bool, expect_int, expect_object, expect_str
 
 if TYPE_CHECKING:
     from .secagg import SecAggClient

@@ -16,9 +16,11 @@ from typing import Any
 from flask import current_app
 
 from fedavg.service import has_token
+from fedavg.strategies import REPLY_FIELDS
 
-# A participant's fields that come from its private data.
-PRIVATE = ("local_model", "gradient", "control_delta", "stats", "metrics")
+# A participant's fields that come from its private data: what its strategy
+# declares private, and the losses it measured.
+PRIVATE = (*(f.name for f in REPLY_FIELDS if f.private), "metrics")
 HIDDEN = ("each client's own numbers are shown only with the token (the server's operator), "
           "or on a server started with --public-read")
 

@@ -7,7 +7,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, request
 
 from fedavg.service import json_body, require_token
-from fedavg.wire import ProtocolError, expect_bool, expect_object
+from fedavg.strict_json import ProtocolError, expect_bool, expect_object
 
 from .access import reader_view
 from .federation import Busy, CannotResume, Federation, NoSuchRun

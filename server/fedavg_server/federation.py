@@ -22,17 +22,9 @@ from fedavg.aggregation import outliers, update_norms, weighted_loss_avg
 from fedavg.model import Theta, as_theta, split
 from fedavg.privacy import DPAverage, adapt_clip, client_noise_std, noise_std
 from fedavg.strategies import CannotCombine, Result, State, Step, Strategy
+from fedavg.strict_json import ProtocolError, model_json, parse_model
 from fedavg.trace import fmt, fmt_theta
-from fedavg.wire import (
-    CannotDo,
-    ProtocolError,
-    model_json,
-    parse_evaluate_reply,
-    parse_health_reply,
-    parse_model,
-    parse_train_reply,
-    train_config_json,
-)
+from fedavg.wire import CannotDo, parse_evaluate_reply, parse_health_reply, parse_train_reply, train_config_json
 
 from .mathlog import loss_line, round_lines
 from .runs import RoundRecord, RunStore, StoreError
@@ -504,7 +496,7 @@ class Run:
         Also those of them that alone explain a leap of the model: outliers
         while every other client moved as trained models do (by less than
         CALM × (‖W_t‖ + 1)); when all move wildly, the lr is the likelier cause."""
-        updates = [r.theta - theta if r.theta is not None else r.extra.get("gradient") for r in results]
+        updates = [self.strategy.update_of(r, theta) for r in results]
         if any(u is None for u in updates) or len(updates) < 2:
             return [], []  # exact sends statistics, not an update
         norms = update_norms(updates)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from fedavg.strategies import REPLY_FIELDS
+from fedavg.strict_json import weights_of
 from fedavg.trace import TRACE_TERMS, explain_weighted_sum, fmt, fmt_model
-from fedavg.wire import weights_of
 
 
 def _line_of(model: dict[str, Any]) -> str:
@@ -32,10 +33,7 @@ def round_lines(record: dict[str, Any], rounds_planned: int) -> list[str]:
         loss = ""
         if "loss_before" in metrics and "loss_after" in metrics:
             loss = f"   (loss {fmt(metrics['loss_before'])}→{fmt(metrics['loss_after'])})"
-        sent = [f"local model: {_model(p['local_model'])}"] if "local_model" in p else []
-        sent += [f"{key}: {_model(p[key])}" for key in ("gradient", "control_delta") if key in p]
-        sent += [f"steps τ_k={p['steps']}"] if "steps" in p else []
-        sent += ["stats: Σ x̃x̃ᵀ, Σ x̃y"] if "stats" in p else []
+        sent = [f.kind.text(f.label, p[f.name]) for f in REPLY_FIELDS if f.name in p]
         if p["data_size"] is None:  # secure aggregation: the server has nothing of this client's own
             sent = ["its input masked: only the sum below is known"]
         lines.append(f"{p['client_id']:<{width}}  n_k={p['data_size'] if p['data_size'] is not None else '?'}  "

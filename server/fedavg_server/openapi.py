@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedavg.openapi import AUTH_ERROR, ERRORS, SCHEMAS, document, json_content, ref, reply
+from fedavg.openapi import AUTH_ERROR, ERRORS, SCHEMAS, document, field_schemas, json_content, ref, reply
 from fedavg.secagg_graph import COMPLETE_UP_TO
-from fedavg.strategies import AGGREGATORS, STRATEGIES, Combine, Param
+from fedavg.strategies import AGGREGATORS, REPLY_FIELDS, STRATEGIES, Combine, Param
 from fedavg.wire import MAX_LOCAL_EPOCHS, SECAGG_SCALE_BITS
 
 from .settings import (
@@ -157,10 +157,7 @@ def server_document(num_clients: int) -> dict[str, Any]:
         "Participant": {"type": "object", "required": ["client_id", "url", "data_size"],
                         "properties": {"client_id": {"type": "string"}, "url": {"type": "string"},
                                        "data_size": {"type": "integer", "minimum": 1},
-                                       "local_model": ref("Model"),
-                                       "gradient": ref("Model"), "control_delta": ref("Model"),
-                                       "steps": {"type": "integer", "minimum": 1},
-                                       "stats": {"type": "object"},
+                                       **field_schemas(REPLY_FIELDS),
                                        "metrics": {**ref("Metrics"), "nullable": True}}},
         "Dropped": {"type": "object", "required": ["client_id", "url", "reason"],
                     "properties": {"client_id": {"type": "string"}, "url": {"type": "string"},

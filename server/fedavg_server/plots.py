@@ -20,8 +20,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter, MaxNLocator
 
+from fedavg.strategies import STRATEGIES
+from fedavg.strategies.fields import LOCAL_MODEL
+from fedavg.strict_json import weights_of
 from fedavg.trace import TRACE_TERMS, fmt
-from fedavg.wire import weights_of
 
 Run = dict[str, Any]
 
@@ -150,9 +152,9 @@ def models_figure(run: Run, round_no: int | None = None, x_ranges: list[tuple[fl
     if model_in is not None:
         ax.plot(x, _slope(model_in) * x + model_in["b"], color="grey", linestyle=":", linewidth=1.5,
                 label=f"global in: y = {fmt(_slope(model_in))}·x + {fmt(model_in['b'])}")
-    with_model = [p for p in record["participants"] if p.get("local_model") is not None]
+    with_model = [p for p in record["participants"] if p.get(LOCAL_MODEL.name) is not None]
     for k, p in enumerate(with_model[:CLIENT_LINES]):
-        m = p["local_model"]
+        m = p[LOCAL_MODEL.name]
         label = (f"{_escape(p['client_id'])} (n_k={p['data_size']}): y = {fmt(_slope(m))}·x + {fmt(m['b'])}"
                  if k < TRACE_TERMS else None)
         ax.plot(x, _slope(m) * x + m["b"], color=color(p["url"]), linestyle="--", linewidth=1.3, label=label)
@@ -194,13 +196,13 @@ def _series(run: Run, pick: Callable[[dict[str, Any]], float]) -> dict[str, tupl
     out: dict[str, tuple[str, np.ndarray]] = {}
     for i, record in enumerate(rounds):
         for p in record["participants"]:
-            if p.get("local_model") is None:
+            if p.get(LOCAL_MODEL.name) is None:
                 continue
             if p["url"] not in out:
                 if len(out) == CLIENT_LINES:
                     continue  # enough lines to see the spread; the rest would bury them
                 out[p["url"]] = (p["client_id"], np.full(len(rounds), np.nan))
-            out[p["url"]][1][i] = pick(p["local_model"])
+            out[p["url"]][1][i] = pick(p[LOCAL_MODEL.name])
     return out
 
 
@@ -297,7 +299,8 @@ def known_optimum(run: Run, runs: list[Run]) -> tuple[np.ndarray, Run] | None:
     mine = _clients_of(run["rounds"])
     for other in runs:
         settings = other.get("settings") or {}
-        if (settings.get("strategy") == "exact" and not (settings.get("params") or {}).get("ridge")
+        kind = STRATEGIES.get(settings.get("strategy"))
+        if (kind is not None and kind.gives_optimum(settings.get("params") or {})
                 and other["rounds"] and not other["rounds"][-1].get("dropped")
                 and _clients_of(other["rounds"][-1:]) == mine):
             model = other["rounds"][-1]["global_model"]

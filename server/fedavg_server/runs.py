@@ -21,8 +21,8 @@ import numpy as np
 
 from fedavg.aggregation import weights
 from fedavg.model import split
-from fedavg.strategies import Result, State, Step
-from fedavg.wire import model_json
+from fedavg.strategies import STRATEGIES, Field, Result, State, Step
+from fedavg.strict_json import model_json
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -76,7 +76,7 @@ def round_json(rec: RoundRecord) -> dict[str, Any]:
         "round": rec.round,
         "strategy": rec.strategy,
         "global_model_in": model_json(*split(rec.theta_in)),
-        "participants": [_participant_json(r) for r in rec.results],
+        "participants": [_participant_json(r, STRATEGIES[rec.strategy].replies) for r in rec.results],
         "dropped": rec.dropped,
         "suspicious": rec.suspicious,
         "N": sum(ns),
@@ -103,17 +103,9 @@ def round_json(rec: RoundRecord) -> dict[str, Any]:
     return body
 
 
-def _participant_json(r: Result) -> dict[str, Any]:
+def _participant_json(r: Result, replies: tuple[Field, ...]) -> dict[str, Any]:
     out: dict[str, Any] = {"client_id": r.client_id, "url": r.url, "data_size": r.n}
-    if r.theta is not None:
-        out["local_model"] = model_json(*split(r.theta))
-    for key in ("gradient", "control_delta"):
-        if key in r.extra:
-            out[key] = model_json(*split(r.extra[key]))
-    if "steps" in r.extra:
-        out["steps"] = r.extra["steps"]
-    if "xtx" in r.extra:
-        out["stats"] = {"xtx": r.extra["xtx"].tolist(), "xty": r.extra["xty"].tolist()}
+    out |= {f.name: f.kind.to_json(r.value(f)) for f in replies}
     out["metrics"] = r.metrics
     return out
 

@@ -10,10 +10,7 @@ from typing import Any
 from fedavg.privacy import update_noise_multiplier
 from fedavg.secagg_graph import default_neighbors, default_threshold
 from fedavg.strategies import AGGREGATORS, PARAM_NAMES, STRATEGIES, Combine, Strategy
-from fedavg.training import TrainConfig
-from fedavg.wire import (
-    LOCAL_TRAINING_FIELDS,
-    SECAGG_SCALE_BITS,
+from fedavg.strict_json import (
     ProtocolError,
     expect_bool,
     expect_int,
@@ -21,8 +18,9 @@ from fedavg.wire import (
     expect_object,
     expect_str,
     parse_model,
-    parse_train_config,
 )
+from fedavg.training import TrainConfig
+from fedavg.wire import LOCAL_TRAINING_FIELDS, SECAGG_SCALE_BITS, parse_train_config
 
 MAX_ROUNDS = 100_000
 MAX_PACE_S = 60.0
@@ -74,10 +72,11 @@ ROBUST_FIELDS = ("aggregator", "trim", "byzantine", "krum_m", "clip_norm", "max_
 START_FIELDS = ("rounds", "strategy", *LOCAL_TRAINING_FIELDS, *PARAM_NAMES, *ROBUST_FIELDS, "fraction", "min_clients",
                 "seed", "init", "pace_s", "client_timeout_s", "dp", "secagg", "wait")
 # The strategies whose server step starts from the average of the local
-# models: what DP-FedAvg's noised average replaces, and all that secure
-# aggregation gives the server. FedSGD, SCAFFOLD and FedNova send more than a
-# model (gradients, control variates, step counts); exact sends statistics.
-MODEL_AVERAGING = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+# models (``averages_models``): what DP-FedAvg's noised average replaces, and
+# all that secure aggregation gives the server. FedSGD, SCAFFOLD and FedNova
+# send more than a model (gradients, control variates, step counts); exact
+# sends statistics.
+MODEL_AVERAGING = tuple(name for name, kind in STRATEGIES.items() if kind.averages_models)
 DP_FIELDS = ("noise_multiplier", "clip", "delta", "target_epsilon", "local_noise", "adaptive")
 ADAPTIVE_FIELDS = ("target_quantile", "lr", "count_noise")
 SECAGG_FIELDS = ("neighbors", "threshold", "scale_bits")
@@ -138,7 +137,7 @@ def parse_start(body: Any, num_clients: int) -> tuple[RunSettings, bool]:
             problems.append(ProtocolError(f"mu: strategy {strategy} needs mu > 0"))
         settings = replace(settings, strategy=strategy, params=_strategy_params(kind, obj, problems),
                            robust=_robust(strategy, obj, num_clients, problems))
-        if strategy == "exact" and "rounds" not in obj:
+        if kind.one_round and "rounds" not in obj:
             settings = replace(settings, rounds=1)  # its one round already gives the answer
     if "rounds" in obj:
         settings = replace(settings, rounds=check(
@@ -211,8 +210,8 @@ def _robust(strategy: str, obj: dict[str, Any], num_clients: int,
     given = [f for f in ROBUST_FIELDS if f in obj]
     if not given:
         return None
-    if strategy == "exact":
-        problems.append(ProtocolError(f"{given[0]}: strategy exact sums the clients' statistics; "
+    if not STRATEGIES[strategy].combines:
+        problems.append(ProtocolError(f"{given[0]}: strategy {strategy} sums the clients' statistics; "
                                       "a robust rule does not apply to it"))
         return None
     out: dict[str, Any] = {}

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from fedavg.wire import ProtocolError, loads
+from fedavg.strict_json import ProtocolError, loads
 
 # No reply of the protocol needs more: a model of MAX_FEATURES weights is about
 # 250 KB of JSON. Counted while reading, so a flood is cut off before it is

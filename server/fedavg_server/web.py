@@ -13,8 +13,8 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, render_template, request
 
-from fedavg.strategies import STRATEGIES, Param, Strategy
-from fedavg.wire import ProtocolError
+from fedavg.strategies import REPLY_FIELDS, STRATEGIES, Param, Strategy
+from fedavg.strict_json import ProtocolError
 
 from .access import reader_view
 from .api import federation, no_query_args
@@ -50,6 +50,7 @@ def index() -> str:
     strategies = [(name, kind.summary, strategy_fields(kind)) for name, kind in STRATEGIES.items()]
     _warm_plots()
     return render_template("index.html", defaults=RunSettings(), max_rounds=MAX_ROUNDS, strategies=strategies,
+                           reply_fields=[f.describe() for f in REPLY_FIELDS],
                            max_compare=MAX_COMPARE, clients_open_up_to=CLIENTS_OPEN_UP_TO,
                            clients=federation().transport.urls, token_required=current_app.config["TOKEN"] is not None)
 

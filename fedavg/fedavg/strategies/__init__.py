@@ -12,13 +12,17 @@ from .fedavg import FedAvg, FedProx
 from .fednova import FedNova
 from .fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from .fedsgd import FedSGD
+from .fields import Field
 from .scaffold import Scaffold
 
 STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (
     FedAvg, FedSGD, FedProx, Scaffold, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedNova, Exact)}
+# Every field any strategy's clients send back, each once, in a stable order.
+REPLY_FIELDS: tuple[Field, ...] = tuple(dict.fromkeys(f for s in STRATEGIES.values() for f in s.replies))
+SENT_FIELDS: tuple[Field, ...] = tuple(dict.fromkeys(f for s in STRATEGIES.values() for f in s.sends))
 # Every server-side parameter any strategy has, each once (the same name means
 # the same thing everywhere; its default may differ by strategy).
 PARAM_NAMES: tuple[str, ...] = tuple(dict.fromkeys(p.name for s in STRATEGIES.values() for p in s.params))
 
-__all__ = ["STRATEGIES", "PARAM_NAMES", "AGGREGATORS", "CannotCombine", "Combine", "ClientTask", "Local", "Param",
-           "Result", "RunMemory", "State", "Step", "Strategy"]
+__all__ = ["STRATEGIES", "PARAM_NAMES", "REPLY_FIELDS", "SENT_FIELDS", "AGGREGATORS", "CannotCombine", "Combine",
+           "ClientTask", "Field", "Local", "Param", "Result", "RunMemory", "State", "Step", "Strategy"]

@@ -26,6 +26,7 @@ import numpy as np
 from ..model import Theta, as_theta, split
 from ..training import TrainConfig, local_train
 from .combine import Combine
+from .fields import LOCAL_MODEL, Field
 
 State = dict[str, np.ndarray]
 
@@ -51,8 +52,11 @@ class Result:
     url: str
     n: int
     theta: Theta | None  # its local model (None when the strategy sends none back)
-    extra: dict[str, Any] = field(default_factory=dict)  # gradient, control_delta, steps, xtx, xty
+    extra: dict[str, Any] = field(default_factory=dict)  # its strategy's other reply fields, by name
     metrics: dict[str, float] | None = None
+
+    def value(self, sent: Field) -> Any:
+        return value_of(sent, self.theta, self.extra)
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,15 @@ class Local:
     """What a client's ``local`` produced: the reply fields of its strategy."""
 
     theta: Theta | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # the strategy's other reply fields, by name
+
+    def value(self, sent: Field) -> Any:
+        return value_of(sent, self.theta, self.extra)
+
+
+def value_of(sent: Field, theta: Theta | None, extra: dict[str, Any]) -> Any:
+    """A reply field's value: the local model is ``theta``, every other field is in ``extra``."""
+    return theta if sent is LOCAL_MODEL else extra[sent.name]
 
 
 class RunMemory:
@@ -114,7 +126,7 @@ class ClientTask:
     theta: Theta
     round: int | None
     config: TrainConfig
-    inputs: dict[str, np.ndarray]  # what the strategy's ``inputs`` sent (SCAFFOLD's c)
+    inputs: dict[str, np.ndarray]  # what the strategy sends besides θ_t (SCAFFOLD's c), by field name
     deadline: float | None = None  # time.monotonic() after which the server no longer waits
 
     def past_deadline(self) -> bool:
@@ -127,9 +139,14 @@ class Strategy(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]  # one line: the update and where it comes from
     params: ClassVar[tuple[Param, ...]] = ()
-    reply_fields: ClassVar[tuple[str, ...]] = ("local_model",)  # what a client's reply must hold
-    input_fields: ClassVar[tuple[str, ...]] = ()  # what the server sends beyond θ
-    uses_mu: ClassVar[bool] = False
+    replies: ClassVar[tuple[Field, ...]] = (LOCAL_MODEL,)  # what a client's reply holds (``fields``)
+    sends: ClassVar[tuple[Field, ...]] = ()  # what the server sends besides θ_t (``inputs``)
+    uses_mu: ClassVar[bool] = False  # its clients take FedProx's proximal term
+    # Its server step starts from the average of the local models, all that
+    # DP-FedAvg's noised average and secure aggregation's sum give the server.
+    averages_models: ClassVar[bool] = False
+    combines: ClassVar[bool] = True  # it combines vectors with the run's rule, so a robust rule applies
+    one_round: ClassVar[bool] = False  # its first round gives the answer: a run of it is one round unless asked
 
     def __init__(self, lr: float = 0.01, num_clients: int = 1, combine: Combine = Combine(), **values: float) -> None:
         self.lr = lr  # the run's lr (FedSGD's server step uses it)
@@ -141,11 +158,29 @@ class Strategy(ABC):
         return {}
 
     def inputs(self, state: State) -> dict[str, np.ndarray]:
+        """What the server sends besides θ_t, by the names ``sends`` declares."""
         return {}
 
     @abstractmethod
     def aggregate(self, theta: Theta, results: list[Result], state: State) -> Step:
         """θ_{t+1} and the next state from θ_t, the replies and the state."""
+
+    @classmethod
+    def gives_optimum(cls, params: dict[str, float]) -> bool:
+        """Is its model, with these settings, the pooled least-squares optimum θ*
+        of the clients it took? (A chart can then measure every run against it.)"""
+        return False
+
+    @classmethod
+    def update_of(cls, result: Result, theta: Theta) -> np.ndarray | None:
+        """Δ_k, what the client's reply moves the model by: W_k − W_t, or the
+        gradient it sent; None when it sends no update (exact's statistics)."""
+        for sent in cls.replies:
+            if sent.update_from == "global":
+                return result.value(sent) - theta
+            if sent.update_from == "zero":
+                return result.value(sent)
+        return None
 
     # --- the client side -------------------------------------------------------
 

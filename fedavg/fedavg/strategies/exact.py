@@ -18,24 +18,32 @@ import numpy as np
 from ..model import Theta
 from ..trace import fmt, names
 from .base import ClientTask, Local, Param, Result, RunMemory, State, Step, Strategy
+from .fields import STATS
 
 
 class Exact(Strategy):
     name = "exact"
     summary = "solve (Σ_k X̃_kᵀX̃_k + λ·D) W = Σ_k X̃_kᵀy_k: the pooled least-squares model in one round"
     params = (Param("ridge", 0.0, "λ, a ridge penalty on w (not on b)", ge=0, le=1e12),)
-    reply_fields = ("stats",)
+    replies = (STATS,)
+    combines = False  # it sums statistics: no robust rule applies
+    one_round = True
+
+    @classmethod
+    def gives_optimum(cls, params: dict[str, float]) -> bool:
+        """Without a ridge, the normal equations' solution is θ* itself."""
+        return not params.get("ridge")
 
     @classmethod
     def local(cls, task: ClientTask, X: np.ndarray, y: np.ndarray, memory: RunMemory) -> Local:
         """X̃ᵀX̃ and X̃ᵀy over the client's rows, X̃ = [X, 1]."""
         X1 = np.hstack([X, np.ones((len(y), 1))])
-        return Local(extra={"xtx": X1.T @ X1, "xty": X1.T @ y})
+        return Local(extra={"stats": {"xtx": X1.T @ X1, "xty": X1.T @ y}})
 
     def aggregate(self, theta: Theta, results: list[Result], state: State) -> Step:
         """W = (Σ X̃ᵀX̃ + λ·D)⁻¹ Σ X̃ᵀy (least squares when the sum is singular)."""
-        A = sum(r.extra["xtx"] for r in results)
-        c = sum(r.extra["xty"] for r in results)
+        A = sum(r.extra["stats"]["xtx"] for r in results)
+        c = sum(r.extra["stats"]["xty"] for r in results)
         D = np.eye(len(theta))
         D[-1, -1] = 0.0
         lam = self.p["ridge"]

@@ -12,6 +12,7 @@ from .base import Result, State, Step, Strategy
 class FedAvg(Strategy):
     name = "fedavg"
     summary = "W_{t+1} = Σ_k n_k/N · W_k: the sample-weighted average of the local models"
+    averages_models = True
 
     def aggregate(self, theta: Theta, results: list[Result], state: State) -> Step:
         """W_{t+1} = Σ_k n_k/N · W_k over the clients that replied (or the

@@ -16,12 +16,13 @@ from ..model import Theta
 from ..trace import explain_each, explain_weighted_sum, fmt, names
 from ..training import local_steps
 from .base import ClientTask, Local, Result, RunMemory, State, Step, Strategy
+from .fields import LOCAL_MODEL, STEPS
 
 
 class FedNova(Strategy):
     name = "fednova"
     summary = "W_{t+1} = W_t − τ_eff · Σ_k n_k/N · (W_t − W_k)/τ_k,  τ_eff = Σ_k n_k/N · τ_k"
-    reply_fields = ("local_model", "steps")
+    replies = (LOCAL_MODEL, STEPS)
 
     @classmethod
     def local(cls, task: ClientTask, X: np.ndarray, y: np.ndarray, memory: RunMemory) -> Local:

@@ -41,6 +41,7 @@ class FedAvgM(Strategy):
     summary = "v ← β·v + Δ,  W_{t+1} = W_t + η·v  with Δ = Σ_k n_k/N·W_k − W_t (server momentum)"
     params = (Param("server_lr", 1.0, "η, the server's learning rate", gt=0, le=10),
               Param("momentum", 0.9, "β, the server momentum", ge=0, lt=1))
+    averages_models = True
 
     def initial_state(self, theta: Theta) -> State:
         return {"v": np.zeros_like(theta)}
@@ -60,6 +61,7 @@ class _Adaptive(Strategy):
     """Reddi et al.'s Algorithm 2; subclasses differ only in how v moves."""
 
     params = (SERVER_LR, BETA1, BETA2, TAU)
+    averages_models = True
     v_rule: str  # the formula of v_t, for the trace
 
     def initial_state(self, theta: Theta) -> State:

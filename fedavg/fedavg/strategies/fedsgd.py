@@ -11,12 +11,13 @@ import numpy as np
 from ..model import Theta, as_theta, gradients, split
 from ..trace import explain_each, fmt, names
 from .base import ClientTask, Local, Result, RunMemory, State, Step, Strategy
+from .fields import GRADIENT
 
 
 class FedSGD(Strategy):
     name = "fedsgd"
     summary = "W_{t+1} = W_t − lr · Σ_k n_k/N · ∇L_k(W_t): centralised gradient descent, federated"
-    reply_fields = ("gradient",)
+    replies = (GRADIENT,)
 
     @classmethod
     def local(cls, task: ClientTask, X: np.ndarray, y: np.ndarray, memory: RunMemory) -> Local:

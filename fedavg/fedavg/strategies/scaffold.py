@@ -17,6 +17,7 @@ from ..model import Theta, as_theta, split
 from ..trace import explain_average, explain_each, fmt, names
 from ..training import local_steps, local_train
 from .base import ClientTask, Local, Param, Result, RunMemory, State, Step, Strategy
+from .fields import CONTROL, CONTROL_DELTA, LOCAL_MODEL
 
 
 class Scaffold(Strategy):
@@ -24,8 +25,8 @@ class Scaffold(Strategy):
     summary = ("local steps y ← y − lr·(∇L_k(y) − c_k + c); W_{t+1} = W_t + η_g·Σ_k n_k/N·(y_k − W_t), "
                "c ← c + |S|/K · Σ_k n_k/N·Δc_k")
     params = (Param("server_lr", 1.0, "η_g, the server's step on the averaged update", gt=0, le=10),)
-    reply_fields = ("local_model", "control_delta")
-    input_fields = ("control",)
+    replies = (LOCAL_MODEL, CONTROL_DELTA)
+    sends = (CONTROL,)
 
     def initial_state(self, theta: Theta) -> State:
         return {"c": np.zeros_like(theta)}

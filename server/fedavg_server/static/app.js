@@ -436,30 +436,31 @@ function paintRoundNav(snap) {
 const splitWB = (v) => ({ w: v.length === 2 ? v[0] : v.slice(0, -1), b: v[v.length - 1] });
 const fmtMatrix = (m) => `[${m.map((row) => asList(row).map(fmt).join(" ")).join("; ")}]`;
 
+// Every field a strategy's clients send back, as fedavg/strategies/fields.py
+// declares them (name, kind, column heads): the page names none by hand.
+const REPLY_FIELDS = JSON.parse(document.getElementById("reply-fields").textContent);
+
+// A declared field's cells, by its kind: [text of a participant's value, its data-field].
+// The local model's are the seed table's "w" and "b"; another model's are prefixed by its name.
+const KIND_CELLS = {
+  model: (f) => {
+    const key = f.name === "local_model" ? "" : `${f.name}_`;
+    return [[(v) => fmtW(v.w), `${key}w`], [(v) => fmt(v.b), `${key}b`]];
+  },
+  count: (f) => [[(v) => String(v), f.name]],
+  stats: () => [[(v) => fmtMatrix(v.xtx), "xtx"], [(v) => fmtMatrix([v.xty]), "xty"]],
+};
+
 // The columns of the client table: what each client sent (its local model,
 // gradient, control variate, steps or sums, whichever the strategy asks for)
 // and, when the strategy averages local models, its share n_k/N · W_k.
 function clientColumns(r) {
   const ps = r.participants;
-  const has = (key) => ps.some((p) => p[key] != null);
-  const cols = [];
-  const pair = (key, headW, headB) => {
-    const field = key === "local_model" ? "" : `${key}_`;
-    cols.push({ head: headW, field: `${field}w`, cell: (p) => (p[key] ? fmtW(p[key].w) : "–") });
-    cols.push({ head: headB, field: `${field}b`, cell: (p) => (p[key] ? fmt(p[key].b) : "–") });
-  };
-  if (has("local_model")) pair("local_model", "local w_k", "local b_k");
-  if (has("gradient")) pair("gradient", "gradient ∂L_k/∂w", "∂L_k/∂b");
-  if (has("control_delta")) pair("control_delta", "Δc_k (w)", "Δc_k (b)");
-  if (has("steps")) {
-    cols.push({ head: "steps τ_k", field: "steps", cell: (p) => (p.steps == null ? "–" : String(p.steps)) });
-  }
-  if (has("stats")) {
-    cols.push({ head: "Σx̃x̃ᵀ", field: "xtx", cell: (p) => (p.stats ? fmtMatrix(p.stats.xtx) : "–") });
-    cols.push({ head: "Σx̃y", field: "xty", cell: (p) => (p.stats ? fmtMatrix([p.stats.xty]) : "–") });
-  }
-  if (!cols.length) pair("local_model", "local w_k", "local b_k");
-  return cols;
+  const sent = REPLY_FIELDS.filter((f) => ps.some((p) => p[f.name] != null));
+  return (sent.length ? sent : REPLY_FIELDS.slice(0, 1)).flatMap((f) =>
+    KIND_CELLS[f.kind](f).map(([text, field], i) => ({
+      head: f.columns[i], field, cell: (p) => (p[f.name] == null ? "–" : text(p[f.name])),
+    })));
 }
 
 function clientTable(r) {
