@@ -5,14 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedavg.strategies import Result, Step
-from fedavg_server.runs import RoundRecord, RunStore, StoreError, csv_lines, run_to_csv
+from fedavg.strategies import LOCAL_MODEL, Result, Step
+from fedavg_server.records import RoundRecord, participant_json, terms_json
+from fedavg_server.runs import RunStore, StoreError, csv_lines, run_to_csv
 
 
 def record(r: int) -> RoundRecord:
     theta = np.array([0.1 * r, 0.2])
     results = [Result("client_1", "http://c1", 2, theta + 0.01), Result("client_2", "http://c2", 2, theta - 0.01)]
-    return RoundRecord(r, "fedavg", theta, results, [], Step(theta, {}, ["N = 2 + 2 = 4"]), 0.001)
+    return RoundRecord(r, "fedavg", theta, Step(theta, {}, ["N = 2 + 2 = 4"]),
+                       [participant_json(p, (LOCAL_MODEL,)) for p in results], [], 4, terms_json(results), 0.001)
 
 
 def test_a_file_that_is_not_a_database_is_refused_in_one_line(tmp_path):

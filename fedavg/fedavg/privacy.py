@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .trace import fmt, names
+from .trace import explain_mean_of_sum, fmt, names
 
 
 def clip(delta: np.ndarray, bound: float) -> np.ndarray:
@@ -94,11 +94,23 @@ class DPAverage:
     noise. The bound on any one client's move then rests on the clients, as
     it does under secure aggregation, where the server sees no update."""
 
-    bound: float  # S
+    bound: float  # S (adaptive clipping moves it between rounds)
     noise_multiplier: float  # σ (already z_Δ under adaptive clipping)
     expected: float  # M = q·K
     local: bool = False
     rng: np.random.Generator = field(default_factory=np.random.default_rng)  # OS entropy: never the run's seed
+    plain = False  # not FedAvg's own average: a strategy writes out its whole computation
+
+    def from_sum(self, weighted_sum: np.ndarray, weight: float, center: np.ndarray) -> tuple[np.ndarray, str]:
+        """From the clients' sum alone (secure aggregation, equal weights w_k = 1):
+        θ_t + Σ_k Δ_k = θ_t + Σ_k W_k − (Σ_k w_k)·θ_t, the one model whose
+        update is every client's: the release divides it by M itself. Only
+        when the clients clipped and noised their own updates (``local``)."""
+        if not self.local:
+            raise ValueError("DP-FedAvg from a sum needs the clients to clip and noise their own updates (local_noise)")
+        model = center + (weighted_sum - weight * center)
+        return model, (explain_mean_of_sum(weighted_sum / weight, weight) +
+                       f"; DP-FedAvg goes on from θ_t + Σ_k Δ_k = [{', '.join(fmt(v) for v in model)}]")
 
     def __call__(self, vectors: Sequence[np.ndarray], ns: Sequence[int], center: np.ndarray,
                  symbol: str = "") -> tuple[np.ndarray, list[str]]:

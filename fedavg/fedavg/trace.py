@@ -86,3 +86,8 @@ def explain_each(names_: Sequence[str], formula: str, *columns: np.ndarray) -> l
     j-th entry of each column, every number written by ``fmt``. For example
     ``explain_each(names(2, "m"), "{} = 0.9·{} + 0.1·{} = {}", m_old, delta, m)``."""
     return [formula.format(name, *(fmt(c[j]) for c in columns)) for j, name in enumerate(names_)]
+
+
+def explain_mean_of_sum(mean: np.ndarray, weight: float) -> str:
+    """θ̄ from a sum alone (secure aggregation's): ``θ̄ = Σ w_k·θ_k / Σ w_k = [...] over Σ w_k = W``."""
+    return f"θ̄ = Σ w_k·θ_k / Σ w_k = [{', '.join(fmt(v) for v in mean)}] over Σ w_k = {fmt(weight)}"

@@ -13,16 +13,10 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from fedavg.aggregation import weights
-from fedavg.model import split
-from fedavg.strategies import STRATEGIES, Field, Result, State, Step
-from fedavg.strict_json import model_json
+from .records import RoundRecord, round_json
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -49,74 +43,6 @@ CREATE TABLE IF NOT EXISTS rounds (
 # A run's row and how many rounds it has completed, without reading them.
 SUMMARY = ("SELECT runs.*, (SELECT COUNT(*) FROM rounds WHERE rounds.run_id = runs.run_id) AS rounds_completed "
            "FROM runs")
-
-
-@dataclass(frozen=True)
-class RoundRecord:
-    """One completed round as the federation keeps it (NumPy throughout);
-    the store turns it into the JSON that GET /runs/<id> returns."""
-
-    round: int
-    strategy: str
-    theta_in: np.ndarray
-    results: list[Result]
-    dropped: list[dict[str, str]]
-    step: Step
-    duration_s: float  # sampling, the calls and the aggregation
-    suspicious: list[dict[str, Any]] = field(default_factory=list)  # updates far larger than the others'
-    privacy: dict[str, Any] | None = None  # a DP run's: ε spent so far, the clip bound, the noise
-    secure: Any = None  # a secure-aggregation round's SecureSum: who took part, and the unmasking's trace
-
-
-def round_json(rec: RoundRecord) -> dict[str, Any]:
-    """The round as the API shows it. FedAvg's fields are the ones it always
-    had; "math" is the strategy's trace, "server_state" what it carries on."""
-    ns = [r.n for r in rec.results]
-    body: dict[str, Any] = {
-        "round": rec.round,
-        "strategy": rec.strategy,
-        "global_model_in": model_json(*split(rec.theta_in)),
-        "participants": [_participant_json(r, STRATEGIES[rec.strategy].replies) for r in rec.results],
-        "dropped": rec.dropped,
-        "suspicious": rec.suspicious,
-        "N": sum(ns),
-        "terms": [],
-        "math": rec.step.trace,
-        "global_model": model_json(*split(rec.step.theta)),
-        "federated_loss": None,  # filled in by the next round, or the final evaluation
-        "duration_s": rec.duration_s,
-    }
-    if all(r.theta is not None for r in rec.results):
-        # Each client's share of the average: n_k/N, and n_k/N · W_k.
-        body["terms"] = [{"client_id": r.client_id, "n_k": r.n, "weight": float(p), **model_json(*split(p * r.theta))}
-                         for r, p in zip(rec.results, weights(ns))]
-    if rec.step.state:
-        body["server_state"] = state_json(rec.step.state)
-    if rec.privacy is not None:
-        body["privacy"] = rec.privacy
-    if rec.secure is not None:
-        # The server saw only the sum: the participants without a number of
-        # their own, N from the sum, and the unmasking before the strategy's math.
-        body |= {"participants": rec.secure.participants(rec.secure.names),
-                 "N": rec.results[0].n, "terms": [], "math": [*rec.secure.trace, *rec.step.trace],
-                 "secagg": {"survivors": len(rec.secure.survivors)}}
-    return body
-
-
-def _participant_json(r: Result, replies: tuple[Field, ...]) -> dict[str, Any]:
-    out: dict[str, Any] = {"client_id": r.client_id, "url": r.url, "data_size": r.n}
-    out |= {f.name: f.kind.to_json(r.value(f)) for f in replies}
-    out["metrics"] = r.metrics
-    return out
-
-
-def state_json(state: State) -> dict[str, list[float]]:
-    return {k: [float(x) for x in v] for k, v in state.items()}
-
-
-def state_of(stored: dict[str, list[float]] | None) -> State | None:
-    """The inverse of ``state_json``: a stored server state back as vectors."""
-    return None if stored is None else {k: np.array(v, dtype=float) for k, v in stored.items()}
 
 
 class StoreError(Exception):
@@ -264,13 +190,13 @@ class RunStore:
             row = self._db.execute(SUMMARY + " WHERE run_id = ?", (run_id,)).fetchone()
         return None if row is None else _run_json(row) | {"rounds_completed": row["rounds_completed"]}
 
-    def server_state(self, run_id: int) -> State | None:
-        """The strategy's state after the run's last completed round (None
-        before round 1, or for a strategy that keeps none)."""
+    def last_round(self, run_id: int) -> dict[str, Any] | None:
+        """The record of the run's last completed round (None before round 1):
+        where a resumed run picks up its strategy's state and its stages' own."""
         with self._using():
             row = self._db.execute("SELECT record FROM rounds WHERE run_id = ? ORDER BY round DESC LIMIT 1",
                                    (run_id,)).fetchone()
-        return None if row is None else state_of(json.loads(row["record"]).get("server_state"))
+        return None if row is None else json.loads(row["record"])
 
     def latest(self) -> dict[str, Any] | None:
         """The newest run's summary (no rounds: /status is polled often)."""

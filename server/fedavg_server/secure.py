@@ -35,6 +35,7 @@ from fedavg import secagg
 from fedavg.secagg_graph import closed, harary_graph, unmaskable
 from fedavg.trace import TRACE_TERMS
 
+from .records import Dropped
 from .transport import Reply, Transport
 
 # A masked word is uniform on [0, 2^64); an input in the clear is a small
@@ -54,7 +55,7 @@ class SecureSum:
 
     total: np.ndarray
     survivors: list[str]
-    dropped: list[dict[str, Any]] = field(default_factory=list)
+    dropped: list[Dropped] = field(default_factory=list)
     trace: list[str] = field(default_factory=list)
     names: dict[str, str] = field(default_factory=dict)  # url → client_id
 
@@ -72,11 +73,10 @@ def secure_sum(transport: Transport, urls: Sequence[str], names: dict[str, str],
     or where a needed secret's shares are held."""
     index = {url: i for i, url in enumerate(urls, start=1)}
     url_of = {i: url for url, i in index.items()}
-    dropped: list[dict[str, Any]] = []
+    dropped: list[Dropped] = []
 
     def drop(url: str, step: str, reason: str, diverged: bool = False) -> None:
-        dropped.append({"client_id": names.get(url, url), "url": url, "reason": f"secagg {step}: {reason}",
-                        "diverged": diverged})
+        dropped.append(Dropped(names.get(url, url), url, f"secagg {step}: {reason}", diverged))
 
     def wave(step: str, members: list[int], body: Callable[[int], dict[str, Any]],
              parse: Callable[[int, dict[str, Any]], Any]) -> dict[int, Any]:
@@ -98,7 +98,7 @@ def secure_sum(transport: Transport, urls: Sequence[str], names: dict[str, str],
         return got
 
     def fail(why: str) -> NoReturn:
-        shown = "; ".join(f"{d['client_id']}: {d['reason']}" for d in dropped[:TRACE_TERMS])
+        shown = "; ".join(f"{d.client_id}: {d.reason}" for d in dropped[:TRACE_TERMS])
         more = f"; … {len(dropped) - TRACE_TERMS} more" if len(dropped) > TRACE_TERMS else ""
         raise SecureRoundFailed(f"{why}: the round cannot be unmasked, and nothing was revealed ({len(dropped)} "
                                 f"dropped: {shown}{more})")

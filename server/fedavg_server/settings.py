@@ -324,9 +324,9 @@ def _averages_models(name: str, because: str, settings: RunSettings, problems: l
                                       f"{because}"))
 
 
-def sampled_per_round(settings: RunSettings, num_clients: int) -> int:
+def sampled_per_round(fraction: float, min_clients: int, num_clients: int) -> int:
     """How many clients a round asks: max(min_clients, ⌈fraction·K⌉), at most K."""
-    return min(num_clients, max(settings.min_clients, math.ceil(settings.fraction * num_clients - 1e-9)))
+    return min(num_clients, max(min_clients, math.ceil(fraction * num_clients - 1e-9)))
 
 
 def _secagg(value: Any, settings: RunSettings, num_clients: int,
@@ -341,7 +341,7 @@ def _secagg(value: Any, settings: RunSettings, num_clients: int,
     k + 1 and fewer than t of a client's neighbours together learn nothing
     of it; 2 ≤ t ≤ k + 1 (default: a majority of k + 1). Inputs are fixed
     point with s fractional bits."""
-    asked = sampled_per_round(settings, num_clients)
+    asked = sampled_per_round(settings.fraction, settings.min_clients, num_clients)
     try:
         obj = {} if value is True else expect_object(value, "secagg", SECAGG_FIELDS)
         out = {"neighbors": (expect_int(obj["neighbors"], "secagg.neighbors", ge=1, le=max(asked - 1, 1))

@@ -12,7 +12,7 @@ from .fedavg import FedAvg, FedProx
 from .fednova import FedNova
 from .fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from .fedsgd import FedSGD
-from .fields import Field
+from .fields import LOCAL_MODEL, Field
 from .scaffold import Scaffold
 
 STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (
@@ -25,4 +25,4 @@ SENT_FIELDS: tuple[Field, ...] = tuple(dict.fromkeys(f for s in STRATEGIES.value
 PARAM_NAMES: tuple[str, ...] = tuple(dict.fromkeys(p.name for s in STRATEGIES.values() for p in s.params))
 
 __all__ = ["STRATEGIES", "PARAM_NAMES", "REPLY_FIELDS", "SENT_FIELDS", "AGGREGATORS", "CannotCombine", "Combine",
-           "ClientTask", "Field", "Local", "Param", "Result", "RunMemory", "State", "Step", "Strategy"]
+           "ClientTask", "Field", "LOCAL_MODEL", "Local", "Param", "Result", "RunMemory", "State", "Step", "Strategy"]

@@ -22,7 +22,7 @@ from ..aggregation import (
     trimmed_mean,
     weights,
 )
-from ..trace import explain_average, fmt, names
+from ..trace import explain_average, explain_mean_of_sum, fmt, names
 
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum")
 
@@ -46,6 +46,16 @@ class Combine:
     def plain(self) -> bool:
         """FedAvg's own average, untouched (its trace is the seed's)."""
         return self.aggregator == "mean" and self.clip_norm is None and self.max_weight is None
+
+    def from_sum(self, weighted_sum: np.ndarray, weight: float, center: np.ndarray) -> tuple[np.ndarray, str]:
+        """From Σ_k w_k·V_k and Σ_k w_k alone (what secure aggregation gives),
+        the one vector that combined alone gives what combining the clients'
+        vectors gives: their mean θ̄ = Σ w_k·V_k / Σ w_k; and the line that
+        writes it out. A robust rule needs each vector: a sum is not enough."""
+        if not self.plain:
+            raise CannotCombine(f"aggregator {self.aggregator} needs each client's vector; a sum is not enough")
+        mean = weighted_sum / weight
+        return mean, explain_mean_of_sum(mean, weight)
 
     def __call__(self, vectors: Sequence[np.ndarray], ns: Sequence[int], center: np.ndarray,
                  symbol: str = "") -> tuple[np.ndarray, list[str]]:

@@ -1,0 +1,167 @@
+"""Collecting a round: the sampled clients' work, as the strategy aggregates it
+and as the round record lists it.
+
+``PlainCollector`` asks each client's /train and keeps each reply (the
+seed's way); ``SecureCollector`` runs a round of secure aggregation
+(``secure``) and keeps only the sum, which the run's aggregator turns into
+the one input it needs. Each returns what it gathered, the clients it
+dropped with their reasons, the losses the clients measured on θ_t, and its
+own part of the round record: who took part, N, the terms.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from fedavg.model import Theta, split
+from fedavg.strategies import Result, Strategy
+from fedavg.strict_json import ProtocolError, model_json
+from fedavg.wire import CannotDo, parse_evaluate_reply, parse_train_reply
+
+from .records import Dropped, participant_json, terms_json
+from .roster import Roster
+from .transport import Reply
+
+Body = Callable[[str], dict[str, Any]]  # url → its request body
+log = logging.getLogger("fedavg.server")
+
+
+class RoundFailed(Exception):
+    """The round cannot count, and nothing of it was averaged; the message says why."""
+
+
+@dataclass
+class Collected:
+    """What a collector gathered in one round."""
+
+    results: list[Result]  # what the strategy aggregates
+    dropped: list[Dropped]
+    losses: list[tuple[float, int]]  # (L_k, n_k) of θ_t: the previous round's federated loss
+    contributors: int  # the clients whose work is in ``results``
+    participants: list[dict[str, Any]]  # the record's list of who took part
+    N: int
+    terms: list[dict[str, Any]] = field(default_factory=list)
+    trace: list[str] = field(default_factory=list)  # written before the strategy's math (the unmasking)
+    parts: dict[str, Any] = field(default_factory=dict)  # the collector's own record fields
+
+
+class Collector(Protocol):
+    def collect(self, r: int, theta: Theta, sample: list[str], body_for: Body) -> Collected:
+        """Round r's work of the sampled clients (RoundFailed if the round cannot count)."""
+
+    def evaluate(self, theta: Theta) -> tuple[list[tuple[float, int]], str]:
+        """(L_k, n_k) of θ on every client, and where they come from (RoundFailed: not measured)."""
+
+
+@dataclass
+class PlainCollector:
+    """Each sampled client's /train reply, parsed by what its strategy declares."""
+
+    roster: Roster
+    strategy: Strategy
+    timeout_s: float
+
+    def collect(self, r: int, theta: Theta, sample: list[str], body_for: Body) -> Collected:
+        replies = self.roster.transport.call_all(sample, "POST", "/train", self.timeout_s, body_for)
+        results, dropped = [], []
+        for reply in replies:
+            try:
+                results.append(self._result(reply))
+            except CannotDo as e:  # its numbers mean something else: nothing is averaged
+                raise RoundFailed(f"{self.roster.names[reply.url]} cannot run strategy {self.strategy.name}: "
+                                  f"{e}; nothing was averaged") from None
+            except ProtocolError as e:
+                dropped.append(Dropped(self.roster.names[reply.url], reply.url, str(e), reply.diverged))
+        losses = [(p.metrics["loss_before"], p.n) for p in results if p.metrics and "loss_before" in p.metrics]
+        return Collected(results, dropped, losses, len(results),
+                         [participant_json(p, self.strategy.replies) for p in results],
+                         sum(p.n for p in results), terms_json(results))
+
+    def _result(self, reply: Reply) -> Result:
+        """A reply that can join the aggregate, or ProtocolError saying why not."""
+        if not reply.ok:
+            raise ProtocolError(reply.reason)
+        roster = self.roster
+        parsed = parse_train_reply(reply.body, roster.num_features, self.strategy.name)
+        said = roster.sizes.get(reply.url)
+        if said is not None and parsed["data_size"] != said:
+            # n_k is the client's vote in the average: a count that changes
+            # between /health and /train is not one to trust.
+            raise ProtocolError(f"reply.data_size: {parsed['data_size']} differs from the {said} its /health reported")
+        if roster.num_features is None and parsed["theta"] is not None:
+            roster.num_features = len(parsed["theta"]) - 1
+        if parsed["client_id"]:
+            roster.names[reply.url] = parsed["client_id"]
+        return Result(roster.names[reply.url], reply.url, parsed["data_size"], parsed["theta"], parsed["extra"],
+                      parsed["metrics"])
+
+    def evaluate(self, theta: Theta) -> tuple[list[tuple[float, int]], str]:
+        """One /evaluate wave; a client that cannot answer is left out, and said so."""
+        body = {"global_model": model_json(*split(theta))}
+        replies = self.roster.transport.call_all(self.roster.urls, "POST", "/evaluate", self.timeout_s,
+                                                 lambda url: body)
+        losses = []
+        for reply in replies:
+            try:
+                if not reply.ok:
+                    raise ProtocolError(reply.reason)
+                parsed = parse_evaluate_reply(reply.body)
+                losses.append((parsed["loss"], parsed["data_size"]))
+            except ProtocolError as e:
+                log.info("%s  not evaluated: %s", self.roster.names[reply.url], e)
+        return losses, "final /evaluate"
+
+
+@dataclass
+class SecureCollector:
+    """A round of secure aggregation: the server learns Σ_k x_k = [Σ w_k·θ_k,
+    Σ w_k, Σ n_k·L_k, N, Σ bit_k] and nothing of any one client. The run's
+    aggregator turns the sum into the one model it combines alone to the
+    same result (``from_sum``: the mean for FedAvg's average, θ_t + Σ Δ_k
+    for DP-FedAvg, which divides by M itself); the federated loss is
+    Σ n_k·L_k / N."""
+
+    roster: Roster
+    strategy: Strategy
+    timeout_s: float
+    secagg: dict[str, Any]
+    run_name: str  # names the session to the clients, with the round and a fresh token
+
+    def collect(self, r: int, theta: Theta, sample: list[str], body_for: Body) -> Collected:
+        secure = self._sum(f"round {r}", sample, body_for, len(theta) - 1)
+        d = self.roster.num_features or len(theta) - 1
+        total = secure.total
+        weight = float(total[d + 1])
+        model, line = self.strategy.combine.from_sum(total[: d + 1], weight, theta)
+        n = max(1, round(weight))
+        loss = float(total[d + 2] / total[d + 3])
+        result = Result(f"the secure sum of {len(secure.survivors)} clients", "", n, model, {},
+                        {"loss_before": loss, "within_clip": float(total[d + 4])})
+        # The server saw only the sum: the participants without a number of their own, N from the sum.
+        return Collected([result], secure.dropped, [(loss, n)], len(secure.survivors),
+                         secure.participants(secure.names), n, [], [*secure.trace, line],
+                         {"secagg": {"survivors": len(secure.survivors)}})
+
+    def evaluate(self, theta: Theta) -> tuple[list[tuple[float, int]], str]:
+        """One more secure sum, of n_k·L_k and n_k: the federated loss without any client's own."""
+        body = {"global_model": model_json(*split(theta)), "evaluate": True}
+        d = len(theta) - 1
+        total = self._sum("evaluation", self.roster.urls, lambda url: body, d).total
+        loss, n = float(total[d + 2] / total[d + 3]), max(1, round(float(total[d + 3])))
+        return [(loss, n)], "a secure sum of n_k·L_k over the clients"
+
+    def _sum(self, what: str, urls: list[str], body_for: Body, d: int) -> Any:
+        from .secure import SecureRoundFailed, secure_sum  # cryptography: only for runs that use it
+        # A fresh session each attempt: a round restarted after a crash gets fresh keys.
+        session = f"{self.run_name}|{what}|{secrets.token_hex(8)}"
+        try:
+            return secure_sum(self.roster.transport, urls, self.roster.names, session, self.secagg["threshold"],
+                              self.secagg["scale_bits"], (self.roster.num_features or d) + 5, self.timeout_s,
+                              body_for, self.secagg.get("neighbors"))
+        except SecureRoundFailed as e:
+            raise RoundFailed(str(e)) from None
+
+

@@ -1,0 +1,70 @@
+"""Who a run's clients are: their names, the n_k each /health reported, the
+number of features they agree on, and whether each can do what the run asks."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fedavg.strategies import Strategy
+from fedavg.wire import SEED_STRATEGY, parse_health_reply
+
+from .transport import Transport
+
+HEALTH_TIMEOUT_S = 5.0  # at most, for the probe before round 1
+
+
+class Unfit(Exception):
+    """Some client cannot take part as the run asks: nothing was sent yet."""
+
+
+@dataclass
+class Roster:
+    """The run's view of its clients. ``names`` is the transport's (a name
+    stays known across runs); ``sizes`` and ``num_features`` are what the
+    clients said, checked again against every reply."""
+
+    transport: Transport
+    sizes: dict[str, int] = field(default_factory=dict)  # url → n_k as its /health reported it
+    num_features: int | None = None
+
+    @property
+    def urls(self) -> list[str]:
+        return self.transport.urls
+
+    @property
+    def names(self) -> dict[str, str]:
+        return self.transport.names
+
+    def probe(self, strategy: type[Strategy], secure: bool, timeout_s: float) -> None:
+        """Learn each client's name, n_k and feature count from /health, and
+        make sure every client that answers can run the strategy (and speak
+        secure aggregation when asked). Seed clients have no /health: they
+        keep their URL as their name and can run FedAvg only. Unfit names
+        every client that cannot."""
+        replies = self.transport.call_all(self.urls, "GET", "/health", min(timeout_s, HEALTH_TIMEOUT_S))
+        dims, unable, unmasked = set(), [], []
+        for reply in replies:
+            facts = parse_health_reply(reply.body) if reply.ok else None
+            if facts is not None:
+                if facts["client_id"]:
+                    self.names[reply.url] = facts["client_id"]
+                if facts["data_size"]:
+                    self.sizes[reply.url] = facts["data_size"]
+                if facts["num_features"]:
+                    dims.add(facts["num_features"])
+            # A client that is down may come back; one that answers must say it can.
+            answered = reply.ok or reply.status is not None
+            can = (facts or {}).get("strategies") or ()
+            if strategy.name != SEED_STRATEGY and answered and strategy.name not in can:
+                why = "its /health does not list it" if reply.ok else "no /health"
+                unable.append(f"{self.names[reply.url]} ({why})")
+            if secure and answered and not (facts or {}).get("secagg"):
+                unmasked.append(self.names[reply.url])
+        if unable:
+            raise Unfit(f"before round 1: strategy {strategy.name} is not one these clients can run: "
+                        f"{', '.join(unable)}; nothing was averaged")
+        if unmasked:
+            raise Unfit(f"before round 1: {', '.join(unmasked)} cannot do secure aggregation (its /health does not "
+                        "say secagg: true); nothing was sent")
+        if len(dims) > 1:
+            raise Unfit(f"clients disagree on the number of features: {sorted(dims)}")
+        self.num_features = dims.pop() if dims else None

@@ -1,0 +1,56 @@
+"""Who takes part in a round: S_t, a sample of the configured clients."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from .settings import sampled_per_round
+
+
+class Sampler(Protocol):
+    def draw(self, r: int, urls: list[str]) -> list[str]:
+        """Round r's clients, in configuration order."""
+
+    def needed(self, sampled: int) -> int:
+        """How many of ``sampled`` clients must reply for the round to count."""
+
+
+@dataclass(frozen=True)
+class SeededSample:
+    """All clients, or max(min_clients, ⌈fraction·K⌉) of them drawn from
+    (seed, round): the same sample on every replay of the run."""
+
+    fraction: float
+    min_clients: int
+    seed: int
+
+    def draw(self, r: int, urls: list[str]) -> list[str]:
+        m = sampled_per_round(self.fraction, self.min_clients, len(urls))
+        if m == len(urls):
+            return list(urls)
+        picked = np.random.default_rng([self.seed, r]).choice(len(urls), size=m, replace=False)
+        return [urls[i] for i in sorted(picked)]
+
+    def needed(self, sampled: int) -> int:
+        return self.min_clients
+
+
+@dataclass(frozen=True)
+class PoissonSample:
+    """Each client on its own with probability q = fraction (Poisson
+    sampling, what DP's accountant assumes), from the system's entropy: a
+    sample that the run's seed could replay would be no secret."""
+
+    fraction: float
+    min_clients: int
+
+    def draw(self, r: int, urls: list[str]) -> list[str]:
+        draw = random.SystemRandom()
+        return [url for url in urls if draw.random() < self.fraction]
+
+    def needed(self, sampled: int) -> int:
+        # A round may sample fewer than min_clients, or none: its release is then mostly noise.
+        return min(self.min_clients, sampled)
