@@ -1,16 +1,19 @@
-"""docs/PROTOCOL.md's field tables against the code's one source of the wire
-contract, the OpenAPI documents: the POST /start table against the server's
-StartRequest (and its secagg.* table against SecAggSettings), the /train
-config table against the client's TrainConfig.
-Same field names both ways; where both state a type, a default or a bound,
-they agree. A field added to the code and not to the doc (or the other way
-round) fails here."""
+"""docs/PROTOCOL.md's field tables are written from the code's declarations
+of every setting (fedavg.spec.Param) by scripts/protocol_tables.py: the doc
+must be what it writes now. And, read back, the tables agree with the
+OpenAPI documents built from the same declarations: the POST /start table
+with the server's StartRequest (its dp.* and secagg.* tables with
+DPSettings and SecAggSettings), the /train config table with the client's
+TrainConfig. Same field names both ways; where both state a type, a default
+or a bound, they agree."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 
+import protocol_tables
 import pytest
 
 from conftest import ROOT
@@ -133,6 +136,24 @@ def check_against(doc: dict[str, dict[str, str]], properties: dict[str, dict], w
             assert is_open == bool(schema.get(flag, False)), (what, name, key, "open or closed?", row["Range"])
 
 
+def test_the_tables_are_the_ones_the_code_writes():
+    text = PROTOCOL.read_text(encoding="utf-8")
+    assert protocol_tables.current(text) == text, "run .venv/bin/python scripts/protocol_tables.py"
+    assert text.count("<!-- fields: ") == len(protocol_tables.TABLES)
+
+
+def test_a_changed_setting_makes_the_doc_stale():
+    """The generation itself: a bound changed in the code changes the table."""
+    params, prefix = protocol_tables.TABLES["dp"]
+    changed = dataclasses.replace(params[2], lt=0.5)  # dp.delta < 0.5 instead of < 1
+    protocol_tables.TABLES["dp"] = ((*params[:2], changed, *params[3:]), prefix)
+    try:
+        text = PROTOCOL.read_text(encoding="utf-8")
+        assert "`(0, 0.5)`" in protocol_tables.current(text) != text
+    finally:
+        protocol_tables.TABLES["dp"] = (params, prefix)
+
+
 def test_the_start_table_is_the_servers_start_request():
     properties = server_document(2)["components"]["schemas"]["StartRequest"]["properties"]
     check_against(field_table("### POST /start"), properties, "StartRequest")
@@ -141,6 +162,11 @@ def test_the_start_table_is_the_servers_start_request():
 def test_the_secagg_table_is_the_servers_secagg_settings():
     properties = server_document(2)["components"]["schemas"]["SecAggSettings"]["properties"]
     check_against(field_table("### POST /start", "secagg."), properties, "SecAggSettings")
+
+
+def test_the_dp_table_is_the_servers_dp_settings():
+    properties = server_document(2)["components"]["schemas"]["DPSettings"]["properties"]
+    check_against(field_table("### POST /start", "dp."), properties, "DPSettings")
 
 
 def test_the_train_config_table_is_the_clients_train_config():

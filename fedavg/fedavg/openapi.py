@@ -6,13 +6,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from .spec import object_schema
 from .strategies import REPLY_FIELDS, SENT_FIELDS, STRATEGIES, Field
 from .strict_json import MAX_FEATURES
-from .training import TrainConfig
-from .wire import MAX_LOCAL_EPOCHS, MAX_RUN_NAME, SECAGG_SCALE_BITS
+from .wire import SECAGG_SCALE_BITS, TRAIN_CONFIG, TRAIN_DP
 
 NUMBER = {"type": "number"}
-SEED = TrainConfig()  # the seed's local training: the defaults the document states are the code's own
 
 SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -30,27 +29,10 @@ SCHEMAS: dict[str, Any] = {
             "b": NUMBER,
         },
     },
-    "TrainConfig": {  # its defaults are TrainConfig's own, the seed's
-        "type": "object", "additionalProperties": False,
-        "properties": {
-            "lr": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "default": SEED.lr},
-            "local_epochs": {"type": "integer", "minimum": 1, "maximum": MAX_LOCAL_EPOCHS,
-                             "default": SEED.local_epochs},
-            "batch_size": {"type": "integer", "minimum": 1, "nullable": True, "default": SEED.batch_size},
-            "mu": {"type": "number", "minimum": 0, "default": SEED.mu},
-            "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1, "nullable": True},
-            "strategy": {"type": "string", "enum": list(STRATEGIES), "default": SEED.strategy,
-                         "description": "what the client computes; only sent for strategies other than fedavg"},
-            "run": {"type": "string", "minLength": 1, "maxLength": MAX_RUN_NAME, "nullable": True,
-                    "description": "names the run, for state a client keeps between rounds (SCAFFOLD's c_k)"},
-            "dp": {"type": "object", "additionalProperties": False, "nullable": True,
-                   "description": "a DP run's: clip W_k − W_t to L2 norm `clip`, then add N(0, noise_std²) to "
-                                  "each coordinate, before replying",
-                   "properties": {"clip": {"type": "number", "minimum": 0, "exclusiveMinimum": True,
-                                           "nullable": True},
-                                  "noise_std": {"type": "number", "minimum": 0, "default": 0}}},
-        },
-    },
+    # /train's config, field by field from its declarations (fedavg.wire): the defaults are the seed's own.
+    "TrainConfig": object_schema(TRAIN_CONFIG),
+    "TrainDP": object_schema(TRAIN_DP, "a DP run's: clip W_k − W_t to L2 norm `clip`, then add N(0, noise_std²) to "
+                                       "each coordinate, before replying"),
     "Metrics": {
         "type": "object",
         "properties": {"loss_before": {"type": "number", "minimum": 0, "nullable": True},

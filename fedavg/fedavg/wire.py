@@ -11,9 +11,11 @@ rejected. A strategy's own fields come from its declarations
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from .model import Weights, as_theta
+from .spec import Param
 from .strategies import SENT_FIELDS, STRATEGIES, ClientTask, Local
 from .strategies.fields import LOCAL_MODEL, MODEL
 from .strict_json import (
@@ -38,46 +40,57 @@ MAX_LOCAL_EPOCHS = 10_000
 
 # --- the client's endpoints ------------------------------------------------------
 
-# What a run's settings say about local training (POST /start takes them as is).
-LOCAL_TRAINING_FIELDS = ("lr", "local_epochs", "batch_size", "mu")
-TRAIN_CONFIG_FIELDS = (*LOCAL_TRAINING_FIELDS, "seed", "strategy", "run")
-DP_CONFIG_FIELDS = ("clip", "noise_std")
 # Secure aggregation's default fixed point: inputs are integers mod 2^64 in
 # units of 2^-SECAGG_SCALE_BITS (fedavg.secagg; a run may choose 8 to 40).
 SECAGG_SCALE_BITS = 24
 MAX_RUN_NAME = 200
+SEED = TrainConfig()  # the seed's local training: every default below is its own
+
+# /train's "config": how to train this round. The first four are what a run's
+# settings say about local training (POST /start takes them as they are).
+LOCAL_TRAINING: tuple[Param, ...] = (
+    Param("lr", SEED.lr, "learning rate", gt=0),
+    Param("local_epochs", SEED.local_epochs, "passes over the local data", type="integer", ge=1,
+          le=MAX_LOCAL_EPOCHS),
+    Param("batch_size", SEED.batch_size, "`null`, or a size >= n_k, means full batch: one step per epoch; "
+          "otherwise mini-batches of a fresh shuffle each epoch (the last may be smaller)", type="integer", ge=1,
+          nullable=True),
+    Param("mu", SEED.mu, "FedProx's proximal weight; 0 is plain FedAvg", ge=0),
+)
+TRAIN_CONFIG: tuple[Param, ...] = (
+    *LOCAL_TRAINING,
+    Param("seed", SEED.seed, "seeds the mini-batch shuffle; unused for full batch", type="integer", ge=0,
+          le=2**63 - 1, nullable=True),
+    Param("strategy", SEED.strategy, "what to compute and send back; sent only for strategies other than "
+          "`fedavg`, so FedAvg's request is the seed's", type="string", choices=tuple(STRATEGIES)),
+    Param("run", SEED.run, "names the run, for state the client keeps between rounds (SCAFFOLD's c_k); sent with "
+          "`config.strategy`", type="string", nullable=True, max_len=MAX_RUN_NAME, doc_range="1 to 200 characters"),
+    Param("dp", None, "a DP run's: the client sends W_t + clip_S(W_k − W_t) + N(0, s²) instead of W_k "
+          "(next table)", type="TrainDP", nullable=True),
+)
+TRAIN_DP: tuple[Param, ...] = (
+    Param("clip", SEED.dp_clip, "S, the bound on ‖W_k − W_t‖; `null` is ∞", gt=0, nullable=True),
+    Param("noise_std", SEED.dp_noise_std, "s, the standard deviation of the noise on each coordinate", ge=0),
+)
 
 
 def parse_train_config(value: Any, path: str = "config") -> TrainConfig:
     """The optional "config" of /train; a missing field takes the seed's default."""
-    obj = expect_object(value, path, (*TRAIN_CONFIG_FIELDS, "dp"))
+    obj = expect_object(value, path, [p.name for p in TRAIN_CONFIG])
     at = f"{path}." if path else ""
-    dp = expect_object(obj["dp"], f"{at}dp", DP_CONFIG_FIELDS) if obj.get("dp") is not None else {}
-    default = TrainConfig()
-    batch = obj.get("batch_size")
-    seed = obj.get("seed")
-    strategy = expect_str(obj.get("strategy", default.strategy), f"{at}strategy")
-    if strategy not in STRATEGIES:
-        raise ProtocolError(f"{at}strategy: unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
-    return TrainConfig(
-        lr=expect_number(obj["lr"], f"{at}lr", gt=0) if "lr" in obj else default.lr,
-        local_epochs=(expect_int(obj["local_epochs"], f"{at}local_epochs", ge=1, le=MAX_LOCAL_EPOCHS)
-                      if "local_epochs" in obj else default.local_epochs),
-        batch_size=None if batch is None else expect_int(batch, f"{at}batch_size", ge=1),
-        mu=expect_number(obj["mu"], f"{at}mu", ge=0) if "mu" in obj else default.mu,
-        seed=None if seed is None else expect_int(seed, f"{at}seed", ge=0, le=2**63 - 1),
-        strategy=strategy,
-        run=None if obj.get("run") is None else expect_str(obj["run"], f"{at}run", max_len=MAX_RUN_NAME),
-        dp_clip=None if dp.get("clip") is None else expect_number(dp["clip"], f"{at}dp.clip", gt=0),
-        dp_noise_std=expect_number(dp["noise_std"], f"{at}dp.noise_std", ge=0) if "noise_std" in dp else 0.0,
-    )
+    given = {p.name: p.parse(obj[p.name], at + p.name) for p in TRAIN_CONFIG[:-1] if p.name in obj}
+    dp = {}
+    if obj.get("dp") is not None:
+        dp_obj = expect_object(obj["dp"], f"{at}dp", [p.name for p in TRAIN_DP])
+        dp = {f"dp_{p.name}": p.parse(dp_obj[p.name], f"{at}dp.{p.name}") for p in TRAIN_DP if p.name in dp_obj}
+    return replace(SEED, **given, **dp)
 
 
 def train_config_json(config: TrainConfig) -> dict[str, Any]:
     """The "config" of /train. FedAvg's is the seed's, field for field: the
     strategy and the run's name are sent only when another strategy needs them."""
-    fields = TRAIN_CONFIG_FIELDS if config.strategy != SEED_STRATEGY else TRAIN_CONFIG_FIELDS[:-2]
-    out = {name: getattr(config, name) for name in fields}
+    fields = TRAIN_CONFIG[:-1] if config.strategy != SEED_STRATEGY else TRAIN_CONFIG[:-3]
+    out = {p.name: getattr(config, p.name) for p in fields}
     if config.private:  # a DP run's: what the client does to its model before it sends it
         out["dp"] = {"clip": config.dp_clip, "noise_std": config.dp_noise_std}
     return out

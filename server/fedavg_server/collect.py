@@ -21,6 +21,7 @@ from fedavg.strategies import Result, Strategy
 from fedavg.strict_json import ProtocolError, model_json
 from fedavg.wire import CannotDo, parse_evaluate_reply, parse_train_reply
 
+from .privacy_settings import SecAggSettings
 from .records import Dropped, participant_json, terms_json
 from .roster import Roster
 from .transport import Reply
@@ -127,7 +128,7 @@ class SecureCollector:
     roster: Roster
     strategy: Strategy
     timeout_s: float
-    secagg: dict[str, Any]
+    secagg: SecAggSettings
     run_name: str  # names the session to the clients, with the round and a fresh token
 
     def collect(self, r: int, theta: Theta, sample: list[str], body_for: Body) -> Collected:
@@ -158,9 +159,9 @@ class SecureCollector:
         # A fresh session each attempt: a round restarted after a crash gets fresh keys.
         session = f"{self.run_name}|{what}|{secrets.token_hex(8)}"
         try:
-            return secure_sum(self.roster.transport, urls, self.roster.names, session, self.secagg["threshold"],
-                              self.secagg["scale_bits"], (self.roster.num_features or d) + 5, self.timeout_s,
-                              body_for, self.secagg.get("neighbors"))
+            return secure_sum(self.roster.transport, urls, self.roster.names, session, self.secagg.threshold,
+                              self.secagg.scale_bits, (self.roster.num_features or d) + 5, self.timeout_s,
+                              body_for, self.secagg.neighbors)
         except SecureRoundFailed as e:
             raise RoundFailed(str(e)) from None
 

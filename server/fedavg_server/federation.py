@@ -77,7 +77,7 @@ class Federation:
             if run["status"] not in ("interrupted", "failed"):
                 raise CannotResume(f"run {run_id} is {run['status']}; only an interrupted or failed run "
                                    "can be resumed")
-            settings = RunSettings(**run["settings"])
+            settings = RunSettings.from_json(run["settings"])
             if settings.min_clients > len(self.transport.urls):
                 # The server may have been restarted with fewer clients.
                 raise CannotResume(f"run {run_id} needs min_clients={settings.min_clients}; this server has "

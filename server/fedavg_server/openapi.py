@@ -5,24 +5,14 @@ from typing import Any
 
 from fedavg.openapi import AUTH_ERROR, ERRORS, SCHEMAS, document, field_schemas, json_content, ref, reply
 from fedavg.secagg_graph import COMPLETE_UP_TO
-from fedavg.strategies import AGGREGATORS, REPLY_FIELDS, STRATEGIES, Combine, Param
-from fedavg.wire import MAX_LOCAL_EPOCHS, SECAGG_SCALE_BITS
+from fedavg.spec import object_schema
+from fedavg.strategies import REPLY_FIELDS, STRATEGIES
 
-from .settings import (
-    ADAPTIVE_LR,
-    ADAPTIVE_QUANTILE,
-    DP_DELTA,
-    MAX_CLIENT_TIMEOUT_S,
-    MAX_PACE_S,
-    MAX_ROUNDS,
-    MODEL_AVERAGING,
-    RunSettings,
-)
+from .privacy_settings import AdaptiveClipping, DPSettings, SecAggSettings
+from .settings import MODEL_AVERAGING, start_params
 
-# The defaults the document states are the code's own (RunSettings, Combine),
-# so the two cannot drift apart; tests/test_protocol_doc.py holds PROTOCOL.md to them.
-DEFAULT = RunSettings()
-RULE = Combine()
+# Every setting's schema comes from its declaration (fedavg.spec.Param): the
+# bounds and defaults are the code's own; docs/PROTOCOL.md's tables too.
 
 # Runs on one comparison chart (GET /compare.svg; web.py checks it): more lines cannot be told apart.
 MAX_COMPARE = 10
@@ -38,117 +28,18 @@ RUN_ID = [{"name": "run_id", "in": "path", "required": True, "schema": {"type": 
 PLOT_NAMES = ["models", "params", "loss"]
 
 
-def strategy_params() -> dict[str, Any]:
-    """Every strategy's own settings, from their ``Param`` definitions (one
-    source: the same bounds the server checks)."""
-    out: dict[str, Any] = {}
-    for name, kind in STRATEGIES.items():
-        for p in kind.params:
-            schema = out.setdefault(p.name, {"type": "number", "description": ""})
-            schema["description"] += f"{name}: {p.help} (default {p.default:g}). "
-            _bounds(schema, p)
-    return out
-
-
-def _bounds(schema: dict[str, Any], p: Param) -> None:
-    # The widest bounds any strategy allows; the server checks the strategy's own.
-    if p.gt is not None or p.ge is not None:
-        low, exclusive = (p.gt, True) if p.gt is not None else (p.ge, False)
-        if "minimum" not in schema or low < schema["minimum"]:
-            schema["minimum"], schema["exclusiveMinimum"] = low, exclusive
-    if p.lt is not None or p.le is not None:
-        high, exclusive = (p.lt, True) if p.lt is not None else (p.le, False)
-        if "maximum" not in schema or high > schema["maximum"]:
-            schema["maximum"], schema["exclusiveMaximum"] = high, exclusive
-
-
 def server_document(num_clients: int) -> dict[str, Any]:
     schemas = {
         **SCHEMAS,
-        "StartRequest": {
-            "type": "object", "additionalProperties": False,
-            "properties": {
-                "rounds": {"type": "integer", "minimum": 1, "maximum": MAX_ROUNDS, "default": DEFAULT.rounds},
-                "strategy": {"type": "string", "enum": list(STRATEGIES), "default": "fedavg"},
-                "lr": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "default": DEFAULT.lr},
-                "local_epochs": {"type": "integer", "minimum": 1, "maximum": MAX_LOCAL_EPOCHS,
-                                 "default": DEFAULT.local_epochs},
-                "batch_size": {"type": "integer", "minimum": 1, "nullable": True},
-                "mu": {"type": "number", "minimum": 0, "default": DEFAULT.mu},
-                "fraction": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1,
-                             "default": DEFAULT.fraction},
-                "min_clients": {"type": "integer", "minimum": 1, "maximum": num_clients,
-                                "default": DEFAULT.min_clients},
-                "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1, "nullable": True},
-                "init": {**ref("Model"), "nullable": True},
-                "pace_s": {"type": "number", "minimum": 0, "maximum": MAX_PACE_S, "default": DEFAULT.pace_s},
-                "client_timeout_s": {"type": "number", "minimum": 0, "exclusiveMinimum": True,
-                                     "maximum": MAX_CLIENT_TIMEOUT_S, "default": DEFAULT.client_timeout_s},
-                "wait": {"type": "boolean", "default": True},
-                **strategy_params(),
-                "aggregator": {"type": "string", "enum": list(AGGREGATORS), "default": RULE.aggregator,
-                               "description": "how client vectors are combined: FedAvg's weighted mean, or a "
-                                              "robust rule (not for strategy exact)"},
-                "trim": {"type": "number", "minimum": 0, "maximum": 0.5, "exclusiveMaximum": True, "default": RULE.trim,
-                         "description": "trimmed_mean: the share cut from each end of every coordinate"},
-                "byzantine": {"type": "integer", "minimum": 0, "maximum": max(num_clients - 3, 0),
-                              "default": RULE.byzantine,
-                              "description": "krum: the attackers tolerated (needs more than byzantine + 2 clients)"},
-                "krum_m": {"type": "integer", "minimum": 1, "maximum": max(num_clients, 1), "default": RULE.krum_m,
-                           "description": "krum: average the m best (multi-Krum)"},
-                "clip_norm": {"type": "number", "minimum": 0, "exclusiveMinimum": True,
-                              "description": "bound on each client's update ‖W_k − W_t‖ before combining"},
-                "max_weight": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1,
-                               "description": "cap on any one client's share n_k/N (mean only)"},
-                "dp": {**ref("DPSettings"), "nullable": True},
-                "secagg": {"nullable": True, "description": "secure aggregation: true (defaults), or "
-                                                            "{neighbors, threshold, scale_bits}",
-                           "oneOf": [{"type": "boolean"}, ref("SecAggSettings")]},
-            },
-        },
-        "SecAggSettings": {
-            "type": "object", "additionalProperties": False,
-            "properties": {
-                "neighbors": {"type": "integer", "minimum": 1, "maximum": max(num_clients - 1, 1),
-                              "description": "k: each client masks with and shares its secrets among k others "
-                                             "(SecAgg+; at most the clients a round asks − 1, the complete graph "
-                                             f"and the default up to {COMPLETE_UP_TO} clients, else 2⌈log2 n⌉)"},
-                "threshold": {"type": "integer", "minimum": 2,
-                              "description": "t: survivors needed in a client's neighbourhood of k + 1 to unmask "
-                                             "it (default: a majority of k + 1; at most k + 1)"},
-                "scale_bits": {"type": "integer", "minimum": 8, "maximum": 40, "default": SECAGG_SCALE_BITS,
-                               "description": "fixed point: inputs are integers mod 2^64 in units of 2^-scale_bits"},
-            },
-        },
-        "DPSettings": {
-            "type": "object", "additionalProperties": False, "required": ["noise_multiplier", "clip"],
-            "description": "DP-FedAvg: W_{t+1} = W_t + (Σ_k clip_S(W_k − W_t) + N(0, σ²S²)) / M, M = fraction·K; "
-                           f"strategies {', '.join(MODEL_AVERAGING)} with the mean only",
-            "properties": {
-                "noise_multiplier": {"type": "number", "minimum": 0, "maximum": 1e6, "description": "σ"},
-                "clip": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1e12,
-                         "nullable": True, "description": "S, the L2 bound on each update (null = ∞, only with σ = 0)"},
-                "delta": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1,
-                          "exclusiveMaximum": True, "default": DP_DELTA},
-                "target_epsilon": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1e6,
-                                   "nullable": True,
-                                   "description": "the budget: the run stops as budget_exhausted before a round "
-                                                  "that would pass it (needs σ > 0)"},
-                "local_noise": {"type": "boolean", "default": False,
-                                "description": "each client adds N(0, σ²S²/M) itself; the server only sums"},
-                "adaptive": {"type": "object", "additionalProperties": False, "nullable": True,
-                             "description": "adaptive clipping (Andrew et al., 2021): S tracks a quantile of "
-                                            "the update norms",
-                             "properties": {
-                                 "target_quantile": {"type": "number", "minimum": 0, "exclusiveMinimum": True,
-                                                     "maximum": 1, "exclusiveMaximum": True,
-                                                     "default": ADAPTIVE_QUANTILE},
-                                 "lr": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 10,
-                                        "default": ADAPTIVE_LR},
-                                 "count_noise": {"type": "number", "minimum": 0, "maximum": 1e6,
-                                                 "description": "σ_b, > noise_multiplier/2 (default: max(M/20, σ))"}}},
-            },
-        },
+        "StartRequest": object_schema(start_params(num_clients)),
+        "SecAggSettings": object_schema(
+            [SecAggSettings.SPEC[0].bounded(le=max(num_clients - 1, 1)), *SecAggSettings.SPEC[1:]],
+            f"k neighbours each (the complete graph and the default up to {COMPLETE_UP_TO} clients, else 2⌈log2 n⌉)"),
+        "DPSettings": object_schema(DPSettings.SPEC, "DP-FedAvg: W_{t+1} = W_t + (Σ_k clip_S(W_k − W_t) + "
+                                    "N(0, σ²S²)) / M, M = fraction·K; strategies "
+                                    f"{', '.join(MODEL_AVERAGING)} with the mean only",
+                                    required=("noise_multiplier", "clip")),
+        "AdaptiveClipping": object_schema(AdaptiveClipping.SPEC, AdaptiveClipping.__doc__.split("\n\n")[0]),
         "ResumeRequest": {"type": "object", "additionalProperties": False,
                           "properties": {"wait": {"type": "boolean", "default": True},
                                          "clients": {"type": "string", "enum": ["current"],

@@ -48,7 +48,7 @@ def pipeline(s: RunSettings, roster: Roster, first_round: int, name: str) \
     """The strategy, the sampler, the collector and the stages a run's
     settings ask for: every choice a feature makes, made here once."""
     stages: list[Stage] = []
-    combine: Any = Combine(**(s.robust or {}))
+    combine: Any = s.robust or Combine()
     sampler: Sampler = SeededSample(s.fraction, s.min_clients, s.seed)
     if s.dp:
         privacy = Privacy(s.dp, s.fraction, s.min_clients)
@@ -93,7 +93,7 @@ class Run:
                  "" if self.first_round == 1 else f" (resumed at round {self.first_round})")
         log.info("%s: %s", s.strategy, self.strategy.summary)
         if s.robust:
-            log.info("robust rule in place of the average: %s", ", ".join(f"{k}={v}" for k, v in s.robust.items()))
+            log.info("robust rule in place of the average: %s", s.robust.describe())
         for line in filter(None, (stage.describe() for stage in self.stages)):
             log.info("%s", line)
         try:

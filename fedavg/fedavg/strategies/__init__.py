@@ -6,7 +6,7 @@ is). ``STRATEGIES`` maps each name to its class; ``make`` builds one for a run.
 from __future__ import annotations
 
 from .base import ClientTask, Local, Param, Result, RunMemory, State, Step, Strategy
-from .combine import AGGREGATORS, CannotCombine, Combine
+from .combine import AGGREGATORS, ROBUST, ROBUST_OWNER, CannotCombine, Combine
 from .exact import Exact
 from .fedavg import FedAvg, FedProx
 from .fednova import FedNova
@@ -24,5 +24,6 @@ SENT_FIELDS: tuple[Field, ...] = tuple(dict.fromkeys(f for s in STRATEGIES.value
 # the same thing everywhere; its default may differ by strategy).
 PARAM_NAMES: tuple[str, ...] = tuple(dict.fromkeys(p.name for s in STRATEGIES.values() for p in s.params))
 
-__all__ = ["STRATEGIES", "PARAM_NAMES", "REPLY_FIELDS", "SENT_FIELDS", "AGGREGATORS", "CannotCombine", "Combine",
+__all__ = ["STRATEGIES", "PARAM_NAMES", "REPLY_FIELDS", "SENT_FIELDS", "AGGREGATORS", "ROBUST", "ROBUST_OWNER",
+           "CannotCombine", "Combine",
            "ClientTask", "Field", "LOCAL_MODEL", "Local", "Param", "Result", "RunMemory", "State", "Step", "Strategy"]

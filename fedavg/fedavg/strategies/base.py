@@ -24,24 +24,12 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..model import Theta, as_theta, split
+from ..spec import Param
 from ..training import TrainConfig, local_train
 from .combine import Combine
 from .fields import LOCAL_MODEL, Field
 
 State = dict[str, np.ndarray]
-
-
-@dataclass(frozen=True)
-class Param:
-    """A server-side setting of a strategy, with its default and bounds."""
-
-    name: str
-    default: float
-    help: str
-    gt: float | None = None
-    ge: float | None = None
-    lt: float | None = None
-    le: float | None = None
 
 
 @dataclass(frozen=True)

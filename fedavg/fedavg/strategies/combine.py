@@ -9,7 +9,7 @@ that write it out with its numbers, like the average's.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -22,6 +22,7 @@ from ..aggregation import (
     trimmed_mean,
     weights,
 )
+from ..spec import Param
 from ..trace import explain_average, explain_mean_of_sum, fmt, names
 
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum")
@@ -41,6 +42,11 @@ class Combine:
     krum_m: int = 1  # krum: average the m best (multi-Krum when m > 1)
     clip_norm: float | None = None  # bound on each ‖V_k − center‖ before combining
     max_weight: float | None = None  # cap on any one client's share n_k/N
+
+    def describe(self) -> str:
+        """'aggregator=median', with each setting that is not its default."""
+        return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self)
+                         if f.name == "aggregator" or getattr(self, f.name) != f.default)
 
     @property
     def plain(self) -> bool:
@@ -107,3 +113,24 @@ class Combine:
                      f" nearest; lowest {m}: clients " + ", ".join(f"{k + 1} ({fmt(scores[k])})" for k in chosen[:6]))
         lines += [f"{name} = mean of the {m} chosen = {fmt(result[j])}" for j, name in enumerate(coords)]
         return result, lines
+
+
+# Combine's fields as a run's settings take them (its defaults are Combine's
+# own); the bounds that depend on the server's K clients are set where K is known.
+ROBUST: tuple[Param, ...] = (
+    Param("aggregator", Combine.aggregator, "how the clients' vectors are combined: FedAvg's weighted mean, the "
+          "coordinate-wise median, the coordinate-wise trimmed mean, or (multi-)Krum; not for strategy exact",
+          type="string", choices=AGGREGATORS),
+    Param("trim", Combine.trim, "`trimmed_mean` only: β, the share cut from each end of every coordinate", ge=0,
+          lt=0.5),
+    Param("byzantine", Combine.byzantine, "`krum` only: f, the attackers tolerated; Krum needs more than f + 2 "
+          "clients", type="integer", ge=0, doc_range="`[0, K−3]`"),
+    Param("krum_m", Combine.krum_m, "`krum` only: average the m best-scored (multi-Krum when m > 1)",
+          type="integer", ge=1, doc_range="`[1, K]`"),
+    Param("clip_norm", Combine.clip_norm, "bound S on each update ‖W_k − W_t‖ before combining (any aggregator)",
+          gt=0),
+    Param("max_weight", Combine.max_weight, "`mean` only: cap on any one client's share n_k/N, the rest shared in "
+          "proportion to n_k", gt=0, le=1),
+)
+# The rule each setting belongs to (the others apply to every rule).
+ROBUST_OWNER = {"trim": "trimmed_mean", "byzantine": "krum", "krum_m": "krum", "max_weight": "mean"}
