@@ -15,8 +15,12 @@ from .fedsgd import FedSGD
 from .fields import LOCAL_MODEL, Field
 from .scaffold import Scaffold
 
+# The registry, in the order the page and the docs list them. A strategy here
+# is known everywhere without another edit: /health, /start's checks and its
+# OpenAPI schema, the page's form, the log's math, make compare.
 STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (
-    FedAvg, FedSGD, FedProx, Scaffold, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedNova, Exact)}
+    FedAvg, FedSGD, FedProx, Scaffold, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedNova, Exact,
+)}
 # Every field any strategy's clients send back, each once, in a stable order.
 REPLY_FIELDS: tuple[Field, ...] = tuple(dict.fromkeys(f for s in STRATEGIES.values() for f in s.replies))
 SENT_FIELDS: tuple[Field, ...] = tuple(dict.fromkeys(f for s in STRATEGIES.values() for f in s.sends))
