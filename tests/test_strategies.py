@@ -412,7 +412,7 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(servers, tmp
     ``running``) resumes it. Either way the server's state (c; m and v) comes
     back from SQLite, and SCAFFOLD's clients, which kept running, replay the
     interrupted round from the c_k they had before it."""
-    apps = {url: seed_client(name) for url, name in zip(DEFAULT_CLIENTS, ("client_1", "client_2"))}
+    apps = {url: seed_client(client) for url, client in zip(DEFAULT_CLIENTS, ("client_1", "client_2"))}
     settings = {"strategy": name, "rounds": 30, "seed": 12, **params}
     db, on_disk = tmp_path / "runs.db", tmp_path / "as-killed.db"
 
