@@ -1,29 +1,33 @@
-"""Robust rules as run settings, over HTTP: five honest clients on a client
-host and one that always sends w = b = 10^6. Every round's global model is
-checked against the rule computed here in plain Python from the round's own
-local models."""
+"""Robust rules as run settings, in this process: five honest clients on a
+client host and one that always sends w = b = 10^6, the server driven
+through its API. Every round's global model is checked against the rule
+computed here in plain Python from the round's own local models."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 
 import pytest
 from flask import Flask, request
 
-import launcher
+from conftest import Federated
+from fedavg.client_host import create_host_app
+from fedavg.scenarios import make_clients
 from fedavg_server import create_app as create_server_app
-
-# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
-pytestmark = pytest.mark.system
+from fedavg_server.inprocess import InProcessTransport
 
 HUGE = 1e6
+# Never dialled: the in-process transport hands these URLs to the apps.
+HOST = "http://127.0.0.1:6000"  # the client host's default address
+LIAR = "http://127.0.0.1:6001"
 
 
 @pytest.fixture(scope="module")
-def host():
-    app = launcher.start_app("client_host", launcher.free_port(), ["--scenario", "iid", "--clients", "5"])
-    launcher.wait_healthy([app])
-    yield [f"{app.url}/clients/{k}" for k in range(1, 6)]
-    launcher.stop([app])
+def host() -> dict[str, Flask]:
+    """A client host's five clients (scenario iid, the host's defaults:
+    seed 0, 20 samples each), url → the host app that answers it."""
+    app = create_host_app(make_clients("iid", 5), None)
+    return {f"{HOST}/clients/{k}": app for k in range(1, 6)}
 
 
 def liar(n: int = 20) -> Flask:
@@ -47,17 +51,30 @@ def liar(n: int = 20) -> Flask:
 
 
 @pytest.fixture
-def server(host, serve, tmp_path):
-    urls = [*host, serve(liar()).url]
-    app = create_server_app({"CLIENTS": urls, "DB": str(tmp_path / "runs.db")})
-    yield app.test_client()
-    app.extensions["fedavg"].transport.close()
+def servers(tmp_path) -> Iterator[Callable[[dict[str, Flask]], Federated]]:
+    """servers(apps) → a server app over these client apps (url → app), its
+    own history; all shut down when the test ends."""
+    made: list[Federated] = []
+
+    def make(apps: dict[str, Flask]) -> Federated:
+        db = tmp_path / f"runs-{len(made)}.db"
+        made.append(Federated(create_server_app({"TRANSPORT": InProcessTransport(apps), "DB": str(db),
+                                                 "TOKEN": None})))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.close()
+
+
+@pytest.fixture
+def server(host, servers):
+    """The five honest clients and the liar."""
+    return servers({**host, LIAR: liar()})
 
 
 def run(server, **settings) -> dict:
-    r = server.post("/start", json={"rounds": 4, "seed": 2, **settings})
-    assert r.status_code == 200, r.get_json()
-    body = r.get_json()
+    body = server.run(**{"rounds": 4, "seed": 2, **settings})
     assert body["status"] == "completed", body["error"]
     return body
 
@@ -135,7 +152,7 @@ def test_clipping_bounds_the_liars_pull(server):
         theta = global_of(record)
 
 
-def test_max_weight_caps_a_lying_sample_count(host, serve, tmp_path):
+def test_max_weight_caps_a_lying_sample_count(host, servers):
     boaster = Flask("boaster")  # an honest-looking model, but n_k = 10^9
 
     @boaster.get("/health")
@@ -146,17 +163,15 @@ def test_max_weight_caps_a_lying_sample_count(host, serve, tmp_path):
     def train():
         return {"local_model": {"w": 50.0, "b": 50.0}, "data_size": 10**9, "client_id": "boaster"}
 
-    app = create_server_app({"CLIENTS": [*host, serve(boaster).url], "DB": str(tmp_path / "runs.db")})
-    client = app.test_client()
-    plain = client.post("/start", json={"rounds": 1, "seed": 2}).get_json()["rounds"][0]
+    server = servers({**host, LIAR: boaster})
+    plain = server.run(rounds=1, seed=2)["rounds"][0]
     assert global_of(plain)[0] == pytest.approx(50.0, abs=1e-3)  # 10^9 samples own the average
-    capped = client.post("/start", json={"rounds": 1, "seed": 2, "max_weight": 0.2}).get_json()["rounds"][0]
+    capped = server.run(rounds=1, seed=2, max_weight=0.2)["rounds"][0]
     ns = [p["data_size"] for p in capped["participants"]]
     # water-filling by hand: the boaster's share is the cap, the rest split by n_k
     others = sum(n for n in ns if n != 10**9)
     p = [0.2 if n == 10**9 else 0.8 * n / others for n in ns]
     assert close(global_of(capped), [sum(pk * v[j] for pk, v in zip(p, locals_of(capped))) for j in (0, 1)])
-    app.extensions["fedavg"].transport.close()
 
 
 @pytest.mark.parametrize("body, words", [
@@ -170,9 +185,9 @@ def test_max_weight_caps_a_lying_sample_count(host, serve, tmp_path):
     ({"strategy": "exact", "aggregator": "median"}, ["aggregator", "exact"]),
 ])
 def test_robust_settings_out_of_place_are_a_400_naming_the_field(server, body, words):
-    r = server.post("/start", json=body)
-    assert r.status_code == 400
-    assert all(w in r.get_json()["error"] for w in words), r.get_json()
+    status, answer = server.post("/start", body)
+    assert status == 400
+    assert all(w in answer["error"] for w in words), answer
 
 
 def test_robust_rules_work_under_other_strategies_too(server):

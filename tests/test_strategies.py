@@ -1,49 +1,49 @@
-"""Every strategy over real HTTP (the apps as processes, started as the README
-starts them), against references written here in plain Python: loops of
+"""Every strategy against references written here in plain Python: loops of
 floats, no NumPy and nothing from ``fedavg``.
+
+The federations run in this process: the server app over the clients' own
+Flask apps, driven through the server's API with the bodies HTTP carries
+(conftest's ``seed_federation`` and ``federation``). One test runs the apps
+as processes, the way the README starts them: kill -9 of the server mid-run
+and a resume (make test-all).
 
 What is checked: FedAvg's long-run fixed point against its closed form;
 FedSGD against centralised gradient descent; SCAFFOLD reaching the pooled
 optimum; Exact giving least squares in one round; FedAvgM, FedAdam, FedYogi,
 FedAdagrad and FedNova against the papers' updates for 20 rounds; the log
-showing each strategy's math; and a client that cannot run a strategy.
+showing each strategy's math; a client that cannot run a strategy; and every
+stateful strategy, stopped or cut off mid-round and resumed, ending where an
+uninterrupted run ends.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
 import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
+import sqlite3
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from flask import Flask
 
 import launcher
+from conftest import ROOT, Federated
+from fedavg.client import LocalClient
+from fedavg.client import create_app as client_app
+from fedavg_server import DEFAULT_CLIENTS, create_app
+from fedavg_server.inprocess import InProcessTransport
 from reference import SEED_DATA, local_gd
-
-# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
-pytestmark = pytest.mark.system
 
 Vec = list[float]
 
 
-@pytest.fixture(scope="module")
-def seed_fed(tmp_path_factory):
-    """client_1, client_2 and the server on free ports, with their own history."""
-    db = tmp_path_factory.mktemp("strategies") / "runs.db"
-    ports = {name: launcher.free_port() for name in launcher.DEFAULT_PORTS}
-    apps = launcher.start_federation(ports, server_args=["--db", str(db)])
-    yield apps
-    launcher.stop(list(apps.values()))
-
-
-def run(apps, **settings) -> dict:
-    status, body = launcher.post_json(apps["server"].url + "/start", settings)
-    assert status == 200, body
+def run(fed: Federated, **settings) -> dict:
+    body = fed.run(**settings)
     assert body["status"] == "completed", body.get("error")
     return body
 
@@ -119,16 +119,16 @@ def solve(A: list[Vec], c: Vec) -> Vec:
 # --- FedAvg's fixed point and FedSGD ------------------------------------------------
 
 
-def test_fedavg_run_long_ends_on_its_closed_form_fixed_point(seed_fed):
+def test_fedavg_run_long_ends_on_its_closed_form_fixed_point(seed_federation):
     expected = fedavg_closed_form(SEED_DATA, 0.01, 10)
     assert close(expected, [0.678506, 2.657290], 1e-6)  # the issue's figures
-    final = run(seed_fed, rounds=4000, seed=1)["final_model"]
+    final = run(seed_federation, rounds=4000, seed=1)["final_model"]
     assert close([final["w"], final["b"]], expected, 1e-9), (final, expected)
 
 
-def test_fedsgd_is_centralised_gradient_descent_round_by_round(seed_fed):
+def test_fedsgd_is_centralised_gradient_descent_round_by_round(seed_federation):
     pooled = SEED_DATA[0] + SEED_DATA[1]
-    body = run(seed_fed, strategy="fedsgd", rounds=30, lr=0.1, seed=2)
+    body = run(seed_federation, strategy="fedsgd", rounds=30, lr=0.1, seed=2)
     theta = [0.0, 0.0]
     for r, got in enumerate(models(body), start=1):
         g = pooled_gradient(pooled, *theta)
@@ -137,13 +137,13 @@ def test_fedsgd_is_centralised_gradient_descent_round_by_round(seed_fed):
     assert all("gradient" in p and "local_model" not in p for p in body["rounds"][0]["participants"])
 
 
-def test_fedsgd_converges_to_the_pooled_least_squares_line(seed_fed):
-    final = run(seed_fed, strategy="fedsgd", rounds=1000, lr=0.1, seed=3)["final_model"]
+def test_fedsgd_converges_to_the_pooled_least_squares_line(seed_federation):
+    final = run(seed_federation, strategy="fedsgd", rounds=1000, lr=0.1, seed=3)["final_model"]
     assert close([final["w"], final["b"]], [0.5, 3.0], 1e-6), final
 
 
-def test_scaffold_at_the_seed_settings_reaches_the_pooled_optimum(seed_fed):
-    body = run(seed_fed, strategy="scaffold", rounds=600, seed=4)
+def test_scaffold_at_the_seed_settings_reaches_the_pooled_optimum(seed_federation):
+    body = run(seed_federation, strategy="scaffold", rounds=600, seed=4)
     final = body["final_model"]
     assert close([final["w"], final["b"]], [0.5, 3.0], 1e-6), final
     # FedAvg at the same settings stalls at its own fixed point, far from it
@@ -154,8 +154,8 @@ def test_scaffold_at_the_seed_settings_reaches_the_pooled_optimum(seed_fed):
 # --- Exact: least squares in one round ------------------------------------------------
 
 
-def test_exact_gives_the_seed_data_least_squares_line_in_one_round(seed_fed):
-    body = run(seed_fed, strategy="exact", seed=5)
+def test_exact_gives_the_seed_data_least_squares_line_in_one_round(seed_federation):
+    body = run(seed_federation, strategy="exact", seed=5)
     assert len(body["rounds"]) == 1  # its default: one round is the answer
     xs = [x for d in SEED_DATA for x, _ in d]
     ys = [y for d in SEED_DATA for _, y in d]
@@ -165,48 +165,28 @@ def test_exact_gives_the_seed_data_least_squares_line_in_one_round(seed_fed):
     assert close([final["w"], final["b"]], [slope, my - slope * mx], 1e-9)
 
 
-def write_csv(path, rows: list[Vec]) -> str:
-    d = len(rows[0]) - 1
-    header = ",".join([*(f"x{j + 1}" for j in range(d)), "y"]) if d > 1 else "x,y"
-    path.write_text(header + "\n" + "\n".join(",".join(repr(v) for v in row) for row in rows) + "\n")
-    return str(path)
+def local_client(name: str, rows: list[Vec]) -> LocalClient:
+    """A client holding these rows (x..., y), as its CSV would give them."""
+    return LocalClient(name, np.array([row[:-1] for row in rows]), np.array([row[-1] for row in rows]))
 
 
-@contextmanager
-def federation_on(tmp: Path, paths: list[str]) -> Iterator[dict[str, launcher.App]]:
-    """client_1 and client_2 on the given CSVs (--data) and a server, as processes."""
-    apps: dict[str, launcher.App] = {}
-    try:
-        for name, path in zip(("client_1", "client_2"), paths):
-            apps[name] = launcher.start_app(name, launcher.free_port(), ["--data", path])
-        apps["server"] = launcher.start_app("server", launcher.free_port(), [
-            "--clients", f"{apps['client_1'].url},{apps['client_2'].url}", "--db", str(tmp / "runs.db")])
-        launcher.wait_healthy(list(apps.values()))
-        yield apps
-    finally:
-        launcher.stop(list(apps.values()))
-
-
-@pytest.fixture(scope="module")
-def wide_fed(tmp_path_factory):
-    """Two clients with 3 features and unequal n_k (4 and 9 rows), as processes."""
-    tmp = tmp_path_factory.mktemp("wide")
+def wide_data() -> list[list[Vec]]:
+    """Two clients with 3 features and unequal n_k (4 and 9 rows)."""
     rng = random.Random(8)
     true = [1.5, -2.0, 0.5]
     data = []
-    for name, n in (("a", 4), ("b", 9)):
+    for n in (4, 9):
         rows = []
         for _ in range(n):
             x = [rng.uniform(-2, 2) for _ in true]
             rows.append([*x, sum(t * v for t, v in zip(true, x)) + 0.7 + rng.gauss(0, 0.3)])
         data.append(rows)
-    with federation_on(tmp, [write_csv(tmp / f"{name}.csv", rows) for name, rows in zip("ab", data)]) as apps:
-        yield apps, data
+    return data
 
 
 @pytest.mark.parametrize("ridge", [0.0, 2.5])
-def test_exact_gives_pooled_least_squares_with_three_features_and_unequal_n_k(wide_fed, ridge):
-    apps, data = wide_fed
+def test_exact_gives_pooled_least_squares_with_three_features_and_unequal_n_k(federation, ridge):
+    data = wide_data()
     rows = data[0] + data[1]
     dim = len(rows[0])  # 3 weights and b
     xt = [[*r[:-1], 1.0] for r in rows]
@@ -214,7 +194,8 @@ def test_exact_gives_pooled_least_squares_with_three_features_and_unequal_n_k(wi
          for i in range(dim)]
     c = [sum(x[i] * r[-1] for x, r in zip(xt, rows)) for i in range(dim)]
     expected = solve(A, c)
-    body = run(apps, strategy="exact", ridge=ridge, seed=6)
+    body = run(federation([local_client(name, d) for name, d in zip("ab", data)]), strategy="exact", ridge=ridge,
+               seed=6)
     final = body["final_model"]
     assert [p["data_size"] for p in body["rounds"][0]["participants"]] == [4, 9]
     assert close([*final["w"], final["b"]], expected, 1e-9), (final, expected)
@@ -254,23 +235,22 @@ def fedopt_reference(name: str, rounds: int, lr: float, epochs: int, p: dict) ->
     ("fedyogi", {"server_lr": 0.05, "beta1": 0.8, "beta2": 0.95, "tau": 0.01}),
     ("fedadagrad", {"server_lr": 0.05, "beta1": 0.8, "tau": 0.01}),
 ])
-def test_server_optimizers_match_the_papers_update_for_20_rounds(seed_fed, name, params):
-    body = run(seed_fed, strategy=name, rounds=20, seed=7, **params)
+def test_server_optimizers_match_the_papers_update_for_20_rounds(seed_federation, name, params):
+    body = run(seed_federation, strategy=name, rounds=20, seed=7, **params)
     expected = fedopt_reference(name, 20, 0.01, 10, params)
     for r, (got, want) in enumerate(zip(models(body), expected), start=1):
         assert close(got, want, 1e-9), f"round {r}: {got} != {want}"
     assert body["settings"]["params"] == params
 
 
-def test_fednova_matches_normalized_averaging_with_unequal_steps(tmp_path):
+def test_fednova_matches_normalized_averaging_with_unequal_steps(federation):
     """Unequal n_k (3 and 5 rows) and mini-batches of 2: τ_1 = 3·2 = 6 and
     τ_2 = 3·3 = 9 local steps, so FedNova differs from FedAvg here."""
     data = [[(0.5, 2.1), (1.5, 3.9), (2.5, 6.2)], [(1.0, 2.0), (2.0, 3.1), (3.0, 3.9), (4.0, 5.2), (5.0, 5.9)]]
-    paths = [write_csv(tmp_path / f"{k}.csv", [list(row) for row in rows]) for k, rows in enumerate(data)]
     lr, epochs, batch, seed = 0.02, 3, 2, 9
-    with federation_on(tmp_path, paths) as apps:
-        nova = run(apps, strategy="fednova", rounds=20, lr=lr, local_epochs=epochs, batch_size=batch, seed=seed)
-        plain = run(apps, strategy="fedavg", rounds=20, lr=lr, local_epochs=epochs, batch_size=batch, seed=seed)
+    fed = federation([local_client(f"client_{k + 1}", [list(row) for row in rows]) for k, rows in enumerate(data)])
+    nova = run(fed, strategy="fednova", rounds=20, lr=lr, local_epochs=epochs, batch_size=batch, seed=seed)
+    plain = run(fed, strategy="fedavg", rounds=20, lr=lr, local_epochs=epochs, batch_size=batch, seed=seed)
 
     theta = [0.0, 0.0]
     ns = [len(d) for d in data]
@@ -301,9 +281,10 @@ def test_fednova_matches_normalized_averaging_with_unequal_steps(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedsgd", "scaffold", "fedadam", "fednova", "exact"])
-def test_the_log_writes_each_strategys_math_as_the_api_stores_it(seed_fed, name):
-    body = run(seed_fed, strategy=name, rounds=2, seed=10)
-    log = seed_fed["server"].output()
+def test_the_log_writes_each_strategys_math_as_the_api_stores_it(seed_federation, caplog, name):
+    caplog.set_level(logging.INFO, logger="fedavg.server")
+    body = run(seed_federation, strategy=name, rounds=2, seed=10)
+    log = "\n".join(r.getMessage() for r in caplog.records if r.name == "fedavg.server")
     for record in body["rounds"]:
         math_lines = record["math"]
         assert len(math_lines) >= 2
@@ -312,6 +293,11 @@ def test_the_log_writes_each_strategys_math_as_the_api_stores_it(seed_fed, name)
         # the last lines end on the model the round produced, as the API has it
         w = record["global_model"]["w"]
         assert math_lines[-2].endswith(f"{w:.6f}") and math_lines[-1].endswith(f"{record['global_model']['b']:.6f}")
+
+
+def seed_client(name: str) -> Flask:
+    """The seed's client app ``name`` on its own data.csv, in this process."""
+    return client_app({"CLIENT_ID": name, "DATA_PATH": str(ROOT / name / "data.csv"), "TOKEN": None})
 
 
 def seed_style_client(lists_strategies: bool) -> Flask:
@@ -335,24 +321,35 @@ def seed_style_client(lists_strategies: bool) -> Flask:
 
 
 @pytest.fixture
-def with_seed_style(seed_fed, tmp_path, serve):
-    """A server pointed at client_1 and a seed-style client."""
-    apps: dict[str, launcher.App] = {}
+def servers(tmp_path) -> Iterator[Callable[[InProcessTransport, Path], Federated]]:
+    """servers(transport, db) → a server app over that transport, its history
+    in ``db``; every one is shut down when the test ends."""
+    made: list[Federated] = []
 
-    def start(lists_strategies: bool) -> tuple[launcher.App, str]:
-        url = serve(seed_style_client(lists_strategies)).url
-        apps["server"] = launcher.start_app("server", launcher.free_port(), [
-            "--clients", f"{seed_fed['client_1'].url},{url}", "--db", str(tmp_path / "runs.db")])
-        launcher.wait_healthy([apps["server"]])
-        return apps["server"], url
+    def make(transport: InProcessTransport, db: Path) -> Federated:
+        made.append(Federated(create_app({"TRANSPORT": transport, "DB": str(db), "TOKEN": None})))
+        return made[-1]
 
-    yield start
-    launcher.stop(list(apps.values()))
+    yield make
+    for server in made:
+        server.close()
+
+
+@pytest.fixture
+def with_seed_style(servers, tmp_path):
+    """A server over client_1 and a seed-style client, all in this process."""
+    def start(lists_strategies: bool) -> tuple[Federated, str]:
+        url = "http://127.0.0.1:5003"  # never dialled: the in-process transport hands it to the app
+        transport = InProcessTransport({DEFAULT_CLIENTS[0]: seed_client("client_1"),
+                                        url: seed_style_client(lists_strategies)})
+        return servers(transport, tmp_path / "runs.db"), url
+
+    return start
 
 
 def test_a_seed_style_client_still_runs_fedavg(with_seed_style):
     server, url = with_seed_style(lists_strategies=False)
-    status, body = launcher.post_json(server.url + "/start", {"rounds": 2, "seed": 1})
+    status, body = server.post("/start", {"rounds": 2, "seed": 1})
     assert status == 200 and body["status"] == "completed"
     assert [p["url"] for p in body["rounds"][0]["participants"]][1] == url
 
@@ -360,7 +357,7 @@ def test_a_seed_style_client_still_runs_fedavg(with_seed_style):
 @pytest.mark.parametrize("strategy", ["scaffold", "fedsgd"])
 def test_a_client_without_health_fails_the_run_before_round_1(with_seed_style, strategy):
     server, url = with_seed_style(lists_strategies=False)
-    status, body = launcher.post_json(server.url + "/start", {"strategy": strategy, "rounds": 3, "seed": 1})
+    status, body = server.post("/start", {"strategy": strategy, "rounds": 3, "seed": 1})
     assert status == 200 and body["status"] == "failed"
     assert "before round 1" in body["error"] and url in body["error"] and strategy in body["error"]
     assert body["rounds"] == [] and body["final_model"] == {"w": 0.0, "b": 0.0}  # nothing averaged
@@ -368,7 +365,7 @@ def test_a_client_without_health_fails_the_run_before_round_1(with_seed_style, s
 
 def test_a_client_that_claims_a_strategy_but_ignores_it_fails_the_run_unaveraged(with_seed_style):
     server, _ = with_seed_style(lists_strategies=True)
-    status, body = launcher.post_json(server.url + "/start", {"strategy": "scaffold", "rounds": 3, "seed": 1})
+    status, body = server.post("/start", {"strategy": "scaffold", "rounds": 3, "seed": 1})
     assert status == 200 and body["status"] == "failed"
     assert "round 1" in body["error"] and "claims_all cannot run strategy scaffold" in body["error"]
     assert "did not say which strategy it ran" in body["error"]
@@ -377,23 +374,90 @@ def test_a_client_that_claims_a_strategy_but_ignores_it_fails_the_run_unaveraged
 
 # --- stateful strategies resume exactly ---------------------------------------------------
 
-
-@pytest.mark.parametrize("name, params", [
+STATEFUL = [
     ("scaffold", {}),
     ("fedavgm", {"momentum": 0.8}),
     ("fedadam", {}),
     ("fedyogi", {}),
     ("fedadagrad", {}),
-])
-def test_a_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, name, params):
-    """kill -9 of the server mid-run, a restart on the same database, resume:
-    the server's state (c; m and v) comes back from SQLite, and SCAFFOLD's
-    clients replay the interrupted round from the c_k they had before it."""
+]
+CUT = 7  # the round the interruption falls in
+
+
+class CutInRound(InProcessTransport):
+    """The clients in this process, and ``cut()`` called once, as soon as the
+    first client has answered round CUT's /train and before the others are
+    asked: the moment a server dies (or is told to stop) mid-round."""
+
+    def __init__(self, apps: dict[str, Flask], cut: Callable[[], None]) -> None:
+        super().__init__(apps)
+        self.cut: Callable[[], None] | None = cut
+
+    def call(self, url: str, method: str, path: str, timeout_s: float, body: Any = None):
+        reply = super().call(url, method, path, timeout_s, body)
+        if path == "/train" and body["round"] == CUT and self.cut is not None:
+            cut, self.cut = self.cut, None
+            cut()
+        return reply
+
+
+@pytest.mark.parametrize("how", ["stopped", "killed"])
+@pytest.mark.parametrize("name, params", STATEFUL)
+def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(servers, tmp_path, name, params, how):
+    """``stopped``: POST /runs/<id>/stop during round CUT; the run ends that
+    round, reads ``interrupted``, and /resume on the same server goes on.
+    ``killed``: the server dies mid-round CUT, after client_1 has trained and
+    before client_2 is asked; a new server on the history as it was then (a
+    copy taken at that moment: what kill -9 leaves on disk, the run still
+    ``running``) resumes it. Either way the server's state (c; m and v) comes
+    back from SQLite, and SCAFFOLD's clients, which kept running, replay the
+    interrupted round from the c_k they had before it."""
+    apps = {url: seed_client(client) for url, client in zip(DEFAULT_CLIENTS, ("client_1", "client_2"))}
+    settings = {"strategy": name, "rounds": 30, "seed": 12, **params}
+    db, on_disk = tmp_path / "runs.db", tmp_path / "as-killed.db"
+
+    def cut() -> None:
+        if how == "stopped":
+            status, _ = first.post(f"/runs/{first.fed.running_id()}/stop")
+            assert status == 202
+        else:
+            live, copy = sqlite3.connect(db), sqlite3.connect(on_disk)
+            live.backup(copy)  # every round committed so far, and the run still "running"
+            live.close()
+            copy.close()
+            first.fed.transport.stopping.set()  # and it answers nobody more, as a dead process would
+
+    first = servers(CutInRound(apps, cut), db)
+    ended = first.run(**settings)
+    assert ended["status"] == "interrupted", ended.get("error")
+    run_id = ended["run_id"]
+    if how == "stopped":
+        then, rounds_kept = first, CUT
+    else:
+        first.close()
+        then, rounds_kept = servers(InProcessTransport(apps), on_disk), CUT - 1
+    status, before = then.get(f"/runs/{run_id}")
+    assert status == 200 and before["status"] == "interrupted" and len(before["rounds"]) == rounds_kept
+    status, resumed = then.post(f"/runs/{run_id}/resume")
+    assert status == 200 and resumed["status"] == "completed", resumed.get("error")
+    straight = run(then, **settings)
+    assert [r["round"] for r in resumed["rounds"]] == list(range(1, 31))
+    assert models(resumed) == models(straight)  # bit for bit, every round
+    assert resumed["rounds"][-1]["server_state"] == straight["rounds"][-1]["server_state"]
+
+
+@pytest.mark.system
+def test_a_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    """kill -9 of the server process mid-run, a restart on the same database,
+    resume: SCAFFOLD's server state c comes back from SQLite, and its
+    clients, real processes that kept running, replay the interrupted round
+    from the c_k they had before it. (Every stateful strategy is resumed in
+    this process above; this is the real kill.)"""
     ports = {app: launcher.free_port() for app in launcher.DEFAULT_PORTS}
     db = tmp_path / "runs.db"
     apps = launcher.start_federation(ports, server_args=["--db", str(db)])
     try:
-        settings = {"strategy": name, "rounds": 30, "seed": 12, **params}
+        settings = {"strategy": "scaffold", "rounds": 30, "seed": 12}
         status, started = launcher.post_json(apps["server"].url + "/start", {**settings, "pace_s": 0.05,
                                                                             "wait": False})
         assert status == 202
@@ -406,7 +470,8 @@ def test_a_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, name, pa
         launcher.wait_healthy([apps["server"]])
         status, resumed = launcher.post_json(f"{apps['server'].url}/runs/{run_id}/resume")
         assert status == 200 and resumed["status"] == "completed", resumed.get("error")
-        straight = run(apps, **settings)
+        status, straight = launcher.post_json(apps["server"].url + "/start", settings)
+        assert status == 200 and straight["status"] == "completed", straight.get("error")
     finally:
         launcher.stop(list(apps.values()))
     assert [r["round"] for r in resumed["rounds"]] == list(range(1, 31))
