@@ -4,7 +4,7 @@ Run: cd client_2 && poetry install && poetry run python client_2_app.py
 """
 from pathlib import Path
 
-from fedavg.client import main
+from fedavg.http.client_app import main
 
 if __name__ == "__main__":
     main(client_id="client_2", port=5002, data_path=Path(__file__).with_name("data.csv"))

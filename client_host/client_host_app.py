@@ -7,9 +7,9 @@ import logging
 import sys
 from pathlib import Path
 
-from fedavg.client_host import create_host_app
+from fedavg.http.host_app import create_host_app
+from fedavg.http.service import cli, configure_logging, serve, shared_token
 from fedavg.scenarios import ATTACKERS, ATTACKS, NOISE, SCENARIOS, make_clients
-from fedavg.service import cli, configure_logging, serve, shared_token
 
 # What generated each scenario's data, in one line (fedavg/scenarios.py has
 # the code); shown at start and in the host's /health "scenario".

@@ -12,7 +12,7 @@ run that does not complete ends the bench with an error.
 
 The noop app the round floor is measured against is this file too:
 ``cd server && poetry run python ../scripts/bench.py --serve-noop --port P``
-serves ``POST /noop`` → ``{}`` through ``fedavg.service.serve``, the stack
+serves ``POST /noop`` → ``{}`` through ``fedavg.http.service.serve``, the stack
 every app uses.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ def serve_noop(host: str, port: int) -> None:
     (waitress, or Werkzeug's server with FEDAVG_WSGI=werkzeug)."""
     from flask import Flask
 
-    from fedavg.service import configure_logging, serve
+    from fedavg.http.service import configure_logging, serve
 
     app = Flask("noop")
 

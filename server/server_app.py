@@ -9,7 +9,7 @@ import time
 import urllib.error
 import urllib.request
 
-from fedavg.service import cli, configure_logging, serve
+from fedavg.http.service import cli, configure_logging, serve
 from fedavg_server import client_urls, create_app
 from fedavg_server.runs import StoreError
 

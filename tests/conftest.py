@@ -155,7 +155,7 @@ def federation(tmp_path) -> Iterator[Callable[..., Federated]]:
 def seed_federation(tmp_path_factory) -> Iterator[Federated]:
     """The seed's two client apps (client_1/data.csv and client_2/data.csv,
     at the URLs the server calls by default) and its server, in this process."""
-    from fedavg.client import create_app as client_app
+    from fedavg.http.client_app import create_app as client_app
     from fedavg_server import DEFAULT_CLIENTS, create_app
     from fedavg_server.inprocess import InProcessTransport
 

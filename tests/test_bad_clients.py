@@ -12,7 +12,7 @@ import pytest
 from flask import Flask, Response
 
 from conftest import ROOT, Served
-from fedavg.client import create_app as create_client_app
+from fedavg.http.client_app import create_app as create_client_app
 from fedavg_server import create_app as create_server_app
 from fedavg_server.runs import run_to_csv
 

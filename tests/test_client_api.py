@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from fedavg.client import create_app
+from fedavg.http.client_app import create_app
 from fedavg.model import mse
 from fedavg.training import TrainConfig, local_train
 

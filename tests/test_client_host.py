@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from fedavg.client_host import create_host_app
+from fedavg.http.host_app import create_host_app
 from fedavg.scenarios import SCENARIOS, make_clients
 
 

@@ -11,7 +11,7 @@ import pytest
 from flask import Flask, request
 
 from conftest import Federated
-from fedavg.client_host import create_host_app
+from fedavg.http.host_app import create_host_app
 from fedavg.scenarios import make_clients
 from fedavg_server import create_app as create_server_app
 from fedavg_server.inprocess import InProcessTransport

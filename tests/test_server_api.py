@@ -9,7 +9,7 @@ from flask import Flask, Response, request
 
 import launcher
 from conftest import ROOT, Served
-from fedavg.client import create_app as create_client_app
+from fedavg.http.client_app import create_app as create_client_app
 from fedavg_server import create_app as create_server_app
 from reference import SEED_DATA, local_gd, local_mse, reference_fedavg
 

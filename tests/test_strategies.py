@@ -34,7 +34,7 @@ from flask import Flask
 import launcher
 from conftest import ROOT, Federated
 from fedavg.client import LocalClient
-from fedavg.client import create_app as client_app
+from fedavg.http.client_app import create_app as client_app
 from fedavg_server import DEFAULT_CLIENTS, create_app
 from fedavg_server.inprocess import InProcessTransport
 from reference import SEED_DATA, local_gd

@@ -8,7 +8,7 @@ import pytest
 from flask import Flask
 
 from conftest import ROOT
-from fedavg.client import create_app as client_app
+from fedavg.http.client_app import create_app as client_app
 from fedavg_server.http_transport import HttpTransport
 from fedavg_server.inprocess import InProcessTransport
 from fedavg_server.transport import MAX_REPLY_BYTES

@@ -1,66 +1,33 @@
 """A client: private data in, local models out.
 
-``LocalClient`` is what a client *does* (train, evaluate, describe itself);
-``client_blueprint`` is its HTTP face. ``create_app`` serves one client (what
-client_1/ and client_2/ run); ``fedavg.client_host`` serves many from one
-process through the very same blueprint.
+``LocalClient`` is what a client *does* (train, evaluate, describe itself),
+on plain data, with no web framework: ``fedavg.http.client_app`` is its HTTP
+face, which client_1/ and client_2/ serve, and ``fedavg.http.host_app``
+serves many from one process through the very same blueprint.
 """
 from __future__ import annotations
 
 import logging
 import math
-import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flask import Blueprint, Flask, g, render_template, request
 
-from .data import DataError, load_csv
 from .model import mse, split
-from .openapi import client_document
 from .privacy import privatize
-from .secure_client import Sessions, add_secure_routes
-from .service import (
-    cli,
-    configure_logging,
-    has_token,
-    install_json_errors,
-    install_request_guards,
-    json_body,
-    require_token,
-    serve,
-    shared_token,
-)
+from .secure_client import Sessions
 from .strategies import STRATEGIES, ClientTask, Local, RunMemory
 from .strategies.fields import LOCAL_MODEL
-from .strict_json import ProtocolError
-from .trace import fmt, fmt_theta
+from .trace import fmt_theta
 from .training import TrainingStopped
 from .wire import parse_evaluate_request, parse_train_request, train_reply_json
 
 log = logging.getLogger("fedavg.client")
 MAX_TRAININGS = 2  # per client: the server's round and one more (a retry)
-
-
-def _deadline_s() -> float | None:
-    """The server's X-Deadline-S: how long it will wait for this call, in
-    seconds (more than 0, at most 3600); None when not sent."""
-    raw = request.headers.get("X-Deadline-S")
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not 0 < value <= 3600:
-        raise ProtocolError(f"X-Deadline-S: must be a number of seconds, more than 0 and at most 3600, "
-                            f"got {raw[:40]!r}")
-    return value
 
 
 class LastModel:
@@ -216,145 +183,3 @@ class LocalClient:
         if not math.isfinite(loss):
             return {"error": "loss is not finite for this model", "diverged": True}, 422
         return {"loss": loss, "data_size": len(self.y), "client_id": self.client_id}, 200
-
-
-def client_blueprint(pick: Callable[[dict[str, Any]], LocalClient], token: str | None,
-                     url_prefix: str | None = None) -> Blueprint:
-    """The client endpoints. ``pick`` turns the URL's values (``k`` for a
-    client host's /clients/<k>) into the client that answers."""
-    bp = Blueprint("client", __name__, url_prefix=url_prefix, template_folder="templates")
-
-    @bp.url_value_preprocessor
-    def choose_client(endpoint: str | None, values: dict[str, Any] | None) -> None:
-        g.client = pick(values if values is not None else {})
-
-    @bp.get("/health")
-    def health():
-        return g.client.health()
-
-    @bp.get("/openapi.json")
-    def openapi():
-        return client_document(g.client.num_features)
-
-    @bp.get("/")
-    def page():
-        """This client's own page: its private points, its local least-squares
-        line and the last global model it received. Served only here; the
-        server never sees it (it is not part of the wire protocol). With a
-        token set, only for who knows it: the browser asks for it as a
-        password (any user name)."""
-        if token is not None and not has_token(token, page=True):
-            return ({"error": "this page shows the client's private data: log in with the token as password"},
-                    401, {"WWW-Authenticate": f'Basic realm="{g.client.client_id}\'s own page", charset="UTF-8"'})
-        return render_template("client_page.html", **page_context(g.client))
-
-    @bp.route("/start", methods=["GET", "POST"])
-    @bp.route("/runs", methods=["GET", "POST"])
-    def not_the_server():
-        # A run is started on the server, not here: say so instead of a bare 404.
-        return {"error": f"this is a client ({g.client.client_id}), not the server: /start and /runs are on "
-                         "the server (default http://127.0.0.1:5000)"}, 404
-
-    @bp.post("/train")
-    def train():
-        require_token(token)
-        response = g.client.train(json_body(), _deadline_s())
-        return (*response, {"Retry-After": "1"}) if response[1] == 429 else response
-
-    @bp.post("/evaluate")
-    def evaluate():
-        require_token(token)
-        return g.client.evaluate(json_body())
-
-    add_secure_routes(bp, token, _deadline_s)
-    return bp
-
-
-PAGE_ROWS = 500  # the table lists at most this many points (the scatter draws them all)
-SVG_W, SVG_H, SVG_PAD = 560, 360, 40
-
-
-def page_context(client: LocalClient) -> dict[str, Any]:
-    """What the client's page shows, computed here from the private data:
-    the points, the scatter of y against the first feature as SVG
-    coordinates, the local least-squares model and the last global model."""
-    x, y = client.X[:, 0], client.y
-    theta = client.least_squares()
-    last = client.last_global.get()
-    lo_x, hi_x = _padded(float(x.min()), float(x.max()))
-    # One feature: the y axis must hold the lines too, across the x range.
-    ys = [float(y.min()), float(y.max())]
-    lines = []
-    if client.num_features == 1:
-        lines.append(("lstsq", float(theta[0]), float(theta[1])))
-        if last is not None:
-            lines.append(("global", float(last["w"][0]), float(last["b"])))
-        ys += [w * xv + b for _, w, b in lines for xv in (lo_x, hi_x)]
-    lo_y, hi_y = _padded(min(ys), max(ys))
-
-    def sx(v: float) -> float:
-        return SVG_PAD + (v - lo_x) / (hi_x - lo_x) * (SVG_W - 2 * SVG_PAD)
-
-    def sy(v: float) -> float:
-        return SVG_H - SVG_PAD - (v - lo_y) / (hi_y - lo_y) * (SVG_H - 2 * SVG_PAD)
-
-    return {
-        "client_id": client.client_id, "n": len(y), "d": client.num_features,
-        "rows": [(list(map(float, xr)), float(yr)) for xr, yr in zip(client.X[:PAGE_ROWS], y[:PAGE_ROWS])],
-        "points": [(sx(float(a)), sy(float(b))) for a, b in zip(x, y)],
-        "lines": [{"name": name, "w": w, "b": b, "x1": sx(lo_x), "y1": sy(w * lo_x + b), "x2": sx(hi_x),
-                   "y2": sy(w * hi_x + b)} for name, w, b in lines],
-        "lstsq": {"w": theta[:-1].tolist(), "b": float(theta[-1])}, "last": last,
-        "axes": {"x": (lo_x, hi_x), "y": (lo_y, hi_y), "w": SVG_W, "h": SVG_H, "pad": SVG_PAD},
-        "x_range": (float(x.min()), float(x.max())), "page_rows": PAGE_ROWS, "fmt": fmt,
-    }
-
-
-def _padded(lo: float, hi: float) -> tuple[float, float]:
-    """[lo, hi] widened by 5% each side (by 1 when lo == hi), so points are not on the frame."""
-    margin = 0.05 * (hi - lo) or 1.0
-    return lo - margin, hi + margin
-
-
-def create_app(config: Mapping[str, Any] | None = None) -> Flask:
-    """Build a client app. Config: CLIENT_ID, DATA_PATH (the private CSV),
-    TOKEN (shared bearer token required on /train and /evaluate; default from
-    FEDAVG_TOKEN, None = open).
-
-    Raises DataError when the data file cannot be used, before anything serves.
-    """
-    app = Flask(__name__)
-    app.config.from_mapping(CLIENT_ID="client", DATA_PATH="data.csv", TOKEN=shared_token(),
-                            MAX_CONTENT_LENGTH=4 * 1024 * 1024)
-    if config is not None:
-        app.config.from_mapping(config)
-    # Loaded once at start: a bad file stops the client now, not mid-run.
-    X, y = load_csv(app.config["DATA_PATH"])
-    client = LocalClient(app.config["CLIENT_ID"], X, y)
-    app.config.update(DATA_SIZE=len(y), NUM_FEATURES=client.num_features)
-    install_json_errors(app)
-    install_request_guards(app)
-    app.register_blueprint(client_blueprint(lambda values: client, app.config["TOKEN"]))
-    return app
-
-
-def main(client_id: str, port: int, data_path: Path) -> None:
-    """The entry every client_K_app.py calls: parse the command line, load the
-    data (exit 2 with one line if it is bad), serve."""
-    parser = cli(f"Raw FedAvg client {client_id}", port)
-    parser.add_argument("--data", type=Path, default=data_path, help=f"private CSV (default {data_path})")
-    parser.add_argument("--client-id", default=client_id, help=f"name sent to the server (default {client_id})")
-    args = parser.parse_args()
-    configure_logging()
-    try:
-        app = create_app({"CLIENT_ID": args.client_id, "DATA_PATH": str(args.data)})
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    risk = "" if app.config["TOKEN"] else (
-        f"\n{args.client_id}: no FEDAVG_TOKEN: anyone who can reach this port can call /train and /evaluate, "
-        "and the losses of a few chosen models give small data back exactly; set the same FEDAVG_TOKEN "
-        "here and on the server to answer only it")
-    serve(app, args.host, args.port, allowed_hosts=args.allowed_host,
-          announce=f"{args.client_id}: {app.config['DATA_SIZE']} private samples from {args.data}; "
-                   f"serving on http://{args.host}:{args.port}{risk}")

@@ -1,5 +1,6 @@
-"""A client's side of secure aggregation over HTTP: the four requests of
-Bonawitz et al.'s protocol (``fedavg.secagg``), in one session per round.
+"""A client's side of secure aggregation: the four steps of Bonawitz et
+al.'s protocol (``fedavg.secagg``), in one session per round, each taking
+its request's body (``fedavg.http.secure_routes`` serves them).
 
     POST /secagg/advertise  train on θ_t, keep the input x_k; send two public keys and b_commit
                             (with "evaluate": true, no training: x_k = [0, 0, n_k·L_k, n_k, 0],
@@ -28,12 +29,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flask import Blueprint, g
 
-from .service import json_body, require_token
 from .strict_json import ProtocolError, expect_bool, expect_int, expect_object, expect_str
 
 if TYPE_CHECKING:
+    from .client import LocalClient
     from .secagg import SecAggClient
 
 MAX_SESSIONS = 4  # rounds a client keeps state for at once: a server cannot make it hold more
@@ -71,71 +71,66 @@ def secure_input(theta: np.ndarray, weight: float, n: int, loss: float, bit: flo
     return np.concatenate([weight * theta, [weight, n * loss, n, bit]])
 
 
-def add_secure_routes(bp: Blueprint, token: str | None, deadline_s: Callable[[], float | None]) -> None:
-    """The four /secagg/* endpoints on the client blueprint (``g.client`` is the LocalClient)."""
+def advertise(client: LocalClient, body: Any, deadline_s: Callable[[], float | None]) -> tuple[dict[str, Any], int]:
+    """Step 0: train on θ_t (or, with "evaluate", only measure its loss), keep
+    the input x_k, and send two public keys and b_commit."""
+    from . import secagg  # cryptography and pycryptodome: only for clients that are asked
+    obj = expect_object(body, "", ("session", "index", "threshold", "scale_bits", "evaluate", *TRAIN_FIELDS),
+                        ("session", "index", "threshold", "global_model"))
+    name = _session_name(obj)
+    task = client.task({k: obj[k] for k in TRAIN_FIELDS if k in obj}, deadline_s())
 
-    @bp.post("/secagg/advertise")
-    def advertise():
-        require_token(token)
-        from . import secagg  # cryptography and pycryptodome: only for clients that are asked
-        obj = expect_object(json_body(), "", ("session", "index", "threshold", "scale_bits", "evaluate",
-                                              *TRAIN_FIELDS), ("session", "index", "threshold", "global_model"))
-        name = _session_name(obj)
-        client = g.client
-        task = client.task({k: obj[k] for k in TRAIN_FIELDS if k in obj}, deadline_s())
+    def work() -> tuple[dict[str, Any], int]:
+        n = len(client.y)
+        if expect_bool(obj.get("evaluate", False), "evaluate"):
+            loss = client.loss(task.theta, "/secagg/advertise", task.round)
+            if not math.isfinite(loss):
+                return {"error": "loss is not finite for this model", "diverged": True}, 422
+            x = secure_input(np.zeros_like(task.theta), 0.0, n, loss, 0.0)
+        else:
+            learned = client.learn(task, "/secagg/advertise")
+            if isinstance(learned, tuple):  # diverged: the 422 as /train says it
+                return learned
+            x = secure_input(learned.theta, 1.0 if task.config.private else float(n), n,
+                             learned.metrics.get("loss_before") or 0.0, learned.metrics.get("within_clip", 1.0))
+        party = _protocol(lambda: secagg.SecAggClient(
+            expect_int(obj["index"], "index", ge=1), name.encode(), expect_int(obj["threshold"], "threshold"),
+            expect_int(obj.get("scale_bits", secagg.SCALE_BITS), "scale_bits")))
+        client.sessions.start(name, party, x)
+        return {"client_id": client.client_id, "keys": secagg.to_wire(party.advertise()), "length": len(x)}, 200
+    return client.guarded(task, work)
 
-        def work() -> tuple[dict[str, Any], int]:
-            n = len(client.y)
-            if expect_bool(obj.get("evaluate", False), "evaluate"):
-                loss = client.loss(task.theta, "/secagg/advertise", task.round)
-                if not math.isfinite(loss):
-                    return {"error": "loss is not finite for this model", "diverged": True}, 422
-                x = secure_input(np.zeros_like(task.theta), 0.0, n, loss, 0.0)
-            else:
-                learned = client.learn(task, "/secagg/advertise")
-                if isinstance(learned, tuple):  # diverged: the 422 as /train says it
-                    return learned
-                x = secure_input(learned.theta, 1.0 if task.config.private else float(n), n,
-                                 learned.metrics.get("loss_before") or 0.0, learned.metrics.get("within_clip", 1.0))
-            party = _protocol(lambda: secagg.SecAggClient(
-                expect_int(obj["index"], "index", ge=1), name.encode(), expect_int(obj["threshold"], "threshold"),
-                expect_int(obj.get("scale_bits", secagg.SCALE_BITS), "scale_bits")))
-            client.sessions.start(name, party, x)
-            return {"client_id": client.client_id, "keys": secagg.to_wire(party.advertise()), "length": len(x)}, 200
-        return client.guarded(task, work)
 
-    @bp.post("/secagg/share")
-    def share():
-        require_token(token)
-        from . import secagg
-        obj = expect_object(json_body(), "", ("session", "peers"), ("session", "peers"))
-        party, _ = g.client.sessions.get(_session_name(obj))
-        sealed = _protocol(lambda: party.share_keys(secagg.indexed_from_wire(obj["peers"], "peers",
-                                                                              secagg.keys_from_wire)))
-        return {"shares": secagg.to_wire(sealed)}
+def share(client: LocalClient, body: Any) -> dict[str, Any]:
+    """Step 1: its neighbourhood's keys in; Shamir shares of s_sk_k and b_k out, each sealed to its holder."""
+    from . import secagg
+    obj = expect_object(body, "", ("session", "peers"), ("session", "peers"))
+    party, _ = client.sessions.get(_session_name(obj))
+    sealed = _protocol(lambda: party.share_keys(secagg.indexed_from_wire(obj["peers"], "peers",
+                                                                          secagg.keys_from_wire)))
+    return {"shares": secagg.to_wire(sealed)}
 
-    @bp.post("/secagg/masked")
-    def masked():
-        require_token(token)
-        from . import secagg
-        obj = expect_object(json_body(), "", ("session", "survivors", "received", "parties"),
-                            ("session", "survivors", "received"))
-        party, x = g.client.sessions.get(_session_name(obj))
-        y = _protocol(lambda: party.masked_input(
-            x, secagg.indexed_from_wire(obj["received"], "received", secagg.bytes_from_wire),
-            secagg.indices_from_wire(obj["survivors"], "survivors"),
-            expect_int(obj["parties"], "parties", ge=1) if "parties" in obj else None))
-        return {"masked": secagg.to_wire(y)}
 
-    @bp.post("/secagg/unmask")
-    def unmask():
-        require_token(token)
-        from . import secagg
-        obj = expect_object(json_body(), "", ("session", "survivors", "dropped"), ("session", "survivors", "dropped"))
-        party, _ = g.client.sessions.get(_session_name(obj))
-        revealed = _protocol(lambda: party.unmask(secagg.indices_from_wire(obj["survivors"], "survivors"),
-                                                  secagg.indices_from_wire(obj["dropped"], "dropped")))
-        return secagg.to_wire(revealed)
+def masked(client: LocalClient, body: Any) -> dict[str, Any]:
+    """Step 2: the shares sealed to this client in; y_k = x_k + its masks out."""
+    from . import secagg
+    obj = expect_object(body, "", ("session", "survivors", "received", "parties"), ("session", "survivors", "received"))
+    party, x = client.sessions.get(_session_name(obj))
+    y = _protocol(lambda: party.masked_input(
+        x, secagg.indexed_from_wire(obj["received"], "received", secagg.bytes_from_wire),
+        secagg.indices_from_wire(obj["survivors"], "survivors"),
+        expect_int(obj["parties"], "parties", ge=1) if "parties" in obj else None))
+    return {"masked": secagg.to_wire(y)}
+
+
+def unmask(client: LocalClient, body: Any) -> dict[str, Any]:
+    """Step 3: who of its neighbourhood survived in; shares of their b_j and of the dropped ones' s_sk_j out."""
+    from . import secagg
+    obj = expect_object(body, "", ("session", "survivors", "dropped"), ("session", "survivors", "dropped"))
+    party, _ = client.sessions.get(_session_name(obj))
+    revealed = _protocol(lambda: party.unmask(secagg.indices_from_wire(obj["survivors"], "survivors"),
+                                              secagg.indices_from_wire(obj["dropped"], "dropped")))
+    return secagg.to_wire(revealed)
 
 
 def _session_name(obj: dict[str, Any]) -> str:

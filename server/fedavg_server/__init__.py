@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Flask
 
-from fedavg.service import install_json_errors, install_request_guards
+from fedavg.http.service import install_json_errors, install_request_guards
 
 from .api import bp
 from .federation import Federation

@@ -15,7 +15,7 @@ from typing import Any
 
 from flask import current_app
 
-from fedavg.service import has_token
+from fedavg.http.service import has_token
 from fedavg.strategies import REPLY_FIELDS
 
 # A participant's fields that come from its private data: what its strategy

@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, request
 
-from fedavg.service import json_body, require_token
+from fedavg.http.service import json_body, require_token
 from fedavg.strict_json import ProtocolError, expect_bool, expect_object
 
 from .access import reader_view

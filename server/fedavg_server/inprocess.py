@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from flask import Flask
 
 from fedavg.client import LocalClient
-from fedavg.client_host import create_host_app
+from fedavg.http.host_app import create_host_app
 
 from .transport import Reply, reply_from, request_body
 

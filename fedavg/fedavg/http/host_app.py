@@ -6,24 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 from flask import Flask
 from werkzeug.exceptions import NotFound
 
-from .client import LocalClient, client_blueprint
-from .openapi import host_document
+from ..client import LocalClient
+from ..openapi import host_document
+from ..theory import pooled_optimum
+from .client_app import client_blueprint
 from .service import install_json_errors, install_request_guards
-
-
-def pooled_line(clients: Sequence[LocalClient]) -> dict[str, float] | None:
-    """θ* = argmin Σ_k Σ_i (w·x_i + b − y_i)² over every client's rows at once,
-    as {"w", "b"}; None with several features (the chart draws one)."""
-    if clients[0].num_features != 1:
-        return None
-    X = np.vstack([c.X for c in clients])
-    y = np.concatenate([c.y for c in clients])
-    w, b = np.linalg.lstsq(np.column_stack([X, np.ones(len(y))]), y, rcond=None)[0]
-    return {"w": float(w), "b": float(b)}
 
 
 def create_host_app(clients: Sequence[LocalClient], token: str | None = None,
@@ -41,7 +31,11 @@ def create_host_app(clients: Sequence[LocalClient], token: str | None = None,
         return clients[k - 1]
 
     app.register_blueprint(client_blueprint(pick, token, url_prefix="/clients/<int:k>"))
-    pooled = pooled_line(clients)
+    # θ* of every client's rows at once: what only a simulation knows (the chart draws one feature).
+    pooled = None
+    if clients[0].num_features == 1:
+        w, b = pooled_optimum([(c.X, c.y) for c in clients])
+        pooled = {"w": float(w), "b": float(b)}
 
     @app.get("/health")
     def health():

@@ -15,7 +15,7 @@ from typing import Any
 from flask import Flask, request
 from werkzeug.exceptions import Forbidden, HTTPException, Unauthorized, UnsupportedMediaType
 
-from .strict_json import ProtocolError, loads
+from ..strict_json import ProtocolError, loads
 
 log = logging.getLogger("fedavg")
 
