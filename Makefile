@@ -62,7 +62,9 @@ compare: install .venv/.installed
 
 # What differential privacy costs: DP-FedAvg at several noise multipliers on
 # the seed and on 50 iid clients, ε against the final MSE (docs/PRIVACY.md).
-privacy: install .venv/.installed
+# Its federations run in-process (fedavg_server.inprocess): the root
+# environment is all it needs, not the apps' own.
+privacy: .venv/.installed
 	.venv/bin/python scripts/privacy.py --out "$(if $(filter command line environment,$(origin OUT)),$(OUT),privacy-out)" $(PRIVACY_ARGS)
 
 # Installs Chromium when missing and it can (root with apt-get); otherwise
