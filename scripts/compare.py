@@ -351,6 +351,17 @@ def chart(results: list[dict[str, Any]], prediction: dict[str, Any], title: str,
     return fig
 
 
+def save_chart(fig: Any, png: Path, svg: Path) -> None:
+    """The chart as PNG (150 dpi) and SVG. The SVG has no date and takes its
+    ids from a fixed salt rather than a random one: the same results give
+    the same bytes."""
+    import matplotlib
+
+    fig.savefig(png, dpi=150)
+    with matplotlib.rc_context({"svg.hashsalt": "compare"}):
+        fig.savefig(svg, metadata={"Date": None})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", choices=SCENARIOS, default="seed")
@@ -468,8 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     paths[0].write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
     title = f"{args.scenario}, K={k}" + (f", {len(liars)} × {attack}" if args.scenario == "byzantine" else "")
     fig = chart(results, prediction, f"{title}: distance to the pooled optimum", without)
-    fig.savefig(paths[1], dpi=150)
-    fig.savefig(paths[2], metadata={"Date": None})  # no date: the same results give the same bytes
+    save_chart(fig, paths[1], paths[2])
     print("\ncompare: wrote " + ", ".join(str(p) for p in paths))
     return 0 if any(r["ok"] for r in results) else 1
 
