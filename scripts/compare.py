@@ -6,23 +6,23 @@ With --aggregators, each strategy runs once per combining rule of the server
 byzantine scenario θ* is the honest clients' pooled optimum (the attackers'
 data is honest, their replies are not).
 
-A federation runs in this process: the server app over the scenario's
-clients, served by one client host app (``fedavg_server.inprocess``, the
-same server and client code the apps run, minus sockets; history in a
-temporary file). Each strategy is one ``POST /start`` through the server's
-own API with the same rounds, seed, lr and local epochs; with --jobs N,
-N such federations in worker processes take the strategies in turn. This
-tool is a simulation that knows the clients' data: it builds the scenario
-to compute θ* and where FedAvg is predicted to stop (fedavg/theory.py).
-FedAvg never sees it.
+A federation here is the server app over the scenario's clients, served by
+one client host app, in one Python process (``fedavg_server.inprocess``:
+the code the apps run, minus sockets; its history in a temporary file).
+Each strategy is one ``POST /start`` through the server's own API, with the
+same rounds, seed, lr and local epochs. --jobs N federations (default one
+per core), each in a worker process, take the strategies in turn; --jobs 1
+runs one federation in this process. This tool is a simulation that knows
+the clients' data: it builds the scenario to compute θ* and where FedAvg is
+predicted to stop (fedavg/theory.py). FedAvg never sees it.
 
 Writes compare.json (every round's distance and loss, the settings, θ*, the
 prediction) and compare.png / compare.svg (‖θ_t − θ*‖ per round, log scale)
 to --out, prints a table and the paths. Exit 1 if no strategy ran, 2 for a
 usage error.
 
-Runs in the root environment (NumPy, matplotlib, scikit-learn for the
-diabetes scenario), from any directory.
+Runs in the root environment (the fedavg and server packages, NumPy,
+matplotlib, scikit-learn for the diabetes scenario), from any directory.
 """
 from __future__ import annotations
 
@@ -150,7 +150,7 @@ def post_start(http: FlaskClient, body: dict[str, Any], timeout_s: float) -> tup
             if now.get("status") == "running":
                 control.post(f"/runs/{now['run_id']}/stop", json={})
             sender.join(0.05)  # polling interval: the run ends at its next round
-        raise TimeoutError(f"no reply within {timeout_s:g} s (the run was stopped)")
+        raise TimeoutError(f"no reply within {timeout_s:g} s (the run was told to stop)")
     if isinstance(reply[0], BaseException):
         raise reply[0]
     run = reply[0].get_json(silent=True)
@@ -198,13 +198,25 @@ Plan = list[tuple[str, str | None, dict[str, Any]]]
 _worker: dict[str, Any] = {}
 
 
+def processes() -> Any:
+    """multiprocessing's fork where there is one: a child starts with this
+    process's imports (NumPy, Flask, the server, matplotlib) instead of
+    importing them again, a second of CPU each."""
+    return multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+
+
 def _start_worker(scenario: tuple[Any, ...], db_dir: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it ends the pool
-    _worker["http"] = federation(make_clients(*scenario), f"{db_dir}/runs-{os.getpid()}.db")
+    try:
+        _worker["http"] = federation(make_clients(*scenario), f"{db_dir}/runs-{os.getpid()}.db")
+    except Exception as e:  # raised by the first run: a pool only restarts a worker whose start fails, for ever
+        _worker["error"] = e
 
 
 def _run_in_worker(task: tuple[int, tuple[str, str | None, dict[str, Any]], np.ndarray, float, float]
                    ) -> tuple[int, dict[str, Any]]:
+    if "error" in _worker:
+        raise _worker["error"]
     i, (name, aggregator, body), optimum, tol, timeout_s = task
     return i, run_strategy(_worker["http"], name, body, optimum, tol, timeout_s, aggregator)
 
@@ -231,10 +243,7 @@ def run_plan(plan: Plan, scenario: tuple[Any, ...], jobs: int, db_dir: str, opti
             report(i, run_strategy(http, name, body, optimum, tol, timeout_s, aggregator))
         meanwhile()
     else:
-        # fork: a worker starts with this process's imports (NumPy, Flask, the
-        # server) instead of importing them again, a second of CPU each.
-        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()
-                                              else None)
+        context = processes()
         tasks = [(i, step, optimum, tol, timeout_s) for i, step in enumerate(plan)]
         with context.Pool(jobs, _start_worker, (scenario, db_dir)) as pool:
             done = pool.imap_unordered(_run_in_worker, tasks)
@@ -351,15 +360,25 @@ def chart(results: list[dict[str, Any]], prediction: dict[str, Any], title: str,
     return fig
 
 
-def save_chart(fig: Any, png: Path, svg: Path) -> None:
-    """The chart as PNG (150 dpi) and SVG. The SVG has no date and takes its
-    ids from a fixed salt rather than a random one: the same results give
-    the same bytes."""
+def save_chart(fig: Any, png: Path, svg: Path, side_by_side: bool = False) -> None:
+    """The chart as PNG (150 dpi) and SVG; ``side_by_side``: the PNG in a
+    process of its own meanwhile (each is a whole drawing of the figure).
+    The SVG has no date and takes its ids from a fixed salt rather than a
+    random one: the same results give the same bytes."""
     import matplotlib
 
-    fig.savefig(png, dpi=150)
+    drawer = None
+    if side_by_side:
+        drawer = processes().Process(target=fig.savefig, args=(png,), kwargs={"dpi": 150})
+        drawer.start()
+    else:
+        fig.savefig(png, dpi=150)
     with matplotlib.rc_context({"svg.hashsalt": "compare"}):
         fig.savefig(svg, metadata={"Date": None})
+    if drawer is not None:
+        drawer.join()
+        if drawer.exitcode != 0:
+            raise RuntimeError(f"{png} not written: drawing it failed (its traceback is above)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -384,10 +403,11 @@ def main(argv: list[str] | None = None) -> int:
                              "or one row's (fedprox.mu=0.5, krum.krum_m=3, fedavg+mean.max_weight=0.2; repeatable)")
     parser.add_argument("--tol", type=float, default=1e-3, help="'rounds ≤ tol' column (default 1e-3)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds one run may take (default 3600)")
-    parser.add_argument("--jobs", "-j", type=int, default=2,
-                        help="federations running strategies side by side, each in a worker process "
-                             "(default 2, one per core of a 2-core machine; 1: one federation in this process, "
-                             "which times each run alone)")
+    cores = os.cpu_count() or 2
+    parser.add_argument("--jobs", "-j", type=int, default=cores,
+                        help="federations running strategies side by side, each in a worker process of its own "
+                             f"(default: one per core, {cores} here; 1: one federation in this process, which "
+                             "times each run alone)")
     parser.add_argument("--out", default="compare-out", help="output directory (default ./compare-out)")
     args = parser.parse_args(argv)
     strategies = [s for s in args.strategies.replace(",", " ").split() if s]
@@ -479,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     paths[0].write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
     title = f"{args.scenario}, K={k}" + (f", {len(liars)} × {attack}" if args.scenario == "byzantine" else "")
     fig = chart(results, prediction, f"{title}: distance to the pooled optimum", without)
-    save_chart(fig, paths[1], paths[2])
+    save_chart(fig, paths[1], paths[2], side_by_side=jobs > 1)
     print("\ncompare: wrote " + ", ".join(str(p) for p in paths))
     return 0 if any(r["ok"] for r in results) else 1
 

@@ -132,7 +132,7 @@ def test_make_compare_on_the_seed_measures_each_strategy_and_reports_a_refused_o
     out = tmp_path / "out"
     proc = subprocess.run(["make", "--no-print-directory", "compare", "SCENARIO=seed",
                            "STRATEGIES=fedavg nosuch fedprox", "ROUNDS=200", f"OUT={out}",
-                           "COMPARE_ARGS=--param fedprox.mu=0.5"],
+                           "COMPARE_ARGS=--param fedprox.mu=0.5 --jobs 2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "MAKEFLAGS": ""})
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -191,7 +191,7 @@ def test_a_run_past_the_timeout_is_stopped_and_the_next_one_still_runs(tmp_path,
                                        "--param", "fedavg.rounds=100000", "--timeout", "1", "--out", str(tmp_path))
     assert code == 0, stdout + stderr
     fedavg, fedprox = json.loads((tmp_path / "compare.json").read_text())["results"]
-    assert not fedavg["ok"] and fedavg["error"] == "no usable reply: no reply within 1 s (the run was stopped)"
+    assert not fedavg["ok"] and fedavg["error"] == "no usable reply: no reply within 1 s (the run was told to stop)"
     assert fedprox["ok"] and fedprox["rounds_done"] == 3
     assert next(line for line in stdout.splitlines() if line.startswith("fedavg ")).endswith(fedavg["error"])
 
