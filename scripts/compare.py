@@ -239,8 +239,13 @@ def run_plan(plan: Plan, scenario: tuple[Any, ...], jobs: int, db_dir: str, opti
 
     if jobs == 1:
         http = federation(make_clients(*scenario), f"{db_dir}/runs.db")
-        for i, (name, aggregator, body) in enumerate(plan):
-            report(i, run_strategy(http, name, body, optimum, tol, timeout_s, aggregator))
+        try:
+            for i, (name, aggregator, body) in enumerate(plan):
+                report(i, run_strategy(http, name, body, optimum, tol, timeout_s, aggregator))
+        finally:  # as the server does when it stops (a worker's federation ends with its process)
+            fed = http.application.extensions["fedavg"]
+            fed.shutdown()
+            fed.store.close()
         meanwhile()
     else:
         context = processes()
