@@ -49,13 +49,15 @@ bench: install .venv/.installed
 	.venv/bin/python scripts/bench.py $(ARGS)
 
 # Each strategy on one federation, against the pooled optimum: a table, and
-# compare.json/.png/.svg in OUT. Root environment: it needs scikit-learn for
-# SCENARIO=diabetes. ROUNDS and CLIENTS are passed only when given (ROUNDS
-# above defaults to 20 for sim; compare's own default is 200 rounds).
+# compare.json/.png/.svg in OUT. The federations run in this Python (the
+# server and client apps' code in-process, no sockets), so only the root
+# environment: it needs scikit-learn for SCENARIO=diabetes. ROUNDS and
+# CLIENTS are passed only when given (ROUNDS above defaults to 20 for sim;
+# compare's own default is 200 rounds).
 SCENARIO ?= seed
 STRATEGIES ?= fedavg fedsgd fedprox scaffold fedavgm fedadam fedyogi fedadagrad fednova exact
 OUT ?= compare-out
-compare: install .venv/.installed
+compare: .venv/.installed
 	.venv/bin/python scripts/compare.py --scenario $(SCENARIO) --strategies "$(STRATEGIES)" --out "$(OUT)" \
 		$(if $(filter command line environment,$(origin ROUNDS)),--rounds $(ROUNDS)) \
 		$(if $(CLIENTS),--clients $(CLIENTS)) $(COMPARE_ARGS)

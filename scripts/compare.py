@@ -6,38 +6,48 @@ With --aggregators, each strategy runs once per combining rule of the server
 byzantine scenario θ* is the honest clients' pooled optimum (the attackers'
 data is honest, their replies are not).
 
-A client host serves the scenario's clients and a server is pointed at all
-of them (the apps started as the README starts them, on free ports, history
-in a temporary file). Each strategy is one ``POST /start`` with the same
-rounds, seed, lr and local epochs. This tool is a simulation that knows the
-clients' data: it builds the same scenario in-process to compute θ* and
-where FedAvg is predicted to stop (fedavg/theory.py). FedAvg never sees it.
+A federation here is the server app over the scenario's clients, served by
+one client host app, in one Python process (``fedavg_server.inprocess``:
+the code the apps run, minus sockets; its history in a temporary file).
+Each strategy is one ``POST /start`` through the server's own API, with the
+same rounds, seed, lr and local epochs. --jobs N federations (default one
+per core), each in a worker process, take the strategies in turn; --jobs 1
+runs one federation in this process. This tool is a simulation that knows
+the clients' data: it builds the scenario to compute θ* and where FedAvg is
+predicted to stop (fedavg/theory.py). FedAvg never sees it.
 
 Writes compare.json (every round's distance and loss, the settings, θ*, the
 prediction) and compare.png / compare.svg (‖θ_t − θ*‖ per round, log scale)
 to --out, prints a table and the paths. Exit 1 if no strategy ran, 2 for a
 usage error.
 
-Runs in the root environment (NumPy, matplotlib, scikit-learn for the
-diabetes scenario), from any directory.
+Runs in the root environment (the fedavg and server packages, NumPy,
+matplotlib, scikit-learn for the diabetes scenario), from any directory.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
+import multiprocessing
+import os
+import signal
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flask.testing import FlaskClient
 
 from fedavg import theory
+from fedavg.client import LocalClient
 from fedavg.scenarios import ATTACKERS, ATTACKS, DIABETES_LR, SCENARIOS, honest, make_clients
-from launcher import free_port, get_json, post_json, start_app, stop, wait_healthy
+from fedavg_server.inprocess import federation_app
 
 ALL_STRATEGIES = ("fedavg", "fedsgd", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
                   "fednova", "exact")
@@ -50,6 +60,10 @@ MARKERS = "osD^vxP*<>"
 # mean is the server's default (FedAvg's weighted average): a mean row sends no
 # "aggregator" field, the others send theirs.
 MEAN = "mean"
+# The reply to /start as one line of JSON (curl's default is one key a line, for reading).
+ACCEPT = {"Accept": "application/json"}
+# How long a run past --timeout is given to stop after its current round.
+STOP_WAIT_S = 60.0
 
 
 def parse_param(text: str) -> tuple[str | None, str, Any]:
@@ -104,7 +118,48 @@ def robust_defaults(aggregator: str | None, attackers: int, k: int) -> dict[str,
     return {}
 
 
-def run_strategy(server_url: str, name: str, body: dict[str, Any], optimum: np.ndarray, tol: float,
+def federation(clients: list[LocalClient], db: str) -> FlaskClient:
+    """The server app over ``clients`` served by a client host app, both in
+    this process, its history in ``db``: its API through Flask's test client."""
+    return federation_app(clients, db).test_client()
+
+
+def post_start(http: FlaskClient, body: dict[str, Any], timeout_s: float) -> tuple[int, Any]:
+    """POST /start and its reply, (status, parsed JSON). Past ``timeout_s``
+    the run is stopped (POST /runs/<id>/stop: it ends after its current
+    round), so that this federation can take the next one, and TimeoutError
+    says so."""
+    reply: list[Any] = []
+
+    def send() -> None:
+        try:
+            reply.append(http.post("/start", json=body, headers=ACCEPT))
+        except BaseException as e:  # raised again below, in the caller's thread
+            reply.append(e)
+
+    # The server runs the rounds on a thread of its own; this one only waits
+    # for the reply, so that the wait can have a deadline.
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    sender.join(timeout_s)
+    if sender.is_alive():
+        control = http.application.test_client()  # a client of its own: the sender's is in use
+        deadline = time.monotonic() + STOP_WAIT_S
+        while sender.is_alive() and time.monotonic() < deadline:
+            now = control.get("/status").get_json()
+            if now.get("status") == "running":
+                control.post(f"/runs/{now['run_id']}/stop", json={})
+            sender.join(0.05)  # polling interval: the run ends at its next round
+        raise TimeoutError(f"no reply within {timeout_s:g} s (the run was told to stop)")
+    if isinstance(reply[0], BaseException):
+        raise reply[0]
+    run = reply[0].get_json(silent=True)
+    if not isinstance(run, dict):
+        raise ValueError(f"HTTP {reply[0].status_code} with a body that is not a JSON object")
+    return reply[0].status_code, run
+
+
+def run_strategy(http: FlaskClient, name: str, body: dict[str, Any], optimum: np.ndarray, tol: float,
                  timeout_s: float, aggregator: str | None = None) -> dict[str, Any]:
     """One POST /start (waiting for the run to end) → its row of the result,
     labelled "strategy" or, with an aggregator, "strategy+aggregator"."""
@@ -113,8 +168,8 @@ def run_strategy(server_url: str, name: str, body: dict[str, Any], optimum: np.n
     row = {"strategy": name, "aggregator": aggregator, "label": label}
     t0 = time.perf_counter()
     try:
-        status, run = post_json(server_url + "/start", {**body, **rule, "strategy": name}, timeout_s=timeout_s)
-    except (OSError, ValueError) as e:  # no answer in time, connection lost, a reply that is not JSON
+        status, run = post_start(http, {**body, **rule, "strategy": name}, timeout_s)
+    except (TimeoutError, ValueError) as e:  # no answer in time, a reply that is not JSON
         return {**row, "ok": False, "error": f"no usable reply: {e}", "wall_s": time.perf_counter() - t0}
     wall = time.perf_counter() - t0
     if status != 200:
@@ -138,43 +193,68 @@ def run_strategy(server_url: str, name: str, body: dict[str, Any], optimum: np.n
     }
 
 
-def run_plan(plan: list[tuple[str, str | None, dict[str, Any]]], servers: list[str], optimum: np.ndarray,
-             tol: float, timeout_s: float) -> list[dict[str, Any]]:
-    """Every (strategy, aggregator, /start body) of ``plan``, each server
-    taking the next one as soon as its last run ended; rows in ``plan``'s
-    order, a line printed as each run ends."""
+Plan = list[tuple[str, str | None, dict[str, Any]]]
+# A worker process's federation (run_plan with jobs > 1), built by _start_worker.
+_worker: dict[str, Any] = {}
+
+
+def processes() -> Any:
+    """multiprocessing's fork where there is one: a child starts with this
+    process's imports (NumPy, Flask, the server, matplotlib) instead of
+    importing them again, a second of CPU each."""
+    return multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+
+
+def _start_worker(scenario: tuple[Any, ...], db_dir: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it ends the pool
+    try:
+        _worker["http"] = federation(make_clients(*scenario), f"{db_dir}/runs-{os.getpid()}.db")
+    except Exception as e:  # raised by the first run: a pool only restarts a worker whose start fails, for ever
+        _worker["error"] = e
+
+
+def _run_in_worker(task: tuple[int, tuple[str, str | None, dict[str, Any]], np.ndarray, float, float]
+                   ) -> tuple[int, dict[str, Any]]:
+    if "error" in _worker:
+        raise _worker["error"]
+    i, (name, aggregator, body), optimum, tol, timeout_s = task
+    return i, run_strategy(_worker["http"], name, body, optimum, tol, timeout_s, aggregator)
+
+
+def run_plan(plan: Plan, scenario: tuple[Any, ...], jobs: int, db_dir: str, optimum: np.ndarray, tol: float,
+             timeout_s: float, meanwhile: Callable[[], None] = lambda: None) -> list[dict[str, Any]]:
+    """Every (strategy, aggregator, /start body) of ``plan``, on federations
+    of ``make_clients(*scenario)``: with ``jobs`` 1 one federation in this
+    process, else one in each of ``jobs`` worker processes, each taking the
+    next run as soon as its last one ended. Rows in ``plan``'s order, a line
+    printed as each run ends. ``meanwhile`` runs in this process while the
+    workers work."""
     results: list[dict[str, Any] | None] = [None] * len(plan)
-    todo = iter(range(len(plan)))
-    lock = threading.Lock()
-    failed: list[BaseException] = []
 
-    def work(server_url: str) -> None:
+    def report(i: int, result: dict[str, Any]) -> None:
+        results[i] = result
+        state = (f"{result['status']}, ‖θ_T − θ*‖ = {fmt_num(result['final_distance'])}"
+                 if "final_model" in result else result["error"])
+        print(f"compare: {result['label']}: {state} ({result['wall_s']:.2f} s)", flush=True)
+
+    if jobs == 1:
+        http = federation(make_clients(*scenario), f"{db_dir}/runs.db")
         try:
-            take_turns(server_url)
-        except BaseException as e:  # raised again below, in the caller's thread
-            failed.append(e)
-
-    def take_turns(server_url: str) -> None:
-        while not failed:
-            with lock:
-                i = next(todo, None)
-            if i is None:
-                return
-            name, aggregator, body = plan[i]
-            result = run_strategy(server_url, name, body, optimum, tol, timeout_s, aggregator)
-            results[i] = result
-            state = (f"{result['status']}, ‖θ_T − θ*‖ = {fmt_num(result['final_distance'])}"
-                     if "final_model" in result else result["error"])
-            with lock:
-                print(f"compare: {result['label']}: {state} ({result['wall_s']:.2f} s)", flush=True)
-
-    threads = [threading.Thread(target=work, args=(url,), daemon=True) for url in servers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if failed:
-        raise failed[0]
+            for i, (name, aggregator, body) in enumerate(plan):
+                report(i, run_strategy(http, name, body, optimum, tol, timeout_s, aggregator))
+        finally:  # as the server does when it stops (a worker's federation ends with its process)
+            fed = http.application.extensions["fedavg"]
+            fed.shutdown()
+            fed.store.close()
+        meanwhile()
+    else:
+        context = processes()
+        tasks = [(i, step, optimum, tol, timeout_s) for i, step in enumerate(plan)]
+        with context.Pool(jobs, _start_worker, (scenario, db_dir)) as pool:
+            done = pool.imap_unordered(_run_in_worker, tasks)
+            meanwhile()
+            for i, result in done:
+                report(i, result)
     return [r for r in results if r is not None]
 
 
@@ -230,6 +310,14 @@ def table(results: list[dict[str, Any]], tol: float) -> str:
     return "\n".join(lines)
 
 
+def load_matplotlib() -> None:
+    """Import what ``chart`` draws with: half a second or more, spent while
+    the workers run rather than after them."""
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.figure  # noqa: F401
+    import matplotlib.ticker  # noqa: F401
+
+
 def chart(results: list[dict[str, Any]], prediction: dict[str, Any], title: str, without: str = "") -> Any:
     """‖θ_t − θ*‖ per round on a log scale, one line per strategy that ran,
     FedAvg's predicted stopping distance ‖θ_FedAvg − θ*‖ as a dashed level.
@@ -277,7 +365,28 @@ def chart(results: list[dict[str, Any]], prediction: dict[str, Any], title: str,
     return fig
 
 
-def main() -> int:
+def save_chart(fig: Any, png: Path, svg: Path, side_by_side: bool = False) -> None:
+    """The chart as PNG (150 dpi) and SVG; ``side_by_side``: the PNG in a
+    process of its own meanwhile (each is a whole drawing of the figure).
+    The SVG has no date and takes its ids from a fixed salt rather than a
+    random one: the same results give the same bytes."""
+    import matplotlib
+
+    drawer = None
+    if side_by_side:
+        drawer = processes().Process(target=fig.savefig, args=(png,), kwargs={"dpi": 150})
+        drawer.start()
+    else:
+        fig.savefig(png, dpi=150)
+    with matplotlib.rc_context({"svg.hashsalt": "compare"}):
+        fig.savefig(svg, metadata={"Date": None})
+    if drawer is not None:
+        drawer.join()
+        if drawer.exitcode != 0:
+            raise RuntimeError(f"{png} not written: drawing it failed (its traceback is above)")
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", choices=SCENARIOS, default="seed")
     parser.add_argument("--strategies", default=" ".join(ALL_STRATEGIES),
@@ -299,11 +408,13 @@ def main() -> int:
                              "or one row's (fedprox.mu=0.5, krum.krum_m=3, fedavg+mean.max_weight=0.2; repeatable)")
     parser.add_argument("--tol", type=float, default=1e-3, help="'rounds ≤ tol' column (default 1e-3)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds one run may take (default 3600)")
-    parser.add_argument("--jobs", "-j", type=int, default=2,
-                        help="federations (a client host and a server each) running strategies side by side "
-                             "(default 2: a round leaves half of a 2-core machine idle; 1 times each run alone)")
+    cores = os.cpu_count() or 2
+    parser.add_argument("--jobs", "-j", type=int, default=cores,
+                        help="federations running strategies side by side, each in a worker process of its own "
+                             f"(default: one per core, {cores} here; 1: one federation in this process, which "
+                             "times each run alone)")
     parser.add_argument("--out", default="compare-out", help="output directory (default ./compare-out)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     strategies = [s for s in args.strategies.replace(",", " ").split() if s]
     k = args.clients or DEFAULT_CLIENTS.get(args.scenario, 10)
     lr = args.lr if args.lr is not None else DEFAULT_LR.get(args.scenario, 0.01)
@@ -318,8 +429,10 @@ def main() -> int:
     attack = args.attack or "huge"
     if args.rounds < 1 or args.local_epochs < 1 or args.jobs < 1 or lr <= 0 or args.tol <= 0:
         parser.error("--rounds, --local-epochs and --jobs must be >= 1, --lr and --tol > 0")
-    try:  # the same clients the host will serve: same name, K, seed, samples
-        clients = make_clients(args.scenario, k, args.seed, args.samples, args.csv, attackers, attack)
+    # Each federation builds its own clients from these (a client keeps state per run: SCAFFOLD's c_k).
+    scenario = (args.scenario, k, args.seed, args.samples, args.csv, attackers, attack)
+    try:
+        clients = make_clients(*scenario)
     except (ValueError, OSError) as e:
         parser.error(str(e))
     # The attackers' rows are honest but their replies lie: θ* (and FedAvg's
@@ -332,59 +445,27 @@ def main() -> int:
 
     base = {"rounds": args.rounds, "seed": args.seed, "lr": lr, "local_epochs": args.local_epochs}
     shared = {name: value for who, name, value in args.param if who is None}
-    host_args = ["--scenario", args.scenario, "--clients", str(k), "--seed", str(args.seed),
-                 "--samples", str(args.samples), *(["--csv", str(Path(args.csv).resolve())] if args.csv else []),
-                 *(["--attackers", str(attackers), "--attack", attack] if args.scenario == "byzantine" else [])]
     told = ({a: robust_defaults(a, attackers, k) for a in aggregators} if args.scenario == "byzantine" else {})
     out = Path(args.out)
     jobs = min(args.jobs, len(strategies) * len(aggregators))
-    apps, results = [], []
-    history = tempfile.TemporaryDirectory(prefix="fedavg-compare-")
-    try:
-        print(f"compare: {args.scenario}, K={k}, {args.rounds} rounds, lr={lr:g}, E={args.local_epochs}; "
-              f"starting {jobs} client host(s) and server(s) …", flush=True)
-        if args.scenario == "byzantine":
-            print(f"compare: {len(liars)} attacker(s) ({', '.join(liars) or 'none'}): each {ATTACKS[attack]}",
-                  flush=True)
-            for a, given in told.items():
-                if given:
-                    print(f"compare: {a} is told f = {attackers}: " + ", ".join(f"{n} = {v:g}" for n, v in
-                                                                                given.items()) + " (--param overrides)",
-                          flush=True)
-        # Each federation is a client host and a server pointed at it, all
-        # started at once: the host serves client k at /clients/<k>, so the
-        # server's list is known before the host answers (checked below).
-        # Their own Pythons, without Poetry's start-up: compare is timed as a whole (bench item 7).
-        federations = []
-        for _ in range(jobs):
-            host = start_app("client_host", free_port(), host_args, via_poetry=False)
-            apps.append(host)
-            urls = [f"{host.url}/clients/{i}" for i in range(1, k + 1)]
-            server = start_app("server", free_port(), ["--clients", ",".join(urls),
-                                                       "--db", f"{history.name}/runs-{len(federations)}.db"],
-                               via_poetry=False)
-            apps.append(server)
-            federations.append((host, server, urls))
-        # matplotlib takes half a second to load: load it while the apps start.
-        import matplotlib.backends.backend_agg  # noqa: F401
-        wait_healthy(apps)
-        for host, _, urls in federations:
-            served = [host.url + path for path in get_json(host.url + "/clients")["clients"]]
-            if served != urls:
-                raise RuntimeError(f"the client host serves {len(served)} clients, not the {k} expected")
-        plan = []
-        for name in strategies:
-            for aggregator in aggregators:
-                label = name if aggregator is None else f"{name}+{aggregator}"
-                own = {n: v for who, n, v in args.param if who in (name, aggregator, label)}
-                plan.append((name, aggregator, {**base, **told.get(aggregator, {}), **shared, **own}))
-        results = run_plan(plan, [server.url for _, server, _ in federations], optimum, args.tol, args.timeout)
-    except RuntimeError as e:  # an app did not start
-        print(f"compare: {e}", file=sys.stderr)
-        return 1
-    finally:
-        stop(apps)
-        history.cleanup()
+    print(f"compare: {args.scenario}, K={k}, {args.rounds} rounds, lr={lr:g}, E={args.local_epochs}; "
+          + ("one federation in this process …" if jobs == 1 else f"{jobs} federations, one per worker process …"),
+          flush=True)
+    if args.scenario == "byzantine":
+        print(f"compare: {len(liars)} attacker(s) ({', '.join(liars) or 'none'}): each {ATTACKS[attack]}",
+              flush=True)
+        for a, given in told.items():
+            if given:
+                print(f"compare: {a} is told f = {attackers}: " + ", ".join(f"{n} = {v:g}" for n, v in given.items())
+                      + " (--param overrides)", flush=True)
+    plan = []
+    for name in strategies:
+        for aggregator in aggregators:
+            label = name if aggregator is None else f"{name}+{aggregator}"
+            own = {n: v for who, n, v in args.param if who in (name, aggregator, label)}
+            plan.append((name, aggregator, {**base, **told.get(aggregator, {}), **shared, **own}))
+    with tempfile.TemporaryDirectory(prefix="fedavg-compare-") as history:
+        results = run_plan(plan, scenario, jobs, history, optimum, args.tol, args.timeout, meanwhile=load_matplotlib)
 
     print()
     print(table(results, args.tol))
@@ -423,11 +504,13 @@ def main() -> int:
     paths[0].write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
     title = f"{args.scenario}, K={k}" + (f", {len(liars)} × {attack}" if args.scenario == "byzantine" else "")
     fig = chart(results, prediction, f"{title}: distance to the pooled optimum", without)
-    fig.savefig(paths[1], dpi=150)
-    fig.savefig(paths[2], metadata={"Date": None})  # no date: the same results give the same bytes
+    save_chart(fig, paths[1], paths[2], side_by_side=jobs > 1)
     print("\ncompare: wrote " + ", ".join(str(p) for p in paths))
     return 0 if any(r["ok"] for r in results) else 1
 
 
 if __name__ == "__main__":
+    # The apps' logs went to their own output, which compare never showed;
+    # here they would interleave with the table, which says how each run ended.
+    logging.getLogger("fedavg").addHandler(logging.NullHandler())
     sys.exit(main())

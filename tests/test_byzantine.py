@@ -1,6 +1,8 @@
 """The byzantine scenario: attackers that lie as they are named, against the
-honest computation done here in plain Python; and `make compare` showing
-FedAvg's average wrecked by them while the server's robust rules hold.
+honest computation done here in plain Python (client host apps in this
+process, and one real client host per attack); and make compare's runs
+(``compare.main`` in this process) showing FedAvg's average wrecked by them
+while the server's robust rules hold.
 
 The data is the scenario's documented draw (iid's), regenerated here with
 NumPy's generator; the training and the averages are tests/reference.py's
@@ -9,19 +11,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 
+import compare
 import numpy as np
 import pytest
 
 from conftest import ROOT
 from launcher import free_port, get_json, post_json, start_app, stop, wait_healthy
 from reference import local_gd, local_mse
-
-# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
-pytestmark = pytest.mark.system
 
 K, F, SAMPLES, SEED, ROUNDS = 10, 2, 20, 0, 50
 ROBUST = ("median", "trimmed_mean", "krum")
@@ -59,30 +57,33 @@ def weighted_fedavg(shares: list[float], rounds: int = ROUNDS) -> tuple[float, f
 
 @pytest.fixture(scope="module")
 def hosts():
-    """One client host per attack (K = 4, f = 2), started as the README starts apps."""
-    apps = {}
-    try:
-        for attack in ("scale", "sign_flip", "huge", "lying_n"):
-            apps[attack] = start_app("client_host", free_port(), ["--scenario", "byzantine", "--clients", "4",
-                                                                  "--attack", attack, "--seed", str(SEED)])
-        wait_healthy(list(apps.values()))
-        yield {attack: app.url for attack, app in apps.items()}
-    finally:
-        stop(list(apps.values()))
+    """One client host app per attack (K = 4, f = 2), in this process: the
+    app the client host serves, over the byzantine scenario's clients, each
+    driven through Flask's test client."""
+    from fedavg.client_host import create_host_app
+    from fedavg.scenarios import make_clients
+    return {attack: create_host_app(make_clients("byzantine", 4, SEED, attack=attack)).test_client()
+            for attack in ("scale", "sign_flip", "huge", "lying_n")}
 
 
-@pytest.mark.parametrize("attack, expected", [
-    ("scale", lambda t, k: t + 100 * (k - t)),
-    ("sign_flip", lambda t, k: t - 10 * (k - t)),
-    ("huge", lambda t, k: 1e12),
-    ("lying_n", lambda t, k: k),
-])
-def test_an_attacker_sends_what_its_attack_says_and_the_honest_clients_do_not(hosts, attack, expected):
-    url = hosts[attack]
+def post(http, path: str, body: dict) -> tuple[int, dict]:
+    reply = http.post(path, json=body)
+    return reply.status_code, reply.get_json()
+
+
+def expected_reply(attack: str):
+    """What an attacker sends for one coordinate, from the global t and its honest k (the scenario's docstring)."""
+    return {"scale": lambda t, k: t + 100 * (k - t), "sign_flip": lambda t, k: t - 10 * (k - t),
+            "huge": lambda t, k: 1e12, "lying_n": lambda t, k: k}[attack]
+
+
+@pytest.mark.parametrize("attack", ["scale", "sign_flip", "huge", "lying_n"])
+def test_an_attacker_sends_what_its_attack_says_and_the_honest_clients_do_not(hosts, attack):
+    http, expected = hosts[attack], expected_reply(attack)
     w_t, b_t = 0.7, -0.4
     body = {"global_model": {"w": w_t, "b": b_t}, "round": 3}
     for k in (1, 2):  # the attackers: honest training on honest rows, then the lie
-        status, reply = post_json(f"{url}/clients/{k}/train", body, timeout_s=30)
+        status, reply = post(http, f"/clients/{k}/train", body)
         assert status == 200, reply
         w_k, b_k = local_gd(client_data(k - 1), w_t, b_t)
         assert reply["client_id"] == f"attacker_{k}"
@@ -90,19 +91,43 @@ def test_an_attacker_sends_what_its_attack_says_and_the_honest_clients_do_not(ho
         assert reply["local_model"]["b"] == pytest.approx(expected(b_t, b_k), rel=1e-12, abs=1e-12)
         n_k = 10**9 if attack == "lying_n" else SAMPLES
         assert reply["data_size"] == n_k
-        health = get_json(f"{url}/clients/{k}/health")
+        health = http.get(f"/clients/{k}/health").get_json()
         assert (health["client_id"], health["data_size"]) == (f"attacker_{k}", n_k)
         # its losses are honest: the MSE of the model asked about on its own rows
-        status, evaluated = post_json(f"{url}/clients/{k}/evaluate", body, timeout_s=30)
+        status, evaluated = post(http, f"/clients/{k}/evaluate", body)
         assert status == 200 and evaluated["data_size"] == n_k
         assert evaluated["loss"] == pytest.approx(local_mse(client_data(k - 1), w_t, b_t), rel=1e-12)
     for k in (3, 4):  # the others are the iid clients they would be without the attack
-        status, reply = post_json(f"{url}/clients/{k}/train", body, timeout_s=30)
+        status, reply = post(http, f"/clients/{k}/train", body)
         w_k, b_k = local_gd(client_data(k - 1), w_t, b_t)
         assert status == 200 and reply["client_id"] == f"sim_{k}" and reply["data_size"] == SAMPLES
         assert (reply["local_model"]["w"], reply["local_model"]["b"]) == pytest.approx((w_k, b_k), abs=1e-12)
-    scenario = get_json(url + "/health")["scenario"]
-    assert scenario.startswith("byzantine:") and f"2 attacker(s), attack {attack}" in scenario
+
+
+@pytest.mark.system
+def test_the_client_host_serves_each_attack_over_http_and_names_it_in_health():
+    """`client_host_app.py --scenario byzantine --attack KIND`, started as the
+    README starts apps: its /health names the attack, and an attacker's
+    /train over HTTP is the lie against plain-Python local GD."""
+    apps = {}
+    try:
+        for attack in ("scale", "sign_flip", "huge", "lying_n"):
+            apps[attack] = start_app("client_host", free_port(), ["--scenario", "byzantine", "--clients", "4",
+                                                                  "--attack", attack, "--seed", str(SEED)])
+        wait_healthy(list(apps.values()))
+        w_t, b_t = 0.7, -0.4
+        w_k, b_k = local_gd(client_data(0), w_t, b_t)
+        for attack, app in apps.items():
+            scenario = get_json(app.url + "/health")["scenario"]
+            assert scenario.startswith("byzantine:") and f"2 attacker(s), attack {attack}" in scenario
+            status, reply = post_json(f"{app.url}/clients/1/train", {"global_model": {"w": w_t, "b": b_t},
+                                                                     "round": 3}, timeout_s=30)
+            expected = expected_reply(attack)
+            assert status == 200 and reply["client_id"] == "attacker_1", reply
+            assert reply["local_model"]["w"] == pytest.approx(expected(w_t, w_k), rel=1e-12, abs=1e-12)
+            assert reply["local_model"]["b"] == pytest.approx(expected(b_t, b_k), rel=1e-12, abs=1e-12)
+    finally:
+        stop(list(apps.values()))
 
 
 def test_the_scenario_is_iid_with_its_first_f_clients_renamed_and_reproducible():
@@ -124,21 +149,31 @@ def test_the_scenario_is_iid_with_its_first_f_clients_renamed_and_reproducible()
         make_clients("byzantine", 4, attackers=5)
 
 
-def test_the_host_and_compare_refuse_an_attack_without_the_byzantine_scenario(tmp_path):
+@pytest.mark.system
+def test_the_client_host_refuses_an_attack_without_the_byzantine_scenario():
     host = subprocess.run([str(ROOT / "client_host" / ".venv" / "bin" / "python"), "client_host_app.py",
                            "--scenario", "iid", "--attack", "huge"], cwd=ROOT / "client_host",
                           capture_output=True, text=True, timeout=60)
     assert host.returncode == 2 and "--attack are for --scenario byzantine, not iid" in host.stderr
-    proc = run_compare("--scenario", "iid", "--attackers", "1", "--out", str(tmp_path / "out"), timeout_s=60)
-    assert proc.returncode == 2 and "for --scenario byzantine, not iid" in proc.stderr
-    assert not (tmp_path / "out").exists()
 
 
 # --- make compare against the attackers (needs the server's robust settings) --------
 
-def run_compare(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "compare.py"), *args],
-                          capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+def run_compare(capsys, *args: str) -> tuple[int, str, str]:
+    """scripts/compare.py's main in this process, one federation (--jobs 1):
+    (exit code, stdout, stderr); a usage error's SystemExit gives its code."""
+    try:
+        code = compare.main([*args, "--jobs", "1"])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_compare_refuses_an_attack_without_the_byzantine_scenario(tmp_path, capsys):
+    code, _, stderr = run_compare(capsys, "--scenario", "iid", "--attackers", "1", "--out", str(tmp_path / "out"))
+    assert code == 2 and "for --scenario byzantine, not iid" in stderr
+    assert not (tmp_path / "out").exists()
 
 
 def results_of(out) -> tuple[dict, dict]:
@@ -146,13 +181,14 @@ def results_of(out) -> tuple[dict, dict]:
     return report, {r["label"]: r for r in report["results"]}
 
 
-def test_make_compare_huge_wrecks_the_average_and_each_robust_rule_holds(tmp_path):
+def test_compare_huge_wrecks_the_average_and_each_robust_rule_holds(tmp_path, capsys):
+    """`make compare SCENARIO=byzantine STRATEGIES=fedavg ROUNDS=50 COMPARE_ARGS="--aggregators
+    mean,median,trimmed_mean,krum --attack huge"`."""
     out = tmp_path / "out"
-    proc = subprocess.run(["make", "--no-print-directory", "compare", "SCENARIO=byzantine", "STRATEGIES=fedavg",
-                           f"ROUNDS={ROUNDS}", f"OUT={out}",
-                           "COMPARE_ARGS=--aggregators mean,median,trimmed_mean,krum --attack huge"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "MAKEFLAGS": ""})
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    code, stdout, stderr = run_compare(capsys, "--scenario", "byzantine", "--strategies", "fedavg",
+                                       "--rounds", str(ROUNDS), "--out", str(out),
+                                       "--aggregators", "mean,median,trimmed_mean,krum", "--attack", "huge")
+    assert code == 0, stdout + stderr
     report, rows = results_of(out)
     optimum = honest_optimum()
     assert report["pooled_optimum"] == pytest.approx(list(optimum), abs=1e-10)
@@ -169,29 +205,30 @@ def test_make_compare_huge_wrecks_the_average_and_each_robust_rule_holds(tmp_pat
         assert row["final_distance"] < 0.5, rule
         # the server names the two in every round's record: their update is ~10^12 long
         assert all({"attacker_1", "attacker_2"} <= set(flagged) for flagged in row["suspicious"]), rule
-    lines = proc.stdout.splitlines()
+    lines = stdout.splitlines()
     assert any(line.startswith("fedavg+trimmed_mean ") for line in lines)
-    assert "θ* is the least squares over the 8 honest clients' rows only" in proc.stdout
+    assert "θ* is the least squares over the 8 honest clients' rows only" in stdout
     ids = (out / "compare.svg").read_text()
     for label in rows:
         assert f'id="strategy-{label}"' in ids
 
 
-def test_compare_lying_n_owns_the_average_and_max_weight_caps_it(tmp_path):
+def test_compare_lying_n_owns_the_average_and_max_weight_caps_it(tmp_path, capsys):
     """An honest model with n_k = 10^9: on iid data the liars' own models are
     not far from θ*, so the harm is that two clients' 40 rows decide the
     model (the honest eight keep a share of 8·10⁻⁸). Both runs are checked
     against FedAvg with those shares computed here; max_weight = 0.2 gives
     the liars 0.2 each and the eight 0.6 in proportion to n_k."""
     lie = tmp_path / "lie"
-    proc = run_compare("--scenario", "byzantine", "--strategies", "fedavg", "--rounds", str(ROUNDS),
-                       "--aggregators", "mean,median,trimmed_mean,krum", "--attack", "lying_n", "--out", str(lie))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    code, stdout, stderr = run_compare(capsys, "--scenario", "byzantine", "--strategies", "fedavg",
+                                       "--rounds", str(ROUNDS), "--aggregators", "mean,median,trimmed_mean,krum",
+                                       "--attack", "lying_n", "--out", str(lie))
+    assert code == 0, stdout + stderr
     capped_out = tmp_path / "capped"
-    capped = run_compare("--scenario", "byzantine", "--strategies", "fedavg", "--rounds", str(ROUNDS),
-                         "--aggregators", "mean", "--attack", "lying_n", "--param", "mean.max_weight=0.2",
-                         "--out", str(capped_out))
-    assert capped.returncode == 0, capped.stdout + capped.stderr
+    code, stdout, stderr = run_compare(capsys, "--scenario", "byzantine", "--strategies", "fedavg",
+                                       "--rounds", str(ROUNDS), "--aggregators", "mean", "--attack", "lying_n",
+                                       "--param", "mean.max_weight=0.2", "--out", str(capped_out))
+    assert code == 0, stdout + stderr
     report, rows = results_of(lie)
     _, capped_rows = results_of(capped_out)
     optimum = honest_optimum()

@@ -1,32 +1,37 @@
-"""make compare: each strategy run over real HTTP (a client host and a server
-started by scripts/launcher.py), measured against the pooled optimum; its
-numbers checked against references written here and in tests/reference.py."""
+"""make compare: each strategy run on a federation in this process (the
+server app over client apps, driven through its API: ``compare.main``
+called here), measured against the pooled optimum; its numbers checked
+against references written here and in tests/reference.py. One test runs the
+real `make compare` command, its federations in worker processes."""
 from __future__ import annotations
 
 import json
 import math
 import os
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import compare
 import numpy as np
 import pytest
 
 from conftest import ROOT
 from reference import SEED_DATA, reference_fedavg
 
-# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
-pytestmark = pytest.mark.system
-
 SVG = "{http://www.w3.org/2000/svg}"
 
 
-def run_compare(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
-    """scripts/compare.py as `make compare` runs it: the root environment's python."""
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "compare.py"), *args],
-                          capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+def run_compare(capsys, *args: str) -> tuple[int, str, str]:
+    """scripts/compare.py's main in this process, one federation (--jobs 1:
+    a worker process would be a process of the everyday tier): (exit code,
+    stdout, stderr); a usage error's SystemExit gives its code."""
+    try:
+        code = compare.main([*args, "--jobs", "1"])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def pooled_seed_line() -> tuple[float, float]:
@@ -62,21 +67,21 @@ def svg_ids(path: Path) -> set[str]:
     return {el.get("id") for el in ET.parse(path).getroot().iter() if el.get("id")}
 
 
-def test_make_compare_on_the_seed_measures_each_strategy_and_reports_a_refused_one(tmp_path):
-    out = tmp_path / "out"
-    # the unknown strategy sits between the two real ones: the second must still run
-    proc = subprocess.run(["make", "--no-print-directory", "compare", "SCENARIO=seed",
-                           "STRATEGIES=fedavg nosuch fedprox", "ROUNDS=200", f"OUT={out}",
-                           "COMPARE_ARGS=--param fedprox.mu=0.5"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "MAKEFLAGS": ""})
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = proc.stdout.splitlines()
+# `STRATEGIES="fedavg nosuch fedprox" ROUNDS=200 COMPARE_ARGS="--param fedprox.mu=0.5"`:
+# the unknown strategy sits between the two real ones, so the second must still run.
+SEED_ARGS = ["--scenario", "seed", "--strategies", "fedavg nosuch fedprox", "--rounds", "200",
+             "--param", "fedprox.mu=0.5"]
+
+
+def check_seed_report(out: Path, stdout: str) -> None:
+    """What the run of SEED_ARGS printed and wrote, against the plain-Python
+    FedAvg and FedProx and the pooled line computed here."""
+    lines = stdout.splitlines()
     refused = next(line for line in lines if line.startswith("nosuch "))
     assert "refused (HTTP 400)" in refused and "unknown strategy 'nosuch'" in refused
     for name in ("fedavg", "fedprox"):
-        assert any(line.startswith(f"compare: {name}: completed") for line in lines), proc.stdout
-    assert f"wrote {out / 'compare.json'}, {out / 'compare.png'}, {out / 'compare.svg'}" in proc.stdout
+        assert any(line.startswith(f"compare: {name}: completed") for line in lines), stdout
+    assert f"wrote {out / 'compare.json'}, {out / 'compare.png'}, {out / 'compare.svg'}" in stdout
 
     report = json.loads((out / "compare.json").read_text())
     optimum = pooled_seed_line()
@@ -113,10 +118,33 @@ def test_make_compare_on_the_seed_measures_each_strategy_and_reports_a_refused_o
     assert "fedavg-fixed-point" in ids
 
 
-def test_compare_on_diabetes_matches_a_numpy_fedavg_on_the_same_patients(tmp_path):
-    from sklearn.datasets import load_diabetes
-    proc = run_compare("--scenario", "diabetes", "--strategies", "fedavg", "--rounds", "40", "--out", str(tmp_path))
+def test_compare_on_the_seed_measures_each_strategy_and_reports_a_refused_one(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, stderr = run_compare(capsys, *SEED_ARGS, "--out", str(out))
+    assert code == 0, stdout + stderr
+    check_seed_report(out, stdout)
+
+
+@pytest.mark.system
+def test_make_compare_on_the_seed_measures_each_strategy_and_reports_a_refused_one(tmp_path):
+    """The command the README gives, its federations in two worker processes
+    (the default --jobs): the same report as in this process."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["make", "--no-print-directory", "compare", "SCENARIO=seed",
+                           "STRATEGIES=fedavg nosuch fedprox", "ROUNDS=200", f"OUT={out}",
+                           "COMPARE_ARGS=--param fedprox.mu=0.5 --jobs 2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MAKEFLAGS": ""})
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 federations, one per worker process" in proc.stdout
+    check_seed_report(out, proc.stdout)
+
+
+def test_compare_on_diabetes_matches_a_numpy_fedavg_on_the_same_patients(tmp_path, capsys):
+    from sklearn.datasets import load_diabetes
+    code, stdout, stderr = run_compare(capsys, "--scenario", "diabetes", "--strategies", "fedavg", "--rounds", "40",
+                                       "--out", str(tmp_path))
+    assert code == 0, stdout + stderr
     report = json.loads((tmp_path / "compare.json").read_text())
     assert report["settings"]["clients"] == 4 and report["settings"]["lr"] == 0.1
 
@@ -127,7 +155,7 @@ def test_compare_on_diabetes_matches_a_numpy_fedavg_on_the_same_patients(tmp_pat
     expected, *_ = np.linalg.lstsq(rows, t, rcond=None)
     np.testing.assert_allclose(report["pooled_optimum"], expected, atol=1e-10)
 
-    # FedAvg by hand on the clients the host served (their split is tested in test_theory.py)
+    # FedAvg by hand on the clients the federation served (their split is tested in test_theory.py)
     from fedavg.scenarios import make_clients
     clients = [(c.X, c.y) for c in make_clients("diabetes", 4, seed=0)]
     theta = np.zeros(11)
@@ -146,13 +174,26 @@ def test_compare_on_diabetes_matches_a_numpy_fedavg_on_the_same_patients(tmp_pat
     assert fedavg["final_distance"] == pytest.approx(float(np.linalg.norm(theta - expected)), abs=1e-9)
 
 
-def test_compare_fails_only_when_no_strategy_runs(tmp_path):
-    proc = run_compare("--strategies", "nosuch,alsonot", "--rounds", "3", "--out", str(tmp_path))
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert proc.stdout.count("refused (HTTP 400)") == 4  # a progress line and a table row each
+def test_compare_fails_only_when_no_strategy_runs(tmp_path, capsys):
+    code, stdout, stderr = run_compare(capsys, "--strategies", "nosuch,alsonot", "--rounds", "3",
+                                       "--out", str(tmp_path))
+    assert code == 1, stdout + stderr
+    assert stdout.count("refused (HTTP 400)") == 4  # a progress line and a table row each
     report = json.loads((tmp_path / "compare.json").read_text())
     assert [r["ok"] for r in report["results"]] == [False, False]
     assert "strategy-" not in (tmp_path / "compare.svg").read_text()  # an empty chart, still written
+
+
+def test_a_run_past_the_timeout_is_stopped_and_the_next_one_still_runs(tmp_path, capsys):
+    """--timeout: a run that has not answered in time is a row "no usable
+    reply" and is stopped, so the same federation takes the next strategy."""
+    code, stdout, stderr = run_compare(capsys, "--strategies", "fedavg,fedprox", "--rounds", "3",
+                                       "--param", "fedavg.rounds=100000", "--timeout", "1", "--out", str(tmp_path))
+    assert code == 0, stdout + stderr
+    fedavg, fedprox = json.loads((tmp_path / "compare.json").read_text())["results"]
+    assert not fedavg["ok"] and fedavg["error"] == "no usable reply: no reply within 1 s (the run was told to stop)"
+    assert fedprox["ok"] and fedprox["rounds_done"] == 3
+    assert next(line for line in stdout.splitlines() if line.startswith("fedavg ")).endswith(fedavg["error"])
 
 
 @pytest.mark.parametrize("args, message", [
@@ -161,19 +202,19 @@ def test_compare_fails_only_when_no_strategy_runs(tmp_path):
     (["--param", "nonsense"], "--param wants NAME=VALUE"),
     (["--scenario", "seed", "--clients", "3"], "exactly 2 clients"),
 ])
-def test_usage_errors_exit_2_before_starting_anything(args, message, tmp_path):
-    proc = run_compare(*args, "--out", str(tmp_path / "out"), timeout_s=60)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+def test_usage_errors_exit_2_before_starting_anything(args, message, tmp_path, capsys):
+    code, _, stderr = run_compare(capsys, *args, "--out", str(tmp_path / "out"))
+    assert code == 2 and message in stderr, stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_compare_all_strategies_on_the_seed_separates_those_that_drift_from_those_that_do_not(tmp_path):
+def test_compare_all_strategies_on_the_seed_separates_those_that_drift_from_those_that_do_not(tmp_path, capsys):
     """Every strategy the server knows completes; the ones that remove client
     drift (scaffold, exact) get within 1e-3 of the pooled line, the ones that
     average drifted models (fedavg, fedprox, fednova with equal steps) stay
     outside FedAvg's predicted stop."""
-    proc = run_compare("--rounds", "300", "--out", str(tmp_path))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    code, stdout, stderr = run_compare(capsys, "--rounds", "300", "--out", str(tmp_path))
+    assert code == 0, stdout + stderr
     report = json.loads((tmp_path / "compare.json").read_text())
     results = {r["strategy"]: r for r in report["results"]}
     assert set(results) == {"fedavg", "fedsgd", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi",

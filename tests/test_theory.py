@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -263,10 +262,8 @@ def test_diabetes_pooled_optimum_is_lstsq_on_all_patients_and_fedavg_drifts_from
     fixed = theory.fedavg_fixed_point(data, DIABETES_LR, 10)
     assert np.linalg.norm(fixed - pooled) > 0.1  # the drift, in standard deviations of the target
     # and it is where FedAvg itself goes: iterate it (ρ ≈ 0.984 a round, so 2500 rounds is ~1e-17)
-    t0 = time.perf_counter()
     theta = numpy_fedavg(data, DIABETES_LR, 10, rounds=2500)
     np.testing.assert_allclose(theta, fixed, atol=1e-9)
-    assert time.perf_counter() - t0 < 60
     with pytest.raises(ValueError, match="does not converge"):
         theory.fedavg_fixed_point(data, 0.2, 10)  # the docstring's "lr = 0.2 diverges"
 
