@@ -60,7 +60,7 @@ def hosts():
     """One client host app per attack (K = 4, f = 2), in this process: the
     app the client host serves, over the byzantine scenario's clients, each
     driven through Flask's test client."""
-    from fedavg.client_host import create_host_app
+    from fedavg.http.host_app import create_host_app
     from fedavg.scenarios import make_clients
     return {attack: create_host_app(make_clients("byzantine", 4, SEED, attack=attack)).test_client()
             for attack in ("scale", "sign_flip", "huge", "lying_n")}
