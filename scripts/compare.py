@@ -30,9 +30,7 @@ import argparse
 import json
 import logging
 import math
-import multiprocessing
 import os
-import signal
 import sys
 import tempfile
 import threading
@@ -45,9 +43,8 @@ import numpy as np
 from flask.testing import FlaskClient
 
 from fedavg import theory
-from fedavg.client import LocalClient
 from fedavg.scenarios import ATTACKERS, ATTACKS, DIABETES_LR, SCENARIOS, honest, make_clients
-from fedavg_server.inprocess import federation_app
+from labs import close, default_jobs, federation, processes, spread
 
 ALL_STRATEGIES = ("fedavg", "fedsgd", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
                   "fednova", "exact")
@@ -116,12 +113,6 @@ def robust_defaults(aggregator: str | None, attackers: int, k: int) -> dict[str,
     if aggregator == "krum" and attackers <= k - 3:
         return {"byzantine": attackers}
     return {}
-
-
-def federation(clients: list[LocalClient], db: str) -> FlaskClient:
-    """The server app over ``clients`` served by a client host app, both in
-    this process, its history in ``db``: its API through Flask's test client."""
-    return federation_app(clients, db).test_client()
 
 
 def post_start(http: FlaskClient, body: dict[str, Any], timeout_s: float) -> tuple[int, Any]:
@@ -194,68 +185,34 @@ def run_strategy(http: FlaskClient, name: str, body: dict[str, Any], optimum: np
 
 
 Plan = list[tuple[str, str | None, dict[str, Any]]]
-# A worker process's federation (run_plan with jobs > 1), built by _start_worker.
-_worker: dict[str, Any] = {}
-
-
-def processes() -> Any:
-    """multiprocessing's fork where there is one: a child starts with this
-    process's imports (NumPy, Flask, the server, matplotlib) instead of
-    importing them again, a second of CPU each."""
-    return multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-
-
-def _start_worker(scenario: tuple[Any, ...], db_dir: str) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it ends the pool
-    try:
-        _worker["http"] = federation(make_clients(*scenario), f"{db_dir}/runs-{os.getpid()}.db")
-    except Exception as e:  # raised by the first run: a pool only restarts a worker whose start fails, for ever
-        _worker["error"] = e
-
-
-def _run_in_worker(task: tuple[int, tuple[str, str | None, dict[str, Any]], np.ndarray, float, float]
-                   ) -> tuple[int, dict[str, Any]]:
-    if "error" in _worker:
-        raise _worker["error"]
-    i, (name, aggregator, body), optimum, tol, timeout_s = task
-    return i, run_strategy(_worker["http"], name, body, optimum, tol, timeout_s, aggregator)
 
 
 def run_plan(plan: Plan, scenario: tuple[Any, ...], jobs: int, db_dir: str, optimum: np.ndarray, tol: float,
              timeout_s: float, meanwhile: Callable[[], None] = lambda: None) -> list[dict[str, Any]]:
     """Every (strategy, aggregator, /start body) of ``plan``, on federations
-    of ``make_clients(*scenario)``: with ``jobs`` 1 one federation in this
-    process, else one in each of ``jobs`` worker processes, each taking the
-    next run as soon as its last one ended. Rows in ``plan``'s order, a line
-    printed as each run ends. ``meanwhile`` runs in this process while the
-    workers work."""
-    results: list[dict[str, Any] | None] = [None] * len(plan)
-
+    of ``make_clients(*scenario)`` (``labs.spread``: with ``jobs`` 1 one in
+    this process, else one in each worker process). Rows in ``plan``'s
+    order, a line printed as each run ends."""
     def report(i: int, result: dict[str, Any]) -> None:
-        results[i] = result
         state = (f"{result['status']}, ‖θ_T − θ*‖ = {fmt_num(result['final_distance'])}"
                  if "final_model" in result else result["error"])
         print(f"compare: {result['label']}: {state} ({result['wall_s']:.2f} s)", flush=True)
 
-    if jobs == 1:
-        http = federation(make_clients(*scenario), f"{db_dir}/runs.db")
-        try:
-            for i, (name, aggregator, body) in enumerate(plan):
-                report(i, run_strategy(http, name, body, optimum, tol, timeout_s, aggregator))
-        finally:  # as the server does when it stops (a worker's federation ends with its process)
-            fed = http.application.extensions["fedavg"]
-            fed.shutdown()
-            fed.store.close()
-        meanwhile()
-    else:
-        context = processes()
-        tasks = [(i, step, optimum, tol, timeout_s) for i, step in enumerate(plan)]
-        with context.Pool(jobs, _start_worker, (scenario, db_dir)) as pool:
-            done = pool.imap_unordered(_run_in_worker, tasks)
-            meanwhile()
-            for i, result in done:
-                report(i, result)
-    return [r for r in results if r is not None]
+    def run(http: FlaskClient, step: tuple[str, str | None, dict[str, Any]]) -> dict[str, Any]:
+        name, aggregator, body = step
+        return run_strategy(http, name, body, optimum, tol, timeout_s, aggregator)
+
+    federations: list[FlaskClient] = []
+
+    def start() -> FlaskClient:
+        federations.append(federation(make_clients(*scenario), f"{db_dir}/runs-{os.getpid()}.db"))
+        return federations[-1]
+
+    try:
+        return spread(plan, start, run, jobs, report, meanwhile)
+    finally:
+        for http in federations:  # (this process's; a worker's end with it)
+            close(http)
 
 
 def predict_fedavg(data: list[tuple[np.ndarray, np.ndarray]], lr: float, epochs: int,
@@ -408,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                              "or one row's (fedprox.mu=0.5, krum.krum_m=3, fedavg+mean.max_weight=0.2; repeatable)")
     parser.add_argument("--tol", type=float, default=1e-3, help="'rounds ≤ tol' column (default 1e-3)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds one run may take (default 3600)")
-    cores = os.cpu_count() or 2
+    cores = default_jobs()
     parser.add_argument("--jobs", "-j", type=int, default=cores,
                         help="federations running strategies side by side, each in a worker process of its own "
                              f"(default: one per core, {cores} here; 1: one federation in this process, which "

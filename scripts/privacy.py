@@ -29,9 +29,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from compare import distance
 from flask.testing import FlaskClient
 
+from compare import distance
 from fedavg import theory
 from fedavg.scenarios import make_clients
 from fedavg_server.inprocess import federation_app

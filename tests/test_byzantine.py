@@ -13,10 +13,10 @@ import json
 import math
 import subprocess
 
-import compare
 import numpy as np
 import pytest
 
+import compare
 from conftest import ROOT
 from launcher import free_port, get_json, post_json, start_app, stop, wait_healthy
 from reference import local_gd, local_mse

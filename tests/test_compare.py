@@ -12,10 +12,10 @@ import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import compare
 import numpy as np
 import pytest
 
+import compare
 from conftest import ROOT
 from reference import SEED_DATA, reference_fedavg
 

@@ -13,9 +13,9 @@ import json
 import math
 import re
 
-import protocol_tables
 import pytest
 
+import protocol_tables
 from conftest import ROOT
 from fedavg.openapi import client_document
 from fedavg_server.openapi import server_document
