@@ -3,7 +3,11 @@ HTTP: the four rounds run in-process, over the complete graph and over
 SecAgg+'s sparse one, and every number is checked against plain Python
 written here (sums with math.fsum, fixed point with ints, HKDF with hmac,
 published test vectors for ChaCha20 and X25519, the ring distances of a
-Harary graph), never against the module's own output."""
+Harary graph), never against the module's own output. A property (Hypothesis)
+ties it together: for random inputs, K, t, graphs and dropouts at every step,
+the sum is the integer fixed-point sum whenever the paper's conditions
+(``first_refusal``) say it can be unmasked, and refused, nothing rebuilt,
+whenever they say it cannot."""
 from __future__ import annotations
 
 import hashlib
@@ -12,9 +16,12 @@ import itertools
 import json
 import math
 import random
+from unittest import mock
 
 import numpy as np
 import pytest
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
 
 from fedavg import secagg, secagg_graph
 from fedavg.trace import fmt
@@ -466,6 +473,28 @@ def test_a_neighbourhood_left_with_fewer_than_t_is_named_and_nothing_is_rebuilt(
         fed.clients[1].unmask(fed.told(1, u3), fed.told(1, lost))  # the client itself refuses too
 
 
+def test_a_dropped_client_with_fewer_than_t_neighbours_left_is_named_and_nothing_is_rebuilt(monkeypatch):
+    """A ring of 10 in the order 1..10, k = 4, t = 3; clients 1, 2 and 3 drop after
+    sharing their keys. Every survivor keeps t of its neighbourhood and U3 = 4..10 is
+    one piece, but s_sk_1 is held by 9, 10, 2 and 3 alone, and only 9 and 10 are left
+    (s_sk_2 and s_sk_3 likewise): unmaskable names the three, and unmask_sum refuses
+    before it rebuilds any secret."""
+    xs = random_inputs(10, 2, seed=35)
+    graph = secagg_graph.harary_graph(list(range(1, 11)), 4)
+    fed = Federation(xs, 3, graph=graph)
+    u3 = list(range(4, 11))
+    problems = secagg_graph.unmaskable(graph, fed.u2, u3, 3)
+    assert [p.split(":")[0] for p in problems] == ["s_sk_1", "s_sk_2", "s_sk_3"], problems
+    assert problems[0] == "s_sk_1: client 1 dropped, and only 2 of its 4 neighbours are left, [9, 10]"
+    replies = fed.unmask(u3)
+    rebuilt = []
+    monkeypatch.setattr(secagg, "combine_secret", lambda *a: rebuilt.append(a))
+    with pytest.raises(secagg.SecAggError,
+                       match=r"s_sk_1: only 2 of t=3 shares \(from \[9, 10\]\).*no secret was rebuilt"):
+        fed.total(u3, replies)
+    assert rebuilt == []
+
+
 def test_survivors_cut_in_two_by_the_dropouts_are_refused():
     """A ring (k = 2) of 8 that loses two opposite clients: each part could be
     unmasked on its own, which would tell the server each part's sum."""
@@ -488,6 +517,128 @@ def test_unmask_sum_refuses_a_graph_that_is_not_one_over_u1():
                            ({1: {2}, 2: {3}, 3: {4}, 4: {1}}, r"neighbors\[1\]: must be other clients of U1, each")):
         with pytest.raises(ValueError, match=message):
             secagg.unmask_sum(fed.masked, b, s_sk, fed.public, neighbors=graph, **kwargs)
+
+
+# --- a property: any inputs, K, t, k and dropouts ------------------------------------------
+
+DEATHS = ("dies before advertise", "dies after advertise", "dies after share", "dies after masked")
+
+
+def first_refusal(graph: dict[int, set[int]], u1: set[int], u2: set[int], u3: set[int], answered: set[int],
+                  t: int) -> str | None:
+    """The step after which the protocol cannot go on (None: it unmasks), from
+    Bonawitz et al.'s and Bell et al.'s conditions written out here: t clients
+    at every step; every secret that will be needed keeps t holders in its
+    neighbourhood (b_i for i ∈ U3 in N[i], s_sk_j for a dropped j with a
+    neighbour in U3 in N(j)), counted in U2 once keys are shared, in U3 once
+    the inputs are in, among those that answer at the unmasking; and the
+    survivors stay one piece of the graph, else each part's sum would show.
+    ``graph`` is {i: N(i)} over U1; U1 ⊇ U2 ⊇ U3 ⊇ answered."""
+    if len(u1) < t:
+        return "advertise"
+
+    def short(alive: set[int], inputs: set[int], lost: set[int]) -> bool:
+        return (any(len((graph[i] | {i}) & alive) < t for i in inputs)
+                or any(graph[j] & inputs and len(graph[j] & alive) < t for j in lost))
+    if len(u2) < t or short(u2, u2, set()) or not connected(u2, graph):
+        return "share"
+    if len(u3) < t or short(u3, u3, u2 - u3) or not connected(u3, graph):
+        return "masked"
+    if len(answered) < t or short(answered, u3, u2 - u3):
+        return "unmask"
+    return None
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["complete graph", "SecAgg+"])
+@settings(max_examples=40, deadline=None, derandomize=True, database=None, phases=[Phase.generate])
+@given(data=st.data())
+def test_the_secure_sum_is_the_fixed_point_sum_whenever_it_can_be_unmasked_and_refused_otherwise(sparse, data):
+    """Random inputs (d entries in ±10^6), K clients, t, the graph (complete,
+    or SecAgg+'s with k of 1..K − 3 neighbours) and deaths (before
+    advertising, after it, after sharing keys, after the masked input: silent
+    at the unmasking), drawn by Hypothesis; this test is the server. When
+    ``first_refusal`` says the protocol can unmask, the sum is exactly
+    Σ_{i∈U3} round(x_i·2^24) mod 2^64 read as a signed number (integers
+    here), so within K·2^-24 of the plain sum. When it cannot: the clients
+    refuse to share among fewer than t, or ``unmaskable`` names the problem
+    before any masked input or share is asked for, or ``unmask_sum`` refuses
+    before it rebuilds any secret. Same examples every run (derandomize), so
+    a failure here fails again."""
+    if sparse:
+        n = data.draw(st.integers(5, 11), label="K")
+        k = data.draw(st.integers(1, n - 3), label="neighbors")
+    else:
+        n, k = data.draw(st.integers(2, 10), label="K"), None
+    t = data.draw(st.integers(2, n if k is None else k + 1), label="threshold")
+    d = data.draw(st.integers(1, 4), label="d")
+    value = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)
+    xs = {i: data.draw(st.lists(value, min_size=d, max_size=d), label=f"x_{i}") for i in range(1, n + 1)}
+    # Each client stays or dies at one of the four points: as likely as not in the complete
+    # graph. In a sparse one, where a few deaths in one neighbourhood stop the round, 2 in 5,
+    # most often after sharing keys: its pair masks then come off with s_sk_j, rebuilt from the
+    # shares its neighbours alone hold.
+    pool = ("stays",) * 12 + DEATHS + (DEATHS[2],) * 4 if sparse else ("stays",) * 4 + DEATHS
+    fates = data.draw(st.lists(st.sampled_from(pool), min_size=n, max_size=n), label="fates")
+    deaths = {i: fate for i, fate in enumerate(fates, start=1) if fate != "stays"}
+
+    u1 = {i for i in xs if deaths.get(i) != DEATHS[0]}
+    u2 = u1 - {i for i in xs if deaths.get(i) == DEATHS[1]}
+    u3 = u2 - {i for i in xs if deaths.get(i) == DEATHS[2]}
+    answered = u3 - {i for i in xs if deaths.get(i) == DEATHS[3]}
+    # The server draws the graph over U1, in an order of its own.
+    order = data.draw(st.permutations(sorted(u1)), label="order")
+    graph = ({i: u1 - {i} for i in u1} if k is None or not u1
+             else secagg_graph.harary_graph(order, min(k, max(len(u1) - 1, 1))))
+    refused = first_refusal(graph, u1, u2, u3, answered, t)
+
+    clients = {i: secagg.SecAggClient(i, SESSION, t) for i in u1}
+    public = {i: c.advertise() for i, c in clients.items()}
+
+    def hood(i: int) -> set[int]:
+        return graph[i] | {i}
+
+    def told(i: int, among: set[int]) -> list[int]:
+        return sorted(hood(i) & among)
+    if refused == "advertise":  # fewer than t in the round: no client shares its secrets among so few
+        for i in sorted(u1):
+            with pytest.raises(ValueError, match="fewer than the threshold"):
+                clients[i].share_keys({j: public[j] for j in hood(i)})
+        return
+    sealed = {i: clients[i].share_keys({j: public[j] for j in hood(i)}) for i in sorted(u2)}
+
+    def inbox(i: int) -> dict[int, bytes]:
+        return {j: sealed[j][i] for j in told(i, u2) if j != i}
+    if refused == "share":  # the server stops here: no masked input, no share asked for
+        assert len(u2) < t or secagg_graph.unmaskable(graph, u2, u2, t) != []
+        for i in sorted(u2) if len(u2) < t else ():  # (and a client asked anyway refuses to mask)
+            with pytest.raises(ValueError, match="fewer than the threshold"):
+                clients[i].masked_input(xs[i], inbox(i), told(i, u2), len(u1))
+        return
+    assert secagg_graph.unmaskable(graph, u2, u2, t) == []
+    masked = {i: clients[i].masked_input(xs[i], inbox(i), told(i, u2), len(u1)) for i in sorted(u2)}
+    if refused == "masked":  # no share asked for
+        assert len(u3) < t or secagg_graph.unmaskable(graph, u2, u3, t) != []
+        for i in sorted(u3) if len(u3) < t else ():  # (and a client asked anyway refuses to reveal)
+            with pytest.raises(ValueError, match="fewer than t"):
+                clients[i].unmask(told(i, u3), told(i, u2 - u3))
+        return
+    assert secagg_graph.unmaskable(graph, u2, u3, t) == []
+    replies = {i: clients[i].unmask(told(i, u3), told(i, u2 - u3)) for i in sorted(answered)}
+    b, s_sk = secagg.collect_shares(replies)
+
+    def unmask() -> np.ndarray:
+        return secagg.unmask_sum({i: masked[i] for i in u3}, b, s_sk, public, survivors_u2=u2, session=SESSION,
+                                 threshold=t, length=d, neighbors=None if k is None else graph)[0]
+    if refused == "unmask":  # the answers are in, too few for some secret: none is rebuilt
+        with mock.patch.object(secagg, "combine_secret", wraps=secagg.combine_secret) as rebuilt:
+            with pytest.raises(secagg.SecAggError, match="no secret was rebuilt"):
+                unmask()
+        assert rebuilt.call_count == 0
+        return
+    total = unmask()
+    words = [sum(ref_encode(xs[i][e], SCALE) for i in u3) % 2**64 for e in range(d)]
+    assert list(total) == [ref_decode(w, SCALE) for w in words]
+    assert_close(total, plain_sum([xs[i] for i in sorted(u3)]), n)
 
 
 # --- the wire format ----------------------------------------------------------------
