@@ -45,8 +45,8 @@ from test_secagg_core import DEATHS, first_refusal
 
 from conftest import ROOT, Federated
 from fedavg.client import LocalClient
-from fedavg.client import create_app as client_app
-from fedavg.client_host import create_host_app
+from fedavg.http.client_app import create_app as client_app
+from fedavg.http.host_app import create_host_app
 from fedavg.scenarios import make_clients
 from fedavg_server import DEFAULT_CLIENTS, create_app
 from fedavg_server.inprocess import InProcessTransport
