@@ -9,12 +9,12 @@ the same run without DP. The noise on
 the model is σ·S/M a round, M the clients: the same ε costs far less
 accuracy with many clients than with two.
 
-The federations run in this process (``fedavg_server.inprocess``): the
-server app over the scenario's clients in one client host app, each run
-started through the server's own API with the /start body a real server
-takes. The math is the code a real federation runs; only the sockets and
-processes are gone, and with them most of the time 22 runs of 50 clients
-took over HTTP.
+The federations run in-process (``labs``): the server app over the
+scenario's clients in one client host app, each run started through the
+server's own API with the /start body a real server takes. The math is the
+code a real federation runs; only the sockets are gone, and with them most
+of the time 22 runs of 50 clients took over HTTP. The runs are spread over
+one worker process per core (--jobs).
 
 Writes privacy.json to --out. Runs in the root environment, from any directory.
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -29,12 +30,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flask.testing import FlaskClient
 
 from compare import distance
 from fedavg import theory
 from fedavg.scenarios import make_clients
-from fedavg_server.inprocess import federation_app
+from labs import close, default_jobs, federation, spread
 
 # (scenario, K, rounds, clip S): the seed, and a federation of 50 iid clients.
 SCENARIOS = (("seed", 2, 50, 0.5), ("iid", 50, 50, 0.5))
@@ -42,22 +44,17 @@ SIGMAS = (0.0, 0.5, 1.0, 2.0, 4.0)
 DELTA = 1e-5
 
 
-def run_row(server: FlaskClient, rounds: int, dp: dict[str, Any] | None, optimum: Any,
-            repeats: int) -> dict[str, Any]:
-    """``repeats`` runs of one setting → ε, and the final MSE and ‖θ_T − θ*‖ of each."""
-    losses, distances, eps = [], [], None
-    for _ in range(repeats if dp and dp["noise_multiplier"] > 0 else 1):  # without noise every run is the same
-        reply = server.post("/start", json={"rounds": rounds, **({"dp": dp} if dp else {})})
-        status, run = reply.status_code, reply.get_json()
-        if status != 200 or run.get("status") != "completed":
-            raise RuntimeError(f"run refused or failed: {run.get('error', run)}")
-        losses.append(run["rounds"][-1]["federated_loss"])
-        distances.append(distance(run["final_model"], optimum))
-        eps = (run["rounds"][-1].get("privacy") or {}).get("epsilon")
-    return {"dp": dp, "epsilon": eps, "losses": losses, "distances": distances}
+def run_once(server: FlaskClient, rounds: int, dp: dict[str, Any] | None, optimum: Any) -> tuple[float, float, Any]:
+    """One run of a setting → its final federated MSE, ‖θ_T − θ*‖ and ε."""
+    reply = server.post("/start", json={"rounds": rounds, **({"dp": dp} if dp else {})})
+    status, run = reply.status_code, reply.get_json()
+    if status != 200 or run.get("status") != "completed":
+        raise RuntimeError(f"run refused or failed: {run.get('error', run)}")
+    return (run["rounds"][-1]["federated_loss"], distance(run["final_model"], optimum),
+            (run["rounds"][-1].get("privacy") or {}).get("epsilon"))
 
 
-def spread(values: list[float]) -> str:
+def mean_sd(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.4g}"
     return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
@@ -68,49 +65,78 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="runs per noisy setting (default 5)")
     parser.add_argument("--sigmas", default=",".join(f"{s:g}" for s in SIGMAS), help="noise multipliers σ")
     parser.add_argument("--out", default="privacy-out", help="output directory (default ./privacy-out)")
+    parser.add_argument("--jobs", "-j", type=int, default=default_jobs(),
+                        help=f"worker processes the runs are spread over (default: one per core, {default_jobs()} "
+                             "here; 1: all in this process)")
     args = parser.parse_args(argv)
     try:
         sigmas = [float(s) for s in args.sigmas.replace(",", " ").split()]
     except ValueError:
         parser.error(f"--sigmas: numbers separated by commas, got {args.sigmas!r}")
-    if args.repeats < 1 or not sigmas or min(sigmas) < 0:
-        parser.error("--repeats must be >= 1 and --sigmas non-negative numbers")
-    report = []
+    if args.repeats < 1 or args.jobs < 1 or not sigmas or min(sigmas) < 0:
+        parser.error("--repeats and --jobs must be >= 1 and --sigmas non-negative numbers")
+    scenarios = []
     for scenario, k, rounds, bound in SCENARIOS:
         clients = make_clients(scenario, k, 0, 20)  # a client host's defaults: seed 0, 20 rows
-        optimum = theory.pooled_optimum([(c.X, c.y) for c in clients])
-        history = tempfile.TemporaryDirectory(prefix="fedavg-privacy-")
-        app = federation_app(clients, f"{history.name}/runs.db")
-        try:
-            server = app.test_client()
-            print(f"privacy: {scenario}, K={k}, {rounds} rounds, clip S={bound:g}, M={k}: noise σ·S/M = "
-                  f"σ × {bound / k:g} on each coordinate a round", flush=True)
-            rows = [{"label": "no DP", **run_row(server, rounds, None, optimum, 1)}]
-            for sigma in sigmas:
-                dp = {"noise_multiplier": sigma, "clip": bound, "delta": DELTA}
-                rows.append({"label": f"σ = {sigma:g}", **run_row(server, rounds, dp, optimum, args.repeats)})
-                print(f"privacy:   σ = {sigma:g} done", flush=True)
-        except RuntimeError as e:
-            print(f"privacy: {e}", file=sys.stderr)
-            return 1
-        finally:
-            fed = app.extensions["fedavg"]
-            fed.shutdown()
-            fed.transport.close()
-            fed.store.close()
-            history.cleanup()
-        report.append({"scenario": scenario, "clients": k, "rounds": rounds, "clip": bound, "delta": DELTA,
-                       "pooled_optimum": optimum.tolist(), "rows": rows})
-        print(f"\n{scenario}, K={k}, {rounds} rounds, S={bound:g}, δ={DELTA:g} "
+        settings = [("no DP", None)] + [(f"σ = {sigma:g}", {"noise_multiplier": sigma, "clip": bound,
+                                                             "delta": DELTA}) for sigma in sigmas]
+        scenarios.append({"scenario": scenario, "clients": k, "rounds": rounds, "clip": bound, "delta": DELTA,
+                          "pooled_optimum": theory.pooled_optimum([(c.X, c.y) for c in clients]).tolist(),
+                          "settings": settings})
+        print(f"privacy: {scenario}, K={k}, {rounds} rounds, clip S={bound:g}, M={k}: noise σ·S/M = "
+              f"σ × {bound / k:g} on each coordinate a round", flush=True)
+    # Every run on its own (the noise is fresh each time; without noise every run is the same, so once).
+    runs = [(i, j) for i, s in enumerate(scenarios) for j, (_, dp) in enumerate(s["settings"])
+            for _ in range(args.repeats if dp and dp["noise_multiplier"] > 0 else 1)]
+    left = {key: runs.count(key) for key in runs}
+    history = tempfile.TemporaryDirectory(prefix="fedavg-privacy-")
+    federations: list[FlaskClient] = []
+
+    def start() -> dict[int, FlaskClient]:
+        return {}  # a worker's federations, one per scenario, built when first needed
+
+    def work(mine: dict[int, FlaskClient], run: tuple[int, int]) -> tuple[float, float, Any]:
+        i, j = run
+        s = scenarios[i]
+        if i not in mine:
+            mine[i] = federation(make_clients(s["scenario"], s["clients"], 0, 20),
+                                 f"{history.name}/runs-{os.getpid()}-{i}.db")
+            federations.append(mine[i])
+        return run_once(mine[i], s["rounds"], s["settings"][j][1], np.array(s["pooled_optimum"]))
+
+    def report(n: int, result: Any) -> None:
+        i, j = runs[n]
+        left[runs[n]] -= 1
+        if not left[runs[n]]:
+            print(f"privacy:   {scenarios[i]['scenario']}, {scenarios[i]['settings'][j][0]} done", flush=True)
+
+    try:
+        results = spread(runs, start, work, args.jobs, report)
+    except RuntimeError as e:
+        print(f"privacy: {e}", file=sys.stderr)
+        return 1
+    finally:
+        for http in federations:  # (this process's; a worker's end with it)
+            close(http)
+        history.cleanup()
+    report_json = []
+    for i, s in enumerate(scenarios):
+        rows = []
+        for j, (label, dp) in enumerate(s["settings"]):
+            mine = [r for (n, r) in zip(runs, results) if n == (i, j)]
+            rows.append({"label": label, "dp": dp, "epsilon": mine[-1][2], "losses": [r[0] for r in mine],
+                         "distances": [r[1] for r in mine]})
+        report_json.append({k: v for k, v in s.items() if k != "settings"} | {"rows": rows})
+        print(f"\n{s['scenario']}, K={s['clients']}, {s['rounds']} rounds, S={s['clip']:g}, δ={DELTA:g} "
               f"(mean ± sd over {args.repeats} runs where there is noise)")
         print(f"{'setting':<10} {'ε':>10} {'final MSE':>20} {'‖θ_T − θ*‖':>20}")
         for row in rows:
             eps = "-" if row["dp"] is None else ("∞" if row["epsilon"] is None else f"{row['epsilon']:.3g}")
-            print(f"{row['label']:<10} {eps:>10} {spread(row['losses']):>20} {spread(row['distances']):>20}")
+            print(f"{row['label']:<10} {eps:>10} {mean_sd(row['losses']):>20} {mean_sd(row['distances']):>20}")
         print()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "privacy.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+    (out / "privacy.json").write_text(json.dumps(report_json, indent=1, allow_nan=False) + "\n")
     print(f"privacy: wrote {out / 'privacy.json'}")
     return 0
 

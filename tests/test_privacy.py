@@ -497,7 +497,7 @@ def check_privacy_report(report: list[dict], printed: str) -> None:
 def test_make_privacy_tabulates_epsilon_against_accuracy(tmp_path, capsys):
     """scripts/privacy.py's main (what `make privacy` runs), called here: its federations are in-process."""
     import privacy
-    assert privacy.main(["--repeats", "2", "--sigmas", "0,2", "--out", str(tmp_path)]) == 0
+    assert privacy.main(["--repeats", "2", "--sigmas", "0,2", "--jobs", "1", "--out", str(tmp_path)]) == 0
     check_privacy_report(json.loads((tmp_path / "privacy.json").read_text()), capsys.readouterr().out)
 
 
