@@ -23,12 +23,15 @@ $(TOOLS)/poetry/bin/poetry:
 	$(TOOLS)/poetry/bin/pip install --quiet 'poetry>=2.0,<3.0'
 
 # One stamp per environment: reinstall when its pyproject or lock changes.
+# --compile writes every installed module's bytecode once, here: a machine
+# with PYTHONDONTWRITEBYTECODE set would otherwise compile NumPy, Flask and
+# matplotlib from source in every process it starts (a second of CPU each).
 %/.venv/.installed: %/pyproject.toml %/poetry.lock fedavg/pyproject.toml | $(POETRY)
-	cd $* && $(POETRY) install --no-interaction
+	cd $* && $(POETRY) install --no-interaction --compile
 	touch $@
 
 .venv/.installed: pyproject.toml poetry.lock fedavg/pyproject.toml server/pyproject.toml | $(POETRY)
-	$(POETRY) install --no-interaction
+	$(POETRY) install --no-interaction --compile
 	touch $@
 
 run-all: install
