@@ -151,6 +151,27 @@ def federation(tmp_path) -> Iterator[Callable[..., Federated]]:
         f.close()
 
 
+@pytest.fixture
+def servers(tmp_path) -> Iterator[Callable[..., Federated]]:
+    """servers(clients, db=None, **server_config) → a Federated over
+    ``clients``: a Transport, or client apps by URL (called in-process); its
+    history in ``db`` (default a file of its own). All shut down at the end."""
+    from fedavg_server import create_app
+    from fedavg_server.inprocess import InProcessTransport
+
+    made: list[Federated] = []
+
+    def make(clients: Any, db: Path | None = None, **config: Any) -> Federated:
+        transport = InProcessTransport(clients) if isinstance(clients, dict) else clients
+        db = db or tmp_path / f"servers-{len(made)}.db"
+        made.append(Federated(create_app({"TRANSPORT": transport, "DB": str(db), "TOKEN": None, **config})))
+        return made[-1]
+
+    yield make
+    for f in made:
+        f.close()
+
+
 @pytest.fixture(scope="module")
 def seed_federation(tmp_path_factory) -> Iterator[Federated]:
     """The seed's two client apps (client_1/data.csv and client_2/data.csv,

@@ -15,8 +15,8 @@ import subprocess
 
 import numpy as np
 import pytest
+from test_compare import run_compare
 
-import compare
 from conftest import ROOT
 from launcher import free_port, get_json, post_json, start_app, stop, wait_healthy
 from reference import local_gd, local_mse
@@ -158,17 +158,6 @@ def test_the_client_host_refuses_an_attack_without_the_byzantine_scenario():
 
 
 # --- make compare against the attackers (needs the server's robust settings) --------
-
-def run_compare(capsys, *args: str) -> tuple[int, str, str]:
-    """scripts/compare.py's main in this process, one federation (--jobs 1):
-    (exit code, stdout, stderr); a usage error's SystemExit gives its code."""
-    try:
-        code = compare.main([*args, "--jobs", "1"])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
 
 def test_compare_refuses_an_attack_without_the_byzantine_scenario(tmp_path, capsys):
     code, _, stderr = run_compare(capsys, "--scenario", "iid", "--attackers", "1", "--out", str(tmp_path / "out"))

@@ -5,16 +5,12 @@ computed here in plain Python from the round's own local models."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
 
 import pytest
 from flask import Flask, request
 
-from conftest import Federated
 from fedavg.http.host_app import create_host_app
 from fedavg.scenarios import make_clients
-from fedavg_server import create_app as create_server_app
-from fedavg_server.inprocess import InProcessTransport
 
 HUGE = 1e6
 # Never dialled: the in-process transport hands these URLs to the apps.
@@ -48,23 +44,6 @@ def liar(n: int = 20) -> Flask:
         return {"loss": 1.0, "data_size": n, "client_id": "liar"}
 
     return app
-
-
-@pytest.fixture
-def servers(tmp_path) -> Iterator[Callable[[dict[str, Flask]], Federated]]:
-    """servers(apps) → a server app over these client apps (url → app), its
-    own history; all shut down when the test ends."""
-    made: list[Federated] = []
-
-    def make(apps: dict[str, Flask]) -> Federated:
-        db = tmp_path / f"runs-{len(made)}.db"
-        made.append(Federated(create_server_app({"TRANSPORT": InProcessTransport(apps), "DB": str(db),
-                                                 "TOKEN": None})))
-        return made[-1]
-
-    yield make
-    for server in made:
-        server.close()
 
 
 @pytest.fixture

@@ -23,8 +23,7 @@ import os
 import random
 import signal
 import sqlite3
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -35,7 +34,7 @@ import launcher
 from conftest import ROOT, Federated
 from fedavg.client import LocalClient
 from fedavg.http.client_app import create_app as client_app
-from fedavg_server import DEFAULT_CLIENTS, create_app
+from fedavg_server import DEFAULT_CLIENTS
 from fedavg_server.inprocess import InProcessTransport
 from reference import SEED_DATA, local_gd
 
@@ -318,21 +317,6 @@ def seed_style_client(lists_strategies: bool) -> Flask:
         return {"local_model": {"w": 1.0, "b": 1.0}, "data_size": 2}
 
     return app
-
-
-@pytest.fixture
-def servers(tmp_path) -> Iterator[Callable[[InProcessTransport, Path], Federated]]:
-    """servers(transport, db) → a server app over that transport, its history
-    in ``db``; every one is shut down when the test ends."""
-    made: list[Federated] = []
-
-    def make(transport: InProcessTransport, db: Path) -> Federated:
-        made.append(Federated(create_app({"TRANSPORT": transport, "DB": str(db), "TOKEN": None})))
-        return made[-1]
-
-    yield make
-    for server in made:
-        server.close()
 
 
 @pytest.fixture
