@@ -31,47 +31,64 @@ i.e. the average.
 Every primitive is a library's: X25519, HKDF-SHA256, ChaCha20, AES-GCM and
 SHA-256 from ``cryptography``; Shamir over GF(2^128) from pycryptodome.
 
-Wire format (``to_wire`` and the ``*_from_wire`` parsers; these raise
-ValueError naming the field): keys, commitments, shares and ciphertexts are
-base64 text (standard alphabet, padded, canonical); a masked vector is the
-base64 of its little-endian uint64 words; client indices are JSON integers,
-and decimal text when they are object keys ({"3": "…"}).
+The primitives are in ``secagg_crypto``, the wire format (``to_wire`` and
+the ``*_from_wire`` parsers) in ``secagg_wire``; this module is the
+protocol, and names all three's public parts (``__all__``).
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import itertools
 import os
-import re
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import numpy as np
-from Crypto.Protocol.SecretSharing import Shamir
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from .secagg_crypto import (
+    SHARE_X,
+    agree,
+    combine_secret,
+    expand,
+    new_keypair,
+    open_sealed,
+    public_of,
+    seal,
+    self_mask,
+    sha256,
+    split_secret,
+)
 from .secagg_graph import check_graph, closed, show_ids
+from .secagg_wire import (
+    KEY_BYTES,
+    bytes_from_wire,
+    check_bytes,
+    check_index,
+    check_indices,
+    check_keys,
+    check_words,
+    indexed_from_wire,
+    indices_from_wire,
+    keys_from_wire,
+    reveal_from_wire,
+    to_wire,
+    vector_from_wire,
+)
 from .trace import TRACE_TERMS, fmt
 from .wire import SECAGG_SCALE_BITS
 
+# The protocol's one entry: its steps, and the primitives and wire format it is built from.
+__all__ = ["MASK", "SCALE_BITS", "SHARE", "SecAggClient", "SecAggError", "agree", "bytes_from_wire", "collect_shares",
+           "combine_secret", "decode", "encode", "expand", "indexed_from_wire", "indices_from_wire", "keys_from_wire",
+           "new_keypair", "open_sealed", "public_of", "reveal_from_wire", "seal", "self_mask", "sha256",
+           "split_secret", "to_wire", "unmask_sum", "vector_from_wire"]
 T = TypeVar("T")
 MASK, SHARE = b"mask", b"share"  # the two purposes of a key agreement (HKDF's info, before the session)
 SCALE_BITS = SECAGG_SCALE_BITS  # fixed point: 2^-24 ≈ 6e-8 per client, and |n·w| up to ~5e11 / parties still fits
-KEY_BYTES = 32
 # b_i, the self-mask seed: 128 bits, one Shamir chunk (sharing and rebuilding
 # it is most of a round's cost); the PRG's 256-bit key is HKDF(b_i).
 SEED_BYTES = 16
-MAX_INDEX = 2**32 - 1  # an index is packed in 4 bytes (a share's x, a ciphertext's aad)
-MAX_PARTIES = 10_000  # and the parsers bound how many a message may name
 LEAVE_OUT_TRIES = 256  # subsets tried when a secret's shares disagree: bounded work per secret
-_X = struct.Struct(">I")  # a Shamir share starts with its x-coordinate
 
 
 class SecAggError(Exception):
@@ -120,95 +137,6 @@ def decode(total: np.ndarray, scale_bits: int) -> np.ndarray:
     return np.ascontiguousarray(total, dtype=np.uint64).view(np.int64) / 2.0**scale_bits
 
 
-# --- the primitives, each a library's ---------------------------------------------
-
-def expand(seed: bytes, length: int) -> np.ndarray:
-    """PRG(seed): `length` little-endian uint64 words of ChaCha20's keystream under
-    key = seed. The nonce is fixed: every seed is derived for one session and masks one vector."""
-    if len(seed) != KEY_BYTES:
-        raise ValueError(f"expand: the seed must be {KEY_BYTES} bytes, got {len(seed)}")
-    stream = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor().update(bytes(8 * length))
-    return np.frombuffer(stream, dtype="<u8").astype(np.uint64)
-
-
-def self_mask(seed: bytes, length: int) -> np.ndarray:
-    """PRG(b_i): the ChaCha20 keystream under HKDF-SHA256(b_i), ``length`` words."""
-    key = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=b"self mask").derive(seed)
-    return expand(key, length)
-
-
-def sha256(data: bytes) -> bytes:
-    digest = hashes.Hash(hashes.SHA256())
-    digest.update(data)
-    return digest.finalize()
-
-
-def new_keypair() -> tuple[bytes, bytes]:
-    """A fresh X25519 key pair as raw 32-byte encodings (private, public)."""
-    key = X25519PrivateKey.generate()
-    return key.private_bytes_raw(), key.public_key().public_bytes_raw()
-
-
-def public_of(private_raw: bytes) -> bytes:
-    return X25519PrivateKey.from_private_bytes(private_raw).public_key().public_bytes_raw()
-
-
-def agree(private_raw: bytes, peer_public_raw: bytes, purpose: bytes, session: bytes,
-          what: str = "peer public key") -> bytes:
-    """key = HKDF-SHA256(X25519(sk_i, pk_j), info = purpose + session): the same from
-    either end of the pair, and new in every session. `what` names the peer's key in errors."""
-    try:
-        peer = X25519PublicKey.from_public_bytes(peer_public_raw)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what}: not a raw {KEY_BYTES}-byte X25519 public key") from None
-    try:
-        shared = X25519PrivateKey.from_private_bytes(private_raw).exchange(peer)
-    except ValueError:  # cryptography refuses a low-order point: the shared secret would be all zeros
-        raise ValueError(f"{what}: a low-order point (the shared secret would be all zeros)") from None
-    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=purpose + session).derive(shared)
-
-
-def split_secret(secret: bytes, threshold: int, indices: Iterable[int]) -> dict[int, bytes]:
-    """Shamir: any `threshold` of the shares rebuild `secret`, fewer tell nothing. Each
-    16-byte chunk is shared alone at the same x; a share is x (4 bytes) + one value per chunk."""
-    holders = _index_list(indices, "indices")
-    if not secret or len(secret) % 16:
-        raise ValueError(f"split_secret: the secret must be a multiple of 16 bytes, got {len(secret)}")
-    if not 1 <= threshold <= len(holders):
-        raise ValueError(f"split_secret: threshold {threshold} must be between 1 and {len(holders)} holders")
-    chunks = [Shamir.split(threshold, len(holders), secret[k:k + 16]) for k in range(0, len(secret), 16)]
-    return {h: _X.pack(x) + b"".join(chunk[x - 1][1] for chunk in chunks) for x, h in enumerate(holders, 1)}
-
-
-def combine_secret(shares: Mapping[int, bytes], threshold: int) -> bytes:
-    """The secret from at least `threshold` shares (more are fine: a polynomial of
-    degree t−1 through more points is the same polynomial, so every share counts)."""
-    if len(shares) < threshold:
-        raise ValueError(f"combine_secret: only {len(shares)} of {threshold} shares")
-    sizes = {len(s) for s in shares.values()}
-    if len(sizes) != 1 or (size := sizes.pop() - _X.size) <= 0 or size % 16:
-        raise ValueError("combine_secret: shares must all be 4 + 16·k bytes long")
-    points = [(_X.unpack(s[:_X.size])[0], s[_X.size:]) for s in shares.values()]
-    try:
-        return b"".join(Shamir.combine([(x, y[k:k + 16]) for x, y in points]) for k in range(0, size, 16))
-    except ValueError as e:  # two shares at the same x
-        raise ValueError(f"combine_secret: {e}") from None
-
-
-def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
-    """AES-GCM under `key`: a random 12-byte nonce, then the ciphertext and its tag."""
-    nonce = os.urandom(12)
-    return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
-
-
-def open_sealed(key: bytes, blob: bytes, aad: bytes) -> bytes:
-    try:
-        return AESGCM(key).decrypt(blob[:12], blob[12:], aad)
-    except (InvalidTag, ValueError):
-        raise ValueError("the sealed shares failed authentication (altered, or sealed for another pair "
-                         "or session)") from None
-
-
 def _aad(session: bytes, sender: int, recipient: int) -> bytes:
     # Binds a ciphertext to its pair and session: the server cannot replay or redirect it.
     return b"secagg shares" + struct.pack(">II", sender, recipient) + session
@@ -225,7 +153,7 @@ class SecAggClient:
             raise ValueError("session: must be non-empty bytes naming run and round, e.g. b'run 3 round 7'")
         _check_threshold(threshold)
         _check_scale(scale_bits)
-        self.index, self.session = _index(index, "index"), session
+        self.index, self.session = check_index(index, "index"), session
         self.threshold, self.scale_bits = threshold, scale_bits
         self._c_sk, self.c_pk = new_keypair()
         self._s_sk, self.s_pk = new_keypair()
@@ -248,7 +176,7 @@ class SecAggClient:
         """ShareKeys: {j: seal(agree(c_sk_i, c_pk_j, "share"), j's share of s_sk_i + of b_i)}
         for every j ≠ i in `peers`: N[i], i's neighbourhood in U1 (all of U1 in the complete
         graph), which lists i itself, with its own keys."""
-        peers = {_index(j, "peers"): _check_keys(keys, f"peers[{j}]") for j, keys in peers.items()}
+        peers = {check_index(j, "peers"): check_keys(keys, f"peers[{j}]") for j, keys in peers.items()}
         if self.peers is not None:
             if peers == self.peers:  # a retried request: the same ciphertexts
                 return dict(self._sealed)
@@ -285,12 +213,12 @@ class SecAggClient:
         else is refused."""
         if self.peers is None:
             raise ValueError("masked_input: share_keys comes first")
-        u2 = set(_index_list(survivors_u2, "survivors_u2"))
+        u2 = set(check_indices(survivors_u2, "survivors_u2"))
         if self.index not in u2 or not u2 <= set(self.peers):
             raise ValueError(f"survivors_u2: must hold this client ({self.index}) and only clients of U1")
         if len(u2) < self.threshold:
             raise ValueError(f"survivors_u2: {len(u2)} clients, fewer than the threshold t={self.threshold}")
-        received = {_index(j, "received"): _bytes(blob, f"received[{j}]") for j, blob in received.items()}
+        received = {check_index(j, "received"): check_bytes(blob, f"received[{j}]") for j, blob in received.items()}
         odd = sorted((u2 - {self.index}) ^ set(received))
         if odd:
             raise ValueError(f"received: {'no' if odd[0] in u2 else 'an unexpected'} ciphertext from client "
@@ -313,7 +241,7 @@ class SecAggClient:
         (both told within N[i]), refused when they overlap, |U3| < t, or they are not a split of U2."""
         if self._u2 is None:
             raise ValueError("unmask: masked_input comes first")
-        u3, gone = set(_index_list(survivors_u3, "survivors_u3")), set(_index_list(dropped, "dropped"))
+        u3, gone = set(check_indices(survivors_u3, "survivors_u3")), set(check_indices(dropped, "dropped"))
         both = (u3 & gone) | (u3 & self._revealed["s_sk"]) | (gone & self._revealed["b"])
         if both:
             raise ValueError(f"unmask: refused, asked for both b and s_sk of client(s) {sorted(both)}; together "
@@ -328,7 +256,7 @@ class SecAggClient:
             raise ValueError(f"unmask: client(s) {sorted(self._u2 - u3 - gone)} of U2 are neither in survivors_u3 "
                              "nor in dropped")
         pairs = {j: self._open(j) for j in sorted(u3 | gone)}
-        half = len(self._own) - (_X.size + SEED_BYTES)  # (its share of s_sk_i, then of b_i)
+        half = len(self._own) - (SHARE_X.size + SEED_BYTES)  # (its share of s_sk_i, then of b_i)
         self._revealed["b"] |= u3
         self._revealed["s_sk"] |= gone
         return {"b": {j: pairs[j][half:] for j in sorted(u3)}, "s_sk": {j: pairs[j][:half] for j in sorted(gone)}}
@@ -377,9 +305,9 @@ def unmask_sum(masked: Mapping[int, Any], b_shares: Mapping[int, Mapping[int, by
     _check_scale(scale_bits)
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
         raise ValueError(f"length: must be a positive integer, got {length!r}")
-    public = {_index(i, "public"): _check_keys(keys, f"public[{i}]", commit=True) for i, keys in public.items()}
-    u2 = set(_index_list(survivors_u2, "survivors_u2"))
-    ys = {_index(i, "masked"): _words(y, f"masked input of client {i}", length) for i, y in masked.items()}
+    public = {check_index(i, "public"): check_keys(keys, f"public[{i}]", commit=True) for i, keys in public.items()}
+    u2 = set(check_indices(survivors_u2, "survivors_u2"))
+    ys = {check_index(i, "masked"): check_words(y, f"masked input of client {i}", length) for i, y in masked.items()}
     u3 = sorted(ys)
     if not set(u3) <= u2 <= set(public):
         i = min((set(u3) - u2) | (u2 - set(public)))
@@ -480,105 +408,3 @@ def _show_floats(v: np.ndarray) -> str:
                                                                 else "]")
 
 
-# --- validation, shared by both sides, and the wire format ---------------------
-
-def _index(value: Any, field: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= MAX_INDEX:
-        raise ValueError(f"{field}: a client index must be an integer in 0..{MAX_INDEX}, got {value!r}")
-    return int(value)
-
-
-def _index_list(values: Iterable[Any], field: str) -> list[int]:
-    indices = [_index(v, field) for v in values]
-    if len(set(indices)) != len(indices):
-        raise ValueError(f"{field}: client {next(i for i in indices if indices.count(i) > 1)} is listed twice")
-    return sorted(indices)
-
-
-def _bytes(value: Any, field: str, length: int | None = None) -> bytes:
-    if not isinstance(value, bytes) or (length is not None and len(value) != length):
-        raise ValueError(f"{field}: must be {length or 'some'} bytes, got {type(value).__name__} "
-                         f"of length {len(value) if isinstance(value, (bytes, str)) else '-'}")
-    return value
-
-
-def _check_keys(keys: Any, field: str, commit: bool = False) -> dict[str, bytes]:
-    if not isinstance(keys, Mapping) or not {"c_pk", "s_pk"} <= set(keys) <= {"c_pk", "s_pk", "b_commit"}:
-        got = sorted(keys) if isinstance(keys, Mapping) else type(keys).__name__
-        raise ValueError(f"{field}: must hold c_pk and s_pk (and b_commit), got {got}")
-    if commit and "b_commit" not in keys:
-        raise ValueError(f"{field}.b_commit: missing")
-    return {name: _bytes(value, f"{field}.{name}", KEY_BYTES) for name, value in keys.items()}
-
-
-def _words(value: Any, field: str, length: int) -> np.ndarray:
-    y = np.asarray(value)
-    if y.dtype != np.uint64 and not (y.dtype.kind in "iu" and y.size and y.min() >= 0):
-        raise ValueError(f"{field}: must be words in 0..2^64-1 (uint64), got {y.dtype} values")
-    if y.shape != (length,):
-        raise ValueError(f"{field}: has shape {y.shape}, expected {length} words")
-    return y.astype(np.uint64)
-
-
-def to_wire(value: Any) -> Any:
-    """What JSON carries: bytes → base64 text, a uint64 vector → base64 of its little-endian
-    words, int keys → decimal text; dicts, lists and tuples recursively; anything else as is."""
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode("ascii")
-    if isinstance(value, np.ndarray):
-        return to_wire(_words(value, "vector", len(value)).astype("<u8").tobytes())
-    if isinstance(value, Mapping):
-        return {str(k): to_wire(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_wire(v) for v in value]
-    return value
-
-
-def bytes_from_wire(value: Any, field: str, length: int | None = None, max_length: int = 4096) -> bytes:
-    """Base64 text (standard alphabet, padded, canonical) → bytes, of exactly `length` if given."""
-    limit = length if length is not None else max_length
-    if not isinstance(value, str) or len(value) > 4 * ((limit + 2) // 3):
-        raise ValueError(f"{field}: must be base64 text of {'' if length is not None else 'at most '}{limit} bytes")
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError(f"{field}: is not base64 text (standard alphabet, padded)") from None
-    if base64.b64encode(raw).decode("ascii") != value:
-        raise ValueError(f"{field}: is not canonical base64")
-    return _bytes(raw, field, length) if length is not None else raw
-
-
-def vector_from_wire(value: Any, field: str, length: int) -> np.ndarray:
-    """Base64 of `length` little-endian uint64 words → a uint64 vector."""
-    return np.frombuffer(bytes_from_wire(value, field, 8 * length), dtype="<u8").astype(np.uint64)
-
-
-def indices_from_wire(value: Any, field: str) -> list[int]:
-    """A JSON list of distinct client indices → their sorted list."""
-    if not isinstance(value, list) or len(value) > MAX_PARTIES:
-        raise ValueError(f"{field}: must be a list of at most {MAX_PARTIES} client indices")
-    return _index_list(value, field)
-
-
-def indexed_from_wire(value: Any, field: str, parse: Callable[[Any, str], T]) -> dict[int, T]:
-    """{"3": v, …} → {3: parse(v, "field.3"), …}: keys are client indices as decimal text."""
-    if not isinstance(value, dict) or len(value) > MAX_PARTIES:
-        raise ValueError(f"{field}: must be an object of at most {MAX_PARTIES} entries keyed by client index")
-    for key in value:
-        if not isinstance(key, str) or not re.fullmatch(r"0|[1-9][0-9]{0,9}", key) or int(key) > MAX_INDEX:
-            raise ValueError(f"{field}: key {key!r} is not a client index (decimal, 0..{MAX_INDEX})")
-    return {int(key): parse(v, f"{field}.{key}") for key, v in value.items()}
-
-
-def keys_from_wire(value: Any, field: str) -> dict[str, bytes]:
-    """{"c_pk", "s_pk"[, "b_commit"]} (AdvertiseKeys) → 32-byte values."""
-    if not isinstance(value, dict) or not {"c_pk", "s_pk"} <= set(value) <= {"c_pk", "s_pk", "b_commit"}:
-        raise ValueError(f"{field}: must be an object with c_pk and s_pk (and b_commit)")
-    return _check_keys({k: bytes_from_wire(v, f"{field}.{k}", KEY_BYTES) for k, v in value.items()}, field)
-
-
-def reveal_from_wire(value: Any, field: str) -> dict[str, dict[int, bytes]]:
-    """An unmask reply {"b": {j: share}, "s_sk": {j: share}} → bytes per index."""
-    if not isinstance(value, dict) or set(value) != {"b", "s_sk"}:
-        raise ValueError(f"{field}: must be an object with exactly b and s_sk")
-    return {kind: indexed_from_wire(value[kind], f"{field}.{kind}", bytes_from_wire) for kind in ("b", "s_sk")}
