@@ -270,7 +270,7 @@ def test_past_runs_are_selectable(page: Page, federation):
 
 
 def test_the_page_writes_numbers_exactly_as_the_log_does(page: Page):
-    """The page's own fmt (a global of app.js, a classic script: no hook is
+    """The page's own fmt (a global of numbers.js, a classic script: no hook is
     shipped for the test) against fedavg.trace.fmt, on the cases where a
     naive JS port goes wrong (ties, which Python rounds to even; the
     exponent's two digits; -0.0) and on many random doubles."""
