@@ -10,7 +10,7 @@ from typing import Any
 
 from fedavg.strategies import REPLY_FIELDS
 from fedavg.strict_json import weights_of
-from fedavg.trace import TRACE_TERMS, explain_weighted_sum, fmt, fmt_model
+from fedavg.trace import TRACE_TERMS, explain_weighted_sum, fmt, fmt_model, fmt_theta
 
 
 def _line_of(model: dict[str, Any]) -> str:
@@ -56,3 +56,23 @@ def loss_line(round_no: int, ns: list[int], losses: list[float], loss: float, so
     """federated MSE of round r's model: L = Σ n_k/N · L_k, written out."""
     return f"federated MSE of round {round_no}'s model ({source}): " + \
         explain_weighted_sum("L", ns, losses, loss)
+
+
+def opening_lines(run_id: int, s: Any, clients: int, first_round: int, about: list[str | None]) -> list[str]:
+    """A run's first lines: its settings, the strategy's formula, then each
+    stage's line (``about``: the strategy's summary, then the stages')."""
+    lines = [f"Run {run_id}: {s.strategy}, {s.rounds} round(s) over {clients} client(s), lr={s.lr:g}, "
+             f"local_epochs={s.local_epochs}" + ("" if s.batch_size is None else f", batch_size={s.batch_size}")
+             + ("" if not s.mu else f", mu={s.mu:g}") + "".join(f", {k}={v:g}" for k, v in (s.params or {}).items())
+             + f", seed={s.seed}" + ("" if first_round == 1 else f" (resumed at round {first_round})"),
+             f"{s.strategy}: {about[0]}"]
+    if s.robust:
+        lines.append(f"robust rule in place of the average: {s.robust.describe()}")
+    return lines + [line for line in about[1:] if line]
+
+
+def partial_round_lines(r: int, rounds_planned: int, theta: Any, results: list[Any], dropped: list[Any]) -> list[str]:
+    """A round that ended the run before its average: who replied, who was dropped and why."""
+    return ([f"── Round {r}/{rounds_planned} ── global model in: {fmt_theta(theta)}"]
+            + [f"{p.client_id}  replied (n_k={p.n})" for p in results]
+            + [f"{d.client_id}  DROPPED from this round: {d.reason}" for d in dropped])

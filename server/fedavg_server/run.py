@@ -31,7 +31,7 @@ from fedavg.wire import train_config_json
 from .collect import Collected, Collector, PlainCollector, RoundFailed, SecureCollector
 from .diagnosis import Diagnosis
 from .dp import Privacy
-from .mathlog import loss_line, round_lines
+from .mathlog import loss_line, opening_lines, partial_round_lines, round_lines
 from .records import RoundRecord, state_of
 from .roster import Roster, Unfit
 from .runs import RunStore
@@ -85,17 +85,8 @@ class Run:
     def execute(self) -> tuple[str, str | None]:
         """Run the rounds; return how the run ended: (status, error or None)."""
         s = self.s
-        log.info("Run %s: %s, %d round(s) over %d client(s), lr=%g, local_epochs=%d%s%s%s, seed=%d%s",
-                 self.run_id, s.strategy, s.rounds, len(self.roster.urls), s.lr, s.local_epochs,
-                 "" if s.batch_size is None else f", batch_size={s.batch_size}",
-                 "" if not s.mu else f", mu={s.mu:g}",
-                 "".join(f", {k}={v:g}" for k, v in (s.params or {}).items()), s.seed,
-                 "" if self.first_round == 1 else f" (resumed at round {self.first_round})")
-        log.info("%s: %s", s.strategy, self.strategy.summary)
-        if s.robust:
-            log.info("robust rule in place of the average: %s", s.robust.describe())
-        for line in filter(None, (stage.describe() for stage in self.stages)):
-            log.info("%s", line)
+        log.info("%s", "\n".join(opening_lines(self.run_id, s, len(self.roster.urls), self.first_round,
+                                                [self.strategy.summary, *(st.describe() for st in self.stages)])))
         try:
             self._probe()
             theta = self._initial_model()
@@ -125,8 +116,8 @@ class Run:
             for stage in self.stages:
                 stage.received(r, theta, got)
             self._enough(r, got, self.sampler.needed(len(sample)))
-        except RunStopped:
-            self._log_partial(r, theta, got)
+        except RunStopped:  # the round as far as it got, before the reason
+            log.info("%s", "\n".join(partial_round_lines(r, self.s.rounds, theta, got.results, got.dropped)))
             raise
         try:
             step = self.strategy.aggregate(theta, got.results, self.state)
@@ -203,13 +194,6 @@ class Run:
         # wake-up of whoever reads the pipe) per line, every round.
         if log.isEnabledFor(logging.INFO):
             log.info("%s", "\n".join(round_lines(stored, self.s.rounds)))
-
-    def _log_partial(self, r: int, theta: Theta, got: Collected) -> None:
-        log.info("── Round %d/%d ── global model in: %s", r, self.s.rounds, fmt_theta(theta))
-        for p in got.results:
-            log.info("%s  replied (n_k=%d)", p.client_id, p.n)
-        for d in got.dropped:
-            log.info("%s  DROPPED from this round: %s", d.client_id, d.reason)
 
     def _record_loss(self, round_no: int, losses: list[tuple[float, int]], source: str) -> None:
         """Round ``round_no``'s federated loss L = Σ n_k/N · L_k, from the
