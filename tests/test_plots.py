@@ -1,25 +1,29 @@
-"""The charts: SVG from the real server for runs of 1 and 1000 rounds and a
+"""The charts: SVG from the server for runs of 1 and 1000 rounds and a
 FedSGD run (no local models), 404s as JSON, ``?since=`` for live polling,
-several runs compared on one chart, and scripts/plot_run.py writing PNGs."""
+several runs compared on one chart, and scripts/plot_run.py writing PNGs.
+
+The server is the seed's, over its two client apps in this process
+(conftest's ``seed_federation``), asked through its own API: the same
+endpoints and charts a real one serves. plot_run.py's ``main`` reads it over
+HTTP on a loopback port (a thread here); test_readme runs the script itself,
+as the README does, against the real apps (make test-all)."""
 from __future__ import annotations
 
 import json
 import math
 import re
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
+import plot_run
 import pytest
 
-import launcher
-from conftest import ROOT
+from conftest import Served
+
+# At the top, so at collection, outside any test: matplotlib's first import
+# on a machine builds its font cache by running fc-list, a process the
+# everyday tier refuses inside a test.
 from fedavg_server.plots import render
 from reference import SEED_DATA
-
-# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
-pytestmark = pytest.mark.system
 
 SVG = "{http://www.w3.org/2000/svg}svg"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -27,26 +31,30 @@ NAMES = ("models", "params", "loss")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The real apps, and finished runs on them: FedAvg for 1 round and 1000
-    rounds, FedSGD (no local models, only gradients) for 3, exact for 1."""
-    ports = {name: launcher.free_port() for name in launcher.DEFAULT_PORTS}
-    db = tmp_path_factory.mktemp("plots") / "runs.db"
-    apps = launcher.start_federation(ports, server_args=["--db", str(db)])
-    try:
-        url = apps["server"].url
-        status, fedsgd = launcher.post_json(url + "/start", {"rounds": 3, "strategy": "fedsgd", "seed": 7})
-        assert status == 200 and fedsgd["status"] == "completed", fedsgd
-        status, exact = launcher.post_json(url + "/start", {"rounds": 1, "strategy": "exact"})
-        assert status == 200 and exact["status"] == "completed", exact
-        runs = {"fedsgd": fedsgd, "exact": exact}
-        for rounds in (1, 1000):  # the 1000 rounds last: plot_run draws the latest run
-            status, run = launcher.post_json(url + "/start", {"rounds": rounds, "pace_s": 0, "seed": 7})
-            assert status == 200 and run["status"] == "completed", run
-            runs[rounds] = run
-        yield url, runs
-    finally:
-        launcher.stop(list(apps.values()))
+def server(seed_federation):
+    """The seed's server in this process, and finished runs on it: FedAvg for
+    1 round and 1000 rounds, FedSGD (no local models, only gradients) for 3,
+    exact for 1. Yields get(path) → (status, content type, body), and the runs."""
+    runs = {"fedsgd": seed_federation.run(rounds=3, strategy="fedsgd", seed=7),
+            "exact": seed_federation.run(rounds=1, strategy="exact")}
+    for rounds in (1, 1000):  # the 1000 rounds last: plot_run draws the latest run
+        runs[rounds] = seed_federation.run(rounds=rounds, pace_s=0, seed=7)
+    for run in runs.values():
+        assert run["status"] == "completed", run
+
+    def get(path: str) -> tuple[int, str, bytes]:
+        r = seed_federation.http.get(path)
+        return r.status_code, r.content_type, r.data
+
+    return get, runs
+
+
+@pytest.fixture(scope="module")
+def server_url(seed_federation, server) -> str:
+    """The same server on a free loopback port, for plot_run.py, which reads a run over HTTP."""
+    served = Served(seed_federation.app)
+    yield served.url
+    served.close()
 
 
 def assert_svg(body: bytes) -> ET.Element:
@@ -60,8 +68,8 @@ def assert_svg(body: bytes) -> ET.Element:
 @pytest.mark.parametrize("rounds", [1, 1000])
 @pytest.mark.parametrize("name", NAMES)
 def test_each_chart_is_valid_svg(server, rounds, name):
-    url, runs = server
-    status, ctype, body = launcher.fetch(f"{url}/runs/{runs[rounds]['run_id']}/plots/{name}.svg")
+    get, runs = server
+    status, ctype, body = get(f"/runs/{runs[rounds]['run_id']}/plots/{name}.svg")
     assert status == 200, body
     assert ctype.startswith("image/svg+xml")
     assert_svg(body)
@@ -73,11 +81,11 @@ def test_each_chart_is_valid_svg(server, rounds, name):
 def test_a_fedsgd_run_without_local_models_still_draws(server, name):
     """FedSGD's clients send gradients, not models: the charts draw the global
     model alone, and the model lines say why the clients' lines are missing."""
-    url, runs = server
+    get, runs = server
     run = runs["fedsgd"]
     assert all("local_model" not in p and "gradient" in p for r in run["rounds"] for p in r["participants"])
     for round_no in (1, 3):
-        status, ctype, body = launcher.fetch(f"{url}/runs/{run['run_id']}/plots/{name}.svg?round={round_no}")
+        status, ctype, body = get(f"/runs/{run['run_id']}/plots/{name}.svg?round={round_no}")
         assert status == 200 and ctype.startswith("image/svg+xml"), body
         assert_svg(body)
     if name == "models":
@@ -91,15 +99,15 @@ def compare_ids(root: ET.Element) -> set[str]:
 
 
 def test_compare_overlays_one_labelled_line_per_run(server):
-    url, runs = server
+    get, runs = server
     ids = [runs[1]["run_id"], runs[1000]["run_id"], runs["fedsgd"]["run_id"]]
-    status, ctype, body = launcher.fetch(f"{url}/compare.svg?runs={','.join(map(str, ids))}")
+    status, ctype, body = get(f"/compare.svg?runs={','.join(map(str, ids))}")
     assert status == 200 and ctype.startswith("image/svg+xml")
     assert compare_ids(assert_svg(body)) == {f"run-{i}" for i in ids}
     for run_id, strategy in zip(ids, ("fedavg", "fedavg", "fedsgd")):
         assert f"<!-- run {run_id}: {strategy} -->".encode() in body  # the legend's label
     # the same run twice is one line
-    status, _, body = launcher.fetch(f"{url}/compare.svg?runs={ids[0]},{ids[0]}")
+    status, _, body = get(f"/compare.svg?runs={ids[0]},{ids[0]}")
     assert status == 200 and compare_ids(assert_svg(body)) == {f"run-{ids[0]}"}
 
 
@@ -117,11 +125,11 @@ def test_compare_draws_the_distance_to_an_exact_runs_optimum(server):
     ‖θ_t − θ*‖ is drawn, its last value in the legend: here against the
     pooled line of the seed's four points, computed in this test. The exact
     run itself is θ* (to 1e-9 of the closed form) and gets no line."""
-    url, runs = server
+    get, runs = server
     w_star, b_star = pooled_line(SEED_DATA)
     exact_id = runs["exact"]["run_id"]
     chosen = [runs[1000], runs["fedsgd"], runs["exact"]]
-    status, _, body = launcher.fetch(f"{url}/compare.svg?runs={','.join(str(r['run_id']) for r in chosen)}")
+    status, _, body = get(f"/compare.svg?runs={','.join(str(r['run_id']) for r in chosen)}")
     assert status == 200
     root = assert_svg(body)
     drawn = {g.get("id") for g in root.iter("{http://www.w3.org/2000/svg}g")
@@ -141,8 +149,8 @@ def test_compare_draws_the_distance_to_an_exact_runs_optimum(server):
 
 
 def test_compare_without_an_exact_run_says_how_to_get_the_distance(server):
-    url, runs = server
-    status, _, body = launcher.fetch(f"{url}/compare.svg?runs={runs[1]['run_id']},{runs['fedsgd']['run_id']}")
+    get, runs = server
+    status, _, body = get(f"/compare.svg?runs={runs[1]['run_id']},{runs['fedsgd']['run_id']}")
     assert status == 200
     assert b"distance-run-" not in body
     assert b"compare with an exact run" in body
@@ -160,20 +168,20 @@ def test_compare_without_an_exact_run_says_how_to_get_the_distance(server):
     ("runs=1," + "9" * 50, 404, "no run " + "9" * 40),
 ])
 def test_compare_says_what_is_wrong_as_json(server, query, status, message):
-    url, _ = server
-    got, ctype, body = launcher.fetch(f"{url}/compare.svg?{query}")
+    get, _ = server
+    got, ctype, body = get(f"/compare.svg?{query}")
     assert got == status and ctype.startswith("application/json")
     assert json.loads(body) == {"error": message}
 
 
 def test_model_lines_of_a_chosen_round(server):
-    url, runs = server
+    get, runs = server
     run_id = runs[1000]["run_id"]
     for round_no in (1, 500, 1000):
-        status, _, body = launcher.fetch(f"{url}/runs/{run_id}/plots/models.svg?round={round_no}")
+        status, _, body = get(f"/runs/{run_id}/plots/models.svg?round={round_no}")
         assert status == 200
         assert_svg(body)
-    status, _, body = launcher.fetch(f"{url}/runs/{run_id}/plots/params.svg?round=500")
+    status, _, body = get(f"/runs/{run_id}/plots/params.svg?round=500")
     assert status == 200
     assert_svg(body)
 
@@ -185,31 +193,31 @@ def test_model_lines_of_a_chosen_round(server):
     ("size=big", "size: unknown query parameter"),
 ])
 def test_bad_query_is_a_400_json(server, query, message):
-    url, runs = server
+    get, runs = server
     run_id = runs[1000]["run_id"]
-    status, ctype, body = launcher.fetch(f"{url}/runs/{run_id}/plots/models.svg?{query}")
+    status, ctype, body = get(f"/runs/{run_id}/plots/models.svg?{query}")
     assert status == 400 and ctype.startswith("application/json")
     assert json.loads(body) == {"error": message.format(id=run_id)}
 
 
 def test_missing_run_is_a_404_json(server):
-    url, _ = server
-    status, ctype, body = launcher.fetch(f"{url}/runs/987654/plots/models.svg")
+    get, _ = server
+    status, ctype, body = get("/runs/987654/plots/models.svg")
     assert status == 404 and ctype.startswith("application/json")
     assert json.loads(body) == {"error": "no run 987654"}
 
 
 def test_unknown_chart_is_a_404_json(server):
-    url, runs = server
-    status, ctype, body = launcher.fetch(f"{url}/runs/{runs[1]['run_id']}/plots/scatter.svg")
+    get, runs = server
+    status, ctype, body = get(f"/runs/{runs[1]['run_id']}/plots/scatter.svg")
     assert status == 404 and ctype.startswith("application/json")
     assert json.loads(body) == {"error": "no plot 'scatter' (known: models, params, loss)"}
 
 
 def test_since_gives_only_the_later_rounds(server):
-    url, runs = server
+    get, runs = server
     run = runs[1000]
-    status, _, body = launcher.fetch(f"{url}/runs/{run['run_id']}?since=998")
+    status, _, body = get(f"/runs/{run['run_id']}?since=998")
     assert status == 200
     later = json.loads(body)
     assert later["rounds"] == run["rounds"][998:]
@@ -218,9 +226,9 @@ def test_since_gives_only_the_later_rounds(server):
     assert later.pop("more") is False
     assert {k: v for k, v in later.items() if k != "rounds"} == {k: v for k, v in run.items()
                                                                 if k != "rounds" and k not in summary}
-    assert json.loads(launcher.fetch(f"{url}/runs/{run['run_id']}?since=0")[2])["rounds"] == run["rounds"]
-    assert json.loads(launcher.fetch(f"{url}/runs/{run['run_id']}?since={'9' * 40}")[2])["rounds"] == []
-    status, _, body = launcher.fetch(f"{url}/runs/{run['run_id']}?since=-1")
+    assert json.loads(get(f"/runs/{run['run_id']}?since=0")[2])["rounds"] == run["rounds"]
+    assert json.loads(get(f"/runs/{run['run_id']}?since={'9' * 40}")[2])["rounds"] == []
+    status, _, body = get(f"/runs/{run['run_id']}?since=-1")
     assert status == 400 and json.loads(body) == {"error": "since: must be a whole number >= 0, got '-1'"}
 
 
@@ -232,27 +240,24 @@ def test_a_run_without_rounds_still_draws():
         assert render(run, name, "png").startswith(PNG_SIGNATURE)
 
 
-def plot_run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_run.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
-
-
-def test_plot_run_writes_three_pngs_from_the_server_and_from_a_file(server, tmp_path):
-    url, runs = server
+def test_plot_run_writes_three_pngs_from_the_server_and_from_a_file(server, server_url, tmp_path, monkeypatch,
+                                                                   capsys):
+    """plot_run.py's main with the arguments its command line takes (the
+    script itself, run by its path from another folder, is test_readme's)."""
+    get, runs = server
     run = runs[1000]
-    done = plot_run(url, "--out", str(tmp_path / "latest"), cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
+    monkeypatch.chdir(tmp_path)  # where relative paths land, as for a command run here
+    assert plot_run.main([server_url, "--out", str(tmp_path / "latest")]) == 0
     files = [tmp_path / "latest" / f"run-{run['run_id']}-{name}.png" for name in NAMES]
-    assert done.stdout.split() == [str(f) for f in files]
+    assert capsys.readouterr().out.split() == [str(f) for f in files]
     for f in files:
         data = f.read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
 
     # the run's JSON as the page downloads it (GET /runs/<id>), saved to a file
     saved = tmp_path / "run.json"
-    saved.write_bytes(launcher.fetch(f"{url}/runs/{runs[1]['run_id']}")[2])
-    done = plot_run(str(saved), "--out", "from-file", "--round", "1", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
+    saved.write_bytes(get(f"/runs/{runs[1]['run_id']}")[2])
+    assert plot_run.main([str(saved), "--out", "from-file", "--round", "1"]) == 0
     for name in NAMES:
         data = (tmp_path / "from-file" / f"run-{runs[1]['run_id']}-{name}.png").read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
@@ -263,21 +268,21 @@ def test_plot_run_writes_three_pngs_from_the_server_and_from_a_file(server, tmp_
     (["{url}/runs/987654"], "HTTP 404"),
     (["{url}", "--run", "{id}", "--round", "2"], "has no round 2"),
 ])
-def test_plot_run_says_what_is_wrong(server, tmp_path, args, message):
-    url, runs = server
-    done = plot_run(*(a.format(url=url, id=runs[1]["run_id"]) for a in args), cwd=tmp_path)
-    assert done.returncode == 2
-    assert message in done.stderr
+def test_plot_run_says_what_is_wrong(server, server_url, tmp_path, monkeypatch, capsys, args, message):
+    _, runs = server
+    monkeypatch.chdir(tmp_path)
+    assert plot_run.main([a.format(url=server_url, id=runs[1]["run_id"]) for a in args]) == 2
+    assert message in capsys.readouterr().err
     assert not list(tmp_path.glob("*.png"))
 
 
 def test_the_model_lines_span_the_x_the_clients_report(server):
     """The seed's clients report x₁ in [1, 2] and [3, 4] in /health: the
     chart spans [1, 4] with 5% either side, and says where the range came from."""
-    url, runs = server
-    clients = json.loads(launcher.fetch(f"{url}/clients")[2])["clients"]
+    get, runs = server
+    clients = json.loads(get("/clients")[2])["clients"]
     assert [c["x_range"] for c in clients] == [[1.0, 2.0], [3.0, 4.0]]
-    status, _, body = launcher.fetch(f"{url}/runs/{runs[1]['run_id']}/plots/models.svg")
+    status, _, body = get(f"/runs/{runs[1]['run_id']}/plots/models.svg")
     assert status == 200
     assert_svg(body)
     assert "<!-- x; the clients report x₁ from 1 to 4 -->".encode() in body
