@@ -1,12 +1,21 @@
 """The web page in a real browser: Debian's Chromium, headless, driven by
-Playwright, against the real apps as processes on free loopback ports.
+Playwright, against two servers.
 
-The server is configured with a third client where nothing listens, so every
-round drops it and the page must say why. The form picks a strategy and its
-own settings; a round shows that strategy's math and state; several runs
-can be compared on one chart. UPDATE_SCREENSHOT=1 writes the
-screenshot to docs/screenshot.png (the one the README shows); otherwise it
-goes to the test's temporary folder.
+``apps``: the real apps as processes on free loopback ports, the server
+configured with a third client where nothing listens, so every round drops
+it and the page must say why. The clients up and down, the form and its
+errors, a live run from the form, stop and resume are shown over these.
+
+``local``: the seed's server app over its two client apps in this process
+(conftest's ``seed_federation``), served on a free loopback port: the same
+page and API, every client answering, for the rest: past runs, a strategy
+from the form and each strategy's math and state, runs compared, a run of
+1003 rounds (over HTTP, the dead client's 0.2 s pause before its retry made
+that one run last four minutes), secure aggregation and DP. Fifty clients
+and a suspicious one are servers in this process too.
+
+UPDATE_SCREENSHOT=1 writes the screenshot to docs/screenshot.png (the one
+the README shows); otherwise it goes to the test's temporary folder.
 """
 from __future__ import annotations
 
@@ -16,6 +25,7 @@ import random
 import time
 import urllib.request
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +33,13 @@ import pytest
 from playwright.sync_api import Browser, Page
 
 import launcher
-from conftest import ROOT
+from conftest import ROOT, Federated, Served
+from fedavg.client import create_app as create_client_app
+from fedavg.scenarios import make_clients
 from fedavg.strategies import STRATEGIES
 from fedavg.trace import explain_average, fmt
+from fedavg_server import create_app as create_server_app
+from fedavg_server.inprocess import InProcessTransport, federation_app
 
 # Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
 pytestmark = pytest.mark.system
@@ -48,7 +62,7 @@ def get_text(url: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory):
+def apps(tmp_path_factory):
     """client_1, client_2 and the server, configured with a third client URL
     whose port is bound but never listens: connecting is refused at once, and
     no other process can take the port while the tests run."""
@@ -67,10 +81,18 @@ def federation(tmp_path_factory):
             launcher.stop(list(apps.values()))
 
 
-@pytest.fixture
-def page(browser: Browser, federation):
-    """A fresh tab on the page; fails the test if the page logged an error
-    (other than the 400 a rejected form gets: that is the API answering)."""
+@pytest.fixture(scope="module")
+def local(seed_federation):
+    """The seed's server app over its two client apps in this process, on a
+    free loopback port (a thread): yields its URL."""
+    served = Served(seed_federation.app)
+    yield served.url
+    served.close()
+
+
+def open_tab(browser: Browser, url: str) -> Iterator[Page]:
+    """A fresh tab on the page at url; fails the test if the page logged an
+    error (other than the 400 a rejected form gets: that is the API answering)."""
     context = browser.new_context(viewport={"width": 1400, "height": 900})
     tab = context.new_page()
     tab.set_default_timeout(15_000)
@@ -78,10 +100,22 @@ def page(browser: Browser, federation):
     tab.on("pageerror", lambda e: errors.append(f"uncaught: {e}"))
     tab.on("console", lambda m: errors.append(m.text) if m.type == "error" and "status of 400" not in m.text
            else None)
-    tab.goto(federation[0] + "/")
+    tab.goto(url + "/")
     yield tab
     context.close()
     assert errors == []
+
+
+@pytest.fixture
+def page(browser: Browser, apps) -> Iterator[Page]:
+    """A tab on the real apps' page."""
+    yield from open_tab(browser, apps[0])
+
+
+@pytest.fixture
+def local_page(browser: Browser, local) -> Iterator[Page]:
+    """A tab on the page of the server in this process."""
+    yield from open_tab(browser, local)
 
 
 def rows(page: Page) -> int:
@@ -102,8 +136,9 @@ def w_text(w) -> str:
     return fmt(w) if not isinstance(w, list) else "[" + ", ".join(fmt(v) for v in w) + "]"
 
 
-def assert_round_shown(page: Page, record: dict, dead: str) -> None:
-    """Every number the page writes for this round equals GET /runs/<id>, in the log's format."""
+def assert_round_shown(page: Page, record: dict, dead: str | None) -> None:
+    """Every number the page writes for this round equals GET /runs/<id>, in
+    the log's format; ``dead`` is the client that is down, if there is one."""
     assert text(page, "#round-number") == str(record["round"])
     model_in = record["global_model_in"]
     assert text(page, '#math [data-field="model_in"]') == f"w={w_text(model_in['w'])} b={fmt(model_in['b'])}"
@@ -128,13 +163,15 @@ def assert_round_shown(page: Page, record: dict, dead: str) -> None:
                             np.append(record["global_model"]["w"], record["global_model"]["b"]))
     assert page.locator("#average-lines").inner_text().strip() == "\n".join(lines)
     assert text(page, '#math [data-field="federated_loss"]') == fmt(record["federated_loss"])
-    # the client that is not there: dropped, with the reason the server gave
-    assert [d["url"] for d in record["dropped"]] == [dead]
     dropped = page.locator("#dropped li")
-    assert dropped.count() == 1
-    assert dropped.get_attribute("data-client") == record["dropped"][0]["client_id"]
-    reason = dropped.locator('[data-field="reason"]').inner_text()
-    assert reason == record["dropped"][0]["reason"] and "Connection refused" in reason
+    if dead is None:  # every client answered: none dropped, none shown as dropped
+        assert record["dropped"] == [] and dropped.count() == 0
+    else:  # the client that is not there: dropped, with the reason the server gave
+        assert [d["url"] for d in record["dropped"]] == [dead]
+        assert dropped.count() == 1
+        assert dropped.get_attribute("data-client") == record["dropped"][0]["client_id"]
+        reason = dropped.locator('[data-field="reason"]').inner_text()
+        assert reason == record["dropped"][0]["reason"] and "Connection refused" in reason
     # and its line in the table of all rounds
     row = page.locator(f'#rounds tbody tr[data-round="{record["round"]}"]')
     assert row.locator('[data-field="w"]').inner_text() == w_text(record["global_model"]["w"])
@@ -142,8 +179,8 @@ def assert_round_shown(page: Page, record: dict, dead: str) -> None:
     assert row.locator('[data-field="federated_loss"]').inner_text() == fmt(record["federated_loss"])
 
 
-def test_the_federation_shows_each_client_up_or_down(page: Page, federation):
-    url, dead = federation
+def test_the_federation_shows_each_client_up_or_down(page: Page, apps):
+    url, dead = apps
     page.wait_for_function("document.querySelector('#clients-summary').textContent !== ''")
     states = {c["url"]: c for c in get_json(url + "/clients")["clients"]}
     assert [c["status"] for c in states.values()] == ["up", "up", "down"]
@@ -159,8 +196,8 @@ def test_the_federation_shows_each_client_up_or_down(page: Page, federation):
     assert text(page, "#clients-summary").startswith("2 of 3 client(s) up; N = 4 samples")
 
 
-def test_a_validation_error_is_shown_next_to_its_field(page: Page, federation):
-    url, _ = federation
+def test_a_validation_error_is_shown_next_to_its_field(page: Page, apps):
+    url, _ = apps
     before = len(get_json(url + "/runs")["runs"])
     page.fill("#f-lr", "-1")
     page.click("#start-button")
@@ -178,8 +215,8 @@ def test_a_validation_error_is_shown_next_to_its_field(page: Page, federation):
     assert len(get_json(url + "/runs")["runs"]) == before  # nothing started
 
 
-def test_a_run_from_the_form_arrives_round_by_round_with_the_api_numbers(page: Page, federation, tmp_path):
-    url, dead = federation
+def test_a_run_from_the_form_arrives_round_by_round_with_the_api_numbers(page: Page, apps, tmp_path):
+    url, dead = apps
     page.fill("#f-rounds", str(ROUNDS))
     page.fill("#f-pace_s", str(PACE_S))
     page.fill("#f-seed", "3")
@@ -247,26 +284,27 @@ def test_a_run_from_the_form_arrives_round_by_round_with_the_api_numbers(page: P
     assert shot.stat().st_size > 50_000
 
 
-def test_past_runs_are_selectable(page: Page, federation):
-    url, dead = federation
+def test_past_runs_are_selectable(local_page: Page, local):
+    url = local
     status, first = launcher.post_json(url + "/start", {"rounds": 3, "seed": 5})
     assert status == 200 and first["status"] == "completed"
     # a second run, started from the form with the keyboard alone
-    page.focus("#f-rounds")
-    page.keyboard.press("Control+A")
-    page.keyboard.type("2")
-    page.keyboard.press("Enter")
+    local_page.focus("#f-rounds")
+    local_page.keyboard.press("Control+A")
+    local_page.keyboard.type("2")
+    local_page.keyboard.press("Enter")
     second = first["run_id"] + 1  # the server's next run id
-    page.wait_for_function(f"document.querySelector('#run-status').textContent.startsWith('Run {second} is completed')")
-    assert page.input_value("#run-select") == str(second)
-    assert text(page, "#progress-text") == "2 / 2 rounds"
+    local_page.wait_for_function(
+        f"document.querySelector('#run-status').textContent.startsWith('Run {second} is completed')")
+    assert local_page.input_value("#run-select") == str(second)
+    assert text(local_page, "#progress-text") == "2 / 2 rounds"
 
-    page.select_option("#run-select", str(first["run_id"]))
-    page.wait_for_function("document.querySelector('#progress-text').textContent === '3 / 3 rounds'")
-    assert text(page, "#run-status").startswith(f"Run {first['run_id']} is completed")
-    page.wait_for_function("document.querySelector('#round-number').textContent === '3'")
-    assert_round_shown(page, first["rounds"][-1], dead)
-    assert page.locator("#rounds tbody tr").count() == 3
+    local_page.select_option("#run-select", str(first["run_id"]))
+    local_page.wait_for_function("document.querySelector('#progress-text').textContent === '3 / 3 rounds'")
+    assert text(local_page, "#run-status").startswith(f"Run {first['run_id']} is completed")
+    local_page.wait_for_function("document.querySelector('#round-number').textContent === '3'")
+    assert_round_shown(local_page, first["rounds"][-1], None)
+    assert local_page.locator("#rounds tbody tr").count() == 3
 
 
 def test_the_page_writes_numbers_exactly_as_the_log_does(page: Page):
@@ -283,8 +321,8 @@ def test_the_page_writes_numbers_exactly_as_the_log_does(page: Page):
     assert page.evaluate("xs => xs.map(x => fmt(x))", values) == [fmt(v) for v in values]
 
 
-def test_a_run_can_be_stopped_and_resumed_from_the_page(page: Page, federation):
-    url, _ = federation
+def test_a_run_can_be_stopped_and_resumed_from_the_page(page: Page, apps):
+    url, _ = apps
     page.fill("#f-rounds", "40")
     page.fill("#f-pace_s", "0.1")
     page.click("#start-button")
@@ -326,50 +364,51 @@ def show_round(page: Page, run_id: int, round_no: int) -> None:
     page.wait_for_function(f"document.querySelector('#round-number').textContent === '{round_no}'")
 
 
-def test_the_form_starts_a_scaffold_run_with_its_own_server_lr(page: Page, federation):
-    url, _ = federation
+def test_the_form_starts_a_scaffold_run_with_its_own_server_lr(local_page: Page, local):
+    url = local
     # FedAvg first, with nothing of its own to set; every other strategy's settings hidden
-    assert page.input_value("#f-strategy") == "fedavg"
-    assert text(page, "#strategy-summary") == STRATEGIES["fedavg"].summary
-    assert page.is_hidden("#f-scaffold-server_lr") and page.is_hidden("#f-fedprox-mu")
+    assert local_page.input_value("#f-strategy") == "fedavg"
+    assert text(local_page, "#strategy-summary") == STRATEGIES["fedavg"].summary
+    assert local_page.is_hidden("#f-scaffold-server_lr") and local_page.is_hidden("#f-fedprox-mu")
     # mu belongs to FedProx alone, with the default the server gives it
-    page.select_option("#f-strategy", "fedprox")
-    assert page.is_visible("#f-fedprox-mu") and page.input_value("#f-fedprox-mu") == "0.01"
-    page.select_option("#f-strategy", "scaffold")
-    assert text(page, "#strategy-summary") == STRATEGIES["scaffold"].summary
-    assert page.is_hidden("#f-fedprox-mu") and page.is_hidden("#f-fedadam-server_lr")
+    local_page.select_option("#f-strategy", "fedprox")
+    assert local_page.is_visible("#f-fedprox-mu") and local_page.input_value("#f-fedprox-mu") == "0.01"
+    local_page.select_option("#f-strategy", "scaffold")
+    assert text(local_page, "#strategy-summary") == STRATEGIES["scaffold"].summary
+    assert local_page.is_hidden("#f-fedprox-mu") and local_page.is_hidden("#f-fedadam-server_lr")
     # the setting as fedavg.strategies defines it: its default and bounds
     param = next(p for p in STRATEGIES["scaffold"].params if p.name == "server_lr")
-    assert page.input_value("#f-scaffold-server_lr") == f"{param.default:g}"
-    assert page.get_attribute("#f-scaffold-server_lr", "max") == f"{param.le:g}"
-    assert f"0 < server_lr ≤ {param.le:g}" in text(page, "#scaffold-server_lr-help")
-    assert page.inner_text('label[for="f-scaffold-server_lr"]') == "server_lr"
+    assert local_page.input_value("#f-scaffold-server_lr") == f"{param.default:g}"
+    assert local_page.get_attribute("#f-scaffold-server_lr", "max") == f"{param.le:g}"
+    assert f"0 < server_lr ≤ {param.le:g}" in text(local_page, "#scaffold-server_lr-help")
+    assert local_page.inner_text('label[for="f-scaffold-server_lr"]') == "server_lr"
 
-    page.fill("#f-rounds", "2")
-    page.fill("#f-scaffold-server_lr", "0.5")
+    local_page.fill("#f-rounds", "2")
+    local_page.fill("#f-scaffold-server_lr", "0.5")
     run_id = max([r["run_id"] for r in get_json(url + "/runs")["runs"]], default=0) + 1  # the server's next id
-    page.click("#start-button")
-    page.wait_for_function(f"document.querySelector('#run-status').textContent.startsWith('Run {run_id} is completed')")
+    local_page.click("#start-button")
+    local_page.wait_for_function(
+        f"document.querySelector('#run-status').textContent.startsWith('Run {run_id} is completed')")
     run = get_json(f"{url}/runs/{run_id}")
     assert run["settings"]["strategy"] == "scaffold" and run["settings"]["params"] == {"server_lr": 0.5}
     assert "mu" not in json.dumps(run["settings"]["params"])
-    assert text(page, "#run-status").startswith(f"Run {run_id} is completed: scaffold (server_lr={fmt(0.5)}), ")
+    assert text(local_page, "#run-status").startswith(f"Run {run_id} is completed: scaffold (server_lr={fmt(0.5)}), ")
     # and its last round: SCAFFOLD's math, each client's control-variate update, the server's c
     record = run["rounds"][-1]
-    page.wait_for_function("document.querySelector('#math [data-field=\"strategy\"]') !== null")
-    assert text(page, '#math [data-field="strategy"]') == "scaffold"
-    assert page.locator("#average-lines").inner_text().strip() == "\n".join(record["math"])
+    local_page.wait_for_function("document.querySelector('#math [data-field=\"strategy\"]') !== null")
+    assert text(local_page, '#math [data-field="strategy"]') == "scaffold"
+    assert local_page.locator("#average-lines").inner_text().strip() == "\n".join(record["math"])
     for p in record["participants"]:
-        row = page.locator(f'#terms tbody tr[data-client="{p["client_id"]}"]')
+        row = local_page.locator(f'#terms tbody tr[data-client="{p["client_id"]}"]')
         assert row.locator('[data-field="control_delta_w"]').inner_text() == w_text(p["control_delta"]["w"])
         assert row.locator('[data-field="control_delta_b"]').inner_text() == fmt(p["control_delta"]["b"])
     c = record["server_state"]["c"]
-    assert page.locator('#server-state tr[data-state="c"] [data-field="w"]').inner_text() == fmt(c[0])
-    assert page.locator('#server-state tr[data-state="c"] [data-field="b"]').inner_text() == fmt(c[1])
+    assert local_page.locator('#server-state tr[data-state="c"] [data-field="w"]').inner_text() == fmt(c[0])
+    assert local_page.locator('#server-state tr[data-state="c"] [data-field="b"]').inner_text() == fmt(c[1])
 
 
-def test_an_out_of_range_strategy_setting_is_shown_next_to_its_field(page: Page, federation):
-    url, _ = federation
+def test_an_out_of_range_strategy_setting_is_shown_next_to_its_field(page: Page, apps):
+    url, _ = apps
     before = len(get_json(url + "/runs")["runs"])
     page.select_option("#f-strategy", "fedadam")
     page.fill("#f-fedadam-beta1", "1")
@@ -386,58 +425,58 @@ def test_an_out_of_range_strategy_setting_is_shown_next_to_its_field(page: Page,
     assert len(get_json(url + "/runs")["runs"]) == before  # nothing started
 
 
-def test_a_fedadam_round_shows_its_math_and_its_m_and_v(page: Page, federation):
-    url, _ = federation
+def test_a_fedadam_round_shows_its_math_and_its_m_and_v(local_page: Page, local):
+    url = local
     run = start_run(url, {"strategy": "fedadam", "rounds": 3, "seed": 11, "server_lr": 0.2})
-    page.reload()
-    show_round(page, run["run_id"], 2)
+    local_page.reload()
+    show_round(local_page, run["run_id"], 2)
     record = run["rounds"][1]
-    assert text(page, '#math [data-field="strategy"]') == "fedadam"
-    assert text(page, '#math [data-field="summary"]') == STRATEGIES["fedadam"].summary
-    assert page.locator("#average-lines").inner_text().strip() == "\n".join(record["math"])
+    assert text(local_page, '#math [data-field="strategy"]') == "fedadam"
+    assert text(local_page, '#math [data-field="summary"]') == STRATEGIES["fedadam"].summary
+    assert local_page.locator("#average-lines").inner_text().strip() == "\n".join(record["math"])
     assert any(line.startswith("m_w = ") for line in record["math"])
     assert set(record["server_state"]) == {"m", "v"}
     for key, values in record["server_state"].items():
-        row = page.locator(f'#server-state tr[data-state="{key}"]')
+        row = local_page.locator(f'#server-state tr[data-state="{key}"]')
         assert row.locator('[data-field="w"]').inner_text() == fmt(values[0])
         assert row.locator('[data-field="b"]').inner_text() == fmt(values[1])
     # FedAdam averages local models first: each client's share is there too
-    assert page.locator("#terms tbody tr").count() == len(record["participants"]) == len(record["terms"])
+    assert local_page.locator("#terms tbody tr").count() == len(record["participants"]) == len(record["terms"])
 
 
-def test_a_fedsgd_round_shows_what_each_client_sent(page: Page, federation):
-    url, _ = federation
+def test_a_fedsgd_round_shows_what_each_client_sent(local_page: Page, local):
+    url = local
     run = start_run(url, {"strategy": "fedsgd", "rounds": 2, "seed": 2})
-    page.reload()
-    show_round(page, run["run_id"], 2)
+    local_page.reload()
+    show_round(local_page, run["run_id"], 2)
     record = run["rounds"][1]
     assert record["terms"] == []
-    assert page.locator("#average-lines").inner_text().strip() == "\n".join(record["math"])
+    assert local_page.locator("#average-lines").inner_text().strip() == "\n".join(record["math"])
     for p in record["participants"]:
-        row = page.locator(f'#terms tbody tr[data-client="{p["client_id"]}"]')
+        row = local_page.locator(f'#terms tbody tr[data-client="{p["client_id"]}"]')
         assert row.locator('[data-field="gradient_w"]').inner_text() == w_text(p["gradient"]["w"])
         assert row.locator('[data-field="gradient_b"]').inner_text() == fmt(p["gradient"]["b"])
         assert row.locator('[data-field="w"]').count() == 0  # no local model, no column for one
-    assert page.locator("#server-state").count() == 0  # FedSGD keeps no state
+    assert local_page.locator("#server-state").count() == 0  # FedSGD keeps no state
     # its model-lines chart draws (the global lines only)
-    page.wait_for_function("document.querySelector('#chart-models').src.startsWith('blob:')"
+    local_page.wait_for_function("document.querySelector('#chart-models').src.startsWith('blob:')"
                            " && document.querySelector('#chart-models').naturalWidth > 300")
 
 
-def test_the_comparison_view_overlays_two_runs(page: Page, federation):
-    url, _ = federation
+def test_the_comparison_view_overlays_two_runs(local_page: Page, local):
+    url = local
     first = start_run(url, {"strategy": "fedavg", "rounds": 4, "seed": 1})
     second = start_run(url, {"strategy": "fedadam", "rounds": 4, "seed": 1})
-    page.reload()
+    local_page.reload()
     for run in (first, second):
-        page.check(f"#compare-{run['run_id']}")
-    page.click("#compare-button")
-    page.wait_for_function("document.querySelector('#chart-compare').src.startsWith('blob:')"
+        local_page.check(f"#compare-{run['run_id']}")
+    local_page.click("#compare-button")
+    local_page.wait_for_function("document.querySelector('#chart-compare').src.startsWith('blob:')"
                            " && document.querySelector('#chart-compare').naturalWidth > 300")
-    assert page.is_visible("#chart-compare")
-    assert page.get_attribute("#chart-compare", "data-runs") == f"{first['run_id']},{second['run_id']}"
+    assert local_page.is_visible("#chart-compare")
+    assert local_page.get_attribute("#chart-compare", "data-runs") == f"{first['run_id']},{second['run_id']}"
     # the picture the page shows: one line per run, each labelled with its run and strategy
-    svg = page.evaluate("fetch(document.querySelector('#chart-compare').src).then(r => r.text())")
+    svg = local_page.evaluate("fetch(document.querySelector('#chart-compare').src).then(r => r.text())")
     root = ET.fromstring(svg)
     line_ids = {g.get("id") for g in root.iter("{http://www.w3.org/2000/svg}g")
                 if (g.get("id") or "").startswith("run-")}
@@ -492,26 +531,27 @@ def assert_one_round(sample: dict, run_id: int) -> None:
     assert sample["chart_rounds"] == [rounds] * 3, sample
 
 
-def test_every_view_shows_the_same_round_while_a_paced_run_arrives(page: Page, federation):
-    url, _ = federation
+def test_every_view_shows_the_same_round_while_a_paced_run_arrives(local_page: Page, local):
+    url = local
     rounds = 8
-    page.wait_for_function("document.querySelector('#run-status').textContent !== ''")
-    page.evaluate(OBSERVE_JS)
-    page.fill("#f-rounds", str(rounds))
-    page.fill("#f-pace_s", "0.3")
-    page.click("#start-button")
-    page.wait_for_function("document.querySelector('#run-status').dataset.status === 'running'")
-    run_id = int(page.input_value("#run-select"))
+    local_page.wait_for_function("document.querySelector('#run-status').textContent !== ''")
+    local_page.evaluate(OBSERVE_JS)
+    local_page.fill("#f-rounds", str(rounds))
+    local_page.fill("#f-pace_s", "0.3")
+    local_page.click("#start-button")
+    local_page.wait_for_function("document.querySelector('#run-status').dataset.status === 'running'")
+    run_id = int(local_page.input_value("#run-select"))
     samples = []
     deadline = time.monotonic() + 40
     while True:
-        sample = page.evaluate(SAMPLE_JS)
+        sample = local_page.evaluate(SAMPLE_JS)
         samples.append(sample)
-        if sample["menu_rounds"] == rounds and "completed" in page.locator("#run-status").get_attribute("data-status"):
+        status = local_page.locator("#run-status").get_attribute("data-status")
+        if sample["menu_rounds"] == rounds and "completed" in status:
             break
         assert time.monotonic() < deadline, f"the run did not complete on the page in 40 s: {sample}"
-        page.wait_for_timeout(20)  # sampling interval, not a wait for anything
-    observed = [s for s in page.evaluate("window.__samples") if s["status_run"] == run_id]
+        local_page.wait_for_timeout(20)  # sampling interval, not a wait for anything
+    observed = [s for s in local_page.evaluate("window.__samples") if s["status_run"] == run_id]
     for sample in samples + observed:
         assert_one_round(sample, run_id)
     # the samples saw the rounds arrive, not just the end
@@ -523,8 +563,8 @@ def test_every_view_shows_the_same_round_while_a_paced_run_arrives(page: Page, f
 # --- the form: every bad field at once -----------------------------------------------------
 
 
-def test_every_bad_field_is_shown_at_once_next_to_its_field(page: Page, federation):
-    url, _ = federation
+def test_every_bad_field_is_shown_at_once_next_to_its_field(page: Page, apps):
+    url, _ = apps
     before = len(get_json(url + "/runs")["runs"])
     page.fill("#f-rounds", "0")
     page.fill("#f-lr", "0")
@@ -553,20 +593,13 @@ K = 50
 
 @pytest.fixture(scope="module")
 def fifty(tmp_path_factory):
-    """A client host of 50 IID clients and a server configured with each of them."""
-    db = tmp_path_factory.mktemp("fifty") / "runs.db"
-    apps: list[launcher.App] = []
-    try:
-        host = launcher.start_app("client_host", launcher.free_port(), ["--scenario", "iid", "--clients", str(K)])
-        apps.append(host)
-        launcher.wait_healthy([host])
-        urls = [f"{host.url}/clients/{k}" for k in range(1, K + 1)]
-        server = launcher.start_app("server", launcher.free_port(), ["--clients", ",".join(urls), "--db", str(db)])
-        apps.append(server)
-        launcher.wait_healthy([server])
-        yield server.url, urls
-    finally:
-        launcher.stop(apps)
+    """A client host app of 50 IID clients and a server configured with each
+    of them, in this process, the server on a free loopback port."""
+    server = Federated(federation_app(make_clients("iid", K), tmp_path_factory.mktemp("fifty") / "runs.db"))
+    served = Served(server.app)
+    yield served.url, server.fed.transport.urls
+    served.close()
+    server.close()
 
 
 def test_fifty_clients_are_summarised_collapsed_and_searchable(browser: Browser, fifty):
@@ -603,21 +636,21 @@ def test_fifty_clients_are_summarised_collapsed_and_searchable(browser: Browser,
         context.close()
 
 
-def test_a_few_clients_are_listed_open_with_links_to_their_pages(page: Page, federation):
+def test_a_few_clients_are_listed_open_with_links_to_their_pages(page: Page, apps):
     assert page.evaluate("document.querySelector('#clients-details').open") is True
     for row in page.locator("#clients tbody tr").all():
         assert row.locator('[data-field="page"]').get_attribute("href") == row.get_attribute("data-url") + "/"
 
 
-def test_a_run_longer_than_a_page_of_rounds_is_shown_whole(page: Page, federation):
+def test_a_run_longer_than_a_page_of_rounds_is_shown_whole(local_page: Page, local):
     """GET /runs/<id> answers 1000 rounds a page; the page reads them all."""
-    url, _ = federation
+    url = local
     status, run = launcher.post_json(url + "/start", {"rounds": 1003, "seed": 5})
     assert status == 200 and run["status"] == "completed"
-    page.reload()
-    page.select_option("#run-select", str(run["run_id"]))
-    page.wait_for_function("document.querySelectorAll('#rounds tbody tr').length === 1003", timeout=30_000)
-    assert text(page, "#progress-text") == "1003 / 1003 rounds"
+    local_page.reload()
+    local_page.select_option("#run-select", str(run["run_id"]))
+    local_page.wait_for_function("document.querySelectorAll('#rounds tbody tr').length === 1003", timeout=30_000)
+    assert text(local_page, "#progress-text") == "1003 / 1003 rounds"
 
 
 def test_a_suspicious_update_is_flagged_on_the_page(browser: Browser, tmp_path, serve):
@@ -635,49 +668,49 @@ def test_a_suspicious_update_is_flagged_on_the_page(browser: Browser, tmp_path, 
     def train():
         return {"local_model": {"w": 500.0, "b": 500.0}, "data_size": 2, "client_id": "outlier"}
 
-    apps = {"client_1": launcher.start_app("client_1", launcher.free_port())}
+    client_1 = create_client_app({"CLIENT_ID": "client_1", "DATA_PATH": str(ROOT / "client_1" / "data.csv"),
+                                  "TOKEN": None})
+    transport = InProcessTransport({"http://127.0.0.1:5001": client_1, "http://127.0.0.1:5002": outlier})
+    server = Federated(create_server_app({"TRANSPORT": transport, "DB": str(tmp_path / "runs.db"), "TOKEN": None}))
     try:
-        apps["server"] = launcher.start_app("server", launcher.free_port(), [
-            "--clients", f"{apps['client_1'].url},{serve(outlier).url}", "--db", str(tmp_path / "runs.db")])
-        launcher.wait_healthy(list(apps.values()))
-        status, run = launcher.post_json(apps["server"].url + "/start", {"rounds": 1, "seed": 1})
+        run = server.run(rounds=1, seed=1)
         flagged = run["rounds"][0]["suspicious"]
-        assert status == 200 and [x["client_id"] for x in flagged] == ["outlier"]
+        assert [x["client_id"] for x in flagged] == ["outlier"]
         tab = browser.new_context().new_page()
-        tab.goto(apps["server"].url + "/")
+        tab.goto(serve(server.app).url + "/")
         tab.wait_for_selector("#suspicious li")
         item = tab.locator("#suspicious li").inner_text()
         assert item.startswith("outlier: its update's norm " + fmt(flagged[0]["update_norm"]))
         assert f" is {flagged[0]['ratio']:.3g}× the others' median" in item  # (a ratio of hundreds)
         tab.context.close()
     finally:
-        launcher.stop(list(apps.values()))
+        server.close()
 
 
 # --- privacy: a secure round shows only the sum; a DP run shows ε against its budget ------
 
-def test_a_secure_round_shows_no_clients_numbers_and_its_unmasking(page: Page, federation):
-    url, _ = federation
+def test_a_secure_round_shows_no_clients_numbers_and_its_unmasking(local_page: Page, local):
+    url = local
     run = start_run(url, {"rounds": 2, "secagg": True})
-    page.reload()
-    show_round(page, run["run_id"], 2)
+    local_page.reload()
+    show_round(local_page, run["run_id"], 2)
     record = run["rounds"][1]
-    assert page.locator("#average-lines").inner_text().strip() == "\n".join(record["math"])
-    assert "Σ y_i" in page.locator("#average-lines").inner_text()
+    assert local_page.locator("#average-lines").inner_text().strip() == "\n".join(record["math"])
+    assert "Σ y_i" in local_page.locator("#average-lines").inner_text()
     for p in record["participants"]:
-        row = page.locator(f'#terms tbody tr[data-client="{p["client_id"]}"]')
+        row = local_page.locator(f'#terms tbody tr[data-client="{p["client_id"]}"]')
         assert row.locator('[data-field="n_k"]').inner_text() == "masked"
         assert row.locator('[data-field="w"]').inner_text() == "–"
-    assert "Secure aggregation" in page.locator("#terms caption").inner_text()
+    assert "Secure aggregation" in local_page.locator("#terms caption").inner_text()
 
 
-def test_a_dp_run_shows_epsilon_spent_against_its_budget(page: Page, federation):
-    url, _ = federation
+def test_a_dp_run_shows_epsilon_spent_against_its_budget(local_page: Page, local):
+    url = local
     run = start_run(url, {"rounds": 3, "dp": {"noise_multiplier": 2.0, "clip": 1.0, "target_epsilon": 50}})
-    page.reload()
-    show_round(page, run["run_id"], 3)
+    local_page.reload()
+    show_round(local_page, run["run_id"], 3)
     spent = run["rounds"][-1]["privacy"]["epsilon"]
-    assert page.is_visible("#privacy")
-    assert page.locator("#privacy-text").inner_text().startswith(f"ε = {spent:.4f} of the budget 50")
-    assert float(page.get_attribute("#privacy-meter", "value")) == pytest.approx(spent, rel=1e-6)
-    assert float(page.get_attribute("#privacy-meter", "max")) == 50
+    assert local_page.is_visible("#privacy")
+    assert local_page.locator("#privacy-text").inner_text().startswith(f"ε = {spent:.4f} of the budget 50")
+    assert float(local_page.get_attribute("#privacy-meter", "value")) == pytest.approx(spent, rel=1e-6)
+    assert float(local_page.get_attribute("#privacy-meter", "max")) == 50
