@@ -4,7 +4,11 @@ Playwright, against two servers.
 ``apps``: the real apps as processes on free loopback ports, the server
 configured with a third client where nothing listens, so every round drops
 it and the page must say why. The clients up and down, the form and its
-errors, a live run from the form, stop and resume are shown over these.
+errors, a live run from the form, stop and resume, and every view agreeing
+while a paced run arrives are shown over these. (On the server in this
+process the last saw only the first and the last of 8 rounds, every time:
+it samples the page from Python every 20 ms, and the server's charts were
+then drawn by the same interpreter.)
 
 ``local``: the seed's server app over its two client apps in this process
 (conftest's ``seed_federation``), served on a free loopback port: the same
@@ -531,27 +535,26 @@ def assert_one_round(sample: dict, run_id: int) -> None:
     assert sample["chart_rounds"] == [rounds] * 3, sample
 
 
-def test_every_view_shows_the_same_round_while_a_paced_run_arrives(local_page: Page, local):
-    url = local
+def test_every_view_shows_the_same_round_while_a_paced_run_arrives(page: Page, apps):
+    url, _ = apps
     rounds = 8
-    local_page.wait_for_function("document.querySelector('#run-status').textContent !== ''")
-    local_page.evaluate(OBSERVE_JS)
-    local_page.fill("#f-rounds", str(rounds))
-    local_page.fill("#f-pace_s", "0.3")
-    local_page.click("#start-button")
-    local_page.wait_for_function("document.querySelector('#run-status').dataset.status === 'running'")
-    run_id = int(local_page.input_value("#run-select"))
+    page.wait_for_function("document.querySelector('#run-status').textContent !== ''")
+    page.evaluate(OBSERVE_JS)
+    page.fill("#f-rounds", str(rounds))
+    page.fill("#f-pace_s", "0.3")
+    page.click("#start-button")
+    page.wait_for_function("document.querySelector('#run-status').dataset.status === 'running'")
+    run_id = int(page.input_value("#run-select"))
     samples = []
     deadline = time.monotonic() + 40
     while True:
-        sample = local_page.evaluate(SAMPLE_JS)
+        sample = page.evaluate(SAMPLE_JS)
         samples.append(sample)
-        status = local_page.locator("#run-status").get_attribute("data-status")
-        if sample["menu_rounds"] == rounds and "completed" in status:
+        if sample["menu_rounds"] == rounds and "completed" in page.locator("#run-status").get_attribute("data-status"):
             break
         assert time.monotonic() < deadline, f"the run did not complete on the page in 40 s: {sample}"
-        local_page.wait_for_timeout(20)  # sampling interval, not a wait for anything
-    observed = [s for s in local_page.evaluate("window.__samples") if s["status_run"] == run_id]
+        page.wait_for_timeout(20)  # sampling interval, not a wait for anything
+    observed = [s for s in page.evaluate("window.__samples") if s["status_run"] == run_id]
     for sample in samples + observed:
         assert_one_round(sample, run_id)
     # the samples saw the rounds arrive, not just the end
