@@ -19,8 +19,8 @@ import pytest
 
 import launcher
 from conftest import ROOT, Federated
-from fedavg.client import create_app as create_client_app
-from fedavg.client_host import create_host_app
+from fedavg.http.client_app import create_app as create_client_app
+from fedavg.http.host_app import create_host_app
 from fedavg.scenarios import make_clients
 from fedavg_server import create_app as create_server_app
 from fedavg_server.inprocess import InProcessTransport

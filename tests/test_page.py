@@ -38,12 +38,11 @@ from playwright.sync_api import Browser, Page
 
 import launcher
 from conftest import ROOT, Federated, Served
-from fedavg.client import create_app as create_client_app
+from fedavg.http.client_app import create_app as create_client_app
 from fedavg.scenarios import make_clients
 from fedavg.strategies import STRATEGIES
 from fedavg.trace import explain_average, fmt
-from fedavg_server import create_app as create_server_app
-from fedavg_server.inprocess import InProcessTransport, federation_app
+from fedavg_server.inprocess import federation_app
 
 # Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
 pytestmark = pytest.mark.system
@@ -656,7 +655,7 @@ def test_a_run_longer_than_a_page_of_rounds_is_shown_whole(local_page: Page, loc
     assert text(local_page, "#progress-text") == "1003 / 1003 rounds"
 
 
-def test_a_suspicious_update_is_flagged_on_the_page(browser: Browser, tmp_path, serve):
+def test_a_suspicious_update_is_flagged_on_the_page(browser: Browser, servers, serve):
     """One client always sends w = b = 500: the round's math panel lists it
     with its update norm and ratio, as the API has them."""
     from flask import Flask
@@ -673,21 +672,17 @@ def test_a_suspicious_update_is_flagged_on_the_page(browser: Browser, tmp_path, 
 
     client_1 = create_client_app({"CLIENT_ID": "client_1", "DATA_PATH": str(ROOT / "client_1" / "data.csv"),
                                   "TOKEN": None})
-    transport = InProcessTransport({"http://127.0.0.1:5001": client_1, "http://127.0.0.1:5002": outlier})
-    server = Federated(create_server_app({"TRANSPORT": transport, "DB": str(tmp_path / "runs.db"), "TOKEN": None}))
-    try:
-        run = server.run(rounds=1, seed=1)
-        flagged = run["rounds"][0]["suspicious"]
-        assert [x["client_id"] for x in flagged] == ["outlier"]
-        tab = browser.new_context().new_page()
-        tab.goto(serve(server.app).url + "/")
-        tab.wait_for_selector("#suspicious li")
-        item = tab.locator("#suspicious li").inner_text()
-        assert item.startswith("outlier: its update's norm " + fmt(flagged[0]["update_norm"]))
-        assert f" is {flagged[0]['ratio']:.3g}× the others' median" in item  # (a ratio of hundreds)
-        tab.context.close()
-    finally:
-        server.close()
+    server = servers({"http://127.0.0.1:5001": client_1, "http://127.0.0.1:5002": outlier})
+    run = server.run(rounds=1, seed=1)
+    flagged = run["rounds"][0]["suspicious"]
+    assert [x["client_id"] for x in flagged] == ["outlier"]
+    tab = browser.new_context().new_page()
+    tab.goto(serve(server.app).url + "/")
+    tab.wait_for_selector("#suspicious li")
+    item = tab.locator("#suspicious li").inner_text()
+    assert item.startswith("outlier: its update's norm " + fmt(flagged[0]["update_norm"]))
+    assert f" is {flagged[0]['ratio']:.3g}× the others' median" in item  # (a ratio of hundreds)
+    tab.context.close()
 
 
 # --- privacy: a secure round shows only the sum; a DP run shows ε against its budget ------
