@@ -319,7 +319,7 @@ K_TARGETS = {50: Target("<=", 40.0), 1000: Target("<=", 1000.0)}
 TRAIN_TARGET = Target(">=", 0.8)
 SEED_RSS_TARGET = Target("<=", 150.0, judged_on="max")
 DEMO_TARGET = Target("<=", 50.0)
-COMPARE_TARGET = Target("<=", 10.0)
+COMPARE_TARGET = Target("<=", 3.0)  # in-process federations, two worker processes (issue 15)
 SECAGG_RATIO_TARGET = Target("<=", 10.0)
 SECAGG_K100_TARGET = Target("<=", 2000.0)
 
@@ -532,7 +532,7 @@ def bench_clients(res: Results, plan: Plan, wsgi: str, ks: Sequence[int], db_dir
 
 def bench_compare(res: Results, plan: Plan, db_dir: Path) -> None:
     """Item 7: `make compare` with every strategy on the seed scenario, timed as
-    a user waits for it: the whole command, apps started and stopped."""
+    a user waits for it: the whole command (its federations in-process, one worker per core)."""
     rounds = 200 if plan is FULL else 20
     times = []
     for rep in range(plan.reps):
