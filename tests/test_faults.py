@@ -102,7 +102,10 @@ def seed_clients(serve) -> list[str]:
 
 
 def server_process(db: Path, clients: list[str]) -> launcher.App:
-    app = launcher.start_app("server", launcher.free_port(), ["--clients", ",".join(clients), "--db", str(db)])
+    # env --default-signal: Ctrl-C at its default, as in a terminal, even if
+    # these tests run in the background (Python keeps an ignored SIGINT ignored).
+    app = launcher.start_app("server", launcher.free_port(), ["--clients", ",".join(clients), "--db", str(db)],
+                             wrap=["env", "--default-signal=INT"])
     launcher.wait_healthy([app])
     return app
 
