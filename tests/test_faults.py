@@ -164,9 +164,9 @@ def test_client_killed_mid_run_is_dropped_and_the_run_completes(tmp_path, serve,
     try:
         launcher.wait_healthy([client_2])
         http = servers([client_1, client_2.url], tmp_path / "runs.db")
-        # Paced so that the kill lands mid-run; each round after it pays the
-        # refused connection's one retry pause (0.2 s): 25 rounds, not more.
-        r = http.post("/start", json={"rounds": 25, "pace_s": 0.05, "wait": False, "client_timeout_s": 5})
+        # Paced so that the kill lands mid-run (9 rounds, 0.9 s, after the third);
+        # each round after it pays the refused connection's one retry pause (0.2 s).
+        r = http.post("/start", json={"rounds": 12, "pace_s": 0.1, "wait": False, "client_timeout_s": 5})
         assert r.status_code == 202
         run_id = r.get_json()["run_id"]
         poll(http, run_id, lambda r: len(r["rounds"]) >= 3)
