@@ -15,7 +15,7 @@ import pytest
 
 import launcher
 from conftest import ROOT
-from fedavg.client import create_app as create_client_app
+from fedavg.http.client_app import create_app as create_client_app
 from fedavg_server import create_app as create_server_app
 from fedavg_server.inprocess import InProcessTransport
 

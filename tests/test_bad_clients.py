@@ -20,7 +20,7 @@ from flask import Flask, Response
 from conftest import ROOT, Served
 from fedavg.http.client_app import create_app as create_client_app
 from fedavg_server import create_app as create_server_app
-from fedavg_server.inprocess import InProcessTransport
+from fedavg_server.http_transport import HttpTransport
 from fedavg_server.runs import run_to_csv
 
 # Where the in-process clients answer: names only, no socket behind them.
@@ -82,35 +82,17 @@ def good_client():
 
 
 @pytest.fixture
-def server(tmp_path):
-    """server(clients) → a test client of a server app on a fresh history:
-    ``clients`` a list of URLs (HTTP) or a dict of URL → app (in this process)."""
-    apps: list[Flask] = []
-
-    def make(clients: list[str] | dict[str, Flask], **config):
-        where = {"CLIENTS": clients} if isinstance(clients, list) else {"TRANSPORT": InProcessTransport(clients)}
-        apps.append(create_server_app({**where, "DB": str(tmp_path / f"runs{len(apps)}.db"), "TOKEN": None,
-                                       **config}))
-        return apps[-1].test_client()
-
-    yield make
-    for app in apps:
-        app.extensions["fedavg"].transport.close()
-        app.extensions["fedavg"].store.close()
-
-
-@pytest.fixture
-def run_with(good_client, server):
+def run_with(good_client, servers):
     served: list[Served] = []
 
     def run(behaviour: str, **settings):
         if behaviour in OVER_HTTP:
             fake = Served(fake_client(behaviour))
             served.append(fake)
-            http, fake_url = server([good_client.url, fake.url]), fake.url
+            http, fake_url = servers(HttpTransport([good_client.url, fake.url])).http, fake.url
         else:
             fake_url = OTHER
-            http = server({GOOD: seed_client("client_1"), fake_url: fake_client(behaviour)})
+            http = servers({GOOD: seed_client("client_1"), fake_url: fake_client(behaviour)}).http
         resp = http.post("/start", json={"rounds": 2, "seed": 1, **settings})
         assert resp.status_code == 200, resp.get_json()
         return resp.get_json(), fake_url
@@ -122,9 +104,9 @@ def run_with(good_client, server):
     release.clear()
 
 
-def alone(server) -> dict:
+def alone(servers) -> dict:
     """The same run with the good client alone: what the average must equal."""
-    return server({GOOD: seed_client("client_1")}).post("/start", json={"rounds": 2, "seed": 1}).get_json()
+    return servers({GOOD: seed_client("client_1")}).run(rounds=2, seed=1)
 
 
 @pytest.mark.parametrize("behaviour, reason", [
@@ -143,10 +125,10 @@ def alone(server) -> dict:
     ("flood", "bad reply: reply larger than 1048576 bytes"),
     ("twice", "data_size: given twice"),
 ])
-def test_a_bad_reply_is_dropped_with_its_reason(run_with, server, behaviour, reason):
+def test_a_bad_reply_is_dropped_with_its_reason(run_with, servers, behaviour, reason):
     run, fake_url = run_with(behaviour, client_timeout_s=0.5)
     assert run["status"] == "completed", run["error"]
-    expected = alone(server)
+    expected = alone(servers)
     for record, clean in zip(run["rounds"], expected["rounds"]):
         assert [d["url"] for d in record["dropped"]] == [fake_url]
         assert reason in record["dropped"][0]["reason"]
@@ -162,8 +144,8 @@ def test_fewer_than_min_clients_fails_and_keeps_the_last_good_model(run_with):
     assert run["final_model"] == {"w": 0.0, "b": 0.0}  # the last good global model: the initial one
 
 
-def test_too_large_lr_ends_the_run_as_diverged(server):
-    run = server({GOOD: seed_client("client_1")}).post("/start", json={"rounds": 50, "lr": 5.0}).get_json()
+def test_too_large_lr_ends_the_run_as_diverged(servers):
+    run = servers({GOOD: seed_client("client_1")}).run(rounds=50, lr=5.0)
     assert run["status"] == "diverged"
     assert "smaller lr" in run["error"]
     # what was kept is the last finite global model
@@ -226,10 +208,10 @@ def test_a_round_with_more_hung_clients_than_connections_still_ends_at_the_timeo
         release.clear()
 
 
-def test_two_clients_with_one_name_stay_apart_in_the_csv(server):
+def test_two_clients_with_one_name_stay_apart_in_the_csv(servers):
     """A second client that calls itself client_1 too: the CSV names each by
     name and URL."""
-    client = server({GOOD: seed_client("client_1"), OTHER: seed_client("client_2", client_id="client_1")})
+    client = servers({GOOD: seed_client("client_1"), OTHER: seed_client("client_2", client_id="client_1")}).http
     run = client.post("/start", json={"rounds": 1, "seed": 1}).get_json()
     csv_text = client.get(f"/runs/{run['run_id']}?format=csv").get_data(as_text=True)
     assert csv_text.splitlines()[1].split(",")[-2] == f"client_1 ({GOOD});client_1 ({OTHER})"
@@ -258,19 +240,17 @@ def outlier_client(w: float, n: int = 2) -> Flask:
     return app
 
 
-def test_a_poisoned_update_is_blamed_on_its_sender_not_on_the_honest_client_or_the_lr(server):
+def test_a_poisoned_update_is_blamed_on_its_sender_not_on_the_honest_client_or_the_lr(servers):
     """w = 1e300 from one client: the average is 5e299, the honest client's
     next local training overflows. The run names the sender, not client_1's lr."""
-    http = server({GOOD: seed_client("client_1"), OTHER: outlier_client(1e300)})
-    run = http.post("/start", json={"rounds": 5, "seed": 1}).get_json()
+    run = servers({GOOD: seed_client("client_1"), OTHER: outlier_client(1e300)}).run(rounds=5, seed=1)
     assert run["status"] == "diverged"
     assert "outlier (update norm 1e+300" in run["error"] and "not the lr" in run["error"], run["error"]
     assert run["rounds"][0]["suspicious"][0]["client_id"] == "outlier"
 
 
-def test_a_scaled_update_is_flagged_even_when_fedavg_goes_on(server):
-    http = server({GOOD: seed_client("client_1"), OTHER: outlier_client(500.0)})
-    run = http.post("/start", json={"rounds": 2, "seed": 1}).get_json()
+def test_a_scaled_update_is_flagged_even_when_fedavg_goes_on(servers):
+    run = servers({GOOD: seed_client("client_1"), OTHER: outlier_client(500.0)}).run(rounds=2, seed=1)
     first = run["rounds"][0]  # from W_0 = 0, each update is the local model itself
     honest = next(p for p in first["participants"] if p["client_id"] == "client_1")["local_model"]
     flagged = first["suspicious"]
@@ -285,16 +265,15 @@ def test_a_scaled_update_is_flagged_even_when_fedavg_goes_on(server):
     ({"init": {"w": 1e308, "b": 0}}, "the starting model has a weight of 1e+308"),
     ({"lr": 0.5, "rounds": 50}, "lr=0.5 is too large"),
 ])
-def test_divergence_names_its_cause(server, settings, cause):
-    run = server({GOOD: seed_client("client_1")}).post("/start", json={"rounds": 3, "seed": 1, **settings}).get_json()
+def test_divergence_names_its_cause(servers, settings, cause):
+    run = servers({GOOD: seed_client("client_1")}).run(**{"rounds": 3, "seed": 1, **settings})
     assert run["status"] == "diverged" and cause in run["error"], run["error"]
 
 
 @pytest.mark.parametrize("settings", [{"lr": 0.3, "rounds": 300}, {"lr": 100, "rounds": 20}])
-def test_a_large_lr_with_two_honest_clients_is_blamed_on_the_lr_not_on_a_client(server, settings):
+def test_a_large_lr_with_two_honest_clients_is_blamed_on_the_lr_not_on_a_client(servers, settings):
     """Both honest clients blow up together: one's update may be >10× the
     other's, but neither is an outlier pushing a calm federation."""
-    http = server({GOOD: seed_client("client_1"), OTHER: seed_client("client_2")})
-    run = http.post("/start", json={"seed": 1, **settings}).get_json()
+    run = servers({GOOD: seed_client("client_1"), OTHER: seed_client("client_2")}).run(seed=1, **settings)
     assert run["status"] == "diverged", run
     assert f"lr={settings['lr']:g} is too large" in run["error"] and "outlier" not in run["error"], run["error"]

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from fedavg.client import create_app
+from fedavg.http.client_app import create_app
 
 EPOCHS = 10_000  # on 200,000 rows: many seconds of work if nothing stops it
 

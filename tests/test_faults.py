@@ -5,7 +5,8 @@ clients, concurrent starts, many concurrent readers and the CSV export (the
 server app in this process: make test).
 
 A server "restarted" after its process ended is a new server app on the same
-SQLite file: what server_app.py builds at start (create_app) and nothing more."""
+SQLite file (conftest's ``servers``): what server_app.py builds at start
+(create_app) and nothing more."""
 from __future__ import annotations
 
 import os
@@ -19,9 +20,8 @@ from flask import Flask
 
 import launcher
 from conftest import ROOT, Served
-from fedavg.client import create_app as create_client_app
-from fedavg_server import create_app as create_server_app
-from fedavg_server.inprocess import InProcessTransport
+from fedavg.http.client_app import create_app as create_client_app
+from fedavg_server.http_transport import HttpTransport
 from launcher import wait_for_run as poll_run
 
 
@@ -43,41 +43,6 @@ def absent(url: str) -> Flask:
     return app
 
 
-class Servers:
-    """servers(clients, db) → a test client of a new server app on that run
-    history: ``clients`` a list of URLs (HTTP) or a dict of URL → client app
-    (in this process). ``close(http)`` stops one as its process would stop:
-    a run still going is interrupted."""
-
-    def __init__(self) -> None:
-        self.apps: list[Flask] = []
-
-    def __call__(self, clients: list[str] | dict[str, Flask], db: Path):
-        config = {"CLIENTS": clients} if isinstance(clients, list) else {"TRANSPORT": InProcessTransport(clients)}
-        self.apps.append(create_server_app({**config, "DB": str(db), "TOKEN": None}))
-        return self.apps[-1].test_client()
-
-    def close(self, http) -> None:
-        self.apps.remove(http.application)
-        fed = http.application.extensions["fedavg"]
-        fed.shutdown()
-        fed.transport.close()
-        fed.store.close()
-
-
-@pytest.fixture
-def servers():
-    """Servers made in a test; teardown waits for a run still going, then closes them."""
-    made = Servers()
-    yield made
-    for app in made.apps:
-        fed = app.extensions["fedavg"]
-        if (running := fed.running_id()) is not None:
-            fed.wait(running)
-        fed.transport.close()
-        fed.store.close()
-
-
 def poll(http, run_id: int, until, timeout_s: float = 60.0) -> dict:
     """GET /runs/<id> through a test client until ``until(run)`` holds (bounded)."""
     deadline = time.monotonic() + timeout_s
@@ -88,6 +53,16 @@ def poll(http, run_id: int, until, timeout_s: float = 60.0) -> dict:
         if until(run):
             return run
         assert time.monotonic() < deadline, f"run {run_id}: {run['status']}, {len(run['rounds'])} rounds"
+        time.sleep(0.01)  # polling interval
+
+
+def idle(http, timeout_s: float = 10.0) -> None:
+    """GET /health until no run is in progress (bounded). A run's thread
+    outlives its recorded end by a moment (it logs its warnings after), and
+    until it is gone the server still counts the run as running."""
+    deadline = time.monotonic() + timeout_s
+    while (running := http.get("/health").get_json()["running_run_id"]) is not None:
+        assert time.monotonic() < deadline, f"run {running} still in progress after {timeout_s:g} s"
         time.sleep(0.01)  # polling interval
 
 
@@ -129,7 +104,7 @@ def test_server_killed_mid_run_keeps_history_and_resumes_to_the_same_model(tmp_p
     finally:
         launcher.stop([server])
 
-    http = servers(seed_clients, db)  # the restarted server
+    http = servers(HttpTransport(seed_clients), db).http  # the restarted server
     after = http.get(f"/runs/{run_id}").get_json()
     assert after["status"] == "interrupted"
     assert len(after["rounds"]) >= len(before["rounds"])
@@ -154,7 +129,7 @@ def test_server_killed_mid_run_keeps_history_and_resumes_to_the_same_model(tmp_p
 
 
 @pytest.mark.system
-def test_client_killed_mid_run_is_dropped_and_the_run_completes(tmp_path, serve, servers):
+def test_client_killed_mid_run_is_dropped_and_the_run_completes(serve, servers):
     """client_2, a real process, killed mid-run: dropped ("cannot connect")
     from then on; the next run with min_clients=2 fails naming it; restarted,
     it takes part again."""
@@ -163,7 +138,7 @@ def test_client_killed_mid_run_is_dropped_and_the_run_completes(tmp_path, serve,
     client_2 = launcher.start_app("client_2", port)
     try:
         launcher.wait_healthy([client_2])
-        http = servers([client_1, client_2.url], tmp_path / "runs.db")
+        http = servers(HttpTransport([client_1, client_2.url])).http
         # Paced so that the kill lands mid-run (9 rounds, 0.9 s, after the third);
         # each round after it pays the refused connection's one retry pause (0.2 s).
         r = http.post("/start", json={"rounds": 12, "pace_s": 0.1, "wait": False, "client_timeout_s": 5})
@@ -180,6 +155,7 @@ def test_client_killed_mid_run_is_dropped_and_the_run_completes(tmp_path, serve,
         assert "cannot connect" in last["dropped"][0]["reason"]
 
         # with min_clients=2 the next run fails cleanly, naming the missing client
+        idle(http)
         r = http.post("/start", json={"rounds": 3, "min_clients": 2})
         failed = r.get_json()
         assert r.status_code == 200 and failed["status"] == "failed"
@@ -214,20 +190,20 @@ def test_server_stopped_mid_run_records_it_interrupted_and_resumable(tmp_path, s
     finally:
         launcher.stop([server])
     assert "Traceback" not in server.output()
-    run = servers(seed_clients, db).get(f"/runs/{run_id}").get_json()  # the restarted server
+    run = servers(HttpTransport(seed_clients), db).http.get(f"/runs/{run_id}").get_json()  # the restarted server
     assert run["status"] == "interrupted" and "resume" in run["error"]
 
 
 # --- in this process ---------------------------------------------------------------------------
 
 
-def test_a_client_lost_mid_run_with_min_clients_2_fails_cleanly(tmp_path, servers):
+def test_a_client_lost_mid_run_with_min_clients_2_fails_cleanly(servers):
     """client_1 stops listening mid-run (its connections then refused, as
     after a kill): the round cannot have two clients, the run fails naming
     it, the last good model is kept and the server stays healthy."""
     client_1, client_2 = Served(client_app("client_1")), Served(client_app("client_2"))
     try:
-        http = servers([client_1.url, client_2.url], tmp_path / "runs.db")
+        http = servers(HttpTransport([client_1.url, client_2.url])).http
         r = http.post("/start", json={"rounds": 60, "pace_s": 0.02, "wait": False, "min_clients": 2,
                                       "client_timeout_s": 5})
         assert r.status_code == 202
@@ -270,6 +246,7 @@ def test_concurrent_starts_run_once_and_readers_all_succeed(seed_federation):
     assert got == [run_id] * 200
     run = poll(seed_federation.http, run_id, lambda r: r["status"] != "running", timeout_s=120)
     assert run["status"] == "completed"
+    idle(seed_federation.http)  # the next test's run starts on this federation
 
 
 def test_csv_export_has_one_row_per_round(seed_federation):
@@ -297,6 +274,7 @@ def test_a_running_run_can_be_stopped_and_resumed(seed_federation):
     assert r.status_code == 202 and r.get_json()["status"] == "stopping"
     stopped = poll(http, run_id, lambda r: r["status"] != "running")
     assert stopped["status"] == "interrupted" and len(stopped["rounds"]) < 30
+    idle(http)
     assert http.post(f"/runs/{run_id}/stop").status_code == 409  # no longer running
     assert http.post("/runs/9999/stop").status_code == 404
     r = http.post(f"/runs/{run_id}/resume")
@@ -314,13 +292,13 @@ def test_resume_refuses_to_switch_federations_silently(tmp_path, servers):
     c1, c2, stranger = "http://127.0.0.1:5001", "http://127.0.0.1:5002", "http://127.0.0.1:5003"
     client_1 = client_app("client_1")
     first = servers({c1: client_1, c2: client_app("client_2")}, db)
-    run_id = first.post("/start", json={"rounds": 30, "pace_s": 0.05, "wait": False}).get_json()["run_id"]
-    poll(first, run_id, lambda r: len(r["rounds"]) >= 2)
+    run_id = first.post("/start", {"rounds": 30, "pace_s": 0.05, "wait": False})[1]["run_id"]
+    poll(first.http, run_id, lambda r: len(r["rounds"]) >= 2)
     first.post(f"/runs/{run_id}/stop")
-    done = len(poll(first, run_id, lambda r: r["status"] == "interrupted")["rounds"])
-    servers.close(first)
+    done = len(poll(first.http, run_id, lambda r: r["status"] == "interrupted")["rounds"])
+    first.close()  # the server stops
 
-    http = servers({c1: client_1, stranger: absent(stranger)}, db)  # restarted with other clients
+    http = servers({c1: client_1, stranger: absent(stranger)}, db).http  # restarted with other clients
     r = http.post(f"/runs/{run_id}/resume")
     assert r.status_code == 409
     error = r.get_json()["error"]

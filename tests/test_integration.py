@@ -27,8 +27,8 @@ import pytest
 
 import launcher
 from conftest import ROOT
-from fedavg.client import create_app as create_client_app
 from fedavg.data import DataError
+from fedavg.http.client_app import create_app as create_client_app
 from reference import SEED_DATA, reference_fedavg
 
 NUM = r"(-?\d+\.\d+(?:e[+-]\d+)?)"

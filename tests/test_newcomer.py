@@ -24,9 +24,9 @@ import pytest
 
 import launcher
 from conftest import ROOT, Served
-from fedavg.client import create_app as create_client_app
+from fedavg.http.client_app import create_app as create_client_app
 from fedavg.scenarios import SCENARIOS
-from fedavg_server import create_app as create_server_app
+from fedavg_server.http_transport import HttpTransport
 from reference import SEED_DATA, reference_fedavg
 
 SIM = ROOT / "scripts" / "sim.py"
@@ -217,17 +217,15 @@ def test_clients_from_no_host_or_not_a_host_is_a_clear_error(serve):
     assert str(refused.value).startswith(f"{client.url}/clients answered HTTP 404: is {client.url} a client host")
 
 
-def test_a_completed_run_names_the_client_dropped_from_every_round(tmp_path, caplog):
+def test_a_completed_run_names_the_client_dropped_from_every_round(servers, caplog):
     """client_2 stops listening after the first run (its connections then
     refused, as for a stopped process): the next run completes, and its
     message, its warnings, GET /runs/<id> and the log all say so."""
     caplog.set_level(logging.INFO, logger="fedavg.server")
     client_1, client_2 = (Served(create_client_app({"CLIENT_ID": name, "DATA_PATH": str(ROOT / name / "data.csv"),
                                                     "TOKEN": None})) for name in ("client_1", "client_2"))
-    app = create_server_app({"CLIENTS": [client_1.url, client_2.url], "DB": str(tmp_path / "runs.db"),
-                             "TOKEN": None})
-    http = app.test_client()
     try:
+        http = servers(HttpTransport([client_1.url, client_2.url])).http
         assert http.post("/start", json={"rounds": 1}).status_code == 200  # the server learns the names
         client_2.close()
         # as curl sends it: a JSON body, Accept: */*
@@ -255,8 +253,5 @@ def test_a_completed_run_names_the_client_dropped_from_every_round(tmp_path, cap
         text = one_line.get_data(as_text=True)
         assert text.count("\n") == 1 and list(json.loads(text))[:7] == keys
     finally:
-        fed = app.extensions["fedavg"]
-        fed.transport.close()
-        fed.store.close()
         client_1.close()
         client_2.close()

@@ -2,7 +2,7 @@
 over HTTP on free loopback ports: runs, their records, and bad /start input.
 Where the network plays no part (sampling, a client that diverges, a reply
 the parser refuses) the same client apps answer in this process
-(``InProcessTransport``), without a socket's cost."""
+(conftest's ``servers``), without a socket's cost."""
 from __future__ import annotations
 
 import time
@@ -14,7 +14,6 @@ import launcher
 from conftest import ROOT, Served
 from fedavg.http.client_app import create_app as create_client_app
 from fedavg_server import create_app as create_server_app
-from fedavg_server.inprocess import InProcessTransport
 from reference import SEED_DATA, local_gd, local_mse, reference_fedavg
 
 
@@ -65,14 +64,13 @@ def client_apps(*names: str) -> dict[str, Flask]:
 
 @pytest.fixture
 def make_server_client(tmp_path):
-    """server(clients) → a test client of a fresh server on its own database,
-    ``clients`` a list of URLs (HTTP) or a dict of URL → app (in this process);
+    """server(urls) → a test client of a fresh server on its own database;
     teardown waits for any run still going, so no run outlives its test."""
     apps = []
 
-    def make(clients: list[str] | dict[str, Flask]):
-        where = {"CLIENTS": clients} if isinstance(clients, list) else {"TRANSPORT": InProcessTransport(clients)}
-        app = create_server_app({**where, "DB": str(tmp_path / f"runs{len(apps)}.db"), "TOKEN": None})
+    def make(urls: list[str]):
+        app = create_server_app({"CLIENTS": urls, "DB": str(tmp_path / f"runs{len(apps)}.db"),
+                                 "TOKEN": None})
         apps.append(app)
         return app.test_client()
 
@@ -216,8 +214,13 @@ def test_a_second_start_while_one_runs_is_409_with_the_running_id(server):
     assert body["run_id"] == running and str(running) in body["error"]
     assert server.get("/status").get_json()["run_id"] == running
     assert poll_run(server, running)["status"] == "completed"
-    # the refused start left no trace, and the next one is welcome
+    # the refused start left no trace, and the next one is welcome once the
+    # run's thread is gone (it logs its warnings a moment after its end is recorded)
     assert [run["run_id"] for run in server.get("/runs").get_json()["runs"]] == [running]
+    deadline = time.monotonic() + 10
+    while server.get("/health").get_json()["running_run_id"] is not None:
+        assert time.monotonic() < deadline, "the ended run still counts as running after 10 s"
+        time.sleep(0.01)  # polling interval
     assert server.post("/start", json={"rounds": 1}).status_code == 200
 
 
@@ -273,7 +276,7 @@ def test_a_seed_style_client_takes_part_named_by_its_url(clients, seed_client, m
     assert_model_close(run["final_model"], *expected[-1])
 
 
-def test_a_client_replying_an_unconvertible_integer_is_dropped_not_fatal(make_server_client):
+def test_a_client_replying_an_unconvertible_integer_is_dropped_not_fatal(servers):
     # The shared parser reads client replies too: a 5000-digit integer must be
     # one bad reply (that client dropped), not a crash of the whole run.
     app = Flask("huge-int")
@@ -284,16 +287,15 @@ def test_a_client_replying_an_unconvertible_integer_is_dropped_not_fatal(make_se
                         mimetype="application/json")
 
     bad = "http://127.0.0.1:5009"
-    server = make_server_client({**client_apps("client_1"), bad: app})
-    run = server.post("/start", json={"rounds": 1}).get_json()
+    run = servers({**client_apps("client_1"), bad: app}).http.post("/start", json={"rounds": 1}).get_json()
     assert run["status"] == "completed", run["error"]
     [record] = run["rounds"]
     assert [p["client_id"] for p in record["participants"]] == ["client_1"]
     assert [d["url"] for d in record["dropped"]] == [bad]
 
 
-def test_fraction_with_a_seed_samples_the_same_clients_on_repeat(make_server_client):
-    server = make_server_client(client_apps("client_1", "client_2"))
+def test_fraction_with_a_seed_samples_the_same_clients_on_repeat(servers):
+    server = servers(client_apps("client_1", "client_2")).http
 
     def sample(seed: int) -> list[list[str]]:
         run = server.post("/start", json={"rounds": 5, "fraction": 0.5, "seed": seed}).get_json()
@@ -397,11 +399,10 @@ def test_an_init_that_does_not_fit_the_clients_data_is_400_before_anything_start
     assert fits.status_code == 200 and fits.get_json()["rounds"][0]["global_model_in"] == {"w": 0.5, "b": 1.0}
 
 
-def test_a_client_that_diverges_ends_the_run_as_diverged(make_server_client):
+def test_a_client_that_diverges_ends_the_run_as_diverged(servers):
     """lr 0.1 makes client_2's local training blow up after some rounds while
     client_1 still returns finite numbers: the run must not carry on without it."""
-    server = make_server_client(client_apps("client_1", "client_2"))
-    run = server.post("/start", json={"rounds": 500, "lr": 0.1}).get_json()
+    run = servers(client_apps("client_1", "client_2")).http.post("/start", json={"rounds": 500, "lr": 0.1}).get_json()
     assert run["status"] == "diverged" and "smaller lr" in run["error"]
     assert len(run["rounds"]) < 500
 

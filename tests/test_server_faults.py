@@ -12,7 +12,6 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,11 +20,9 @@ from flask.testing import FlaskClient
 
 import launcher
 from conftest import ROOT
-from fedavg.client import create_app as create_client_app
-from fedavg_server import create_app as create_server_app
+from fedavg.http.client_app import create_app as create_client_app
 from fedavg_server.federation import Federation
 from fedavg_server.http_transport import HttpTransport
-from fedavg_server.inprocess import InProcessTransport
 from fedavg_server.runs import RunStore
 
 # Mounting a small filesystem and dropping privileges need root; CI runs as
@@ -67,25 +64,19 @@ def seed_clients(serve) -> str:
 
 
 @pytest.fixture
-def seed_server(tmp_path) -> Iterator[tuple[FlaskClient, Path]]:
+def seed_server(servers, tmp_path) -> tuple[FlaskClient, Path]:
     """A server app over the seed's two client apps, in this process, its
     history in runs.db: (its test client, that file)."""
     db = tmp_path / "runs.db"
     urls = ("http://127.0.0.1:5001", "http://127.0.0.1:5002")
-    app = create_server_app({"TRANSPORT": InProcessTransport(dict(zip(urls, seed_client_apps()))), "DB": str(db),
-                             "TOKEN": None})
-    yield app.test_client(), db
-    fed = app.extensions["fedavg"]
-    fed.shutdown()
-    fed.transport.close()
-    fed.store.close()
+    return servers(dict(zip(urls, seed_client_apps())), db).http, db
 
 
 # --- a client that never answers ---------------------------------------------------------
 
 
 @pytest.mark.system
-def test_sigterm_with_a_hung_client_exits_at_once_and_the_run_is_resumable(tmp_path, serve):
+def test_sigterm_with_a_hung_client_exits_at_once_and_the_run_is_resumable(tmp_path, serve, servers):
     called, release = threading.Event(), threading.Event()
     hung = Flask("hung")
 
@@ -112,16 +103,13 @@ def test_sigterm_with_a_hung_client_exits_at_once_and_the_run_is_resumable(tmp_p
     assert took < 8, f"SIGTERM took {took:.1f} s with a hung client (client_timeout_s = 60)"
     assert "Traceback" not in app.output()
     # The server restarted: a new app on the same history (what server_app.py builds at start).
-    again = create_server_app({"CLIENTS": [url], "DB": str(db), "TOKEN": None})
     try:
-        r = again.test_client().get(f"/runs/{started['run_id']}")
+        r = servers(HttpTransport([url]), db).http.get(f"/runs/{started['run_id']}")
         run = r.get_json()
         assert r.status_code == 200 and run["status"] == "interrupted", run
         assert "the server stopped during round 1" in run["error"]
     finally:
         release.set()
-        again.extensions["fedavg"].transport.close()
-        again.extensions["fedavg"].store.close()
 
 
 # --- the run history --------------------------------------------------------------------
@@ -215,7 +203,8 @@ def test_a_full_disk_fails_the_run_the_truth_is_told_and_it_is_recorded_once_the
         run_id = started["run_id"]
         body = poll("the run ends", lambda: (s := get(app.url + "/status")[1])["status"] != "running" and s)
         assert body["run_id"] == run_id and body["status"] == "failed" and "disk full" in body["error"], body
-        assert get(app.url + "/health")[1]["running_run_id"] is None  # not stuck
+        # not stuck: the run's thread ends a moment after its end is told (it logs its warnings after)
+        poll("no run in progress", lambda: get(app.url + "/health")[1]["running_run_id"] is None, timeout_s=10)
         filler.unlink()
         run = poll("the end is recorded", lambda: (r := get(f"{app.url}/runs/{run_id}?limit=1"))[0] == 200 and
                    r[1]["status"] == "failed" and r[1])
