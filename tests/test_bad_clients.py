@@ -1,5 +1,11 @@
-"""Clients that misbehave over real HTTP: each is dropped from the round with
-its reason, and the average is taken over the clients that replied well."""
+"""Clients that misbehave: each is dropped from the round with its reason,
+and the average is taken over the clients that replied well. What only a
+network can do (a client that hangs or trickles, a reply cut off at 1 MiB
+while it is read, more hung clients than connections) runs over real HTTP on
+loopback ports; a reply that is wrong in what it says, and the federation's
+verdicts (divergence, outliers, names in the CSV), run the same client apps
+in this process (``InProcessTransport``: the same bytes read by the same
+``reply_from``, tests/test_transport.py), without a socket's cost."""
 from __future__ import annotations
 
 import csv
@@ -14,7 +20,14 @@ from flask import Flask, Response
 from conftest import ROOT, Served
 from fedavg.http.client_app import create_app as create_client_app
 from fedavg_server import create_app as create_server_app
+from fedavg_server.http_transport import HttpTransport
 from fedavg_server.runs import run_to_csv
+
+# Where the in-process clients answer: names only, no socket behind them.
+GOOD, OTHER = "http://127.0.0.1:5001", "http://127.0.0.1:5002"
+# What needs a network to misbehave: a call that never ends, and a reply
+# the server stops reading at 1 MiB.
+OVER_HTTP = ("hang", "flood")
 
 release = threading.Event()  # lets the hanging fake go when the test ends
 
@@ -56,24 +69,33 @@ def fake_client(behaviour: str) -> Flask:
     return app
 
 
+def seed_client(name: str, client_id: str | None = None) -> Flask:
+    return create_client_app({"CLIENT_ID": client_id or name, "DATA_PATH": str(ROOT / name / "data.csv"),
+                              "TOKEN": None})
+
+
 @pytest.fixture(scope="module")
 def good_client():
-    served = Served(create_client_app({"CLIENT_ID": "client_1", "DATA_PATH": str(ROOT / "client_1" / "data.csv")}))
+    served = Served(seed_client("client_1"))
     yield served
     served.close()
 
 
 @pytest.fixture
-def run_with(good_client, tmp_path):
+def run_with(good_client, servers):
     served: list[Served] = []
 
     def run(behaviour: str, **settings):
-        fake = Served(fake_client(behaviour))
-        served.append(fake)
-        app = create_server_app({"CLIENTS": [good_client.url, fake.url], "DB": str(tmp_path / "runs.db")})
-        resp = app.test_client().post("/start", json={"rounds": 2, "seed": 1, **settings})
+        if behaviour in OVER_HTTP:
+            fake = Served(fake_client(behaviour))
+            served.append(fake)
+            http, fake_url = servers(HttpTransport([good_client.url, fake.url])).http, fake.url
+        else:
+            fake_url = OTHER
+            http = servers({GOOD: seed_client("client_1"), fake_url: fake_client(behaviour)}).http
+        resp = http.post("/start", json={"rounds": 2, "seed": 1, **settings})
         assert resp.status_code == 200, resp.get_json()
-        return resp.get_json(), fake.url
+        return resp.get_json(), fake_url
 
     yield run
     release.set()
@@ -82,10 +104,9 @@ def run_with(good_client, tmp_path):
     release.clear()
 
 
-def alone(good_client, tmp_path) -> dict:
+def alone(servers) -> dict:
     """The same run with the good client alone: what the average must equal."""
-    app = create_server_app({"CLIENTS": [good_client.url], "DB": str(tmp_path / "alone.db")})
-    return app.test_client().post("/start", json={"rounds": 2, "seed": 1}).get_json()
+    return servers({GOOD: seed_client("client_1")}).run(rounds=2, seed=1)
 
 
 @pytest.mark.parametrize("behaviour, reason", [
@@ -104,10 +125,10 @@ def alone(good_client, tmp_path) -> dict:
     ("flood", "bad reply: reply larger than 1048576 bytes"),
     ("twice", "data_size: given twice"),
 ])
-def test_a_bad_reply_is_dropped_with_its_reason(run_with, good_client, tmp_path, behaviour, reason):
+def test_a_bad_reply_is_dropped_with_its_reason(run_with, servers, behaviour, reason):
     run, fake_url = run_with(behaviour, client_timeout_s=0.5)
     assert run["status"] == "completed", run["error"]
-    expected = alone(good_client, tmp_path)
+    expected = alone(servers)
     for record, clean in zip(run["rounds"], expected["rounds"]):
         assert [d["url"] for d in record["dropped"]] == [fake_url]
         assert reason in record["dropped"][0]["reason"]
@@ -123,9 +144,8 @@ def test_fewer_than_min_clients_fails_and_keeps_the_last_good_model(run_with):
     assert run["final_model"] == {"w": 0.0, "b": 0.0}  # the last good global model: the initial one
 
 
-def test_too_large_lr_ends_the_run_as_diverged(good_client, tmp_path):
-    app = create_server_app({"CLIENTS": [good_client.url], "DB": str(tmp_path / "runs.db")})
-    run = app.test_client().post("/start", json={"rounds": 50, "lr": 5.0}).get_json()
+def test_too_large_lr_ends_the_run_as_diverged(servers):
+    run = servers({GOOD: seed_client("client_1")}).run(rounds=50, lr=5.0)
     assert run["status"] == "diverged"
     assert "smaller lr" in run["error"]
     # what was kept is the last finite global model
@@ -188,15 +208,13 @@ def test_a_round_with_more_hung_clients_than_connections_still_ends_at_the_timeo
         release.clear()
 
 
-def test_two_clients_with_one_name_stay_apart_in_the_csv(good_client, tmp_path, serve):
+def test_two_clients_with_one_name_stay_apart_in_the_csv(servers):
     """A second client that calls itself client_1 too: the CSV names each by
     name and URL."""
-    impostor = serve(create_client_app({"CLIENT_ID": "client_1", "DATA_PATH": str(ROOT / "client_2" / "data.csv")}))
-    app = create_server_app({"CLIENTS": [good_client.url, impostor.url], "DB": str(tmp_path / "runs.db")})
-    client = app.test_client()
+    client = servers({GOOD: seed_client("client_1"), OTHER: seed_client("client_2", client_id="client_1")}).http
     run = client.post("/start", json={"rounds": 1, "seed": 1}).get_json()
     csv_text = client.get(f"/runs/{run['run_id']}?format=csv").get_data(as_text=True)
-    assert csv_text.splitlines()[1].split(",")[-2] == f"client_1 ({good_client.url});client_1 ({impostor.url})"
+    assert csv_text.splitlines()[1].split(",")[-2] == f"client_1 ({GOOD});client_1 ({OTHER})"
 
 
 @pytest.mark.parametrize("name", ["=HYPERLINK(\"http://x\",\"y\")", "+1", "-1+1", "@SUM(1)", "\tx"])
@@ -222,21 +240,17 @@ def outlier_client(w: float, n: int = 2) -> Flask:
     return app
 
 
-def test_a_poisoned_update_is_blamed_on_its_sender_not_on_the_honest_client_or_the_lr(good_client, tmp_path, serve):
+def test_a_poisoned_update_is_blamed_on_its_sender_not_on_the_honest_client_or_the_lr(servers):
     """w = 1e300 from one client: the average is 5e299, the honest client's
     next local training overflows. The run names the sender, not client_1's lr."""
-    bad = serve(outlier_client(1e300))
-    app = create_server_app({"CLIENTS": [good_client.url, bad.url], "DB": str(tmp_path / "runs.db")})
-    run = app.test_client().post("/start", json={"rounds": 5, "seed": 1}).get_json()
+    run = servers({GOOD: seed_client("client_1"), OTHER: outlier_client(1e300)}).run(rounds=5, seed=1)
     assert run["status"] == "diverged"
     assert "outlier (update norm 1e+300" in run["error"] and "not the lr" in run["error"], run["error"]
     assert run["rounds"][0]["suspicious"][0]["client_id"] == "outlier"
 
 
-def test_a_scaled_update_is_flagged_even_when_fedavg_goes_on(good_client, tmp_path, serve):
-    bad = serve(outlier_client(500.0))
-    app = create_server_app({"CLIENTS": [good_client.url, bad.url], "DB": str(tmp_path / "runs.db")})
-    run = app.test_client().post("/start", json={"rounds": 2, "seed": 1}).get_json()
+def test_a_scaled_update_is_flagged_even_when_fedavg_goes_on(servers):
+    run = servers({GOOD: seed_client("client_1"), OTHER: outlier_client(500.0)}).run(rounds=2, seed=1)
     first = run["rounds"][0]  # from W_0 = 0, each update is the local model itself
     honest = next(p for p in first["participants"] if p["client_id"] == "client_1")["local_model"]
     flagged = first["suspicious"]
@@ -251,19 +265,15 @@ def test_a_scaled_update_is_flagged_even_when_fedavg_goes_on(good_client, tmp_pa
     ({"init": {"w": 1e308, "b": 0}}, "the starting model has a weight of 1e+308"),
     ({"lr": 0.5, "rounds": 50}, "lr=0.5 is too large"),
 ])
-def test_divergence_names_its_cause(good_client, tmp_path, settings, cause):
-    app = create_server_app({"CLIENTS": [good_client.url], "DB": str(tmp_path / "runs.db")})
-    run = app.test_client().post("/start", json={"rounds": 3, "seed": 1, **settings}).get_json()
+def test_divergence_names_its_cause(servers, settings, cause):
+    run = servers({GOOD: seed_client("client_1")}).run(**{"rounds": 3, "seed": 1, **settings})
     assert run["status"] == "diverged" and cause in run["error"], run["error"]
 
 
 @pytest.mark.parametrize("settings", [{"lr": 0.3, "rounds": 300}, {"lr": 100, "rounds": 20}])
-def test_a_large_lr_with_two_honest_clients_is_blamed_on_the_lr_not_on_a_client(good_client, tmp_path, serve,
-                                                                                   settings):
+def test_a_large_lr_with_two_honest_clients_is_blamed_on_the_lr_not_on_a_client(servers, settings):
     """Both honest clients blow up together: one's update may be >10× the
     other's, but neither is an outlier pushing a calm federation."""
-    other = serve(create_client_app({"CLIENT_ID": "client_2", "DATA_PATH": str(ROOT / "client_2" / "data.csv")}))
-    app = create_server_app({"CLIENTS": [good_client.url, other.url], "DB": str(tmp_path / "runs.db")})
-    run = app.test_client().post("/start", json={"seed": 1, **settings}).get_json()
+    run = servers({GOOD: seed_client("client_1"), OTHER: seed_client("client_2")}).run(seed=1, **settings)
     assert run["status"] == "diverged", run
     assert f"lr={settings['lr']:g} is too large" in run["error"] and "outlier" not in run["error"], run["error"]

@@ -1,5 +1,7 @@
-"""`make bench` runs and writes well-formed results. Timings are the bench's
-business, not the tests': nothing here asserts how fast anything is."""
+"""`make bench` runs and writes well-formed results (it starts the apps:
+make test-all), and the committed full results are well formed (make
+test). Timings are the bench's business, not the tests': nothing here
+asserts how fast anything is."""
 from __future__ import annotations
 
 import json
@@ -10,9 +12,6 @@ import sys
 import pytest
 
 from conftest import ROOT
-
-# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
-pytestmark = pytest.mark.system
 
 # What --quick measures (K up to 50, so no K=200/1000 figures).
 QUICK_FIGURES = {
@@ -41,6 +40,7 @@ def results(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.system
 def test_every_figure_is_there_with_median_min_max(results):
     figures = results["figures"]
     assert set(figures) == QUICK_FIGURES
@@ -53,6 +53,7 @@ def test_every_figure_is_there_with_median_min_max(results):
         assert fig["item"] in range(1, 9), fid
 
 
+@pytest.mark.system
 def test_targets_are_recorded_with_their_verdict(results):
     figures = results["figures"]
     for fid, fig in figures.items():
@@ -66,6 +67,7 @@ def test_targets_are_recorded_with_their_verdict(results):
     assert results["misses"] == [fid for fid, f in figures.items() if f["result"] == "MISS"]
 
 
+@pytest.mark.system
 def test_the_machine_is_described(results):
     m = results["machine"]
     assert m["cpu_model"] and isinstance(m["cores"], int) and m["cores"] >= 1

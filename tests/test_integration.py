@@ -1,8 +1,13 @@
-"""The three real apps as processes on free loopback ports, started the way
-the README starts them (``cd X && poetry run python X_app.py``)."""
+"""The apps as the README starts them (``cd X && poetry run python X_app.py``,
+real processes on free loopback ports: make test-all): a client that stops,
+a client's data file missing, ``make run-all`` under Ctrl-C, a closed
+terminal, ``| head`` and a port already held. What the seed's run answers
+and logs runs on the seed's apps in this process (make test): the bodiless
+``POST /start`` against the reference, the math log against the API,
+/status and /runs; and the line a client with a bad CSV stops with."""
 from __future__ import annotations
 
-import json
+import logging
 import os
 import pty
 import re
@@ -22,21 +27,11 @@ import pytest
 
 import launcher
 from conftest import ROOT
+from fedavg.data import DataError
+from fedavg.http.client_app import create_app as create_client_app
 from reference import SEED_DATA, reference_fedavg
 
-# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
-pytestmark = pytest.mark.system
-
 NUM = r"(-?\d+\.\d+(?:e[+-]\d+)?)"
-
-
-@pytest.fixture(scope="module")
-def federation(tmp_path_factory):
-    ports = {name: launcher.free_port() for name in launcher.DEFAULT_PORTS}
-    db = tmp_path_factory.mktemp("server") / "runs.db"
-    apps = launcher.start_federation(ports, timeout_s=120, server_args=["--db", str(db)])
-    yield apps
-    launcher.stop(list(apps.values()))
 
 
 def wait_for(predicate, timeout_s: float = 10.0, what: str = "condition"):
@@ -51,18 +46,26 @@ def run_log(server: launcher.App, run_id: int) -> str:
     """The server's log lines of one run, once its last line is out."""
     wait_for(lambda: re.search(rf"Run {run_id} (completed|FAILED|DIVERGED)", server.output()),
              what=f"the end of run {run_id} in the server log")
-    out = server.output()
+    return one_run(server.output(), run_id)
+
+
+def one_run(out: str, run_id: int) -> str:
+    """One run's lines of a whole log: from "Run <id>:" to how it ended."""
     start = out.index(f"Run {run_id}:")
     return out[start:out.index("\n", out.index(f"Run {run_id} ", start + 1))]
 
 
-def test_plain_curl_start_matches_reference_round_by_round(federation):
+def server_log(caplog) -> str:
+    """What the server process prints: its log's messages, one after another
+    (server_app.py logs "%(message)s" to stdout)."""
+    return "".join(r.getMessage() + "\n" for r in caplog.records if r.name == "fedavg.server")
+
+
+def test_plain_curl_start_matches_reference_round_by_round(seed_federation):
     """The seed's exact command: POST /start with no body and no content type."""
-    server = federation["server"]
-    req = urllib.request.Request(server.url + "/start", data=b"", method="POST")
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        assert resp.status == 200
-        run = json.loads(resp.read())
+    r = seed_federation.http.post("/start", data=b"")
+    assert r.status_code == 200
+    run = r.get_json()
     assert run["status"] == "completed" and run["error"] is None
     expected = reference_fedavg(SEED_DATA, rounds=5, lr=0.01, epochs=10)
     assert len(run["rounds"]) == 5
@@ -76,11 +79,10 @@ def test_plain_curl_start_matches_reference_round_by_round(federation):
     assert run["final_model"] == run["rounds"][-1]["global_model"]
 
 
-def test_math_log_shows_the_same_numbers_as_the_api(federation):
-    server = federation["server"]
-    status, run = launcher.post_json(server.url + "/start", {"rounds": 3})
-    assert status == 200, run
-    log = run_log(server, run["run_id"])
+def test_math_log_shows_the_same_numbers_as_the_api(seed_federation, caplog):
+    caplog.set_level(logging.INFO, logger="fedavg.server")
+    run = seed_federation.run(rounds=3)  # answered once the run, and its log, have ended
+    log = one_run(server_log(caplog), run["run_id"])
     blocks = re.split(r"── Round ", log)[1:]
     assert len(blocks) == 3
     for block, record in zip(blocks, run["rounds"]):
@@ -113,20 +115,20 @@ def test_math_log_shows_the_same_numbers_as_the_api(federation):
         assert m and float(m.group(1)) == pytest.approx(record["federated_loss"], abs=1e-6)
 
 
-def test_status_and_runs_reflect_the_last_run(federation):
-    server = federation["server"]
-    status, run = launcher.post_json(server.url + "/start", {"rounds": 2, "lr": 0.02})
-    assert status == 200
-    with urllib.request.urlopen(server.url + "/status", timeout=10) as resp:
-        st = json.loads(resp.read())
+def test_status_and_runs_reflect_the_last_run(seed_federation):
+    http = seed_federation.http
+    run = seed_federation.run(rounds=2, lr=0.02)
+    r = http.get("/status")
+    assert r.status_code == 200
+    st = r.get_json()
     assert st["run_id"] == run["run_id"] and st["status"] == "completed" and st["round"] == 2
     assert st["global_rounds_planned"] == 2
     assert st["current_global_model"] == run["final_model"]
-    with urllib.request.urlopen(f"{server.url}/runs/{run['run_id']}", timeout=10) as resp:
-        again = json.loads(resp.read())
+    again = http.get(f"/runs/{run['run_id']}").get_json()
     assert again["rounds"] == run["rounds"]
 
 
+@pytest.mark.system
 def test_a_client_that_stops_is_dropped_and_named(tmp_path):
     """Kill client_2: the next run goes on with client_1 alone (N = 2) and
     says which client was dropped and why."""
@@ -154,19 +156,20 @@ def test_a_client_that_stops_is_dropped_and_named(tmp_path):
     ("x,y\n1,nan\n", "line 2, column y: not a finite number"),
     ("x,y\n", "no data rows"),
 ])
-def test_client_with_bad_data_exits_2_with_one_line(tmp_path, content, message):
+def test_client_with_bad_data_stops_with_one_line_naming_the_file(tmp_path, content, message):
+    """A client app refuses a bad CSV before anything serves; its entry point
+    prints ``error: <this>`` and exits 2 (the missing file's test below runs
+    that on a real process)."""
     bad = tmp_path / "data.csv"
     bad.write_text(content)
-    app = launcher.start_app("client_1", launcher.free_port(), ["--data", str(bad)])
-    try:
-        assert app.proc.wait(60) == 2
-    finally:
-        launcher.stop([app])
-    lines = [line for line in app.output().splitlines() if line.strip()]
-    assert len(lines) == 1, lines
-    assert lines[0].startswith(f"error: {bad}") and message in lines[0]
+    with pytest.raises(DataError) as refused:
+        create_client_app({"CLIENT_ID": "client_1", "DATA_PATH": str(bad), "TOKEN": None})
+    line = str(refused.value)
+    assert "\n" not in line
+    assert line.startswith(f"{bad}") and message in line
 
 
+@pytest.mark.system
 def test_client_with_missing_data_file_exits_2(tmp_path):
     missing = tmp_path / "nope.csv"
     app = launcher.start_app("client_2", launcher.free_port(), ["--data", str(missing)])
@@ -183,11 +186,15 @@ def _listening(url: str) -> bool:
         return False
 
 
+@pytest.mark.system
 def test_run_all_starts_three_and_ctrl_c_leaves_nothing_behind(tmp_path):
+    """Up, it names the page and the curl line; Ctrl-C stops all three."""
     ports = {name: launcher.free_port() for name in launcher.DEFAULT_PORTS}
     args = [f"--{n.replace('_', '-')}-port={p}" for n, p in ports.items()] + [f"--db={tmp_path / 'runs.db'}"]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "run_all.py"), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    # env --default-signal: a terminal's shell starts run-all with Ctrl-C at its
+    # default, even if these tests run in the background (run-all keeps an ignored SIGINT ignored).
+    proc = subprocess.Popen(["env", "--default-signal=INT", sys.executable, str(ROOT / "scripts" / "run_all.py"),
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     seen: list[str] = []
     try:
@@ -201,6 +208,8 @@ def test_run_all_starts_three_and_ctrl_c_leaves_nothing_behind(tmp_path):
         assert all(_listening(u) for u in urls.values())
         text = "".join(seen)
         assert "[client_1] " in text and "[client_2] " in text and "[server] " in text
+        assert re.search(rf"^run-all: all three apps answer /health\. The page: {re.escape(urls['server'])}/$",
+                         text, re.M), text
         assert f"curl -X POST {urls['server']}/start" in text
         children = _descendants(proc.pid)
         assert len(children) >= 3
@@ -221,6 +230,7 @@ def _run_all_args(ports: dict[str, int], db: Path) -> list[str]:
     return [f"--{n.replace('_', '-')}-port={p}" for n, p in ports.items()] + [f"--db={db}"]
 
 
+@pytest.mark.system
 def test_run_all_stops_the_apps_when_its_terminal_closes(tmp_path):
     """Closing the terminal hangs it up: the kernel sends SIGHUP to run-all,
     its session's leader here (`setsid -c`), and its writes fail from then on.
@@ -248,6 +258,7 @@ def test_run_all_stops_the_apps_when_its_terminal_closes(tmp_path):
         _kill_tree(proc, ports)
 
 
+@pytest.mark.system
 def test_run_all_piped_to_head_stops_the_apps_once_head_exits(tmp_path):
     """`make run-all | head -n 3`: once head has its lines and exits, run-all
     must notice (a failed write, or its idle check of the pipe) and stop the
@@ -270,6 +281,7 @@ def test_run_all_piped_to_head_stops_the_apps_once_head_exits(tmp_path):
     _assert_nothing_left(ports)
 
 
+@pytest.mark.system
 def test_run_all_refuses_a_port_already_held_and_names_the_holder(tmp_path):
     """An old server still on the port would answer /health for the new one:
     run-all must start nothing, say which process holds the port and how to

@@ -1,11 +1,15 @@
-"""The small things a newcomer trips over, each with the real processes:
-make sim's scenarios and its --csv, --keep and what it prints; the page's
-URL at start; a client on a taken port; --clients-from a client host; a
-completed run that hid a dead client; the /start answer's summary first."""
+"""The small things a newcomer trips over. With real processes (make
+test-all): make sim with the seed, its relative --csv and --keep; the
+server's page URL at start; a client on a taken port; --clients-from a real
+client host, and the pooled line it draws. In this process (make test): sim
+and the host know the same scenarios; sim refusing the seed with another K;
+--clients-from's errors; a completed run that hid a dead client (message,
+log, API) and the /start answer's summary first."""
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import queue
 import re
 import signal
@@ -19,12 +23,11 @@ import urllib.request
 import pytest
 
 import launcher
-from conftest import ROOT
+from conftest import ROOT, Served
+from fedavg.http.client_app import create_app as create_client_app
 from fedavg.scenarios import SCENARIOS
+from fedavg_server.http_transport import HttpTransport
 from reference import SEED_DATA, reference_fedavg
-
-# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
-pytestmark = pytest.mark.system
 
 SIM = ROOT / "scripts" / "sim.py"
 
@@ -41,6 +44,7 @@ def test_sim_and_the_host_know_the_same_scenarios_and_describe_each():
     assert set(load(ROOT / "client_host" / "client_host_app.py", "client_host_app").ABOUT) == set(SCENARIOS)
 
 
+@pytest.mark.system
 def test_make_sim_seed_runs_the_original_two_clients():
     done = subprocess.run(["make", "sim", "ROUNDS=3", "SIM_ARGS=--scenario seed"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
@@ -53,13 +57,23 @@ def test_make_sim_seed_runs_the_original_two_clients():
         assert (w, b) == (f"{w_ref:.6f}", f"{b_ref:.6f}")
 
 
-def test_sim_seed_refuses_another_k_with_a_clear_message():
-    done = subprocess.run([sys.executable, str(SIM), "--scenario", "seed", "--clients", "5"],
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2
-    assert "scenario seed is the original two clients: K must be 2" in done.stderr
+def test_sim_seed_refuses_another_k_with_a_clear_message(monkeypatch, capsys):
+    """Refused while reading its command line, before anything starts."""
+    sim = load(SIM, "sim")
+    monkeypatch.setattr(sys, "argv", ["sim.py", "--scenario", "seed", "--clients", "5"])
+    # sim.main makes SIGTERM and SIGHUP stop it as Ctrl-C does: not this process's, after the test.
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with pytest.raises(SystemExit) as exited:
+            sim.main()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert exited.value.code == 2
+    assert "scenario seed is the original two clients: K must be 2" in capsys.readouterr().err
 
 
+@pytest.mark.system
 def test_sim_reads_a_relative_csv_from_where_it_is_run(tmp_path):
     rows = [(1, 3), (2, 5), (3, 4), (4, 5), (5, 6), (6, 8)]
     (tmp_path / "mine.csv").write_text("x,y\n" + "".join(f"{x},{y}\n" for x, y in rows))
@@ -97,8 +111,12 @@ class Lines:
         raise AssertionError(f"no {pattern!r} in:\n{''.join(self.seen)}")
 
 
+@pytest.mark.system
 def test_sim_keep_leaves_the_page_up_until_ctrl_c():
-    proc = subprocess.Popen([sys.executable, str(SIM), "--scenario", "iid", "-k", "5", "--rounds", "2", "--keep"],
+    # env --default-signal: Ctrl-C at its default, as a terminal's shell starts
+    # sim, even if these tests run in the background with SIGINT ignored.
+    proc = subprocess.Popen(["env", "--default-signal=INT", sys.executable, str(SIM), "--scenario", "iid", "-k", "5",
+                             "--rounds", "2", "--keep"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out = Lines(proc)
@@ -115,6 +133,7 @@ def test_sim_keep_leaves_the_page_up_until_ctrl_c():
             proc.kill()
 
 
+@pytest.mark.system
 def test_the_server_prints_the_page_url_when_it_starts(tmp_path):
     port = launcher.free_port()
     server = launcher.start_app("server", port, ["--db", str(tmp_path / "runs.db")])
@@ -128,20 +147,7 @@ def test_the_server_prints_the_page_url_when_it_starts(tmp_path):
         launcher.stop([server])
 
 
-def test_run_all_names_the_page_when_ready(tmp_path):
-    ports = {name: launcher.free_port() for name in launcher.DEFAULT_PORTS}
-    args = [f"--{n.replace('_', '-')}-port={p}" for n, p in ports.items()] + [f"--db={tmp_path / 'runs.db'}"]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "run_all.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        Lines(proc).wait_for(rf"^run-all: all three apps answer /health\. The page: http://127\.0\.0\.1:{ports['server']}/$")
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-
-
+@pytest.mark.system
 def test_a_client_on_a_taken_port_says_so_and_never_claims_to_serve():
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
@@ -157,45 +163,33 @@ def test_a_client_on_a_taken_port_says_so_and_never_claims_to_serve():
     assert "serving on" not in out
 
 
-def test_clients_from_reads_the_hosts_client_list(tmp_path):
-    host = launcher.start_app("client_host", launcher.free_port(), ["--scenario", "iid", "--clients", "7"])
+@pytest.mark.system
+def test_clients_from_a_real_client_host_and_its_pooled_line_drawn_as_outside_knowledge(tmp_path):
+    """--clients-from reads the host's client list; the server then draws the
+    host's pooled least-squares line on the model chart, labelled as outside
+    knowledge: here against the line through the scenario's documented rows
+    (tests/test_byzantine.py's client_data), computed in closed form."""
+    from test_byzantine import client_data
+    host = launcher.start_app("client_host", launcher.free_port(), ["--scenario", "iid", "--clients", "7",
+                                                                    "--seed", "3"])
     server = launcher.start_app("server", launcher.free_port(),
-                                ["--clients-from", f"{host.url}", "--db", str(tmp_path / "runs.db")])
+                                ["--clients-from", host.url, "--db", str(tmp_path / "runs.db")])
     apps = [host, server]
     try:
         launcher.wait_healthy(apps)  # the server waits for the host itself
         expected = [f"{host.url}/clients/{k}" for k in range(1, 8)]
         assert launcher.get_json(server.url + "/health")["clients"] == expected
-        status, run = launcher.post_json(server.url + "/start", {"rounds": 2})
-        assert status == 200 and run["status"] == "completed", run
-        assert [r["N"] for r in run["rounds"]] == [7 * 20] * 2
-        assert "server: 7 client(s) from the client host at" in server.output()
-    finally:
-        launcher.stop(apps)
-
-
-def test_a_simulations_pooled_line_is_drawn_as_outside_knowledge(tmp_path):
-    """A server on a client host draws the host's pooled least-squares line on
-    the model chart, labelled as outside knowledge: here against the line
-    through the scenario's documented rows (tests/test_byzantine.py's
-    client_data), computed in closed form. A run on other clients, or a
-    server without a host, draws none."""
-    from test_byzantine import client_data
-    host = launcher.start_app("client_host", launcher.free_port(), ["--scenario", "iid", "--clients", "4",
-                                                                    "--seed", "3"])
-    server = launcher.start_app("server", launcher.free_port(),
-                                ["--clients-from", host.url, "--db", str(tmp_path / "runs.db")])
-    try:
-        launcher.wait_healthy([host, server])
-        rows = [pt for i in range(4) for pt in client_data(i, seed=3)]
+        rows = [pt for i in range(7) for pt in client_data(i, seed=3)]
         mx, my = sum(x for x, _ in rows) / len(rows), sum(y for _, y in rows) / len(rows)
         w = sum((x - mx) * (y - my) for x, y in rows) / sum((x - mx) ** 2 for x, _ in rows)
         b = my - w * mx
         said = launcher.get_json(host.url + "/scenario")
-        assert said["simulated"] is True and said["clients"] == 4
+        assert said["simulated"] is True and said["clients"] == 7
         assert abs(said["pooled_line"]["w"] - w) < 1e-9 and abs(said["pooled_line"]["b"] - b) < 1e-9
         status, run = launcher.post_json(server.url + "/start", {"rounds": 2})
         assert status == 200 and run["status"] == "completed", run
+        assert [r["N"] for r in run["rounds"]] == [7 * 20] * 2
+        assert "server: 7 client(s) from the client host at" in server.output()
         _, _, svg = launcher.fetch(f"{server.url}/runs/{run['run_id']}/plots/models.svg")
         text = svg.decode()
         assert 'id="outside-line"' in text
@@ -207,59 +201,57 @@ def test_a_simulations_pooled_line_is_drawn_as_outside_knowledge(tmp_path):
         launcher.stop([server, host])
 
 
-def test_clients_from_no_host_or_not_a_host_is_a_clear_error(tmp_path):
+def test_clients_from_no_host_or_not_a_host_is_a_clear_error(serve):
+    """What --clients-from stops the server with (server_app.py prints
+    ``error: <this>`` and exits 2, as for a corrupt history)."""
+    server_app = load(ROOT / "server" / "server_app.py", "server_app")
     with launcher.refusing_url() as nobody:
-        server = launcher.start_app("server", launcher.free_port(),
-                                    ["--clients-from", nobody, "--clients-from-wait", "1"])
-        try:
-            assert server.proc.wait(60) == 2
-        finally:
-            launcher.stop([server])
-    assert f"error: no client host answers at {nobody} within 1 s" in server.output()
+        with pytest.raises(ValueError) as refused:
+            server_app.clients_from(nobody, 1)
+    assert str(refused.value).startswith(f"no client host answers at {nobody} within 1 s")
 
-    client = launcher.start_app("client_1", launcher.free_port())
+    client = serve(create_client_app({"CLIENT_ID": "client_1", "DATA_PATH": str(ROOT / "client_1" / "data.csv"),
+                                      "TOKEN": None}))
+    with pytest.raises(ValueError) as refused:
+        server_app.clients_from(client.url)
+    assert str(refused.value).startswith(f"{client.url}/clients answered HTTP 404: is {client.url} a client host")
+
+
+def test_a_completed_run_names_the_client_dropped_from_every_round(servers, caplog):
+    """client_2 stops listening after the first run (its connections then
+    refused, as for a stopped process): the next run completes, and its
+    message, its warnings, GET /runs/<id> and the log all say so."""
+    caplog.set_level(logging.INFO, logger="fedavg.server")
+    client_1, client_2 = (Served(create_client_app({"CLIENT_ID": name, "DATA_PATH": str(ROOT / name / "data.csv"),
+                                                    "TOKEN": None})) for name in ("client_1", "client_2"))
     try:
-        launcher.wait_healthy([client])
-        server = launcher.start_app("server", launcher.free_port(), ["--clients-from", client.url])
-        assert server.proc.wait(60) == 2
-        launcher.stop([server])
-        assert f"error: {client.url}/clients answered HTTP 404: is {client.url} a client host" in server.output()
-    finally:
-        launcher.stop([client])
-
-
-def test_a_completed_run_names_the_client_dropped_from_every_round(tmp_path):
-    ports = {name: launcher.free_port() for name in launcher.DEFAULT_PORTS}
-    apps = launcher.start_federation(ports, server_args=["--db", str(tmp_path / "runs.db")])
-    try:
-        server = apps["server"]
-        assert launcher.post_json(server.url + "/start", {"rounds": 1})[0] == 200  # the server learns the names
-        launcher.stop([apps["client_2"]])
-        done = subprocess.run(["curl", "-s", "-X", "POST", server.url + "/start",
-                               "-H", "Content-Type: application/json", "-d", '{"rounds": 2}'],
-                              capture_output=True, text=True, timeout=120)
-        run = json.loads(done.stdout)
+        http = servers(HttpTransport([client_1.url, client_2.url])).http
+        assert http.post("/start", json={"rounds": 1}).status_code == 200  # the server learns the names
+        client_2.close()
+        # as curl sends it: a JSON body, Accept: */*
+        answer = http.post("/start", data='{"rounds": 2}', headers={"Content-Type": "application/json",
+                                                                     "Accept": "*/*"})
+        text = answer.get_data(as_text=True)
+        run = json.loads(text)
         warning = "client_2 dropped in 2/2 rounds (last reason: cannot connect: Connection refused)"
         assert run["status"] == "completed"
         assert run["message"].startswith(f"FedAvg finished 2 round(s). Warning: {warning}"), run["message"]
         assert run["warnings"][0].startswith(warning) and len(run["warnings"]) == 1
-        assert launcher.get_json(server.url + f"/runs/{run['run_id']}?since=1")["warnings"] == run["warnings"]
+        assert http.get(f"/runs/{run['run_id']}?since=1").get_json()["warnings"] == run["warnings"]
         # The model is client_1's alone: plain-Python FedAvg over client_1 only.
         w, b = reference_fedavg(SEED_DATA[:1], rounds=2, lr=0.01, epochs=10)[-1]
         assert abs(run["final_model"]["w"] - w) < 1e-9 and abs(run["final_model"]["b"] - b) < 1e-9
-        deadline = time.monotonic() + 10
-        while warning not in server.output() and time.monotonic() < deadline:
-            time.sleep(0.05)  # polling interval: the reader thread may trail the answer
-        assert f"Run {run['run_id']} WARNING: {warning}" in server.output()
+        logged = [r.getMessage() for r in caplog.records if r.name == "fedavg.server"]
+        assert f"Run {run['run_id']} WARNING: {warning}" in "\n".join(logged)
 
         # curl's answer: the summary first, one key a line; Accept: application/json: one line.
         keys = ["message", "status", "final_line", "final_model", "rounds_completed", "warnings", "url"]
         assert list(run)[:7] == keys and run["url"] == f"/runs/{run['run_id']}"
-        assert done.stdout.splitlines()[1].startswith('  "message": ')
-        req = urllib.request.Request(server.url + "/start", data=b'{"rounds": 1}', method="POST",
-                                     headers={"Accept": "application/json", "Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            text = resp.read().decode()
+        assert text.splitlines()[1].startswith('  "message": ')
+        one_line = http.post("/start", data=b'{"rounds": 1}', headers={"Accept": "application/json",
+                                                                       "Content-Type": "application/json"})
+        text = one_line.get_data(as_text=True)
         assert text.count("\n") == 1 and list(json.loads(text))[:7] == keys
     finally:
-        launcher.stop(list(apps.values()))
+        client_1.close()
+        client_2.close()

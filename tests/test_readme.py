@@ -3,7 +3,9 @@ blocks is either run here (on free ports: 5000-5002 may be taken) or named
 in COVERED_BY with the test that runs it, and nothing is left out. The
 "why not 0.5·x + 3?" curl lines are checked against references computed
 here: the closed-form fixed point of FedAvg (tests/test_strategies.py) and
-the pooled least-squares line 0.5·x + 3."""
+the pooled least-squares line 0.5·x + 3. The commands run on real processes
+(make test-all); the map, the README's length and links, and the docs'
+facts are read here (make test)."""
 from __future__ import annotations
 
 import json
@@ -19,9 +21,6 @@ import launcher
 from conftest import ROOT
 from reference import SEED_DATA, reference_fedavg
 from test_strategies import fedavg_closed_form
-
-# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
-pytestmark = pytest.mark.system
 
 README = ROOT / "README.md"
 
@@ -150,6 +149,7 @@ def three_terminals(tmp_path):
         launcher.stop(apps)
 
 
+@pytest.mark.system
 def test_three_terminals_the_seed_curl_and_why_not_half_x_plus_3(three_terminals):
     server, tmp_path = three_terminals
     port = int(server.url.rsplit(":", 1)[1])
@@ -199,6 +199,7 @@ def test_three_terminals_the_seed_curl_and_why_not_half_x_plus_3(three_terminals
     assert set(ROOT.glob("**/run-1-*.png")) == before
 
 
+@pytest.mark.system
 def test_make_sim_as_the_readme_writes_it():
     done = shell(SIM)
     assert done.returncode == 0, done.stdout + done.stderr

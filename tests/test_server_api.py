@@ -1,5 +1,8 @@
 """The server app through Flask's test client, with real client apps served
-over HTTP on free loopback ports: runs, their records, and bad /start input."""
+over HTTP on free loopback ports: runs, their records, and bad /start input.
+Where the network plays no part (sampling, a client that diverges, a reply
+the parser refuses) the same client apps answer in this process
+(conftest's ``servers``), without a socket's cost."""
 from __future__ import annotations
 
 import time
@@ -50,6 +53,13 @@ def seed_client():
     served = Served(seed_style_client(SEED_DATA[1]))
     yield served
     served.close()
+
+
+def client_apps(*names: str) -> dict[str, Flask]:
+    """The seed's clients by name, as apps in this process: URL → app."""
+    return {f"http://127.0.0.1:500{name[-1]}": create_client_app({"CLIENT_ID": name, "TOKEN": None,
+                                                                  "DATA_PATH": str(ROOT / name / "data.csv")})
+            for name in names}
 
 
 @pytest.fixture
@@ -204,8 +214,13 @@ def test_a_second_start_while_one_runs_is_409_with_the_running_id(server):
     assert body["run_id"] == running and str(running) in body["error"]
     assert server.get("/status").get_json()["run_id"] == running
     assert poll_run(server, running)["status"] == "completed"
-    # the refused start left no trace, and the next one is welcome
+    # the refused start left no trace, and the next one is welcome once the
+    # run's thread is gone (it logs its warnings a moment after its end is recorded)
     assert [run["run_id"] for run in server.get("/runs").get_json()["runs"]] == [running]
+    deadline = time.monotonic() + 10
+    while server.get("/health").get_json()["running_run_id"] is not None:
+        assert time.monotonic() < deadline, "the ended run still counts as running after 10 s"
+        time.sleep(0.01)  # polling interval
     assert server.post("/start", json={"rounds": 1}).status_code == 200
 
 
@@ -261,7 +276,7 @@ def test_a_seed_style_client_takes_part_named_by_its_url(clients, seed_client, m
     assert_model_close(run["final_model"], *expected[-1])
 
 
-def test_a_client_replying_an_unconvertible_integer_is_dropped_not_fatal(clients, make_server_client):
+def test_a_client_replying_an_unconvertible_integer_is_dropped_not_fatal(servers):
     # The shared parser reads client replies too: a 5000-digit integer must be
     # one bad reply (that client dropped), not a crash of the whole run.
     app = Flask("huge-int")
@@ -271,19 +286,17 @@ def test_a_client_replying_an_unconvertible_integer_is_dropped_not_fatal(clients
         return Response('{"local_model": {"w": 1' + "0" * 5000 + ', "b": 0}, "data_size": 2}',
                         mimetype="application/json")
 
-    bad = Served(app)
-    try:
-        server = make_server_client([clients[0].url, bad.url])
-        run = server.post("/start", json={"rounds": 1}).get_json()
-    finally:
-        bad.close()
+    bad = "http://127.0.0.1:5009"
+    run = servers({**client_apps("client_1"), bad: app}).http.post("/start", json={"rounds": 1}).get_json()
     assert run["status"] == "completed", run["error"]
     [record] = run["rounds"]
     assert [p["client_id"] for p in record["participants"]] == ["client_1"]
-    assert [d["url"] for d in record["dropped"]] == [bad.url]
+    assert [d["url"] for d in record["dropped"]] == [bad]
 
 
-def test_fraction_with_a_seed_samples_the_same_clients_on_repeat(server, clients):
+def test_fraction_with_a_seed_samples_the_same_clients_on_repeat(servers):
+    server = servers(client_apps("client_1", "client_2")).http
+
     def sample(seed: int) -> list[list[str]]:
         run = server.post("/start", json={"rounds": 5, "fraction": 0.5, "seed": seed}).get_json()
         assert run["status"] == "completed" and run["settings"]["seed"] == seed
@@ -386,11 +399,10 @@ def test_an_init_that_does_not_fit_the_clients_data_is_400_before_anything_start
     assert fits.status_code == 200 and fits.get_json()["rounds"][0]["global_model_in"] == {"w": 0.5, "b": 1.0}
 
 
-def test_a_client_that_diverges_ends_the_run_as_diverged(clients, make_server_client):
+def test_a_client_that_diverges_ends_the_run_as_diverged(servers):
     """lr 0.1 makes client_2's local training blow up after some rounds while
     client_1 still returns finite numbers: the run must not carry on without it."""
-    server = make_server_client([c.url for c in clients])
-    run = server.post("/start", json={"rounds": 500, "lr": 0.1}).get_json()
+    run = servers(client_apps("client_1", "client_2")).http.post("/start", json={"rounds": 500, "lr": 0.1}).get_json()
     assert run["status"] == "diverged" and "smaller lr" in run["error"]
     assert len(run["rounds"]) < 500
 

@@ -1,6 +1,8 @@
-"""Faults that used to leave the server stuck, on real server processes: a
-client that never answers while the server is asked to stop, and a run
-history that is corrupt, read-only, deleted or on a full disk."""
+"""Faults that used to leave the server stuck: a client that never answers
+while the server process is asked to stop, and a run history that is
+corrupt, read-only or on a full disk (real server processes: make test-all);
+pages of the history corrupt or deleted under a running server, and an end
+the store cannot take (the server app in this process: make test)."""
 from __future__ import annotations
 
 import json
@@ -14,14 +16,14 @@ from pathlib import Path
 
 import pytest
 from flask import Flask
+from flask.testing import FlaskClient
 
 import launcher
+from conftest import ROOT
+from fedavg.http.client_app import create_app as create_client_app
 from fedavg_server.federation import Federation
 from fedavg_server.http_transport import HttpTransport
 from fedavg_server.runs import RunStore
-
-# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
-pytestmark = pytest.mark.system
 
 # Mounting a small filesystem and dropping privileges need root; CI runs as
 # root and runs these (a non-root CI fails them loudly); a developer without
@@ -49,10 +51,32 @@ def server(db: Path, clients: str, **kw) -> launcher.App:
     return app
 
 
+def seed_client_apps() -> list[Flask]:
+    return [create_client_app({"CLIENT_ID": name, "DATA_PATH": str(ROOT / name / "data.csv"), "TOKEN": None})
+            for name in ("client_1", "client_2")]
+
+
+@pytest.fixture
+def seed_clients(serve) -> str:
+    """The seed's two clients on free loopback ports in this process, as
+    --clients gives them: what a server process under test calls."""
+    return ",".join(serve(app).url for app in seed_client_apps())
+
+
+@pytest.fixture
+def seed_server(servers, tmp_path) -> tuple[FlaskClient, Path]:
+    """A server app over the seed's two client apps, in this process, its
+    history in runs.db: (its test client, that file)."""
+    db = tmp_path / "runs.db"
+    urls = ("http://127.0.0.1:5001", "http://127.0.0.1:5002")
+    return servers(dict(zip(urls, seed_client_apps())), db).http, db
+
+
 # --- a client that never answers ---------------------------------------------------------
 
 
-def test_sigterm_with_a_hung_client_exits_at_once_and_the_run_is_resumable(tmp_path, serve):
+@pytest.mark.system
+def test_sigterm_with_a_hung_client_exits_at_once_and_the_run_is_resumable(tmp_path, serve, servers):
     called, release = threading.Event(), threading.Event()
     hung = Flask("hung")
 
@@ -78,19 +102,20 @@ def test_sigterm_with_a_hung_client_exits_at_once_and_the_run_is_resumable(tmp_p
         launcher.stop([app])
     assert took < 8, f"SIGTERM took {took:.1f} s with a hung client (client_timeout_s = 60)"
     assert "Traceback" not in app.output()
-    again = server(db, url)
+    # The server restarted: a new app on the same history (what server_app.py builds at start).
     try:
-        status, run = get(f"{again.url}/runs/{started['run_id']}")
-        assert status == 200 and run["status"] == "interrupted", run
+        r = servers(HttpTransport([url]), db).http.get(f"/runs/{started['run_id']}")
+        run = r.get_json()
+        assert r.status_code == 200 and run["status"] == "interrupted", run
         assert "the server stopped during round 1" in run["error"]
     finally:
         release.set()
-        launcher.stop([again])
 
 
 # --- the run history --------------------------------------------------------------------
 
 
+@pytest.mark.system
 def test_a_corrupt_history_file_stops_the_server_in_one_line(tmp_path):
     db = tmp_path / "runs.db"
     db.write_bytes(b"not a database " * 1000)
@@ -103,6 +128,7 @@ def test_a_corrupt_history_file_stops_the_server_in_one_line(tmp_path):
     assert len(errors) == 1 and str(db) in errors[0] and "corrupt" in errors[0]
 
 
+@pytest.mark.system
 @needs_root
 def test_a_read_only_history_folder_stops_the_server_in_one_line(tmp_path):
     """The history's folder on a filesystem mounted read-only: no one, root
@@ -124,56 +150,41 @@ def test_a_read_only_history_folder_stops_the_server_in_one_line(tmp_path):
     assert len(errors) == 1 and str(folder / "runs.db") in errors[0], out
 
 
-@pytest.fixture(scope="module")
-def seed_clients():
-    ports = {name: launcher.free_port() for name in ("client_1", "client_2")}
-    apps = [launcher.start_app(name, port) for name, port in ports.items()]
-    launcher.wait_healthy(apps)
-    yield ",".join(a.url for a in apps)
-    launcher.stop(apps)
+def test_corrupt_pages_are_a_503_on_the_history_while_health_and_status_answer(seed_server, caplog):
+    http, db = seed_server
+    r = http.post("/start", json={"rounds": 3})
+    run = r.get_json()
+    assert r.status_code == 200 and run["status"] == "completed"
+    # Everything into the main file, then garbage over every page after the first.
+    with sqlite3.connect(db) as other:
+        other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with open(db, "r+b") as f:
+        size = f.seek(0, 2)
+        f.seek(4096)
+        f.write(os.urandom(size - 4096))
+    for path in ("/runs", f"/runs/{run['run_id']}"):
+        r = http.get(path)
+        assert r.status_code == 503 and "run history is unavailable" in r.get_json()["error"], (path, r.get_json())
+    assert http.get("/health").status_code == 200
+    r = http.get("/status")
+    assert r.status_code == 200 and "run history is unavailable" in r.get_json()["error"]
+    assert "Traceback" not in caplog.text  # what the server would have printed
 
 
-def test_corrupt_pages_are_a_503_on_the_history_while_health_and_status_answer(tmp_path, seed_clients):
-    db = tmp_path / "runs.db"
-    app = server(db, seed_clients)
-    try:
-        status, run = launcher.post_json(app.url + "/start", {"rounds": 3})
-        assert status == 200 and run["status"] == "completed"
-        # Everything into the main file, then garbage over every page after the first.
-        with sqlite3.connect(db) as other:
-            other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        with open(db, "r+b") as f:
-            size = f.seek(0, 2)
-            f.seek(4096)
-            f.write(os.urandom(size - 4096))
-        for path in ("/runs", f"/runs/{run['run_id']}"):
-            status, body = get(app.url + path)
-            assert status == 503 and "run history is unavailable" in body["error"], (path, body)
-        assert get(app.url + "/health")[0] == 200
-        status, body = get(app.url + "/status")
-        assert status == 200 and "run history is unavailable" in body["error"]
-        assert "Traceback" not in app.output()
-    finally:
-        launcher.stop([app])
+def test_a_history_deleted_while_running_is_noticed(seed_server, tmp_path):
+    http, _ = seed_server
+    assert http.post("/start", json={"rounds": 2}).status_code == 200
+    for p in tmp_path.glob("runs.db*"):
+        p.unlink()
+    r = http.post("/start", json={"rounds": 2})
+    assert r.status_code == 503 and "deleted or replaced" in r.get_json()["error"], r.get_json()
+    assert http.get("/status").status_code == 200
 
 
-def test_a_history_deleted_while_running_is_noticed(tmp_path, seed_clients):
-    db = tmp_path / "runs.db"
-    app = server(db, seed_clients)
-    try:
-        assert launcher.post_json(app.url + "/start", {"rounds": 2})[0] == 200
-        for p in tmp_path.glob("runs.db*"):
-            p.unlink()
-        status, body = launcher.post_json(app.url + "/start", {"rounds": 2})
-        assert status == 503 and "deleted or replaced" in body["error"], body
-        assert get(app.url + "/status")[0] == 200
-    finally:
-        launcher.stop([app])
-
-
+@pytest.mark.system
 @needs_root
 def test_a_full_disk_fails_the_run_the_truth_is_told_and_it_is_recorded_once_there_is_room(tmp_path, seed_clients):
-    """The history on a 1 MiB tmpfs, nearly filled: the run fails "disk full"
+    """A server process's history on a 1 MiB tmpfs, nearly filled: the run fails "disk full"
     instead of hanging as "running"; /status says so while the store cannot
     record it; freed space lets the server record it, and a new run start."""
     assert os.geteuid() == 0, "mounts a tmpfs: run as root (CI does)"
@@ -192,7 +203,8 @@ def test_a_full_disk_fails_the_run_the_truth_is_told_and_it_is_recorded_once_the
         run_id = started["run_id"]
         body = poll("the run ends", lambda: (s := get(app.url + "/status")[1])["status"] != "running" and s)
         assert body["run_id"] == run_id and body["status"] == "failed" and "disk full" in body["error"], body
-        assert get(app.url + "/health")[1]["running_run_id"] is None  # not stuck
+        # not stuck: the run's thread ends a moment after its end is told (it logs its warnings after)
+        poll("no run in progress", lambda: get(app.url + "/health")[1]["running_run_id"] is None, timeout_s=10)
         filler.unlink()
         run = poll("the end is recorded", lambda: (r := get(f"{app.url}/runs/{run_id}?limit=1"))[0] == 200 and
                    r[1]["status"] == "failed" and r[1])

@@ -1,26 +1,24 @@
 """POST /start names every bad field at once: "error" keeps the first
 problem's message (as a 400 always has), "errors" lists all of them when
-there are several. Against a real server process."""
+there are several. The server app in this process, its one client a loopback
+URL that refuses every connection: nothing here reaches a client."""
 from __future__ import annotations
 
 import pytest
 
 import launcher
-
-# Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
-pytestmark = pytest.mark.system
+from fedavg_server import create_app
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    """A test client of the server app."""
     db = tmp_path_factory.mktemp("start_errors") / "runs.db"
     with launcher.refusing_url() as nobody:
-        app = launcher.start_app("server", launcher.free_port(), ["--clients", nobody, "--db", str(db)])
-        try:
-            launcher.wait_healthy([app])
-            yield app.url
-        finally:
-            launcher.stop([app])
+        app = create_app({"CLIENTS": [nobody], "DB": str(db), "TOKEN": None})
+        yield app.test_client()
+        app.extensions["fedavg"].transport.close()
+        app.extensions["fedavg"].store.close()
 
 
 @pytest.mark.parametrize("body, errors", [
@@ -34,13 +32,14 @@ def server(tmp_path_factory):
       ("pace_s", "must be <= 60, got 61"), ("wait", "must be true or false, got the number 1")]),
 ])
 def test_every_bad_field_is_named(server, body, errors):
-    status, reply = launcher.post_json(server + "/start", body)
-    assert status == 400
+    r = server.post("/start", json=body)
+    reply = r.get_json()
+    assert r.status_code == 400
     assert [(e["field"], e["message"]) for e in reply["errors"]] == errors
     assert reply["error"] == f"{errors[0][0]}: {errors[0][1]}"
-    assert launcher.get_json(server + "/runs")["runs"] == []  # nothing started
+    assert server.get("/runs").get_json()["runs"] == []  # nothing started
 
 
 def test_one_bad_field_keeps_the_one_key_body(server):
-    status, reply = launcher.post_json(server + "/start", {"rounds": 0})
-    assert status == 400 and reply == {"error": "rounds: must be >= 1, got 0"}
+    r = server.post("/start", json={"rounds": 0})
+    assert r.status_code == 400 and r.get_json() == {"error": "rounds: must be >= 1, got 0"}
