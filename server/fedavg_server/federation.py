@@ -111,7 +111,7 @@ class Federation:
         ``interrupted`` and can be resumed. False if it is not running."""
         with self._lock:
             run = self._running
-            if run is None or run.run_id != run_id or not run.thread.is_alive():
+            if run is None or run.run_id != run_id or run.ended.is_set():
                 return False
             run.stop_requested.set()
             return True
@@ -123,12 +123,12 @@ class Federation:
         with self._lock:
             run = self._running
         self.transport.stopping.set()
-        if run is not None and run.thread.is_alive():
+        if run is not None and not run.ended.is_set():
             run.stop_requested.set()
             run.thread.join(timeout_s)
 
     def _check_idle(self) -> None:
-        if self._running is not None and self._running.thread.is_alive():
+        if self._running is not None and not self._running.ended.is_set():
             raise Busy(self._running.run_id)
 
     def _launch(self, run: Run) -> None:
@@ -144,7 +144,7 @@ class Federation:
 
     def running_id(self) -> int | None:
         with self._lock:
-            if self._running is not None and self._running.thread.is_alive():
+            if self._running is not None and not self._running.ended.is_set():
                 return self._running.run_id
             return None
 
@@ -157,7 +157,10 @@ class Federation:
         except Exception as e:  # a bug must end the run visibly, not hang it as "running"
             log.exception("run %s crashed", run.run_id)
             status, error = "failed", f"internal error: {type(e).__name__}: {e}"
-        self._record_end(run.run_id, status, error)
+        try:
+            self._record_end(run.run_id, status, error)
+        finally:  # from here the run has ended for everyone (a new one may start), though this thread still logs
+            run.ended.set()
         # "completed" must not hide a client that never took part.
         for warning in self.warnings(run.run_id):
             log.info("Run %s WARNING: %s", run.run_id, warning)

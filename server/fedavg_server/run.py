@@ -80,6 +80,7 @@ class Run:
             for stage in self.stages:
                 stage.resume(last)
         self.stop_requested = threading.Event()  # POST /runs/<id>/stop, or the server stopping
+        self.ended = threading.Event()  # its end is recorded: it no longer holds the federation
         self.thread: threading.Thread | None = None
 
     def execute(self) -> tuple[str, str | None]:
