@@ -29,6 +29,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """matplotlib builds its font cache the first time it is imported on a
+    machine, and asks fc-list, a process: let it do so now, before any
+    test of the everyday tier (which starts no process) draws a chart."""
+    import matplotlib.font_manager  # noqa: F401
+
+
 @contextmanager
 def _no_process_unless_system(item: pytest.Item) -> Iterator[None]:
     """make test's tier runs in this process: a test that starts a process
