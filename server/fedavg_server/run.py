@@ -76,6 +76,7 @@ class Run:
                                                                             key or str(run_id))
         self.state: State | None = None  # the strategy's state after the last stored round
         if last is not None:  # a resumed run: each part picks up where the last stored round left it
+            # (records written before the privacy stage kept its S in the strategy's state, as dp_clip)
             self.state = {k: v for k, v in (state_of(last.get("server_state")) or {}).items() if k != "dp_clip"}
             for stage in self.stages:
                 stage.resume(last)
@@ -124,7 +125,7 @@ class Run:
             step = self.strategy.aggregate(theta, got.results, self.state)
         except CannotCombine as e:
             raise RunStopped("failed", f"round {r}: {e}") from None
-        step = Step(step.theta, step.state, [*got.trace, *step.trace])
+        step = Step(step.theta, step.state, [*got.trace, *step.trace])  # the collector's lines (an unmasking) first
         parts: dict[str, Any] = {}
         for stage in self.stages:
             step, mine = stage.after(r, theta, got, step)
@@ -209,7 +210,8 @@ class Run:
         for stage in self.stages:
             stage.measured(round_no, loss)
         self.store.set_federated_loss(self.run_id, round_no, loss)
-        log.info("%s", loss_line(round_no, [n for _, n in losses], [x for x, _ in losses], loss, source))
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s", loss_line(round_no, [n for _, n in losses], [x for x, _ in losses], loss, source))
 
     def _final_evaluation(self, round_no: int, theta: Theta) -> None:
         """The last model has no next round to measure it: one evaluation by the collector."""
