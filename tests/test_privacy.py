@@ -1,10 +1,14 @@
 """Differential privacy (DP-FedAvg) against plain-Python references written
 here: σ = 0 and S = ∞ are FedAvg; the noise on the released model has the
-standard deviation σ·S/M; a client that sends a huge update moves the model
-by at most S/M; clients that add the noise themselves add σ·S/√M each;
-adaptive clipping moves S as Andrew et al.'s formula says; a run stops
-before its budget is passed; bad settings are a 400 naming the field. The
-accountant's ε is checked against dp-accounting's own documented values.
+standard deviation σ·S/M, also when clients add it themselves (σ·S/√n each,
+n the clients sampled) and some of them are lost; a client that sends a
+huge update moves the model by at most S/M; nothing of any one client's
+(model, loss, clip bit, update norm) is stored or logged; adaptive clipping
+moves S as Andrew et al.'s formula says, and its count costs what the
+accountant assumes (dp-accounting composing the two releases); a run stops
+before its budget is passed; bad settings (a σ too small to account for
+among them) are a 400 naming the field. The accountant's ε is checked
+against dp-accounting's own documented values.
 
 The math runs in this process: ``fedavg.privacy`` on its own (thousands of
 draws in milliseconds, and properties Hypothesis tries on many inputs), and
@@ -15,10 +19,15 @@ processes, and `make privacy` run as the command."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import statistics
 import subprocess
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,8 +36,13 @@ from hypothesis import strategies as st
 
 from conftest import ROOT
 from fedavg.client import LocalClient
+from fedavg.http.host_app import create_host_app
 from fedavg.privacy import DPAverage, adapt_clip, client_noise_std, clip, privatize, update_noise_multiplier
 from fedavg.scenarios import make_clients
+from fedavg.strategies import Result, Step
+from fedavg_server.collect import Collected
+from fedavg_server.inprocess import InProcessTransport
+from fedavg_server.transport import Reply
 from launcher import post_json
 from reference import SEED_DATA, local_gd, reference_fedavg
 
@@ -51,14 +65,39 @@ def coordinates(model: dict) -> list[float]:
     return [*(w if isinstance(w, list) else [w]), model["b"]]
 
 
-def released_without_noise(record: dict, bound: float, expected: float) -> list[float]:
-    """W_t + Σ_k clip_S(W_k − W_t) / M from the round's own participants (their local models are public
-    on a server without a token)."""
-    theta_t = coordinates(record["global_model_in"])
+class Wire(InProcessTransport):
+    """The server's transport with the test on the wire: the clients' own
+    apps in this process, each /train request and reply kept as it went
+    (``sent[round]``: (url, config, reply)), and the clients in ``lost``
+    gone for /train (the server sees a refused connection)."""
+
+    def __init__(self, apps: Any, lost: Sequence[str] = ()) -> None:
+        super().__init__(apps)
+        self.lost = set(lost)
+        self.sent: dict[int, list[tuple[str, dict, dict]]] = defaultdict(list)
+
+    def call(self, url: str, method: str, path: str, timeout_s: float, body: Any = None) -> Reply:
+        if path == "/train" and url in self.lost:
+            return Reply(url, reason="cannot connect: connection refused (the client is gone)")
+        reply = super().call(url, method, path, timeout_s, body)
+        if path == "/train" and reply.ok:
+            self.sent[body["round"]].append((url, body["config"], reply.body))
+        return reply
+
+
+def wired(servers, clients: list[LocalClient], lost: Sequence[int] = ()) -> tuple[Any, Wire]:
+    """A server over ``clients`` (one client host app) through a ``Wire``; ``lost``: places in the list."""
+    wire = Wire.hosted(create_host_app(clients), len(clients))
+    wire.lost = {wire.urls[i] for i in lost}
+    return servers(wire), wire
+
+
+def released_without_noise(theta_t: list[float], updates: list[list[float]], bound: float,
+                           expected: float) -> list[float]:
+    """W_t + Σ_k clip_S(Δ_k) / M, by hand."""
     total = [0.0] * len(theta_t)
-    for p in record["participants"]:
-        clipped = by_hand_clip_all([a - c for a, c in zip(coordinates(p["local_model"]), theta_t)], bound)
-        total = [t + x for t, x in zip(total, clipped)]
+    for delta in updates:
+        total = [t + x for t, x in zip(total, by_hand_clip_all(delta, bound))]
     return [c + t / expected for c, t in zip(theta_t, total)]
 
 
@@ -80,9 +119,14 @@ def wide_rows(seed: int) -> list[tuple[list[float], float]]:
 WIDE_DATA = [wide_rows(1), wide_rows(2)]
 
 
-def wide_clients() -> list[LocalClient]:
+def wide_clients(data: list[list[tuple[list[float], float]]] = WIDE_DATA) -> list[LocalClient]:
     return [LocalClient(f"wide_{i + 1}", np.array([x for x, _ in rows]), np.array([y for _, y in rows]))
-            for i, rows in enumerate(WIDE_DATA)]
+            for i, rows in enumerate(data)]
+
+
+def wide_updates(rows_of: list[list[tuple[list[float], float]]], theta_t: list[float]) -> list[list[float]]:
+    """Each client's Δ_k = W_k − W_t, W_k its plain-Python local GD from W_t."""
+    return [[a - c for a, c in zip(wide_local_gd(rows, theta_t), theta_t)] for rows in rows_of]
 
 
 def wide_local_gd(rows: list[tuple[list[float], float]], theta: list[float], lr: float = 0.01,
@@ -134,11 +178,11 @@ def test_the_release_draws_fresh_noise_from_the_system_not_a_seed():
     assert first.tolist() != second.tolist()
 
 
-def test_a_client_adds_its_share_sigma_s_over_root_m():
-    """privatize with client_noise_std(σ, S, M): 5000 replies of a client whose
+def test_a_client_adds_its_share_sigma_s_over_root_n():
+    """privatize with client_noise_std(σ, S, n): 5000 replies of a client whose
     update is twice S; each minus W_t + clip_S(Δ) (by hand) has standard
-    deviation σ·S/√M within 5%, so M clients' shares sum to the server's σ·S."""
-    sigma, bound, m = 1.0, 0.2, 2.0
+    deviation σ·S/√n within 5%, so n clients' shares sum to the server's σ·S."""
+    sigma, bound, m = 1.0, 0.2, 2
     center, theta = np.array([1.0, 2.0]), np.array([1.24, 2.32])  # ‖Δ‖ = 0.4 = 2·S
     dx, db = by_hand_clip(0.24, 0.32, bound)
     std = client_noise_std(sigma, bound, m)
@@ -161,43 +205,105 @@ def test_with_the_clients_noise_the_release_only_sums():
     assert out.tolist() == pytest.approx(want, abs=1e-15)
 
 
-@pytest.mark.parametrize("unclipped, m", [(0, 2.0), (1, 2.0), (2, 2.0), (7, 10.0)])
-def test_adaptive_clip_without_count_noise_is_the_formula(unclipped, m):
-    """S_{t+1} = S_t·exp(−η(b − γ)), b = unclipped/M, exactly, when σ_b = 0."""
+def by_hand_share(bits: list[int], m: float, noise: float = 0.0) -> float:
+    """b̄ = clamp_[0,1]((Σ_k (bit_k − ½) + noise) / M + ½) (Andrew et al.; tensorflow_privacy's
+    QuantileEstimatorQuery)."""
+    return min(1.0, max(0.0, (sum(b - 0.5 for b in bits) + noise) / m + 0.5))
+
+
+@pytest.mark.parametrize("bits, m", [([0, 0], 2.0), ([1, 0], 2.0), ([1, 1], 2.0), ([1] * 7 + [0] * 3, 10.0),
+                                     ([1, 1, 1], 10.0), ([0, 0, 0, 0], 2.0)])
+def test_adaptive_clip_without_count_noise_is_the_formula(bits, m):
+    """σ_b = 0: b̄ and S_{t+1} = S_t·exp(−η(b̄ − γ)) are the formula's, by hand (M = n: b̄ = Σ bit/n)."""
     bound, gamma, eta = 0.05, 0.5, 0.2
-    new, share = adapt_clip(bound, unclipped, m, gamma, eta, 0.0)
-    assert share == unclipped / m
-    assert new == pytest.approx(bound * math.exp(-eta * (unclipped / m - gamma)), rel=1e-15)
+    new, share = adapt_clip(bound, bits, m, gamma, eta, 0.0)
+    assert share == pytest.approx(by_hand_share(bits, m), abs=1e-15)
+    if len(bits) == m:
+        assert share == pytest.approx(sum(bits) / m, abs=1e-15)
+    assert new == pytest.approx(bound * math.exp(-eta * (share - gamma)), rel=1e-15)
 
 
 def test_adaptive_clip_counts_with_noise_of_std_sigma_b_over_m():
-    """b̄ = (unclipped + N(0, σ_b²))/M: over 5000 draws its standard deviation is σ_b/M within 5%, and
-    each S_{t+1} is the formula applied to that b̄."""
-    bound, gamma, eta, count_noise, m = 1.0, 0.5, 0.2, 3.0, 10.0
+    """b̄ = (Σ (bit − ½) + N(0, σ_b²))/M + ½: over 5000 draws its standard deviation is σ_b/M within 5%, its
+    mean Σ bit/M (here M = n), and each S_{t+1} is the formula applied to that b̄ (σ_b/M = 0.1 around 0.4: the
+    clamp to [0, 1] is 4 standard deviations away)."""
+    bound, gamma, eta, count_noise, m = 1.0, 0.5, 0.2, 1.0, 10.0
     shares = []
     for _ in range(5000):
-        new, share = adapt_clip(bound, 4, m, gamma, eta, count_noise)
+        new, share = adapt_clip(bound, [1] * 4 + [0] * 6, m, gamma, eta, count_noise)
         assert new == pytest.approx(bound * math.exp(-eta * (share - gamma)), rel=1e-12)
         shares.append(share)
     assert abs(statistics.mean(shares) - 0.4) < 5 * (count_noise / m) / math.sqrt(len(shares))
     assert statistics.pstdev(shares) == pytest.approx(count_noise / m, rel=0.05)
 
 
-@pytest.mark.parametrize("z, count_noise", [(1.0, 5.0), (0.5, 0.3), (2.0, 100.0)])
-def test_adaptive_clipping_spends_what_one_release_would(z, count_noise):
-    """The update's multiplier z_Δ and the count's 2σ_b together cost what
-    one Gaussian release with multiplier z would: dp-accounting composing the
-    two gives the ε of the one (the Gaussian's Rényi divergence is α/(2z²),
-    so 1/z_Δ² + 1/(2σ_b)² = 1/z²)."""
-    from dp_accounting import ComposedDpEvent, GaussianDpEvent
+def stage_release(bits: list[float], m: float, count_noise: float, gamma: float = 0.5,
+                  eta: float = 0.2) -> tuple[float, float]:
+    """(b̄, S_{t+1}) as the server's privacy stage releases them after a round (S_t = 1, σ = 0) whose
+    clients said these bits."""
+    from fedavg_server.dp import Privacy
+    from fedavg_server.privacy_settings import AdaptiveClipping, DPSettings
+
+    stage = Privacy(DPSettings(0.0, 1.0, adaptive=AdaptiveClipping(gamma, eta, count_noise), expected=m), 1.0, 1)
+    theta = np.zeros(2)
+    results = [Result(f"c{k}", f"http://c{k}", 1, np.zeros(2), {}, {"within_clip": float(b)})
+               for k, b in enumerate(bits)]
+    _, parts = stage.after(1, theta, Collected(results, [], [], len(results), [], len(results)),
+                           Step(theta, {}, []))
+    return parts["privacy"]["unclipped_share"], parts["privacy"]["next_clip"]
+
+
+@pytest.mark.parametrize("sigma, m", [(1.0, 2), (2.0, 2), (1.0, 100), (0.5, 10)])
+def test_adaptive_clipping_with_its_count_costs_what_one_release_at_sigma_would(sigma, m):
+    """Each round releases the noised update (multiplier z_Δ, the server's)
+    and the noised count, N(0, σ_b²) on a sum whose sensitivity is what the
+    server's own b̄ shows: M·|b̄(with a client) − b̄(without)|, measured here
+    with σ_b = 0 over clients with every bit. dp-accounting composing those
+    two Gaussian releases for 50 rounds gives the ε of one release at σ (what
+    the run reports): Andrew et al.'s z_Δ = (σ⁻² − (2σ_b)⁻²)^(−1/2) holds
+    only because each bit counts as bit − ½ (sensitivity ½). Counted as bit
+    (sensitivity 1), σ = 1, M = 2 would spend ε = 86.7 where 57.3 is reported."""
+    from dp_accounting import ComposedDpEvent, GaussianDpEvent, SelfComposedDpEvent
     from dp_accounting.rdp import RdpAccountant
 
-    z_update = update_noise_multiplier(z, count_noise)
-    both, one = RdpAccountant(), RdpAccountant()
-    both.compose(ComposedDpEvent([GaussianDpEvent(z_update), GaussianDpEvent(2 * count_noise)]))
-    one.compose(GaussianDpEvent(z))
-    assert both.get_epsilon(1e-5) == pytest.approx(one.get_epsilon(1e-5), rel=1e-9)
-    assert z_update > z  # the update's own noise grows to pay for the count
+    rng = random.Random(m)
+    moves = []
+    for _ in range(200):
+        bits = [rng.randint(0, 1) for _ in range(rng.randint(0, min(m, 10) - 1))]
+        without, _ = stage_release(bits, float(m), 0.0)
+        for extra in (0, 1):
+            with_it, _ = stage_release([*bits, extra], float(m), 0.0)
+            if 0 < with_it < 1 and 0 < without < 1:  # (the clamp hides a move: left out)
+                moves.append(m * abs(with_it - without))
+    sensitivity = max(moves)
+    assert len(moves) > 100 and sensitivity == pytest.approx(0.5, rel=1e-9)
+
+    count_noise = max(m / 20, sigma)  # the default σ_b
+    z_update = update_noise_multiplier(sigma, count_noise)
+
+    def eps(events: list) -> float:
+        accountant = RdpAccountant()
+        accountant.compose(SelfComposedDpEvent(ComposedDpEvent(events), 50))
+        return accountant.get_epsilon(1e-5)
+
+    both = eps([GaussianDpEvent(z_update), GaussianDpEvent(count_noise / sensitivity)])
+    assert both == pytest.approx(eps([GaussianDpEvent(sigma)]), rel=1e-9)
+    assert z_update > sigma  # the update's own noise grows to pay for the count
+
+
+def test_adaptive_clipping_moves_s_by_at_most_its_clamped_step():
+    """b̄ is a share: the server keeps it in [0, 1] (tensorflow_privacy does;
+    post-processing, free), so one round moves S by a factor between
+    exp(−η(1 − γ)) and exp(η·γ), however large the count's noise: 2000
+    rounds with σ_b = 100 over two clients reach both ends and never pass them."""
+    gamma, eta = 0.5, 0.2
+    released = [stage_release([1, 0], 2.0, 100.0, gamma, eta) for _ in range(2000)]
+    assert all(0.0 <= share <= 1.0 for share, _ in released)
+    factors = [next_clip for _, next_clip in released]  # S_t = 1
+    assert max(factors) <= math.exp(eta * gamma) * (1 + 1e-12)
+    assert min(factors) >= math.exp(-eta * (1 - gamma)) * (1 - 1e-12)
+    assert max(factors) == pytest.approx(math.exp(eta * gamma), rel=1e-12)
+    assert min(factors) == pytest.approx(math.exp(-eta * (1 - gamma)), rel=1e-12)
 
 
 finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False)
@@ -267,9 +373,9 @@ def test_no_noise_and_no_clip_is_fedavg(seed_federation):
 
 def test_the_noise_on_the_released_model_has_std_sigma_s_over_m(federation):
     """Two clients with 9 features, 500 rounds, 5000 draws: the released
-    model minus what the clipped updates alone give is the noise; its
-    standard deviation is σ·S/M within 5% (the estimate's own error is about
-    1%), on every coordinate alike."""
+    model minus what the clipped updates alone give (their plain-Python local
+    GD, clipped here) is the noise; its standard deviation is σ·S/M within 5%
+    (the estimate's own error is about 1%), on every coordinate alike."""
     sigma, bound, rounds = 1.0, 0.1, 500
     run = federation(wide_clients()).run(rounds=rounds, dp={"noise_multiplier": sigma, "clip": bound})
     assert run["status"] == "completed", run["error"]
@@ -277,16 +383,14 @@ def test_the_noise_on_the_released_model_has_std_sigma_s_over_m(federation):
     assert len(rounds_) == rounds
     noise = []
     for record in rounds_:
-        clean = released_without_noise(record, bound, 2.0)
+        assert [p["client_id"] for p in record["participants"]] == ["wide_1", "wide_2"]
+        theta_t = coordinates(record["global_model_in"])
+        clean = released_without_noise(theta_t, wide_updates(WIDE_DATA, theta_t), bound, 2.0)
         noise += [got - want for got, want in zip(coordinates(record["global_model"]), clean)]
     assert len(noise) == 5000
-    # The clip is at work: in round 1 both plain-Python updates are longer than S, and each client sent
-    # its update cut to S.
+    # The clip is at work: in round 1 both plain-Python updates are longer than S.
     theta_0 = coordinates(rounds_[0]["global_model_in"])
-    sent = {p["client_id"]: coordinates(p["local_model"]) for p in rounds_[0]["participants"]}
-    for name, rows in zip(("wide_1", "wide_2"), WIDE_DATA):
-        assert math.dist(wide_local_gd(rows, theta_0), theta_0) > bound
-        assert math.dist(sent[name], theta_0) == pytest.approx(bound, rel=1e-9)
+    assert all(math.hypot(*delta) > bound for delta in wide_updates(WIDE_DATA, theta_0))
     expected = sigma * bound / 2.0
     assert abs(statistics.mean(noise)) < 5 * expected / math.sqrt(len(noise))
     assert statistics.pstdev(noise) == pytest.approx(expected, rel=0.05)
@@ -303,22 +407,22 @@ def test_two_runs_with_the_same_seed_draw_different_noise(seed_federation):
     assert first["final_model"] != second["final_model"]
 
 
-def test_clients_that_add_the_noise_add_sigma_s_over_root_m_each(federation):
+def test_clients_that_add_the_noise_add_sigma_s_over_root_n_each(servers):
     """local_noise, two clients with 9 features, 250 rounds, 5000 draws: each
-    client sends W_t + clip_S(W_k − W_t) + N(0, σ²S²/M), W_k its plain local
-    GD (computed here); the server only sums."""
+    client sends W_t + clip_S(W_k − W_t) + N(0, σ²S²/n), n = 2 the clients
+    sampled, W_k its plain local GD (computed here), as the wire shows; the
+    server only sums."""
     sigma, bound, rounds = 1.0, 0.2, 250
-    run = federation(wide_clients()).run(rounds=rounds, dp={"noise_multiplier": sigma, "clip": bound,
-                                                            "local_noise": True})
+    fed, wire = wired(servers, wide_clients())
+    run = fed.run(rounds=rounds, dp={"noise_multiplier": sigma, "clip": bound, "local_noise": True})
     assert run["status"] == "completed", run["error"]
     noise = []
     assert len(run["rounds"]) == rounds
     for record in run["rounds"]:
         theta_t = coordinates(record["global_model_in"])
-        sent = {p["client_id"]: coordinates(p["local_model"]) for p in record["participants"]}
-        for name, rows in zip(("wide_1", "wide_2"), WIDE_DATA):
-            clipped = by_hand_clip_all([a - c for a, c in zip(wide_local_gd(rows, theta_t), theta_t)], bound)
-            noise += [got - (c + x) for got, c, x in zip(sent[name], theta_t, clipped)]
+        sent = {url: coordinates(reply["local_model"]) for url, _, reply in wire.sent[record["round"]]}
+        for url, delta in zip(wire.urls, wide_updates(WIDE_DATA, theta_t)):
+            noise += [got - (c + x) for got, c, x in zip(sent[url], theta_t, by_hand_clip_all(delta, bound))]
         # the server adds nothing: W_t + Σ (sent − W_t) / M
         assert coordinates(record["global_model"]) == pytest.approx(
             [c + sum(m[j] - c for m in sent.values()) / 2 for j, c in enumerate(theta_t)], abs=1e-12)
@@ -326,27 +430,119 @@ def test_clients_that_add_the_noise_add_sigma_s_over_root_m_each(federation):
     assert statistics.pstdev(noise) == pytest.approx(sigma * bound / math.sqrt(2.0), rel=0.05)
 
 
-def test_a_client_that_sends_a_huge_update_moves_the_model_by_at_most_s_over_m(federation):
+FOUR_WIDE = [wide_rows(i) for i in range(1, 5)]
+
+
+def test_clients_lost_from_a_round_leave_the_release_its_full_noise(servers):
+    """local_noise, M = 4 clients with 9 features of which two never reply
+    (a refused connection): the two that do add their shares σ²S²/4 each,
+    half the noise, and the server adds the other half, so the release's
+    noise is still σ·S/M (5000 draws, within 5%; the clean part from the two
+    clients' plain-Python local GD, clipped). Without it the noise was
+    σ·S/M·√(2/4), while ε counted σ."""
+    sigma, bound, rounds, m = 1.0, 0.2, 500, 4.0
+    fed, wire = wired(servers, wide_clients(FOUR_WIDE), lost=(2, 3))
+    run = fed.run(rounds=rounds, dp={"noise_multiplier": sigma, "clip": bound, "local_noise": True})
+    assert run["status"] == "completed", run["error"]
+    noise = []
+    for record in run["rounds"]:
+        assert [d["url"] for d in record["dropped"]] == wire.urls[2:]
+        theta_t = coordinates(record["global_model_in"])
+        clean = released_without_noise(theta_t, wide_updates(FOUR_WIDE[:2], theta_t), bound, m)
+        noise += [got - want for got, want in zip(coordinates(record["global_model"]), clean)]
+    assert len(noise) == 5000
+    assert statistics.pstdev(noise) == pytest.approx(sigma * bound / m, rel=0.05)
+    assert run["rounds"][-1]["privacy"]["noise_std"] == pytest.approx(sigma * bound / m, rel=1e-12)
+    assert {k: run["rounds"][-1]["privacy"][k] for k in ("sampled", "noise_shares_in_sum", "server_noise_share")} \
+        == {"sampled": 4, "noise_shares_in_sum": 2, "server_noise_share": 0.5}
+
+
+def test_with_poisson_sampling_the_clients_noise_is_sized_on_each_round_s_sample(servers):
+    """local_noise with fraction 0.5 over 4 clients (M = 2): each round
+    samples n ~ Binomial(4, ½), 0 to 4 clients; each sampled client is told
+    to add σ·S/√n (the wire shows it), and the release's noise is σ·S/M
+    whatever n was, the server adding all of it when nobody was sampled.
+    Sized on M the noise would be σ·S/M·√(n/M): half the variance when one
+    client is sampled, none when none is."""
+    sigma, bound, rounds, m = 1.0, 0.2, 600, 2.0
+    fed, wire = wired(servers, wide_clients(FOUR_WIDE))
+    run = fed.run(rounds=rounds, fraction=0.5, dp={"noise_multiplier": sigma, "clip": bound, "local_noise": True})
+    assert run["status"] == "completed", run["error"]
+    by_size = defaultdict(list)
+    place = {f"wide_{i + 1}": i for i in range(4)}
+    for record in run["rounds"]:
+        theta_t = coordinates(record["global_model_in"])
+        took_part = [place[p["client_id"]] for p in record["participants"]]
+        n = len(took_part)
+        told = [config["dp"]["noise_std"] for _, config, _ in wire.sent[record["round"]]]
+        assert len(told) == n and all(std == pytest.approx(sigma * bound / math.sqrt(n), rel=1e-12) for std in told)
+        clean = released_without_noise(theta_t, wide_updates([FOUR_WIDE[i] for i in took_part], theta_t), bound, m)
+        by_size[n] += [got - want for got, want in zip(coordinates(record["global_model"]), clean)]
+    assert set(by_size) == {0, 1, 2, 3, 4}
+    for n, noise in by_size.items():
+        # 37 to 225 rounds of each n on average, at least 10 (P(fewer) < 10⁻⁶); the std's estimate
+        # from N draws has a relative error of about 1/√(2N): 5 of those. (Sized on M, n = 1 and 3
+        # were 29% and 22% off.)
+        assert len(noise) >= 100, n
+        assert statistics.pstdev(noise) == pytest.approx(sigma * bound / m, rel=5 / math.sqrt(2 * len(noise))), n
+    everything = [x for noise in by_size.values() for x in noise]
+    assert statistics.pstdev(everything) == pytest.approx(sigma * bound / m, rel=0.05)
+    assert [record["privacy"]["sampled"] for record in run["rounds"]] == \
+        [len(record["participants"]) for record in run["rounds"]]
+
+
+def test_a_client_that_adds_its_own_noise_sends_no_clip_bit():
+    """The bit adaptive clipping counts (‖Δ_k‖ ≤ S) would reach the server
+    un-noised, and the server is the party local noise does not trust: a
+    client told to add noise leaves it out of /train's reply and puts 0 in
+    its secure-aggregation input; told only to clip, it says it."""
+    from fedavg.secure_client import advertise
+
+    client = LocalClient("c", np.array([[1.0], [2.0]]), np.array([3.0, 5.0]))
+    body = {"global_model": {"w": 0.0, "b": 0.0}, "round": 1,
+            "config": {"lr": 0.01, "local_epochs": 1, "dp": {"clip": 100.0, "noise_std": 0.0}}}
+    reply, status = client.train(body)
+    assert status == 200 and reply["metrics"]["within_clip"] == 1.0  # the update is far inside S
+    noised = {**body, "config": {**body["config"], "dp": {"clip": 100.0, "noise_std": 0.1}}}
+    reply, status = client.train(noised)
+    assert status == 200 and "within_clip" not in reply["metrics"]
+    reply, status = advertise(client, {**noised, "session": "run|round 1|00", "index": 1, "threshold": 2},
+                              lambda: None)
+    assert status == 200, reply
+    _, x = client.sessions.get("run|round 1|00")
+    assert x[-1] == 0.0  # x_k = [θ_k, 1, n_k·L_k, n_k, bit_k]: no bit
+
+
+def test_adaptive_clipping_is_refused_with_the_clients_noise(seed_federation):
+    status, body = seed_federation.post("/start", {"dp": {"noise_multiplier": 1, "clip": 1, "local_noise": True,
+                                                          "adaptive": {}}})
+    assert status == 400 and "dp.adaptive" in named(body), body
+
+
+def test_a_client_that_sends_a_huge_update_moves_the_model_by_at_most_s_over_m(servers):
     """Ten clients, one of which ignores the clip and sends w = b = 1e12 (the
     byzantine scenario's attacker, a client app that lies): with σ = 0 the
-    release minus the honest clients' clipped updates is the attacker's part,
-    of norm S/M at most (without DP it is 1e11)."""
-    fed = federation(make_clients("byzantine", 10, attackers=1, attack="huge"))
+    release minus the honest clients' clipped updates (as the wire shows
+    them) is the attacker's part, of norm S/M at most (without DP it is 1e11)."""
+    fed, wire = wired(servers, make_clients("byzantine", 10, attackers=1, attack="huge"))
     bound, m = 0.5, 10.0
     run = fed.run(rounds=5, dp={"noise_multiplier": 0, "clip": bound})
     assert run["status"] == "completed", run["error"]
     for record in run["rounds"]:
         w_t, b_t = record["global_model_in"]["w"], record["global_model_in"]["b"]
-        honest = [p for p in record["participants"] if p["local_model"]["w"] < 1e6]
-        assert len(honest) == 9
-        sw = sum(by_hand_clip(p["local_model"]["w"] - w_t, p["local_model"]["b"] - b_t, bound)[0] for p in honest)
-        sb = sum(by_hand_clip(p["local_model"]["w"] - w_t, p["local_model"]["b"] - b_t, bound)[1] for p in honest)
+        sent = [reply["local_model"] for _, _, reply in wire.sent[record["round"]]]
+        honest = [x for x in sent if x["w"] < 1e6]
+        assert len(sent) == 10 and len(honest) == 9
+        sw = sum(by_hand_clip(x["w"] - w_t, x["b"] - b_t, bound)[0] for x in honest)
+        sb = sum(by_hand_clip(x["w"] - w_t, x["b"] - b_t, bound)[1] for x in honest)
         attacker = math.hypot(record["global_model"]["w"] - w_t - sw / m,
                               record["global_model"]["b"] - b_t - sb / m)
         assert attacker <= bound / m * (1 + 1e-9)
         assert attacker == pytest.approx(bound / m, rel=1e-6)  # it used all it may
+        assert record["suspicious"] == []  # (flagged in memory, by its update's norm: not written)
     plain = fed.run(rounds=1)
     assert plain["rounds"][0]["global_model"]["w"] > 1e10  # the same attack without DP
+    assert plain["rounds"][0]["suspicious"]  # which, without DP, names it
 
 
 def test_adaptive_clipping_moves_s_by_andrew_et_al_s_formula(seed_federation):
@@ -362,10 +558,9 @@ def test_adaptive_clipping_moves_s_by_andrew_et_al_s_formula(seed_federation):
         privacy = record["privacy"]
         assert privacy["clip"] == pytest.approx(bound, rel=1e-12)
         w_t, b_t = record["global_model_in"]["w"], record["global_model_in"]["b"]
-        bits = {name: math.hypot(w - w_t, b - b_t) <= bound
-                for name, (w, b) in zip(("client_1", "client_2"), (local_gd(d, w_t, b_t) for d in SEED_DATA))}
-        assert {p["client_id"]: p["metrics"]["within_clip"] for p in record["participants"]} == bits
-        fits = sum(bits.values())
+        bits = [math.hypot(w - w_t, b - b_t) <= bound for w, b in (local_gd(d, w_t, b_t) for d in SEED_DATA)]
+        assert all("metrics" not in p for p in record["participants"])  # each client's bit: never written
+        fits = sum(bits)
         bound = bound * math.exp(-eta * (fits / 2 - gamma))
         assert privacy["next_clip"] == pytest.approx(bound, rel=1e-12)
     assert bound > start_bound  # every update was longer than 0.05: S grew
@@ -385,6 +580,68 @@ def test_adaptive_clipping_with_noise_records_the_update_s_multiplier(seed_feder
         assert privacy["noise_std"] == pytest.approx(z_update * privacy["clip"] / 2.0, rel=1e-12)
         if after is not None:
             assert after["privacy"]["clip"] == pytest.approx(privacy["next_clip"], rel=1e-12)
+
+
+def written(number: str, text: str) -> bool:
+    """``number`` in ``text`` as a number of its own, not the start or the end of a longer one."""
+    at = text.find(number)
+    while at >= 0:
+        end = at + len(number)
+        if (at == 0 or text[at - 1] not in "0123456789.") and (end == len(text) or text[end] not in "0123456789e"):
+            return True
+        at = text.find(number, at + 1)
+    return False
+
+
+def stored_text(db: str) -> str:
+    """The run history's bytes as text: the SQLite file and its write-ahead log (the store is still open)."""
+    return "".join(p.read_bytes().decode("latin-1") for p in sorted(Path(db).parent.glob(Path(db).name + "*")))
+
+
+def test_a_dp_run_writes_nothing_of_any_one_client(servers, caplog):
+    """The seed's two clients, σ = 1, S = 10 (no update clipped: each
+    update's norm is a number of its own), 5 rounds. Every number a client
+    sent (its local model, loss_before, loss_after, as the wire shows them)
+    and each update's norm ‖W_k − W_t‖, in any of three formats, is in
+    neither the SQLite file, nor the run as the API gives it to anyone (no
+    token is set: the default), nor the server's log; each record lists who
+    took part and nothing of theirs (no model, metrics, clip bit, term or
+    suspicious norm). The clients' own log writes their models: the search
+    finds what it looks for. The federated loss is kept, the aggregate
+    Σ n_k·L_k / N of the losses on the wire, and the log writes it alone."""
+    caplog.set_level(logging.INFO)
+    fed, wire = wired(servers, make_clients("seed", 2))
+    run = fed.run(rounds=5, dp={"noise_multiplier": 1.0, "clip": 10.0})
+    assert run["status"] == "completed", run["error"]
+    status, api = fed.get(f"/runs/{run['run_id']}")
+    assert status == 200
+    log = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith("fedavg.client"))
+    own = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("fedavg.client"))
+    stored, served = stored_text(fed.app.config["DB"]), json.dumps(api)
+    theirs = []
+    for record in api["rounds"]:
+        theta_t = coordinates(record["global_model_in"])
+        assert [set(p) for p in record["participants"]] == [{"client_id", "url", "data_size"}] * 2
+        assert record["terms"] == [] and record["suspicious"] == []
+        for _, _, reply in wire.sent[record["round"]]:
+            model = coordinates(reply["local_model"])
+            norm = math.dist(model, theta_t)
+            assert norm < 10.0  # not clipped
+            theirs += [*model, reply["metrics"]["loss_before"], reply["metrics"]["loss_after"], norm]
+    assert len(theirs) == 5 * 2 * 5
+    formats = [[repr(x), f"{x:.6f}", f"{x:.6e}"] for x in theirs]
+    for where, text in (("stored", stored), ("served", served), ("logged", log)):
+        assert [f for fs in formats for f in fs if written(f, text)] == [], where
+    for where, text in (("stored", stored), ("served", served)):
+        for key in ("local_model", "metrics", "within_clip", "loss_before", "loss_after", "update_norm"):
+            assert f'"{key}"' not in text, (where, key)
+    assert sum(any(written(f, own) for f in fs) for fs in formats) >= 5 * 2 * 2  # each W_k's w and b
+    assert "‖Δ_k‖" not in log and "SUSPICIOUS" not in log and "scaled down" not in log
+    for record, after in zip(api["rounds"], api["rounds"][1:]):
+        losses = [(reply["metrics"]["loss_before"], reply["data_size"]) for _, _, reply in wire.sent[after["round"]]]
+        assert record["federated_loss"] == pytest.approx(sum(x * n for x, n in losses) / sum(n for _, n in losses),
+                                                         rel=1e-12)
+    assert "no client's L_k is written" in log
 
 
 def test_a_run_stops_before_the_round_that_would_pass_its_budget(seed_federation):
@@ -454,12 +711,58 @@ def test_epsilon_from_documented_renyi_divergences():
     assert epsilon(0.01, 2.5, 50, delta, orders) == pytest.approx(expected, rel=1e-4)
 
 
-def test_the_documented_one_one_in_a_million_gaussian():
+def test_the_documented_one_in_a_million_gaussian_is_just_over_epsilon_one():
     """dp-accounting's test_compute_epsilon_delta_gaussian: σ = 4.530877117,
-    every client (q = 1), one round, is exactly (1, 1e-6)-DP over orders 1 to 100 by 0.001."""
+    every client (q = 1), one round, δ = 10⁻⁶. The Gaussian's Rényi
+    divergence is α/(2σ²); the conversion written here (Balle et al., 2020)
+    gives ε = 1 + 2.7·10⁻¹⁰ over that test's orders (1 to 100 by 0.001), and
+    ε = 1.00000029 over the accountant's default orders, which a run uses:
+    just over (1, 10⁻⁶)-DP, not exactly. The server's accountant must give
+    both numbers."""
+    from dp_accounting.rdp import RdpAccountant
+
     from fedavg_server.accountant import epsilon
-    orders = tuple(0.001 * i for i in range(1000, 100000))
-    assert epsilon(1.0, 4.530877117, 1, 1e-6, orders) == pytest.approx(1.0, abs=1e-6)
+    sigma, delta = 4.530877117, 1e-6
+
+    def by_hand(orders: Sequence[float]) -> float:
+        return min(a / (2 * sigma ** 2) + math.log1p(-1 / a) - math.log(delta * a) / (a - 1)
+                   for a in orders if a > 1.01)
+    fine = tuple(0.001 * i for i in range(1000, 100000))
+    assert 1 < by_hand(fine) < 1 + 1e-9
+    assert epsilon(1.0, sigma, 1, delta, fine) == pytest.approx(by_hand(fine), rel=1e-12)
+    default = by_hand(RdpAccountant().orders)  # (the orders only: the divergences are the closed form's)
+    assert 1.0000002 < default < 1.0000003
+    assert epsilon(1.0, sigma, 1, delta) == pytest.approx(default, rel=1e-12)
+
+
+@pytest.mark.parametrize("sigma", [1e-158, 1e-200, 1e-300])
+@pytest.mark.parametrize("q", [1.0, 0.5])
+def test_epsilon_is_infinite_never_zero_when_the_accountant_cannot_bound_it(sigma, q):
+    """A σ so small that dp-accounting's arithmetic overflows: its divergences
+    come out NaN (its conversion then reads ε = 0) or it divides by zero.
+    Nothing is bounded, so ε is ∞, for one round and for fifty."""
+    from fedavg_server.accountant import epsilon
+    assert epsilon(q, sigma, 1, 1e-5) == math.inf
+    assert epsilon(q, sigma, 50, 1e-5) == math.inf
+
+
+@pytest.mark.parametrize("sigma, fraction", [(1e-158, 0.5), (1e-158, 1.0), (1e-200, 0.5), (1e-300, 1.0)])
+def test_a_noise_multiplier_too_small_to_account_for_is_a_400(seed_federation, sigma, fraction):
+    """σ = 1e-158 with fraction 0.5 ran and reported ε = 0 each round; σ ≤ 1e-200 ended in a ZeroDivisionError."""
+    status, body = seed_federation.post("/start", {"rounds": 3, "fraction": fraction, "dp": {
+        "noise_multiplier": sigma, "clip": 1.0, "target_epsilon": 1}})
+    assert status == 400 and "dp.noise_multiplier" in named(body), body
+
+
+def test_a_tiny_noise_multiplier_that_can_be_accounted_for_reports_its_huge_epsilon(seed_federation):
+    """σ = 1e-100, q = 0.5: ε is about 5·10¹⁹⁹ (the divergence α/(2σ²) at the smallest order, 1.1); the run
+    reports that, not 0, and its budget stops it before the first round."""
+    run = seed_federation.run(rounds=2, fraction=0.5, dp={"noise_multiplier": 1e-100, "clip": 1.0})
+    assert run["status"] == "completed", run["error"]
+    assert all(1e199 < record["privacy"]["epsilon"] < math.inf for record in run["rounds"])
+    run = seed_federation.run(rounds=2, fraction=0.5, dp={"noise_multiplier": 1e-100, "clip": 1.0,
+                                                           "target_epsilon": 1e6})
+    assert run["status"] == "budget_exhausted" and run["rounds"] == []
 
 
 @pytest.mark.parametrize("q, sigma, rounds", [(1.0, 1.1, 7), (0.5, 1.0, 40), (0.1, 0.8, 300)])

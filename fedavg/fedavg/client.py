@@ -147,9 +147,12 @@ class LocalClient:
             within_clip = None
             if task.config.private and local.theta is not None:
                 # DP-FedAvg: only the clipped (and, if asked, noised) model leaves this client, and
-                # the bit adaptive clipping counts: was the update no longer than the bound?
+                # the bit adaptive clipping counts: was the update no longer than the bound? Not
+                # when it adds its own noise: the server is then the party it does not trust, and
+                # the bit would reach it un-noised (adaptive clipping is refused in that mode).
                 bound = math.inf if task.config.dp_clip is None else task.config.dp_clip
-                within_clip = float(np.linalg.norm(local.theta - task.theta) <= bound)
+                if task.config.dp_noise_std == 0:
+                    within_clip = float(np.linalg.norm(local.theta - task.theta) <= bound)
                 local = replace(local, theta=privatize(local.theta, task.theta, bound, task.config.dp_noise_std))
             theta = task.theta if local.theta is None else local.theta
             loss_after = mse(*split(theta), self.X, self.y)

@@ -18,7 +18,10 @@ the model by more, and N itself would depend on who was sampled.
 
 The noise comes from the operating system's entropy, never from the run's
 seed: the seed is stored with the run, and noise that can be replayed can
-be subtracted. A DP run therefore cannot be replayed exactly.
+be subtracted. A DP run therefore cannot be replayed exactly. Nothing here
+writes out a number of any one client's (an update's norm, whether it was
+clipped): the trace holds the release and what it is computed from in
+aggregate only.
 """
 from __future__ import annotations
 
@@ -45,11 +48,13 @@ def noise_std(noise_multiplier: float, bound: float, expected: float) -> float:
     return 0.0 if noise_multiplier == 0 else noise_multiplier * bound / expected
 
 
-def client_noise_std(noise_multiplier: float, bound: float, expected: float) -> float:
-    """σ·S/√M: each client's share of the noise when the clients add it
-    themselves (distributed DP): M clients' independent N(0, σ²S²/M) sum to
-    N(0, σ²S²), the noise the server would have added."""
-    return 0.0 if noise_multiplier == 0 else noise_multiplier * bound / math.sqrt(expected)
+def client_noise_std(noise_multiplier: float, bound: float, sampled: int) -> float:
+    """σ·S/√n: each client's share of the noise when the clients add it
+    themselves (distributed DP), n the clients the round sampled: n
+    independent N(0, σ²S²/n) sum to N(0, σ²S²), the noise the server would
+    have added, whatever n is (sized on M = q·K instead, the noise would
+    follow the sample's size, which Poisson sampling makes vary)."""
+    return 0.0 if noise_multiplier == 0 else noise_multiplier * bound / math.sqrt(max(sampled, 1))
 
 
 def privatize(theta: np.ndarray, center: np.ndarray, bound: float, std: float,
@@ -62,26 +67,38 @@ def privatize(theta: np.ndarray, center: np.ndarray, bound: float, std: float,
     return out
 
 
+# Each client's bit is counted as bit_k − ½ (Andrew et al.; tensorflow_privacy's
+# QuantileEstimatorQuery): ±½, so adding or removing one client moves the sum by ½.
+COUNT_SENSITIVITY = 0.5
+
+
 def update_noise_multiplier(noise_multiplier: float, count_noise: float) -> float:
-    """z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2) (Andrew et al., 2021): with adaptive
-    clipping each round releases the noised update and the noised count of
-    unclipped clients; the update's multiplier grows so that the two
+    """z_Δ = (z⁻² − (σ_b/½)⁻²)^(−1/2) = (z⁻² − (2σ_b)⁻²)^(−1/2) (Andrew et
+    al., 2021, Theorem 1): with adaptive clipping each round releases the
+    noised update (sensitivity S, noise z_Δ·S) and the noised count of
+    unclipped clients (sensitivity ½, noise σ_b: see ``adapt_clip``). Gaussian
+    releases compose as one whose 1/z² is the sum of their 1/z², so the two
     together cost what one release with multiplier z would. Needs 2σ_b > z."""
     if noise_multiplier == 0:
         return 0.0
-    return (noise_multiplier ** -2 - (2 * count_noise) ** -2) ** -0.5
+    return (noise_multiplier ** -2 - (count_noise / COUNT_SENSITIVITY) ** -2) ** -0.5
 
 
-def adapt_clip(bound: float, unclipped: int, expected: float, target_quantile: float, lr: float,
+def adapt_clip(bound: float, bits: Sequence[float], expected: float, target_quantile: float, lr: float,
                count_noise: float, rng: np.random.Generator | None = None) -> tuple[float, float]:
-    """Andrew et al.'s geometric update of the clipping bound:
+    """Andrew et al.'s geometric update of the clipping bound (their
+    Algorithm 1, as tensorflow_privacy's QuantileEstimatorQuery computes it):
 
-        b̄ = (Σ_k 1[‖Δ_k‖ ≤ S] + N(0, σ_b²)) / M,   S_{t+1} = S_t · exp(−η·(b̄ − γ))
+        b̄ = clamp_[0,1]((Σ_k (bit_k − ½) + N(0, σ_b²)) / M + ½),   S_{t+1} = S_t · exp(−η·(b̄ − γ))
 
-    S grows while fewer than the target share γ of updates fit under it, and
-    shrinks while more do. Returns (S_{t+1}, b̄)."""
+    bit_k = 1 when ‖Δ_k‖ ≤ S_t. The −½ makes the noised sum's sensitivity ½
+    (what ``update_noise_multiplier`` assumes), not 1; b̄ is an estimate of a
+    share, so it is kept in [0, 1] (post-processing: free), which bounds one
+    round's move to S·exp(−η(1 − γ)) ≤ S_{t+1} ≤ S·exp(η·γ). S grows while
+    fewer than the target share γ of updates fit under it, and shrinks while
+    more do. Returns (S_{t+1}, b̄)."""
     noise = (rng or np.random.default_rng()).normal(0.0, count_noise) if count_noise > 0 else 0.0
-    share = (unclipped + noise) / expected
+    share = min(1.0, max(0.0, (sum(b - COUNT_SENSITIVITY for b in bits) + noise) / expected + COUNT_SENSITIVITY))
     return bound * math.exp(-lr * (share - target_quantile)), share
 
 
@@ -90,14 +107,19 @@ class DPAverage:
     """DP-FedAvg's release in place of a strategy's average (see the module
     docstring); called like ``Combine``. ``local`` when the clients clipped
     and added their shares of the noise themselves (distributed DP): the
-    server only sums, since clipping a noised update again would change its
-    noise. The bound on any one client's move then rests on the clients, as
-    it does under secure aggregation, where the server sees no update."""
+    server does not clip again (it would change their noise) and adds only
+    ``missing``, the part of N(0, σ²S²) their shares did not bring: 0 when
+    every sampled client's share is in the sum, (n − c)/n when c of the n
+    sampled clients' are, 1 when nobody was sampled. The release then has
+    N(0, σ²S²) on its sum whoever replied, as the accountant assumes. The
+    bound on any one client's move rests on the clients, as it does under
+    secure aggregation, where the server sees no update."""
 
     bound: float  # S (adaptive clipping moves it between rounds)
     noise_multiplier: float  # σ (already z_Δ under adaptive clipping)
     expected: float  # M = q·K
     local: bool = False
+    missing: float = 0.0  # local: the share of σ²S² that the clients' noise did not bring this round
     rng: np.random.Generator = field(default_factory=np.random.default_rng)  # OS entropy: never the run's seed
     plain = False  # not FedAvg's own average: a strategy writes out its whole computation
 
@@ -115,22 +137,26 @@ class DPAverage:
     def __call__(self, vectors: Sequence[np.ndarray], ns: Sequence[int], center: np.ndarray,
                  symbol: str = "") -> tuple[np.ndarray, list[str]]:
         """W_t + (Σ_k clip_S(W_k − W_t) + N(0, σ²S²·I)) / M and the lines that
-        write it out: each update's norm, the noise's size, the release. Not
-        the noise drawn, nor the sum before it: they are what DP hides."""
+        write it out: the bound, the noise's size, the release. Not the noise
+        drawn, nor the sum before it, nor any one update's norm or whether it
+        was clipped: they are what DP hides."""
         deltas = [v - center for v in vectors]
-        norms = [float(np.linalg.norm(d)) for d in deltas]
-        shown = ", ".join(fmt(n) for n in norms[:6]) + (f", … ({len(norms)})" if len(norms) > 6 else "")
+        sigma, bound = self.noise_multiplier, self.bound
         if self.local:
-            noised = sum(deltas, np.zeros_like(center))
-            lines = [f"DP-FedAvg, noise from the clients: each sent W_t + clip_S(Δ_k) + N(0, σ²S²/M), S = "
-                     f"{fmt(self.bound)}, σ = {fmt(self.noise_multiplier)}; ‖Δ_k‖ as received = {shown}"]
+            std = sigma * bound * math.sqrt(self.missing) if sigma > 0 else 0.0
+            total = sum(deltas, np.zeros_like(center))
+            lines = [f"DP-FedAvg, noise from the clients: each of the round's sampled clients sent W_t + clip_S(Δ_k) + "
+                     f"N(0, σ²S²/n), S = {fmt(bound)}, σ = {fmt(sigma)}"
+                     + ("" if self.missing == 0 else
+                        f"; their shares bring {fmt(1 - self.missing)} of σ²S², the server adds the rest: "
+                        f"N(0, {fmt(self.missing)}·σ²S²) per coordinate, std {fmt(std)}")]
         else:
-            std = self.noise_multiplier * self.bound if self.noise_multiplier > 0 else 0.0
-            total = sum((clip(d, self.bound) for d in deltas), np.zeros_like(center))
-            noised = total + self.rng.normal(0.0, std, size=len(center)) if std > 0 else total
-            lines = [f"DP-FedAvg: Δ_k = W_k − W_t clipped to S = {fmt(self.bound)}: ‖Δ_k‖ = {shown}; "
-                     f"{sum(n > self.bound for n in norms)} of {len(norms)} scaled down",
-                     f"noise N(0, σ²S²) per coordinate, σ = {fmt(self.noise_multiplier)}: std σ·S = {fmt(std)}"]
+            std = sigma * bound if sigma > 0 else 0.0
+            total = sum((clip(d, bound) for d in deltas), np.zeros_like(center))
+            lines = [f"DP-FedAvg: each Δ_k = W_k − W_t clipped to S = {fmt(bound)} (no update's norm is written: "
+                     f"DP covers only the release)",
+                     f"noise N(0, σ²S²) per coordinate, σ = {fmt(sigma)}: std σ·S = {fmt(std)}"]
+        noised = total + self.rng.normal(0.0, std, size=len(center)) if std > 0 else total
         result = center + noised / self.expected
         coords = names(len(center), symbol)
         lines += [f"{name} = {fmt(center[j])} + (Σ_k clip(Δ_k) + noise) / M = {fmt(center[j])} + "

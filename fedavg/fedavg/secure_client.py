@@ -91,8 +91,11 @@ def advertise(client: LocalClient, body: Any, deadline_s: Callable[[], float | N
             learned = client.learn(task, "/secagg/advertise")
             if isinstance(learned, tuple):  # diverged: the 422 as /train says it
                 return learned
+            # bit_k is always 0: the server would learn the exact count of clipped updates from the sum,
+            # and nothing uses it (adaptive clipping is refused where the clients add the noise, which
+            # secure aggregation with DP requires).
             x = secure_input(learned.theta, 1.0 if task.config.private else float(n), n,
-                             learned.metrics.get("loss_before") or 0.0, learned.metrics.get("within_clip", 1.0))
+                             learned.metrics.get("loss_before") or 0.0, 0.0)
         party = _protocol(lambda: secagg.SecAggClient(
             expect_int(obj["index"], "index", ge=1), name.encode(), expect_int(obj["threshold"], "threshold"),
             expect_int(obj.get("scale_bits", secagg.SCALE_BITS), "scale_bits")))

@@ -10,8 +10,14 @@ remove one client). T rounds compose:
 
 and the accountant turns its Rényi divergences into the smallest ε with
 (ε, δ)-DP. Adaptive clipping spends part of σ on the count of unclipped
-clients but keeps the total at σ (fedavg.privacy.update_noise_multiplier),
-so the same event accounts for it.
+clients (sensitivity ½: each bit is counted as bit − ½) but keeps the
+total at σ (fedavg.privacy.update_noise_multiplier), so the same event
+accounts for it.
+
+A divergence the accountant cannot compute (σ so small that its
+arithmetic overflows: NaN, a negative value, or an exception) bounds
+nothing: that order is left out, and with none left ε is ∞. Its own
+conversion would read a NaN as ε = 0.
 """
 from __future__ import annotations
 
@@ -41,7 +47,12 @@ def epsilon(q: float, noise_multiplier: float, rounds: int, delta: float,
     orders, rdp = _one_round(q, noise_multiplier, orders)
     # Rényi divergences add up over rounds: T rounds cost T times one round's,
     # what SelfComposedDpEvent(…, T) computes (tests/test_privacy.py checks it).
-    return float(compute_epsilon(orders, rounds * rdp, delta)[0])
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = rounds * rdp
+    usable = np.isfinite(total) & (total >= 0)
+    if not usable.any():
+        return math.inf
+    return float(compute_epsilon(orders[usable], total[usable], delta)[0])
 
 
 @functools.lru_cache(maxsize=64)
@@ -50,5 +61,9 @@ def _one_round(q: float, noise_multiplier: float,
     """The orders and one round's Rényi divergence at each (computed once
     per (q, σ): a run asks before every round)."""
     accountant = RdpAccountant(list(orders)) if orders else RdpAccountant()
-    accountant.compose(PoissonSampledDpEvent(q, GaussianDpEvent(noise_multiplier)))
+    try:
+        with np.errstate(all="ignore"):
+            accountant.compose(PoissonSampledDpEvent(q, GaussianDpEvent(noise_multiplier)))
+    except (ArithmeticError, ValueError):  # its arithmetic broke down (σ ≤ 1e-200 divides by 0): nothing is bounded
+        return np.asarray(accountant.orders, dtype=float), np.full(len(accountant.orders), math.nan)
     return np.asarray(accountant.orders, dtype=float), np.asarray(accountant.rdp, dtype=float)

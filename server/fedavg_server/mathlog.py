@@ -36,6 +36,8 @@ def round_lines(record: dict[str, Any], rounds_planned: int) -> list[str]:
         sent = [f.kind.text(f.label, p[f.name]) for f in REPLY_FIELDS if f.name in p]
         if p["data_size"] is None:  # secure aggregation: the server has nothing of this client's own
             sent = ["its input masked: only the sum below is known"]
+        elif not sent and not metrics and "privacy" in record:  # DP: its numbers are kept out of the record
+            sent = ["its update is not recorded: DP-FedAvg records only the noised release below"]
         lines.append(f"{p['client_id']:<{width}}  n_k={p['data_size'] if p['data_size'] is not None else '?'}  "
                      f"{'  '.join(sent)}{loss}")
     if len(participants) > TRACE_TERMS:
@@ -53,7 +55,11 @@ def round_lines(record: dict[str, Any], rounds_planned: int) -> list[str]:
 
 
 def loss_line(round_no: int, ns: list[int], losses: list[float], loss: float, source: str) -> str:
-    """federated MSE of round r's model: L = Σ n_k/N · L_k, written out."""
+    """federated MSE of round r's model: L = Σ n_k/N · L_k, written out (L
+    alone when no L_k may be written: a DP run's)."""
+    if not losses:
+        return (f"federated MSE of round {round_no}'s model ({source}): L = Σ n_k/N · L_k = {fmt(loss)} "
+                "(no client's L_k is written: not covered by DP's ε)")
     return f"federated MSE of round {round_no}'s model ({source}): " + \
         explain_weighted_sum("L", ns, losses, loss)
 

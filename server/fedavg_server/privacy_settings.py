@@ -5,6 +5,7 @@ PROTOCOL.md's tables), with the checks that tie its fields to the run's.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -71,17 +72,19 @@ class DPSettings:
     update_noise_multiplier: float = 0.0
 
     SPEC: ClassVar[tuple[Param, ...]] = (
-        Param("noise_multiplier", None, "σ: the noise on the sum of clipped updates is N(0, σ²S²)", ge=0, le=1e6,
+        Param("noise_multiplier", None, "σ: the noise on the sum of clipped updates is N(0, σ²S²); 0, or large "
+                                          "enough for a finite ε", ge=0, le=1e6,
               doc_default="required"),
         Param("clip", None, "S, the L2 bound on each client's update W_k − W_t; `null` is ∞, only with σ = 0", gt=0,
               le=1e12, nullable=True, doc_default="required"),
         Param("delta", DP_DELTA, "δ of the (ε, δ) reported", gt=0, lt=1),
         Param("target_epsilon", None, "the budget: the run ends `budget_exhausted` before a round that would pass "
                                       "it (needs σ > 0)", gt=0, le=1e6, nullable=True),
-        Param("local_noise", False, "each client clips and adds N(0, σ²S²/M) itself; the server only sums",
+        Param("local_noise", False, "each of the n clients a round samples clips and adds N(0, σ²S²/n) itself; "
+                                    "the server sums, and adds the shares of clients lost in the round",
               type="boolean"),
         Param("adaptive", None, "adaptive clipping (Andrew et al., 2021): S tracks a quantile of the update norms "
-                                "(next table)", type="AdaptiveClipping", nullable=True),
+                                "(next table); not with `local_noise`", type="AdaptiveClipping", nullable=True),
     )
 
     @classmethod
@@ -105,14 +108,34 @@ class DPSettings:
                                           "noise_multiplier > 0"))
         if given.get("target_epsilon") is not None and sigma == 0:
             problems.append(ProtocolError("dp.target_epsilon: without noise (noise_multiplier = 0) ε is infinite"))
+        if sigma > 0:
+            cls._accountable(sigma, fraction, given.get("delta", DP_DELTA), problems)
         adaptive = None
         if obj.get("adaptive") is not None:
+            if given.get("local_noise"):
+                # Its bits would reach the server un-noised (or, under secure aggregation, their exact sum):
+                # the server this mode does not trust would add the count's noise itself.
+                problems.append(ProtocolError("dp.adaptive: adaptive clipping counts each client's bit "
+                                              "(‖Δ_k‖ ≤ S) and the server noises the count, which local_noise does "
+                                              "not trust it to do; use a fixed dp.clip with local_noise"))
             adaptive = cls._adaptive(obj["adaptive"], sigma, expected, obj.get("clip") is None, problems)
         if len(problems) > found:
             return None
         return cls(sigma, given["clip"], given.get("delta", DP_DELTA), given.get("target_epsilon"),
                    given.get("local_noise", False), adaptive, expected,
                    update_noise_multiplier(sigma, adaptive.count_noise) if adaptive else sigma)
+
+    @staticmethod
+    def _accountable(sigma: float, fraction: float, delta: float, problems: list[ProtocolError]) -> None:
+        """σ > 0 must give a finite ε: a σ so small that the accountant's
+        arithmetic overflows would report ∞, or (its own conversion) 0, for a
+        run that adds next to no noise."""
+        from .accountant import epsilon  # dp-accounting (with SciPy) only for runs that use it
+        one_round = epsilon(fraction, sigma, 1, delta)
+        if not math.isfinite(one_round):
+            problems.append(ProtocolError(f"dp.noise_multiplier: σ = {sigma:g} is too small to account for: one "
+                                          f"round's ε (q = {fraction:g}, δ = {delta:g}) is not a finite number; give "
+                                          "a larger σ, or 0 for no noise (ε = ∞)"))
 
     @staticmethod
     def _adaptive(value: Any, sigma: float, expected: float, no_bound: bool,

@@ -9,7 +9,7 @@ state.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -66,6 +66,15 @@ class RoundRecord:
     duration_s: float  # sampling, the calls and the aggregation
     suspicious: list[dict[str, Any]] = field(default_factory=list)  # updates far larger than the others'
     parts: dict[str, Any] = field(default_factory=dict)  # what stages and collectors add (privacy, secagg)
+
+
+def without_clients_numbers(rec: RoundRecord) -> RoundRecord:
+    """The round with nothing of any one client's own: who took part (name,
+    URL and the n_k its /health publishes), N, the models, the math as
+    written from the aggregate; no local model or other reply field, no
+    loss, no clip bit, no term n_k/N · W_k, no update norm (``suspicious``)."""
+    return replace(rec, participants=[{k: p[k] for k in ("client_id", "url", "data_size")} for p in rec.participants],
+                   terms=[], suspicious=[])
 
 
 def round_json(rec: RoundRecord) -> dict[str, Any]:

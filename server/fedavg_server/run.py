@@ -112,6 +112,8 @@ class Run:
         for stage in self.stages:
             stage.before(r)
         sample = self.sampler.draw(r, self.roster.urls)
+        for stage in self.stages:
+            stage.drawn(r, sample)
         got = self._collect(r, theta, sample)
         self._record_loss(r - 1, got.losses, f"loss_before in round {r}'s replies")  # measured on θ_t
         try:
@@ -131,8 +133,11 @@ class Run:
             step, mine = stage.after(r, theta, got, step)
             parts |= mine
         suspicious = parts.pop("suspicious", [])
-        self._store(RoundRecord(r, self.s.strategy, theta, step, got.participants, got.dropped, got.N, got.terms,
-                                time.perf_counter() - started, suspicious, parts | got.parts))
+        record = RoundRecord(r, self.s.strategy, theta, step, got.participants, got.dropped, got.N, got.terms,
+                             time.perf_counter() - started, suspicious, parts | got.parts)
+        for stage in self.stages:
+            record = stage.redact(record)
+        self._store(record)
         self.state = step.state
         return step.theta
 
@@ -211,6 +216,8 @@ class Run:
             stage.measured(round_no, loss)
         self.store.set_federated_loss(self.run_id, round_no, loss)
         if log.isEnabledFor(logging.INFO):
+            for stage in self.stages:
+                losses = stage.losses_written(losses)
             log.info("%s", loss_line(round_no, [n for _, n in losses], [x for x, _ in losses], loss, source))
 
     def _final_evaluation(self, round_no: int, theta: Theta) -> None:

@@ -13,6 +13,7 @@ from fedavg.model import Theta
 from fedavg.strategies import Step
 
 from .collect import Collected
+from .records import RoundRecord
 
 
 class RunStopped(Exception):
@@ -37,6 +38,9 @@ class Stage:
     def before(self, r: int) -> None:
         """Before round r asks anything (RunStopped to end the run there)."""
 
+    def drawn(self, r: int, sample: list[str]) -> None:
+        """Round r's sample is drawn; nobody is asked yet."""
+
     def config(self) -> dict[str, Any]:
         """What every /train config of the round carries for it (TrainConfig's fields)."""
         return {}
@@ -51,3 +55,14 @@ class Stage:
 
     def measured(self, round_no: int, loss: float) -> None:
         """Round ``round_no``'s federated loss is known."""
+
+    def redact(self, record: RoundRecord) -> RoundRecord:
+        """The round as it may be written down (stored, served, logged): a
+        feature whose guarantee covers only part of what the round saw keeps
+        the rest out of the record. Every stage's, in order, before the store."""
+        return record
+
+    def losses_written(self, losses: list[tuple[float, int]]) -> list[tuple[float, int]]:
+        """The clients' (L_k, n_k) the log may write out beside the federated
+        loss L = Σ n_k/N · L_k (none: L alone)."""
+        return losses
