@@ -644,6 +644,40 @@ def test_a_dp_run_writes_nothing_of_any_one_client(servers, caplog):
     assert "no client's L_k is written" in log
 
 
+def test_a_dp_round_recorded_with_each_client_s_numbers_is_read_back_without_them(servers, tmp_path):
+    """A history written before DP runs kept each client's numbers out (the
+    round as 8ca91f9 stored it: local models, losses, clip bits, terms, each
+    ‖Δ_k‖ in the math): GET /runs/<id> shows its rounds as a DP run records
+    them now, to the token's holder too; the released model and ε stay."""
+    from fedavg_server.records import RoundRecord
+    from fedavg_server.runs import RunStore
+
+    db = tmp_path / "old.db"
+    store = RunStore(db)
+    run_id = store.create({"rounds": 1}, ["http://a", "http://b"], {"w": 0.0, "b": 0.0})
+    participants = [{"client_id": c, "url": f"http://{c}", "data_size": 2,
+                     "local_model": {"w": 0.123456789, "b": 0.987654321},
+                     "metrics": {"loss_before": 17.0, "loss_after": 4.111, "within_clip": 1.0}} for c in "ab"]
+    store.add_round(run_id, RoundRecord(
+        1, "fedavg", np.zeros(2), Step(np.array([0.05, 0.04]), {}, ["DP-FedAvg: Δ_k = W_k − W_t clipped to S = 0.1: "
+                                                                     "‖Δ_k‖ = 0.765432, 0.654321; 2 of 2 scaled down"]),
+        participants, [], 4, [{"client_id": "a", "n_k": 2, "weight": 0.5, "w": 0.0617, "b": 0.4938}], 0.01,
+        [{"client_id": "a", "url": "http://a", "update_norm": 0.765432, "ratio": 11.0}],
+        {"privacy": {"epsilon": 4.7, "clip": 0.1}}))
+    store.finish(run_id, "completed")
+    store.close()
+    for token, headers in ((None, {}), ("t0ken", {"Authorization": "Bearer t0ken"})):
+        fed = servers(InProcessTransport({}), db=db, TOKEN=token)
+        status, body = fed.get(f"/runs/{run_id}", headers)
+        assert status == 200, body
+        [record] = body["rounds"]
+        assert record["participants"] == [{"client_id": c, "url": f"http://{c}", "data_size": 2} for c in "ab"]
+        assert record["terms"] == [] and record["suspicious"] == []
+        assert "0.765432" not in json.dumps(body) and "0.123456789" not in json.dumps(body)
+        assert record["global_model"] == {"w": 0.05, "b": 0.04} and record["privacy"]["epsilon"] == 4.7
+        fed.close()
+
+
 def test_a_run_stops_before_the_round_that_would_pass_its_budget(seed_federation):
     """ε after T rounds from dp-accounting itself (its RDP accountant, composed here): the run does the
     largest T with ε(T) ≤ target, records ε(t) each round, and ends budget_exhausted."""

@@ -8,6 +8,10 @@ aggregates (the global models, N, the federated loss, who took part and who
 was dropped). PUBLIC_READ (--public-read) shows everything to everyone: the
 teaching view, for a demo on one machine. Without a token nothing is
 private anyway: anyone who can reach the server can also start runs.
+
+A DP run's rounds hold none of those numbers (its privacy stage keeps them
+out of the record); one recorded before it did is shown to every reader,
+the token's holder too, as it would be recorded now.
 """
 from __future__ import annotations
 
@@ -23,6 +27,10 @@ from fedavg.strategies import REPLY_FIELDS
 PRIVATE = (*(f.name for f in REPLY_FIELDS if f.private), "metrics")
 HIDDEN = ("each client's own numbers are shown only with the token (the server's operator), "
           "or on a server started with --public-read")
+# The kept fields of a DP round's participant (records.without_clients_numbers).
+WHO = ("client_id", "url", "data_size")
+DP_BEFORE = ("a DP round recorded before DP runs kept each client's numbers out of the record: its math, which "
+             "writes each update's norm, is not shown; the released model and ε are")
 
 
 def reads_clients() -> bool:
@@ -34,9 +42,19 @@ def reads_clients() -> bool:
 def reader_view(run: dict[str, Any]) -> dict[str, Any]:
     """The run as this request may read it: whole, or with each client's own
     numbers taken out of every round (and "private": true saying so)."""
+    run = run | {"rounds": [_as_released(r) for r in run["rounds"]]}
     if reads_clients():
         return run
     return run | {"private": True, "rounds": [_aggregates(r) for r in run["rounds"]]}
+
+
+def _as_released(record: dict[str, Any]) -> dict[str, Any]:
+    """A DP round as a DP run records it now (older records kept each client's numbers)."""
+    if "privacy" not in record or (not record["terms"] and not record.get("suspicious")
+                                   and all(set(p) <= set(WHO) for p in record["participants"])):
+        return record
+    return record | {"participants": [{k: p[k] for k in WHO if k in p} for p in record["participants"]],
+                     "terms": [], "suspicious": [], "math": [DP_BEFORE]}
 
 
 def _aggregates(record: dict[str, Any]) -> dict[str, Any]:
