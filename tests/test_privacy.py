@@ -69,15 +69,15 @@ class Wire(InProcessTransport):
     """The server's transport with the test on the wire: the clients' own
     apps in this process, each /train request and reply kept as it went
     (``sent[round]``: (url, config, reply)), and the clients in ``lost``
-    gone for /train (the server sees a refused connection)."""
+    gone for the path it gives them (the server sees a refused connection)."""
 
-    def __init__(self, apps: Any, lost: Sequence[str] = ()) -> None:
+    def __init__(self, apps: Any) -> None:
         super().__init__(apps)
-        self.lost = set(lost)
+        self.lost: dict[str, str] = {}  # url → the path it no longer answers
         self.sent: dict[int, list[tuple[str, dict, dict]]] = defaultdict(list)
 
     def call(self, url: str, method: str, path: str, timeout_s: float, body: Any = None) -> Reply:
-        if path == "/train" and url in self.lost:
+        if self.lost.get(url) == path:
             return Reply(url, reason="cannot connect: connection refused (the client is gone)")
         reply = super().call(url, method, path, timeout_s, body)
         if path == "/train" and reply.ok:
@@ -85,10 +85,11 @@ class Wire(InProcessTransport):
         return reply
 
 
-def wired(servers, clients: list[LocalClient], lost: Sequence[int] = ()) -> tuple[Any, Wire]:
-    """A server over ``clients`` (one client host app) through a ``Wire``; ``lost``: places in the list."""
+def wired(servers, clients: list[LocalClient], lost: Sequence[int] = (), at: str = "/train") -> tuple[Any, Wire]:
+    """A server over ``clients`` (one client host app) through a ``Wire``; ``lost``: places in the list,
+    gone for the path ``at``."""
     wire = Wire.hosted(create_host_app(clients), len(clients))
-    wire.lost = {wire.urls[i] for i in lost}
+    wire.lost = {wire.urls[i]: at for i in lost}
     return servers(wire), wire
 
 
@@ -455,6 +456,33 @@ def test_clients_lost_from_a_round_leave_the_release_its_full_noise(servers):
     assert run["rounds"][-1]["privacy"]["noise_std"] == pytest.approx(sigma * bound / m, rel=1e-12)
     assert {k: run["rounds"][-1]["privacy"][k] for k in ("sampled", "noise_shares_in_sum", "server_noise_share")} \
         == {"sampled": 4, "noise_shares_in_sum": 2, "server_noise_share": 0.5}
+
+
+def test_under_secure_aggregation_a_client_lost_before_its_masked_input_is_topped_up(servers):
+    """secagg with local_noise, three clients with 9 features (t = 2), the
+    third gone at /secagg/masked every round: the sum the server unmasks
+    holds two of the three shares σ²S²/3, and is not written (the round's
+    math says so instead of its words and its decoded sum); the server adds
+    σ²S²/3, and the release's noise is σ·S/M (3000 draws, within 5%; the clean
+    part from the two survivors' plain-Python local GD, clipped)."""
+    sigma, bound, rounds, m = 1.0, 0.2, 300, 3.0
+    data = FOUR_WIDE[:3]
+    fed, wire = wired(servers, wide_clients(data), lost=(2,), at="/secagg/masked")
+    run = fed.run(rounds=rounds, secagg=True, dp={"noise_multiplier": sigma, "clip": bound, "local_noise": True})
+    assert run["status"] == "completed", run["error"]
+    noise = []
+    for record in run["rounds"]:
+        theta_t = coordinates(record["global_model_in"])
+        clean = released_without_noise(theta_t, wide_updates(data[:2], theta_t), bound, m)
+        noise += [got - want for got, want in zip(coordinates(record["global_model"]), clean)]
+    assert len(noise) == 3000
+    assert statistics.pstdev(noise) == pytest.approx(sigma * bound / m, rel=0.05)
+    for record in run["rounds"]:
+        assert not any("Σ x_i" in line or "y_1 = [" in line for line in record["math"])
+        assert record["math"][0].startswith("secure aggregation: the sum of 2 of the 3 sampled clients' inputs (not "
+                                            "written")
+        assert record["privacy"]["noise_shares_in_sum"] == 2 and record["privacy"]["sampled"] == 3
+        assert record["privacy"]["server_noise_share"] == pytest.approx(1 / 3, rel=1e-12)
 
 
 def test_with_poisson_sampling_the_clients_noise_is_sized_on_each_round_s_sample(servers):
