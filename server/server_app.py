@@ -102,7 +102,9 @@ if __name__ == "__main__":
     base = f"http://{args.host}:{args.port}"
     shown = ", ".join(clients) if len(clients) <= 4 else f"{clients[0]} … {clients[-1]}"
     try:
-        serve(app, args.host, args.port, allowed_hosts=args.allowed_host, announce=(
+        # Its own connections out: about one kept alive per client, and one per call in flight.
+        outgoing = len(clients) + max(1, app.config["MAX_PARALLEL"])
+        serve(app, args.host, args.port, allowed_hosts=args.allowed_host, outgoing=outgoing, announce=(
             f"server: {len(clients)} client(s): {shown}; run history in {app.config['DB']}; "
             f"serving on {base}\n"
             f"server: the page: {base}/\n"
