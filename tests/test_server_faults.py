@@ -24,7 +24,7 @@ from conftest import ROOT
 from fedavg.http.client_app import create_app as create_client_app
 from fedavg_server.federation import Federation
 from fedavg_server.http_transport import HttpTransport
-from fedavg_server.runs import RunStore
+from fedavg_server.runs import RunStore, StoreError
 
 # Mounting a small filesystem and dropping privileges need root; CI runs as
 # root and runs these (a non-root CI fails them loudly); a developer without
@@ -217,6 +217,51 @@ def test_a_read_only_history_folder_stops_the_server_in_one_line(tmp_path):
     assert "Traceback" not in out
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(folder / "runs.db") in errors[0], out
+
+
+@pytest.mark.system
+def test_a_second_server_on_the_same_history_stops_in_one_line_naming_the_first(tmp_path, seed_clients):
+    """Two server processes on one --db: the second used to open it and mark
+    the first's live run interrupted (so while it went on it read
+    interrupted, with no final model, and the second would resume it a
+    second time). Now the second stops (exit 2) naming the first's pid, and
+    the first's run reads running and completes untouched."""
+    db = tmp_path / "runs.db"
+    first = server(db, seed_clients)
+    second = None
+    try:
+        status, started = launcher.post_json(first.url + "/start", {"rounds": 6, "pace_s": 0.5, "wait": False})
+        assert status == 202
+        run_id = started["run_id"]
+        poll("round 1", lambda: get(f"{first.url}/runs/{run_id}")[1]["rounds"])
+        second = launcher.start_app("server", launcher.free_port(), ["--clients", seed_clients, "--db", str(db)])
+        poll("the second server stops or serves",
+             lambda: second.proc.poll() is not None or "serving on" in second.output(), timeout_s=60)
+        out = second.output()
+        errors = [line for line in out.splitlines() if line.startswith("error:")]
+        assert second.proc.wait(10) == 2 and len(errors) == 1, out
+        assert f"pid {first.proc.pid}" in errors[0] and str(db) in errors[0] and "Traceback" not in out
+        assert get(f"{first.url}/runs/{run_id}")[1]["status"] == "running"
+        run = poll("the run ends", lambda: (r := get(f"{first.url}/runs/{run_id}")[1])["status"] != "running" and r)
+        assert run["status"] == "completed" and len(run["rounds"]) == 6, run
+        assert run["final_model"] == run["rounds"][-1]["global_model"]
+    finally:
+        launcher.stop([app for app in (first, second) if app is not None])
+
+
+def test_a_history_another_store_holds_is_refused_naming_its_pid(tmp_path):
+    """RunStore's lock in this process: a second store on the file is
+    refused (it would have marked the first's running run interrupted), and
+    the lock goes when the first store closes."""
+    first = RunStore(tmp_path / "runs.db")
+    run_id = first.create({"rounds": 3}, [], {"w": 0.0, "b": 0.0})
+    with pytest.raises(StoreError, match=rf"is in use by another server \(pid {os.getpid()}\)"):
+        RunStore(tmp_path / "runs.db")
+    assert first.summary(run_id)["status"] == "running"
+    first.close()
+    again = RunStore(tmp_path / "runs.db")
+    assert again.summary(run_id)["status"] == "interrupted"  # what a restarted server reads
+    again.close()
 
 
 def test_corrupt_pages_are_a_503_on_the_history_while_health_and_status_answer(seed_server, caplog):
