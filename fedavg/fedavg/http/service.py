@@ -37,9 +37,29 @@ def json_body(if_empty: Any = None) -> Any:
 
 
 def shared_token() -> str | None:
-    """The optional shared secret, FEDAVG_TOKEN: when set, the server sends it
-    to the clients and both refuse work without it."""
-    return os.environ.get("FEDAVG_TOKEN") or None
+    """The optional shared secret, FEDAVG_TOKEN, exactly as written: when set,
+    the server sends it to the clients and both refuse work without it.
+    Unset or empty: no token. Raises ValueError for one that cannot work
+    (``checked_token``)."""
+    return checked_token(os.environ.get("FEDAVG_TOKEN"))
+
+
+def checked_token(token: str | None) -> str | None:
+    """A token as given, or None for none ("" is none). It travels as
+    written in ``Authorization: Bearer <token>``, so it must be printable
+    ASCII: a header cannot carry other characters unchanged, and HTTP strips
+    spaces at either end, after which it could never match. The error never
+    shows the token (it is a secret)."""
+    if not token:
+        return None
+    for i, ch in enumerate(token):
+        if not " " <= ch <= "~":
+            raise ValueError(f"FEDAVG_TOKEN: character {i + 1} of {len(token)} is not printable ASCII "
+                             f"(U+{ord(ch):04X}); a token travels in an HTTP header, as written")
+    if token != token.strip(" "):
+        raise ValueError("FEDAVG_TOKEN: starts or ends with a space, which HTTP strips on the way: no request "
+                         "could ever carry it; remove the space")
+    return token
 
 
 def has_token(token: str, page: bool = False) -> bool:
