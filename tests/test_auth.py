@@ -280,7 +280,8 @@ def test_public_read_refuses_anything_but_yes_or_no(tmp_path, monkeypatch, value
 def test_the_servers_other_variables_are_read_as_text(tmp_path, monkeypatch):
     """FEDAVG_DB=2024 is a file named 2024 (as JSON it was the number 2024,
     and the server died of a TypeError); FEDAVG_MAX_PARALLEL must be a whole
-    number; FEDAVG_ALLOWED_HOSTS may still be a JSON list."""
+    number; FEDAVG_ALLOWED_HOSTS may still be a JSON list; an error names
+    its variable."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FEDAVG_DB", "2024")
     monkeypatch.setenv("FEDAVG_ALLOWED_HOSTS", '["fedavg.lan"]')
@@ -292,6 +293,10 @@ def test_the_servers_other_variables_are_read_as_text(tmp_path, monkeypatch):
         monkeypatch.setenv("FEDAVG_MAX_PARALLEL", bad)
         with pytest.raises(ValueError, match="FEDAVG_MAX_PARALLEL: must be a whole number"):
             create_server_app({"CLIENTS": ["http://127.0.0.1:9"]})
+    monkeypatch.delenv("FEDAVG_MAX_PARALLEL")
+    monkeypatch.setenv("FEDAVG_CLIENTS", "127.0.0.1:5001")
+    with pytest.raises(ValueError, match="FEDAVG_CLIENTS: client URL must start with http://"):
+        create_server_app()
 
 
 @pytest.mark.system

@@ -74,8 +74,15 @@ ENVIRONMENT = {"CLIENTS": client_urls, "DB": str, "MAX_PARALLEL": _count, "PUBLI
 def environment() -> dict[str, Any]:
     """The server's settings from FEDAVG_*; a value that is not one is a
     ValueError naming its variable."""
-    return {key: read(os.environ[f"FEDAVG_{key}"]) for key, read in ENVIRONMENT.items()
-            if f"FEDAVG_{key}" in os.environ}
+    settings = {}
+    for key, read in ENVIRONMENT.items():
+        name = f"FEDAVG_{key}"
+        if name in os.environ:
+            try:
+                settings[key] = read(os.environ[name])
+            except ValueError as e:
+                raise ValueError(str(e) if str(e).startswith(name) else f"{name}: {e}") from None
+    return settings
 
 
 def default_max_parallel() -> int:
