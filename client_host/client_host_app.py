@@ -50,15 +50,15 @@ if __name__ == "__main__":
     logging.getLogger("fedavg.client").setLevel(logging.WARNING)
     csv = args.csv.resolve() if args.csv else None  # errors then name the file in full
     try:
+        token = shared_token()
         clients = make_clients(args.scenario, args.clients, args.seed, args.samples, csv, attackers, attack)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # a token that cannot work, a scenario that cannot be made
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     about = ABOUT[args.scenario] + (f" ({csv})" if args.scenario == "csv" else "")
     if args.scenario == "byzantine":
         about += f": {attackers} attacker(s), attack {attack}: each {ATTACKS[attack]}"
-    app = create_host_app(clients, shared_token(),
-                          f"{args.scenario}: {about}; K={len(clients)}, seed={args.seed}")
+    app = create_host_app(clients, token, f"{args.scenario}: {about}; K={len(clients)}, seed={args.seed}")
     base = f"http://{args.host}:{args.port}"
     serve(app, args.host, args.port, allowed_hosts=args.allowed_host, announce=(
         f"client host: {len(clients)} clients ({args.scenario}, seed {args.seed}, "

@@ -9,18 +9,25 @@ import time
 import urllib.error
 import urllib.request
 
-from fedavg.http.service import cli, configure_logging, serve
+from fedavg.http.service import cli, configure_logging, serve, shared_token
 from fedavg_server import client_urls, create_app
 from fedavg_server.runs import StoreError
 
 HOST_WAIT_S = 30  # how long --clients-from waits for the client host to answer
 
 
-def outside_line(host_url: str) -> dict | None:
+def ask(url: str, token: str | None) -> urllib.request.Request:
+    """A GET of ``url``, with the shared token when there is one: a client
+    host with a token shows its client list to anyone, its scenario only to
+    who has it."""
+    return urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+
+
+def outside_line(host_url: str, token: str | None = None) -> dict | None:
     """The client host's pooled least-squares line (GET /scenario), for the
     page to draw labelled as outside knowledge; None if it has none to give."""
     try:
-        with urllib.request.urlopen(host_url.rstrip("/") + "/scenario", timeout=5) as resp:
+        with urllib.request.urlopen(ask(host_url.rstrip("/") + "/scenario", token), timeout=5) as resp:
             body = json.loads(resp.read())
         line = body.get("pooled_line")
         if not (isinstance(line, dict) and all(isinstance(line.get(k), (int, float)) for k in ("w", "b"))):
@@ -30,7 +37,7 @@ def outside_line(host_url: str) -> dict | None:
         return None
 
 
-def clients_from(host_url: str, wait_s: float = HOST_WAIT_S) -> list[str]:
+def clients_from(host_url: str, wait_s: float = HOST_WAIT_S, token: str | None = None) -> list[str]:
     """Every client a client host serves (its GET /clients), as full URLs.
     The host may still be starting: ask again until it answers or wait_s ends."""
     base = host_url.rstrip("/")
@@ -39,7 +46,7 @@ def clients_from(host_url: str, wait_s: float = HOST_WAIT_S) -> list[str]:
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            with urllib.request.urlopen(base + "/clients", timeout=5) as resp:
+            with urllib.request.urlopen(ask(base + "/clients", token), timeout=5) as resp:
                 paths = json.loads(resp.read())["clients"]
             if not paths or not all(isinstance(p, str) and p.startswith("/") for p in paths):
                 raise ValueError(f"{base}/clients lists no clients: {paths!r}")
@@ -80,9 +87,10 @@ if __name__ == "__main__":
     config = {}  # what the command line says; create_app reads FEDAVG_* for the rest
     try:
         if args.clients_from:
-            hosted = clients_from(args.clients_from, args.clients_from_wait)
+            token = shared_token()
+            hosted = clients_from(args.clients_from, args.clients_from_wait, token)
             config["CLIENTS"] = (client_urls(args.clients) if args.clients else []) + hosted
-            line = outside_line(args.clients_from)
+            line = outside_line(args.clients_from, token)
             if line is not None:
                 config["OUTSIDE_LINE"] = {**line, "clients": hosted}
             print(f"server: {len(hosted)} client(s) from the client host at {args.clients_from}", flush=True)
@@ -95,14 +103,16 @@ if __name__ == "__main__":
         if args.public_read:
             config["PUBLIC_READ"] = True
         app = create_app(config)
-    except (ValueError, StoreError) as e:  # bad URLs, a history that cannot be opened: one line
+    except (ValueError, StoreError) as e:  # bad URLs or settings, a history that cannot be opened: one line
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     clients = app.config["CLIENTS"]
     base = f"http://{args.host}:{args.port}"
     shown = ", ".join(clients) if len(clients) <= 4 else f"{clients[0]} … {clients[-1]}"
     try:
-        serve(app, args.host, args.port, allowed_hosts=args.allowed_host, announce=(
+        # Its own connections out: about one kept alive per client, and one per call in flight.
+        outgoing = len(clients) + max(1, app.config["MAX_PARALLEL"])
+        serve(app, args.host, args.port, allowed_hosts=args.allowed_host, outgoing=outgoing, announce=(
             f"server: {len(clients)} client(s): {shown}; run history in {app.config['DB']}; "
             f"serving on {base}\n"
             f"server: the page: {base}/\n"

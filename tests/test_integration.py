@@ -11,6 +11,7 @@ import logging
 import os
 import pty
 import re
+import resource
 import select
 import shlex
 import signal
@@ -20,8 +21,11 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -32,6 +36,41 @@ from fedavg.http.client_app import create_app as create_client_app
 from reference import SEED_DATA, reference_fedavg
 
 NUM = r"(-?\d+\.\d+(?:e[+-]\d+)?)"
+
+
+def idle_connections(url: str, count: int) -> list[socket.socket]:
+    """``count`` TCP connections to the app at ``url`` that never send a byte:
+    no request, no token. Each is open once connect() returns (the kernel
+    queues it until the app accepts it)."""
+    where = urlsplit(url)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            held.append(socket.create_connection((where.hostname, where.port), timeout=30))
+    except BaseException:
+        close_all(held)
+        raise
+    return held
+
+
+def close_all(held: list[socket.socket]) -> None:
+    for s in held:
+        s.close()
+
+
+@contextmanager
+def open_files(count: int) -> Iterator[None]:
+    """This process may open ``count`` files for a while (ulimit -n, raised
+    toward its hard limit): the test holds thousands of sockets itself."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < count:
+        assert hard == resource.RLIM_INFINITY or hard >= count, \
+            f"this test holds {count} sockets: raise the hard limit on open files (ulimit -Hn {count})"
+        resource.setrlimit(resource.RLIMIT_NOFILE, (count, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def wait_for(predicate, timeout_s: float = 10.0, what: str = "condition"):
@@ -148,6 +187,47 @@ def test_a_client_that_stops_is_dropped_and_named(tmp_path):
         assert "DROPPED" in log and apps["client_2"].url in log
     finally:
         launcher.stop(list(apps.values()))
+
+
+IDLE = 1100  # past 1023, the highest descriptor select() can watch
+
+
+@pytest.mark.system
+def test_a_thousand_idle_connections_to_each_app_mid_run_change_nothing(tmp_path):
+    """1,100 TCP connections that send nothing, no token needed, to the
+    server, a client and a client host while a run goes on: each app used to
+    die of them (select() cannot watch a descriptor past 1023). Now each
+    still answers, and the run completes with every client in every round."""
+    with open_files(3 * IDLE + 500):
+        client = launcher.start_app("client_1", launcher.free_port())
+        host = launcher.start_app("client_host", launcher.free_port(), ["--scenario", "iid", "--clients", "3"])
+        urls = ",".join([client.url] + [f"{host.url}/clients/{k}" for k in (1, 2, 3)])
+        server = launcher.start_app("server", launcher.free_port(), ["--clients", urls, "--db",
+                                                                     str(tmp_path / "runs.db")])
+        apps, held = [client, host, server], []
+        try:
+            launcher.wait_healthy(apps)
+            rounds = 6
+            status, started = launcher.post_json(server.url + "/start", {"rounds": rounds, "pace_s": 1.5,
+                                                                         "wait": False})
+            assert status == 202
+            run_id = started["run_id"]
+            launcher.wait_for_run(server.url, run_id, lambda r: len(r["rounds"]) >= 1)
+            for app in apps:
+                held += idle_connections(app.url, IDLE)
+            launcher.wait_healthy(apps, timeout_s=60)  # each accepted the 1,100 before this one, and answers
+            meanwhile = launcher.get_json(f"{server.url}/runs/{run_id}")
+            assert meanwhile["status"] == "running" and len(meanwhile["rounds"]) < rounds, "not mid-run"
+            run = launcher.wait_for_run(server.url, run_id, lambda r: r["status"] != "running", timeout_s=120)
+            assert run["status"] == "completed", run.get("error")
+            # client_1's 2 rows and the host's 3 × 20: nobody dropped, before or while the 3,300 were held
+            assert [(r["N"], r["dropped"]) for r in run["rounds"]] == [(2 + 3 * 20, [])] * rounds
+            assert all(app.proc.poll() is None for app in apps)
+        finally:
+            close_all(held)
+            launcher.stop(apps)
+    for app in apps:
+        assert "Traceback" not in app.output(), app.output()[-2000:]
 
 
 @pytest.mark.parametrize("content, message", [

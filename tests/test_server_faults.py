@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -23,7 +24,7 @@ from conftest import ROOT
 from fedavg.http.client_app import create_app as create_client_app
 from fedavg_server.federation import Federation
 from fedavg_server.http_transport import HttpTransport
-from fedavg_server.runs import RunStore
+from fedavg_server.runs import RunStore, StoreError
 
 # Mounting a small filesystem and dropping privileges need root; CI runs as
 # root and runs these (a non-root CI fails them loudly); a developer without
@@ -112,6 +113,74 @@ def test_sigterm_with_a_hung_client_exits_at_once_and_the_run_is_resumable(tmp_p
         release.set()
 
 
+# --- connections --------------------------------------------------------------------------
+
+
+def closing(app: Flask) -> Flask:
+    """A client app that closes every connection after its reply, so that
+    each call the server makes to it needs a new descriptor."""
+    @app.after_request
+    def close_after(response):
+        response.headers["Connection"] = "close"
+        return response
+    return app
+
+
+@pytest.mark.system
+def test_a_server_at_its_limit_of_open_files_keeps_its_run_going(tmp_path, serve):
+    """A server allowed 200 open files (ulimit -n 200) gets 300 idle
+    connections mid-run: it stops accepting at its connection limit, below
+    the file limit, so its calls to the clients (a new connection each)
+    still get descriptors and the run completes with both clients in every
+    round; once the connections close it answers again. It used to accept
+    until no descriptor was left: every call then failed with "Too many open
+    files", and the run failed."""
+    from test_integration import close_all, idle_connections
+    clients = ",".join(serve(closing(app)).url for app in seed_client_apps())
+    app = server(tmp_path / "runs.db", clients, wrap=["sh", "-c", 'ulimit -n 200 && exec "$@"', "sh"])
+    held = []
+    try:
+        rounds = 30
+        status, started = launcher.post_json(app.url + "/start", {"rounds": rounds, "pace_s": 0.2, "wait": False})
+        assert status == 202
+        run_id = started["run_id"]
+        poll("round 2", lambda: len(get(f"{app.url}/runs/{run_id}")[1]["rounds"]) >= 2)
+        held = idle_connections(app.url, 300)
+        # the server has taken what it will take of them (its limit, or every descriptor it may have)
+        poll("the connections are accepted", lambda: len(os.listdir(f"/proc/{app.proc.pid}/fd")) >= 100)
+        rounds_then = len(re.findall(rf"── Round \d+/{rounds} ──", app.output()))
+        end = poll("the run's end in the log",
+                   lambda: re.search(rf"Run {run_id} (completed|[A-Z]+):.*", app.output()), timeout_s=60)
+        assert rounds_then < rounds, "the run ended before the connections were held"
+        assert end.group(1) == "completed", end.group(0)
+        close_all(held)
+        launcher.wait_healthy([app], timeout_s=30)
+        run = get(f"{app.url}/runs/{run_id}")[1]
+        assert run["status"] == "completed" and [(r["N"], r["dropped"]) for r in run["rounds"]] == [(4, [])] * rounds
+    finally:
+        close_all(held)
+        launcher.stop([app])
+    assert "Traceback" not in app.output() and "Too many open files" not in app.output()
+
+
+@pytest.mark.system
+def test_a_server_allowed_too_few_files_stops_in_one_line(tmp_path, seed_clients):
+    """ulimit -n 90: 64 for its own files and its calls out (a connection per
+    client, plus --max-parallel: 32 on 2 cores) leave too few connections in;
+    it says so and what to raise, instead of failing mid-run."""
+    app = launcher.start_app("server", launcher.free_port(), ["--clients", seed_clients, "--db",
+                                                              str(tmp_path / "runs.db")],
+                             wrap=["sh", "-c", 'ulimit -n 90 && exec "$@"', "sh"])
+    try:
+        code = app.proc.wait(60)
+    finally:
+        launcher.stop([app])
+    out = app.output()
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "may open 90 files (ulimit -n)" in errors[0], out
+    assert "serving on" not in out and "Traceback" not in out
+
+
 # --- the run history --------------------------------------------------------------------
 
 
@@ -148,6 +217,54 @@ def test_a_read_only_history_folder_stops_the_server_in_one_line(tmp_path):
     assert "Traceback" not in out
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(folder / "runs.db") in errors[0], out
+
+
+@pytest.mark.system
+def test_a_second_server_on_the_same_history_stops_in_one_line_naming_the_first(tmp_path, seed_clients):
+    """Two server processes on one --db: the second used to open it and mark
+    the first's live run interrupted (so while it went on it read
+    interrupted, with no final model, and the second would resume it a
+    second time). Now the second stops (exit 2) naming the first's pid, and
+    the first's run reads running and goes on."""
+    db = tmp_path / "runs.db"
+    first = server(db, seed_clients)
+    second = None
+    try:
+        # A run longer than any start of the second server, stopped at the end by the test.
+        status, started = launcher.post_json(first.url + "/start", {"rounds": 100000, "pace_s": 0.1, "wait": False})
+        assert status == 202
+        run_id = started["run_id"]
+        poll("round 1", lambda: get(f"{first.url}/runs/{run_id}")[1]["rounds"])
+        second = launcher.start_app("server", launcher.free_port(), ["--clients", seed_clients, "--db", str(db)])
+        poll("the second server stops or serves",
+             lambda: second.proc.poll() is not None or "serving on" in second.output(), timeout_s=60)
+        out = second.output()
+        errors = [line for line in out.splitlines() if line.startswith("error:")]
+        assert second.proc.wait(10) == 2 and len(errors) == 1, out
+        assert f"pid {first.proc.pid}" in errors[0] and str(db) in errors[0] and "Traceback" not in out
+        then = get(f"{first.url}/runs/{run_id}?limit=1")[1]
+        assert then["status"] == "running" and then["final_model"] is None
+        rounds_then = get(f"{first.url}/status")[1]["round"]
+        poll("two more rounds", lambda: (s := get(f"{first.url}/status")[1])["round"] >= rounds_then + 2
+             and s["status"] == "running")
+        assert launcher.post_json(f"{first.url}/runs/{run_id}/stop")[0] == 202
+    finally:
+        launcher.stop([app for app in (first, second) if app is not None])
+
+
+def test_a_history_another_store_holds_is_refused_naming_its_pid(tmp_path):
+    """RunStore's lock in this process: a second store on the file is
+    refused (it would have marked the first's running run interrupted), and
+    the lock goes when the first store closes."""
+    first = RunStore(tmp_path / "runs.db")
+    run_id = first.create({"rounds": 3}, [], {"w": 0.0, "b": 0.0})
+    with pytest.raises(StoreError, match=rf"is in use by another server \(pid {os.getpid()}\)"):
+        RunStore(tmp_path / "runs.db")
+    assert first.summary(run_id)["status"] == "running"
+    first.close()
+    again = RunStore(tmp_path / "runs.db")
+    assert again.summary(run_id)["status"] == "interrupted"  # what a restarted server reads
+    again.close()
 
 
 def test_corrupt_pages_are_a_503_on_the_history_while_health_and_status_answer(seed_server, caplog):

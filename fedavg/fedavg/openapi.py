@@ -209,8 +209,9 @@ def host_document(num_clients: int) -> dict[str, Any]:
     """A client host's own endpoints; each client under /clients/<k> serves
     its own document at /clients/<k>/openapi.json."""
     paths = {
-        "/health": {"get": {"summary": "Liveness and the number of clients here.", "responses": {"200": reply(
-            "ok", {"type": "object", "required": ["status", "clients", "scenario", "data_size"],
+        "/health": {"get": {"summary": "Liveness and the number of clients here; the scenario and the rows in "
+                                       "all only without FEDAVG_TOKEN or with it.", "responses": {"200": reply(
+            "ok", {"type": "object", "required": ["status", "clients"],
                    "properties": {"status": {"type": "string", "enum": ["ok"]},
                                   "clients": {"type": "integer", "minimum": 1, "maximum": num_clients},
                                   "scenario": {"type": "string"},
@@ -221,7 +222,8 @@ def host_document(num_clients: int) -> dict[str, Any]:
                              "properties": {"scenario": {"type": "string"}, "simulated": {"type": "boolean"},
                                             "clients": {"type": "integer", "minimum": 1},
                                             "pooled_line": {"type": "object", "nullable": True,
-                                                            "properties": {"w": NUMBER, "b": NUMBER}}}})}}},
+                                                            "properties": {"w": NUMBER, "b": NUMBER}}}}),
+                                                **AUTH_ERROR}}},
         "/clients": {"get": {"summary": "The path of every client on this host.", "responses": {"200": reply(
             "the paths", {"type": "object", "required": ["clients"],
                           "properties": {"clients": {"type": "array", "items": {"type": "string"}}}})}}},

@@ -2,10 +2,12 @@
 
 Each round is committed the moment it completes (WAL journal), so a server
 killed mid-run loses nothing it had finished; on the next start the runs that
-were running read ``interrupted`` and can be resumed.
+were running read ``interrupted`` and can be resumed. One server at a time:
+a store holds a lock on its file for as long as it is open.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -14,7 +16,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .records import RoundRecord, round_json
 
@@ -64,13 +66,16 @@ def _why(e: Exception) -> str:
 class RunStore:
     """One SQLite file; one connection shared under a lock (writes are one
     small row per round, so a lock costs nothing and keeps reads consistent).
-    Every SQLite failure leaves as ``StoreError``."""
+    Every SQLite failure leaves as ``StoreError``; so does a file another
+    store holds (``_hold``)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
+        self._held: IO[str] | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._held = self._hold(self.path.with_name(self.path.name + ".lock"))
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -80,11 +85,42 @@ class RunStore:
             self._db.execute("UPDATE runs SET status = 'interrupted' WHERE status = 'running'")
             self._file = os.stat(self.path)
         except (sqlite3.Error, OSError) as e:
+            self._let_go()
             raise StoreError(f"cannot use {self.path} as the run history: {_why(e)}") from None
+
+    def _hold(self, lock_path: Path) -> IO[str]:
+        """An advisory lock (flock) on a file beside the history, with this
+        process's id in it, held until ``close`` or the process ends (even by
+        kill -9: the kernel lets go). Without it a second server on the same
+        file would mark the first's live run ``interrupted`` (above) while it
+        goes on, and it would end with no final model. Raises StoreError
+        naming the holder's pid."""
+        held = open(lock_path, "a+")  # "a+": the holder's pid must not be erased before we know we hold it
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held.seek(0)
+            holder = held.read().strip() or "unknown"
+            held.close()
+            raise StoreError(f"the run history {self.path} is in use by another server (pid {holder}); stop it, "
+                             "or give this one a history of its own (--db)") from None
+        except OSError:
+            held.close()
+            raise
+        held.truncate(0)
+        held.write(f"{os.getpid()}\n")
+        held.flush()
+        return held
+
+    def _let_go(self) -> None:
+        if self._held is not None:
+            self._held.close()  # closing the file releases the lock
+            self._held = None
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._let_go()
 
     @contextmanager
     def _using(self, write: bool = False) -> Iterator[sqlite3.Connection]:

@@ -14,12 +14,13 @@ from typing import Any
 from flask import Blueprint, Flask, g, render_template, request
 
 from ..client import LocalClient
-from ..data import DataError, load_csv
+from ..data import load_csv
 from ..openapi import client_document
 from ..strict_json import ProtocolError
 from .client_page import page_context
 from .secure_routes import add_secure_routes
 from .service import (
+    checked_token,
     cli,
     configure_logging,
     has_token,
@@ -102,16 +103,18 @@ def client_blueprint(pick: Callable[[dict[str, Any]], LocalClient], token: str |
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build a client app. Config: CLIENT_ID, DATA_PATH (the private CSV),
-    TOKEN (shared bearer token required on /train and /evaluate; default from
-    FEDAVG_TOKEN, None = open).
+    TOKEN (shared bearer token required on /train and /evaluate; default
+    FEDAVG_TOKEN as written, None or "" = open).
 
-    Raises DataError when the data file cannot be used, before anything serves.
+    Raises DataError when the data file cannot be used, before anything
+    serves, and ValueError for a token that cannot work (``checked_token``).
     """
     app = Flask(__name__)
-    app.config.from_mapping(CLIENT_ID="client", DATA_PATH="data.csv", TOKEN=shared_token(),
-                            MAX_CONTENT_LENGTH=4 * 1024 * 1024)
+    app.config.from_mapping(CLIENT_ID="client", DATA_PATH="data.csv", MAX_CONTENT_LENGTH=4 * 1024 * 1024)
     if config is not None:
         app.config.from_mapping(config)
+    # The environment only when no token is given (a test gives its own, or None).
+    app.config["TOKEN"] = checked_token(app.config["TOKEN"]) if "TOKEN" in app.config else shared_token()
     # Loaded once at start: a bad file stops the client now, not mid-run.
     X, y = load_csv(app.config["DATA_PATH"])
     client = LocalClient(app.config["CLIENT_ID"], X, y)
@@ -132,7 +135,7 @@ def main(client_id: str, port: int, data_path: Path) -> None:
     configure_logging()
     try:
         app = create_app({"CLIENT_ID": args.client_id, "DATA_PATH": str(args.data)})
-    except DataError as e:
+    except ValueError as e:  # a bad data file (DataError), a token that cannot work
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     risk = "" if app.config["TOKEN"] else (

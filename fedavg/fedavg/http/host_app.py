@@ -13,12 +13,14 @@ from ..client import LocalClient
 from ..openapi import host_document
 from ..theory import pooled_optimum
 from .client_app import client_blueprint
-from .service import install_json_errors, install_request_guards
+from .service import has_token, install_json_errors, install_request_guards, require_token
 
 
 def create_host_app(clients: Sequence[LocalClient], token: str | None = None,
                     description: str = "") -> Flask:
-    """Serve ``clients`` as /clients/1 … /clients/K."""
+    """Serve ``clients`` as /clients/1 … /clients/K. With a ``token``, what
+    the clients' data gives away (the pooled line of every row, a CSV's
+    path in ``description``) is only for requests that carry it."""
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = 4 * 1024 * 1024
     install_json_errors(app)
@@ -39,8 +41,12 @@ def create_host_app(clients: Sequence[LocalClient], token: str | None = None,
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "clients": len(clients), "scenario": description,
-                "data_size": sum(len(c.y) for c in clients)}
+        """Liveness for anyone; the scenario (with --scenario csv, the file's
+        absolute path) and the rows in all, without a token or with it."""
+        alive = {"status": "ok", "clients": len(clients)}
+        if token is not None and not has_token(token):
+            return alive
+        return {**alive, "scenario": description, "data_size": sum(len(c.y) for c in clients)}
 
     @app.get("/openapi.json")
     def openapi():
@@ -50,7 +56,10 @@ def create_host_app(clients: Sequence[LocalClient], token: str | None = None,
     def scenario():
         """What only a simulation can say: the least-squares line of all its
         clients' rows pooled (one feature only). The server's page may draw
-        it, labelled as outside knowledge; no run ever reads it."""
+        it, labelled as outside knowledge; no run ever reads it. With a
+        token, only for who has it: the line of a user's CSV is a fact of
+        its rows."""
+        require_token(token)
         return {"scenario": description, "simulated": True, "clients": len(clients), "pooled_line": pooled}
 
     @app.get("/clients")

@@ -7,6 +7,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -36,9 +37,29 @@ def json_body(if_empty: Any = None) -> Any:
 
 
 def shared_token() -> str | None:
-    """The optional shared secret, FEDAVG_TOKEN: when set, the server sends it
-    to the clients and both refuse work without it."""
-    return os.environ.get("FEDAVG_TOKEN") or None
+    """The optional shared secret, FEDAVG_TOKEN, exactly as written: when set,
+    the server sends it to the clients and both refuse work without it.
+    Unset or empty: no token. Raises ValueError for one that cannot work
+    (``checked_token``)."""
+    return checked_token(os.environ.get("FEDAVG_TOKEN"))
+
+
+def checked_token(token: str | None) -> str | None:
+    """A token as given, or None for none ("" is none). It travels as
+    written in ``Authorization: Bearer <token>``, so it must be printable
+    ASCII: a header cannot carry other characters unchanged, and HTTP strips
+    spaces at either end, after which it could never match. The error never
+    shows the token (it is a secret)."""
+    if not token:
+        return None
+    for i, ch in enumerate(token):
+        if not " " <= ch <= "~":
+            raise ValueError(f"FEDAVG_TOKEN: character {i + 1} of {len(token)} is not printable ASCII "
+                             f"(U+{ord(ch):04X}); a token travels in an HTTP header, as written")
+    if token != token.strip(" "):
+        raise ValueError("FEDAVG_TOKEN: starts or ends with a space, which HTTP strips on the way: no request "
+                         "could ever carry it; remove the space")
+    return token
 
 
 def has_token(token: str, page: bool = False) -> bool:
@@ -143,10 +164,39 @@ def cli(description: str, default_port: int) -> argparse.ArgumentParser:
 
 
 WSGI_SERVERS = ("waitress", "werkzeug")
+# Connections waitress keeps open at most: a server fanning out to a thousand
+# clients, or a host serving them, holds that many keep-alive connections.
+MAX_CONNECTIONS = 4096
+# Descriptors an app needs besides its connections (about 20 measured: SQLite's
+# three files, matplotlib's fonts, pipes, a module being imported), with room.
+OWN_FILES = 64
+# Fewer connections than this and an app cannot serve a page and a run at once.
+MIN_CONNECTIONS = 16
+
+
+def connection_limit(outgoing: int = 0) -> int:
+    """How many connections an app may hold open, C = min(4096, F − 64 −
+    ``outgoing``): F is this process's limit on open files (RLIMIT_NOFILE),
+    first raised toward its hard limit as far as C = 4096 needs; 64 are left
+    for the app's own files, and ``outgoing`` for its calls out (the
+    server's connections to its clients). At C waitress stops accepting (new
+    connections wait in the kernel's queue) rather than take the last
+    descriptor: accept() would fail in a loop, and the app could then open
+    neither a file nor a connection to a client."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = MAX_CONNECTIONS + OWN_FILES + outgoing
+    if soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):  # not allowed here: make do with the soft limit
+            pass
+    return min(MAX_CONNECTIONS, soft - OWN_FILES - outgoing)
 
 
 def serve(app: Flask, host: str, port: int, threads: int = 8, announce: str | None = None,
-          allowed_hosts: Sequence[str] = ()) -> None:
+          allowed_hosts: Sequence[str] = (), outgoing: int = 0) -> None:
     """Listen, then print ``announce`` (the app's "serving on …" line), then
     serve until interrupted, with the WSGI server FEDAVG_WSGI names. A port
     that is taken stops the app with one error line and no announcement.
@@ -155,7 +205,8 @@ def serve(app: Flask, host: str, port: int, threads: int = 8, announce: str | No
     pooled connections are reused round after round; Werkzeug's development
     server closes every connection after one request. bench/results.json has
     the figures that decided it. ``threads`` bounds concurrent requests; a
-    waited /start holds one for its whole run.
+    waited /start holds one for its whole run. ``outgoing``: how many
+    connections the app itself may open (``connection_limit``).
     """
     app.config["ALLOWED_HOSTS"] = [*app.config.get("ALLOWED_HOSTS", ()), *allowed_hosts]
     # SIGTERM (kill, a process manager) stops the app as Ctrl-C does, so
@@ -173,10 +224,17 @@ def serve(app: Flask, host: str, port: int, threads: int = 8, announce: str | No
             server.serve_forever()
         else:
             import waitress
-            # connection_limit: a server fanning out to a thousand clients, or
-            # a host serving them, holds that many keep-alive connections.
-            server = waitress.create_server(app, host=host, port=port, threads=threads, connection_limit=4096,
-                                            ident="raw-fedavg")  # binds here
+            limit = connection_limit(outgoing)
+            if limit < MIN_CONNECTIONS:
+                soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+                print(f"error: this process may open {soft} files (ulimit -n), too few for {outgoing} connection(s) "
+                      f"out, {OWN_FILES} files of its own and {MIN_CONNECTIONS} connections in; raise the limit "
+                      f"(ulimit -n {MAX_CONNECTIONS + OWN_FILES + outgoing})", file=sys.stderr)
+                sys.exit(2)
+            # poll(), not select(): select() cannot watch a descriptor numbered
+            # 1024 or more, and a thousand idle connections reach that.
+            server = waitress.create_server(app, host=host, port=port, threads=threads, connection_limit=limit,
+                                            asyncore_use_poll=True, ident="raw-fedavg")  # binds here
             _announce(announce)
             server.run()
     except KeyboardInterrupt:
