@@ -14,7 +14,8 @@ from typing import Any
 from flask import Blueprint, Response, current_app, render_template, request
 
 from fedavg.strategies import REPLY_FIELDS, STRATEGIES, Param, Strategy
-from fedavg.strict_json import ProtocolError
+from fedavg.strict_json import MAX_DATA_SIZE, ProtocolError
+from fedavg.wire import parse_health_reply
 
 from .access import reads_clients
 from .api import federation, no_query_args
@@ -114,20 +115,20 @@ def _x_ranges(urls: list[str]) -> list[tuple[float, float]]:
 
 def _client_state(reply: Reply, known_name: str) -> dict[str, Any]:
     """One client as the page shows it; 'down' with the reason when its
-    /health did not answer as a client's does."""
+    /health did not answer as a client's does. Its name and counts are read
+    as a run reads them (``parse_health_reply``: a name of at most 200
+    characters and no control character, n_k up to 10¹²), so the page shows
+    nothing a run would refuse."""
     state: dict[str, Any] = {"url": reply.url, "client_id": known_name, "status": "down", "n_k": None,
                              "num_features": None, "reason": reply.reason}
     if not reply.ok:
         return state
-    body = reply.body or {}
-    size, name, features = body.get("data_size"), body.get("client_id"), body.get("num_features")
-    if not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
-        return state | {"reason": "bad /health reply: data_size is not a whole number >= 1"}
+    facts = parse_health_reply(reply.body)
+    if facts["data_size"] is None:
+        return state | {"reason": f"bad /health reply: data_size is not a whole number from 1 to {MAX_DATA_SIZE}"}
     return state | {
-        "status": "up", "reason": None, "n_k": size,
-        "client_id": name if isinstance(name, str) and name else known_name,
-        "num_features": features if isinstance(features, int) and not isinstance(features, bool) else None,
-        "x_range": _range_of(body.get("x_range")),
+        "status": "up", "reason": None, "n_k": facts["data_size"], "client_id": facts["client_id"] or known_name,
+        "num_features": facts["num_features"], "x_range": _range_of((reply.body or {}).get("x_range")),
     }
 
 
