@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -263,6 +264,27 @@ def test_csv_export_has_one_row_per_round(seed_federation):
         assert float(cells[2]) == record["global_model"]["w"] and float(cells[3]) == record["global_model"]["b"]
         assert float(cells[4]) == record["federated_loss"]
         assert cells[5] == f"client_1 ({url_1});client_2 ({url_2})" and cells[6] == ""
+
+
+def test_a_csv_of_a_history_that_cannot_be_read_is_a_json_503(tmp_path, servers):
+    """The rounds' pages of the history corrupted while the server runs (its
+    runs and their count still read): ?format=csv answers the JSON 503 of
+    every endpoint, not a 500 with a traceback from inside the stream."""
+    db = tmp_path / "runs.db"
+    fed = servers({"http://127.0.0.1:5001": client_app("client_1"), "http://127.0.0.1:5002": client_app("client_2")},
+                  db)
+    run_id = fed.run(rounds=3)["run_id"]
+    with sqlite3.connect(db) as other:  # everything into the main file; the server's cache is dropped
+        other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page, size = (other.execute("SELECT rootpage FROM sqlite_master WHERE name = 'rounds'").fetchone()[0],
+                      other.execute("PRAGMA page_size").fetchone()[0])
+    with open(db, "r+b") as f:  # garbage over the rounds' table (3 rounds: one page)
+        f.seek((page - 1) * size)
+        f.write(os.urandom(size))
+    assert fed.http.get("/runs").status_code == 200  # the runs still read
+    r = fed.http.get(f"/runs/{run_id}?format=csv")
+    assert r.status_code == 503 and r.is_json, r.get_data(as_text=True)[:300]
+    assert r.get_json()["error"].startswith("the run history is unavailable: ")
 
 
 def test_a_running_run_can_be_stopped_and_resumed(seed_federation):
