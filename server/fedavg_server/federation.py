@@ -11,6 +11,7 @@ from typing import Any
 
 from fedavg.wire import parse_health_reply
 
+from .roster import HEALTH_TIMEOUT_S
 from .run import Run
 from .runs import RunStore, StoreError
 from .settings import RunSettings
@@ -69,7 +70,17 @@ class Federation:
         round's global model up to its planned number of rounds, with the
         clients it ran with. A server restarted with other clients refuses,
         saying the difference, unless ``current_clients``: then the run goes
-        on with this server's clients, and records them."""
+        on with this server's clients, and records them. The same URLs are
+        not enough: a client that answers one of them now under another name
+        or with another n_k than the run recorded (its /health, asked here)
+        is another client, and is refused the same way."""
+        found = self.store.summary(run_id)
+        # Who the run's clients were, and who answers at each URL now: read before the lock is
+        # taken (a client may take seconds to answer, and a long run's records a second to count).
+        recorded = now = None
+        if not current_clients and found is not None and found["status"] in ("interrupted", "failed"):
+            recorded = self.store.clients_seen(run_id)
+            now = self._health_now(RunSettings.from_json(found["settings"]).client_timeout_s)
         with self._lock:
             self._check_idle()
             run = self.store.summary(run_id)
@@ -83,6 +94,7 @@ class Federation:
                 # The server may have been restarted with fewer clients.
                 raise CannotResume(f"run {run_id} needs min_clients={settings.min_clients}; this server has "
                                    f"{len(self.transport.urls)} client(s)")
+            again = 'resume with {"clients": "current"} to go on with this server\'s clients (recorded in the run)'
             if run["clients"] != self.transport.urls:
                 gone = [u for u in run["clients"] if u not in self.transport.urls]
                 new = [u for u in self.transport.urls if u not in run["clients"]]
@@ -90,16 +102,25 @@ class Federation:
                     change = (f"no longer here: {', '.join(gone[:6]) or 'none'}{' …' if len(gone) > 6 else ''}; "
                               f"new here: {', '.join(new[:6]) or 'none'}{' …' if len(new) > 6 else ''}"
                               if gone or new else "the same clients in another order (sampling follows the order)")
-                    raise CannotResume(
-                        f"run {run_id} ran with other clients than this server's: {change}; resume with "
-                        '{"clients": "current"} to go on with this server\'s clients (recorded in the run)')
+                    raise CannotResume(f"run {run_id} ran with other clients than this server's: {change}; {again}")
                 self.store.set_clients(run_id, self.transport.urls)
                 log.info("Run %s resumes with this server's clients: %d gone, %d new", run_id, len(gone), len(new))
+            if recorded is not None and now is not None:
+                swapped = _swapped(recorded, now)
+                if swapped:
+                    raise CannotResume(f"run {run_id} ran with other clients than this server's: "
+                                       f"{'; '.join(swapped[:6])}{' …' if len(swapped) > 6 else ''}; {again}")
             done = run["rounds_completed"]
             self.store.set_status(run_id, "running")
             self._launch(Run(run_id, settings, self.transport, self.store, first_round=done + 1,
                              model=run["current_model"], last=self.store.last_round(run_id),
                              key=_run_key(run)))
+
+    def _health_now(self, timeout_s: float) -> dict[str, dict[str, Any]]:
+        """URL → what its /health says now (``parse_health_reply``), for each
+        configured client that answers."""
+        replies = self.transport.call_all(self.transport.urls, "GET", "/health", min(timeout_s, HEALTH_TIMEOUT_S))
+        return {r.url: parse_health_reply(r.body) for r in replies if r.ok}
 
     def feature_counts(self, timeout_s: float = 2.0) -> set[int]:
         """The feature counts the clients' /health replies state (empty when
@@ -253,6 +274,25 @@ class DropTally:
                 line += "; it never took part: the model and the federated MSE are the other clients' alone"
             lines.append(line)
         return lines
+
+
+def _swapped(recorded: dict[str, dict[str, Any]], now: dict[str, dict[str, Any]]) -> list[str]:
+    """'at URL: client_2 with n_k=2 was recorded, client_9 with n_k=40 answers
+    now' for each URL whose client says another name or another n_k than
+    the run recorded of it. What either side does not say (a client down
+    now, a seed client without /health or a name, n_k under secure
+    aggregation) is not compared."""
+    out = []
+    for url, was in recorded.items():
+        said = now.get(url)
+        if said is None:
+            continue
+        name_changed = was["client_id"] != url and said["client_id"] not in (None, was["client_id"])
+        size_changed = was["data_size"] is not None and said["data_size"] not in (None, was["data_size"])
+        if name_changed or size_changed:
+            out.append(f"at {url}: {was['client_id']} with n_k={was['data_size'] or '?'} was recorded, "
+                       f"{said['client_id'] or url} with n_k={said['data_size'] or '?'} answers now")
+    return out
 
 
 def _run_key(run: dict[str, Any]) -> str:
