@@ -12,9 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 from flask import Flask
 
-from conftest import ROOT
+from conftest import ROOT, Served
 from fedavg.http.client_app import create_app as create_client_app
 from fedavg.strategies import LOCAL_MODEL, FedAvg, Result
 from fedavg_server.api import PAGE_BYTES
@@ -194,3 +195,28 @@ def test_the_model_chart_of_a_round_that_is_not_there_is_a_400(tmp_path, servers
     assert r.status_code == 400 and r.get_json() == {"error": f"round: run {run_id} has no round 4 (3 completed)"}
     r = http.get(f"/runs/{run_id}/plots/models.svg?round=2")
     assert r.status_code == 200 and f"<!-- Run {run_id}, round 2: ".encode() in r.data
+
+
+@pytest.mark.system
+def test_the_page_reads_a_wide_run_page_by_page(browser, tmp_path, servers):
+    """The page (static/app.js) reads a run in pages (since, more): 80 rounds
+    of 200 clients come in pages of at most 2 MiB, and it shows them all."""
+    db = tmp_path / "runs.db"
+    store = RunStore(db)
+    run_id = write_run(store, 80, WIDE)
+    store.close()
+    served = Served(servers(nobody([u for _, u, _ in WIDE]), db).app)
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    try:
+        tab = context.new_page()
+        errors: list[str] = []
+        tab.on("pageerror", lambda e: errors.append(str(e)))
+        tab.goto(served.url + "/")  # the newest run is shown first
+        tab.wait_for_function("document.querySelectorAll('#rounds tbody tr').length === 80", timeout=30_000)
+        assert tab.locator("#progress-text").inner_text().strip() == "80 / 80 rounds"
+        assert tab.locator("#run-select").input_value() == str(run_id)
+        assert errors == []
+    finally:
+        context.close()
+        served.close()
+
