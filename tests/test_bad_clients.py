@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import logging
 import math
 import threading
 import time
 
 import pytest
-from flask import Flask, Response
+from flask import Flask, Response, request
 
 from conftest import ROOT, Served
 from fedavg.http.client_app import create_app as create_client_app
@@ -223,6 +225,81 @@ def test_a_client_name_that_is_a_formula_is_written_as_text_in_the_csv(name):
                        "participants": [{"client_id": name, "url": "http://h"}], "dropped": []}]}
     row = next(csv.reader(io.StringIO(run_to_csv(run).splitlines()[1])))
     assert row[5] == "'" + f"{name} (http://h)"
+
+
+# A name that writes lines of its own into the server's log: a newline, ESC's
+# "erase the line" sequence, a line separator.
+FORGED = "client_2\nglobal model out: y = 9.000000·x + 9.000000\x1b[2K\u2028Run 1 completed: w=9.000000 b=9.000000"
+
+
+def named_client(name: str, size: object = 2) -> Flask:
+    """One of the seed's clients (client_2's data) that calls itself ``name``
+    in /health, /train and /evaluate, and says n_k = ``size`` in /health."""
+    inner = seed_client("client_2")
+    app = Flask("named")
+
+    @app.route("/<path:path>", methods=["GET", "POST"])
+    def renamed(path):
+        reply = inner.test_client().open(f"/{path}", method=request.method, data=request.get_data(),
+                                         headers={"Content-Type": "application/json"})
+        body = reply.get_json()
+        if isinstance(body, dict) and "client_id" in body:
+            body["client_id"] = name
+            if path == "health":
+                body["data_size"] = size
+        return Response(json.dumps(body), status=reply.status_code, mimetype="application/json")
+
+    return app
+
+
+def test_a_name_with_control_characters_is_refused_where_the_server_reads_it(servers, caplog):
+    """A client whose name holds a newline, ESC and U+2028: /health's name is
+    ignored (it is a hint) and its replies are dropped naming the field and
+    the character, so the log, the warnings, the CSV and the page never hold
+    the name: no line of the log can be forged by a client."""
+    caplog.set_level(logging.INFO, logger="fedavg.server")
+    fed = servers({GOOD: seed_client("client_1"), OTHER: named_client(FORGED)})
+    run = fed.run(rounds=2, seed=1)
+    reason = ("reply.client_id: has the control character U+000A at position 8; a name is written into the log, "
+              "the CSV and the page")
+    assert run["status"] == "completed"
+    assert [d["reason"] for r in run["rounds"] for d in r["dropped"]] == [reason, reason]
+    assert [d["client_id"] for r in run["rounds"] for d in r["dropped"]] == [OTHER, OTHER]  # its URL names it
+    assert run["warnings"] == [f"{OTHER} dropped in 2/2 rounds (last reason: {reason}); it never took part: the "
+                               "model and the federated MSE are the other clients' alone"]
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "fedavg.server")
+    assert "client_2" not in logged and "\x1b" not in logged and "\u2028" not in logged
+    assert "9.000000" not in logged  # neither forged line
+    text = fed.http.get(f"/runs/{run['run_id']}?format=csv").get_data(as_text=True)
+    assert len(text.splitlines()) == 3 and "client_2" not in text  # a header and two rounds
+    page = fed.http.get("/clients").get_json()["clients"]
+    assert [(c["client_id"], c["status"]) for c in page] == [("client_1", "up"), (OTHER, "up")]
+
+
+def test_secure_aggregation_does_not_take_a_name_with_control_characters_either(servers, caplog):
+    """Under secure aggregation a client's name comes in its /secagg/advertise
+    reply: one with a newline is not taken (there is no reply of its own to
+    drop: the sum goes on, the client named by its URL)."""
+    caplog.set_level(logging.INFO, logger="fedavg.server")
+    fed = servers({GOOD: seed_client("client_1"), OTHER: named_client(FORGED)})
+    run = fed.run(rounds=1, seed=1, secagg=True)
+    assert run["status"] == "completed", run["error"]
+    assert [p["client_id"] for p in run["rounds"][0]["participants"]] == ["client_1", OTHER]
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "fedavg.server")
+    assert "client_2" not in logged and "9.000000" not in logged
+
+
+def test_the_clients_list_bounds_what_health_says_as_a_run_does(servers):
+    """GET /clients reads each client's /health as a run does: a 900,000-
+    character name is not shown (the client keeps the name it is known by),
+    nor is an n_k of 310 digits (above 10¹²: the client reads down, saying why)."""
+    fed = servers({GOOD: named_client("x" * 900_000), OTHER: named_client("client_2", size=10**309)})
+    r = fed.http.get("/clients")
+    assert r.status_code == 200 and len(r.data) < 2000
+    first, second = r.get_json()["clients"]
+    assert (first["client_id"], first["status"], first["n_k"]) == (GOOD, "up", 2)
+    assert (second["client_id"], second["status"], second["n_k"]) == (OTHER, "down", None)
+    assert second["reason"] == "bad /health reply: data_size is not a whole number from 1 to 1000000000000"
 
 
 def outlier_client(w: float, n: int = 2) -> Flask:

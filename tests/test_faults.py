@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -265,6 +266,27 @@ def test_csv_export_has_one_row_per_round(seed_federation):
         assert cells[5] == f"client_1 ({url_1});client_2 ({url_2})" and cells[6] == ""
 
 
+def test_a_csv_of_a_history_that_cannot_be_read_is_a_json_503(tmp_path, servers):
+    """The rounds' pages of the history corrupted while the server runs (its
+    runs and their count still read): ?format=csv answers the JSON 503 of
+    every endpoint, not a 500 with a traceback from inside the stream."""
+    db = tmp_path / "runs.db"
+    fed = servers({"http://127.0.0.1:5001": client_app("client_1"), "http://127.0.0.1:5002": client_app("client_2")},
+                  db)
+    run_id = fed.run(rounds=3)["run_id"]
+    with sqlite3.connect(db) as other:  # everything into the main file; the server's cache is dropped
+        other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page, size = (other.execute("SELECT rootpage FROM sqlite_master WHERE name = 'rounds'").fetchone()[0],
+                      other.execute("PRAGMA page_size").fetchone()[0])
+    with open(db, "r+b") as f:  # garbage over the rounds' table (3 rounds: one page)
+        f.seek((page - 1) * size)
+        f.write(os.urandom(size))
+    assert fed.http.get("/runs").status_code == 200  # the runs still read
+    r = fed.http.get(f"/runs/{run_id}?format=csv")
+    assert r.status_code == 503 and r.is_json, r.get_data(as_text=True)[:300]
+    assert r.get_json()["error"].startswith("the run history is unavailable: ")
+
+
 def test_a_running_run_can_be_stopped_and_resumed(seed_federation):
     http = seed_federation.http
     r = http.post("/start", json={"rounds": 30, "seed": 4, "pace_s": 0.05, "wait": False})
@@ -310,3 +332,61 @@ def test_resume_refuses_to_switch_federations_silently(tmp_path, servers):
     assert body["clients"] == [c1, stranger]
     assert all(p["url"] == c1 for r in body["rounds"][done:] for p in r["participants"])
     assert all(d["url"] == stranger for r in body["rounds"][done:] for d in r["dropped"])
+
+
+def test_resume_refuses_a_url_now_served_by_another_client(tmp_path, servers):
+    """The server restarted with the same URLs, but another client (another
+    name, other data) now answers one of them: resume says which and
+    refuses, unless asked to go on with the current clients; the rounds
+    after that record the new client's name and n_k. The same client
+    restarted resumes as before."""
+    db = tmp_path / "runs.db"
+    c1, c2 = "http://127.0.0.1:5001", "http://127.0.0.1:5002"
+    first = servers({c1: client_app("client_1"), c2: client_app("client_2")}, db)
+    run_id = first.post("/start", {"rounds": 30, "pace_s": 0.05, "wait": False})[1]["run_id"]
+    poll(first.http, run_id, lambda r: len(r["rounds"]) >= 2)
+    first.post(f"/runs/{run_id}/stop")
+    done = len(poll(first.http, run_id, lambda r: r["status"] == "interrupted")["rounds"])
+    first.close()
+
+    data = tmp_path / "other.csv"
+    data.write_text("x,y\n" + "".join(f"{x},{2 * x + 1}\n" for x in range(5)))
+    other = create_client_app({"CLIENT_ID": "client_9", "DATA_PATH": str(data), "TOKEN": None})
+    http = servers({c1: client_app("client_1"), c2: other}, db).http  # restarted: c2 is someone else now
+    r = http.post(f"/runs/{run_id}/resume")
+    assert r.status_code == 409
+    assert r.get_json()["error"] == (
+        f"run {run_id} ran with other clients than this server's: at {c2}: client_2 with n_k=2 was recorded, "
+        'client_9 with n_k=5 answers now; resume with {"clients": "current"} to go on with this server\'s '
+        "clients (recorded in the run)")
+    assert http.get(f"/runs/{run_id}").get_json()["status"] == "interrupted"  # nothing ran
+    r = http.post(f"/runs/{run_id}/resume", json={"clients": "current"})
+    body = r.get_json()
+    assert r.status_code == 200 and body["status"] == "completed", body
+    assert {(p["client_id"], p["data_size"]) for x in body["rounds"][:done] for p in x["participants"]} == {
+        ("client_1", 2), ("client_2", 2)}
+    assert {(p["client_id"], p["data_size"]) for x in body["rounds"][done:] for p in x["participants"]} == {
+        ("client_1", 2), ("client_9", 5)}
+
+
+def test_resume_refuses_a_client_whose_data_changed_and_not_one_restarted(tmp_path, servers):
+    """Same name, other data (its n_k changed): refused. The same client
+    restarted (same name, same n_k): resumed, with no question asked."""
+    db = tmp_path / "runs.db"
+    c1, c2 = "http://127.0.0.1:5001", "http://127.0.0.1:5002"
+    first = servers({c1: client_app("client_1"), c2: client_app("client_2")}, db)
+    run_id = first.post("/start", {"rounds": 30, "pace_s": 0.05, "wait": False})[1]["run_id"]
+    poll(first.http, run_id, lambda r: len(r["rounds"]) >= 2)
+    first.post(f"/runs/{run_id}/stop")
+    poll(first.http, run_id, lambda r: r["status"] == "interrupted")
+    first.close()
+
+    data = tmp_path / "more.csv"
+    data.write_text((ROOT / "client_2" / "data.csv").read_text() + "5,6\n")
+    grown = create_client_app({"CLIENT_ID": "client_2", "DATA_PATH": str(data), "TOKEN": None})
+    r = servers({c1: client_app("client_1"), c2: grown}, db).http.post(f"/runs/{run_id}/resume")
+    assert r.status_code == 409 and f"at {c2}: client_2 with n_k=2 was recorded, client_2 with n_k=3 answers now" \
+        in r.get_json()["error"]
+    r = servers({c1: client_app("client_1"), c2: client_app("client_2")}, db).http.post(f"/runs/{run_id}/resume")
+    assert r.status_code == 200 and r.get_json()["status"] == "completed", r.get_json()
+

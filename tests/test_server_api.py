@@ -364,6 +364,11 @@ def test_fraction_with_a_seed_samples_the_same_clients_on_repeat(servers):
     ({"wait": 0}, ["wait", "true or false"]),
     ({"pace_s": -1}, ["pace_s", ">= 0"]),
     ({"client_timeout_s": 0}, ["client_timeout_s", "> 0"]),
+    # 0 == False in Python: "secagg": 0 once ran with every model in the clear
+    ({"secagg": 0}, ["secagg", "must be true, false, null or an object", "the number 0"]),
+    ({"secagg": 0.0}, ["secagg", "must be true, false, null or an object", "the number 0.0"]),
+    ({"secagg": 1}, ["secagg", "must be true, false, null or an object", "the number 1"]),
+    ({"secagg": "true"}, ["secagg", "must be true, false, null or an object", "a string"]),
 ])
 def test_bad_start_input_is_400_naming_the_field(server, body, words):
     if isinstance(body, str):

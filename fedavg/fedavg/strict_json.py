@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -24,6 +25,11 @@ MAX_FEATURES = 10_000
 # this, and a larger count (10^309 was tried) must not reach the arithmetic.
 MAX_DATA_SIZE = 10**12
 MAX_NAME = 200  # any name the server keeps (client_id): logs, the page, the CSV
+# Characters no name may hold: the C0 and C1 controls (a newline, a carriage
+# return, ESC's terminal sequences) and Unicode's line and paragraph
+# separators. A name is written into the server's log, its messages, the CSV
+# and the page: "client_2\nRun 1 completed: …" would forge a line of the log.
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class ProtocolError(ValueError):
@@ -149,6 +155,24 @@ def expect_str(value: Any, path: str, *, max_len: int = 200) -> str:
     if len(value) > max_len:
         raise ProtocolError(f"{path}: longer than {max_len} characters")
     return value
+
+
+def expect_name(value: Any, path: str) -> str:
+    """A name the server keeps (a client's ``client_id``): a non-empty
+    string of at most MAX_NAME characters with no control character
+    (``CONTROL``). The error names the character, never repeats the name."""
+    name = expect_str(value, path, max_len=MAX_NAME)
+    found = CONTROL.search(name)
+    if found:
+        raise ProtocolError(f"{path}: has the control character U+{ord(found.group()):04X} at position "
+                            f"{found.start()}; a name is written into the log, the CSV and the page")
+    return name
+
+
+def is_name(value: Any) -> bool:
+    """Whether ``value`` would pass ``expect_name`` (for hints, such as
+    /health's, that are ignored rather than refused)."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_NAME and not CONTROL.search(value)
 
 
 def _json_type(value: Any) -> str:

@@ -20,12 +20,12 @@ from .strategies import SENT_FIELDS, STRATEGIES, ClientTask, Local
 from .strategies.fields import LOCAL_MODEL, MODEL
 from .strict_json import (
     MAX_DATA_SIZE,
-    MAX_NAME,
     ProtocolError,
     expect_int,
+    expect_name,
     expect_number,
     expect_object,
-    expect_str,
+    is_name,
     parse_model,
 )
 from .training import TrainConfig
@@ -176,7 +176,7 @@ def parse_train_reply(value: Any, num_features: int | None = None, strategy: str
     data_size = expect_int(value["data_size"], "reply.data_size", ge=1, le=MAX_DATA_SIZE)
     client_id = value.get("client_id")
     if client_id is not None:
-        client_id = expect_str(client_id, "reply.client_id", max_len=MAX_NAME)
+        client_id = expect_name(client_id, "reply.client_id")
     metrics = value.get("metrics")
     if metrics is not None:
         if not isinstance(metrics, Mapping):
@@ -199,7 +199,7 @@ def parse_evaluate_reply(value: Any) -> dict[str, Any]:
     return {
         "loss": expect_number(value["loss"], "reply.loss", ge=0),
         "data_size": expect_int(value["data_size"], "reply.data_size", ge=1, le=MAX_DATA_SIZE),
-        "client_id": None if client_id is None else expect_str(client_id, "reply.client_id", max_len=MAX_NAME),
+        "client_id": None if client_id is None else expect_name(client_id, "reply.client_id"),
     }
 
 
@@ -217,6 +217,6 @@ def parse_health_reply(value: Any) -> dict[str, Any]:
     name = body.get("client_id")
     strategies = body.get("strategies")
     known = [s for s in strategies if isinstance(s, str) and s in STRATEGIES] if isinstance(strategies, list) else None
-    return {"client_id": name if isinstance(name, str) and 0 < len(name) <= MAX_NAME else None,
+    return {"client_id": name if is_name(name) else None,
             "data_size": count("data_size"), "num_features": count("num_features"),
             "strategies": known, "secagg": body.get("secagg") is True}

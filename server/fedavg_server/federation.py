@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 from fedavg.wire import parse_health_reply
 
+from .roster import HEALTH_TIMEOUT_S
 from .run import Run
 from .runs import RunStore, StoreError
 from .settings import RunSettings
@@ -68,7 +70,17 @@ class Federation:
         round's global model up to its planned number of rounds, with the
         clients it ran with. A server restarted with other clients refuses,
         saying the difference, unless ``current_clients``: then the run goes
-        on with this server's clients, and records them."""
+        on with this server's clients, and records them. The same URLs are
+        not enough: a client that answers one of them now under another name
+        or with another n_k than the run recorded (its /health, asked here)
+        is another client, and is refused the same way."""
+        found = self.store.summary(run_id)
+        # Who the run's clients were, and who answers at each URL now: read before the lock is
+        # taken (a client may take seconds to answer, and a long run's records a second to count).
+        recorded = now = None
+        if not current_clients and found is not None and found["status"] in ("interrupted", "failed"):
+            recorded = self.store.clients_seen(run_id)
+            now = self._health_now(RunSettings.from_json(found["settings"]).client_timeout_s)
         with self._lock:
             self._check_idle()
             run = self.store.summary(run_id)
@@ -82,6 +94,7 @@ class Federation:
                 # The server may have been restarted with fewer clients.
                 raise CannotResume(f"run {run_id} needs min_clients={settings.min_clients}; this server has "
                                    f"{len(self.transport.urls)} client(s)")
+            again = 'resume with {"clients": "current"} to go on with this server\'s clients (recorded in the run)'
             if run["clients"] != self.transport.urls:
                 gone = [u for u in run["clients"] if u not in self.transport.urls]
                 new = [u for u in self.transport.urls if u not in run["clients"]]
@@ -89,16 +102,25 @@ class Federation:
                     change = (f"no longer here: {', '.join(gone[:6]) or 'none'}{' …' if len(gone) > 6 else ''}; "
                               f"new here: {', '.join(new[:6]) or 'none'}{' …' if len(new) > 6 else ''}"
                               if gone or new else "the same clients in another order (sampling follows the order)")
-                    raise CannotResume(
-                        f"run {run_id} ran with other clients than this server's: {change}; resume with "
-                        '{"clients": "current"} to go on with this server\'s clients (recorded in the run)')
+                    raise CannotResume(f"run {run_id} ran with other clients than this server's: {change}; {again}")
                 self.store.set_clients(run_id, self.transport.urls)
                 log.info("Run %s resumes with this server's clients: %d gone, %d new", run_id, len(gone), len(new))
+            if recorded is not None and now is not None:
+                swapped = _swapped(recorded, now)
+                if swapped:
+                    raise CannotResume(f"run {run_id} ran with other clients than this server's: "
+                                       f"{'; '.join(swapped[:6])}{' …' if len(swapped) > 6 else ''}; {again}")
             done = run["rounds_completed"]
             self.store.set_status(run_id, "running")
             self._launch(Run(run_id, settings, self.transport, self.store, first_round=done + 1,
                              model=run["current_model"], last=self.store.last_round(run_id),
                              key=_run_key(run)))
+
+    def _health_now(self, timeout_s: float) -> dict[str, dict[str, Any]]:
+        """URL → what its /health says now (``parse_health_reply``), for each
+        configured client that answers."""
+        replies = self.transport.call_all(self.transport.urls, "GET", "/health", min(timeout_s, HEALTH_TIMEOUT_S))
+        return {r.url: parse_health_reply(r.body) for r in replies if r.ok}
 
     def feature_counts(self, timeout_s: float = 2.0) -> set[int]:
         """The feature counts the clients' /health replies state (empty when
@@ -204,20 +226,18 @@ class Federation:
     def warnings(self, run_id: int) -> list[str]:
         """What the run's status does not say: each client dropped from some
         of the rounds it was asked in (see DropTally). Only the rounds stored
-        since the last call are read."""
+        since the last call are counted, by the store (no record is read
+        here: a 100,000-round run's first count took 700 MB when it was)."""
         with self._lock:
             tally = self._tallies.setdefault(run_id, DropTally())
         with tally.lock:
-            found = self.store.get(run_id, since=tally.last_round)
-            if found is None:
-                return []
-            tally.add(found["rounds"])
+            tally.add(*self.store.drop_counts(run_id, tally.last_round))
             return tally.warnings()
 
 
 class DropTally:
     """Per client, the rounds it was asked in and the rounds it was dropped
-    from, counted over stored round records (participants and dropped)."""
+    from, over a run's stored round records (participants and dropped)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -227,17 +247,17 @@ class DropTally:
         self.dropped: dict[str, int] = {}
         self.reason: dict[str, str] = {}  # url → why it was last dropped
 
-    def add(self, rounds: list[dict[str, Any]]) -> None:
-        for record in rounds:
-            for p in record["participants"]:
-                self.names[p["url"]] = p["client_id"]
-                self.asked[p["url"]] = self.asked.get(p["url"], 0) + 1
-            for d in record["dropped"]:
-                self.names.setdefault(d["url"], d["client_id"])
-                self.asked[d["url"]] = self.asked.get(d["url"], 0) + 1
-                self.dropped[d["url"]] = self.dropped.get(d["url"], 0) + 1
-                self.reason[d["url"]] = d["reason"]
-            self.last_round = max(self.last_round, record["round"])
+    def add(self, upto: int, took_part: list[Mapping[str, Any]], dropped: list[Mapping[str, Any]]) -> None:
+        """Add the counts of the rounds up to ``upto`` (``RunStore.drop_counts``)."""
+        for p in took_part:
+            self.names[p["url"]] = p["client_id"]
+            self.asked[p["url"]] = self.asked.get(p["url"], 0) + p["rounds"]
+        for d in dropped:
+            self.names.setdefault(d["url"], d["client_id"])
+            self.asked[d["url"]] = self.asked.get(d["url"], 0) + d["rounds"]
+            self.dropped[d["url"]] = self.dropped.get(d["url"], 0) + d["rounds"]
+            self.reason[d["url"]] = d["reason"]
+        self.last_round = upto
 
     def warnings(self) -> list[str]:
         """'client_2 dropped in 2/2 rounds (last: cannot connect: …)', one per
@@ -254,6 +274,25 @@ class DropTally:
                 line += "; it never took part: the model and the federated MSE are the other clients' alone"
             lines.append(line)
         return lines
+
+
+def _swapped(recorded: dict[str, dict[str, Any]], now: dict[str, dict[str, Any]]) -> list[str]:
+    """'at URL: client_2 with n_k=2 was recorded, client_9 with n_k=40 answers
+    now' for each URL whose client says another name or another n_k than
+    the run recorded of it. What either side does not say (a client down
+    now, a seed client without /health or a name, n_k under secure
+    aggregation) is not compared."""
+    out = []
+    for url, was in recorded.items():
+        said = now.get(url)
+        if said is None:
+            continue
+        name_changed = was["client_id"] != url and said["client_id"] not in (None, was["client_id"])
+        size_changed = was["data_size"] is not None and said["data_size"] not in (None, was["data_size"])
+        if name_changed or size_changed:
+            out.append(f"at {url}: {was['client_id']} with n_k={was['data_size'] or '?'} was recorded, "
+                       f"{said['client_id'] or url} with n_k={said['data_size'] or '?'} answers now")
+    return out
 
 
 def _run_key(run: dict[str, Any]) -> str:

@@ -98,7 +98,7 @@ def server_document(num_clients: int) -> dict[str, Any]:
                                "warnings": {"type": "array", "items": {"type": "string"},
                                             "description": "clients dropped from rounds they were asked in"},
                                "more": {"type": "boolean",
-                                        "description": "GET /runs/<id>: rounds follow this page (ask with since)"},
+                                        "description": "rounds follow this page (ask GET /runs/<id> with since)"},
                                "rounds": {"type": "array", "items": ref("Round")}}},
         "ClientState": {"type": "object", "required": ["url", "client_id", "status", "n_k", "reason"],
                         "properties": {"url": {"type": "string"},
@@ -140,7 +140,8 @@ def server_document(num_clients: int) -> dict[str, Any]:
                           "409": reply("the run is not running", ref("Error"))},
         }},
         "/runs/{run_id}": {"get": {
-            "summary": "One run with all its rounds (JSON), or one CSV row per round.",
+            "summary": "One run with a page of its rounds (JSON: ?limit= rounds, at most 2 MiB), or one CSV row "
+                       "per round.",
             "parameters": RUN_ID + [{"name": "format", "in": "query", "required": False,
                                      "schema": {"type": "string", "enum": ["json", "csv"]}},
                                     {"name": "since", "in": "query", "required": False,

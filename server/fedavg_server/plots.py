@@ -75,7 +75,11 @@ def _slope(model: dict[str, Any]) -> float:
 
 
 def _num_features(run: Run) -> int:
-    return len(weights_of(run["rounds"][0]["global_model"])) if run["rounds"] else 1
+    """d, from the first round (the server's chart reads say it: they carry only w₁)."""
+    if not run["rounds"]:
+        return 1
+    first = run["rounds"][0]
+    return first.get("num_features") or len(weights_of(first["global_model"]))
 
 
 def _colors(run: Run) -> Callable[[str], Any]:
@@ -284,28 +288,51 @@ def loss_figure(run: Run, round_no: int | None = None) -> Figure:
     return fig
 
 
-def _clients_of(rounds: list[dict[str, Any]]) -> frozenset[tuple[str, Any]]:
-    """(URL, n_k) of every client that took part in ``rounds``."""
-    return frozenset((p["url"], p.get("n_k")) for r in rounds for p in r["participants"])
+def clients_of(rounds: list[dict[str, Any]]) -> frozenset[tuple[str, Any]]:
+    """(URL, n_k) of every client that took part in ``rounds`` (n_k is None
+    under secure aggregation)."""
+    return frozenset((p["url"], p.get("data_size")) for r in rounds for p in r["participants"])
 
 
-def known_optimum(run: Run, runs: list[Run]) -> tuple[np.ndarray, Run] | None:
-    """θ* = [w, b], the pooled least-squares model of ``run``'s clients, where
-    the chosen ``runs`` know it: an ``exact`` run without ridge solves
-    (Σ_k X̃_kᵀX̃_k) θ* = Σ_k X̃_kᵀy_k, so its last global model is θ* of the
-    clients it took, if they are the clients ``run`` took with the same n_k
-    (the server never reads the data to find out otherwise). None if no
-    chosen run is such."""
-    mine = _clients_of(run["rounds"])
-    for other in runs:
-        settings = other.get("settings") or {}
-        kind = STRATEGIES.get(settings.get("strategy"))
-        if (kind is not None and kind.gives_optimum(settings.get("params") or {})
-                and other["rounds"] and not other["rounds"][-1].get("dropped")
-                and _clients_of(other["rounds"][-1:]) == mine):
-            model = other["rounds"][-1]["global_model"]
-            return np.append(weights_of(model), float(model["b"])), other
+def solves(run: Run) -> bool:
+    """Whether ``run``'s last global model is its clients' pooled optimum θ*
+    (an ``exact`` run without ridge)."""
+    settings = run.get("settings") or {}
+    kind = STRATEGIES.get(settings.get("strategy"))
+    return kind is not None and kind.gives_optimum(settings.get("params") or {})
+
+
+def solved_optimum(run: Run, last: dict[str, Any] | None) -> tuple[np.ndarray, frozenset[tuple[str, Any]]] | None:
+    """θ* = [w, b], the pooled least-squares model of the clients an
+    ``exact`` run without ridge took, and those clients (URL, n_k), from its
+    ``last`` round: it solves (Σ_k X̃_kᵀX̃_k) θ* = Σ_k X̃_kᵀy_k, so its last
+    global model is θ* of them when no client was dropped. None for any
+    other run."""
+    if not solves(run) or last is None or last.get("dropped"):
+        return None
+    model = last["global_model"]
+    return np.append(weights_of(model), float(model["b"])), clients_of([last])
+
+
+def known_optimum(mine: frozenset[tuple[str, Any]],
+                  solvers: list[tuple[Run, np.ndarray, frozenset[tuple[str, Any]]]]) -> tuple[np.ndarray, Run] | None:
+    """θ* of the clients ``mine`` (URL, n_k) where a chosen exact run solved
+    for exactly them (``solvers``: each run with its ``solved_optimum``; the
+    server never reads the data to find out otherwise), and that run; else None."""
+    for other, optimum, theirs in solvers:
+        if theirs == mine:
+            return optimum, other
     return None
+
+
+def known_optima(runs: list[Run]) -> dict[int, tuple[np.ndarray, Run]]:
+    """run id → (θ*, the exact run that gives it) for each of ``runs``, read
+    whole, whose clients a chosen exact run solved for; a run that solved
+    for θ* itself is on it, and is left out."""
+    solvers = [(run, *found) for run in runs if run["rounds"] and (found := solved_optimum(run, run["rounds"][-1]))]
+    solving = {run["run_id"] for run, _, _ in solvers}
+    return {run["run_id"]: found for run in runs if run["rounds"] and run["run_id"] not in solving
+            and (found := known_optimum(clients_of(run["rounds"]), solvers))}
 
 
 def _distances(run: Run, optimum: np.ndarray) -> tuple[list[int], list[float]]:
@@ -316,15 +343,16 @@ def _distances(run: Run, optimum: np.ndarray) -> tuple[list[int], list[float]]:
                  for r in run["rounds"]])
 
 
-def compare_figure(runs: list[Run]) -> Figure:
+def compare_figure(runs: list[Run], known: dict[int, tuple[np.ndarray, Run]] | None = None) -> Figure:
     """Several runs on shared rounds, one line per run labelled "run N:
     strategy": the federated loss per round on a log scale (SVG id run-N)
     and, below it, ‖θ_t − θ*‖ for each run whose optimum θ* a chosen exact
-    run knows (see known_optimum; SVG id distance-run-N). The exact run that
-    gives θ* is on it by definition and is not drawn there; with no such run
-    a note says how to get the lower chart."""
-    known = {run["run_id"]: found for run in runs if run["rounds"] and (found := known_optimum(run, runs))
-             and found[1] is not run}
+    run knows (``known``, from ``known_optima`` of the runs when not given;
+    SVG id distance-run-N). The exact run that gives θ* is on it by
+    definition and is not drawn there; with no such run a note says how to
+    get the lower chart."""
+    if known is None:
+        known = known_optima(runs)
     fig, axes = _new_figure(2 if known else 1, SIZE_IN[1] * (1.7 if known else 1))
     ax = axes[0]
     ax.set_title("Federated loss per round " + r"$L = \sum_k \, (n_k/N) \, L_k$")
@@ -385,10 +413,11 @@ def render(run: Run, name: str, image_format: str = "svg", round_no: int | None 
         return _save(fig, image_format)
 
 
-def render_compare(runs: list[Run], image_format: str = "svg") -> bytes:
+def render_compare(runs: list[Run], image_format: str = "svg",
+                   known: dict[int, tuple[np.ndarray, Run]] | None = None) -> bytes:
     """``compare_figure`` of ``runs`` as SVG or PNG bytes."""
     with _turn():
-        return _save(compare_figure(runs), image_format)
+        return _save(compare_figure(runs, known), image_format)
 
 
 def _save(fig: Figure, image_format: str) -> bytes:

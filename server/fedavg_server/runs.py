@@ -205,16 +205,113 @@ class RunStore:
         run["rounds"] = [_round_of(r) for r in rounds]
         return run
 
-    def iter_rounds(self, run_id: int, batch: int = 1000) -> Iterator[dict[str, Any]]:
-        """Every round of a run, read ``batch`` at a time (for a streamed CSV:
-        the lock is held per batch, never for the whole run)."""
+    def page(self, run_id: int, since: int = 0, limit: int = 1000, max_bytes: int = 1 << 20) -> dict[str, Any] | None:
+        """The run with the rounds after round ``since``: at most ``limit`` of
+        them and, past the first, no more than ``max_bytes`` of stored JSON
+        (a round of 200 clients is about 70 kB: 1000 of them would be 70 MB);
+        "more" says whether rounds follow."""
+        if not 0 <= run_id < 2**63:
+            return None
+        with self._using():
+            row = self._db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None:
+                return None
+            rows, more = self._rounds_after(run_id, since, limit, max_bytes)
+        return _run_json(row) | {"rounds": [_round_of(r) for r in rows], "more": more}
+
+    def _rounds_after(self, run_id: int, since: int, limit: int, max_bytes: int) -> tuple[list[sqlite3.Row], bool]:
+        """The rows of the rounds after ``since`` (at most ``limit``, and
+        ``max_bytes`` of records past the first), and whether more follow.
+        Rows are fetched one at a time: what is not taken is never read."""
+        since = min(max(since, 0), 2**63 - 1)
+        rows, used = [], 0
+        for r in self._db.execute("SELECT round, record, federated_loss FROM rounds WHERE run_id = ? AND round > ? "
+                                  "ORDER BY round LIMIT ?", (run_id, since, limit + 1)):
+            used += len(r["record"])
+            if len(rows) == limit or (rows and used > max_bytes):
+                return rows, True
+            rows.append(r)
+        return rows, False
+
+    def chart_rounds(self, run_id: int, every: int = 1, keep: tuple[int, ...] = (), since: int = 0,
+                     limit: int | None = None, clients: tuple[str, ...] | None = (),
+                     vectors: bool = False) -> list[dict[str, Any]]:
+        """Every ``every``-th round after ``since`` and those in ``keep``, as
+        the charts draw them: "round", "federated_loss", "strategy",
+        "num_features", "global_model" and "global_model_in" as {"w": w₁,
+        "b": b} (the charts follow x₁); "participants" of the URLs in
+        ``clients`` (None: all of them), each {"url", "client_id",
+        "data_size", "local_model": {"w": w₁, "b": b} or None}; with
+        ``vectors``, "global_model" whole. SQLite's JSON functions pick these
+        numbers out of each record, so a chart's read costs what it draws,
+        not what the rounds hold (200 clients' replies, their math)."""
+        if not 0 <= run_id < 2**63:
+            return []
+        since = min(max(since, 0), 2**63 - 1)
+        chosen = "" if clients is None else f" WHERE p.value->>'url' IN ({', '.join('?' * len(clients))})"
+        people = "json('[]')" if clients == () else (
+            "(SELECT json_group_array(json_array(p.value->>'url', p.value->>'client_id', p.value->>'data_size', "
+            f"{_first_weight('p.value', '$.local_model')})) FROM json_each(record, '$.participants') p{chosen})")
+        model = "json_extract(record, '$.global_model')" if vectors else _first_weight("record", "$.global_model")
+        rows = self._read(
+            "SELECT round, federated_loss, json_array(record->>'strategy', "
+            f"json_array_length(record, '$.global_model.w'), {model}, "
+            f"{_first_weight('record', '$.global_model_in')}, {people}) "
+            "AS picked FROM rounds WHERE run_id = ? AND round > ? AND "
+            f"(round % ? = 0 OR round IN ({', '.join('?' * len(keep)) or 'NULL'})) ORDER BY round LIMIT ?",
+            (*(clients or ()), run_id, since, max(every, 1), *keep, -1 if limit is None else limit))
+        out = []
+        for row in rows:
+            strategy, d, model, model_in, people = json.loads(row["picked"])
+            out.append({"round": row["round"], "federated_loss": row["federated_loss"], "strategy": strategy,
+                        "num_features": max(d, 1), "global_model": model, "global_model_in": model_in,
+                        "participants": [{"url": u, "client_id": c, "data_size": n, "local_model": m}
+                                         for u, c, n, m in people]})
+        return out
+
+    def drop_counts(self, run_id: int, since: int) -> tuple[int, list[sqlite3.Row], list[sqlite3.Row]]:
+        """Who was asked and who was dropped in the rounds after ``since``,
+        counted by SQLite (no record is parsed here): (the last round
+        counted; per URL of a participant: "url", "client_id" (its latest),
+        "rounds"; per URL dropped: "url", "client_id", "reason" (the
+        latest), "rounds")."""
+        with self._using():
+            upto = self._db.execute("SELECT MAX(round) FROM rounds WHERE run_id = ?", (run_id,)).fetchone()[0]
+            if upto is None or upto <= since:
+                return since, [], []
+            counted = []
+            for part, extra in (("participants", ""), ("dropped", ", c.value->>'reason' AS reason")):
+                counted.append(self._db.execute(
+                    f"SELECT c.value->>'url' AS url, MAX(r.round), c.value->>'client_id' AS client_id{extra}, "
+                    f"COUNT(*) AS rounds FROM rounds r, json_each(r.record, '$.{part}') c "
+                    "WHERE r.run_id = ? AND r.round > ? AND r.round <= ? GROUP BY url",
+                    (run_id, since, upto)).fetchall())
+        return upto, counted[0], counted[1]
+
+    def clients_seen(self, run_id: int) -> dict[str, dict[str, Any]]:
+        """URL → {"client_id", "data_size"} of each client that took part in
+        the run, as the last round it took part in recorded it (data_size is
+        None under secure aggregation): who the run's clients were."""
+        rows = self._read(
+            "SELECT p.value->>'url' AS url, MAX(r.round), p.value->>'client_id' AS client_id, "
+            "p.value->>'data_size' AS data_size FROM rounds r, json_each(r.record, '$.participants') p "
+            "WHERE r.run_id = ? GROUP BY url", (run_id,))
+        return {r["url"]: {"client_id": r["client_id"], "data_size": r["data_size"]} for r in rows}
+
+    def _read(self, sql: str, args: tuple[Any, ...]) -> list[sqlite3.Row]:
+        with self._using():
+            return self._db.execute(sql, args).fetchall()
+
+    def iter_rounds(self, run_id: int, batch: int = 1000, max_bytes: int = 1 << 20) -> Iterator[dict[str, Any]]:
+        """Every round of a run, read ``batch`` (and ``max_bytes``) at a time
+        (for a streamed CSV: the lock is held per batch, never for the whole
+        run, and memory holds one batch)."""
         since = 0
         while True:
             with self._using():
-                rows = self._db.execute("SELECT round, record, federated_loss FROM rounds WHERE run_id = ? AND "
-                                        "round > ? ORDER BY round LIMIT ?", (run_id, since, batch)).fetchall()
+                rows, more = self._rounds_after(run_id, since, batch, max_bytes)
             yield from (_round_of(r) for r in rows)
-            if len(rows) < batch:
+            if not more:
                 return
             since = rows[-1]["round"]
 
@@ -245,6 +342,14 @@ class RunStore:
         with self._using():
             rows = self._db.execute(SUMMARY + " ORDER BY run_id DESC").fetchall()
         return [_run_json(row) | {"rounds_completed": row["rounds_completed"]} for row in rows]
+
+
+def _first_weight(source: str, path: str) -> str:
+    """SQL for {"w": w₁, "b": b} of the model at ``path`` of JSON ``source``
+    (w is a number, or a list with several features), or NULL without one."""
+    # -> keeps each number's text as stored (json_extract would round it to 15 digits)
+    return (f"CASE WHEN json_type({source}, '{path}') = 'object' THEN json_object("
+            f"'w', COALESCE({source} -> '{path}.w[0]', {source} -> '{path}.w'), 'b', {source} -> '{path}.b') END")
 
 
 def _round_of(row: sqlite3.Row) -> dict[str, Any]:

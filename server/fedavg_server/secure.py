@@ -33,6 +33,7 @@ import numpy as np
 
 from fedavg import secagg
 from fedavg.secagg_graph import closed, harary_graph, unmaskable
+from fedavg.strict_json import is_name
 from fedavg.trace import TRACE_TERMS
 
 from .records import Dropped
@@ -116,8 +117,8 @@ def secure_sum(transport: Transport, urls: Sequence[str], names: dict[str, str],
     def advertised(i: int, body: dict[str, Any]) -> dict[str, bytes]:
         if body.get("length") != length:
             raise ValueError(f"reply.length: its input has {body.get('length')!r} words, this round's have {length}")
-        if isinstance(body.get("client_id"), str):
-            names[url_of[i]] = body["client_id"][:200]
+        if is_name(body.get("client_id")):  # (a name with a control character would forge log lines)
+            names[url_of[i]] = body["client_id"]
         keys = secagg.keys_from_wire(body.get("keys"), "reply.keys")
         if "b_commit" not in keys:
             raise ValueError("reply.keys.b_commit: missing")

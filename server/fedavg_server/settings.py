@@ -17,7 +17,7 @@ from typing import Any
 
 from fedavg.spec import Param
 from fedavg.strategies import PARAM_NAMES, ROBUST, ROBUST_OWNER, STRATEGIES, Combine, Strategy
-from fedavg.strict_json import ProtocolError, expect_object
+from fedavg.strict_json import ProtocolError, _json_type, expect_object
 from fedavg.training import TrainConfig
 from fedavg.wire import LOCAL_TRAINING
 
@@ -178,7 +178,11 @@ def parse_start(body: Any, num_clients: int) -> tuple[RunSettings, bool]:
     if obj.get("dp") is not None:
         settings = replace(settings, dp=DPSettings.parse(obj["dp"], settings.fraction, num_clients, _averages_models(
             "dp", "DP-FedAvg's clipped, noised average of the models replaces it", settings, obj), problems))
-    if obj.get("secagg") not in (None, False):
+    if not isinstance(obj.get("secagg"), (bool, dict, type(None))):
+        # 0 == False in Python: without this check "secagg": 0 ran with models in the clear
+        problems.append(ProtocolError(f"secagg: must be true, false, null or an object of secagg.* settings, got "
+                                      f"{_json_type(obj['secagg'])}"))
+    elif obj.get("secagg") not in (None, False):
         asked = sampled_per_round(settings.fraction, settings.min_clients, num_clients)
         secagg = SecAggSettings.parse(obj["secagg"], asked, problems)
         problems += _averages_models("secagg", "the server learns only the sum of the models", settings, obj)

@@ -14,9 +14,10 @@ from typing import Any
 from flask import Blueprint, Response, current_app, render_template, request
 
 from fedavg.strategies import REPLY_FIELDS, STRATEGIES, Param, Strategy
-from fedavg.strict_json import ProtocolError
+from fedavg.strict_json import MAX_DATA_SIZE, ProtocolError
+from fedavg.wire import parse_health_reply
 
-from .access import reader_view
+from .access import reads_clients
 from .api import federation, no_query_args
 from .federation import NoSuchRun
 from .openapi import MAX_COMPARE
@@ -114,20 +115,20 @@ def _x_ranges(urls: list[str]) -> list[tuple[float, float]]:
 
 def _client_state(reply: Reply, known_name: str) -> dict[str, Any]:
     """One client as the page shows it; 'down' with the reason when its
-    /health did not answer as a client's does."""
+    /health did not answer as a client's does. Its name and counts are read
+    as a run reads them (``parse_health_reply``: a name of at most 200
+    characters and no control character, n_k up to 10¹²), so the page shows
+    nothing a run would refuse."""
     state: dict[str, Any] = {"url": reply.url, "client_id": known_name, "status": "down", "n_k": None,
                              "num_features": None, "reason": reply.reason}
     if not reply.ok:
         return state
-    body = reply.body or {}
-    size, name, features = body.get("data_size"), body.get("client_id"), body.get("num_features")
-    if not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
-        return state | {"reason": "bad /health reply: data_size is not a whole number >= 1"}
+    facts = parse_health_reply(reply.body)
+    if facts["data_size"] is None:
+        return state | {"reason": f"bad /health reply: data_size is not a whole number from 1 to {MAX_DATA_SIZE}"}
     return state | {
-        "status": "up", "reason": None, "n_k": size,
-        "client_id": name if isinstance(name, str) and name else known_name,
-        "num_features": features if isinstance(features, int) and not isinstance(features, bool) else None,
-        "x_range": _range_of(body.get("x_range")),
+        "status": "up", "reason": None, "n_k": facts["data_size"], "client_id": facts["client_id"] or known_name,
+        "num_features": facts["num_features"], "x_range": _range_of((reply.body or {}).get("x_range")),
     }
 
 
@@ -141,7 +142,11 @@ def _range_of(value: Any) -> tuple[float, float] | None:
     return (lo, hi) if lo <= hi else None
 
 
+# A chart costs what it draws, whatever the rounds hold: at most CHART_ROUNDS
+# points a line, and CHART_NUMBERS numbers read for the whole chart (ten runs
+# of 400 rounds of 200 clients, read whole, took the server to 1 GB).
 CHART_ROUNDS = 2000
+CHART_NUMBERS = 40_000
 
 
 @bp.get("/runs/<int:run_id>/plots/<name>.svg")
@@ -152,7 +157,7 @@ def plot(run_id: int, name: str):
     round_no = _round_arg()
     if name not in PLOT_NAMES:
         return {"error": f"no plot {name!r} (known: {', '.join(PLOT_NAMES)})"}, 404
-    run = _chart_run(run_id, round_no)
+    run = _chart_run(run_id, name, round_no)
     if run is None:
         raise NoSuchRun(run_id)
     # Imported here, not at the top: matplotlib takes ~0.6 s to import, which
@@ -169,7 +174,7 @@ def plot(run_id: int, name: str):
         return {"error": str(e)}, 503, {"Retry-After": "1"}
     except NoSuchRound:
         raise ProtocolError(f"round: run {run_id} has no round {round_no} "
-                            f"({len(run['rounds'])} completed)") from None
+                            f"({run['rounds_completed']} completed)") from None
     # A running run's chart changes with every round: never cache it.
     return Response(svg, mimetype="image/svg+xml", headers={"Cache-Control": "no-store"})
 
@@ -186,35 +191,81 @@ def _round_arg() -> int | None:
 @bp.get("/compare.svg")
 def compare():
     """Several runs' federated loss per round on one log-scale chart, one line
-    per run: ?runs=1,2,3 (at most MAX_COMPARE)."""
+    per run: ?runs=1,2,3 (at most MAX_COMPARE); below it each run's distance
+    to the pooled optimum that a chosen exact run solved for."""
     no_query_args("runs")
+    store = federation().store
     runs = []
     for digits in _runs_arg():
         # More digits than any run id has: no such run (and int() refuses thousands of digits).
-        run = _chart_run(int(digits)) if len(digits) <= 18 else None
+        run = store.summary(int(digits)) if len(digits) <= 18 else None
         if run is None:
             return {"error": f"no run {digits[:40]}"}, 404
         runs.append(run)
-    from .plots import ChartsBusy, render_compare  # matplotlib only when a chart is asked for (see plot)
+    from .plots import ChartsBusy, known_optimum, render_compare, solved_optimum, solves  # (see plot)
+    # θ*: from a chosen exact run's last round, for the runs over its very clients (URL and n_k).
+    solvers = [(run, *found) for run in runs if solves(run) and run["rounds_completed"] and (found := solved_optimum(
+        run, store.page(run["run_id"], since=run["rounds_completed"] - 1, limit=1)["rounds"][0]))]
+    solving = {run["run_id"] for run, _, _ in solvers}
+    known = {run["run_id"]: found for run in runs if solvers and run["rounds_completed"]
+             and run["run_id"] not in solving and (found := known_optimum(frozenset(
+                 (url, c["data_size"]) for url, c in store.clients_seen(run["run_id"]).items()), solvers))}
+    for run in runs:
+        # The loss and the round: 2 numbers a round; the whole model too (d + 1) where a distance is drawn.
+        per_round = 2 + (_features(store, run) + 1 if run["run_id"] in known else 0)
+        run["rounds"] = reader_view_rounds(store.chart_rounds(
+            run["run_id"], every=_every(run["rounds_completed"], per_round * len(runs)),
+            keep=(1, run["rounds_completed"]), vectors=run["run_id"] in known))
     try:
-        svg = render_compare(runs, "svg")
+        svg = render_compare(runs, "svg", known)
     except ChartsBusy as e:
         return {"error": str(e)}, 503, {"Retry-After": "1"}
     return Response(svg, mimetype="image/svg+xml", headers={"Cache-Control": "no-store"})
 
 
-def _chart_run(run_id: int, round_no: int | None = None) -> dict[str, Any] | None:
-    """The run as a chart reads it: at most CHART_ROUNDS rounds, evenly spaced,
-    with the first, the last and ``round_no`` (a 100,000-round run would
-    otherwise take the whole history into memory and hold the chart lock for
-    seconds), and each client's numbers only for who may read them."""
+def _every(done: int, per_round: int) -> int:
+    """Every how many rounds a chart reads, so that it reads at most
+    CHART_ROUNDS rounds and CHART_NUMBERS numbers."""
+    shown = max(1, min(CHART_ROUNDS, CHART_NUMBERS // per_round))
+    return max(1, -(-done // shown))
+
+
+def _features(store: Any, run: dict[str, Any]) -> int:
+    last = store.chart_rounds(run["run_id"], since=run["rounds_completed"] - 1, limit=1)
+    return last[0]["num_features"] if last else 1
+
+
+def _chart_run(run_id: int, name: str, round_no: int | None = None) -> dict[str, Any] | None:
+    """The run as chart ``name`` reads it, from the store's chart reads
+    (``RunStore.chart_rounds``: the numbers a chart draws, never whole
+    records): the model lines one round, the others at most CHART_ROUNDS
+    rounds, evenly spaced, with the first, the last and ``round_no``, and no
+    more than CHART_NUMBERS numbers (the params chart's client lines are the
+    first CLIENT_LINES of the run's clients); each client's numbers only for
+    who may read them."""
+    from .plots import CLIENT_LINES
     store = federation().store
-    found = store.summary(run_id)
-    if found is None:
+    run = store.summary(run_id)
+    if run is None:
         return None
-    done = found["rounds_completed"]
-    run = store.get(run_id, every=-(-done // CHART_ROUNDS), keep=tuple(r for r in (1, done, round_no) if r))
-    return reader_view(run)
+    done = run["rounds_completed"]
+    if name == "models":
+        shown = round_no or done
+        rounds = store.chart_rounds(run_id, since=shown - 1, limit=1, clients=None) if shown else []
+    else:
+        lines = tuple(run["clients"][:CLIENT_LINES]) if name == "params" and reads_clients() else ()
+        # the round and its loss, the global model out and in (w₁ and b each), each line's w₁ and b
+        rounds = store.chart_rounds(run_id, every=_every(done, 6 + 2 * len(lines)),
+                                    keep=tuple(r for r in (1, done, round_no) if r), clients=lines)
+    return run | {"rounds": reader_view_rounds(rounds)}
+
+
+def reader_view_rounds(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A chart's rounds as this request may read them: without the token on
+    a private server, no client's local model (see access.py)."""
+    if reads_clients():
+        return rounds
+    return [r | {"participants": [p | {"local_model": None} for p in r["participants"]]} for r in rounds]
 
 
 def _runs_arg() -> list[str]:
