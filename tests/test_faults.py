@@ -384,9 +384,11 @@ def test_resume_refuses_a_client_whose_data_changed_and_not_one_restarted(tmp_pa
     data = tmp_path / "more.csv"
     data.write_text((ROOT / "client_2" / "data.csv").read_text() + "5,6\n")
     grown = create_client_app({"CLIENT_ID": "client_2", "DATA_PATH": str(data), "TOKEN": None})
-    r = servers({c1: client_app("client_1"), c2: grown}, db).http.post(f"/runs/{run_id}/resume")
+    refused = servers({c1: client_app("client_1"), c2: grown}, db)
+    r = refused.http.post(f"/runs/{run_id}/resume")
     assert r.status_code == 409 and f"at {c2}: client_2 with n_k=2 was recorded, client_2 with n_k=3 answers now" \
         in r.get_json()["error"]
+    refused.close()  # one server per history
     r = servers({c1: client_app("client_1"), c2: client_app("client_2")}, db).http.post(f"/runs/{run_id}/resume")
     assert r.status_code == 200 and r.get_json()["status"] == "completed", r.get_json()
 
