@@ -77,8 +77,11 @@ def server_document(num_clients: int) -> dict[str, Any]:
                                  "privacy": {"type": "object", "description": "a DP run's: epsilon spent after "
                                              "this round, delta, target_epsilon, clip, noise_multiplier, "
                                              "update_noise_multiplier, noise_std (on the model), "
-                                             "expected_clients, and with adaptive clipping unclipped_share "
-                                             "and next_clip"},
+                                             "expected_clients, with adaptive clipping unclipped_share "
+                                             "and next_clip, and with local_noise sampled (the clients "
+                                             "that had a share of the noise), noise_shares_in_sum and "
+                                             "server_noise_share (the shares the server added for those "
+                                             "lost)"},
                                  "federated_loss": {"type": "number", "nullable": True}}},
         "RunSummary": {"type": "object", "required": ["run_id", "status", "settings", "error", "final_model"],
                        "properties": {"run_id": {"type": "integer"}, "status": RUN_STATUS,
