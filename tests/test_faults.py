@@ -334,6 +334,21 @@ def test_resume_refuses_to_switch_federations_silently(tmp_path, servers):
     assert all(d["url"] == stranger for r in body["rounds"][done:] for d in r["dropped"])
 
 
+C1, C2 = "http://127.0.0.1:5001", "http://127.0.0.1:5002"
+
+
+def interrupted_seed_run(servers, db) -> tuple[int, int]:
+    """A run of the seed's clients at C1 and C2, stopped after round 2 or
+    later, its server closed: (run id, rounds done)."""
+    first = servers({C1: client_app("client_1"), C2: client_app("client_2")}, db)
+    run_id = first.post("/start", {"rounds": 30, "pace_s": 0.05, "wait": False})[1]["run_id"]
+    poll(first.http, run_id, lambda r: len(r["rounds"]) >= 2)
+    first.post(f"/runs/{run_id}/stop")
+    done = len(poll(first.http, run_id, lambda r: r["status"] == "interrupted")["rounds"])
+    first.close()
+    return run_id, done
+
+
 def test_resume_refuses_a_url_now_served_by_another_client(tmp_path, servers):
     """The server restarted with the same URLs, but another client (another
     name, other data) now answers one of them: resume says which and
@@ -341,22 +356,16 @@ def test_resume_refuses_a_url_now_served_by_another_client(tmp_path, servers):
     after that record the new client's name and n_k. The same client
     restarted resumes as before."""
     db = tmp_path / "runs.db"
-    c1, c2 = "http://127.0.0.1:5001", "http://127.0.0.1:5002"
-    first = servers({c1: client_app("client_1"), c2: client_app("client_2")}, db)
-    run_id = first.post("/start", {"rounds": 30, "pace_s": 0.05, "wait": False})[1]["run_id"]
-    poll(first.http, run_id, lambda r: len(r["rounds"]) >= 2)
-    first.post(f"/runs/{run_id}/stop")
-    done = len(poll(first.http, run_id, lambda r: r["status"] == "interrupted")["rounds"])
-    first.close()
+    run_id, done = interrupted_seed_run(servers, db)
 
     data = tmp_path / "other.csv"
     data.write_text("x,y\n" + "".join(f"{x},{2 * x + 1}\n" for x in range(5)))
     other = create_client_app({"CLIENT_ID": "client_9", "DATA_PATH": str(data), "TOKEN": None})
-    http = servers({c1: client_app("client_1"), c2: other}, db).http  # restarted: c2 is someone else now
+    http = servers({C1: client_app("client_1"), C2: other}, db).http  # restarted: C2 is someone else now
     r = http.post(f"/runs/{run_id}/resume")
     assert r.status_code == 409
     assert r.get_json()["error"] == (
-        f"run {run_id} ran with other clients than this server's: at {c2}: client_2 with n_k=2 was recorded, "
+        f"run {run_id} ran with other clients than this server's: at {C2}: client_2 with n_k=2 was recorded, "
         'client_9 with n_k=5 answers now; resume with {"clients": "current"} to go on with this server\'s '
         "clients (recorded in the run)")
     assert http.get(f"/runs/{run_id}").get_json()["status"] == "interrupted"  # nothing ran
@@ -373,22 +382,16 @@ def test_resume_refuses_a_client_whose_data_changed_and_not_one_restarted(tmp_pa
     """Same name, other data (its n_k changed): refused. The same client
     restarted (same name, same n_k): resumed, with no question asked."""
     db = tmp_path / "runs.db"
-    c1, c2 = "http://127.0.0.1:5001", "http://127.0.0.1:5002"
-    first = servers({c1: client_app("client_1"), c2: client_app("client_2")}, db)
-    run_id = first.post("/start", {"rounds": 30, "pace_s": 0.05, "wait": False})[1]["run_id"]
-    poll(first.http, run_id, lambda r: len(r["rounds"]) >= 2)
-    first.post(f"/runs/{run_id}/stop")
-    poll(first.http, run_id, lambda r: r["status"] == "interrupted")
-    first.close()
+    run_id, _ = interrupted_seed_run(servers, db)
 
     data = tmp_path / "more.csv"
     data.write_text((ROOT / "client_2" / "data.csv").read_text() + "5,6\n")
     grown = create_client_app({"CLIENT_ID": "client_2", "DATA_PATH": str(data), "TOKEN": None})
-    refused = servers({c1: client_app("client_1"), c2: grown}, db)
+    refused = servers({C1: client_app("client_1"), C2: grown}, db)
     r = refused.http.post(f"/runs/{run_id}/resume")
-    assert r.status_code == 409 and f"at {c2}: client_2 with n_k=2 was recorded, client_2 with n_k=3 answers now" \
+    assert r.status_code == 409 and f"at {C2}: client_2 with n_k=2 was recorded, client_2 with n_k=3 answers now" \
         in r.get_json()["error"]
     refused.close()  # one server per history
-    r = servers({c1: client_app("client_1"), c2: client_app("client_2")}, db).http.post(f"/runs/{run_id}/resume")
+    r = servers({C1: client_app("client_1"), C2: client_app("client_2")}, db).http.post(f"/runs/{run_id}/resume")
     assert r.status_code == 200 and r.get_json()["status"] == "completed", r.get_json()
 

@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_secagg import written
 
 from conftest import ROOT
 from fedavg.client import LocalClient
@@ -608,17 +609,6 @@ def test_adaptive_clipping_with_noise_records_the_update_s_multiplier(seed_feder
         assert privacy["noise_std"] == pytest.approx(z_update * privacy["clip"] / 2.0, rel=1e-12)
         if after is not None:
             assert after["privacy"]["clip"] == pytest.approx(privacy["next_clip"], rel=1e-12)
-
-
-def written(number: str, text: str) -> bool:
-    """``number`` in ``text`` as a number of its own, not the start or the end of a longer one."""
-    at = text.find(number)
-    while at >= 0:
-        end = at + len(number)
-        if (at == 0 or text[at - 1] not in "0123456789.") and (end == len(text) or text[end] not in "0123456789e"):
-            return True
-        at = text.find(number, at + 1)
-    return False
 
 
 def stored_text(db: str) -> str:
