@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import sys
 import threading
 import time
 
@@ -225,8 +226,8 @@ def test_a_client_name_that_is_a_formula_is_written_as_text_in_the_csv(name):
     assert row[5] == "'" + f"{name} (http://h)"
 
 
-def outlier_client(w: float, n: int = 2) -> Flask:
-    """A client that answers /health honestly-looking and always sends the model w, b = 0."""
+def outlier_client(w: float, n: int = 2, b: float = 0.0) -> Flask:
+    """A client that answers /health honestly-looking and always sends the model w, b."""
     app = Flask("outlier")
 
     @app.get("/health")
@@ -235,7 +236,7 @@ def outlier_client(w: float, n: int = 2) -> Flask:
 
     @app.post("/train")
     def train():
-        return {"local_model": {"w": w, "b": 0.0}, "data_size": n, "client_id": "outlier"}
+        return {"local_model": {"w": w, "b": b}, "data_size": n, "client_id": "outlier"}
 
     return app
 
@@ -247,6 +248,21 @@ def test_a_poisoned_update_is_blamed_on_its_sender_not_on_the_honest_client_or_t
     assert run["status"] == "diverged"
     assert "outlier (update norm 1e+300" in run["error"] and "not the lr" in run["error"], run["error"]
     assert run["rounds"][0]["suspicious"][0]["client_id"] == "outlier"
+
+
+def test_an_update_whose_norm_overflows_is_the_most_suspicious_not_a_reason_to_blame_the_lr(servers):
+    """w = b = 1.797e308, the largest doubles: valid JSON, but ‖Δ‖ = √2·1.797e308
+    is beyond any float. It was skipped as inf, and the honest client's lr
+    took the blame ("lr=0.01 is too large", suspicious empty)."""
+    big = 1.797e308
+    run = servers({GOOD: seed_client("client_1"), OTHER: outlier_client(big, b=big)}).run(rounds=5, seed=1)
+    assert run["status"] == "diverged"
+    assert "outlier (update norm over 1.8e+308, beyond the largest float)" in run["error"], run["error"]
+    assert "not the lr" in run["error"] and "lr=0.01 is too large" not in run["error"], run["error"]
+    flagged = run["rounds"][0]["suspicious"]
+    # JSON has no inf: the record holds the largest float, and says the norm is beyond it
+    assert flagged == [{"client_id": "outlier", "url": OTHER, "update_norm": sys.float_info.max,
+                        "ratio": sys.float_info.max, "overflow": True}]
 
 
 def test_a_scaled_update_is_flagged_even_when_fedavg_goes_on(servers):

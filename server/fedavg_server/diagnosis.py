@@ -11,6 +11,7 @@ outlier a robust rule would have held.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import numpy as np
@@ -93,9 +94,9 @@ class Diagnosis(Stage):
         if any(u is None for u in updates) or len(updates) < 2:
             return [], []  # exact sends statistics, not an update
         norms = update_norms(updates)
-        flagged = [(k, ratio) for k, ratio in outliers(norms) if np.isfinite(norms[k]) and np.isfinite(ratio)]
-        suspects = [{"client_id": results[k].client_id, "url": results[k].url, "update_norm": float(norms[k]),
-                     "ratio": ratio} for k, ratio in flagged]
+        flagged = outliers(norms)  # an update whose norm overflows is among them: the most suspicious of all
+        suspects = [{"client_id": results[k].client_id, "url": results[k].url, **_sized(norms[k], ratio)}
+                    for k, ratio in flagged]
         others = [n for k, n in enumerate(norms) if k not in {j for j, _ in flagged}]
         calm = bool(others) and max(others) <= CALM * (update_norms([theta])[0] + 1)
         # A client whose own loss grew while it trained is diverging at this
@@ -109,6 +110,17 @@ def _loss_grew(result: Result) -> bool:
     return "loss_before" in m and "loss_after" in m and m["loss_after"] > m["loss_before"]
 
 
+def _sized(norm: float, ratio: float) -> dict[str, Any]:
+    """A flagged update's size as a record can hold it: JSON has no inf, so a
+    norm beyond the largest float is written as that float, with "overflow"."""
+    if math.isfinite(norm) and math.isfinite(ratio):
+        return {"update_norm": float(norm), "ratio": float(ratio)}
+    return {"update_norm": min(float(norm), sys.float_info.max), "ratio": min(float(ratio), sys.float_info.max),
+            "overflow": True}
+
+
 def _named(suspects: list[dict[str, Any]]) -> str:
-    return ", ".join(f"{x['client_id']} (update norm {x['update_norm']:.3g}, {x['ratio']:.3g}× the others')"
+    return ", ".join(f"{x['client_id']} (update norm over {sys.float_info.max:.3g}, beyond the largest float)"
+                     if x.get("overflow") else
+                     f"{x['client_id']} (update norm {x['update_norm']:.3g}, {x['ratio']:.3g}× the others')"
                      for x in suspects[:6])
