@@ -15,14 +15,18 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 from flask import Flask, Response
 
 from conftest import ROOT, Served
+from fedavg.client import LocalClient
 from fedavg.http.client_app import create_app as create_client_app
+from fedavg.http.host_app import create_host_app
 from fedavg_server import create_app as create_server_app
 from fedavg_server.http_transport import HttpTransport
 from fedavg_server.runs import run_to_csv
+from reference import SEED_DATA, local_gd, local_mse, reference_fedavg
 
 # Where the in-process clients answer: names only, no socket behind them.
 GOOD, OTHER = "http://127.0.0.1:5001", "http://127.0.0.1:5002"
@@ -293,3 +297,89 @@ def test_a_large_lr_with_two_honest_clients_is_blamed_on_the_lr_not_on_a_client(
     run = servers({GOOD: seed_client("client_1"), OTHER: seed_client("client_2")}).run(seed=1, **settings)
     assert run["status"] == "diverged", run
     assert f"lr={settings['lr']:g} is too large" in run["error"] and "outlier" not in run["error"], run["error"]
+
+
+# --- a run that is diverging ends `diverged` long before anything overflows ----------
+#
+# Full-batch gradient descent on a client's MSE cannot raise that loss unless
+# lr·λ_max(H_k) > 2 (its Hessian H_k = (2/n_k)·X̃ᵀX̃). On the seed client_2
+# (x = 3, 4) has λ_max = 26.96, so its own steps diverge from lr = 2/26.96 =
+# 0.0742; client_1's (λ_max = 6.85) from 0.292. The references below are
+# plain Python (tests/reference.py), not the server's numbers.
+
+
+def seed_pair(servers):
+    return servers({GOOD: seed_client("client_1"), OTHER: seed_client("client_2")})
+
+
+def federated_mse(w: float, b: float, clients=SEED_DATA) -> float:
+    total = sum(len(d) for d in clients)
+    return sum(len(d) / total * local_mse(d, w, b) for d in clients)
+
+
+@pytest.mark.parametrize("lr", [0.1, 0.3])
+def test_an_lr_too_large_for_a_clients_data_ends_the_run_diverged_at_round_2(servers, lr):
+    """The default 5 rounds at lr 0.1 on the seed used to complete at
+    y = −11051464590·x − 3085026931, and at lr 0.3 at 10⁴¹, with no warning;
+    longer runs ran on until a number overflowed. Round 1 raises client_2's own loss
+    and lands on a model whose federated loss is above the start's: round 2
+    ends the run, naming client_2 and its loss, and keeps round 1's model."""
+    run = seed_pair(servers).run(rounds=200, lr=lr, seed=1)
+    assert run["status"] == "diverged" and len(run["rounds"]) == 1, run["error"]
+    w, b = reference_fedavg(SEED_DATA, rounds=1, lr=lr, epochs=10)[0]
+    assert run["final_model"]["w"] == pytest.approx(w, rel=1e-12) and run["final_model"]["b"] == pytest.approx(
+        b, rel=1e-12)
+    before = local_mse(SEED_DATA[1], w, b)
+    after = local_mse(SEED_DATA[1], *local_gd(SEED_DATA[1], w, b, lr, 10))
+    start = federated_mse(0.0, 0.0)
+    assert start == 18.75
+    assert run["error"].startswith(f"round 2: the federated loss of round 1's model is {federated_mse(w, b):.4g}, "
+                                   f"above the {start:.4g} of the model the run started from"), run["error"]
+    assert f"client_2's own loss grew from {before:.4g} to {after:.4g}" in run["error"], run["error"]
+    # client_1's own steps diverge only above lr 0.292
+    assert ("client_1's own loss grew" in run["error"]) == (lr > 0.292), run["error"]
+    assert f" over 10 local epoch(s) at lr={lr:g}, which gradient descent does only when lr·λ_max > 2" in run["error"]
+    assert run["error"].endswith(f"lr={lr:g} is too large for this data; try a smaller lr"), run["error"]
+
+
+def test_a_one_round_run_is_judged_by_its_final_evaluation(servers):
+    run = seed_pair(servers).run(rounds=1, lr=0.1, seed=1)
+    w, b = reference_fedavg(SEED_DATA, rounds=1, lr=0.1, epochs=10)[0]
+    assert run["status"] == "diverged", run
+    assert run["error"].startswith(f"the federated loss of the final model (round 1) is {federated_mse(w, b):.4g}, "
+                                   "above the 18.75"), run["error"]
+    assert "client_2's own loss grew from 20.5 to" in run["error"], run["error"]
+
+
+def test_a_newcomers_own_data_too_steep_for_the_lr_is_named(servers):
+    """A user's own client (x = 5 … 15, so λ_max(H_k) = 221.8: its steps
+    diverge above lr = 2/221.8 = 0.0090) next to the seed's client_1, at lr 0.02:
+    its loss grew from 1111 to 5.9·10¹³ in round 1, and the run went on for
+    28 rounds, to w = −3.8·10¹⁴⁸, until its training overflowed."""
+    rows = [(5.0 + i, 3.0 * (5.0 + i) + 2.0 + (0.5 if i % 2 else -0.5)) for i in range(11)]
+    host = create_host_app([LocalClient("newcomer", np.array([[x] for x, _ in rows]),
+                                        np.array([y for _, y in rows]))], None)
+    run = servers({GOOD: seed_client("client_1"), f"{OTHER}/clients/1": host}).run(rounds=200, lr=0.02, seed=1)
+    assert run["status"] == "diverged" and len(run["rounds"]) == 1, run
+    assert "newcomer's own loss grew" in run["error"] and "client_1's own loss" not in run["error"], run["error"]
+    assert "lr=0.02 is too large for this data" in run["error"]
+    assert max(abs(run["final_model"]["w"]), abs(run["final_model"]["b"])) < 1e6  # stopped early, not at overflow
+
+
+@pytest.mark.parametrize("settings", [
+    {"lr": 0.05, "rounds": 300},
+    {"lr": 0.07, "rounds": 300},  # client_2's limit is 0.0742
+    # E = 1 is gradient descent on the pooled data, stable up to lr 0.12: client_2's own
+    # step raises its loss in every round, and yet the average reaches 0.5·x + 3.
+    {"lr": 0.1, "local_epochs": 1, "rounds": 3000},
+])
+def test_a_stable_run_still_completes(servers, settings):
+    run = seed_pair(servers).run(seed=1, **settings)
+    assert run["status"] == "completed", run["error"]
+    grew = {r["round"] for r in run["rounds"] for p in r["participants"]
+            if p["metrics"]["loss_after"] > p["metrics"]["loss_before"]}
+    if settings.get("local_epochs") == 1:
+        assert len(grew) == 3000  # fact 1 alone is no divergence
+        assert abs(run["final_model"]["w"] - 0.5) < 1e-9 and abs(run["final_model"]["b"] - 3.0) < 1e-9
+    else:
+        assert not grew

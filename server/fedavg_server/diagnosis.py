@@ -7,6 +7,31 @@ leapt (the jump). When a client's training diverges, the model stops being
 finite, or the federated loss does, it ends the run ``diverged`` with the
 likeliest cause: the lr, mu, a starting model too large for any lr, or an
 outlier a robust rule would have held.
+
+It also ends a run that is diverging long before anything overflows, from
+two facts it is given every round (``_unstable``):
+
+1. A client's own loss grew over its local epochs. Full-batch gradient
+   descent on its MSE L_k (+ FedProx's mu/2·‖θ − θ_t‖²), a quadratic with
+   Hessian H = H_k (+ mu·I), changes the loss by a step's
+   −lr·‖g‖² + lr²/2·gᵀHg ≤ −lr·‖g‖²·(1 − lr·λ_max(H)/2): it cannot grow
+   unless lr·λ_max(H) > 2, and then the error along that eigenvector grows
+   by |1 − lr·λ_max| > 1 a step. So loss_after > loss_before proves that
+   this lr is too large for that client's data.
+2. The federated loss of the current model is above that of the model the
+   run started from, on the same clients.
+
+Neither alone proves the run diverges. (1) alone: averaging can cancel one
+client's unstable direction (on the seed, E = 1 is gradient descent on the
+pooled data, stable up to lr 0.12, while client_2's own steps diverge from
+lr 0.074). (2) alone: a run that started near the pooled optimum can settle
+on a worse fixed point (client drift). But when every client is stable
+(lr·λ_max(H_k) < 2 for all k), each ‖A_k^E‖ ≤ 1 and FedAvg's round map
+θ ← Σ_k p_k A_k^E θ + c cannot diverge: divergence always shows (1), and a
+diverging model's loss grows without bound, so (2) follows within a few
+rounds. (1) is a proof only for that training: full batch, no correction of
+the steps (SCAFFOLD's c − c_k), no noise added by the client (DP's
+local_noise); other runs are caught when their numbers overflow.
 """
 from __future__ import annotations
 
@@ -21,6 +46,7 @@ from fedavg.model import Theta
 from fedavg.strategies import Result, Step, Strategy
 
 from .collect import Collected
+from .settings import RunSettings
 from .stage import RunStopped, Stage
 
 # A weight this large is no model anyone trained: the sign of an attack or a
@@ -35,10 +61,19 @@ CALM = 10.0
 
 
 class Diagnosis(Stage):
-    def __init__(self, strategy: Strategy, lr: float, mu: float, first_round: int) -> None:
+    def __init__(self, strategy: Strategy, s: RunSettings, first_round: int) -> None:
         self.strategy = strategy
-        self.lr, self.mu = lr, mu
+        self.lr, self.mu, self.epochs, self.batch_size = s.lr, s.mu, s.local_epochs, s.batch_size
+        self.rounds = s.rounds
         self.first_round = first_round
+        # Does a client's loss growing over its local epochs prove the lr too large (fact 1 above)?
+        self.descent = type(strategy).descends_own_loss and not (s.dp and s.dp.local_noise)
+        # Fact 2's reference: (L_k, n_k) of the model this run started (or resumed) from,
+        # by url, as the first round's replies measured it.
+        self.start: dict[str, tuple[float, int]] = {}
+        self.origin = ("the model the run started from" if first_round == 1 else
+                       f"the model it resumed from (round {first_round - 1}'s)")
+        self.grew: list[Result] = []  # the last round's clients whose own loss grew (fact 1)
         # The last round's outliers that alone explain a leap (the others moved
         # as trained models do): a lead when the next round blows up.
         self.culprits: list[dict[str, Any]] = []
@@ -52,6 +87,56 @@ class Diagnosis(Stage):
         if diverged:
             raise RunStopped("diverged", f"round {r}: local training diverged on {', '.join(diverged)}: "
                                          f"{self._why(r, theta)}")
+        self.grew = [x for x in got.results if self._loss_grew_by_descent(x)]
+        if r == self.first_round:
+            self.start = {x.url: (x.metrics["loss_before"], x.n) for x in got.results
+                          if x.metrics and x.metrics.get("loss_before") is not None}
+            return
+        # Fact 2 on the clients that measured both models: round r's replies measured θ_t = round r−1's model.
+        now = {x.url: (x.metrics["loss_before"], x.n) for x in got.results
+               if x.url in self.start and x.metrics and x.metrics.get("loss_before") is not None}
+        if self.grew and now:
+            self._unstable(f"round {r}: ", f"round {r - 1}'s model", _average(now.values()),
+                           _average(self.start[url] for url in now), len(now))
+
+    def measured(self, round_no: int, loss: float) -> None:
+        if not math.isfinite(loss):
+            raise RunStopped("diverged", f"the federated loss of round {round_no}'s model is no longer finite "
+                                         f"(lr={self.lr:g} is too large); try a smaller lr")
+        # The last round's model has no next round: the final evaluation measures it on every
+        # client, comparable with the start's loss when every client measured that too.
+        if round_no == self.rounds and self.grew and len(self.start) == self.strategy.num_clients:
+            self._unstable("", f"the final model (round {round_no})", loss, _average(self.start.values()),
+                           len(self.start))
+
+    def _loss_grew_by_descent(self, result: Result) -> bool:
+        """Fact 1 for this client: its loss grew over local training that is
+        full-batch gradient descent on its own loss."""
+        full_batch = self.batch_size is None or self.batch_size >= result.n
+        return self.descent and full_batch and _loss_grew(result)
+
+    def _unstable(self, where: str, model: str, now: float, then: float, clients: int) -> None:
+        """Ends the run when the federated loss ``now`` is above ``then``, the
+        start's on the same clients, while a client's training at this lr
+        raised its own loss (both facts of the module's docstring)."""
+        if not now > then:
+            return
+        worst = sorted(self.grew, key=lambda x: x.metrics["loss_after"] / max(x.metrics["loss_before"], 1e-300),
+                       reverse=True)
+        grown = ", ".join(f"{x.client_id}'s own loss grew from {x.metrics['loss_before']:.4g} to "
+                          f"{x.metrics['loss_after']:.4g}" for x in worst[:3])
+        more = f" (and {len(worst) - 3} more clients')" if len(worst) > 3 else ""  # the steepest growth first
+        if self.mu and self.lr * self.mu >= 2:
+            cause = f"mu={self.mu:g} is too large for lr={self.lr:g} (lr·mu ≥ 2 overshoots); try a smaller mu"
+        else:
+            cause = (f"lr={self.lr:g} is too large for this data" + (f" with mu={self.mu:g}" if self.mu else "")
+                     + "; try a smaller lr")
+        hessian = "its data's Hessian" + (" + mu·I" if self.mu else "")
+        raise RunStopped("diverged", f"{where}the federated loss of {model} is {now:.4g}, above the {then:.4g} "
+                                     f"of {self.origin} (on the same {clients} client(s)); "
+                                     f"{grown}{more} over {self.epochs} local epoch(s) at lr={self.lr:g}, which "
+                                     f"gradient descent does only when lr·λ_max > 2 (λ_max: the largest "
+                                     f"eigenvalue of {hessian}): {cause}")
 
     def after(self, r: int, theta: Theta, got: Collected, step: Step) -> tuple[Step, dict[str, Any]]:
         suspects, culprits = self._outliers(theta, got.results)
@@ -65,11 +150,6 @@ class Diagnosis(Stage):
         before, after = update_norms([theta, step.theta])
         self.culprits, self.jump = culprits, after / max(before, 1.0)
         return step, {"suspicious": suspects}
-
-    def measured(self, round_no: int, loss: float) -> None:
-        if not math.isfinite(loss):
-            raise RunStopped("diverged", f"the federated loss of round {round_no}'s model is no longer finite "
-                                         f"(lr={self.lr:g} is too large); try a smaller lr")
 
     def _why(self, r: int, theta: Theta) -> str:
         """The likeliest cause of a client's local training blowing up."""
@@ -103,6 +183,12 @@ class Diagnosis(Stage):
         # lr on its own data: honest, and the lr's doing.
         culprits = [x for (k, _), x in zip(flagged, suspects) if not _loss_grew(results[k])]
         return suspects, culprits if calm else []
+
+
+def _average(losses: Any) -> float:
+    """Σ_k n_k·L_k / Σ_k n_k over (L_k, n_k) pairs: the federated loss of those clients."""
+    pairs = list(losses)
+    return sum(n * loss for loss, n in pairs) / sum(n for _, n in pairs)
 
 
 def _loss_grew(result: Result) -> bool:

@@ -60,7 +60,7 @@ def pipeline(s: RunSettings, roster: Roster, first_round: int, name: str) \
     collector: Collector = (SecureCollector(roster, strategy, s.client_timeout_s, s.secagg, name) if s.secagg
                             else PlainCollector(roster, strategy, s.client_timeout_s))
     # The diagnosis first: a model that is no longer finite is named before anything is written of it.
-    return strategy, sampler, collector, [Diagnosis(strategy, s.lr, s.mu, first_round), *stages]
+    return strategy, sampler, collector, [Diagnosis(strategy, s, first_round), *stages]
 
 
 class Run:

@@ -136,6 +136,9 @@ class Strategy(ABC):
     averages_models: ClassVar[bool] = False
     combines: ClassVar[bool] = True  # it combines vectors with the run's rule, so a robust rule applies
     one_round: ClassVar[bool] = False  # its first round gives the answer: a run of it is one round unless asked
+    # Its clients' local steps are gradient descent on their own loss (+ FedProx's term): a client
+    # whose loss grows over them is diverging at this lr (the server's diagnosis relies on it).
+    descends_own_loss: ClassVar[bool] = True
 
     def __init__(self, lr: float = 0.01, num_clients: int = 1, combine: Combine = Combine(),
                  sizes: Mapping[str, int] | None = None, **values: float) -> None:

@@ -28,6 +28,7 @@ class Scaffold(Strategy):
     params = (Param("server_lr", 1.0, "η_g, the server's step on the averaged update", gt=0, le=10),)
     replies = (LOCAL_MODEL, CONTROL_DELTA)
     sends = (CONTROL,)
+    descends_own_loss = False  # its steps follow ∇L_k − c_k + c: a client's own loss may rightly grow
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
