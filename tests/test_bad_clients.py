@@ -383,3 +383,17 @@ def test_a_stable_run_still_completes(servers, settings):
         assert abs(run["final_model"]["w"] - 0.5) < 1e-9 and abs(run["final_model"]["b"] - 3.0) < 1e-9
     else:
         assert not grew
+
+
+def test_a_server_step_that_overshoots_is_blamed_not_the_clients_lr(servers):
+    """FedAvgM with server_lr 10 and momentum 0.9 on the seed at lr 0.01: the
+    clients' own training is stable (no loss grows), the server's momentum
+    step is not. It ran until client_1's training overflowed (round 218), and
+    the error said "lr=0.01 is too large for its data": it names server_lr now."""
+    run = seed_pair(servers).run(strategy="fedavgm", server_lr=10, momentum=0.9, rounds=5000, seed=1)
+    assert run["status"] == "diverged", run
+    # (a loss that overflowed is not sent: those rounds say nothing either way)
+    assert not any(p["metrics"]["loss_after"] > p["metrics"].get("loss_before", math.inf)
+                   for r in run["rounds"] for p in r["participants"])
+    assert "no client's own loss grew over its local epochs at lr=0.01" in run["error"], run["error"]
+    assert run["error"].endswith("try a smaller server_lr (now 10)") and "lr=0.01 is too large" not in run["error"]

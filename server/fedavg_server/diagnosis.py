@@ -31,7 +31,10 @@ on a worse fixed point (client drift). But when every client is stable
 diverging model's loss grows without bound, so (2) follows within a few
 rounds. (1) is a proof only for that training: full batch, no correction of
 the steps (SCAFFOLD's c − c_k), no noise added by the client (DP's
-local_noise); other runs are caught when their numbers overflow.
+local_noise); other runs are caught when their numbers overflow. So is a
+server step that overshoots (FedAvgM's momentum, FedAdam's steps) while
+every client's training is stable: fact 1 then clears the lr, and the
+error names server_lr instead.
 """
 from __future__ import annotations
 
@@ -74,6 +77,8 @@ class Diagnosis(Stage):
         self.origin = ("the model the run started from" if first_round == 1 else
                        f"the model it resumed from (round {first_round - 1}'s)")
         self.grew: list[Result] = []  # the last round's clients whose own loss grew (fact 1)
+        self.descended = 0  # how many of the last round's replies fact 1 could be read from
+        self.read = 0  # that round
         # The last round's outliers that alone explain a leap (the others moved
         # as trained models do): a lead when the next round blows up.
         self.culprits: list[dict[str, Any]] = []
@@ -87,7 +92,8 @@ class Diagnosis(Stage):
         if diverged:
             raise RunStopped("diverged", f"round {r}: local training diverged on {', '.join(diverged)}: "
                                          f"{self._why(r, theta)}")
-        self.grew = [x for x in got.results if self._loss_grew_by_descent(x)]
+        certain = [x for x in got.results if self._certifies(x)]
+        self.descended, self.grew, self.read = len(certain), [x for x in certain if _loss_grew(x)], r
         if r == self.first_round:
             self.start = {x.url: (x.metrics["loss_before"], x.n) for x in got.results
                           if x.metrics and x.metrics.get("loss_before") is not None}
@@ -101,19 +107,30 @@ class Diagnosis(Stage):
 
     def measured(self, round_no: int, loss: float) -> None:
         if not math.isfinite(loss):
-            raise RunStopped("diverged", f"the federated loss of round {round_no}'s model is no longer finite "
-                                         f"(lr={self.lr:g} is too large); try a smaller lr")
+            raise RunStopped("diverged", f"the federated loss of round {round_no}'s model is no longer finite: "
+                                         f"{self._lr_cause()}")
         # The last round's model has no next round: the final evaluation measures it on every
         # client, comparable with the start's loss when every client measured that too.
         if round_no == self.rounds and self.grew and len(self.start) == self.strategy.num_clients:
             self._unstable("", f"the final model (round {round_no})", loss, _average(self.start.values()),
                            len(self.start))
 
-    def _loss_grew_by_descent(self, result: Result) -> bool:
-        """Fact 1 for this client: its loss grew over local training that is
-        full-batch gradient descent on its own loss."""
+    def _certifies(self, result: Result) -> bool:
+        """Can fact 1 be read from this reply: local training that is
+        full-batch gradient descent on its own loss, both losses measured?"""
         full_batch = self.batch_size is None or self.batch_size >= result.n
-        return self.descent and full_batch and _loss_grew(result)
+        m = result.metrics or {}
+        return self.descent and full_batch and "loss_before" in m and "loss_after" in m
+
+    def _lr_cause(self, data: str = "this data") -> str:
+        """Why numbers overflowed when no outlier explains it: the lr, unless
+        the last round showed every client's own training stable (no loss grew,
+        fact 1) under a strategy with a server step: that step overshoots."""
+        if self.descended and not self.grew and "server_lr" in self.strategy.p:
+            return (f"no client's own loss grew over its local epochs at lr={self.lr:g} in round {self.read}, so "
+                    f"the lr suits their data and the server's step overshoots: try a smaller server_lr "
+                    f"(now {self.strategy.p['server_lr']:g})")
+        return f"lr={self.lr:g} is too large for {data}; try a smaller lr"
 
     def _unstable(self, where: str, model: str, now: float, then: float, clients: int) -> None:
         """Ends the run when the federated loss ``now`` is above ``then``, the
@@ -145,8 +162,7 @@ class Diagnosis(Stage):
                 raise RunStopped("diverged", f"round {r}: the aggregate is no longer finite: {_named(culprits)}; an "
                                              "outlier, not the lr: a robust aggregator (median, trimmed_mean, krum) "
                                              "or clip_norm would hold")
-            raise RunStopped("diverged", f"round {r}: the global model is no longer finite "
-                                         f"(lr={self.lr:g} is too large); try a smaller lr")
+            raise RunStopped("diverged", f"round {r}: the global model is no longer finite: {self._lr_cause()}")
         before, after = update_norms([theta, step.theta])
         self.culprits, self.jump = culprits, after / max(before, 1.0)
         return step, {"suspicious": suspects}
@@ -162,7 +178,7 @@ class Diagnosis(Stage):
                     "a robust aggregator (median, trimmed_mean, krum) or clip_norm would hold")
         if self.mu and self.mu * self.lr >= 2:
             return f"mu={self.mu:g} is too large for lr={self.lr:g} (lr·mu ≥ 2 overshoots); try a smaller mu"
-        return f"lr={self.lr:g} is too large for its data; try a smaller lr"
+        return self._lr_cause("its data")
 
     def _outliers(self, theta: Theta, results: list[Result]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """The clients whose update (W_k − W_t, or the gradient they sent) is
