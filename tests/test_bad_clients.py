@@ -397,3 +397,31 @@ def test_a_server_step_that_overshoots_is_blamed_not_the_clients_lr(servers):
                    for r in run["rounds"] for p in r["participants"])
     assert "no client's own loss grew over its local epochs at lr=0.01" in run["error"], run["error"]
     assert run["error"].endswith("try a smaller server_lr (now 10)") and "lr=0.01 is too large" not in run["error"]
+
+
+@pytest.mark.parametrize("dp", [{"noise_multiplier": 0, "clip": None}, {"noise_multiplier": 0.001, "clip": 1000}])
+def test_under_dp_the_diverged_error_quotes_no_clients_own_number(servers, dp):
+    """A DP run records only what the mechanism releases (PRIVACY.md), and
+    its error is recorded too: at lr 0.1 on the seed it still ends diverged
+    at round 2, from the federated loss (an aggregate it keeps) and how many
+    clients' own loss grew, without naming client_2's losses (20.5 → …)."""
+    run = seed_pair(servers).run(rounds=200, lr=0.1, seed=1, dp=dp)
+    assert run["status"] == "diverged" and len(run["rounds"]) == 1, run
+    w, b = reference_fedavg(SEED_DATA, rounds=1, lr=0.1, epochs=10)[0]
+    before = local_mse(SEED_DATA[1], w, b)
+    after = local_mse(SEED_DATA[1], *local_gd(SEED_DATA[1], w, b, 0.1, 10))
+    assert "the own loss of 1 of the 2 clients grew over 10 local epoch(s) at lr=0.1" in run["error"], run["error"]
+    assert "client_2" not in run["error"] and "20.5" not in run["error"], run["error"]
+    assert f"{before:.4g}" not in run["error"] and f"{after:.4g}" not in run["error"], run["error"]
+    assert run["error"].endswith("lr=0.1 is too large for this data; try a smaller lr"), run["error"]
+
+
+def test_under_dp_an_outlier_is_blamed_without_its_name_or_norm(servers):
+    """Without DP the error names the sender and its norm ("outlier (update
+    norm 1e+300, …)"); under DP, S = ∞ and σ = 0, it says an outlier did it
+    and no more: no update's norm is recorded (PRIVACY.md)."""
+    run = servers({GOOD: seed_client("client_1"), OTHER: outlier_client(1e300)}).run(
+        rounds=5, seed=1, dp={"noise_multiplier": 0, "clip": None})
+    assert run["status"] == "diverged", run
+    assert "took from 1 client(s)' update(s), far larger than the others': an outlier, not the lr" in run["error"]
+    assert "outlier (" not in run["error"] and "1e+300" not in run["error"], run["error"]

@@ -35,6 +35,10 @@ local_noise); other runs are caught when their numbers overflow. So is a
 server step that overshoots (FedAvgM's momentum, FedAdam's steps) while
 every client's training is stable: fact 1 then clears the lr, and the
 error names server_lr instead.
+
+Under DP a run records only what the mechanism releases (PRIVACY.md), and
+the error is recorded with it: it then says how many clients' own loss grew
+or which updates stood out, never whose, nor their losses or norms.
 """
 from __future__ import annotations
 
@@ -71,6 +75,7 @@ class Diagnosis(Stage):
         self.first_round = first_round
         # Does a client's loss growing over its local epochs prove the lr too large (fact 1 above)?
         self.descent = type(strategy).descends_own_loss and not (s.dp and s.dp.local_noise)
+        self.private = s.dp is not None  # the error is written down: no client's own number in it
         # Fact 2's reference: (L_k, n_k) of the model this run started (or resumed) from,
         # by url, as the first round's replies measured it.
         self.start: dict[str, tuple[float, int]] = {}
@@ -143,6 +148,8 @@ class Diagnosis(Stage):
         grown = ", ".join(f"{x.client_id}'s own loss grew from {x.metrics['loss_before']:.4g} to "
                           f"{x.metrics['loss_after']:.4g}" for x in worst[:3])
         more = f" (and {len(worst) - 3} more clients')" if len(worst) > 3 else ""  # the steepest growth first
+        if self.private:
+            grown, more = f"the own loss of {len(worst)} of the {self.descended} clients grew", ""
         if self.mu and self.lr * self.mu >= 2:
             cause = f"mu={self.mu:g} is too large for lr={self.lr:g} (lr·mu ≥ 2 overshoots); try a smaller mu"
         else:
@@ -159,9 +166,9 @@ class Diagnosis(Stage):
         suspects, culprits = self._outliers(theta, got.results)
         if not np.all(np.isfinite(step.theta)):
             if culprits:
-                raise RunStopped("diverged", f"round {r}: the aggregate is no longer finite: {_named(culprits)}; an "
-                                             "outlier, not the lr: a robust aggregator (median, trimmed_mean, krum) "
-                                             "or clip_norm would hold")
+                raise RunStopped("diverged", f"round {r}: the aggregate is no longer finite: "
+                                             f"{self._named(culprits)}; an outlier, not the lr: a robust aggregator "
+                                             "(median, trimmed_mean, krum) or clip_norm would hold")
             raise RunStopped("diverged", f"round {r}: the global model is no longer finite: {self._lr_cause()}")
         before, after = update_norms([theta, step.theta])
         self.culprits, self.jump = culprits, after / max(before, 1.0)
@@ -174,11 +181,15 @@ class Diagnosis(Stage):
             return f"the starting model has a weight of {size:.3g}, too large for any lr"
         if size > ABSURD and self.jump > SUDDEN and self.culprits:
             return (f"it started from a global model with a weight of {size:.3g}, {self.jump:.3g}× the one before, "
-                    f"which round {r - 1}'s aggregate took from {_named(self.culprits)}: an outlier, not the lr; "
+                    f"which round {r - 1}'s aggregate took from {self._named(self.culprits)}: an outlier, not the lr; "
                     "a robust aggregator (median, trimmed_mean, krum) or clip_norm would hold")
         if self.mu and self.mu * self.lr >= 2:
             return f"mu={self.mu:g} is too large for lr={self.lr:g} (lr·mu ≥ 2 overshoots); try a smaller mu"
         return self._lr_cause("its data")
+
+    def _named(self, suspects: list[dict[str, Any]]) -> str:
+        """The outliers with their norms; under DP only how many (no update's norm is written)."""
+        return _named(suspects, self.private)
 
     def _outliers(self, theta: Theta, results: list[Result]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """The clients whose update (W_k − W_t, or the gradient they sent) is
@@ -221,7 +232,9 @@ def _sized(norm: float, ratio: float) -> dict[str, Any]:
             "overflow": True}
 
 
-def _named(suspects: list[dict[str, Any]]) -> str:
+def _named(suspects: list[dict[str, Any]], private: bool = False) -> str:
+    if private:
+        return f"{len(suspects)} client(s)' update(s), far larger than the others'"
     return ", ".join(f"{x['client_id']} (update norm over {sys.float_info.max:.3g}, beyond the largest float)"
                      if x.get("overflow") else
                      f"{x['client_id']} (update norm {x['update_norm']:.3g}, {x['ratio']:.3g}× the others')"
