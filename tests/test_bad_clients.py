@@ -13,17 +13,22 @@ import io
 import json
 import logging
 import math
+import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 from flask import Flask, Response, request
 
 from conftest import ROOT, Served
+from fedavg.client import LocalClient
 from fedavg.http.client_app import create_app as create_client_app
+from fedavg.http.host_app import create_host_app
 from fedavg_server import create_app as create_server_app
 from fedavg_server.http_transport import HttpTransport
 from fedavg_server.runs import run_to_csv
+from reference import SEED_DATA, local_gd, local_mse, reference_fedavg
 
 # Where the in-process clients answer: names only, no socket behind them.
 GOOD, OTHER = "http://127.0.0.1:5001", "http://127.0.0.1:5002"
@@ -302,8 +307,8 @@ def test_the_clients_list_bounds_what_health_says_as_a_run_does(servers):
     assert second["reason"] == "bad /health reply: data_size is not a whole number from 1 to 1000000000000"
 
 
-def outlier_client(w: float, n: int = 2) -> Flask:
-    """A client that answers /health honestly-looking and always sends the model w, b = 0."""
+def outlier_client(w: float, n: int = 2, b: float = 0.0) -> Flask:
+    """A client that answers /health honestly-looking and always sends the model w, b."""
     app = Flask("outlier")
 
     @app.get("/health")
@@ -312,7 +317,7 @@ def outlier_client(w: float, n: int = 2) -> Flask:
 
     @app.post("/train")
     def train():
-        return {"local_model": {"w": w, "b": 0.0}, "data_size": n, "client_id": "outlier"}
+        return {"local_model": {"w": w, "b": b}, "data_size": n, "client_id": "outlier"}
 
     return app
 
@@ -324,6 +329,21 @@ def test_a_poisoned_update_is_blamed_on_its_sender_not_on_the_honest_client_or_t
     assert run["status"] == "diverged"
     assert "outlier (update norm 1e+300" in run["error"] and "not the lr" in run["error"], run["error"]
     assert run["rounds"][0]["suspicious"][0]["client_id"] == "outlier"
+
+
+def test_an_update_whose_norm_overflows_is_the_most_suspicious_not_a_reason_to_blame_the_lr(servers):
+    """w = b = 1.797e308, the largest doubles: valid JSON, but ‖Δ‖ = √2·1.797e308
+    is beyond any float. It was skipped as inf, and the honest client's lr
+    took the blame ("lr=0.01 is too large", suspicious empty)."""
+    big = 1.797e308
+    run = servers({GOOD: seed_client("client_1"), OTHER: outlier_client(big, b=big)}).run(rounds=5, seed=1)
+    assert run["status"] == "diverged"
+    assert "outlier (update norm over 1.8e+308, beyond the largest float)" in run["error"], run["error"]
+    assert "not the lr" in run["error"] and "lr=0.01 is too large" not in run["error"], run["error"]
+    flagged = run["rounds"][0]["suspicious"]
+    # JSON has no inf: the record holds the largest float, and says the norm is beyond it
+    assert flagged == [{"client_id": "outlier", "url": OTHER, "update_norm": sys.float_info.max,
+                        "ratio": sys.float_info.max, "overflow": True}]
 
 
 def test_a_scaled_update_is_flagged_even_when_fedavg_goes_on(servers):
@@ -354,3 +374,131 @@ def test_a_large_lr_with_two_honest_clients_is_blamed_on_the_lr_not_on_a_client(
     run = servers({GOOD: seed_client("client_1"), OTHER: seed_client("client_2")}).run(seed=1, **settings)
     assert run["status"] == "diverged", run
     assert f"lr={settings['lr']:g} is too large" in run["error"] and "outlier" not in run["error"], run["error"]
+
+
+# --- a run that is diverging ends `diverged` long before anything overflows ----------
+#
+# Full-batch gradient descent on a client's MSE cannot raise that loss unless
+# lr·λ_max(H_k) > 2 (its Hessian H_k = (2/n_k)·X̃ᵀX̃). On the seed client_2
+# (x = 3, 4) has λ_max = 26.96, so its own steps diverge from lr = 2/26.96 =
+# 0.0742; client_1's (λ_max = 6.85) from 0.292. The references below are
+# plain Python (tests/reference.py), not the server's numbers.
+
+
+def seed_pair(servers):
+    return servers({GOOD: seed_client("client_1"), OTHER: seed_client("client_2")})
+
+
+def federated_mse(w: float, b: float, clients=SEED_DATA) -> float:
+    total = sum(len(d) for d in clients)
+    return sum(len(d) / total * local_mse(d, w, b) for d in clients)
+
+
+@pytest.mark.parametrize("lr", [0.1, 0.3])
+def test_an_lr_too_large_for_a_clients_data_ends_the_run_diverged_at_round_2(servers, lr):
+    """The default 5 rounds at lr 0.1 on the seed used to complete at
+    y = −11051464590·x − 3085026931, and at lr 0.3 at 10⁴¹, with no warning;
+    longer runs ran on until a number overflowed. Round 1 raises client_2's own loss
+    and lands on a model whose federated loss is above the start's: round 2
+    ends the run, naming client_2 and its loss, and keeps round 1's model."""
+    run = seed_pair(servers).run(rounds=200, lr=lr, seed=1)
+    assert run["status"] == "diverged" and len(run["rounds"]) == 1, run["error"]
+    w, b = reference_fedavg(SEED_DATA, rounds=1, lr=lr, epochs=10)[0]
+    assert run["final_model"]["w"] == pytest.approx(w, rel=1e-12) and run["final_model"]["b"] == pytest.approx(
+        b, rel=1e-12)
+    before = local_mse(SEED_DATA[1], w, b)
+    after = local_mse(SEED_DATA[1], *local_gd(SEED_DATA[1], w, b, lr, 10))
+    start = federated_mse(0.0, 0.0)
+    assert start == 18.75
+    assert run["error"].startswith(f"round 2: the federated loss of round 1's model is {federated_mse(w, b):.4g}, "
+                                   f"above the {start:.4g} of the model the run started from"), run["error"]
+    assert f"client_2's own loss grew from {before:.4g} to {after:.4g}" in run["error"], run["error"]
+    # client_1's own steps diverge only above lr 0.292
+    assert ("client_1's own loss grew" in run["error"]) == (lr > 0.292), run["error"]
+    assert f" over 10 local epoch(s) at lr={lr:g}, which gradient descent does only when lr·λ_max > 2" in run["error"]
+    assert run["error"].endswith(f"lr={lr:g} is too large for this data; try a smaller lr"), run["error"]
+
+
+def test_a_one_round_run_is_judged_by_its_final_evaluation(servers):
+    run = seed_pair(servers).run(rounds=1, lr=0.1, seed=1)
+    w, b = reference_fedavg(SEED_DATA, rounds=1, lr=0.1, epochs=10)[0]
+    assert run["status"] == "diverged", run
+    assert run["error"].startswith(f"the federated loss of the final model (round 1) is {federated_mse(w, b):.4g}, "
+                                   "above the 18.75"), run["error"]
+    assert "client_2's own loss grew from 20.5 to" in run["error"], run["error"]
+
+
+def test_a_newcomers_own_data_too_steep_for_the_lr_is_named(servers):
+    """A user's own client (x = 5 … 15, so λ_max(H_k) = 221.8: its steps
+    diverge above lr = 2/221.8 = 0.0090) next to the seed's client_1, at lr 0.02:
+    its loss grew from 1111 to 5.9·10¹³ in round 1, and the run went on for
+    28 rounds, to w = −3.8·10¹⁴⁸, until its training overflowed."""
+    rows = [(5.0 + i, 3.0 * (5.0 + i) + 2.0 + (0.5 if i % 2 else -0.5)) for i in range(11)]
+    host = create_host_app([LocalClient("newcomer", np.array([[x] for x, _ in rows]),
+                                        np.array([y for _, y in rows]))], None)
+    run = servers({GOOD: seed_client("client_1"), f"{OTHER}/clients/1": host}).run(rounds=200, lr=0.02, seed=1)
+    assert run["status"] == "diverged" and len(run["rounds"]) == 1, run
+    assert "newcomer's own loss grew" in run["error"] and "client_1's own loss" not in run["error"], run["error"]
+    assert "lr=0.02 is too large for this data" in run["error"]
+    assert max(abs(run["final_model"]["w"]), abs(run["final_model"]["b"])) < 1e6  # stopped early, not at overflow
+
+
+@pytest.mark.parametrize("settings", [
+    {"lr": 0.05, "rounds": 300},
+    {"lr": 0.07, "rounds": 300},  # client_2's limit is 0.0742
+    # E = 1 is gradient descent on the pooled data, stable up to lr 0.12: client_2's own
+    # step raises its loss in every round, and yet the average reaches 0.5·x + 3.
+    {"lr": 0.1, "local_epochs": 1, "rounds": 3000},
+])
+def test_a_stable_run_still_completes(servers, settings):
+    run = seed_pair(servers).run(seed=1, **settings)
+    assert run["status"] == "completed", run["error"]
+    grew = {r["round"] for r in run["rounds"] for p in r["participants"]
+            if p["metrics"]["loss_after"] > p["metrics"]["loss_before"]}
+    if settings.get("local_epochs") == 1:
+        assert len(grew) == 3000  # fact 1 alone is no divergence
+        assert abs(run["final_model"]["w"] - 0.5) < 1e-9 and abs(run["final_model"]["b"] - 3.0) < 1e-9
+    else:
+        assert not grew
+
+
+def test_a_server_step_that_overshoots_is_blamed_not_the_clients_lr(servers):
+    """FedAvgM with server_lr 10 and momentum 0.9 on the seed at lr 0.01: the
+    clients' own training is stable (no loss grows), the server's momentum
+    step is not. It ran until client_1's training overflowed (round 218), and
+    the error said "lr=0.01 is too large for its data": it names server_lr now."""
+    run = seed_pair(servers).run(strategy="fedavgm", server_lr=10, momentum=0.9, rounds=5000, seed=1)
+    assert run["status"] == "diverged", run
+    # (a loss that overflowed is not sent: those rounds say nothing either way)
+    assert not any(p["metrics"]["loss_after"] > p["metrics"].get("loss_before", math.inf)
+                   for r in run["rounds"] for p in r["participants"])
+    assert "no client's own loss grew over its local epochs at lr=0.01" in run["error"], run["error"]
+    assert run["error"].endswith("try a smaller server_lr (now 10)") and "lr=0.01 is too large" not in run["error"]
+
+
+@pytest.mark.parametrize("dp", [{"noise_multiplier": 0, "clip": None}, {"noise_multiplier": 0.001, "clip": 1000}])
+def test_under_dp_the_diverged_error_quotes_no_clients_own_number(servers, dp):
+    """A DP run records only what the mechanism releases (PRIVACY.md), and
+    its error is recorded too: at lr 0.1 on the seed it still ends diverged
+    at round 2, from the federated loss (an aggregate it keeps) and how many
+    clients' own loss grew, without naming client_2's losses (20.5 → …)."""
+    run = seed_pair(servers).run(rounds=200, lr=0.1, seed=1, dp=dp)
+    assert run["status"] == "diverged" and len(run["rounds"]) == 1, run
+    w, b = reference_fedavg(SEED_DATA, rounds=1, lr=0.1, epochs=10)[0]
+    before = local_mse(SEED_DATA[1], w, b)
+    after = local_mse(SEED_DATA[1], *local_gd(SEED_DATA[1], w, b, 0.1, 10))
+    assert "the own loss of 1 of the 2 clients grew over 10 local epoch(s) at lr=0.1" in run["error"], run["error"]
+    assert "client_2" not in run["error"] and "20.5" not in run["error"], run["error"]
+    assert f"{before:.4g}" not in run["error"] and f"{after:.4g}" not in run["error"], run["error"]
+    assert run["error"].endswith("lr=0.1 is too large for this data; try a smaller lr"), run["error"]
+
+
+def test_under_dp_an_outlier_is_blamed_without_its_name_or_norm(servers):
+    """Without DP the error names the sender and its norm ("outlier (update
+    norm 1e+300, …)"); under DP, S = ∞ and σ = 0, it says an outlier did it
+    and no more: no update's norm is recorded (PRIVACY.md)."""
+    run = servers({GOOD: seed_client("client_1"), OTHER: outlier_client(1e300)}).run(
+        rounds=5, seed=1, dp={"noise_multiplier": 0, "clip": None})
+    assert run["status"] == "diverged", run
+    assert "took from 1 client(s)' update(s), far larger than the others': an outlier, not the lr" in run["error"]
+    assert "outlier (" not in run["error"] and "1e+300" not in run["error"], run["error"]

@@ -112,6 +112,34 @@ def test_docs_keep_what_the_readme_gave_up():
             assert needle in text, (name, needle)
 
 
+def start_bodies() -> list[dict]:
+    """The /start body of each README curl, as written (the seed curl's is {})."""
+    bodies = []
+    for command in commands():
+        if command == SEED_CURL:
+            bodies.append({})
+        elif command.startswith(JSON_START):
+            bodies.append(json.loads(re.fullmatch(r"'(.*?)'.*", command[len(JSON_START):]).group(1)))
+    return bodies
+
+
+@pytest.mark.parametrize("body", [b for b in start_bodies() if b.get("rounds", 5) <= 1000], ids=json.dumps)
+def test_the_readme_s_runs_complete_on_the_seed_where_it_says(seed_federation, body):
+    """Each README run on the seed's apps in this process: completed, not
+    diverged, at the model the README's references give (the 10,000-round
+    one, about 30 s, runs over processes in the system test above). The
+    server ends a run diverged from a client's own loss growing; none may."""
+    assert len(start_bodies()) == 1 + len(DRIFT_CURLS)
+    run = seed_federation.run(seed=1, **body)
+    assert run["status"] == "completed" and run["error"] is None, run["error"]
+    rounds, epochs = body.get("rounds", 5), body.get("local_epochs", 10)
+    assert run["rounds_completed"] == rounds
+    w, b = (fedavg_closed_form(SEED_DATA, 0.01, epochs) if rounds >= 300 else
+            reference_fedavg(SEED_DATA, rounds=rounds, lr=0.01, epochs=epochs)[-1])
+    model = run["final_model"]
+    assert abs(model["w"] - w) < 1e-8 and abs(model["b"] - b) < 1e-8, (model, w, b)
+
+
 def on_port(command: str, port: int) -> str:
     return command.replace("127.0.0.1:5000", f"127.0.0.1:{port}")
 

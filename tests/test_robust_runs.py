@@ -157,7 +157,7 @@ def test_max_weight_caps_a_lying_sample_count(host, servers):
     ({"aggregator": "mode"}, ["aggregator", "known: mean, median, trimmed_mean, krum"]),
     ({"aggregator": "median", "trim": 0.1}, ["trim", "aggregator trimmed_mean"]),
     ({"aggregator": "trimmed_mean", "trim": 0.5}, ["trim", "< 0.5"]),
-    ({"aggregator": "krum", "byzantine": 9}, ["byzantine", "<="]),
+    ({"aggregator": "krum", "byzantine": 9}, ["byzantine", "K ≥ 2f + 3", "at most 1, got 9"]),
     ({"clip_norm": 0}, ["clip_norm", "> 0"]),
     ({"max_weight": 1.5}, ["max_weight", "<= 1"]),
     ({"aggregator": "median", "max_weight": 0.5}, ["max_weight", "aggregator mean"]),
@@ -167,6 +167,24 @@ def test_robust_settings_out_of_place_are_a_400_naming_the_field(server, body, w
     status, answer = server.post("/start", body)
     assert status == 400
     assert all(w in answer["error"] for w in words), answer
+
+
+def test_krum_takes_no_more_attackers_than_blanchards_bound(federation):
+    """Krum is proved to hold f attackers among K ≥ 2f + 3 clients (Blanchard
+    et al., 2017): f ≤ ⌊(K − 3)/2⌋ = 3 of K = 10. The 10¹² of two attackers
+    that agree: f = 3 holds them, f = 4 to 7 was accepted and f = 7 ended at
+    10¹², so f = 4 is now a 400 naming byzantine, and its default f = 1 with
+    K = 4 too."""
+    ten = federation(make_clients("byzantine", 10, attackers=2))
+    held = ten.run(rounds=3, seed=2, aggregator="krum", byzantine=3)
+    assert held["status"] == "completed" and max(map(abs, global_of(held["rounds"][-1]))) < 10
+    for f in (4, 7):
+        status, answer = ten.post("/start", {"rounds": 3, "seed": 2, "aggregator": "krum", "byzantine": f})
+        assert status == 400 and answer["error"].startswith("byzantine: "), answer
+        assert f"this server has 10, so byzantine is at most 3, got {f}" in answer["error"], answer
+    status, answer = federation(make_clients("iid", 4)).post("/start", {"aggregator": "krum"})
+    assert status == 400 and answer["error"].startswith("byzantine: ") and "at most 0, got 1 (its default)" in \
+        answer["error"], answer
 
 
 def test_robust_rules_work_under_other_strategies_too(server):

@@ -9,7 +9,8 @@ and a resume (make test-all).
 
 What is checked: FedAvg's long-run fixed point against its closed form;
 FedSGD against centralised gradient descent; SCAFFOLD reaching the pooled
-optimum; Exact giving least squares in one round; FedAvgM, FedAdam, FedYogi,
+optimum, also with clients sampled, lost or known late (unequal n_k), round
+by round against a plain-Python SCAFFOLD; Exact giving least squares in one round; FedAvgM, FedAdam, FedYogi,
 FedAdagrad and FedNova against the papers' updates for 20 rounds; the log
 showing each strategy's math; a client that cannot run a strategy; and every
 stateful strategy, stopped or cut off mid-round and resumed, ending where an
@@ -34,8 +35,10 @@ import launcher
 from conftest import ROOT, Federated
 from fedavg.client import LocalClient
 from fedavg.http.client_app import create_app as client_app
+from fedavg.http.host_app import create_host_app
 from fedavg_server import DEFAULT_CLIENTS
 from fedavg_server.inprocess import InProcessTransport
+from fedavg_server.transport import Reply
 from reference import SEED_DATA, local_gd
 
 Vec = list[float]
@@ -148,6 +151,132 @@ def test_scaffold_at_the_seed_settings_reaches_the_pooled_optimum(seed_federatio
     # FedAvg at the same settings stalls at its own fixed point, far from it
     assert not close(fedavg_closed_form(SEED_DATA, 0.01, 10), [0.5, 3.0], 0.1)
     assert set(body["rounds"][-1]["server_state"]) == {"c"}
+
+
+# SCAFFOLD when not every client replies: three clients with n_k = 3, 8, 20
+# and different x (different Hessians, so FedAvg drifts), each on a line of
+# its own (the third with noise, so no client's optimum is the pooled one).
+UNEQUAL = [[(0.0, 1.0), (1.0, 3.0), (2.0, 5.0)],
+           [(1.0 + 0.5 * i, 3.0 - 0.5 * i) for i in range(8)],
+           [(0.5 + 0.25 * i, 0.125 * i + 0.25 + (0.3 if i % 2 else -0.3)) for i in range(20)]]
+
+
+def pooled_line(clients) -> Vec:
+    """The least-squares line through every client's rows: w = cov(x, y)/var(x), b = ȳ − w·x̄."""
+    rows = [row for data in clients for row in data]
+    mx, my = sum(x for x, _ in rows) / len(rows), sum(y for _, y in rows) / len(rows)
+    w = sum((x - mx) * (y - my) for x, y in rows) / sum((x - mx) ** 2 for x, _ in rows)
+    return [w, my - w * mx]
+
+
+def scaffold_reference(clients, took_part: list[list[int]], lr: float, epochs: int,
+                       known_from: dict[int, int] | None = None) -> list[Vec]:
+    """SCAFFOLD, option II (Karimireddy et al., 2020), with n_k weights: in
+    each round the clients of ``took_part`` (indices) take ``epochs`` steps
+    y ← y − lr·(∇L_k(y) − c_k + c) from W, then c_k⁺ = c_k − c + (W − y)/(τ·lr);
+    W ← W + Σ_{k∈S} n_k/N_S·(y_k − W), and c ← c + Σ_{k∈S} n_k/N·Δc_k with N
+    over ALL clients, which keeps c = Σ_k n_k/N·c_k. The others keep their c_k.
+    ``known_from`` {k: round}: client k's n_k is unknown before that round's
+    reply; c is then Σ_k n_k·c_k / Σ_k n_k over the clients known, from every c_k."""
+    ns = [len(d) for d in clients]
+    total = sum(ns)
+    known_from = known_from or {}
+    theta, c = [0.0, 0.0], [0.0, 0.0]
+    c_k = [[0.0, 0.0] for _ in clients]
+    out = []
+    for t, part in enumerate(took_part, start=1):
+        moved, dc = [], []
+        for k in part:
+            y = theta[:]
+            for _ in range(epochs):
+                g = pooled_gradient(clients[k], *y)
+                y = [y[j] - lr * (g[j] - c_k[k][j] + c[j]) for j in range(2)]
+            new_c_k = [c_k[k][j] - c[j] + (theta[j] - y[j]) / (epochs * lr) for j in range(2)]
+            dc.append([new_c_k[j] - c_k[k][j] for j in range(2)])
+            c_k[k] = new_c_k
+            moved.append([y[j] - theta[j] for j in range(2)])
+        step = average(moved, [ns[k] for k in part])
+        theta = [theta[j] + step[j] for j in range(2)]
+        if known_from:
+            known = [k for k in range(len(clients)) if known_from.get(k, 0) <= t]
+            c = [sum(ns[k] * c_k[k][j] for k in known) / sum(ns[k] for k in known) for j in range(2)]
+        else:
+            c = [c[j] + sum(ns[k] / total * d[j] for k, d in zip(part, dc)) for j in range(2)]
+        out.append(theta)
+    return out
+
+
+def who_took_part(body: dict, names: list[str]) -> list[list[int]]:
+    return [[names.index(p["client_id"]) for p in r["participants"]] for r in body["rounds"]]
+
+
+def test_scaffold_with_two_of_three_clients_a_round_and_unequal_n_k_reaches_the_pooled_optimum(federation):
+    """|S| = 2 of K = 3 each round (fraction 0.6). With c ← c + |S|/K·Σ n_k/N_S·Δc_k
+    this run settled 0.895 from the pooled optimum and stayed there (20,000 rounds)."""
+    fed = federation([local_client(name, [list(row) for row in data])
+                      for name, data in zip(("small", "middle", "large"), UNEQUAL)])
+    body = run(fed, strategy="scaffold", rounds=300, fraction=0.6, lr=0.05, local_epochs=5, seed=3)
+    took_part = who_took_part(body, ["small", "middle", "large"])
+    assert {len(part) for part in took_part} == {2} and len({tuple(part) for part in took_part}) == 3
+    expected = scaffold_reference(UNEQUAL, took_part, 0.05, 5)
+    for r, (got, want) in enumerate(zip(models(body), expected), start=1):
+        assert close(got, want, 1e-9), f"round {r}: {got} != {want}"
+    assert close(models(body)[-1], pooled_line(UNEQUAL), 1e-9), (models(body)[-1], pooled_line(UNEQUAL))
+
+
+class Down(InProcessTransport):
+    """The clients in this process, some of them down at times, as a client
+    that is down is (a refused connection): ``rounds`` holds (url, round) for
+    each /train not answered (that client never trains then, so its c_k
+    stays as it was); ``health`` the urls whose /health is not answered."""
+
+    rounds: set[tuple[str, int]] = set()
+    health: set[str] = set()
+
+    def call(self, url: str, method: str, path: str, timeout_s: float, body: Any = None):
+        if (path == "/health" and url in self.health) or (path == "/train" and (url, body["round"]) in self.rounds):
+            return Reply(url, reason="cannot connect: connection refused (the client is down)")
+        return super().call(url, method, path, timeout_s, body)
+
+
+def unequal_federation(servers) -> tuple[Federated, Down]:
+    host = create_host_app([local_client(name, [list(row) for row in data])
+                            for name, data in zip(("small", "middle", "large"), UNEQUAL)], None)
+    transport = Down.hosted(host, 3)
+    return servers(transport), transport
+
+
+def test_scaffold_with_a_client_lost_for_one_round_still_reaches_the_pooled_optimum(servers):
+    """Every client each round, but the n_k = 8 client is down in round 5. With
+    the old update this one dropout left a bias that no later round removed."""
+    fed, transport = unequal_federation(servers)
+    transport.rounds = {(transport.urls[1], 5)}
+    body = run(fed, strategy="scaffold", rounds=300, lr=0.05, local_epochs=5, seed=3)
+    took_part = who_took_part(body, ["small", "middle", "large"])
+    assert took_part[4] == [0, 2] and all(part == [0, 1, 2] for r, part in enumerate(took_part) if r != 4)
+    assert body["rounds"][4]["dropped"][0]["client_id"] == "middle"
+    expected = scaffold_reference(UNEQUAL, took_part, 0.05, 5)
+    for r, (got, want) in enumerate(zip(models(body), expected), start=1):
+        assert close(got, want, 1e-9), f"round {r}: {got} != {want}"
+    assert close(models(body)[-1], pooled_line(UNEQUAL), 1e-9), (models(body)[-1], pooled_line(UNEQUAL))
+
+
+def test_scaffold_counts_a_client_whose_health_gave_no_n_k_from_its_first_reply(servers):
+    """The n_k = 8 client is down when the run starts (no /health, so no n_k)
+    and for rounds 1-3. Until it replies N = 3 + 20; then N = 31, and c is
+    rescaled so that it stays Σ_k n_k/N·c_k over the clients known (its c_k
+    was 0). The reference computes c that way from every c_k, each round."""
+    fed, transport = unequal_federation(servers)
+    middle = transport.urls[1]
+    transport.health, transport.rounds = {middle}, {(middle, r) for r in (1, 2, 3)}
+    body = run(fed, strategy="scaffold", rounds=300, lr=0.05, local_epochs=5, seed=3)
+    took_part = who_took_part(body, ["small", "middle", "large"])
+    assert took_part[:3] == [[0, 2]] * 3 and all(part == [0, 1, 2] for part in took_part[3:])
+    expected = scaffold_reference(UNEQUAL, took_part, 0.05, 5, known_from={1: 4})
+    for r, (got, want) in enumerate(zip(models(body), expected), start=1):
+        assert close(got, want, 1e-9), f"round {r}: {got} != {want}"
+    assert "c ← c·23/31 (its c_k was 0)" in "\n".join(body["rounds"][3]["math"])
+    assert close(models(body)[-1], pooled_line(UNEQUAL), 1e-9), (models(body)[-1], pooled_line(UNEQUAL))
 
 
 # --- Exact: least squares in one round ------------------------------------------------

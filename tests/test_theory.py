@@ -12,6 +12,7 @@ import pytest
 
 from conftest import ROOT
 from fedavg import theory
+from fedavg.client import LocalClient
 from fedavg.scenarios import DIABETES_LR, make_clients
 from reference import SEED_DATA, local_gd, reference_fedavg
 
@@ -104,6 +105,58 @@ def test_the_issues_closed_form_when_every_hessian_is_invertible():
         lhs += 0.5 * B
         rhs += 0.5 * B @ own
     np.testing.assert_allclose(theory.fedavg_fixed_point(SEED, lr, epochs), np.linalg.solve(lhs, rhs), atol=1e-12)
+
+
+# --- drift needs clients that differ in x AND in their own optimum ---------------------
+
+# Three clients with the same x (so the same Hessian H_k = (2/n_k)·X̃ᵀX̃) and
+# different y: one on y = 2x + 1, one on y = −x + 5, one with noise; the
+# third holds its x twice over (n_k = 6, the same H_k), so the p_k differ.
+SAME_X = [[(1.0, 3.0), (2.0, 5.0), (4.0, 9.0)],
+          [(1.0, 4.0), (2.0, 3.0), (4.0, 1.0)],
+          [(1.0, 0.2), (2.0, 1.1), (4.0, 2.7), (1.0, -0.4), (2.0, 0.6), (4.0, 3.5)]]
+
+
+def simple_regression(clients) -> list[float]:
+    """The pooled least-squares line, w = cov(x, y)/var(x), b = ȳ − w·x̄, over every row."""
+    rows = [row for data in clients for row in data]
+    mx, my = sum(x for x, _ in rows) / len(rows), sum(y for _, y in rows) / len(rows)
+    w = sum((x - mx) * (y - my) for x, y in rows) / sum((x - mx) ** 2 for x, _ in rows)
+    return [w, my - w * mx]
+
+
+@pytest.mark.parametrize("epochs", [1, 10, 100])
+def test_clients_with_the_same_x_and_different_y_have_no_drift_at_any_epochs(epochs):
+    """Every A_k = I − lr·H is the same A, and the fixed point solves
+    (Σ_{j<E} A^j)·lr·(Hθ − Σ_k p_k g_k) = 0: the pooled normal equations."""
+    pooled = simple_regression(SAME_X)
+    data = [as_arrays(c) for c in SAME_X]
+    np.testing.assert_allclose(theory.fedavg_fixed_point(data, 0.05, epochs), pooled, atol=1e-12)
+    # the clients' own optima are far apart: the y differ, only the x agree
+    assert min(np.linalg.norm(a - b) for a, b in zip(theory.client_optima(data), theory.client_optima(data)[1:])) > 1
+    # move one client's x and the drift is back (the same y, other Hessians)
+    shifted = [SAME_X[0], [(x + 1.0, y) for x, y in SAME_X[1]], SAME_X[2]]
+    moved = theory.fedavg_fixed_point([as_arrays(c) for c in shifted], 0.05, epochs)
+    gap = np.linalg.norm(moved - simple_regression(shifted))
+    assert gap < 1e-12 if epochs == 1 else gap > 1e-2, gap
+
+
+def test_clients_whose_rows_share_one_line_have_no_drift_whatever_their_x():
+    """Different x (different H_k), but y = 0.5·x + 3 on every row: one model
+    is every client's optimum, the fixed point of any weighted average of them."""
+    clients = [[(x, 0.5 * x + 3) for x in xs] for xs in ([0.0, 1.0], [3.0, 4.0, 6.0], [10.0, 12.0])]
+    fixed = theory.fedavg_fixed_point([as_arrays(c) for c in clients], 0.005, 10)
+    np.testing.assert_allclose(fixed, [0.5, 3.0], atol=1e-12)
+
+
+def test_a_federation_of_clients_with_the_same_x_reaches_the_pooled_optimum(federation):
+    """FedAvg itself, on the clients' apps in this process: 10 local epochs a
+    round, and it ends on the pooled least-squares line, not a drifted one."""
+    fed = federation([LocalClient(f"same_x_{k}", *as_arrays(c)) for k, c in enumerate(SAME_X, start=1)])
+    status, body = fed.post("/start", {"rounds": 300, "lr": 0.05, "local_epochs": 10, "seed": 1})
+    assert status == 200 and body["status"] == "completed", body
+    final = body["final_model"]
+    np.testing.assert_allclose([final["w"], final["b"]], simple_regression(SAME_X), atol=1e-9)
 
 
 def test_an_lr_at_which_fedavg_diverges_is_a_clear_error_and_the_reference_agrees():

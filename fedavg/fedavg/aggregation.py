@@ -108,6 +108,9 @@ def outliers(norms: Sequence[float], factor: float = 10.0) -> list[tuple[int, fl
     ``factor`` times the median of the other clients' norms (leave-one-out,
     so that with two clients each is compared with the other). A flag worth
     a look, not a verdict: an honest client far from the rest is flagged too.
+    A norm that is not finite (an update beyond the largest float, ~1.8e308)
+    is the most suspicious of all: always flagged, with the ratio inf,
+    whatever the others' median (even 0, or inf).
     One sort gives every leave-one-out median: O(K log K), in plain Python
     because K is often 2 and NumPy's per-call cost would dominate."""
     k = len(norms)
@@ -121,12 +124,15 @@ def outliers(norms: Sequence[float], factor: float = 10.0) -> list[tuple[int, fl
         if n < 1:
             break
         typical = nth(n // 2) if n % 2 else (nth(n // 2 - 1) + nth(n // 2)) / 2
-        if typical > 0 and norms[i] > factor * typical:
+        if not math.isfinite(norms[i]):
+            out.append((i, math.inf))
+        elif typical > 0 and norms[i] > factor * typical:
             out.append((i, float(norms[i]) / typical))
     return sorted(out)
 
 
 def update_norms(updates: Sequence[np.ndarray]) -> list[float]:
-    """‖Δ_k‖ for every update, without overflow (math.hypot scales; Σ Δ²
-    would overflow for entries near 1e300)."""
+    """‖Δ_k‖ for every update, without overflow on the way (math.hypot
+    scales; Σ Δ² would overflow for entries near 1e300). A norm itself
+    beyond the largest float (w = b = 1.797e308: √2·1.797e308) is inf."""
     return [math.hypot(*u) for u in updates]

@@ -54,11 +54,13 @@ def pipeline(s: RunSettings, roster: Roster, first_round: int, name: str) \
         privacy = Privacy(s.dp, s.fraction, s.min_clients)
         combine, sampler = privacy.aggregator, privacy.sampler
         stages.append(privacy)
-    strategy = STRATEGIES[s.strategy](lr=s.lr, num_clients=len(roster.urls), combine=combine, **(s.params or {}))
+    # roster.sizes is filled by the probe before round 1: the strategy reads it then (SCAFFOLD's N).
+    strategy = STRATEGIES[s.strategy](lr=s.lr, num_clients=len(roster.urls), combine=combine, sizes=roster.sizes,
+                                      **(s.params or {}))
     collector: Collector = (SecureCollector(roster, strategy, s.client_timeout_s, s.secagg, name) if s.secagg
                             else PlainCollector(roster, strategy, s.client_timeout_s))
     # The diagnosis first: a model that is no longer finite is named before anything is written of it.
-    return strategy, sampler, collector, [Diagnosis(strategy, s.lr, s.mu, first_round), *stages]
+    return strategy, sampler, collector, [Diagnosis(strategy, s, first_round), *stages]
 
 
 class Run:

@@ -78,7 +78,7 @@ def start_params(num_clients: int | None = None) -> tuple[Param, ...]:
     ``num_clients``, the bounds that depend on the server's K clients set."""
     robust = {p.name: p for p in ROBUST}
     if num_clients is not None:
-        robust["byzantine"] = robust["byzantine"].bounded(le=max(num_clients - 3, 0))
+        robust["byzantine"] = robust["byzantine"].bounded(le=max(krum_tolerates(num_clients), 0))
         robust["krum_m"] = robust["krum_m"].bounded(le=max(num_clients, 1))
     clients = MIN_CLIENTS.bounded(le=num_clients) if num_clients is not None else MIN_CLIENTS
     return (ROUNDS, STRATEGY, TRAINING["lr"], TRAINING["local_epochs"], TRAINING["batch_size"], MU, FRACTION,
@@ -238,12 +238,28 @@ def _robust(kind: type[Strategy], obj: Mapping[str, Any], num_clients: int,
     for name, owner in ROBUST_OWNER.items():
         if name in obj and rule != owner:
             problems.append(ProtocolError(f"{name}: a setting of aggregator {owner}, not {rule}"))
+    # byzantine's bound depends on K: checked below, where the message can say why.
+    spec["byzantine"] = next(p for p in ROBUST if p.name == "byzantine")
     out = Combine(**{"aggregator": rule, **parse_fields(obj, tuple(spec[n] for n in given if n != "aggregator"), "",
                                                          problems)})
-    if rule == "krum" and num_clients <= out.byzantine + 2:
-        problems.append(ProtocolError(f"aggregator: krum with byzantine={out.byzantine} needs more than "
-                                      f"{out.byzantine + 2} clients; this server has {num_clients}"))
+    if rule == "krum" and krum_tolerates(num_clients) < 0:
+        problems.append(ProtocolError(f"aggregator: krum needs at least 3 clients (K ≥ 2f + 3, even with f = 0); "
+                                      f"this server has {num_clients}"))
+    elif rule == "krum" and out.byzantine > krum_tolerates(num_clients):
+        problems.append(ProtocolError(f"byzantine: krum holds f attackers only among K ≥ 2f + 3 clients (Blanchard "
+                                      f"et al., 2017); this server has {num_clients}, so byzantine is at most "
+                                      f"{krum_tolerates(num_clients)}, got {out.byzantine}"
+                                      + ("" if "byzantine" in obj else " (its default)")))
     return out
+
+
+def krum_tolerates(num_clients: int) -> int:
+    """The most attackers f Krum holds among K clients: Blanchard et al.
+    (2017) prove it resilient when K ≥ 2f + 3, so f = ⌊(K − 3)/2⌋ (negative:
+    no f, K < 3). Beyond it, f attackers that agree outvote the honest
+    clients' neighbourhoods (K = 10 with f = 7 and 2 attackers sending
+    w = b = 10¹² ends at 10¹²)."""
+    return (num_clients - 3) // 2
 
 
 # The strategies whose server step starts from the average of the local

@@ -18,6 +18,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -135,10 +136,17 @@ class Strategy(ABC):
     averages_models: ClassVar[bool] = False
     combines: ClassVar[bool] = True  # it combines vectors with the run's rule, so a robust rule applies
     one_round: ClassVar[bool] = False  # its first round gives the answer: a run of it is one round unless asked
+    # Its clients' local steps are gradient descent on their own loss (+ FedProx's term): a client
+    # whose loss grows over them is diverging at this lr (the server's diagnosis relies on it).
+    descends_own_loss: ClassVar[bool] = True
 
-    def __init__(self, lr: float = 0.01, num_clients: int = 1, combine: Combine = Combine(), **values: float) -> None:
+    def __init__(self, lr: float = 0.01, num_clients: int = 1, combine: Combine = Combine(),
+                 sizes: Mapping[str, int] | None = None, **values: float) -> None:
         self.lr = lr  # the run's lr (FedSGD's server step uses it)
-        self.num_clients = num_clients  # K, every client configured (SCAFFOLD's c update)
+        self.num_clients = num_clients  # K, every client configured
+        # url → n_k of every client configured, as its /health said (the run's
+        # roster, filled before round 1): SCAFFOLD's c is weighted over all of them.
+        self.sizes: Mapping[str, int] = {} if sizes is None else sizes
         self.combine = combine  # FedAvg's weighted average, or a robust rule
         self.p = {param.name: float(values.get(param.name, param.default)) for param in self.params}
 

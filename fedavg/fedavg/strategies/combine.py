@@ -123,8 +123,8 @@ ROBUST: tuple[Param, ...] = (
           type="string", choices=AGGREGATORS),
     Param("trim", Combine.trim, "`trimmed_mean` only: β, the share cut from each end of every coordinate", ge=0,
           lt=0.5),
-    Param("byzantine", Combine.byzantine, "`krum` only: f, the attackers tolerated; Krum needs more than f + 2 "
-          "clients", type="integer", ge=0, doc_range="`[0, K−3]`"),
+    Param("byzantine", Combine.byzantine, "`krum` only: f, the attackers tolerated; Krum's guarantee (Blanchard et "
+          "al., 2017) needs K ≥ 2f + 3 clients", type="integer", ge=0, doc_range="`[0, ⌊(K−3)/2⌋]`"),
     Param("krum_m", Combine.krum_m, "`krum` only: average the m best-scored (multi-Krum when m > 1)",
           type="integer", ge=1, doc_range="`[1, K]`"),
     Param("clip_norm", Combine.clip_norm, "bound S on each update ‖W_k − W_t‖ before combining (any aggregator)",
