@@ -130,9 +130,15 @@ class Federated:
         return r.status_code, r.get_json()
 
     def run(self, **settings: Any) -> dict[str, Any]:
-        """POST /start with these settings and wait: the ended run (a 200, else the test fails)."""
+        """POST /start with these settings and wait: the ended run (a 200, else the test fails),
+        every round of it (the answer holds the first page; the rest is read with ?since=)."""
         status, body = self.post("/start", settings)
         assert status == 200, body
+        while body.get("more"):
+            status, page = self.get(f"/runs/{body['run_id']}?since={body['rounds'][-1]['round']}&limit=10000")
+            assert status == 200, page
+            body["rounds"] += page["rounds"]
+            body["more"] = page.get("more", False)
         return body
 
     def close(self) -> None:
