@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from fedavg.model import Theta, split
+from fedavg.privacy import DPAverage
 from fedavg.strategies import Result, Strategy
 from fedavg.strict_json import ProtocolError, model_json
 from fedavg.wire import CannotDo, parse_evaluate_reply, parse_train_reply
@@ -131,6 +132,11 @@ class SecureCollector:
     secagg: SecAggSettings
     run_name: str  # names the session to the clients, with the round and a fresh token
 
+    @property
+    def equal_weights(self) -> bool:
+        """DP-FedAvg sums the updates unweighted: each client's w_k is 1, not n_k."""
+        return isinstance(self.strategy.combine, DPAverage)
+
     def collect(self, r: int, theta: Theta, sample: list[str], body_for: Body) -> Collected:
         secure = self._sum(f"round {r}", sample, body_for, len(theta) - 1)
         d = self.roster.num_features or len(theta) - 1
@@ -156,13 +162,14 @@ class SecureCollector:
 
     def _sum(self, what: str, urls: list[str], body_for: Body, d: int) -> Any:
         from .secure import SecureRoundFailed, secure_sum  # cryptography: only for runs that use it
-        # A fresh session each attempt: a round restarted after a crash gets fresh keys.
-        session = f"{self.run_name}|{what}|{secrets.token_hex(8)}"
+
+        def session() -> str:
+            # A fresh session each attempt: a round restarted after a crash, or without a client whose
+            # shares did not open, gets fresh keys.
+            return f"{self.run_name}|{what}|{secrets.token_hex(8)}"
         try:
             return secure_sum(self.roster.transport, urls, self.roster.names, session, self.secagg.threshold,
                               self.secagg.scale_bits, (self.roster.num_features or d) + 5, self.timeout_s,
-                              body_for, self.secagg.neighbors)
+                              body_for, self.secagg.neighbors, self.equal_weights)
         except SecureRoundFailed as e:
             raise RoundFailed(str(e)) from None
-
-

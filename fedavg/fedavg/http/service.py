@@ -175,8 +175,11 @@ def serve(app: Flask, host: str, port: int, threads: int = 8, announce: str | No
             import waitress
             # connection_limit: a server fanning out to a thousand clients, or
             # a host serving them, holds that many keep-alive connections.
+            # channel_request_lookahead: waitress reads on while a request waits or
+            # runs, so it sees the caller hang up (environ["waitress.client_disconnected"]):
+            # a secure step the server gave up on is then not worked on (secure_routes).
             server = waitress.create_server(app, host=host, port=port, threads=threads, connection_limit=4096,
-                                            ident="raw-fedavg")  # binds here
+                                            channel_request_lookahead=1, ident="raw-fedavg")  # binds here
             _announce(announce)
             server.run()
     except KeyboardInterrupt:
