@@ -416,6 +416,90 @@ def test_a_wrong_share_is_found_out_and_named(wired):
     assert run["rounds"][0]["global_model"]["w"] == pytest.approx(w, abs=1e-6)
 
 
+def lies(delta: dict[int, float]) -> Callable[[dict], dict]:
+    """/secagg/masked's reply with δ added under the mask: y + round(δ·2^24) mod 2^64 (Python
+    integers) unmasks to x + δ, what a client lying about its input x would send, as well hidden
+    as the truth. Slots of x for one feature: 0, 1 = w_k·θ_k, 2 = w_k, 3 = n_k·L_k, 4 = n_k, 5 = bit_k."""
+    def change(reply: dict) -> dict:
+        raw = base64.b64decode(reply["masked"])
+        words = [int.from_bytes(raw[8 * e:8 * e + 8], "little") for e in range(len(raw) // 8)]
+        words = [(w + round(delta.get(e, 0.0) * 2**24)) % 2**64 for e, w in enumerate(words)]
+        return {**reply, "masked": base64.b64encode(b"".join(w.to_bytes(8, "little") for w in words)).decode()}
+    return change
+
+
+def random_words(reply: dict) -> dict:
+    """Uniform words in place of the masked input: they look masked, and unmask to noise."""
+    return {**reply, "masked": base64.b64encode(os.urandom(len(base64.b64decode(reply["masked"])))).decode()}
+
+
+THREE_N = len(SEED_DATA[0]) + len(SEED_DATA[1]) + len(client_data(0, seed=7))  # N of three_clients()
+
+
+@pytest.mark.parametrize("change, named", [
+    (lies({2: 1e6, 0: 1e7, 1: 1e7}), f"Σ w_k = {1e6 + THREE_N:.6f} where the 3 survivors' is {THREE_N}, the n_k"),
+    (lies({2: -THREE_N}), f"Σ w_k = 0.000000 where the 3 survivors' is {THREE_N}, the n_k"),
+    (lies({2: -0.5}), f"Σ w_k = {THREE_N - 0.5:.6f} where"),
+    (lies({4: 1000}), f"N = Σ n_k = {THREE_N + 1000:.6f} where the 3 survivors' is {THREE_N}, the n_k"),
+    (lies({3: -1e6}), "Σ n_k·L_k = -"),
+    (random_words, "Σ w_k = "),
+], ids=["weight ×10⁶ and a model to match", "total weight 0", "half a sample less", "N", "negative losses",
+        "random words"])
+def test_a_sum_no_honest_clients_send_fails_the_round_naming_secure_aggregation(wired, change, named):
+    """sim_1 (client 3 of three_clients) lies in its input under the mask:
+    the server checks each slot of the sum against what honest inputs give
+    (Σ w_k and N: the survivors' n_k from /health, exactly; Σ n_k·L_k ≥ 0),
+    and a sum that fails fails the round, naming secure aggregation, not the
+    lr, and averaging nothing. (Before: a weight of 10⁶ with a model of
+    (10, 10) gave y ≈ 9.99999·x + 9.99999 and a completed run; a total
+    weight of 0, "diverged … lr too large"; random words, a wrong model.)"""
+    fed, _ = wired(three_clients(), {3: tamper("masked", change)})
+    run = fed.run(rounds=1, secagg={"threshold": 2})
+    assert run["status"] == "failed" and run["rounds"] == [], run
+    assert run["error"].startswith("round 1: secure aggregation: the sum of the survivors' inputs is not one "
+                                   "honest clients send: "), run["error"]
+    assert named in run["error"] and "lr" not in run["error"], run["error"]
+    assert "secure aggregation hides whose; nothing of this round was averaged" in run["error"]
+
+
+@pytest.mark.parametrize("dp", [None, {"noise_multiplier": 0.5, "clip": 1.0, "local_noise": True}],
+                         ids=["plain", "dp local noise"])
+@pytest.mark.parametrize("bits", [1e6, -1e6, -3.5], ids=["10⁶ more", "10⁶ fewer", "just below 0"])
+def test_a_count_of_unclipped_updates_outside_0_to_u3_is_refused(wired, bits, dp):
+    """The last slot of the sum is Σ bit_k, the count of updates that fit
+    under the clip bound (what adaptive clipping moves S by: before, 10⁶ more
+    drove S to 0 and 10⁶ fewer overflowed exp()). Each bit_k is 0 or 1, so an
+    honest count is in [0, |U3|]: one outside fails the round naming it,
+    whatever the run does with the count, and an honest run of the same
+    settings completes. (Before, the count was read unchecked: a plain run
+    completed with any count.)"""
+    body = {"secagg": {"threshold": 2}, **({"dp": dp} if dp else {})}
+    honest, _ = wired(three_clients())
+    run = honest.run(rounds=2, **body)
+    assert run["status"] == "completed", run.get("error")
+    fed, _ = wired(three_clients(), {3: tamper("masked", lies({5: bits}))})
+    run = fed.run(rounds=1, **body)
+    assert run["status"] == "failed" and run["rounds"] == [], run
+    assert run["error"].startswith("round 1: secure aggregation: the sum of the survivors' inputs is not one "
+                                   "honest clients send: "), run["error"]
+    assert re.search(r"the count of updates within the clip bound Σ bit_k = -?[0-9.]+ is outside \[0, \|U3\| = 3\]",
+                     run["error"]), run["error"]
+
+
+def test_a_lie_in_the_model_itself_is_not_seen_and_moves_the_average_by_its_share(wired):
+    """What secure aggregation cannot check: sim_1 adds 1000·N to its w_k·θ_k
+    (w only). The sum is consistent in every slot the server checks, the round
+    completes, and w is plain-Python FedAvg's + 1000: one client sets the model
+    as far as it likes (PRIVACY.md says so; only a robust rule, which needs each
+    update, would resist, and it cannot run on a sum)."""
+    fed, _ = wired(three_clients(), {3: tamper("masked", lies({0: 1000 * THREE_N}))})
+    run = fed.run(rounds=1, secagg={"threshold": 2})
+    assert run["status"] == "completed", run.get("error")
+    w, b = fedavg_round([*SEED_DATA, client_data(0, seed=7)], 0.0, 0.0)
+    assert run["rounds"][0]["global_model"]["w"] == pytest.approx(w + 1000, abs=1e-6)
+    assert run["rounds"][0]["global_model"]["b"] == pytest.approx(b, abs=1e-6)
+
+
 def test_dp_with_an_unbounded_clip_weighs_every_client_equally_under_secure_aggregation(seed_federation):
     """dp with S = ∞ and σ = 0 (a config that tells the clients neither to clip
     nor to noise): DP-FedAvg's release is θ_t + Σ_k Δ_k / M, every client's
