@@ -326,7 +326,8 @@ def in_clear(reply: dict) -> dict:
     ("masked", lambda r: {**r, "masked": base64.b64encode(base64.b64decode(r["masked"])[:-8]).decode()},
      "reply.masked"),
     ("masked", in_clear, "sent unmasked"),
-], ids=["low-order key", "malformed key", "short masked vector", "unmasked input"])
+    ("masked", lambda r: {"bad_shares": {"7": "made up"}}, "reply.bad_shares: names clients [7]"),
+], ids=["low-order key", "malformed key", "short masked vector", "unmasked input", "blames a stranger"])
 def test_a_bad_message_drops_its_client_with_the_reason_and_the_round_goes_on(wired, step, change, reason):
     """sim_1 (client 3) lies at one step: it is dropped with its reason, and
     the round is the exact average of the others (masks with client 3
@@ -340,6 +341,63 @@ def test_a_bad_message_drops_its_client_with_the_reason_and_the_round_goes_on(wi
     w, b = fedavg_round(SEED_DATA, 0.0, 0.0)
     assert record["global_model"]["w"] == pytest.approx(w, abs=1e-6)
     assert record["global_model"]["b"] == pytest.approx(b, abs=1e-6)
+
+
+def garbage(to: Callable[[str], bool] = lambda j: True) -> Callable[[dict], dict]:
+    """/secagg/share's reply with random bytes, of the right length, sealed for the holders ``to`` picks."""
+    return lambda reply: {**reply, "shares": {
+        j: base64.b64encode(os.urandom(len(base64.b64decode(blob)))).decode() if to(j) else blob
+        for j, blob in reply["shares"].items()}}
+
+
+@pytest.mark.parametrize("to", ["every holder", "one holder"])
+def test_a_client_whose_sealed_shares_do_not_open_is_dropped_and_the_round_goes_on(wired, to):
+    """Five iid clients; sim_5 sends random bytes in place of its sealed
+    shares, to every holder or to one, every round. A holder that cannot open
+    them names it at /secagg/masked (only the pair holds the key), the round
+    starts again without it in a new session (each honest client asked to
+    advertise twice), and every round is plain-Python FedAvg of the other
+    four, who are not dropped. (Before, the four honest clients failed at
+    the unmasking, were dropped, and the run failed; sim_5 was not named.)"""
+    fed, wire = wired(make_clients("iid", 5), {5: tamper("share", garbage() if to == "every holder"
+                                                          else garbage(lambda j: j == "1"))})
+    run = fed.run(rounds=2, secagg=True)
+    assert run["status"] == "completed", run.get("error")
+    honest = [client_data(c) for c in range(4)]
+    w = b = 0.0
+    for record in run["rounds"]:
+        w, b = fedavg_round(honest, w, b)
+        assert record["global_model"]["w"] == pytest.approx(w, abs=1e-6)
+        assert record["global_model"]["b"] == pytest.approx(b, abs=1e-6)
+        assert sorted(p["client_id"] for p in record["participants"]) == ["sim_1", "sim_2", "sim_3", "sim_4"]
+        assert [d["client_id"] for d in record["dropped"]] == ["sim_5"]
+        assert record["dropped"][0]["reason"].startswith("secagg share: its sealed shares did not open at sim_")
+        assert "failed authentication" in record["dropped"][0]["reason"]
+        assert "started again, in a new session with fresh keys, without sim_5" in "\n".join(record["math"])
+    # Two attempts at each of the 3 secure sums (2 rounds and the final evaluation), each its own session;
+    # sim_5 is asked in the first only.
+    sessions = [body["session"] for body in wire.paths(1, "/secagg/advertise")]
+    assert len(sessions) == 3 * 2 and len(set(sessions)) == len(sessions)
+    assert len(wire.paths(5, "/secagg/advertise")) == 3
+
+
+def test_shares_that_do_not_open_again_after_the_restart_fail_the_round_naming_the_sender(wired):
+    """sim_5 sends garbage in the first attempt at round 1 and sim_4 only in
+    the second: the round is restarted once, without sim_5, and then fails
+    naming sim_4; nothing was unmasked (no client asked for a share)."""
+    shared = {4: 0}
+
+    def second_time(path: str, phase: str, body: Any) -> Any:
+        if phase == "reply" and path == "/secagg/share":
+            shared[4] += 1
+            return garbage()(body) if shared[4] == 2 else body
+        return body if phase == "reply" else None
+    fed, wire = wired(make_clients("iid", 5), {5: tamper("share", garbage()), 4: second_time})
+    run = fed.run(rounds=1, secagg=True)
+    assert run["status"] == "failed" and run["rounds"] == []
+    assert "the sealed shares of sim_4 did not open at their holders; nothing was revealed" in run["error"]
+    assert "in the round's second attempt too (the first dropped sim_5)" in run["error"]
+    assert not any(wire.paths(c, "/secagg/unmask") for c in wire.asked)
 
 
 def test_a_wrong_share_is_found_out_and_named(wired):
@@ -356,6 +414,106 @@ def test_a_wrong_share_is_found_out_and_named(wired):
     assert "b_3: the share(s) from client(s) [1] are wrong" in math
     w, b = fedavg_round([*SEED_DATA, client_data(0, seed=7)], 0.0, 0.0)
     assert run["rounds"][0]["global_model"]["w"] == pytest.approx(w, abs=1e-6)
+
+
+def lies(delta: dict[int, float]) -> Callable[[dict], dict]:
+    """/secagg/masked's reply with δ added under the mask: y + round(δ·2^24) mod 2^64 (Python
+    integers) unmasks to x + δ, what a client lying about its input x would send, as well hidden
+    as the truth. Slots of x for one feature: 0, 1 = w_k·θ_k, 2 = w_k, 3 = n_k·L_k, 4 = n_k, 5 = bit_k."""
+    def change(reply: dict) -> dict:
+        raw = base64.b64decode(reply["masked"])
+        words = [int.from_bytes(raw[8 * e:8 * e + 8], "little") for e in range(len(raw) // 8)]
+        words = [(w + round(delta.get(e, 0.0) * 2**24)) % 2**64 for e, w in enumerate(words)]
+        return {**reply, "masked": base64.b64encode(b"".join(w.to_bytes(8, "little") for w in words)).decode()}
+    return change
+
+
+def random_words(reply: dict) -> dict:
+    """Uniform words in place of the masked input: they look masked, and unmask to noise."""
+    return {**reply, "masked": base64.b64encode(os.urandom(len(base64.b64decode(reply["masked"])))).decode()}
+
+
+THREE_N = len(SEED_DATA[0]) + len(SEED_DATA[1]) + len(client_data(0, seed=7))  # N of three_clients()
+
+
+@pytest.mark.parametrize("change, named", [
+    (lies({2: 1e6, 0: 1e7, 1: 1e7}), f"Σ w_k = {1e6 + THREE_N:.6f} where the 3 survivors' is {THREE_N}, the n_k"),
+    (lies({2: -THREE_N}), f"Σ w_k = 0.000000 where the 3 survivors' is {THREE_N}, the n_k"),
+    (lies({2: -0.5}), f"Σ w_k = {THREE_N - 0.5:.6f} where"),
+    (lies({4: 1000}), f"N = Σ n_k = {THREE_N + 1000:.6f} where the 3 survivors' is {THREE_N}, the n_k"),
+    (lies({3: -1e6}), "Σ n_k·L_k = -"),
+    (random_words, "Σ w_k = "),
+], ids=["weight ×10⁶ and a model to match", "total weight 0", "half a sample less", "N", "negative losses",
+        "random words"])
+def test_a_sum_no_honest_clients_send_fails_the_round_naming_secure_aggregation(wired, change, named):
+    """sim_1 (client 3 of three_clients) lies in its input under the mask:
+    the server checks each slot of the sum against what honest inputs give
+    (Σ w_k and N: the survivors' n_k from /health, exactly; Σ n_k·L_k ≥ 0),
+    and a sum that fails fails the round, naming secure aggregation, not the
+    lr, and averaging nothing. (Before: a weight of 10⁶ with a model of
+    (10, 10) gave y ≈ 9.99999·x + 9.99999 and a completed run; a total
+    weight of 0, "diverged … lr too large"; random words, a wrong model.)"""
+    fed, _ = wired(three_clients(), {3: tamper("masked", change)})
+    run = fed.run(rounds=1, secagg={"threshold": 2})
+    assert run["status"] == "failed" and run["rounds"] == [], run
+    assert run["error"].startswith("round 1: secure aggregation: the sum of the survivors' inputs is not one "
+                                   "honest clients send: "), run["error"]
+    assert named in run["error"] and "lr" not in run["error"], run["error"]
+    assert "secure aggregation hides whose; nothing of this round was averaged" in run["error"]
+
+
+@pytest.mark.parametrize("dp", [None, {"noise_multiplier": 0.5, "clip": 1.0, "local_noise": True}],
+                         ids=["plain", "dp local noise"])
+@pytest.mark.parametrize("bits", [1e6, -1e6, -3.5], ids=["10⁶ more", "10⁶ fewer", "just below 0"])
+def test_a_count_of_unclipped_updates_outside_0_to_u3_is_refused(wired, bits, dp):
+    """The last slot of the sum is Σ bit_k, the count of updates that fit
+    under the clip bound (what adaptive clipping moves S by: before, 10⁶ more
+    drove S to 0 and 10⁶ fewer overflowed exp()). Each bit_k is 0 or 1, so an
+    honest count is in [0, |U3|]: one outside fails the round naming it,
+    whatever the run does with the count, and an honest run of the same
+    settings completes. (Before, the count was read unchecked: a plain run
+    completed with any count.)"""
+    body = {"secagg": {"threshold": 2}, **({"dp": dp} if dp else {})}
+    honest, _ = wired(three_clients())
+    run = honest.run(rounds=2, **body)
+    assert run["status"] == "completed", run.get("error")
+    fed, _ = wired(three_clients(), {3: tamper("masked", lies({5: bits}))})
+    run = fed.run(rounds=1, **body)
+    assert run["status"] == "failed" and run["rounds"] == [], run
+    assert run["error"].startswith("round 1: secure aggregation: the sum of the survivors' inputs is not one "
+                                   "honest clients send: "), run["error"]
+    assert re.search(r"the count of updates within the clip bound Σ bit_k = -?[0-9.]+ is outside \[0, \|U3\| = 3\]",
+                     run["error"]), run["error"]
+
+
+def test_a_lie_in_the_model_itself_is_not_seen_and_moves_the_average_by_its_share(wired):
+    """What secure aggregation cannot check: sim_1 adds 1000·N to its w_k·θ_k
+    (w only). The sum is consistent in every slot the server checks, the round
+    completes, and w is plain-Python FedAvg's + 1000: one client sets the model
+    as far as it likes (PRIVACY.md says so; only a robust rule, which needs each
+    update, would resist, and it cannot run on a sum)."""
+    fed, _ = wired(three_clients(), {3: tamper("masked", lies({0: 1000 * THREE_N}))})
+    run = fed.run(rounds=1, secagg={"threshold": 2})
+    assert run["status"] == "completed", run.get("error")
+    w, b = fedavg_round([*SEED_DATA, client_data(0, seed=7)], 0.0, 0.0)
+    assert run["rounds"][0]["global_model"]["w"] == pytest.approx(w + 1000, abs=1e-6)
+    assert run["rounds"][0]["global_model"]["b"] == pytest.approx(b, abs=1e-6)
+
+
+def test_dp_with_an_unbounded_clip_weighs_every_client_equally_under_secure_aggregation(seed_federation):
+    """dp with S = ∞ and σ = 0 (a config that tells the clients neither to clip
+    nor to noise): DP-FedAvg's release is θ_t + Σ_k Δ_k / M, every client's
+    update counted once, computed here. The server tells the clients to weigh
+    equally (``equal_weights``), as DPAverage.from_sum needs; before, they
+    weighted by n_k and the model was twice too far (w = 2.0997 for 1.0499)."""
+    run = seed_federation.run(rounds=3, secagg=True, dp={"noise_multiplier": 0, "clip": None, "local_noise": True})
+    assert run["status"] == "completed", run.get("error")
+    w = b = 0.0
+    for record in run["rounds"]:
+        updates = [local_gd(data, w, b) for data in SEED_DATA]
+        w, b = w + sum(lw - w for lw, _ in updates) / 2, b + sum(lb - b for _, lb in updates) / 2
+        assert record["global_model"]["w"] == pytest.approx(w, abs=1e-6)
+        assert record["global_model"]["b"] == pytest.approx(b, abs=1e-6)
 
 
 def test_dp_with_secure_aggregation_is_dp_fedavg_on_the_masked_sum(seed_federation):

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
-from fedavg import secagg, secagg_graph
+from fedavg import secagg, secagg_crypto, secagg_graph
 from fedavg.trace import fmt
 
 SESSION = b"run 1 round 1"
@@ -49,17 +49,13 @@ class Federation:
     neighbourhood N[i] = N(i) ∪ {i}, as the server does; without, all of U1."""
 
     def __init__(self, xs: dict[int, list[float]], t: int, before: tuple[int, ...] = (), session: bytes = SESSION,
-                 tamper: tuple[int, int] | None = None, graph: dict[int, set[int]] | None = None) -> None:
+                 graph: dict[int, set[int]] | None = None) -> None:
         self.xs, self.t, self.session, self.graph = xs, t, session, graph
         self.clients = {i: secagg.SecAggClient(i, session, t) for i in xs}
         self.public = {i: c.advertise() for i, c in self.clients.items()}  # U1
         self.sealed = {i: self.clients[i].share_keys({j: self.public[j] for j in self.hood(i)})
                        for i in xs if i not in before}
         self.u2 = sorted(self.sealed)
-        if tamper:  # (sender, recipient): the server flips a bit of what it forwards
-            sender, recipient = tamper
-            blob = self.sealed[sender][recipient]
-            self.sealed[sender][recipient] = blob[:-1] + bytes([blob[-1] ^ 1])
         self.masked = {i: self.clients[i].masked_input(xs[i], self.inbox(i), self.told(i, self.u2), len(xs))
                        for i in self.u2}
 
@@ -317,11 +313,77 @@ def test_one_masked_input_per_session_a_retry_gets_the_same():
         fed.clients[1].masked_input([v + 1 for v in fed.xs[1]], fed.inbox(1), fed.u2)
 
 
-def test_a_tampered_ciphertext_is_refused_naming_its_sender():
-    fed = Federation(random_inputs(3, 2, seed=25), 2, tamper=(2, 1))
-    with pytest.raises(ValueError, match="shares from client 2: .*failed authentication"):
-        fed.clients[1].unmask([1, 2, 3], [])
-    fed.clients[3].unmask([1, 2, 3], [])  # what reached client 3 is intact
+def test_shares_that_do_not_open_name_their_sender_before_anything_is_masked():
+    """What client 2 sealed to client 1, with a bit flipped on the way, and
+    what client 3 sealed to client 2, passed on to client 1 as if from 3:
+    client 1 names the sender (AES-GCM under a key only the pair holds, the
+    pair in the AAD) before it masks anything, and keeps nothing: given the
+    intact pairs it masks as if nothing had happened, and the round unmasks
+    to the plain sum. (It used to find out only at the unmasking, after
+    everyone had masked with the sender.)"""
+    xs = random_inputs(3, 2, seed=25)
+    clients = {i: secagg.SecAggClient(i, SESSION, 2) for i in xs}
+    public = {i: c.advertise() for i, c in clients.items()}
+    sealed = {i: c.share_keys(public) for i, c in clients.items()}
+    inbox = {i: {j: sealed[j][i] for j in xs if j != i} for i in xs}
+    flipped = inbox[1][2][:-1] + bytes([inbox[1][2][-1] ^ 1])
+    with pytest.raises(secagg.BadShares) as refused:
+        clients[1].masked_input(xs[1], {**inbox[1], 2: flipped}, [1, 2, 3])
+    assert list(refused.value.senders) == [2] and "failed authentication" in refused.value.senders[2]
+    assert "client 2: the sealed shares failed authentication" in str(refused.value)
+    with pytest.raises(secagg.BadShares) as redirected:
+        clients[1].masked_input(xs[1], {**inbox[1], 3: sealed[3][2]}, [1, 2, 3])
+    assert list(redirected.value.senders) == [3]
+    masked = {i: clients[i].masked_input(xs[i], inbox[i], [1, 2, 3]) for i in xs}
+    b, s_sk = secagg.collect_shares({i: c.unmask([1, 2, 3], []) for i, c in clients.items()})
+    total, _ = secagg.unmask_sum(masked, b, s_sk, public, survivors_u2=[1, 2, 3], session=SESSION, threshold=2,
+                                 length=2)
+    assert_close(total, plain_sum(list(xs.values())), 3)
+
+
+class StopAt:
+    """A ``stop`` that says so from its n-th question on, and counts them."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.asked = n, 0
+
+    def __call__(self) -> bool:
+        self.asked += 1
+        return self.asked >= self.n
+
+
+def test_each_step_stops_between_units_of_work_when_told_and_keeps_nothing():
+    """``stop`` is asked before each step begins and between its units of
+    work: each peer's key agreement, each 16-byte Shamir split (s_sk_i is
+    two, b_i one), each seal, each pair mask. A stop that says so at the 2nd
+    split ends share_keys with one split done (Shamir.split called once, no
+    share sealed); at the 2nd pair mask, masked_input with one mask added;
+    before the unmasking, nothing revealed. Asked again without it, each
+    step runs from scratch, and the round unmasks to the plain sum."""
+    xs = random_inputs(4, 2, seed=31)
+    clients = {i: secagg.SecAggClient(i, SESSION, 3) for i in xs}
+    public = {i: c.advertise() for i, c in clients.items()}
+    with mock.patch.object(secagg_crypto.Shamir, "split", wraps=secagg_crypto.Shamir.split) as split, \
+            mock.patch.object(secagg, "seal", wraps=secagg.seal) as sealing:
+        with pytest.raises(secagg.Stopped, match=r"^stopped after 1 of 3 Shamir splits$"):
+            clients[1].share_keys(public, stop=StopAt(1 + 3 + 2))  # (begun, 3 agreements, 2nd split)
+        assert split.call_count == 1 and sealing.call_count == 0
+    with pytest.raises(secagg.Stopped, match=r"^stopped before it began$"):
+        clients[2].share_keys(public, stop=StopAt(1))
+    sealed = {i: c.share_keys(public) for i, c in clients.items()}
+    inbox = {i: {j: sealed[j][i] for j in xs if j != i} for i in xs}
+    with mock.patch.object(secagg, "expand", wraps=secagg.expand) as masks:
+        with pytest.raises(secagg.Stopped, match=r"^stopped after 1 of 3 pair masks$"):
+            clients[1].masked_input(xs[1], inbox[1], [1, 2, 3, 4], stop=StopAt(1 + 2))
+        assert masks.call_count == 1
+    masked = {i: c.masked_input(xs[i], inbox[i], [1, 2, 3, 4]) for i, c in clients.items()}
+    with pytest.raises(secagg.Stopped, match=r"^stopped before it began$"):
+        clients[1].unmask([1, 2, 3], [4], stop=StopAt(1))
+    replies = {i: clients[i].unmask([1, 2, 3], [4]) for i in (1, 2, 3)}  # (4's y lost: its s_sk revealed)
+    b, s_sk = secagg.collect_shares(replies)
+    total, _ = secagg.unmask_sum({i: masked[i] for i in (1, 2, 3)}, b, s_sk, public, survivors_u2=[1, 2, 3, 4],
+                                 session=SESSION, threshold=3, length=2)
+    assert_close(total, plain_sum([xs[i] for i in (1, 2, 3)]), 4)
 
 
 def test_a_wrong_share_is_left_out_and_named_when_spare_shares_exist():

@@ -178,9 +178,12 @@ def secagg_paths(train_in: dict[str, Any], secured: list[dict[str, Any]],
     advertise = {**train_in["properties"],
                  "index": {"type": "integer", "minimum": 1}, "threshold": {"type": "integer", "minimum": 2},
                  "scale_bits": {"type": "integer", "minimum": 8, "maximum": 40, "default": SECAGG_SCALE_BITS},
-                 "evaluate": {"type": "boolean", "description": "no training: the input is [0, 0, n_k·L_k, n_k, 0]"}}
-    busy = {"429": reply("busy: as many trainings as it takes at once are in progress", ref("Error")),
-            "408": reply("the caller's deadline (X-Deadline-S) passed before training ended", ref("Error"))}
+                 "evaluate": {"type": "boolean", "description": "no training: the input is [0, 0, n_k·L_k, n_k, 0]"},
+                 "equal_weights": {"type": "boolean", "default": False,
+                                   "description": "w_k = 1, not n_k (DP-FedAvg sums the updates unweighted)"}}
+    late = {"408": reply("the caller no longer waits (its X-Deadline-S passed, or it hung up): the step was "
+                         "stopped, and nothing of it kept", ref("Error"))}
+    busy = {"429": reply("busy: as many trainings as it takes at once are in progress", ref("Error")), **late}
     return {
         "/secagg/advertise": step(
             "Secure aggregation 0: train, keep the input x_k = [w_k·θ_k, w_k, n_k·L_k, n_k, bit_k]; send two "
@@ -192,16 +195,20 @@ def secagg_paths(train_in: dict[str, Any], secured: list[dict[str, Any]],
             "Secure aggregation 1: its neighbourhood's keys in (every other client's in the complete graph); "
             "Shamir shares of s_sk_k and b_k out, each sealed (AES-GCM) to its holder.",
             {"peers": {"type": "object", "additionalProperties": keys}}, ["peers"],
-            {"type": "object", "required": ["shares"], "properties": {"shares": by_index}}),
+            {"type": "object", "required": ["shares"], "properties": {"shares": by_index}}, late),
         "/secagg/masked": step(
-            "Secure aggregation 2: the shares sealed to this client in; y_k = x_k + PRG(b_k) ± PRG(s_kj) out.",
+            "Secure aggregation 2: the shares sealed to this client in; y_k = x_k + PRG(b_k) ± PRG(s_kj) out, "
+            "or, when some do not open, their senders (bad_shares) and nothing masked.",
             {"survivors": indices, "received": by_index, "parties": {"type": "integer", "minimum": 1}},
             ["survivors", "received"],
-            {"type": "object", "required": ["masked"], "properties": {"masked": b64}}),
+            {"oneOf": [{"type": "object", "required": ["masked"], "properties": {"masked": b64}},
+                       {"type": "object", "required": ["bad_shares"], "properties": {"bad_shares": {
+                           "type": "object", "additionalProperties": {"type": "string"},
+                           "description": "sender index → why its sealed shares did not open"}}}]}, late),
         "/secagg/unmask": step(
             "Secure aggregation 3: who survived in; shares of b_j (survivors) and of s_sk_j (dropped) out, "
             "never both for one j.", {"survivors": indices, "dropped": indices}, ["survivors", "dropped"],
-            {"type": "object", "required": ["b", "s_sk"], "properties": {"b": by_index, "s_sk": by_index}}),
+            {"type": "object", "required": ["b", "s_sk"], "properties": {"b": by_index, "s_sk": by_index}}, late),
     }
 
 

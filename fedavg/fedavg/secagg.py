@@ -16,7 +16,10 @@ neighbourhood, and each step below is read within it.
 1. ShareKeys: i splits s_sk_i and b_i into Shamir shares (threshold t), one for
    each j in N[i], and seals j's pair under agree(c_sk_i, c_pk_j, "share").
    U2 = the clients that did.
-2. MaskedInputCollection, with s_ij = agree(s_sk_i, s_pk_j, "mask") = s_ji:
+2. MaskedInputCollection: i first opens every sealed pair sent to it; one that
+   fails authentication names its sender (only i and j hold the key, and the
+   pair is in the AAD), and i masks nothing (``BadShares``): the server starts
+   the round again without that sender. Then, with s_ij = agree(s_sk_i, s_pk_j, "mask") = s_ji:
        y_i = x_i + PRG(b_i) + Σ_{j∈U2∩N(i), j>i} PRG(s_ij) − Σ_{j∈U2∩N(i), j<i} PRG(s_ij)   (mod 2^64)
    U3 = the clients whose y_i arrived. b_i is a 128-bit seed and PRG(b_i) the
    ChaCha20 keystream under HKDF(b_i); PRG(s_ij) is the keystream under s_ij.
@@ -78,7 +81,8 @@ from .trace import TRACE_TERMS, fmt
 from .wire import SECAGG_SCALE_BITS
 
 # The protocol's one entry: its steps, and the primitives and wire format it is built from.
-__all__ = ["MASK", "SCALE_BITS", "SHARE", "SecAggClient", "SecAggError", "agree", "bytes_from_wire", "collect_shares",
+__all__ = ["MASK", "SCALE_BITS", "SHARE", "BadShares", "SecAggClient", "SecAggError", "Stopped", "agree",
+           "bytes_from_wire", "collect_shares",
            "combine_secret", "decode", "encode", "expand", "indexed_from_wire", "indices_from_wire", "keys_from_wire",
            "new_keypair", "open_sealed", "public_of", "reveal_from_wire", "seal", "self_mask", "sha256",
            "split_secret", "to_wire", "unmask_sum", "vector_from_wire"]
@@ -99,6 +103,31 @@ class SecAggError(Exception):
     def __init__(self, reason: str, clients: Iterable[int] = ()) -> None:
         super().__init__(reason)
         self.clients = sorted(clients)
+
+
+class BadShares(ValueError):
+    """What some senders sealed to this client does not open: ``senders`` is
+    {j: why}. AES-GCM under a key only j and this client hold, with the pair
+    in the AAD: the fault is j's (or whoever changed it on the way)."""
+
+    def __init__(self, senders: Mapping[int, str]) -> None:
+        self.senders = dict(sorted(senders.items()))
+        shown = "; ".join(f"client {j}: {why}" for j, why in list(self.senders.items())[:TRACE_TERMS])
+        more = f"; … {len(self.senders) - TRACE_TERMS} more" if len(self.senders) > TRACE_TERMS else ""
+        super().__init__(f"received: the sealed shares of {len(self.senders)} client(s) do not open ({shown}{more}); "
+                         "nothing was masked")
+
+
+class Stopped(Exception):
+    """A step given up part way because its ``stop()`` said so (the server
+    stopped waiting): nothing of it was kept, and the same request may
+    be made again."""
+
+
+def _go_on(stop: Callable[[], bool] | None, done: str | None = None) -> None:
+    """Raise Stopped, saying how far the step got (``done``; None: not begun), once ``stop()`` holds."""
+    if stop is not None and stop():
+        raise Stopped("stopped before it began" if done is None else f"stopped after {done}")
 
 
 # --- fixed point, mod 2^64 -----------------------------------------------------
@@ -165,6 +194,7 @@ class SecAggClient:
         self._box: dict[int, bytes] = {}  # j → the key sealing what i and j send each other
         self._u2: set[int] | None = None
         self._received: dict[int, bytes] = {}
+        self._opened: dict[int, bytes] = {}  # j → the share pair j sealed to this client, opened
         self._sent: tuple[np.ndarray, np.ndarray] | None = None  # (encode(x), y_i), to answer a retry alike
         self._revealed: dict[str, set[int]] = {"b": set(), "s_sk": set()}
 
@@ -172,10 +202,12 @@ class SecAggClient:
         """AdvertiseKeys: {"c_pk", "s_pk", "b_commit" = SHA-256(b_i)} (the same on a retry)."""
         return {"c_pk": self.c_pk, "s_pk": self.s_pk, "b_commit": sha256(self._b)}
 
-    def share_keys(self, peers: Mapping[int, Mapping[str, bytes]]) -> dict[int, bytes]:
+    def share_keys(self, peers: Mapping[int, Mapping[str, bytes]],
+                   stop: Callable[[], bool] | None = None) -> dict[int, bytes]:
         """ShareKeys: {j: seal(agree(c_sk_i, c_pk_j, "share"), j's share of s_sk_i + of b_i)}
         for every j ≠ i in `peers`: N[i], i's neighbourhood in U1 (all of U1 in the complete
-        graph), which lists i itself, with its own keys."""
+        graph), which lists i itself, with its own keys. `stop` is asked before each peer's
+        key agreement and seal and each Shamir split (Stopped when it says so)."""
         peers = {check_index(j, "peers"): check_keys(keys, f"peers[{j}]") for j, keys in peers.items()}
         if self.peers is not None:
             if peers == self.peers:  # a retried request: the same ciphertexts
@@ -194,23 +226,37 @@ class SecAggClient:
                 if first != f"{name} of client {j}":
                     raise ValueError(f"peers: {name} of client {j} is also the {first} (every key must differ)")
         others = [j for j in peers if j != self.index]
+        _go_on(stop)
         # Every peer key is used now, so a bad one is named in this round and not in a later one.
-        box = {j: agree(self._c_sk, peers[j]["c_pk"], SHARE, self.session, f"c_pk of client {j}") for j in others}
-        seeds = {j: agree(self._s_sk, peers[j]["s_pk"], MASK, self.session, f"s_pk of client {j}") for j in others}
-        s_shares = split_secret(self._s_sk, self.threshold, peers)
-        b_shares = split_secret(self._b, self.threshold, peers)
-        self._sealed = {j: seal(box[j], s_shares[j] + b_shares[j], _aad(self.session, self.index, j)) for j in others}
+        box, seeds = {}, {}
+        for done, j in enumerate(others):
+            _go_on(stop, f"{done} of {len(others)} key agreements")
+            box[j] = agree(self._c_sk, peers[j]["c_pk"], SHARE, self.session, f"c_pk of client {j}")
+            seeds[j] = agree(self._s_sk, peers[j]["s_pk"], MASK, self.session, f"s_pk of client {j}")
+        # Shamir's split is most of this step's work (O(|N[i]|·t) per 16 bytes): stop between chunks.
+        chunks, first = (len(self._s_sk) + len(self._b)) // 16, len(self._s_sk) // 16
+        s_shares = split_secret(self._s_sk, self.threshold, peers,
+                                between=lambda k: _go_on(stop, f"{k} of {chunks} Shamir splits"))
+        b_shares = split_secret(self._b, self.threshold, peers,
+                                between=lambda k: _go_on(stop, f"{first + k} of {chunks} Shamir splits"))
+        sealed = {}
+        for done, j in enumerate(others):
+            _go_on(stop, f"sealing {done} of {len(others)} share pairs")
+            sealed[j] = seal(box[j], s_shares[j] + b_shares[j], _aad(self.session, self.index, j))
+        self._sealed = sealed
         self._own, self._seeds, self._box, self.peers = s_shares[self.index] + b_shares[self.index], seeds, box, peers
         return dict(self._sealed)
 
     def masked_input(self, x: Any, received: Mapping[int, bytes], survivors_u2: Iterable[int],
-                     n_parties: int | None = None) -> np.ndarray:
+                     n_parties: int | None = None, stop: Callable[[], bool] | None = None) -> np.ndarray:
         """MaskedInputCollection: y_i = encode(x) + PRG(b_i) + Σ_{j∈U2, j>i} PRG(s_ij) − Σ_{j∈U2, j<i} PRG(s_ij)
         (mod 2^64), where U2 = `survivors_u2` is told within N[i] (the peers of ``share_keys``).
-        `received` is {j: what j sealed for i} for every j in U2 \\ {i}; `n_parties`
-        (default |N[i]|, the peers it was given; the server sends |U1|) bounds the sum for ``encode``'s
-        overflow check. Once per session: a retry with the same arguments gets the same y_i, anything
-        else is refused."""
+        `received` is {j: what j sealed for i} for every j in U2 \\ {i}: each is opened first, and
+        BadShares names the senders of those that do not open (nothing is masked: the server must
+        go on without them, in a new session). `n_parties` (default |N[i]|, the peers it was given;
+        the server sends |U1|) bounds the sum for ``encode``'s overflow check. Once per session: a
+        retry with the same arguments gets the same y_i, anything else is refused. `stop` is asked
+        before each pair mask (Stopped when it says so)."""
         if self.peers is None:
             raise ValueError("masked_input: share_keys comes first")
         u2 = set(check_indices(survivors_u2, "survivors_u2"))
@@ -229,16 +275,31 @@ class SecAggClient:
                 return self._sent[1].copy()
             raise ValueError("masked_input: already sent in this session (two inputs under the same masks "
                              "would reveal their difference)")
+        _go_on(stop)
+        # Opened now, not at the unmasking: a sender whose shares do not open is named before
+        # anyone masks with it, while the round can still go on without it.
+        opened, bad = {}, {}
+        for j, blob in received.items():
+            try:
+                opened[j] = self._open(j, blob)
+            except ValueError as e:
+                bad[j] = str(e)
+        if bad:
+            raise BadShares(bad)
         y = words + self_mask(self._b, len(words))
-        for j in sorted(u2 - {self.index}):
+        for done, j in enumerate(sorted(u2 - {self.index})):
+            _go_on(stop, f"{done} of {len(u2) - 1} pair masks")
             # s_ij = s_ji: j adds the same mask with the opposite sign, so the pair cancels in the sum.
             y = y + expand(self._seeds[j], len(y)) if j > self.index else y - expand(self._seeds[j], len(y))
-        self._u2, self._received, self._sent = u2, received, (words, y)
+        self._u2, self._received, self._opened, self._sent = u2, received, opened, (words, y)
         return y.copy()
 
-    def unmask(self, survivors_u3: Iterable[int], dropped: Iterable[int]) -> dict[str, dict[int, bytes]]:
+    def unmask(self, survivors_u3: Iterable[int], dropped: Iterable[int],
+               stop: Callable[[], bool] | None = None) -> dict[str, dict[int, bytes]]:
         """Unmasking: {"b": {j: share of b_j} for j in U3, "s_sk": {j: share of s_sk_j} for j in dropped},
-        (both told within N[i]), refused when they overlap, |U3| < t, or they are not a split of U2."""
+        (both told within N[i]), refused when they overlap, |U3| < t, or they are not a split of U2.
+        (The shares were opened by ``masked_input``; `stop` is asked once, before anything is revealed.)"""
+        _go_on(stop)
         if self._u2 is None:
             raise ValueError("unmask: masked_input comes first")
         u3, gone = set(check_indices(survivors_u3, "survivors_u3")), set(check_indices(dropped, "dropped"))
@@ -255,21 +316,17 @@ class SecAggClient:
         if u3 | gone != self._u2:
             raise ValueError(f"unmask: client(s) {sorted(self._u2 - u3 - gone)} of U2 are neither in survivors_u3 "
                              "nor in dropped")
-        pairs = {j: self._open(j) for j in sorted(u3 | gone)}
+        pairs = {j: self._own if j == self.index else self._opened[j] for j in sorted(u3 | gone)}
         half = len(self._own) - (SHARE_X.size + SEED_BYTES)  # (its share of s_sk_i, then of b_i)
         self._revealed["b"] |= u3
         self._revealed["s_sk"] |= gone
         return {"b": {j: pairs[j][half:] for j in sorted(u3)}, "s_sk": {j: pairs[j][:half] for j in sorted(gone)}}
 
-    def _open(self, j: int) -> bytes:
-        if j == self.index:
-            return self._own
-        try:
-            plain = open_sealed(self._box[j], self._received[j], _aad(self.session, j, self.index))
-        except ValueError as e:
-            raise ValueError(f"shares from client {j}: {e}") from None
+    def _open(self, j: int, blob: bytes) -> bytes:
+        """What j sealed to this client, or ValueError saying why it does not open."""
+        plain = open_sealed(self._box[j], blob, _aad(self.session, j, self.index))
         if len(plain) != len(self._own):
-            raise ValueError(f"shares from client {j}: {len(plain)} bytes, expected {len(self._own)}")
+            raise ValueError(f"{len(plain)} bytes once opened, expected {len(self._own)}")
         return plain
 
 

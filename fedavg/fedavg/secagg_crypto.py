@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 from Crypto.Protocol.SecretSharing import Shamir
@@ -69,15 +69,21 @@ def agree(private_raw: bytes, peer_public_raw: bytes, purpose: bytes, session: b
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=purpose + session).derive(shared)
 
 
-def split_secret(secret: bytes, threshold: int, indices: Iterable[int]) -> dict[int, bytes]:
+def split_secret(secret: bytes, threshold: int, indices: Iterable[int],
+                 between: Callable[[int], None] | None = None) -> dict[int, bytes]:
     """Shamir: any `threshold` of the shares rebuild `secret`, fewer tell nothing. Each
-    16-byte chunk is shared alone at the same x; a share is x (4 bytes) + one value per chunk."""
+    16-byte chunk is shared alone at the same x; a share is x (4 bytes) + one value per chunk.
+    ``between(k)`` is called before chunk k is split (it may raise to give up the work)."""
     holders = check_indices(indices, "indices")
     if not secret or len(secret) % 16:
         raise ValueError(f"split_secret: the secret must be a multiple of 16 bytes, got {len(secret)}")
     if not 1 <= threshold <= len(holders):
         raise ValueError(f"split_secret: threshold {threshold} must be between 1 and {len(holders)} holders")
-    chunks = [Shamir.split(threshold, len(holders), secret[k:k + 16]) for k in range(0, len(secret), 16)]
+    chunks = []
+    for k in range(0, len(secret), 16):
+        if between is not None:
+            between(k // 16)
+        chunks.append(Shamir.split(threshold, len(holders), secret[k:k + 16]))
     return {h: SHARE_X.pack(x) + b"".join(chunk[x - 1][1] for chunk in chunks) for x, h in enumerate(holders, 1)}
 
 

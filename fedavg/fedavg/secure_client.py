@@ -7,12 +7,17 @@ its request's body (``fedavg.http.secure_routes`` serves them).
                             the final model's federated loss)
     POST /secagg/share      its neighbourhood's keys in (all the others' in the complete graph);
                             shares of s_sk_k and b_k out, sealed to each neighbour
-    POST /secagg/masked     the shares sealed to this client in; y_k = x_k + masks out
+    POST /secagg/masked     the shares sealed to this client in; y_k = x_k + masks out, or
+                            {"bad_shares": {j: why}}: the senders whose shares do not open
     POST /secagg/unmask     who of its neighbourhood survived in; shares of their b_j and of the
                             dropped ones' s_sk_j out
 
-The input is x_k = [w_k·θ_k, w_k, n_k·L_k, n_k, bit_k] with w_k = n_k (1 in
-a DP run: DP-FedAvg's equal weights), L_k the loss of θ_t on this client's
+Each step stops, and answers 408, once the server no longer waits: its
+X-Deadline-S has passed, or it has hung up (``Deadline``); nothing of a
+stopped step is kept.
+
+The input is x_k = [w_k·θ_k, w_k, n_k·L_k, n_k, bit_k] with w_k = n_k (1 when
+the server asks for "equal_weights": DP-FedAvg's), L_k the loss of θ_t on this client's
 data and bit_k DP's "my update fit under the clip bound" (1 without DP):
 the server learns Σ w_k·θ_k, Σ w_k, Σ n_k·L_k, N and the count of unclipped
 updates, i.e. the average, the federated loss and what adaptive clipping
@@ -22,10 +27,13 @@ none, and the server starts that round again with fresh keys.
 """
 from __future__ import annotations
 
+import logging
 import math
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,9 +44,35 @@ if TYPE_CHECKING:
     from .client import LocalClient
     from .secagg import SecAggClient
 
+log = logging.getLogger("fedavg.client")
 MAX_SESSIONS = 4  # rounds a client keeps state for at once: a server cannot make it hold more
 MAX_SESSION_NAME = 200
 TRAIN_FIELDS = ("global_model", "round", "config")
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When the server stops waiting for a step: ``seconds`` after ``start``
+    (its X-Deadline-S; None: it did not say), or as soon as ``hung_up()``
+    says it closed the connection, which a request still queued in a busy
+    client host learns only that way (the HTTP server can tell)."""
+
+    seconds: float | None
+    hung_up: Callable[[], bool] | None = None
+    start: float = field(default_factory=time.monotonic)
+
+    def left(self) -> float | None:
+        return None if self.seconds is None else self.seconds - (time.monotonic() - self.start)
+
+    def passed(self) -> bool:
+        return self.why() is not None
+
+    def why(self) -> str | None:
+        """Why the server no longer waits, or None while it does."""
+        left = self.left()
+        if left is not None and left <= 0:
+            return "the server's deadline passed"
+        return "the server hung up" if self.hung_up is not None and self.hung_up() else None
 
 
 class Sessions:
@@ -71,14 +105,18 @@ def secure_input(theta: np.ndarray, weight: float, n: int, loss: float, bit: flo
     return np.concatenate([weight * theta, [weight, n * loss, n, bit]])
 
 
-def advertise(client: LocalClient, body: Any, deadline_s: Callable[[], float | None]) -> tuple[dict[str, Any], int]:
+def advertise(client: LocalClient, body: Any, deadline: Deadline) -> tuple[dict[str, Any], int]:
     """Step 0: train on θ_t (or, with "evaluate", only measure its loss), keep
-    the input x_k, and send two public keys and b_commit."""
+    the input x_k, and send two public keys and b_commit. Training stops at
+    the deadline, as /train's does."""
     from . import secagg  # cryptography and pycryptodome: only for clients that are asked
-    obj = expect_object(body, "", ("session", "index", "threshold", "scale_bits", "evaluate", *TRAIN_FIELDS),
-                        ("session", "index", "threshold", "global_model"))
+    obj = expect_object(body, "", ("session", "index", "threshold", "scale_bits", "evaluate", "equal_weights",
+                                   *TRAIN_FIELDS), ("session", "index", "threshold", "global_model"))
     name = _session_name(obj)
-    task = client.task({k: obj[k] for k in TRAIN_FIELDS if k in obj}, deadline_s())
+    equal = expect_bool(obj.get("equal_weights", False), "equal_weights")
+    if deadline.passed():
+        return _stopped(client, "advertise", deadline, secagg.Stopped("stopped before it began"))
+    task = client.task({k: obj[k] for k in TRAIN_FIELDS if k in obj}, deadline.left())
 
     def work() -> tuple[dict[str, Any], int]:
         n = len(client.y)
@@ -94,7 +132,7 @@ def advertise(client: LocalClient, body: Any, deadline_s: Callable[[], float | N
             # bit_k is always 0: the server would learn the exact count of clipped updates from the sum,
             # and nothing uses it (adaptive clipping is refused where the clients add the noise, which
             # secure aggregation with DP requires).
-            x = secure_input(learned.theta, 1.0 if task.config.private else float(n), n,
+            x = secure_input(learned.theta, 1.0 if equal else float(n), n,
                              learned.metrics.get("loss_before") or 0.0, 0.0)
         party = _protocol(lambda: secagg.SecAggClient(
             expect_int(obj["index"], "index", ge=1), name.encode(), expect_int(obj["threshold"], "threshold"),
@@ -104,36 +142,51 @@ def advertise(client: LocalClient, body: Any, deadline_s: Callable[[], float | N
     return client.guarded(task, work)
 
 
-def share(client: LocalClient, body: Any) -> dict[str, Any]:
+def share(client: LocalClient, body: Any, deadline: Deadline) -> tuple[dict[str, Any], int]:
     """Step 1: its neighbourhood's keys in; Shamir shares of s_sk_k and b_k out, each sealed to its holder."""
     from . import secagg
     obj = expect_object(body, "", ("session", "peers"), ("session", "peers"))
     party, _ = client.sessions.get(_session_name(obj))
-    sealed = _protocol(lambda: party.share_keys(secagg.indexed_from_wire(obj["peers"], "peers",
-                                                                          secagg.keys_from_wire)))
-    return {"shares": secagg.to_wire(sealed)}
+    peers = _protocol(lambda: secagg.indexed_from_wire(obj["peers"], "peers", secagg.keys_from_wire))
+    try:
+        sealed = _protocol(lambda: party.share_keys(peers, stop=deadline.passed))
+    except secagg.Stopped as e:
+        return _stopped(client, "share", deadline, e)
+    return {"shares": secagg.to_wire(sealed)}, 200
 
 
-def masked(client: LocalClient, body: Any) -> dict[str, Any]:
-    """Step 2: the shares sealed to this client in; y_k = x_k + its masks out."""
+def masked(client: LocalClient, body: Any, deadline: Deadline) -> tuple[dict[str, Any], int]:
+    """Step 2: the shares sealed to this client in; y_k = x_k + its masks out. When some
+    do not open, {"bad_shares": {j: why}} instead, and nothing is masked: a holder that
+    cannot open a pair knows who sealed it, and the server goes on without that sender."""
     from . import secagg
     obj = expect_object(body, "", ("session", "survivors", "received", "parties"), ("session", "survivors", "received"))
     party, x = client.sessions.get(_session_name(obj))
-    y = _protocol(lambda: party.masked_input(
-        x, secagg.indexed_from_wire(obj["received"], "received", secagg.bytes_from_wire),
-        secagg.indices_from_wire(obj["survivors"], "survivors"),
-        expect_int(obj["parties"], "parties", ge=1) if "parties" in obj else None))
-    return {"masked": secagg.to_wire(y)}
+    received = _protocol(lambda: secagg.indexed_from_wire(obj["received"], "received", secagg.bytes_from_wire))
+    survivors = _protocol(lambda: secagg.indices_from_wire(obj["survivors"], "survivors"))
+    parties = expect_int(obj["parties"], "parties", ge=1) if "parties" in obj else None
+    try:
+        y = _protocol(lambda: party.masked_input(x, received, survivors, parties, stop=deadline.passed))
+    except secagg.BadShares as e:
+        log.warning("%s: /secagg/masked: %s", client.client_id, e)
+        return {"bad_shares": secagg.to_wire(e.senders)}, 200
+    except secagg.Stopped as e:
+        return _stopped(client, "masked", deadline, e)
+    return {"masked": secagg.to_wire(y)}, 200
 
 
-def unmask(client: LocalClient, body: Any) -> dict[str, Any]:
+def unmask(client: LocalClient, body: Any, deadline: Deadline) -> tuple[dict[str, Any], int]:
     """Step 3: who of its neighbourhood survived in; shares of their b_j and of the dropped ones' s_sk_j out."""
     from . import secagg
     obj = expect_object(body, "", ("session", "survivors", "dropped"), ("session", "survivors", "dropped"))
     party, _ = client.sessions.get(_session_name(obj))
-    revealed = _protocol(lambda: party.unmask(secagg.indices_from_wire(obj["survivors"], "survivors"),
-                                              secagg.indices_from_wire(obj["dropped"], "dropped")))
-    return secagg.to_wire(revealed)
+    survivors = _protocol(lambda: secagg.indices_from_wire(obj["survivors"], "survivors"))
+    dropped = _protocol(lambda: secagg.indices_from_wire(obj["dropped"], "dropped"))
+    try:
+        revealed = _protocol(lambda: party.unmask(survivors, dropped, stop=deadline.passed))
+    except secagg.Stopped as e:
+        return _stopped(client, "unmask", deadline, e)
+    return secagg.to_wire(revealed), 200
 
 
 def _session_name(obj: dict[str, Any]) -> str:
@@ -141,10 +194,19 @@ def _session_name(obj: dict[str, Any]) -> str:
 
 
 def _protocol(step: Callable[[], Any]) -> Any:
-    """A protocol step; what it refuses (fedavg.secagg's ValueError, with its reason) is a 400."""
+    """A protocol step; what it refuses (fedavg.secagg's ValueError, with its reason) is a 400,
+    except BadShares, which the step answers itself."""
+    from .secagg import BadShares
     try:
         return step()
-    except ProtocolError:
+    except (ProtocolError, BadShares):
         raise
     except ValueError as e:
         raise ProtocolError(str(e)) from None
+
+
+def _stopped(client: LocalClient, step: str, deadline: Deadline, e: Exception) -> tuple[dict[str, Any], int]:
+    """The 408 of a step given up because the server no longer waits (nothing of it was kept)."""
+    why = deadline.why() or "the server's deadline passed"
+    log.warning("%s: /secagg/%s: %s: %s", client.client_id, step, why, e)
+    return {"error": f"{why}: /secagg/{step} {e}"}, 408

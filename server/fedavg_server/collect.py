@@ -16,10 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
+
 from fedavg.model import Theta, split
+from fedavg.privacy import DPAverage
 from fedavg.strategies import Result, Strategy
 from fedavg.strict_json import ProtocolError, model_json
-from fedavg.wire import CannotDo, parse_evaluate_reply, parse_train_reply
+from fedavg.trace import fmt
+from fedavg.wire import MAX_DATA_SIZE, CannotDo, parse_evaluate_reply, parse_train_reply
 
 from .privacy_settings import SecAggSettings
 from .records import Dropped, participant_json, terms_json
@@ -123,7 +127,12 @@ class SecureCollector:
     aggregator turns the sum into the one model it combines alone to the
     same result (``from_sum``: the mean for FedAvg's average, θ_t + Σ Δ_k
     for DP-FedAvg, which divides by M itself); the federated loss is
-    Σ n_k·L_k / N."""
+    Σ n_k·L_k / N.
+
+    What it can check of a sum it cannot see into, it does (``_check``):
+    each slot against what honest inputs give over the survivors U3. A sum
+    that fails fails the round, naming secure aggregation: one input was not
+    an honest client's, and the protocol hides whose."""
 
     roster: Roster
     strategy: Strategy
@@ -131,10 +140,16 @@ class SecureCollector:
     secagg: SecAggSettings
     run_name: str  # names the session to the clients, with the round and a fresh token
 
+    @property
+    def equal_weights(self) -> bool:
+        """DP-FedAvg sums the updates unweighted: each client's w_k is 1, not n_k."""
+        return isinstance(self.strategy.combine, DPAverage)
+
     def collect(self, r: int, theta: Theta, sample: list[str], body_for: Body) -> Collected:
         secure = self._sum(f"round {r}", sample, body_for, len(theta) - 1)
         d = self.roster.num_features or len(theta) - 1
         total = secure.total
+        self._check(total, d, secure.survivors, training=True)
         weight = float(total[d + 1])
         model, line = self.strategy.combine.from_sum(total[: d + 1], weight, theta)
         n = max(1, round(weight))
@@ -150,19 +165,55 @@ class SecureCollector:
         """One more secure sum, of n_k·L_k and n_k: the federated loss without any client's own."""
         body = {"global_model": model_json(*split(theta)), "evaluate": True}
         d = len(theta) - 1
-        total = self._sum("evaluation", self.roster.urls, lambda url: body, d).total
+        secure = self._sum("evaluation", self.roster.urls, lambda url: body, d)
+        total = secure.total
+        self._check(total, d, secure.survivors, training=False)
         loss, n = float(total[d + 2] / total[d + 3]), max(1, round(float(total[d + 3])))
         return [(loss, n)], "a secure sum of n_k·L_k over the clients"
 
+    def _check(self, total: np.ndarray, d: int, survivors: list[str], training: bool) -> None:
+        """RoundFailed unless every slot the run reads is one honest inputs give: N = Σ n_k
+        over U3 (each survivor's n_k from /health, or anything from 1 to 10¹² for one that did
+        not say), Σ n_k·L_k ≥ 0, and for a training round Σ w_k equal to that N (1 each under
+        DP: |U3|) and Σ bit_k in [0, |U3|]. Fixed point carries these integers exactly, so an
+        honest sum meets them exactly; a lie in a weight, or words that are not a masked input,
+        would have to hit them to pass. (A lie in a model cannot be seen: see PRIVACY.md.)"""
+        m = len(survivors)
+        known = [self.roster.sizes[url] for url in survivors if url in self.roster.sizes]
+        low, high = sum(known) + (m - len(known)), sum(known) + (m - len(known)) * MAX_DATA_SIZE
+        said = f"{low}, the n_k their /health reported" if low == high else \
+            f"between {low} and {high} ({m - len(known)} of them never said their n_k)"
+        problems = []
+        n, losses = float(total[d + 3]), float(total[d + 2])
+        if not low <= n <= high:
+            problems.append(f"N = Σ n_k = {fmt(n)} where the {m} survivors' is {said}")
+        if losses < 0:
+            problems.append(f"Σ n_k·L_k = {fmt(losses)} is negative, and no loss is")
+        if training:
+            weight, bits = float(total[d + 1]), float(total[d + 4])
+            if self.equal_weights and weight != m:
+                problems.append(f"Σ w_k = {fmt(weight)} where DP's equal weights give |U3| = {m}")
+            elif not self.equal_weights and not low <= weight <= high:
+                problems.append(f"Σ w_k = {fmt(weight)} where the {m} survivors' is {said}")
+            if not 0 <= bits <= m:
+                problems.append(f"the count of updates within the clip bound Σ bit_k = {fmt(bits)} is outside "
+                                f"[0, |U3| = {m}]")
+        if problems:
+            raise RoundFailed("secure aggregation: the sum of the survivors' inputs is not one honest clients "
+                              "send: " + "; ".join(problems) + ". One client's input is not what it should be (a "
+                              "weight or a count it lied about, or words that are not a masked input), and "
+                              "secure aggregation hides whose; nothing of this round was averaged")
+
     def _sum(self, what: str, urls: list[str], body_for: Body, d: int) -> Any:
         from .secure import SecureRoundFailed, secure_sum  # cryptography: only for runs that use it
-        # A fresh session each attempt: a round restarted after a crash gets fresh keys.
-        session = f"{self.run_name}|{what}|{secrets.token_hex(8)}"
+
+        def session() -> str:
+            # A fresh session each attempt: a round restarted after a crash, or without a client whose
+            # shares did not open, gets fresh keys.
+            return f"{self.run_name}|{what}|{secrets.token_hex(8)}"
         try:
             return secure_sum(self.roster.transport, urls, self.roster.names, session, self.secagg.threshold,
                               self.secagg.scale_bits, (self.roster.num_features or d) + 5, self.timeout_s,
-                              body_for, self.secagg.neighbors)
+                              body_for, self.secagg.neighbors, self.equal_weights)
         except SecureRoundFailed as e:
             raise RoundFailed(str(e)) from None
-
-

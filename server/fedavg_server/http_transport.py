@@ -82,10 +82,17 @@ class HttpTransport:
         A round lasts as long as its slowest client, not the sum of all, and
         never longer than the timeout (plus the one retry's pause): a client
         still busy by then is given up on."""
-        def one(url: str) -> Reply:
-            return self.call(url, method, path, timeout_s, None if body_for is None else body_for(url))
-        futures = [self.threads.submit(one, url) for url in urls]
         deadline = time.monotonic() + timeout_s + RETRY_BACKOFF_S + DEADLINE_SLACK_S
+
+        def one(url: str) -> Reply:
+            # No call outlives the wait: one that starts late, queued behind slower ones, ends
+            # when the wait does, and its X-Deadline-S says so: the client stops working when
+            # the server stops waiting, not a whole timeout later.
+            if time.monotonic() >= deadline:
+                return self._not_called(url, timeout_s)
+            return self._call(url, method, path, timeout_s, None if body_for is None else body_for(url),
+                              min(time.monotonic() + timeout_s, deadline))
+        futures = [self.threads.submit(one, url) for url in urls]
         pending = set(futures)
         while pending and not self.stopping.is_set() and (left := deadline - time.monotonic()) > 0:
             # short waits, so that a stopping server is not held by a slow client
@@ -97,17 +104,24 @@ class HttpTransport:
             future.cancel()
             return Reply(url, reason="cancelled: the server is stopping")
         if future.cancel():  # still queued behind slow clients: never called
-            return Reply(url, reason=f"not called within {timeout_s:g} s: {self.max_parallel} slower calls "
-                                     "held every connection (raise --max-parallel)")
+            return self._not_called(url, timeout_s)
         return Reply(url, reason=f"no reply within {timeout_s:g} s")
+
+    def _not_called(self, url: str, timeout_s: float) -> Reply:
+        return Reply(url, reason=f"not called within {timeout_s:g} s: {self.max_parallel} slower calls "
+                                 "held every connection (raise --max-parallel)")
 
     def call(self, url: str, method: str, path: str, timeout_s: float, body: Any = None) -> Reply:
         """One call, retried once after a short pause if the connection fails
         (a client restarting); a timeout is not retried: it already cost the
         full wait. ``timeout_s`` bounds the whole call, not each read: a reply
         that trickles in byte by byte is cut off at the deadline."""
-        headers, data = request_body(self.headers, timeout_s, body)
-        deadline = time.monotonic() + timeout_s
+        return self._call(url, method, path, timeout_s, body, time.monotonic() + timeout_s)
+
+    def _call(self, url: str, method: str, path: str, timeout_s: float, body: Any, end: float) -> Reply:
+        """``call``, ending at ``end`` (monotonic): ``timeout_s`` from now, or less late in a wave."""
+        headers, data = request_body(self.headers, max(end - time.monotonic(), 0.001), body)
+        deadline = end
         for attempt in (1, 2):
             try:
                 left = max(deadline - time.monotonic(), 0.001)

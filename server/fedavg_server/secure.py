@@ -18,9 +18,14 @@ whose secret is needed, or survivors cut apart in the graph
 (``fedavg.secagg_graph.unmaskable``), and the round fails before any share
 is asked for: nothing is unmasked. A client whose message is malformed, whose
 keys are bad or whose masked vector looks unmasked is dropped with its
-reason, and the protocol goes on without it. The keys, shares and masked
-vectors live in this call's memory only; the round record keeps the trace
-(a masked vector's first words, the unmasking, the sum).
+reason, and the protocol goes on without it. A client whose sealed shares a
+holder cannot open is named by that holder at /secagg/masked (AES-GCM under
+a key only the two of them hold, the pair in the AAD), before any mask with
+it could matter: it is dropped and the round starts again without it, in a
+new session with fresh keys (once; named senders in the second attempt fail
+the round). The keys, shares and masked vectors live in this call's memory
+only; the round record keeps the trace (a masked vector's first words, the
+unmasking, the sum).
 """
 from __future__ import annotations
 
@@ -49,6 +54,27 @@ class SecureRoundFailed(Exception):
     """Fewer than t clients are left: the round cannot be unmasked (and nothing was)."""
 
 
+class SharesDidNotOpen(SecureRoundFailed):
+    """Holders named senders whose sealed shares they could not open: this
+    session cannot go on (nothing was unmasked). ``culprits``: each sender
+    dropped, with whom it failed."""
+
+    def __init__(self, reason: str, culprits: list[Dropped]) -> None:
+        super().__init__(reason)
+        self.culprits = culprits
+
+
+class Accusation(Exception):
+    """A holder's /secagg/masked reply names senders whose shares did not open (kept in ``accused``)."""
+
+
+def reason_from_wire(value: Any, field: str) -> str:
+    """Why a holder could not open a sender's shares: text, cut to 200 characters."""
+    if not isinstance(value, str):
+        raise ValueError(f"{field}: must be text saying why the shares did not open")
+    return value[:200]
+
+
 @dataclass
 class SecureSum:
     """What a round of secure aggregation gave: Σ_k x_k over U3, who took
@@ -65,16 +91,46 @@ class SecureSum:
         return [{"client_id": names.get(url, url), "url": url, "data_size": None} for url in self.survivors]
 
 
-def secure_sum(transport: Transport, urls: Sequence[str], names: dict[str, str], session: str, threshold: int,
-               scale_bits: int, length: int, timeout_s: float,
-               train_body: Callable[[str], dict[str, Any]], neighbors: int | None = None) -> SecureSum:
-    """One protocol run among ``urls`` (client i is urls[i − 1]); each
-    input has ``length`` words; each client has ``neighbors`` = k neighbours
-    (None: all the others). Raises SecureRoundFailed below t clients, overall
-    or where a needed secret's shares are held."""
+def secure_sum(transport: Transport, urls: Sequence[str], names: dict[str, str], session: Callable[[], str],
+               threshold: int, scale_bits: int, length: int, timeout_s: float,
+               train_body: Callable[[str], dict[str, Any]], neighbors: int | None = None,
+               equal_weights: bool = False) -> SecureSum:
+    """Σ_k x_k over the clients of ``urls`` that survive a protocol run
+    (``session()`` names each attempt, fresh each time); each input has
+    ``length`` words, each client ``neighbors`` = k neighbours (None: all
+    the others); ``equal_weights``: each client's w_k is 1, not n_k. The
+    senders of shares that did not open are dropped and the run starts again
+    without them, once. Raises SecureRoundFailed below t clients, overall or
+    where a needed secret's shares are held, or when shares fail to open
+    again."""
+    culprits: list[Dropped] = []
+    while True:
+        gone = {d.url for d in culprits}
+        try:
+            result = _attempt(transport, [u for u in urls if u not in gone], names, session(), threshold, scale_bits,
+                              length, timeout_s, train_body, neighbors, equal_weights)
+        except SharesDidNotOpen as e:
+            if culprits:  # once only: a round is not retried for as long as someone sends garbage
+                raise SecureRoundFailed(f"{e}, in the round's second attempt too (the first dropped "
+                                        f"{', '.join(d.client_id for d in culprits)})") from None
+            culprits = e.culprits
+            continue
+        if culprits:
+            result.dropped[:0] = culprits
+            result.trace.insert(1, "started again, in a new session with fresh keys, without "
+                                + ", ".join(f"{d.client_id} ({d.reason})" for d in culprits[:TRACE_TERMS])
+                                + (f", … ({len(culprits)})" if len(culprits) > TRACE_TERMS else ""))
+        return result
+
+
+def _attempt(transport: Transport, urls: Sequence[str], names: dict[str, str], session: str, threshold: int,
+             scale_bits: int, length: int, timeout_s: float, train_body: Callable[[str], dict[str, Any]],
+             neighbors: int | None, equal_weights: bool) -> SecureSum:
+    """One protocol run among ``urls`` (client i is urls[i − 1]) in ``session``."""
     index = {url: i for i, url in enumerate(urls, start=1)}
     url_of = {i: url for url, i in index.items()}
     dropped: list[Dropped] = []
+    accused: dict[int, dict[int, str]] = {}  # sender j → {holder that could not open j's shares: why}
 
     def drop(url: str, step: str, reason: str, diverged: bool = False) -> None:
         dropped.append(Dropped(names.get(url, url), url, f"secagg {step}: {reason}", diverged))
@@ -92,11 +148,25 @@ def secure_sum(transport: Transport, urls: Sequence[str], names: dict[str, str],
                 continue
             try:
                 got[i] = parse(i, reply.body)
+            except Accusation:
+                pass  # an honest holder, naming whose shares did not open: below, once all are in
             except ValueError as e:  # (ProtocolError too)
                 drop(url_of[i], step, str(e))
+        if accused:
+            culprits = [culprit(j, by) for j, by in sorted(accused.items())]
+            raise SharesDidNotOpen(f"after /secagg/{step}: the sealed shares of "
+                                   f"{', '.join(d.client_id for d in culprits[:TRACE_TERMS])} did not open at their "
+                                   "holders; nothing was revealed", culprits)
         if len(got) < threshold:
             fail(f"after /secagg/{step} only {len(got)} client(s) are left, fewer than the threshold t={threshold}")
         return got
+
+    def culprit(j: int, by: dict[int, str]) -> Dropped:
+        """Sender j, dropped: the holders that could not open its shares, and why the first could not."""
+        holders = [names.get(url_of[h], url_of[h]) for h in sorted(by)]
+        shown = ", ".join(holders[:TRACE_TERMS]) + (f", … ({len(holders)})" if len(holders) > TRACE_TERMS else "")
+        return Dropped(names.get(url_of[j], url_of[j]), url_of[j],
+                       f"secagg share: its sealed shares did not open at {shown} ({by[min(by)]})")
 
     def fail(why: str) -> NoReturn:
         shown = "; ".join(f"{d.client_id}: {d.reason}" for d in dropped[:TRACE_TERMS])
@@ -132,7 +202,9 @@ def secure_sum(transport: Transport, urls: Sequence[str], names: dict[str, str],
         return keys
 
     public = wave("advertise", sorted(url_of), lambda i: {**train_body(url_of[i]), "index": i, "threshold": threshold,
-                                                          "scale_bits": scale_bits}, advertised)
+                                                          "scale_bits": scale_bits,
+                                                          **({"equal_weights": True} if equal_weights else {})},
+                  advertised)
     keys = secagg.to_wire(public)
     u1 = sorted(public)
     # A fresh order from OS entropy each round, never the run's seed: who neighbours whom is
@@ -153,6 +225,15 @@ def secure_sum(transport: Transport, urls: Sequence[str], names: dict[str, str],
     enough("share", u2, u2)
 
     def masked(i: int, body: dict[str, Any]) -> np.ndarray:
+        if "bad_shares" in body:
+            bad = secagg.indexed_from_wire(body["bad_shares"], "reply.bad_shares", reason_from_wire)
+            sent = set(told(i, u2)) - {i}
+            if not bad or not set(bad) <= sent:
+                raise ValueError(f"reply.bad_shares: names clients {sorted(bad)}, not some of those that sealed "
+                                 f"shares to client {i} {sorted(sent)}")
+            for j, why in bad.items():
+                accused.setdefault(j, {})[i] = why
+            raise Accusation
         y = secagg.vector_from_wire(body.get("masked"), "reply.masked", length)
         if np.all(np.minimum(y, np.uint64(0) - y) < np.uint64(CLEAR)):
             # Its numbers are not written anywhere: it sent them in the clear, the server keeps them out.

@@ -233,8 +233,12 @@ def serve(app: Flask, host: str, port: int, threads: int = 8, announce: str | No
                 sys.exit(2)
             # poll(), not select(): select() cannot watch a descriptor numbered
             # 1024 or more, and a thousand idle connections reach that.
+            # channel_request_lookahead: waitress reads on while a request waits or
+            # runs, so it sees the caller hang up (environ["waitress.client_disconnected"]):
+            # a secure step the server gave up on is then not worked on (secure_routes).
             server = waitress.create_server(app, host=host, port=port, threads=threads, connection_limit=limit,
-                                            asyncore_use_poll=True, ident="raw-fedavg")  # binds here
+                                            asyncore_use_poll=True, channel_request_lookahead=1,
+                                            ident="raw-fedavg")  # binds here
             _announce(announce)
             server.run()
     except KeyboardInterrupt:
