@@ -525,7 +525,7 @@ def test_a_client_that_adds_its_own_noise_sends_no_clip_bit():
     un-noised, and the server is the party local noise does not trust: a
     client told to add noise leaves it out of /train's reply and puts 0 in
     its secure-aggregation input; told only to clip, it says it."""
-    from fedavg.secure_client import advertise
+    from fedavg.secure_client import Deadline, advertise
 
     client = LocalClient("c", np.array([[1.0], [2.0]]), np.array([3.0, 5.0]))
     body = {"global_model": {"w": 0.0, "b": 0.0}, "round": 1,
@@ -536,7 +536,7 @@ def test_a_client_that_adds_its_own_noise_sends_no_clip_bit():
     reply, status = client.train(noised)
     assert status == 200 and "within_clip" not in reply["metrics"]
     reply, status = advertise(client, {**noised, "session": "run|round 1|00", "index": 1, "threshold": 2},
-                              lambda: None)
+                              Deadline(None))
     assert status == 200, reply
     _, x = client.sessions.get("run|round 1|00")
     assert x[-1] == 0.0  # x_k = [θ_k, 1, n_k·L_k, n_k, bit_k]: no bit
