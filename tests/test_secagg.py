@@ -880,3 +880,19 @@ def test_a_server_killed_mid_round_restarts_that_round_from_scratch(three_proces
     shares = secrets_seen(r for p in proxies.values() for r in p.replies)
     assert len(shares) > 20
     assert not [s for s in shares if s in stored or s in log]
+
+
+@pytest.mark.parametrize("scale_bits", [7, 41, 0, 62])
+def test_a_client_refuses_a_scale_its_openapi_document_does_not_allow(scale_bits):
+    """/secagg/advertise takes scale_bits in 8..40, as /start does and the
+    OpenAPI document says: 7 was answered with keys (schemathesis found it),
+    so a client took part at a scale the server may not even offer."""
+    from fedavg.http.client_app import create_app as make_client_app
+    app = make_client_app({"CLIENT_ID": "client_1", "DATA_PATH": str(ROOT / "client_1" / "data.csv"),
+                           "TOKEN": None})
+    body = {"global_model": {"w": 0.0, "b": 0.0}, "round": 1, "config": {"lr": 0.01, "local_epochs": 1},
+            "session": "run|round 1|00", "index": 1, "threshold": 2, "scale_bits": scale_bits}
+    r = app.test_client().post("/secagg/advertise", json=body)
+    assert r.status_code == 400 and r.get_json()["error"].startswith("scale_bits: "), r.get_json()
+    ok = app.test_client().post("/secagg/advertise", json={**body, "scale_bits": 8, "session": "run|round 1|01"})
+    assert ok.status_code == 200, ok.get_json()

@@ -9,7 +9,7 @@ from typing import Any
 from .spec import object_schema
 from .strategies import REPLY_FIELDS, SENT_FIELDS, STRATEGIES, Field
 from .strict_json import MAX_FEATURES
-from .wire import SECAGG_SCALE_BITS, TRAIN_CONFIG, TRAIN_DP
+from .wire import SECAGG_SCALE_BITS, SECAGG_SCALE_RANGE, TRAIN_CONFIG, TRAIN_DP
 
 NUMBER = {"type": "number"}
 
@@ -177,7 +177,8 @@ def secagg_paths(train_in: dict[str, Any], secured: list[dict[str, Any]],
 
     advertise = {**train_in["properties"],
                  "index": {"type": "integer", "minimum": 1}, "threshold": {"type": "integer", "minimum": 2},
-                 "scale_bits": {"type": "integer", "minimum": 8, "maximum": 40, "default": SECAGG_SCALE_BITS},
+                 "scale_bits": {"type": "integer", "minimum": SECAGG_SCALE_RANGE[0], "maximum": SECAGG_SCALE_RANGE[1],
+                                "default": SECAGG_SCALE_BITS},
                  "evaluate": {"type": "boolean", "description": "no training: the input is [0, 0, n_k·L_k, n_k, 0]"},
                  "equal_weights": {"type": "boolean", "default": False,
                                    "description": "w_k = 1, not n_k (DP-FedAvg sums the updates unweighted)"}}

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .strict_json import ProtocolError, expect_bool, expect_int, expect_object, expect_str
+from .wire import SECAGG_SCALE_RANGE
 
 if TYPE_CHECKING:
     from .client import LocalClient
@@ -136,7 +137,8 @@ def advertise(client: LocalClient, body: Any, deadline: Deadline) -> tuple[dict[
                              learned.metrics.get("loss_before") or 0.0, 0.0)
         party = _protocol(lambda: secagg.SecAggClient(
             expect_int(obj["index"], "index", ge=1), name.encode(), expect_int(obj["threshold"], "threshold"),
-            expect_int(obj.get("scale_bits", secagg.SCALE_BITS), "scale_bits")))
+            expect_int(obj.get("scale_bits", secagg.SCALE_BITS), "scale_bits", ge=SECAGG_SCALE_RANGE[0],
+                       le=SECAGG_SCALE_RANGE[1])))
         client.sessions.start(name, party, x)
         return {"client_id": client.client_id, "keys": secagg.to_wire(party.advertise()), "length": len(x)}, 200
     return client.guarded(task, work)

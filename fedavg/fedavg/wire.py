@@ -41,8 +41,10 @@ MAX_LOCAL_EPOCHS = 10_000
 # --- the client's endpoints ------------------------------------------------------
 
 # Secure aggregation's default fixed point: inputs are integers mod 2^64 in
-# units of 2^-SECAGG_SCALE_BITS (fedavg.secagg; a run may choose 8 to 40).
+# units of 2^-SECAGG_SCALE_BITS (fedavg.secagg; a run may choose 8 to 40:
+# fewer round the models away, more leave too little room for the sum).
 SECAGG_SCALE_BITS = 24
+SECAGG_SCALE_RANGE = (8, 40)
 MAX_RUN_NAME = 200
 SEED = TrainConfig()  # the seed's local training: every default below is its own
 

@@ -14,7 +14,7 @@ from fedavg.privacy import update_noise_multiplier
 from fedavg.secagg_graph import default_neighbors, default_threshold
 from fedavg.spec import Param
 from fedavg.strict_json import ProtocolError, expect_object
-from fedavg.wire import SECAGG_SCALE_BITS
+from fedavg.wire import SECAGG_SCALE_BITS, SECAGG_SCALE_RANGE
 
 DP_DELTA = 1e-5
 ADAPTIVE_QUANTILE = 0.5
@@ -186,7 +186,7 @@ class SecAggSettings:
                                  "neighbours learn nothing of its input",
               type="integer", ge=2, doc_range="`[2, k+1]`", doc_default="a majority of k + 1"),
         Param("scale_bits", SECAGG_SCALE_BITS, "fixed point: inputs are integers mod 2^64 in units of 2^−s",
-              type="integer", ge=8, le=40),
+              type="integer", ge=SECAGG_SCALE_RANGE[0], le=SECAGG_SCALE_RANGE[1]),
     )
 
     @classmethod
