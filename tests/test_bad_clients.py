@@ -466,9 +466,10 @@ def test_a_server_step_that_overshoots_is_blamed_not_the_clients_lr(servers):
     """FedAvgM with server_lr 10 and momentum 0.9 on the seed at lr 0.01: the
     clients' own training is stable (no loss grows), the server's momentum
     step is not. It ran until client_1's training overflowed (round 218), and
-    the error said "lr=0.01 is too large for its data": it names server_lr now."""
+    the error said "lr=0.01 is too large for its data": it names server_lr now,
+    and the runaway ends it within a few rounds."""
     run = seed_pair(servers).run(strategy="fedavgm", server_lr=10, momentum=0.9, rounds=5000, seed=1)
-    assert run["status"] == "diverged", run
+    assert run["status"] == "diverged" and len(run["rounds"]) < 20, run
     # (a loss that overflowed is not sent: those rounds say nothing either way)
     assert not any(p["metrics"]["loss_after"] > p["metrics"].get("loss_before", math.inf)
                    for r in run["rounds"] for p in r["participants"])
@@ -502,3 +503,42 @@ def test_under_dp_an_outlier_is_blamed_without_its_name_or_norm(servers):
     assert run["status"] == "diverged", run
     assert "took from 1 client(s)' update(s), far larger than the others': an outlier, not the lr" in run["error"]
     assert "outlier (" not in run["error"] and "1e+300" not in run["error"], run["error"]
+
+
+@pytest.mark.parametrize("settings", [
+    {"strategy": "fedsgd", "lr": 0.3},  # each round's step is lr·∇L: beyond 2/λ_max it overshoots
+    {"strategy": "scaffold", "lr": 0.1},  # its corrected steps: a client's own loss proves nothing
+    {"strategy": "fedavg", "lr": 0.1, "batch_size": 1},  # mini-batches: neither does it here
+])
+def test_a_run_that_runs_away_ends_diverged_where_no_client_s_loss_can_prove_it(servers, settings):
+    """FedSGD at lr 0.3, SCAFFOLD at lr 0.1 and FedAvg on mini-batches of 1
+    at lr 0.1 on the seed: fact 1 (a client's own loss grew over full-batch
+    descent) cannot be read from these runs, and they completed at 1e60,
+    1e100 and 1e152 (100, 50, 44 rounds). The model's norm doubling round
+    after round while the federated loss grows ends them long before:
+    checked here against the records' own norms and losses, by plain Python."""
+    run = seed_pair(servers).run(rounds=100, seed=1, **settings)
+    assert run["status"] == "diverged", run
+    rounds = run["rounds"]
+    assert len(rounds) < 20 and "the global model is running away" in run["error"], run["error"]
+    assert f"lr={settings['lr']:g} is too large for this data; try a smaller lr" in run["error"]
+    norms = [math.hypot(r["global_model"]["w"], r["global_model"]["b"]) for r in rounds]
+    losses = [r["federated_loss"] for r in rounds]
+    # the last four rounds' trail, as the error tells it: each norm ≥ 2× the one before, each loss larger
+    assert all(b >= 2 * a for a, b in zip(norms[-5:], norms[-4:])), norms
+    assert all(b > a for a, b in zip(losses[-5:], losses[-4:])), losses
+    assert f"{norms[-1] / norms[-5]:.3g}×" in run["error"] and max(norms) < 1e20
+
+
+@pytest.mark.parametrize("settings", [
+    {"strategy": "fedsgd", "lr": 0.1, "rounds": 300},
+    {"strategy": "scaffold", "lr": 0.05, "rounds": 300},
+    {"strategy": "fedavg", "lr": 0.01, "batch_size": 1, "rounds": 300},
+    {"strategy": "fedavgm", "server_lr": 1, "momentum": 0.9, "rounds": 300},
+    {"strategy": "fedadam", "server_lr": 0.1, "rounds": 300},
+])
+def test_a_converging_run_is_no_runaway(servers, settings):
+    """The same strategies at settings they converge at: the runaway rule does
+    not end them (FedAvgM's momentum from the zero model grows ‖θ‖ fast at first)."""
+    run = seed_pair(servers).run(seed=1, **settings)
+    assert run["status"] == "completed", run["error"]

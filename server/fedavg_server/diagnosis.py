@@ -31,10 +31,15 @@ on a worse fixed point (client drift). But when every client is stable
 diverging model's loss grows without bound, so (2) follows within a few
 rounds. (1) is a proof only for that training: full batch, no correction of
 the steps (SCAFFOLD's c − c_k), no noise added by the client (DP's
-local_noise); other runs are caught when their numbers overflow. So is a
-server step that overshoots (FedAvgM's momentum, FedAdam's steps) while
-every client's training is stable: fact 1 then clears the lr, and the
-error names server_lr instead.
+local_noise). Every run, those included (and a server step that
+overshoots, FedAvgM's momentum or FedAdam's steps, while every client's
+training is stable), is also ended by a runaway (``_runaway``): for RUNAWAY
+rounds in a row the global model's norm at least doubled and the federated
+loss grew, to above the start's. A converging run does neither for long:
+its model approaches a fixed point (so ‖θ‖ cannot double again and again)
+and its loss settles; an unstable linear map grows both by a steady factor a
+round. The cause named is an outlier when one alone explains the leaps, else
+the lr, or server_lr when no client's own loss grew (fact 1 clears the lr).
 
 Under DP a run records only what the mechanism releases (PRIVACY.md), and
 the error is recorded with it: it then says how many clients' own loss grew
@@ -65,6 +70,9 @@ SUDDEN = 1e6
 # An honest client's update moves the model by at most this many times its
 # size (+1); an lr too large moves every client's by far more.
 CALM = 10.0
+# Rounds in a row in which ‖θ‖ at least doubled and the federated loss grew:
+# a runaway (×16 at least), which no converging run shows.
+RUNAWAY = 4
 
 
 class Diagnosis(Stage):
@@ -88,6 +96,9 @@ class Diagnosis(Stage):
         # as trained models do): a lead when the next round blows up.
         self.culprits: list[dict[str, Any]] = []
         self.jump = 1.0  # ‖θ_{t+1}‖ / ‖θ_t‖ of the last round: a sudden leap is no learning rate's doing
+        # Round → (‖θ_r‖, its federated loss) over the last RUNAWAY + 1 rounds measured: a runaway's trail.
+        self.norms: dict[int, float] = {}
+        self.trail: list[tuple[int, float, float]] = []
 
     def received(self, r: int, theta: Theta, got: Collected) -> None:
         """A client whose local training blew up: averaging on without it
@@ -119,6 +130,32 @@ class Diagnosis(Stage):
         if round_no == self.rounds and self.grew and len(self.start) == self.strategy.num_clients:
             self._unstable("", f"the final model (round {round_no})", loss, _average(self.start.values()),
                            len(self.start))
+        self._runaway(round_no, loss)
+
+    def _runaway(self, round_no: int, loss: float) -> None:
+        """Ends the run when, over the last RUNAWAY rounds, ‖θ_r‖ ≥ 2·‖θ_{r−1}‖
+        and L(θ_r) > L(θ_{r−1}) each round, and L(θ_r) is above the loss of the
+        model the run started from (or, without it, the first one measured)."""
+        if round_no not in self.norms:
+            return
+        if self.trail and self.trail[-1][0] != round_no - 1:
+            self.trail = []  # a round without a loss breaks the trail
+        self.trail = [*self.trail, (round_no, self.norms.pop(round_no), loss)][-(RUNAWAY + 1):]
+        start = _average(self.start.values()) if self.start else self.trail[0][2]
+        steps = list(zip(self.trail, self.trail[1:]))
+        if len(steps) < RUNAWAY or loss <= start or \
+                not all(b[1] >= 2 * a[1] and b[2] > a[2] for a, b in steps):
+            return
+        (r0, norm0, loss0), (r1, norm1, _) = self.trail[0], self.trail[-1]
+        if self.culprits:
+            cause = f"{self._named(self.culprits)} stood out: an outlier, not the lr; a robust aggregator " \
+                    "(median, trimmed_mean, krum) or clip_norm would hold"
+        else:
+            cause = self._lr_cause()
+        raise RunStopped("diverged", f"the global model is running away: its norm grew {norm1 / norm0:.3g}× from "
+                                     f"round {r0} to round {r1} ({norm0:.4g} to {norm1:.4g}, at least doubling every "
+                                     f"round) and the federated loss with it, from {loss0:.4g} to {loss:.4g} (the "
+                                     f"start's: {start:.4g}): {cause}")
 
     def _certifies(self, result: Result) -> bool:
         """Can fact 1 be read from this reply: local training that is
@@ -172,6 +209,7 @@ class Diagnosis(Stage):
             raise RunStopped("diverged", f"round {r}: the global model is no longer finite: {self._lr_cause()}")
         before, after = update_norms([theta, step.theta])
         self.culprits, self.jump = culprits, after / max(before, 1.0)
+        self.norms = {r: after}  # its loss is measured next round (or by the final evaluation)
         return step, {"suspicious": suspects}
 
     def _why(self, r: int, theta: Theta) -> str:

@@ -15,6 +15,7 @@ this module only moves data and records what happened.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from typing import Any
@@ -214,9 +215,10 @@ class Run:
             log.info("federated MSE of round %d's model: no client reported a loss", round_no)
             return
         loss = weighted_loss_avg(losses)
+        if math.isfinite(loss):  # first: a stage that ends the run on it quotes it, and the record shows it
+            self.store.set_federated_loss(self.run_id, round_no, loss)
         for stage in self.stages:
             stage.measured(round_no, loss)
-        self.store.set_federated_loss(self.run_id, round_no, loss)
         if log.isEnabledFor(logging.INFO):
             for stage in self.stages:
                 losses = stage.losses_written(losses)
