@@ -202,6 +202,29 @@ def test_compare_huge_wrecks_the_average_and_each_robust_rule_holds(tmp_path, ca
         assert f'id="strategy-{label}"' in ids
 
 
+@pytest.mark.parametrize("attack", ["scale", "sign_flip"])
+def test_compare_an_update_scaled_or_reversed_runs_the_mean_away_and_it_is_named(tmp_path, capsys, attack):
+    """`--attack scale` (W_t + 100·(W_k − W_t)) and `sign_flip` (W_t −
+    10·(W_k − W_t)) under the mean grow the model by a steady factor a round:
+    the run ends diverged within a few rounds, naming the attackers' updates
+    (not the lr, as a client's overflowing training once made it), while each
+    robust rule completes near θ*. (Before, `sign_flip` completed 8.6e62 from
+    θ*, and `scale` ran 125 rounds to 1e154 and blamed lr=0.01.)"""
+    out = tmp_path / "out"
+    code, stdout, stderr = run_compare(capsys, "--scenario", "byzantine", "--strategies", "fedavg",
+                                       "--rounds", str(ROUNDS), "--out", str(out),
+                                       "--aggregators", "mean,median,trimmed_mean,krum", "--attack", attack)
+    assert code == 0, stdout + stderr
+    _, rows = results_of(out)
+    mean = rows["fedavg+mean"]
+    assert mean["status"] == "diverged" and mean["rounds_done"] < 10, mean
+    assert "the global model is running away" in mean["error"] and "attacker_1 (update norm" in mean["error"]
+    assert "an outlier, not the lr" in mean["error"] and "lr=0.01 is too large" not in mean["error"]
+    for rule in ROBUST:
+        row = rows[f"fedavg+{rule}"]
+        assert row["status"] == "completed" and row["final_distance"] < 0.5, (rule, row)
+
+
 def test_compare_lying_n_owns_the_average_and_max_weight_caps_it(tmp_path, capsys):
     """An honest model with n_k = 10^9: on iid data the liars' own models are
     not far from θ*, so the harm is that two clients' 40 rows decide the
