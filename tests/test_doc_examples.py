@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import shutil
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,6 +54,11 @@ def code_with(tmp_path: Path, files: dict[str, str],
         import fedavg_server
         yield {"fedavg.strategies": fedavg.strategies, "fedavg_server": fedavg_server}
     finally:
+        # The copy's page warms its charts in a thread (web._warm_plots): let that import end
+        # before its modules go, or it fails half-way with a KeyError in the import machinery.
+        for thread in threading.enumerate():
+            if thread.name == "warm-plots":
+                thread.join(timeout=60)
         sys.path.remove(str(tmp_path))
         for k in [k for k in sys.modules if k.split(".")[0] in PACKAGES]:
             del sys.modules[k]
