@@ -896,3 +896,21 @@ def test_a_client_refuses_a_scale_its_openapi_document_does_not_allow(scale_bits
     assert r.status_code == 400 and r.get_json()["error"].startswith("scale_bits: "), r.get_json()
     ok = app.test_client().post("/secagg/advertise", json={**body, "scale_bits": 8, "session": "run|round 1|01"})
     assert ok.status_code == 200, ok.get_json()
+
+
+def test_a_secure_run_whose_model_blows_up_ends_diverged_naming_the_fixed_point(seed_federation):
+    """lr 0.1 on the seed under secure aggregation: by round 4 each client's
+    loss term n_k·L_k is past what the fixed point can sum (2^63 / 2^24 / 2
+    parties), and both clients were dropped with "encode: … use fewer
+    scale_bits", the run `failed`. Each client now says which of its
+    numbers is too large and that a model this far off is diverging (a 422
+    "diverged", as /train says it), and the run ends diverged."""
+    run = seed_federation.run(lr=0.1, rounds=50, secagg=True)
+    assert run["status"] == "diverged", run
+    limit = 2.0 ** 63 / 2.0 ** 24 / 2
+    assert f"{limit:.4g} at scale_bits 24 over 2 parties" in run["error"]
+    assert "its loss term n_k·L_k = " in run["error"] and "try a smaller lr" in run["error"]
+    # the clients' loss on the last model the run kept: past the limit, from plain-Python least squares
+    w, b = run["final_model"]["w"], run["final_model"]["b"]
+    terms = [sum((w * x + b - y) ** 2 for x, y in rows) for rows in SEED_DATA]
+    assert all(t >= limit for t in terms) and len(run["rounds"]) < 50

@@ -205,7 +205,9 @@ def secagg_paths(train_in: dict[str, Any], secured: list[dict[str, Any]],
             {"oneOf": [{"type": "object", "required": ["masked"], "properties": {"masked": b64}},
                        {"type": "object", "required": ["bad_shares"], "properties": {"bad_shares": {
                            "type": "object", "additionalProperties": {"type": "string"},
-                           "description": "sender index → why its sealed shares did not open"}}}]}, late),
+                           "description": "sender index → why its sealed shares did not open"}}}]},
+            {**late, "422": reply("x_k is beyond what the fixed point can sum (|x| ≥ 2^63 / 2^s / parties): its "
+                                  "model or loss has blown up (diverged: true)", ref("Error"))}),
         "/secagg/unmask": step(
             "Secure aggregation 3: who survived in; shares of b_j (survivors) and of s_sk_j (dropped) out, "
             "never both for one j.", {"survivors": indices, "dropped": indices}, ["survivors", "dropped"],

@@ -141,13 +141,18 @@ def encode(values: Any, scale_bits: int, parties: int) -> np.ndarray:
     v = np.asarray(values, dtype=float).ravel()
     if not np.isfinite(v).all():
         raise ValueError(f"encode: x[{int(np.argmin(np.isfinite(v)))}] is not finite")
-    limit = 2.0**63 / 2.0**scale_bits / parties
+    limit = encode_limit(scale_bits, parties)
     if (np.abs(v) >= limit).any():
         k = int(np.argmax(np.abs(v) >= limit))
         raise ValueError(f"encode: |x[{k}]| = {fmt(abs(v[k]))} times 2^{scale_bits} times {parties} parties "
                          f"reaches 2^63, so the sum could wrap around (|x| must stay below {fmt(limit)}; "
                          "use fewer scale_bits)")
     return np.rint(v * 2.0**scale_bits).astype(np.int64).view(np.uint64)
+
+
+def encode_limit(scale_bits: int, parties: int) -> float:
+    """The largest |x| ``encode`` takes: 2^63 / 2^s / parties."""
+    return 2.0**63 / 2.0**scale_bits / parties
 
 
 def _check_scale(scale_bits: Any) -> None:

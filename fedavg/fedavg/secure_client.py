@@ -167,6 +167,10 @@ def masked(client: LocalClient, body: Any, deadline: Deadline) -> tuple[dict[str
     received = _protocol(lambda: secagg.indexed_from_wire(obj["received"], "received", secagg.bytes_from_wire))
     survivors = _protocol(lambda: secagg.indices_from_wire(obj["survivors"], "survivors"))
     parties = expect_int(obj["parties"], "parties", ge=1) if "parties" in obj else None
+    # (the sum's parties as masked_input counts them; before share_keys it refuses the step itself)
+    beyond = party.peers is not None and _beyond_fixed_point(x, party.scale_bits, parties or len(party.peers))
+    if beyond:
+        return {"error": beyond, "diverged": True}, 422
     try:
         y = _protocol(lambda: party.masked_input(x, received, survivors, parties, stop=deadline.passed))
     except secagg.BadShares as e:
@@ -175,6 +179,24 @@ def masked(client: LocalClient, body: Any, deadline: Deadline) -> tuple[dict[str
     except secagg.Stopped as e:
         return _stopped(client, "masked", deadline, e)
     return {"masked": secagg.to_wire(y)}, 200
+
+
+def _beyond_fixed_point(x: np.ndarray, scale_bits: int, parties: int) -> str | None:
+    """Why x_k cannot be summed, when a number in it is at or beyond what the
+    fixed point holds (|x| < 2^63 / 2^s / parties, ``secagg.encode``): in
+    a run under way that means its model or its loss on the global model has
+    blown up, which /train would answer 422 "diverged" too."""
+    from .secagg import encode_limit
+    limit = encode_limit(scale_bits, parties)
+    big = np.flatnonzero(~(np.abs(x) < limit))  # NaN too
+    if not big.size:
+        return None
+    k, d = int(big[0]), len(x) - 5  # x_k = [w_k·θ_k (d + 1 numbers), w_k, n_k·L_k, n_k, bit_k]
+    what = ("its weighted model w_k·θ_k" if k <= d else
+            {d + 1: "its weight w_k", d + 2: "its loss term n_k·L_k", d + 3: "its n_k"}.get(k, "its clip bit"))
+    return (f"{what} = {x[k]:.4g} is beyond what secure aggregation's fixed point can sum ({limit:.4g} at "
+            f"scale_bits {scale_bits} over {parties} parties): a model this far off is diverging, try a smaller lr "
+            "(unless the data's own scale needs fewer scale_bits)")
 
 
 def unmask(client: LocalClient, body: Any, deadline: Deadline) -> tuple[dict[str, Any], int]:

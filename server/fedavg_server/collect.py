@@ -35,7 +35,13 @@ log = logging.getLogger("fedavg.server")
 
 
 class RoundFailed(Exception):
-    """The round cannot count, and nothing of it was averaged; the message says why."""
+    """The round cannot count, and nothing of it was averaged; the message says
+    why. ``diverged``: because clients' numbers blew up (the run then ends
+    diverged, not failed)."""
+
+    def __init__(self, why: str, diverged: bool = False) -> None:
+        super().__init__(why)
+        self.diverged = diverged
 
 
 @dataclass
@@ -216,4 +222,4 @@ class SecureCollector:
                               self.secagg.scale_bits, (self.roster.num_features or d) + 5, self.timeout_s,
                               body_for, self.secagg.neighbors, self.equal_weights)
         except SecureRoundFailed as e:
-            raise RoundFailed(str(e)) from None
+            raise RoundFailed(str(e), e.diverged) from None

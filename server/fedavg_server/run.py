@@ -158,7 +158,7 @@ class Run:
                 self.s.train_config(int(seed_of[url]), self.key, **extra))})
         except RoundFailed as e:
             self._unless_server_stopping(r)
-            raise RunStopped("failed", f"round {r}: {e}") from None
+            raise RunStopped("diverged" if e.diverged else "failed", f"round {r}: {e}") from None
         self._unless_server_stopping(r)
         return got
 

@@ -51,7 +51,12 @@ CLEAR = 2**56
 
 
 class SecureRoundFailed(Exception):
-    """Fewer than t clients are left: the round cannot be unmasked (and nothing was)."""
+    """Fewer than t clients are left: the round cannot be unmasked (and nothing
+    was). ``diverged``: some were lost because their numbers blew up."""
+
+    def __init__(self, why: str, diverged: bool = False) -> None:
+        super().__init__(why)
+        self.diverged = diverged
 
 
 class SharesDidNotOpen(SecureRoundFailed):
@@ -172,7 +177,7 @@ def _attempt(transport: Transport, urls: Sequence[str], names: dict[str, str], s
         shown = "; ".join(f"{d.client_id}: {d.reason}" for d in dropped[:TRACE_TERMS])
         more = f"; … {len(dropped) - TRACE_TERMS} more" if len(dropped) > TRACE_TERMS else ""
         raise SecureRoundFailed(f"{why}: the round cannot be unmasked, and nothing was revealed ({len(dropped)} "
-                                f"dropped: {shown}{more})")
+                                f"dropped: {shown}{more})", diverged=any(d.diverged for d in dropped))
 
     def enough(step: str, u2: list[int], u3: list[int]) -> None:
         """Every secret the unmasking will need keeps t holders in its neighbourhood, and U3 is connected."""
