@@ -395,23 +395,28 @@ def federated_mse(w: float, b: float, clients=SEED_DATA) -> float:
 
 
 @pytest.mark.parametrize("lr", [0.1, 0.3])
-def test_an_lr_too_large_for_a_clients_data_ends_the_run_diverged_at_round_2(servers, lr):
+def test_an_lr_too_large_for_a_clients_data_ends_the_run_diverged_at_round_3(servers, lr):
     """The default 5 rounds at lr 0.1 on the seed used to complete at
     y = −11051464590·x − 3085026931, and at lr 0.3 at 10⁴¹, with no warning;
-    longer runs ran on until a number overflowed. Round 1 raises client_2's own loss
-    and lands on a model whose federated loss is above the start's: round 2
-    ends the run, naming client_2 and its loss, and keeps round 1's model."""
+    longer runs ran on until a number overflowed. Round 2 raises client_2's
+    own loss, lands on a model whose federated loss is above the start's,
+    after a step longer than round 1's: round 3 ends the run, naming client_2
+    and its loss, and keeps round 2's model (the reference's, in plain Python)."""
     run = seed_pair(servers).run(rounds=200, lr=lr, seed=1)
-    assert run["status"] == "diverged" and len(run["rounds"]) == 1, run["error"]
-    w, b = reference_fedavg(SEED_DATA, rounds=1, lr=lr, epochs=10)[0]
+    assert run["status"] == "diverged" and len(run["rounds"]) == 2, run["error"]
+    (w1, b1), (w, b) = reference_fedavg(SEED_DATA, rounds=2, lr=lr, epochs=10)[:2]
     assert run["final_model"]["w"] == pytest.approx(w, rel=1e-12) and run["final_model"]["b"] == pytest.approx(
         b, rel=1e-12)
     before = local_mse(SEED_DATA[1], w, b)
     after = local_mse(SEED_DATA[1], *local_gd(SEED_DATA[1], w, b, lr, 10))
     start = federated_mse(0.0, 0.0)
     assert start == 18.75
-    assert run["error"].startswith(f"round 2: the federated loss of round 1's model is {federated_mse(w, b):.4g}, "
-                                   f"above the {start:.4g} of the model the run started from"), run["error"]
+    steps = math.hypot(w - w1, b - b1), math.hypot(w1, b1)
+    assert steps[0] > steps[1]
+    assert run["error"].startswith(f"round 3: the federated loss of round 2's model is {federated_mse(w, b):.4g}, "
+                                   f"above the {start:.4g} of the model the run started from (on the same 2 "
+                                   f"client(s)) and the model's steps grow (its last step {steps[0]:.4g} long, "
+                                   f"after {steps[1]:.4g})"), run["error"]
     assert f"client_2's own loss grew from {before:.4g} to {after:.4g}" in run["error"], run["error"]
     # client_1's own steps diverge only above lr 0.292
     assert ("client_1's own loss grew" in run["error"]) == (lr > 0.292), run["error"]
@@ -419,13 +424,16 @@ def test_an_lr_too_large_for_a_clients_data_ends_the_run_diverged_at_round_2(ser
     assert run["error"].endswith(f"lr={lr:g} is too large for this data; try a smaller lr"), run["error"]
 
 
-def test_a_one_round_run_is_judged_by_its_final_evaluation(servers):
-    run = seed_pair(servers).run(rounds=1, lr=0.1, seed=1)
-    w, b = reference_fedavg(SEED_DATA, rounds=1, lr=0.1, epochs=10)[0]
+def test_a_two_round_run_is_judged_by_its_final_evaluation(servers):
+    """Round 2's model has no round 3 to measure it: the final evaluation does.
+    (A one-round run has one step, nothing to compare it with: it completes.)"""
+    run = seed_pair(servers).run(rounds=2, lr=0.1, seed=1)
+    (w1, b1), (w, b) = reference_fedavg(SEED_DATA, rounds=2, lr=0.1, epochs=10)[:2]
     assert run["status"] == "diverged", run
-    assert run["error"].startswith(f"the federated loss of the final model (round 1) is {federated_mse(w, b):.4g}, "
+    assert run["error"].startswith(f"the federated loss of the final model (round 2) is {federated_mse(w, b):.4g}, "
                                    "above the 18.75"), run["error"]
-    assert "client_2's own loss grew from 20.5 to" in run["error"], run["error"]
+    assert f"client_2's own loss grew from {local_mse(SEED_DATA[1], w1, b1):.4g} to" in run["error"], run["error"]
+    assert seed_pair(servers).run(rounds=1, lr=0.1, seed=1)["status"] == "completed"
 
 
 def test_a_newcomers_own_data_too_steep_for_the_lr_is_named(servers):
@@ -437,10 +445,57 @@ def test_a_newcomers_own_data_too_steep_for_the_lr_is_named(servers):
     host = create_host_app([LocalClient("newcomer", np.array([[x] for x, _ in rows]),
                                         np.array([y for _, y in rows]))], None)
     run = servers({GOOD: seed_client("client_1"), f"{OTHER}/clients/1": host}).run(rounds=200, lr=0.02, seed=1)
-    assert run["status"] == "diverged" and len(run["rounds"]) == 1, run
+    assert run["status"] == "diverged" and len(run["rounds"]) == 2, run
     assert "newcomer's own loss grew" in run["error"] and "client_1's own loss" not in run["error"], run["error"]
     assert "lr=0.02 is too large for this data" in run["error"]
-    assert max(abs(run["final_model"]["w"]), abs(run["final_model"]["b"])) < 1e6  # stopped early, not at overflow
+    # stopped at round 3, keeping round 2's model (plain-Python FedAvg's), not at an overflow
+    w, b = reference_fedavg([SEED_DATA[0], rows], rounds=2, lr=0.02, epochs=10)[1]
+    assert run["final_model"]["w"] == pytest.approx(w, rel=1e-9) and run["final_model"]["b"] == pytest.approx(
+        b, rel=1e-9)
+
+
+def test_a_client_that_reports_its_loss_growing_cannot_end_a_run_the_server_sees_converge(servers):
+    """Three clients under the median, one of which reports loss_before 1e6
+    and loss_after 2e6 from round 2 on: facts 1 and 2 are what the clients
+    say, and this run ended at round 2 "diverged: lr=0.01 is too large". The
+    model's steps, which the server measures, shrink: the run completes, and
+    the median's model is the two honest clients' plain-Python FedAvg."""
+    from fedavg_server.inprocess import InProcessTransport
+    from fedavg_server.transport import Reply
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 4, size=30)
+    y = 0.5 * x + 3 + rng.normal(0, 0.1, 30)
+    clients = [LocalClient(f"c{k}", x[k::3, None], y[k::3]) for k in range(3)]
+
+    class Liar(InProcessTransport):
+        def call(self, url, method, path, timeout_s, body=None):
+            reply = super().call(url, method, path, timeout_s, body)
+            if url == self.urls[-1] and path == "/train" and reply.ok and body["round"] >= 2:
+                return Reply(url, {**reply.body, "metrics": {"loss_before": 1e6, "loss_after": 2e6}}, reply.status)
+            return reply
+
+    run = servers(Liar.hosted(create_host_app(clients, None), 3)).run(rounds=20, seed=1, aggregator="median")
+    assert run["status"] == "completed", run["error"]
+    models = [(r["global_model"]["w"], r["global_model"]["b"]) for r in run["rounds"]]
+    steps = [math.dist(a, b) for a, b in zip(models, models[1:])]
+    assert steps[-1] < steps[0]
+
+
+def test_a_run_started_at_the_optimum_that_drifts_to_its_fixed_point_is_no_divergence(servers):
+    """From the pooled optimum 0.5·x + 3 at lr 0.075, E = 2: client_2's own
+    loss grows every round (0.075 > its 2/λ_max = 0.0742) and the federated
+    loss rises above the start's as the run drifts to FedAvg's fixed point,
+    facts 1 and 2 together, yet the run converges: it ended at round 2. Its
+    steps shrink, so it completes, at the fixed point of plain-Python FedAvg."""
+    run = seed_pair(servers).run(rounds=300, lr=0.075, local_epochs=2, seed=1, init={"w": 0.5, "b": 3.0})
+    assert run["status"] == "completed", run["error"]
+    w, b = 0.5, 3.0
+    for _ in range(300):  # the reference's rounds, from the same start
+        models = [local_gd(rows, w, b, 0.075, 2) for rows in SEED_DATA]
+        w, b = (sum(m[0] for m in models) / 2, sum(m[1] for m in models) / 2)  # n_k = 2 each
+    assert run["final_model"]["w"] == pytest.approx(w, rel=1e-9) and run["final_model"]["b"] == pytest.approx(
+        b, rel=1e-9)
+    assert federated_mse(w, b) > federated_mse(0.5, 3.0)  # fact 2 holds at the end
 
 
 @pytest.mark.parametrize("settings", [
@@ -481,16 +536,19 @@ def test_a_server_step_that_overshoots_is_blamed_not_the_clients_lr(servers):
 def test_under_dp_the_diverged_error_quotes_no_clients_own_number(servers, dp):
     """A DP run records only what the mechanism releases (PRIVACY.md), and
     its error is recorded too: at lr 0.1 on the seed it still ends diverged
-    at round 2, from the federated loss (an aggregate it keeps) and how many
-    clients' own loss grew, without naming client_2's losses (20.5 → …)."""
+    at round 3, saying the federated loss rose above the start's and how
+    many clients' own loss grew, without naming client_2 or writing a loss
+    (a federated loss may be one client's own under sampling)."""
     run = seed_pair(servers).run(rounds=200, lr=0.1, seed=1, dp=dp)
-    assert run["status"] == "diverged" and len(run["rounds"]) == 1, run
-    w, b = reference_fedavg(SEED_DATA, rounds=1, lr=0.1, epochs=10)[0]
+    assert run["status"] == "diverged" and len(run["rounds"]) == 2, run
+    (w1, b1), (w, b) = reference_fedavg(SEED_DATA, rounds=2, lr=0.1, epochs=10)[:2]
     before = local_mse(SEED_DATA[1], w, b)
     after = local_mse(SEED_DATA[1], *local_gd(SEED_DATA[1], w, b, 0.1, 10))
     assert "the own loss of 1 of the 2 clients grew over 10 local epoch(s) at lr=0.1" in run["error"], run["error"]
-    assert "client_2" not in run["error"] and "20.5" not in run["error"], run["error"]
-    assert f"{before:.4g}" not in run["error"] and f"{after:.4g}" not in run["error"], run["error"]
+    assert "round 2's model is above that of the model the run started from" in run["error"], run["error"]
+    assert "client_2" not in run["error"] and "18.75" not in run["error"], run["error"]
+    for loss in (before, after, federated_mse(w, b), federated_mse(w1, b1)):
+        assert f"{loss:.4g}" not in run["error"], run["error"]
     assert run["error"].endswith("lr=0.1 is too large for this data; try a smaller lr"), run["error"]
 
 

@@ -902,3 +902,27 @@ def test_make_privacy_runs_as_the_command(tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stderr
     check_privacy_report(json.loads((tmp_path / "privacy.json").read_text()), done.stdout)
+
+
+def test_a_dp_round_measured_by_one_client_records_no_federated_loss(seed_federation, caplog):
+    """Under Poisson sampling (q = 0.5 of the seed's two clients) a round is
+    often measured by one client: the "federated" loss of its model is then
+    that client's own loss, which a DP run does not record. It was stored,
+    served and logged; now a model's loss is written only when two or more
+    clients measured it (the next round's participants, or the final
+    evaluation's every client), and the log says why it is not."""
+    caplog.set_level(logging.INFO, logger="fedavg.server")
+    run = seed_federation.run(rounds=40, fraction=0.5, dp={"noise_multiplier": 1.0, "clip": 1.0})
+    assert run["status"] == "completed", run["error"]
+    took_part = {r["round"]: len(r["participants"]) for r in run["rounds"]}
+    measured_by = {r: took_part.get(r + 1, 0) for r in took_part}
+    measured_by[run["rounds"][-1]["round"]] = 2  # the final evaluation asks every client
+    alone = [r["round"] for r in run["rounds"] if measured_by[r["round"]] == 1]
+    assert alone, measured_by  # P(no round with one participant in 40) = 2^-40
+    for record in run["rounds"]:
+        kept = record["federated_loss"] is not None
+        assert kept == (measured_by[record["round"]] >= 2), (record["round"], measured_by[record["round"]])
+    log = "\n".join(r.getMessage() for r in caplog.records)
+    for r in alone:
+        assert (f"federated MSE of round {r}'s model: not recorded: under DP a loss of one client alone is its own "
+                "number") in log

@@ -57,14 +57,16 @@ class Collected:
     terms: list[dict[str, Any]] = field(default_factory=list)
     trace: list[str] = field(default_factory=list)  # written before the strategy's math (the unmasking)
     parts: dict[str, Any] = field(default_factory=dict)  # the collector's own record fields
+    loss_clients: int | None = None  # how many clients' losses ``losses`` holds (None: one pair each)
 
 
 class Collector(Protocol):
     def collect(self, r: int, theta: Theta, sample: list[str], body_for: Body) -> Collected:
         """Round r's work of the sampled clients (RoundFailed if the round cannot count)."""
 
-    def evaluate(self, theta: Theta) -> tuple[list[tuple[float, int]], str]:
-        """(L_k, n_k) of θ on every client, and where they come from (RoundFailed: not measured)."""
+    def evaluate(self, theta: Theta) -> tuple[list[tuple[float, int]], str, int]:
+        """(L_k, n_k) of θ on every client, where they come from, and how many
+        clients' losses they hold (RoundFailed: not measured)."""
 
 
 @dataclass
@@ -109,7 +111,7 @@ class PlainCollector:
         return Result(roster.names[reply.url], reply.url, parsed["data_size"], parsed["theta"], parsed["extra"],
                       parsed["metrics"])
 
-    def evaluate(self, theta: Theta) -> tuple[list[tuple[float, int]], str]:
+    def evaluate(self, theta: Theta) -> tuple[list[tuple[float, int]], str, int]:
         """One /evaluate wave; a client that cannot answer is left out, and said so."""
         body = {"global_model": model_json(*split(theta))}
         replies = self.roster.transport.call_all(self.roster.urls, "POST", "/evaluate", self.timeout_s,
@@ -123,7 +125,7 @@ class PlainCollector:
                 losses.append((parsed["loss"], parsed["data_size"]))
             except ProtocolError as e:
                 log.info("%s  not evaluated: %s", self.roster.names[reply.url], e)
-        return losses, "final /evaluate"
+        return losses, "final /evaluate", len(losses)
 
 
 @dataclass
@@ -165,9 +167,9 @@ class SecureCollector:
         # The server saw only the sum: the participants without a number of their own, N from the sum.
         return Collected([result], secure.dropped, [(loss, n)], len(secure.survivors),
                          secure.participants(secure.names), n, [], [*secure.trace, line],
-                         {"secagg": {"survivors": len(secure.survivors)}})
+                         {"secagg": {"survivors": len(secure.survivors)}}, len(secure.survivors))
 
-    def evaluate(self, theta: Theta) -> tuple[list[tuple[float, int]], str]:
+    def evaluate(self, theta: Theta) -> tuple[list[tuple[float, int]], str, int]:
         """One more secure sum, of n_k·L_k and n_k: the federated loss without any client's own."""
         body = {"global_model": model_json(*split(theta)), "evaluate": True}
         d = len(theta) - 1
@@ -175,7 +177,7 @@ class SecureCollector:
         total = secure.total
         self._check(total, d, secure.survivors, training=False)
         loss, n = float(total[d + 2] / total[d + 3]), max(1, round(float(total[d + 3])))
-        return [(loss, n)], "a secure sum of n_k·L_k over the clients"
+        return [(loss, n)], "a secure sum of n_k·L_k over the clients", len(secure.survivors)
 
     def _check(self, total: np.ndarray, d: int, survivors: list[str], training: bool) -> None:
         """RoundFailed unless every slot the run reads is one honest inputs give: N = Σ n_k

@@ -9,7 +9,7 @@ likeliest cause: the lr, mu, a starting model too large for any lr, or an
 outlier a robust rule would have held.
 
 It also ends a run that is diverging long before anything overflows, from
-two facts it is given every round (``_unstable``):
+three facts it is given every round (``_unstable``):
 
 1. A client's own loss grew over its local epochs. Full-batch gradient
    descent on its MSE L_k (+ FedProx's mu/2·‖θ − θ_t‖²), a quadratic with
@@ -20,18 +20,25 @@ two facts it is given every round (``_unstable``):
    this lr is too large for that client's data.
 2. The federated loss of the current model is above that of the model the
    run started from, on the same clients.
+3. The global model's last step ‖θ_t − θ_{t−1}‖ is longer than the one
+   before it, which the server measures itself.
 
-Neither alone proves the run diverges. (1) alone: averaging can cancel one
-client's unstable direction (on the seed, E = 1 is gradient descent on the
-pooled data, stable up to lr 0.12, while client_2's own steps diverge from
-lr 0.074). (2) alone: a run that started near the pooled optimum can settle
-on a worse fixed point (client drift). But when every client is stable
-(lr·λ_max(H_k) < 2 for all k), each ‖A_k^E‖ ≤ 1 and FedAvg's round map
-θ ← Σ_k p_k A_k^E θ + c cannot diverge: divergence always shows (1), and a
-diverging model's loss grows without bound, so (2) follows within a few
-rounds. (1) is a proof only for that training: full batch, no correction of
-the steps (SCAFFOLD's c − c_k), no noise added by the client (DP's
-local_noise). Every run, those included (and a server step that
+(1) and (2) are what the clients say; (3) is what the server saw. None
+alone, nor (1) and (2) together, proves the run diverges. (1) alone:
+averaging can cancel one client's unstable direction (on the seed, E = 1 is
+gradient descent on the pooled data, stable up to lr 0.12, while client_2's
+own steps diverge from lr 0.074). (2) alone: a run that started near the
+pooled optimum can settle on a worse fixed point (client drift); with (1)
+too (started at the optimum, lr 0.075, E = 2) it still converges, with
+steps that shrink. And one client can report (1) and (2) falsely. But when
+every client is stable (lr·λ_max(H_k) < 2 for all k), each ‖A_k^E‖ ≤ 1 and
+FedAvg's round map θ ← Σ_k p_k A_k^E θ + c cannot diverge: divergence always
+shows (1), a diverging model's loss grows without bound, so (2) follows, and
+the steps δ_t = M·δ_{t−1} of an unstable map grow, (3); a converging one's
+shrink. So the run ends at the first round with all three, from round 3
+(two steps to compare). (1) is read only from that training: full batch, no
+correction of the steps (SCAFFOLD's c − c_k), no noise added by the client
+(DP's local_noise). Every run, those included (and a server step that
 overshoots, FedAvgM's momentum or FedAdam's steps, while every client's
 training is stable), is also ended by a runaway (``_runaway``): for RUNAWAY
 rounds in a row the global model's norm at least doubled and the federated
@@ -43,7 +50,8 @@ the lr, or server_lr when no client's own loss grew (fact 1 clears the lr).
 
 Under DP a run records only what the mechanism releases (PRIVACY.md), and
 the error is recorded with it: it then says how many clients' own loss grew
-or which updates stood out, never whose, nor their losses or norms.
+or which updates stood out, never whose, nor their losses or norms, nor a
+federated loss (it may be one client's).
 """
 from __future__ import annotations
 
@@ -96,6 +104,7 @@ class Diagnosis(Stage):
         # as trained models do): a lead when the next round blows up.
         self.culprits: list[dict[str, Any]] = []
         self.jump = 1.0  # ‖θ_{t+1}‖ / ‖θ_t‖ of the last round: a sudden leap is no learning rate's doing
+        self.steps: list[float] = []  # ‖θ_r − θ_{r−1}‖ of the last two rounds (fact 3)
         # Round → (‖θ_r‖, its federated loss) over the last RUNAWAY + 1 rounds measured: a runaway's trail.
         self.norms: dict[int, float] = {}
         self.trail: list[tuple[int, float, float]] = []
@@ -117,7 +126,7 @@ class Diagnosis(Stage):
         # Fact 2 on the clients that measured both models: round r's replies measured θ_t = round r−1's model.
         now = {x.url: (x.metrics["loss_before"], x.n) for x in got.results
                if x.url in self.start and x.metrics and x.metrics.get("loss_before") is not None}
-        if self.grew and now:
+        if self.grew and now and self._steps_grew():
             self._unstable(f"round {r}: ", f"round {r - 1}'s model", _average(now.values()),
                            _average(self.start[url] for url in now), len(now))
 
@@ -127,10 +136,15 @@ class Diagnosis(Stage):
                                          f"{self._lr_cause()}")
         # The last round's model has no next round: the final evaluation measures it on every
         # client, comparable with the start's loss when every client measured that too.
-        if round_no == self.rounds and self.grew and len(self.start) == self.strategy.num_clients:
+        if round_no == self.rounds and self.grew and len(self.start) == self.strategy.num_clients \
+                and self._steps_grew():
             self._unstable("", f"the final model (round {round_no})", loss, _average(self.start.values()),
                            len(self.start))
         self._runaway(round_no, loss)
+
+    def _steps_grew(self) -> bool:
+        """Fact 3: the global model's last step is longer than the one before."""
+        return len(self.steps) == 2 and self.steps[1] > self.steps[0]
 
     def _runaway(self, round_no: int, loss: float) -> None:
         """Ends the run when, over the last RUNAWAY rounds, ‖θ_r‖ ≥ 2·‖θ_{r−1}‖
@@ -147,15 +161,19 @@ class Diagnosis(Stage):
                 not all(b[1] >= 2 * a[1] and b[2] > a[2] for a, b in steps):
             return
         (r0, norm0, loss0), (r1, norm1, _) = self.trail[0], self.trail[-1]
-        if self.culprits:
-            cause = f"{self._named(self.culprits)} stood out: an outlier, not the lr; a robust aggregator " \
-                    "(median, trimmed_mean, krum) or clip_norm would hold"
-        else:
-            cause = self._lr_cause()
+        losses = ("" if self.private else  # under DP a federated loss may be one client's own
+                  f", from {loss0:.4g} to {loss:.4g} (the start's: {start:.4g})")
         raise RunStopped("diverged", f"the global model is running away: its norm grew {norm1 / norm0:.3g}× from "
                                      f"round {r0} to round {r1} ({norm0:.4g} to {norm1:.4g}, at least doubling every "
-                                     f"round) and the federated loss with it, from {loss0:.4g} to {loss:.4g} (the "
-                                     f"start's: {start:.4g}): {cause}")
+                                     f"round) and the federated loss with it{losses}: {self._outlier_or_lr()}")
+
+    def _outlier_or_lr(self) -> str:
+        """The cause of a model that grows round after round: the outliers
+        that alone explained its last leap, else the lr (or server_lr)."""
+        if self.culprits:
+            return (f"{self._named(self.culprits)} stood out: an outlier, not the lr; a robust aggregator "
+                    "(median, trimmed_mean, krum) or clip_norm would hold")
+        return self._lr_cause()
 
     def _certifies(self, result: Result) -> bool:
         """Can fact 1 be read from this reply: local training that is
@@ -177,9 +195,13 @@ class Diagnosis(Stage):
     def _unstable(self, where: str, model: str, now: float, then: float, clients: int) -> None:
         """Ends the run when the federated loss ``now`` is above ``then``, the
         start's on the same clients, while a client's training at this lr
-        raised its own loss (both facts of the module's docstring)."""
+        raised its own loss and the model's steps grow (the three facts of the
+        module's docstring; the caller has checked the first and the third)."""
         if not now > then:
             return
+        steps = f"its last step {self.steps[1]:.4g} long, after {self.steps[0]:.4g}"
+        if self.culprits:  # an outlier pushed the model: what the clients say of their losses is beside the point
+            raise RunStopped("diverged", f"{where}the global model's steps grow ({steps}): {self._outlier_or_lr()}")
         worst = sorted(self.grew, key=lambda x: x.metrics["loss_after"] / max(x.metrics["loss_before"], 1e-300),
                        reverse=True)
         grown = ", ".join(f"{x.client_id}'s own loss grew from {x.metrics['loss_before']:.4g} to "
@@ -193,8 +215,10 @@ class Diagnosis(Stage):
             cause = (f"lr={self.lr:g} is too large for this data" + (f" with mu={self.mu:g}" if self.mu else "")
                      + "; try a smaller lr")
         hessian = "its data's Hessian" + (" + mu·I" if self.mu else "")
-        raise RunStopped("diverged", f"{where}the federated loss of {model} is {now:.4g}, above the {then:.4g} "
-                                     f"of {self.origin} (on the same {clients} client(s)); "
+        above = ("is above that" if self.private else  # under DP a federated loss may be one client's own
+                 f"is {now:.4g}, above the {then:.4g}")
+        raise RunStopped("diverged", f"{where}the federated loss of {model} {above} of {self.origin} (on the same "
+                                     f"{clients} client(s)) and the model's steps grow ({steps}); "
                                      f"{grown}{more} over {self.epochs} local epoch(s) at lr={self.lr:g}, which "
                                      f"gradient descent does only when lr·λ_max > 2 (λ_max: the largest "
                                      f"eigenvalue of {hessian}): {cause}")
@@ -210,6 +234,7 @@ class Diagnosis(Stage):
         before, after = update_norms([theta, step.theta])
         self.culprits, self.jump = culprits, after / max(before, 1.0)
         self.norms = {r: after}  # its loss is measured next round (or by the final evaluation)
+        self.steps = [*self.steps, float(np.linalg.norm(step.theta - theta))][-2:]
         return step, {"suspicious": suspects}
 
     def _why(self, r: int, theta: Theta) -> str:

@@ -134,6 +134,10 @@ class Privacy(Stage):
     def losses_written(self, losses: list[tuple[float, int]]) -> list[tuple[float, int]]:
         return []  # the federated loss alone: no client's own
 
+    def withholds_loss(self, clients: int) -> str | None:
+        # With Poisson sampling a round often has one participant: its "federated" loss is then its own.
+        return None if clients >= 2 else "under DP a loss of one client alone is its own number"
+
     def epsilon(self, rounds: int) -> float:
         from .accountant import epsilon  # dp-accounting (with SciPy) only for runs that use it
         return epsilon(self.fraction, self.dp.noise_multiplier, rounds, self.dp.delta)

@@ -118,7 +118,8 @@ class Run:
         for stage in self.stages:
             stage.drawn(r, sample)
         got = self._collect(r, theta, sample)
-        self._record_loss(r - 1, got.losses, f"loss_before in round {r}'s replies")  # measured on θ_t
+        self._record_loss(r - 1, got.losses, f"loss_before in round {r}'s replies",  # measured on θ_t
+                          len(got.losses) if got.loss_clients is None else got.loss_clients)
         try:
             for stage in self.stages:
                 stage.received(r, theta, got)
@@ -205,21 +206,25 @@ class Run:
         if log.isEnabledFor(logging.INFO):
             log.info("%s", "\n".join(round_lines(stored, self.s.rounds)))
 
-    def _record_loss(self, round_no: int, losses: list[tuple[float, int]], source: str) -> None:
+    def _record_loss(self, round_no: int, losses: list[tuple[float, int]], source: str, clients: int) -> None:
         """Round ``round_no``'s federated loss L = Σ n_k/N · L_k, from the
-        losses the clients measured on its model: no extra calls. (After a
-        resume too: round_no is in the store.)"""
+        losses ``clients`` clients measured on its model: no extra calls.
+        (After a resume too: round_no is in the store.) Written down unless a
+        stage withholds it; the stages measure it either way."""
         if round_no < 1:
             return
         if not losses:
             log.info("federated MSE of round %d's model: no client reported a loss", round_no)
             return
         loss = weighted_loss_avg(losses)
-        if math.isfinite(loss):  # first: a stage that ends the run on it quotes it, and the record shows it
+        withheld = next((why for stage in self.stages if (why := stage.withholds_loss(clients))), None)
+        if math.isfinite(loss) and not withheld:  # first: a stage that ends the run on it quotes it
             self.store.set_federated_loss(self.run_id, round_no, loss)
         for stage in self.stages:
             stage.measured(round_no, loss)
-        if log.isEnabledFor(logging.INFO):
+        if withheld:
+            log.info("federated MSE of round %d's model: not recorded: %s", round_no, withheld)
+        elif log.isEnabledFor(logging.INFO):
             for stage in self.stages:
                 losses = stage.losses_written(losses)
             log.info("%s", loss_line(round_no, [n for _, n in losses], [x for x, _ in losses], loss, source))
@@ -227,11 +232,11 @@ class Run:
     def _final_evaluation(self, round_no: int, theta: Theta) -> None:
         """The last model has no next round to measure it: one evaluation by the collector."""
         try:
-            losses, source = self.collector.evaluate(theta)
+            losses, source, clients = self.collector.evaluate(theta)
         except RoundFailed as e:
             log.info("federated MSE of round %d's model: not measured: %s", round_no, e)
             return
         if self.roster.transport.stopping.is_set():
             raise RunStopped("interrupted", "the server stopped during the final evaluation (POST "
                                             f"/runs/{self.run_id}/resume finishes it)")
-        self._record_loss(round_no, losses, source)
+        self._record_loss(round_no, losses, source, clients)

@@ -56,6 +56,11 @@ class Stage:
     def measured(self, round_no: int, loss: float) -> None:
         """Round ``round_no``'s federated loss is known."""
 
+    def withholds_loss(self, clients: int) -> str | None:
+        """Why a federated loss over ``clients`` clients may not be written
+        down (None: it may). The stages still measure it."""
+        return None
+
     def redact(self, record: RoundRecord) -> RoundRecord:
         """The round as it may be written down (stored, served, logged): a
         feature whose guarantee covers only part of what the round saw keeps
