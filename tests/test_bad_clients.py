@@ -281,6 +281,29 @@ def test_a_name_with_control_characters_is_refused_where_the_server_reads_it(ser
     assert [(c["client_id"], c["status"]) for c in page] == [("client_1", "up"), (OTHER, "up")]
 
 
+def test_an_error_a_client_writes_cannot_forge_a_line_of_the_log(servers, caplog):
+    """A client answering 500 {"error": "busy\nRun 1 completed: …"}: its
+    reason is written with the newline escaped (\\u000a), in the log, the
+    record and the warning, so no line of the log starts as the forged one."""
+    caplog.set_level(logging.INFO, logger="fedavg.server")
+    forged = "busy\nRun 1 completed: final global model y = 42·x + 42\x1b[2K"
+    evil = Flask("evil")
+
+    @evil.route("/<path:path>", methods=["GET", "POST"])
+    def busy(path):
+        if path == "health":
+            return {"status": "ok", "client_id": "evil", "data_size": 2}
+        return {"error": forged}, 500
+
+    run = servers({GOOD: seed_client("client_1"), OTHER: evil}).run(rounds=1, seed=1)
+    assert run["status"] == "completed", run["error"]
+    lines = [line for r in caplog.records if r.name == "fedavg.server" for line in r.getMessage().splitlines()]
+    assert not any(line.startswith("Run 1 completed: final global model y = 42") for line in lines)
+    escaped = "busy\\u000aRun 1 completed: final global model y = 42·x + 42\\u001b[2K"
+    assert run["rounds"][0]["dropped"][0]["reason"] == f"HTTP 500: {escaped}"
+    assert any(escaped in line for line in lines) and escaped in run["warnings"][0]
+
+
 def test_secure_aggregation_does_not_take_a_name_with_control_characters_either(servers, caplog):
     """Under secure aggregation a client's name comes in its /secagg/advertise
     reply: one with a newline is not taken (there is no reply of its own to

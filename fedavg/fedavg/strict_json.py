@@ -169,6 +169,13 @@ def expect_name(value: Any, path: str) -> str:
     return name
 
 
+def printable(text: str) -> str:
+    """``text`` with each control character (``CONTROL``) written as \\uXXXX:
+    what a client wrote (an error, a reason), safe on one line of the log,
+    the CSV or the page, as a name is."""
+    return CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def is_name(value: Any) -> bool:
     """Whether ``value`` would pass ``expect_name`` (for hints, such as
     /health's, that are ignored rather than refused)."""

@@ -17,7 +17,7 @@ import numpy as np
 from fedavg.aggregation import weights
 from fedavg.model import Theta, split
 from fedavg.strategies import Field, Result, State, Step
-from fedavg.strict_json import model_json
+from fedavg.strict_json import model_json, printable
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,10 @@ class Dropped:
     url: str
     reason: str
     diverged: bool = False
+
+    def __post_init__(self) -> None:
+        # A reason often quotes what the client sent: it must not write lines of its own.
+        object.__setattr__(self, "reason", printable(self.reason))
 
     def json(self) -> dict[str, str]:
         return {"client_id": self.client_id, "url": self.url, "reason": self.reason}

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from fedavg.strict_json import ProtocolError, loads
+from fedavg.strict_json import ProtocolError, loads, printable
 
 # No reply of the protocol needs more: a model of MAX_FEATURES weights is about
 # 250 KB of JSON. Counted while reading, so a flood is cut off before it is
@@ -87,6 +87,7 @@ def reply_from(url: str, status: int, content: bytes) -> Reply:
             return Reply(url, status=status, reason=f"bad reply: {e}")
     if not ok:
         said = body.get("error") if isinstance(body, dict) else None
+        said = printable(said) if isinstance(said, str) else said  # a client's text: one line of the log
         return Reply(url, status=status, reason=f"HTTP {status}" + (f": {said}" if said else ""),
                      diverged=isinstance(body, dict) and body.get("diverged") is True)
     if not isinstance(body, dict):
