@@ -360,6 +360,40 @@ def test_a_resumed_scaffold_run_counts_a_late_client_from_its_first_reply_as_an_
     assert "c ← c·23/31 (its c_k was 0)" in "\n".join(resumed["rounds"][5]["math"])
 
 
+class LostReply(InProcessTransport):
+    """The n_k = 8 client trains in round 5 but its reply never arrives (as
+    after the server's timeout): ``lost`` keeps the Δc_k it sent."""
+
+    lost: Any = None
+
+    def call(self, url: str, method: str, path: str, timeout_s: float, body: Any = None):
+        reply = super().call(url, method, path, timeout_s, body)
+        if path == "/train" and url == self.urls[1] and body["round"] == 5:
+            self.lost = [reply.body["control_delta"]["w"], reply.body["control_delta"]["b"]]
+            return Reply(url, reason="no reply within 10 s")
+        return reply
+
+
+def test_a_scaffold_reply_lost_after_training_leaves_the_run_where_the_lost_share_of_c_puts_it(servers):
+    """What STRATEGIES.md says SCAFFOLD cannot repair: c stays off by
+    n_k/N·Δc_k, so the run settles where the pooled gradient ∇L(W) equals it,
+    W = θ* + H⁻¹·n_k/N·Δc_k (H = 2/N·Σ x̃x̃ᵀ), not at θ*."""
+    host = create_host_app([local_client(name, [list(row) for row in data])
+                            for name, data in zip(("small", "middle", "large"), UNEQUAL)], None)
+    transport = LostReply.hosted(host, 3)
+    body = run(servers(transport), strategy="scaffold", rounds=300, lr=0.05, local_epochs=5, seed=3)
+    assert body["rounds"][4]["dropped"][0]["client_id"] == "middle"
+    rows = [row for data in UNEQUAL for row in data]
+    n = len(rows)
+    sxx, sx = sum(x * x for x, _ in rows), sum(x for x, _ in rows)
+    h = [[2 * sxx / n, 2 * sx / n], [2 * sx / n, 2.0]]
+    g = [8 / n * d for d in transport.lost]
+    det = h[0][0] * h[1][1] - h[0][1] * h[1][0]
+    offset = [(h[1][1] * g[0] - h[0][1] * g[1]) / det, (h[0][0] * g[1] - h[1][0] * g[0]) / det]
+    expected = [p + o for p, o in zip(pooled_line(UNEQUAL), offset)]
+    assert close(models(body)[-1], expected, 1e-12), (models(body)[-1], expected)
+
+
 def test_a_scaffold_run_stored_before_n_was_kept_resumes_as_before(servers, tmp_path):
     """Records written before SCAFFOLD kept its N (no ``server_memo``) still
     resume: N is learned again from /health, as in a new run."""
