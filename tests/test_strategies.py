@@ -9,7 +9,7 @@ and a resume (make test-all).
 
 What is checked: FedAvg's long-run fixed point against its closed form;
 FedSGD against centralised gradient descent; SCAFFOLD reaching the pooled
-optimum, also with clients sampled, lost or known late (unequal n_k), round
+optimum, also with clients sampled, lost, known late or down at a resume (unequal n_k), round
 by round against a plain-Python SCAFFOLD; Exact giving least squares in one round; FedAvgM, FedAdam, FedYogi,
 FedAdagrad and FedNova against the papers' updates for 20 rounds; the log
 showing each strategy's math; a client that cannot run a strategy; and every
