@@ -9,7 +9,7 @@ and a resume (make test-all).
 
 What is checked: FedAvg's long-run fixed point against its closed form;
 FedSGD against centralised gradient descent; SCAFFOLD reaching the pooled
-optimum, also with clients sampled, lost or known late (unequal n_k), round
+optimum, also with clients sampled, lost, known late or down at a resume (unequal n_k), round
 by round against a plain-Python SCAFFOLD; Exact giving least squares in one round; FedAvgM, FedAdam, FedYogi,
 FedAdagrad and FedNova against the papers' updates for 20 rounds; the log
 showing each strategy's math; a client that cannot run a strategy; and every
@@ -239,11 +239,11 @@ class Down(InProcessTransport):
         return super().call(url, method, path, timeout_s, body)
 
 
-def unequal_federation(servers) -> tuple[Federated, Down]:
+def unequal_federation(servers, db: Any = None) -> tuple[Federated, Down]:
     host = create_host_app([local_client(name, [list(row) for row in data])
                             for name, data in zip(("small", "middle", "large"), UNEQUAL)], None)
     transport = Down.hosted(host, 3)
-    return servers(transport), transport
+    return servers(transport, db), transport
 
 
 def test_scaffold_with_a_client_lost_for_one_round_still_reaches_the_pooled_optimum(servers):
@@ -276,6 +276,170 @@ def test_scaffold_counts_a_client_whose_health_gave_no_n_k_from_its_first_reply(
     for r, (got, want) in enumerate(zip(models(body), expected), start=1):
         assert close(got, want, 1e-9), f"round {r}: {got} != {want}"
     assert "c ← c·23/31 (its c_k was 0)" in "\n".join(body["rounds"][3]["math"])
+    assert close(models(body)[-1], pooled_line(UNEQUAL), 1e-9), (models(body)[-1], pooled_line(UNEQUAL))
+
+
+def failed_then_resumed(fed: Federated, transport: Down, cut: int, meanwhile: Callable[[], None],
+                        **settings: Any) -> dict:
+    """A run whose round ``cut`` no client answers (it fails there; nothing of
+    that round trained), then ``meanwhile()`` (a client's /health goes down or
+    up), then /resume: the resumed run, every round."""
+    planned = transport.rounds
+    transport.rounds = planned | {(url, cut) for url in transport.urls}
+    first = fed.run(**settings)
+    assert first["status"] == "failed" and len(first["rounds"]) == cut - 1, first.get("error")
+    transport.rounds = planned
+    meanwhile()
+    return resume_and_wait(fed, first["run_id"])
+
+
+def resume_and_wait(fed: Federated, run_id: int, request: Any = None) -> dict:
+    """POST /runs/<id>/resume and wait: the completed run, every round."""
+    status, body = fed.post(f"/runs/{run_id}/resume", request)
+    assert status == 200 and body["status"] == "completed", body.get("error")
+    while body.get("more"):
+        status, page = fed.get(f"/runs/{body['run_id']}?since={body['rounds'][-1]['round']}&limit=10000")
+        assert status == 200, page
+        body["rounds"] += page["rounds"]
+        body["more"] = page.get("more", False)
+    return body
+
+
+def test_a_resumed_scaffold_run_keeps_what_c_is_divided_by_when_a_clients_health_is_down_then(servers):
+    """Round 100 fails (no client answers) and the run is resumed while the
+    n_k = 8 client's /health is down, and it drops round 100. c is stored as
+    Σ_k n_k·c_k / 31; before, the resumed server divided by the N it could see
+    (3 + 20 = 23), then rescaled c by 23/31 when the client replied: the run
+    ended 9.45e-6 from the pooled optimum. Now the run goes on exactly as an
+    uninterrupted one with the same dropout, and as the reference."""
+    settings = {"strategy": "scaffold", "rounds": 300, "lr": 0.05, "local_epochs": 5, "seed": 3}
+    fed, transport = unequal_federation(servers)
+    middle = transport.urls[1]
+    transport.rounds = {(middle, 100)}
+
+    def middle_health_down() -> None:
+        transport.health = {middle}
+
+    resumed = failed_then_resumed(fed, transport, 100, middle_health_down, **settings)
+    transport.health = set()
+    straight = run(fed, **settings)
+    took_part = who_took_part(resumed, ["small", "middle", "large"])
+    assert took_part[99] == [0, 2] and all(part == [0, 1, 2] for r, part in enumerate(took_part) if r != 99)
+    assert took_part == who_took_part(straight, ["small", "middle", "large"])
+    expected = scaffold_reference(UNEQUAL, took_part, 0.05, 5)
+    for r, (got, want) in enumerate(zip(models(resumed), expected), start=1):
+        assert close(got, want, 1e-12), f"round {r}: {got} != {want}"
+    assert models(resumed) == models(straight)  # bit for bit, every round
+    assert resumed["rounds"][-1]["server_state"] == straight["rounds"][-1]["server_state"]
+    assert close(models(resumed)[-1], pooled_line(UNEQUAL), 1e-12), (models(resumed)[-1], pooled_line(UNEQUAL))
+
+
+def test_a_resumed_scaffold_run_counts_a_late_client_from_its_first_reply_as_an_uninterrupted_one(servers):
+    """The n_k = 8 client is down at the start (no n_k) and for rounds 1-5; the
+    run fails in round 3 and is resumed with that client's /health back up.
+    c is still Σ n_k·c_k / 23 then (the client has not replied: its c_k is 0),
+    so it joins at its first reply, round 6, as in the uninterrupted run."""
+    settings = {"strategy": "scaffold", "rounds": 300, "lr": 0.05, "local_epochs": 5, "seed": 3}
+    fed, transport = unequal_federation(servers)
+    middle = transport.urls[1]
+    transport.health, transport.rounds = {middle}, {(middle, r) for r in range(1, 6)}
+
+    def middle_health_up() -> None:
+        transport.health = set()
+
+    resumed = failed_then_resumed(fed, transport, 3, middle_health_up, **settings)
+    transport.health = {middle}
+    straight = run(fed, **settings)
+    took_part = who_took_part(resumed, ["small", "middle", "large"])
+    assert took_part[:5] == [[0, 2]] * 5 and all(part == [0, 1, 2] for part in took_part[5:])
+    assert took_part == who_took_part(straight, ["small", "middle", "large"])
+    expected = scaffold_reference(UNEQUAL, took_part, 0.05, 5, known_from={1: 6})
+    for r, (got, want) in enumerate(zip(models(resumed), expected), start=1):
+        assert close(got, want, 1e-12), f"round {r}: {got} != {want}"
+    assert models(resumed) == models(straight)  # bit for bit, every round
+    assert "c ← c·23/31 (its c_k was 0)" in "\n".join(resumed["rounds"][5]["math"])
+
+
+class LostReply(InProcessTransport):
+    """The n_k = 8 client trains in round 5 but its reply never arrives (as
+    after the server's timeout): ``lost`` keeps the Δc_k it sent."""
+
+    lost: Any = None
+
+    def call(self, url: str, method: str, path: str, timeout_s: float, body: Any = None):
+        reply = super().call(url, method, path, timeout_s, body)
+        if path == "/train" and url == self.urls[1] and body["round"] == 5:
+            self.lost = [reply.body["control_delta"]["w"], reply.body["control_delta"]["b"]]
+            return Reply(url, reason="no reply within 10 s")
+        return reply
+
+
+def test_a_scaffold_reply_lost_after_training_leaves_the_run_where_the_lost_share_of_c_puts_it(servers):
+    """What STRATEGIES.md says SCAFFOLD cannot repair: c stays off by
+    n_k/N·Δc_k, so the run settles where the pooled gradient ∇L(W) equals it,
+    W = θ* + H⁻¹·n_k/N·Δc_k (H = 2/N·Σ x̃x̃ᵀ), not at θ*."""
+    host = create_host_app([local_client(name, [list(row) for row in data])
+                            for name, data in zip(("small", "middle", "large"), UNEQUAL)], None)
+    transport = LostReply.hosted(host, 3)
+    body = run(servers(transport), strategy="scaffold", rounds=300, lr=0.05, local_epochs=5, seed=3)
+    assert body["rounds"][4]["dropped"][0]["client_id"] == "middle"
+    rows = [row for data in UNEQUAL for row in data]
+    n = len(rows)
+    sxx, sx = sum(x * x for x, _ in rows), sum(x for x, _ in rows)
+    h = [[2 * sxx / n, 2 * sx / n], [2 * sx / n, 2.0]]
+    g = [8 / n * d for d in transport.lost]
+    det = h[0][0] * h[1][1] - h[0][1] * h[1][0]
+    offset = [(h[1][1] * g[0] - h[0][1] * g[1]) / det, (h[0][0] * g[1] - h[1][0] * g[0]) / det]
+    expected = [p + o for p, o in zip(pooled_line(UNEQUAL), offset)]
+    assert close(models(body)[-1], expected, 1e-12), (models(body)[-1], expected)
+
+
+def test_a_scaffold_run_stored_before_n_was_kept_resumes_as_before(servers, tmp_path):
+    """Records written before SCAFFOLD kept its N (no ``server_memo``) still
+    resume: N is learned again from /health, as in a new run."""
+    settings = {"strategy": "scaffold", "rounds": 300, "lr": 0.05, "local_epochs": 5, "seed": 3}
+    db = tmp_path / "old.db"
+    fed, transport = unequal_federation(servers, db)
+    transport.rounds = {(url, 100) for url in transport.urls}
+    first = fed.run(**settings)
+    assert first["status"] == "failed" and first["rounds"][-1]["server_memo"] == {"N": 31, "uncounted": []}
+    with sqlite3.connect(db) as old:
+        old.execute("UPDATE rounds SET record = json_remove(record, '$.server_memo')")
+    transport.rounds = set()
+    body = resume_and_wait(fed, first["run_id"])
+    assert all("server_memo" not in r for r in body["rounds"][:99])
+    straight = run(fed, **settings)
+    assert models(body) == models(straight)
+    expected = scaffold_reference(UNEQUAL, [[0, 1, 2]] * 300, 0.05, 5)
+    for r, (got, want) in enumerate(zip(models(body), expected), start=1):
+        assert close(got, want, 1e-12), f"round {r}: {got} != {want}"
+
+
+def test_scaffold_resumed_with_the_current_clients_counts_a_new_one_from_its_first_reply(servers, tmp_path):
+    """A run of the n_k = 3 and 20 clients fails in round 50; a server with a
+    third client (n_k = 8) resumes it with {"clients": "current"}. c is
+    Σ n_k·c_k / 23 over the two (the new one's c_k is 0): the new client is
+    counted from its first reply (c ← c·23/31), not from its /health, which
+    answers (before: N = 31 from then on, c never rescaled)."""
+    settings = {"strategy": "scaffold", "rounds": 300, "lr": 0.05, "local_epochs": 5, "seed": 3}
+    db = tmp_path / "current.db"
+    small, middle, large = (local_client(name, [list(row) for row in data])
+                            for name, data in zip(("small", "middle", "large"), UNEQUAL))
+    two = Down.hosted(create_host_app([small, large], None), 2)
+    two.rounds = {(url, 50) for url in two.urls}
+    fed = servers(two, db)
+    first = fed.run(**settings)
+    assert first["status"] == "failed" and len(first["rounds"]) == 49, first.get("error")
+    fed.close()
+    # the same two clients (their c_k kept), at the same URLs, and a third
+    then = servers(InProcessTransport.hosted(create_host_app([small, large, middle], None), 3), db)
+    body = resume_and_wait(then, first["run_id"], {"clients": "current"})
+    took_part = who_took_part(body, ["small", "middle", "large"])
+    assert took_part[:49] == [[0, 2]] * 49 and all(sorted(part) == [0, 1, 2] for part in took_part[49:])
+    expected = scaffold_reference(UNEQUAL, took_part, 0.05, 5, known_from={1: 50})
+    for r, (got, want) in enumerate(zip(models(body), expected), start=1):
+        assert close(got, want, 1e-12), f"round {r}: {got} != {want}"
+    assert "c ← c·23/31 (its c_k was 0)" in "\n".join(body["rounds"][49]["math"])
     assert close(models(body)[-1], pooled_line(UNEQUAL), 1e-9), (models(body)[-1], pooled_line(UNEQUAL))
 
 

@@ -63,7 +63,7 @@ def fmt_theta(theta: np.ndarray) -> str:
 
 
 def explain_average(ns: Sequence[int], vectors: Sequence[np.ndarray], result: np.ndarray,
-                    symbol: str = "") -> list[str]:
+                    symbol: str = "", total: str = "N") -> list[str]:
     """The weighted average written out with its numbers, one line a coordinate:
 
         N = 2 + 2 = 4
@@ -72,9 +72,10 @@ def explain_average(ns: Sequence[int], vectors: Sequence[np.ndarray], result: np
 
     (``w[0] = …, w[1] = …`` when there are several features; ``g_w = …``
     with ``symbol="g"``.) ``result`` is the average the algorithm computed.
+    ``total`` names the sum of the weights (SCAFFOLD's ``N_S``: its N is another sum).
     """
     shown = [str(n) for n in ns[:TRACE_TERMS]]
-    lines = [f"N = {_sum_of_terms(shown, len(ns))} = {sum(ns)}"]
+    lines = [f"{total} = {_sum_of_terms(shown, len(ns))} = {sum(ns)}"]
     first = vectors[: TRACE_TERMS]
     for j, name in enumerate(names(len(result), symbol)):
         lines.append(explain_weighted_sum(name, ns, [v[j] for v in first], result[j]))

@@ -114,7 +114,7 @@ class Federation:
             self.store.set_status(run_id, "running")
             self._launch(Run(run_id, settings, self.transport, self.store, first_round=done + 1,
                              model=run["current_model"], last=self.store.last_round(run_id),
-                             key=_run_key(run)))
+                             key=_run_key(run), clients_then=run["clients"]))
 
     def _health_now(self, timeout_s: float) -> dict[str, dict[str, Any]]:
         """URL → what its /health says now (``parse_health_reply``), for each

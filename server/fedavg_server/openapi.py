@@ -74,6 +74,9 @@ def server_document(num_clients: int) -> dict[str, Any]:
                                                 "items": {"type": "object"}},
                                  "server_state": {"type": "object", "description": "the strategy's state after "
                                                   "this round (SCAFFOLD's c, FedAdam's m and v, …)"},
+                                 "server_memo": {"type": "object", "description": "what else the strategy's next "
+                                                 "round depends on, for a resume (SCAFFOLD's N, the Σ n_k its c is "
+                                                 "divided by, and the clients not counted in it yet: uncounted)"},
                                  "privacy": {"type": "object", "description": "a DP run's: epsilon spent after "
                                              "this round, delta, target_epsilon, clip, noise_multiplier, "
                                              "update_noise_multiplier, noise_std (on the model), "

@@ -57,7 +57,7 @@ def pipeline(s: RunSettings, roster: Roster, first_round: int, name: str) \
         stages.append(privacy)
     # roster.sizes is filled by the probe before round 1: the strategy reads it then (SCAFFOLD's N).
     strategy = STRATEGIES[s.strategy](lr=s.lr, num_clients=len(roster.urls), combine=combine, sizes=roster.sizes,
-                                      **(s.params or {}))
+                                      clients=roster.urls, **(s.params or {}))
     collector: Collector = (SecureCollector(roster, strategy, s.client_timeout_s, s.secagg, name) if s.secagg
                             else PlainCollector(roster, strategy, s.client_timeout_s))
     # The diagnosis first: a model that is no longer finite is named before anything is written of it.
@@ -69,11 +69,12 @@ class Run:
 
     def __init__(self, run_id: int, settings: RunSettings, transport: Transport, store: RunStore,
                  first_round: int = 1, model: dict[str, Any] | None = None, last: dict[str, Any] | None = None,
-                 key: str = "") -> None:
+                 key: str = "", clients_then: list[str] | None = None) -> None:
         self.run_id, self.s, self.store = run_id, settings, store
         self.first_round = first_round
         self.model = model  # where a resumed run picks up; None = settings.init
         self.key = key  # names the run to clients that keep state per run
+        # (clients_then: the URLs ``last`` was stored with, when this server's differ)
         self.roster = Roster(transport)
         self.strategy, self.sampler, self.collector, self.stages = pipeline(settings, self.roster, first_round,
                                                                             key or str(run_id))
@@ -81,6 +82,7 @@ class Run:
         if last is not None:  # a resumed run: each part picks up where the last stored round left it
             # (records written before the privacy stage kept its S in the strategy's state, as dp_clip)
             self.state = {k: v for k, v in (state_of(last.get("server_state")) or {}).items() if k != "dp_clip"}
+            self.strategy.resume(last.get("server_memo"), self.roster.urls if clients_then is None else clients_then)
             for stage in self.stages:
                 stage.resume(last)
         self.stop_requested = threading.Event()  # POST /runs/<id>/stop, or the server stopping
@@ -137,6 +139,9 @@ class Run:
             step, mine = stage.after(r, theta, got, step)
             parts |= mine
         suspicious = parts.pop("suspicious", [])
+        memo = self.strategy.memo()  # stored beside server_state: what a resumed run's next step needs too
+        if memo:
+            parts["server_memo"] = memo
         record = RoundRecord(r, self.s.strategy, theta, step, got.participants, got.dropped, got.N, got.terms,
                              time.perf_counter() - started, suspicious, parts | got.parts)
         for stage in self.stages:

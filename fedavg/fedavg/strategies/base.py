@@ -10,7 +10,9 @@ A strategy answers three questions, one method each, on plain NumPy data:
 
 θ is one vector [w_1 … w_d, b]. The server's state is a dict of NumPy
 vectors, stored with every round, so a resumed run goes on exactly where it
-stopped. A client's state (SCAFFOLD's c_k) lives in its ``RunMemory``.
+stopped; what else a strategy's next step depends on (SCAFFOLD's N) is its
+``memo``, stored beside it. A client's state (SCAFFOLD's c_k) lives in its
+``RunMemory``.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -141,9 +143,10 @@ class Strategy(ABC):
     descends_own_loss: ClassVar[bool] = True
 
     def __init__(self, lr: float = 0.01, num_clients: int = 1, combine: Combine = Combine(),
-                 sizes: Mapping[str, int] | None = None, **values: float) -> None:
+                 sizes: Mapping[str, int] | None = None, clients: Sequence[str] = (), **values: float) -> None:
         self.lr = lr  # the run's lr (FedSGD's server step uses it)
         self.num_clients = num_clients  # K, every client configured
+        self.clients = list(clients)  # their URLs
         # url → n_k of every client configured, as its /health said (the run's
         # roster, filled before round 1): SCAFFOLD's c is weighted over all of them.
         self.sizes: Mapping[str, int] = {} if sizes is None else sizes
@@ -160,6 +163,19 @@ class Strategy(ABC):
     @abstractmethod
     def aggregate(self, theta: Theta, results: list[Result], state: State) -> Step:
         """θ_{t+1} and the next state from θ_t, the replies and the state."""
+
+    def memo(self) -> dict[str, Any]:
+        """What its next step depends on besides the state's vectors, as JSON
+        (SCAFFOLD: the N its c is divided by, and the clients not counted in
+        it yet). Stored with every round beside the state, and given back by
+        ``resume``, so that a resumed run goes on exactly. {} for most."""
+        return {}
+
+    def resume(self, memo: Mapping[str, Any] | None, clients: Sequence[str]) -> None:
+        """Pick up ``memo`` from the last stored round of a resumed run.
+        ``clients``: the URLs the run had when it was stored (this server's
+        may differ, when resumed with {"clients": "current"}). None: the
+        record has none (it was written before strategies kept one)."""
 
     @classmethod
     def gives_optimum(cls, params: dict[str, float]) -> bool:

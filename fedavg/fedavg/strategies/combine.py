@@ -64,12 +64,13 @@ class Combine:
         return mean, explain_mean_of_sum(mean, weight)
 
     def __call__(self, vectors: Sequence[np.ndarray], ns: Sequence[int], center: np.ndarray,
-                 symbol: str = "") -> tuple[np.ndarray, list[str]]:
+                 symbol: str = "", total: str = "N") -> tuple[np.ndarray, list[str]]:
         """The combined vector and the lines that write it out. ``center`` is
-        what the vectors are updates from (θ_t for models; 0 for gradients)."""
+        what the vectors are updates from (θ_t for models; 0 for gradients);
+        ``total`` names Σ n_k in the lines (``explain_average``)."""
         if self.plain:
             result = weights(ns) @ np.stack(vectors)
-            return result, explain_average(ns, vectors, result, symbol)
+            return result, explain_average(ns, vectors, result, symbol, total)
         lines = []
         if self.clip_norm is not None:
             # Norm bounding (Sun et al., 2019): no update longer than S.

@@ -6,10 +6,12 @@ gradient minus the client's estimate of its own, so that the local steps
 follow the pooled objective instead of the client's.
 
 Each client keeps c_k per run (``RunMemory``); a restarted client starts
-again from c_k = 0. The server's c is stored with every round.
+again from c_k = 0. The server's c is stored with every round, and so is
+what it is divided by (``memo``): a resumed run goes on exactly.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,10 +34,29 @@ class Scaffold(Strategy):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # n_k of the clients whose /health gave none, from their replies; and
-        # the N the state's c was last divided by (None: not yet, this run).
-        self.learned: dict[str, int] = {}
-        self.divided_by: int | None = None
+        # N, the Σ n_k that c is divided by, and the run's clients not counted
+        # in it (no n_k yet: /health gave none and no reply yet, so c_k = 0).
+        # None until the run's first step (or a resume from a record without them).
+        self.total: int | None = None
+        self.uncounted: set[str] = set()
+
+    def memo(self) -> dict[str, Any]:
+        if self.total is None:
+            return {}
+        return {"N": self.total, "uncounted": [u for u in self.clients if u in self.uncounted]}
+
+    def resume(self, memo: Mapping[str, Any] | None, clients: Sequence[str]) -> None:
+        """c is stored as Σ_k n_k·c_k / N over the clients counted then: go on
+        with that N, not with the n_k this server's /health probe happens to
+        get (a client down then would be left out of N, and c rescaled when it
+        replies). A client this server has and the stored run did not (resumed
+        with {"clients": "current"}) is not counted yet: its c_k is 0. Without
+        a memo (a record from before it was kept), N is learned again as in a
+        new run."""
+        if not memo:
+            return
+        self.total = int(memo["N"])
+        self.uncounted = (set(memo["uncounted"]) | (set(self.clients) - set(clients))) & set(self.clients)
 
     def initial_state(self, theta: Theta) -> State:
         return {"c": np.zeros_like(theta)}
@@ -76,32 +97,37 @@ class Scaffold(Strategy):
         n_k comes from each client's /health (``sizes``); a client whose
         /health gave none counts from its first reply on, with the n_k that
         reply states. Until then its c_k is 0, so Σ_k n_k·c_k is unchanged
-        when it joins, and c is rescaled by N_before/N_after."""
-        self.learned.update({r.url: r.n for r in results if r.url not in self.sizes})
-        total = sum({**self.learned, **self.sizes}.values())
+        when it joins, and c is rescaled by N_before/N_after. N and the
+        clients not counted yet are the memo: stored with every round."""
         c, trace = state["c"], []
-        if self.divided_by is not None and self.divided_by != total:
-            trace.append(f"N = Σ n_k over every client known = {total}, was {self.divided_by}: a client whose /health "
-                         f"gave no n_k replied; c ← c·{self.divided_by}/{total} (its c_k was 0)")
-            c = c * (self.divided_by / total)
-        self.divided_by = total
+        first = self.total is None
+        if first:  # the run's first step: every n_k that /health gave
+            self.total = sum(self.sizes.values())
+            self.uncounted = {u for u in self.clients if u not in self.sizes}
+        joining = [r for r in results if r.url in self.uncounted]
+        if joining:
+            before, self.total = self.total, self.total + sum(r.n for r in joining)
+            self.uncounted -= {r.url for r in joining}
+            if not first:
+                trace.append(f"N = Σ n_k over every client known = {self.total}, was {before}: a client whose "
+                             f"/health gave no n_k replied; c ← c·{before}/{self.total} (its c_k was 0)")
+                c = c * (before / self.total)
+        total = self.total
         ns = [r.n for r in results]
         dy = [r.theta - theta for r in results]
         dc = [r.extra["control_delta"] for r in results]
-        delta, dy_lines = self.combine(dy, ns, np.zeros_like(theta), symbol="Δy")
+        # the updates' average is over those that replied: N_S, not N
+        delta, dy_lines = self.combine(dy, ns, np.zeros_like(theta), symbol="Δy", total="N_S")
         eta = self.p["server_lr"]
         new = theta + eta * delta
         p = np.array(ns, dtype=float) / total
         c_new = c + p @ np.stack(dc)
-        known = len({**self.learned, **self.sizes})
-        trace.append(f"N = Σ n_k over all {known} clients, sampled or not = {total}"
-                     + (f" ({self.num_clients - known} more gave no n_k yet)" if known < self.num_clients else ""))
+        trace.append(f"N = Σ n_k over every client of the run, sampled or not = {total}"
+                     + (f" ({len(self.uncounted)} more gave no n_k yet)" if self.uncounted else ""))
         for j, name in enumerate(names(len(theta), "c")):
             terms = [f"({n}/{total})·{fmt(v[j])}" for n, v in zip(ns[:TRACE_TERMS], dc)]
             more = f" + … ({len(ns)} terms)" if len(ns) > TRACE_TERMS else ""
             trace.append(f"{name} = {fmt(c[j])} + {' + '.join(terms)}{more} = {fmt(c_new[j])}")
-        if dy_lines and dy_lines[0].startswith("N = "):  # the updates' average is over those that replied
-            dy_lines = ["N_S" + dy_lines[0][1:], *dy_lines[1:]]
         trace += dy_lines
         trace += explain_each(names(len(theta)), f"{{}} = {{}} + {fmt(eta)}·{{}} = {{}}", theta, delta, new)
         return Step(new, {"c": c_new}, trace)
