@@ -248,13 +248,15 @@ class RunStore:
         if not 0 <= run_id < 2**63:
             return []
         since = min(max(since, 0), 2**63 - 1)
-        chosen = "" if clients is None else f" WHERE p.value->>'url' IN ({', '.join('?' * len(clients))})"
+        chosen = ("" if clients is None else
+                  f" WHERE json_extract(p.value, '$.url') IN ({', '.join('?' * len(clients))})")
         people = "json('[]')" if clients == () else (
-            "(SELECT json_group_array(json_array(p.value->>'url', p.value->>'client_id', p.value->>'data_size', "
+            "(SELECT json_group_array(json_array(json_extract(p.value, '$.url'), "
+            "json_extract(p.value, '$.client_id'), json_extract(p.value, '$.data_size'), "
             f"{_first_weight('p.value', '$.local_model')})) FROM json_each(record, '$.participants') p{chosen})")
         model = "json_extract(record, '$.global_model')" if vectors else _first_weight("record", "$.global_model")
         rows = self._read(
-            "SELECT round, federated_loss, json_array(record->>'strategy', "
+            "SELECT round, federated_loss, json_array(json_extract(record, '$.strategy'), "
             f"json_array_length(record, '$.global_model.w'), {model}, "
             f"{_first_weight('record', '$.global_model_in')}, {people}) "
             "AS picked FROM rounds WHERE run_id = ? AND round > ? AND "
@@ -280,9 +282,10 @@ class RunStore:
             if upto is None or upto <= since:
                 return since, [], []
             counted = []
-            for part, extra in (("participants", ""), ("dropped", ", c.value->>'reason' AS reason")):
+            for part, extra in (("participants", ""), ("dropped", ", json_extract(c.value, '$.reason') AS reason")):
                 counted.append(self._db.execute(
-                    f"SELECT c.value->>'url' AS url, MAX(r.round), c.value->>'client_id' AS client_id{extra}, "
+                    "SELECT json_extract(c.value, '$.url') AS url, MAX(r.round), "
+                    f"json_extract(c.value, '$.client_id') AS client_id{extra}, "
                     f"COUNT(*) AS rounds FROM rounds r, json_each(r.record, '$.{part}') c "
                     "WHERE r.run_id = ? AND r.round > ? AND r.round <= ? GROUP BY url",
                     (run_id, since, upto)).fetchall())
@@ -293,8 +296,9 @@ class RunStore:
         the run, as the last round it took part in recorded it (data_size is
         None under secure aggregation): who the run's clients were."""
         rows = self._read(
-            "SELECT p.value->>'url' AS url, MAX(r.round), p.value->>'client_id' AS client_id, "
-            "p.value->>'data_size' AS data_size FROM rounds r, json_each(r.record, '$.participants') p "
+            "SELECT json_extract(p.value, '$.url') AS url, MAX(r.round), "
+            "json_extract(p.value, '$.client_id') AS client_id, "
+            "json_extract(p.value, '$.data_size') AS data_size FROM rounds r, json_each(r.record, '$.participants') p "
             "WHERE r.run_id = ? GROUP BY url", (run_id,))
         return {r["url"]: {"client_id": r["client_id"], "data_size": r["data_size"]} for r in rows}
 
@@ -344,12 +348,19 @@ class RunStore:
         return [_run_json(row) | {"rounds_completed": row["rounds_completed"]} for row in rows]
 
 
+# SQL for the JSON at a path: SQLite 3.38's -> keeps each number's text as
+# stored; an older SQLite (Python 3.10 on Ubuntu 22.04 has 3.37) has only
+# json_extract, which rounds a number to 15 significant digits: more than a
+# chart can draw.
+AT = "{0} -> '{1}'" if sqlite3.sqlite_version_info >= (3, 38) else "json_extract({0}, '{1}')"
+
+
 def _first_weight(source: str, path: str) -> str:
     """SQL for {"w": w₁, "b": b} of the model at ``path`` of JSON ``source``
     (w is a number, or a list with several features), or NULL without one."""
-    # -> keeps each number's text as stored (json_extract would round it to 15 digits)
-    return (f"CASE WHEN json_type({source}, '{path}') = 'object' THEN json_object("
-            f"'w', COALESCE({source} -> '{path}.w[0]', {source} -> '{path}.w'), 'b', {source} -> '{path}.b') END")
+    w1, w, b = (AT.format(source, f"{path}{key}") for key in (".w[0]", ".w", ".b"))
+    return (f"CASE WHEN json_type({source}, '{path}') = 'object' THEN "
+            f"json_object('w', COALESCE({w1}, {w}), 'b', {b}) END")
 
 
 def _round_of(row: sqlite3.Row) -> dict[str, Any]:
