@@ -926,3 +926,28 @@ def test_a_dp_round_measured_by_one_client_records_no_federated_loss(seed_federa
     for r in alone:
         assert (f"federated MSE of round {r}'s model: not recorded: under DP a loss of one client alone is its own "
                 "number") in log
+
+
+def test_the_charts_of_a_dp_run_an_older_server_recorded_draw_no_client_s_model(servers, tmp_path):
+    """The same older DP history: GET /runs/<id> showed its rounds without
+    the clients' models, but the models chart still drew each client's line
+    from them, to the token's holder. Now the chart says the clients sent no
+    local model, for every reader."""
+    from fedavg_server.records import RoundRecord
+    from fedavg_server.runs import RunStore
+
+    db = tmp_path / "old.db"
+    store = RunStore(db)
+    run_id = store.create({"rounds": 1, "dp": {"noise_multiplier": 1.0, "clip": 0.1}}, ["http://a", "http://b"],
+                          {"w": 0.0, "b": 0.0})
+    participants = [{"client_id": c, "url": f"http://{c}", "data_size": 2,
+                     "local_model": {"w": 0.123456789, "b": 0.987654321}} for c in "ab"]
+    store.add_round(run_id, RoundRecord(1, "fedavg", np.zeros(2), Step(np.array([0.05, 0.04]), {}, []),
+                                        participants, [], 4, [], 0.01, [], {"privacy": {"epsilon": 4.7, "clip": 0.1}}))
+    store.finish(run_id, "completed")
+    store.close()
+    fed = servers(InProcessTransport({}), db=db, TOKEN="t0ken")
+    r = fed.http.get(f"/runs/{run_id}/plots/models.svg?round=1", headers={"Authorization": "Bearer t0ken"})
+    assert r.status_code == 200, r.get_data(as_text=True)
+    svg = r.get_data(as_text=True)
+    assert "2 client(s) sent no local model, so no line" in svg and "0.123457" not in svg

@@ -213,7 +213,7 @@ def compare():
     for run in runs:
         # The loss and the round: 2 numbers a round; the whole model too (d + 1) where a distance is drawn.
         per_round = 2 + (_features(store, run) + 1 if run["run_id"] in known else 0)
-        run["rounds"] = reader_view_rounds(store.chart_rounds(
+        run["rounds"] = reader_view_rounds(run, store.chart_rounds(
             run["run_id"], every=_every(run["rounds_completed"], per_round * len(runs)),
             keep=(1, run["rounds_completed"]), vectors=run["run_id"] in known))
     try:
@@ -257,13 +257,15 @@ def _chart_run(run_id: int, name: str, round_no: int | None = None) -> dict[str,
         # the round and its loss, the global model out and in (w₁ and b each), each line's w₁ and b
         rounds = store.chart_rounds(run_id, every=_every(done, 6 + 2 * len(lines)),
                                     keep=tuple(r for r in (1, done, round_no) if r), clients=lines)
-    return run | {"rounds": reader_view_rounds(rounds)}
+    return run | {"rounds": reader_view_rounds(run, rounds)}
 
 
-def reader_view_rounds(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A chart's rounds as this request may read them: without the token on
-    a private server, no client's local model (see access.py)."""
-    if reads_clients():
+def reader_view_rounds(run: dict[str, Any], rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A chart's rounds of ``run`` as this request may read them: no client's
+    local model without the token on a private server, nor in a DP run, for
+    anyone (it records none; an older server's DP records still hold them:
+    access.py shows those rounds without them too)."""
+    if reads_clients() and not run["settings"].get("dp"):
         return rounds
     return [r | {"participants": [p | {"local_model": None} for p in r["participants"]]} for r in rounds]
 
