@@ -584,6 +584,27 @@ def test_a_sum_no_honest_clients_send_fails_the_round_naming_secure_aggregation(
     assert "secure aggregation hides whose; nothing of this round was averaged" in run["error"]
 
 
+def test_a_weight_that_is_not_n_k_fails_the_round_even_where_n_k_is_unknown(wired):
+    """sim_1 (client 3 of three_clients) is down at /health, so the server
+    does not know its n_k (anything from 1 to 10¹² passes for it), then adds
+    10⁶ to its weight w_k alone under the mask. Σ w_k and N each stay in
+    their range; but honest clients weigh by n_k, so Σ w_k = N exactly, and
+    the round fails naming secure aggregation. (Before, it completed at
+    y = 4.2792e-05·x + 1.3074e-05: the honest model (1.7830, 0.5447) times
+    N / (N + 10⁶), N = 24.)"""
+    inflate = tamper("masked", lies({2: 1e6}))
+
+    def hook(path: str, phase: str, body: Any) -> Any:
+        return GONE if (phase, path) == ("request", "/health") else inflate(path, phase, body)
+    fed, _ = wired(three_clients(), {3: hook})
+    run = fed.run(rounds=1, secagg={"threshold": 2})
+    assert run["status"] == "failed" and run["rounds"] == [], run
+    assert run["error"].startswith("round 1: secure aggregation: the sum of the survivors' inputs is not one "
+                                   "honest clients send: "), run["error"]
+    assert f"Σ w_k = {THREE_N + 1e6:.6f} differs from N = Σ n_k = {THREE_N:.6f}" in run["error"], run["error"]
+    assert "never said their n_k" not in run["error"].split("differs")[0], run["error"]  # (in range, as N is)
+
+
 @pytest.mark.parametrize("dp", [None, {"noise_multiplier": 0.5, "clip": 1.0, "local_noise": True}],
                          ids=["plain", "dp local noise"])
 @pytest.mark.parametrize("bits", [1e6, -1e6, -3.5], ids=["10⁶ more", "10⁶ fewer", "just below 0"])
