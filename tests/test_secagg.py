@@ -44,6 +44,7 @@ from test_byzantine import client_data
 from test_secagg_core import DEATHS, first_refusal
 
 from conftest import ROOT, Federated
+from fedavg import secagg
 from fedavg.client import LocalClient
 from fedavg.http.client_app import create_app as client_app
 from fedavg.http.host_app import create_host_app
@@ -326,7 +327,7 @@ def in_clear(reply: dict) -> dict:
     ("masked", lambda r: {**r, "masked": base64.b64encode(base64.b64decode(r["masked"])[:-8]).decode()},
      "reply.masked"),
     ("masked", in_clear, "sent unmasked"),
-    ("masked", lambda r: {"bad_shares": {"7": "made up"}}, "reply.bad_shares: names clients [7]"),
+    ("receive", lambda r: {"bad_shares": {"7": "made up"}}, "reply.bad_shares: names clients [7]"),
 ], ids=["low-order key", "malformed key", "short masked vector", "unmasked input", "blames a stranger"])
 def test_a_bad_message_drops_its_client_with_the_reason_and_the_round_goes_on(wired, step, change, reason):
     """sim_1 (client 3) lies at one step: it is dropped with its reason, and
@@ -400,6 +401,127 @@ def test_shares_that_do_not_open_again_after_the_restart_fail_the_round_naming_t
     assert not any(wire.paths(c, "/secagg/unmask") for c in wire.asked)
 
 
+def accuser(clients: list[LocalClient], c: int, wire: list[Tampering], pick: Callable[[list[str]], list[str]],
+            own_key: bool = True) -> Hook:
+    """Client c (clients[c − 1]) as a hostile holder: when the shares sealed to it arrive
+    (/secagg/receive), it answers that those of ``pick(senders)`` did not open, though they
+    did, with its own c_sk of the session as the proof (``own_key``; else a key of no one's).
+    (On a server that took the accusation at /secagg/masked, it is made there.)"""
+    def hook(path: str, phase: str, body: Any) -> Any:
+        if phase == "request":
+            return None
+        request = wire[0].paths(c, path)[-1]
+        if "received" not in request:
+            return body
+        party, _ = clients[c - 1].sessions.get(request["session"])
+        key = party._c_sk if own_key else secagg.new_keypair()[0]  # (the client knows its own key)
+        return {"bad_shares": {j: "MAC check failed" for j in pick(sorted(request["received"], key=int))},
+                "c_sk": base64.b64encode(key).decode()}
+    return hook
+
+
+@pytest.mark.parametrize("pick, own_key, reason", [
+    (lambda senders: senders[:1], True, "a false accusation: the sealed shares of sim_1 open under the c_sk it "
+                                        "revealed"),
+    (lambda senders: senders, True, "a false accusation: the sealed shares of sim_1, sim_2, sim_3, sim_4 open"),
+    (lambda senders: senders[:1], False, "reply.c_sk: not the private key of the c_pk client 5 advertised: its "
+                                         "accusation is unproven"),
+], ids=["its lowest neighbour", "everyone", "with a key not its own"])
+def test_a_false_accusation_drops_the_accuser_and_the_round_goes_on(wired, pick, own_key, reason):
+    """Five iid clients; sim_5 says, every round, that the shares sealed to
+    it by its lowest neighbour (or by everyone) did not open, though they
+    did, and shows its c_sk of the session (or a key not behind its c_pk).
+    The server opens the pairs itself with that key: sim_5 is the one
+    dropped, in the round's one session (no restart), and every round is
+    plain-Python FedAvg of the four honest clients. (Before, the server
+    believed it: the accused were dropped and the round restarted, and
+    accusing again in the second attempt failed every round naming honest
+    clients.)"""
+    clients, wire = make_clients("iid", 5), []
+    fed, tampering = wired(clients, {5: accuser(clients, 5, wire, pick, own_key)})
+    wire.append(tampering)
+    run = fed.run(rounds=2, secagg=True)
+    assert run["status"] == "completed", run.get("error")
+    honest = [client_data(c) for c in range(4)]
+    w = b = 0.0
+    for record in run["rounds"]:
+        w, b = fedavg_round(honest, w, b)
+        assert record["global_model"]["w"] == pytest.approx(w, abs=1e-6)
+        assert record["global_model"]["b"] == pytest.approx(b, abs=1e-6)
+        assert sorted(p["client_id"] for p in record["participants"]) == ["sim_1", "sim_2", "sim_3", "sim_4"]
+        assert [d["client_id"] for d in record["dropped"]] == ["sim_5"]
+        assert reason in record["dropped"][0]["reason"], record["dropped"][0]["reason"]
+    # One session for each of the 3 secure sums (2 rounds and the final evaluation): none restarted.
+    assert all(len(tampering.paths(c, "/secagg/advertise")) == 3 for c in range(1, 6))
+
+
+def test_a_true_accusation_with_a_false_one_drops_both_and_the_restart_is_without_both(wired):
+    """sim_4 sends garbage sealed shares to every holder; sim_5 accuses
+    sim_1 falsely in the same wave. The server's checks find both out: the
+    round starts again without sim_4 (whose shares did not open at the
+    server either) and without sim_5 (whose did), and is plain-Python FedAvg
+    of sim_1-3 in that new session."""
+    clients, wire = make_clients("iid", 5), []
+    fed, tampering = wired(clients, {4: tamper("share", garbage()),
+                                     5: accuser(clients, 5, wire, lambda senders: senders[:1])})
+    wire.append(tampering)
+    run = fed.run(rounds=1, secagg={"threshold": 2})
+    assert run["status"] == "completed", run.get("error")
+    record = run["rounds"][0]
+    w, b = fedavg_round([client_data(c) for c in range(3)], 0.0, 0.0)
+    assert record["global_model"]["w"] == pytest.approx(w, abs=1e-6)
+    assert record["global_model"]["b"] == pytest.approx(b, abs=1e-6)
+    assert sorted(p["client_id"] for p in record["participants"]) == ["sim_1", "sim_2", "sim_3"]
+    why = {d["client_id"]: d["reason"] for d in record["dropped"]}
+    assert sorted(why) == ["sim_4", "sim_5"]
+    # (sim_5's own reply named only sim_1)
+    assert why["sim_4"].startswith("secagg share: its sealed shares did not open at sim_1, sim_2, sim_3 (")
+    assert "a false accusation: the sealed shares of sim_1 open" in why["sim_5"]
+    assert len(tampering.paths(4, "/secagg/advertise")) == len(tampering.paths(5, "/secagg/advertise")) == 2
+
+
+def test_an_accusations_reason_reaches_the_record_with_its_control_characters_escaped(wired):
+    """sim_5 sends garbage sealed shares; sim_1, accusing it truly, says why
+    with a newline and an ESC sequence (a forged log line). The reason in
+    sim_5's drop has them written as escapes (\\u000a, \\u001b), never raw.
+    (Before, only cut to 200 characters.)"""
+    forged = "bad\nRun 1 completed\x1b[2J"
+
+    def says(body: dict) -> dict:
+        return {**body, "bad_shares": {j: forged for j in body["bad_shares"]}} if "bad_shares" in body else body
+    fed, _ = wired(make_clients("iid", 5), {5: tamper("share", garbage()),
+                                            1: lambda path, phase, body: says(body) if phase == "reply" else None})
+    run = fed.run(rounds=1, secagg=True)
+    assert run["status"] == "completed", run.get("error")
+    [dropped] = run["rounds"][0]["dropped"]
+    assert dropped["client_id"] == "sim_5"
+    assert "(bad\\u000aRun 1 completed\\u001b[2J)" in dropped["reason"], dropped["reason"]
+    assert not any(ch in dropped["reason"] for ch in "\n\x1b")
+
+
+def test_a_second_attempt_that_fails_names_the_clients_the_first_dropped(wired):
+    """sim_5 sends garbage sealed shares; sim_3 and sim_4 are gone by the
+    round's second attempt, which then has 2 clients, fewer than t = 3: the
+    failure names all three it is missing, sim_5 with why. (Before, it said
+    "0 dropped" of the first attempt's, or only the second's.)"""
+    asked = {3: 0, 4: 0}
+
+    def second_time_gone(c: int) -> Hook:
+        def hook(path: str, phase: str, body: Any) -> Any:
+            if phase == "reply":
+                return body
+            asked[c] += path == "/secagg/advertise"
+            return GONE if asked[c] > 1 else None
+        return hook
+    fed, _ = wired(make_clients("iid", 5), {5: tamper("share", garbage()), 3: second_time_gone(3),
+                                            4: second_time_gone(4)})
+    run = fed.run(rounds=1, secagg={"threshold": 3})
+    assert run["status"] == "failed" and run["rounds"] == []
+    assert "after /secagg/advertise only 2 client(s) are left, fewer than the threshold t=3" in run["error"]
+    assert "(3 dropped: sim_5: secagg share: its sealed shares did not open at sim_1" in run["error"], run["error"]
+    assert "sim_3: secagg advertise: " in run["error"] and "sim_4: secagg advertise: " in run["error"]
+
+
 def test_a_wrong_share_is_found_out_and_named(wired):
     """client 1 sends a corrupted share of client 3's self-mask seed: the
     server rebuilds b_3 from the first t = 2 shares (1's and 2's), finds it
@@ -460,6 +582,27 @@ def test_a_sum_no_honest_clients_send_fails_the_round_naming_secure_aggregation(
                                    "honest clients send: "), run["error"]
     assert named in run["error"] and "lr" not in run["error"], run["error"]
     assert "secure aggregation hides whose; nothing of this round was averaged" in run["error"]
+
+
+def test_a_weight_that_is_not_n_k_fails_the_round_even_where_n_k_is_unknown(wired):
+    """sim_1 (client 3 of three_clients) is down at /health, so the server
+    does not know its n_k (anything from 1 to 10¹² passes for it), then adds
+    10⁶ to its weight w_k alone under the mask. Σ w_k and N each stay in
+    their range; but honest clients weigh by n_k, so Σ w_k = N exactly, and
+    the round fails naming secure aggregation. (Before, it completed at
+    y = 4.2792e-05·x + 1.3074e-05: the honest model (1.7830, 0.5447) times
+    N / (N + 10⁶), N = 24.)"""
+    inflate = tamper("masked", lies({2: 1e6}))
+
+    def hook(path: str, phase: str, body: Any) -> Any:
+        return GONE if (phase, path) == ("request", "/health") else inflate(path, phase, body)
+    fed, _ = wired(three_clients(), {3: hook})
+    run = fed.run(rounds=1, secagg={"threshold": 2})
+    assert run["status"] == "failed" and run["rounds"] == [], run
+    assert run["error"].startswith("round 1: secure aggregation: the sum of the survivors' inputs is not one "
+                                   "honest clients send: "), run["error"]
+    assert f"Σ w_k = {THREE_N + 1e6:.6f} differs from N = Σ n_k = {THREE_N:.6f}" in run["error"], run["error"]
+    assert "never said their n_k" not in run["error"].split("differs")[0], run["error"]  # (in range, as N is)
 
 
 @pytest.mark.parametrize("dp", [None, {"noise_multiplier": 0.5, "clip": 1.0, "local_noise": True}],
@@ -602,8 +745,9 @@ def test_secagg_plus_a_client_lost_mid_round_leaves_the_survivors_exact_average(
     peers = sorted(int(j) for j in wire.paths(1, "/secagg/share")[0]["peers"])
     neighbours = [j for j in peers if j != index]
     assert index in peers and len(neighbours) == 4  # its neighbourhood's keys, not all 12 clients'
-    masked = wire.paths(1, "/secagg/masked")[0]
-    assert sorted(int(j) for j in masked["received"]) == neighbours and masked["survivors"] == peers
+    receive = wire.paths(1, "/secagg/receive")[0]
+    assert sorted(int(j) for j in receive["received"]) == neighbours and receive["survivors"] == peers
+    assert wire.paths(1, "/secagg/masked")[0]["survivors"] == peers
     if after:  # missing only from the unmasking: 4 neighbours' shares of b_1 ≥ t
         assert first["dropped"][0]["reason"].startswith("secagg unmask: ")
     else:
@@ -663,7 +807,7 @@ def test_secagg_plus_settings_out_of_range_are_a_400_naming_the_field(wired, sec
 
 # --- a property: any K, t, k and dropouts ------------------------------------------------
 
-STEPS = ("advertise", "share", "masked", "unmask")  # the server's four waves of calls, in order
+STEPS = ("advertise", "share", "receive", "masked", "unmask")  # the server's five waves of calls, in order
 
 
 @settings(max_examples=30, deadline=None, derandomize=True, database=None, phases=[Phase.generate],

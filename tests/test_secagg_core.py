@@ -313,32 +313,48 @@ def test_one_masked_input_per_session_a_retry_gets_the_same():
         fed.clients[1].masked_input([v + 1 for v in fed.xs[1]], fed.inbox(1), fed.u2)
 
 
-def test_shares_that_do_not_open_name_their_sender_before_anything_is_masked():
-    """What client 2 sealed to client 1, with a bit flipped on the way, and
-    what client 3 sealed to client 2, passed on to client 1 as if from 3:
+def test_shares_that_do_not_open_name_their_sender_before_anything_is_masked_and_c_sk_proves_it():
+    """What client 2 sealed to client 1, with a bit flipped on the way:
     client 1 names the sender (AES-GCM under a key only the pair holds, the
-    pair in the AAD) before it masks anything, and keeps nothing: given the
-    intact pairs it masks as if nothing had happened, and the round unmasks
-    to the plain sum. (It used to find out only at the unmasking, after
-    everyone had masked with the sender.)"""
+    pair in the AAD) before it masks anything, and then masks nothing in
+    this session. Its c_sk, which it shows only then, matches its c_pk, and
+    with it the server finds the flipped pair does not open (the accusation
+    holds) while the intact ones do (an accusation of them would be a lie);
+    a key that is not behind c_pk_1 proves nothing. What client 3 sealed to
+    client 2, passed on to client 1 as if from 3, names 3 (the pair is in
+    the AAD) and does not open for the server either. (Before, the server
+    believed any accusation unchecked.)"""
     xs = random_inputs(3, 2, seed=25)
-    clients = {i: secagg.SecAggClient(i, SESSION, 2) for i in xs}
-    public = {i: c.advertise() for i, c in clients.items()}
-    sealed = {i: c.share_keys(public) for i, c in clients.items()}
+
+    def session() -> tuple[dict[int, secagg.SecAggClient], dict[int, dict[str, bytes]], dict[int, dict[int, bytes]]]:
+        clients = {i: secagg.SecAggClient(i, SESSION, 2) for i in xs}
+        public = {i: c.advertise() for i, c in clients.items()}
+        return clients, public, {i: c.share_keys(public) for i, c in clients.items()}
+    clients, public, sealed = session()
     inbox = {i: {j: sealed[j][i] for j in xs if j != i} for i in xs}
     flipped = inbox[1][2][:-1] + bytes([inbox[1][2][-1] ^ 1])
     with pytest.raises(secagg.BadShares) as refused:
         clients[1].masked_input(xs[1], {**inbox[1], 2: flipped}, [1, 2, 3])
     assert list(refused.value.senders) == [2] and "failed authentication" in refused.value.senders[2]
     assert "client 2: the sealed shares failed authentication" in str(refused.value)
+    with pytest.raises(ValueError, match="masks nothing"):
+        clients[1].mask(xs[1], [1, 2, 3])
+    c_sk = clients[1].reveal_c_sk()
+    assert secagg.public_of(c_sk) == public[1]["c_pk"]
+    assert secagg.accusation_holds(c_sk, public, 1, 2, flipped, SESSION)
+    assert not secagg.accusation_holds(c_sk, public, 1, 2, inbox[1][2], SESSION)
+    assert not secagg.accusation_holds(c_sk, public, 1, 3, inbox[1][3], SESSION)
+    with pytest.raises(ValueError, match="not the private key of the c_pk client 1 advertised"):
+        secagg.accusation_holds(secagg.new_keypair()[0], public, 1, 2, flipped, SESSION)
+    assert clients[2].receive(inbox[2], [1, 2, 3]) == 2
+    with pytest.raises(ValueError, match="reveal_c_sk: refused"):  # every pair opened: no key to show
+        clients[2].reveal_c_sk()
+
+    clients, public, sealed = session()
     with pytest.raises(secagg.BadShares) as redirected:
-        clients[1].masked_input(xs[1], {**inbox[1], 3: sealed[3][2]}, [1, 2, 3])
+        clients[1].receive({2: sealed[2][1], 3: sealed[3][2]}, [1, 2, 3])
     assert list(redirected.value.senders) == [3]
-    masked = {i: clients[i].masked_input(xs[i], inbox[i], [1, 2, 3]) for i in xs}
-    b, s_sk = secagg.collect_shares({i: c.unmask([1, 2, 3], []) for i, c in clients.items()})
-    total, _ = secagg.unmask_sum(masked, b, s_sk, public, survivors_u2=[1, 2, 3], session=SESSION, threshold=2,
-                                 length=2)
-    assert_close(total, plain_sum(list(xs.values())), 3)
+    assert secagg.accusation_holds(clients[1].reveal_c_sk(), public, 1, 3, sealed[3][2], SESSION)
 
 
 class StopAt:
@@ -374,7 +390,7 @@ def test_each_step_stops_between_units_of_work_when_told_and_keeps_nothing():
     inbox = {i: {j: sealed[j][i] for j in xs if j != i} for i in xs}
     with mock.patch.object(secagg, "expand", wraps=secagg.expand) as masks:
         with pytest.raises(secagg.Stopped, match=r"^stopped after 1 of 3 pair masks$"):
-            clients[1].masked_input(xs[1], inbox[1], [1, 2, 3, 4], stop=StopAt(1 + 2))
+            clients[1].masked_input(xs[1], inbox[1], [1, 2, 3, 4], stop=StopAt(1 + 1 + 2))  # (received, begun)
         assert masks.call_count == 1
     masked = {i: c.masked_input(xs[i], inbox[i], [1, 2, 3, 4]) for i, c in clients.items()}
     with pytest.raises(secagg.Stopped, match=r"^stopped before it began$"):

@@ -38,7 +38,7 @@ from fedavg.scenarios import make_clients
 from fedavg_server.http_transport import DEADLINE_SLACK_S, RETRY_BACKOFF_S, HttpTransport
 from launcher import free_port, post_json, start_app, stop, wait_healthy
 
-STEPS = ("advertise", "share", "masked", "unmask")
+STEPS = ("advertise", "share", "receive", "masked", "unmask")
 PASSED = "0.000001"  # X-Deadline-S of a server that stops waiting at once (the header must be > 0)
 
 
@@ -61,8 +61,10 @@ def secure_round(app: Flask, late: str) -> tuple[list[tuple[int, dict]], np.ndar
     keys = {c: post(c, "advertise", {"global_model": {"w": 0.0, "b": 0.0}, "index": c, "threshold": 2})["keys"]
             for c in clients}
     shares = {c: post(c, "share", {"peers": {str(j): keys[j] for j in clients}})["shares"] for c in clients}
-    masked = {c: post(c, "masked", {"survivors": clients, "parties": 3, "received": {
-        str(j): shares[j][str(c)] for j in clients if j != c}})["masked"] for c in clients}
+    for c in clients:
+        assert post(c, "receive", {"survivors": clients, "received": {
+            str(j): shares[j][str(c)] for j in clients if j != c}}) == {"opened": 2}
+    masked = {c: post(c, "masked", {"survivors": clients, "parties": 3})["masked"] for c in clients}
     revealed = {c: post(c, "unmask", {"survivors": clients, "dropped": []}) for c in clients}
     b, s_sk = secagg.collect_shares({c: secagg.reveal_from_wire(revealed[c], "reply") for c in clients})
     total, _ = secagg.unmask_sum({c: secagg.vector_from_wire(masked[c], "masked", 6) for c in clients}, b, s_sk,

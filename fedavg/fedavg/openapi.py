@@ -154,7 +154,7 @@ def client_document(num_features: int) -> dict[str, Any]:
 
 def secagg_paths(train_in: dict[str, Any], secured: list[dict[str, Any]],
                  diverged: dict[str, Any]) -> dict[str, Any]:
-    """Secure aggregation's four requests (fedavg.secure_client). Keys,
+    """Secure aggregation's five requests (fedavg.secure_client). Keys,
     shares and ciphertexts are base64 text; a masked vector is the base64 of
     its little-endian uint64 words; objects of them are keyed by client
     index as decimal text."""
@@ -197,19 +197,25 @@ def secagg_paths(train_in: dict[str, Any], secured: list[dict[str, Any]],
             "Shamir shares of s_sk_k and b_k out, each sealed (AES-GCM) to its holder.",
             {"peers": {"type": "object", "additionalProperties": keys}}, ["peers"],
             {"type": "object", "required": ["shares"], "properties": {"shares": by_index}}, late),
-        "/secagg/masked": step(
-            "Secure aggregation 2: the shares sealed to this client in; y_k = x_k + PRG(b_k) ± PRG(s_kj) out, "
-            "or, when some do not open, their senders (bad_shares) and nothing masked.",
-            {"survivors": indices, "received": by_index, "parties": {"type": "integer", "minimum": 1}},
-            ["survivors", "received"],
-            {"oneOf": [{"type": "object", "required": ["masked"], "properties": {"masked": b64}},
-                       {"type": "object", "required": ["bad_shares"], "properties": {"bad_shares": {
+        "/secagg/receive": step(
+            "Secure aggregation 2: the shares sealed to this client in; how many opened out, or, when some do "
+            "not, their senders (bad_shares) and c_sk_k, with which the server checks that they do not open; "
+            "then this session masks nothing.",
+            {"survivors": indices, "received": by_index}, ["survivors", "received"],
+            {"oneOf": [{"type": "object", "required": ["opened"], "properties": {"opened": {"type": "integer"}}},
+                       {"type": "object", "required": ["bad_shares", "c_sk"], "properties": {"bad_shares": {
                            "type": "object", "additionalProperties": {"type": "string"},
-                           "description": "sender index → why its sealed shares did not open"}}}]},
+                           "description": "sender index → why its sealed shares did not open"},
+                           "c_sk": {**b64, "description": "base64: this session's c_sk_k, the proof"}}}]},
+            late),
+        "/secagg/masked": step(
+            "Secure aggregation 3: who of its neighbourhood shared keys in; y_k = x_k + PRG(b_k) ± PRG(s_kj) out.",
+            {"survivors": indices, "parties": {"type": "integer", "minimum": 1}}, ["survivors"],
+            {"type": "object", "required": ["masked"], "properties": {"masked": b64}},
             {**late, "422": reply("x_k is beyond what the fixed point can sum (|x| ≥ 2^63 / 2^s / parties): its "
                                   "model or loss has blown up (diverged: true)", ref("Error"))}),
         "/secagg/unmask": step(
-            "Secure aggregation 3: who survived in; shares of b_j (survivors) and of s_sk_j (dropped) out, "
+            "Secure aggregation 4: who survived in; shares of b_j (survivors) and of s_sk_j (dropped) out, "
             "never both for one j.", {"survivors": indices, "dropped": indices}, ["survivors", "dropped"],
             {"type": "object", "required": ["b", "s_sk"], "properties": {"b": by_index, "s_sk": by_index}}, late),
     }

@@ -16,14 +16,19 @@ neighbourhood, and each step below is read within it.
 1. ShareKeys: i splits s_sk_i and b_i into Shamir shares (threshold t), one for
    each j in N[i], and seals j's pair under agree(c_sk_i, c_pk_j, "share").
    U2 = the clients that did.
-2. MaskedInputCollection: i first opens every sealed pair sent to it; one that
-   fails authentication names its sender (only i and j hold the key, and the
-   pair is in the AAD), and i masks nothing (``BadShares``): the server starts
-   the round again without that sender. Then, with s_ij = agree(s_sk_i, s_pk_j, "mask") = s_ji:
+2. Receiving: i opens every sealed pair sent to it; one that fails
+   authentication names its sender (only i and j hold the key, and the pair
+   is in the AAD), and i masks nothing in this session (``BadShares``). The
+   accusation comes with its proof, c_sk_i: the server derives the pair's
+   key itself and tries the ciphertext it relayed (``accusation_holds``).
+   If it does not open, the server drops the sender and starts the round
+   again without it, in a new session; if it does, the accuser lied, and is
+   dropped. No masked input exists yet: this is a wave of its own.
+3. MaskedInputCollection: with s_ij = agree(s_sk_i, s_pk_j, "mask") = s_ji:
        y_i = x_i + PRG(b_i) + Σ_{j∈U2∩N(i), j>i} PRG(s_ij) − Σ_{j∈U2∩N(i), j<i} PRG(s_ij)   (mod 2^64)
    U3 = the clients whose y_i arrived. b_i is a 128-bit seed and PRG(b_i) the
    ChaCha20 keystream under HKDF(b_i); PRG(s_ij) is the keystream under s_ij.
-3. Unmasking: every survivor reveals its share of b_j for j in U3 ∩ N[i] and of
+4. Unmasking: every survivor reveals its share of b_j for j in U3 ∩ N[i] and of
    s_sk_j for j in (U2 \\ U3) ∩ N(i), never both for one j. From t shares of each
    (so t survivors in each needed neighbourhood) the server gets
        Σ_{i∈U3} x_i = Σ_{i∈U3} y_i − Σ_{i∈U3} PRG(b_i) − Σ_{j∈U2\\U3} Σ_{i∈U3∩N(j)} ±PRG(s_ij)
@@ -81,8 +86,8 @@ from .trace import TRACE_TERMS, fmt
 from .wire import SECAGG_SCALE_BITS
 
 # The protocol's one entry: its steps, and the primitives and wire format it is built from.
-__all__ = ["MASK", "SCALE_BITS", "SHARE", "BadShares", "SecAggClient", "SecAggError", "Stopped", "agree",
-           "bytes_from_wire", "collect_shares",
+__all__ = ["KEY_BYTES", "MASK", "SCALE_BITS", "SHARE", "BadShares", "SecAggClient", "SecAggError", "Stopped",
+           "accusation_holds", "agree", "bytes_from_wire", "collect_shares",
            "combine_secret", "decode", "encode", "expand", "indexed_from_wire", "indices_from_wire", "keys_from_wire",
            "new_keypair", "open_sealed", "public_of", "reveal_from_wire", "seal", "self_mask", "sha256",
            "split_secret", "to_wire", "unmask_sum", "vector_from_wire"]
@@ -92,6 +97,7 @@ SCALE_BITS = SECAGG_SCALE_BITS  # fixed point: 2^-24 ≈ 6e-8 per client, and |n
 # b_i, the self-mask seed: 128 bits, one Shamir chunk (sharing and rebuilding
 # it is most of a round's cost); the PRG's 256-bit key is HKDF(b_i).
 SEED_BYTES = 16
+PAIR_BYTES = 2 * SHARE_X.size + KEY_BYTES + SEED_BYTES  # a sealed pair, opened: a share of s_sk_i, then of b_i
 LEAVE_OUT_TRIES = 256  # subsets tried when a secret's shares disagree: bounded work per secret
 
 
@@ -200,6 +206,7 @@ class SecAggClient:
         self._u2: set[int] | None = None
         self._received: dict[int, bytes] = {}
         self._opened: dict[int, bytes] = {}  # j → the share pair j sealed to this client, opened
+        self._bad: dict[int, str] = {}  # j → why what j sealed to this client did not open
         self._sent: tuple[np.ndarray, np.ndarray] | None = None  # (encode(x), y_i), to answer a retry alike
         self._revealed: dict[str, set[int]] = {"b": set(), "s_sk": set()}
 
@@ -252,18 +259,16 @@ class SecAggClient:
         self._own, self._seeds, self._box, self.peers = s_shares[self.index] + b_shares[self.index], seeds, box, peers
         return dict(self._sealed)
 
-    def masked_input(self, x: Any, received: Mapping[int, bytes], survivors_u2: Iterable[int],
-                     n_parties: int | None = None, stop: Callable[[], bool] | None = None) -> np.ndarray:
-        """MaskedInputCollection: y_i = encode(x) + PRG(b_i) + Σ_{j∈U2, j>i} PRG(s_ij) − Σ_{j∈U2, j<i} PRG(s_ij)
-        (mod 2^64), where U2 = `survivors_u2` is told within N[i] (the peers of ``share_keys``).
-        `received` is {j: what j sealed for i} for every j in U2 \\ {i}: each is opened first, and
-        BadShares names the senders of those that do not open (nothing is masked: the server must
-        go on without them, in a new session). `n_parties` (default |N[i]|, the peers it was given;
-        the server sends |U1|) bounds the sum for ``encode``'s overflow check. Once per session: a
-        retry with the same arguments gets the same y_i, anything else is refused. `stop` is asked
-        before each pair mask (Stopped when it says so)."""
+    def receive(self, received: Mapping[int, bytes], survivors_u2: Iterable[int],
+                stop: Callable[[], bool] | None = None) -> int:
+        """The pairs sealed to this client, opened: `received` is {j: what j sealed for i} for every
+        j in U2 \\ {i}, U2 = `survivors_u2` told within N[i] (the peers of ``share_keys``). Returns
+        how many opened; BadShares names the senders of those that do not open, and then this
+        session masks nothing (the server must go on without them, in a new session, and may ask
+        for c_sk: ``reveal_c_sk``). Once per session: a retry with the same arguments gets the same
+        answer, anything else is refused. `stop` is asked once, before any pair is opened."""
         if self.peers is None:
-            raise ValueError("masked_input: share_keys comes first")
+            raise ValueError("receive: share_keys comes first")
         u2 = set(check_indices(survivors_u2, "survivors_u2"))
         if self.index not in u2 or not u2 <= set(self.peers):
             raise ValueError(f"survivors_u2: must hold this client ({self.index}) and only clients of U1")
@@ -274,38 +279,87 @@ class SecAggClient:
         if odd:
             raise ValueError(f"received: {'no' if odd[0] in u2 else 'an unexpected'} ciphertext from client "
                              f"{odd[0]} (one is due from every other client of U2, and only from them)")
+        if self._u2 is not None:
+            if (u2, received) != (self._u2, self._received):
+                raise ValueError("receive: already done in this session with other shares")
+            if self._bad:
+                raise BadShares(self._bad)
+            return len(self._opened)
+        # Opened in a step of their own, before anyone masks: a sender whose shares do not open is
+        # named while no masked input of this session exists, so that proving it (c_sk) reveals
+        # nothing that could unmask one (see ``reveal_c_sk``).
+        _go_on(stop)  # (opening is AES-GCM over a few dozen bytes a pair: no unit of work worth stopping within)
+        opened, bad = {}, {}
+        for j in sorted(received):
+            try:
+                opened[j] = self._open(j, received[j])
+            except ValueError as e:
+                bad[j] = str(e)
+        self._u2, self._received, self._opened, self._bad = u2, received, opened, bad
+        if bad:
+            raise BadShares(bad)
+        return len(opened)
+
+    def reveal_c_sk(self) -> bytes:
+        """c_sk_i, the proof of a BadShares: with it the server derives agree(c_sk_i, c_pk_j, "share")
+        itself and tries to open what j sealed to i (``accusation_holds``). Only in a session whose
+        shares did not all open, where this client therefore masks nothing. c_sk_i seals shares
+        only; it is not s_sk_i, the key of the pair masks. What it opens is this session's pairs
+        to and from i: shares of the others' s_sk_j and b_j, one per secret, and all of i's own
+        (never used: i masks nothing). No masked input of the session exists yet (``receive`` is
+        the step before ``mask``, and the server asks for no masked input after an accusation),
+        and the next attempt draws every key afresh, so none of it can unmask anything."""
+        if not self._bad or self._sent is not None:
+            raise ValueError("reveal_c_sk: refused; only a client whose received shares did not open, and that "
+                             "masked nothing in this session, shows its c_sk")
+        return self._c_sk
+
+    def mask(self, x: Any, survivors_u2: Iterable[int], n_parties: int | None = None,
+             stop: Callable[[], bool] | None = None) -> np.ndarray:
+        """MaskedInputCollection: y_i = encode(x) + PRG(b_i) + Σ_{j∈U2, j>i} PRG(s_ij) − Σ_{j∈U2, j<i} PRG(s_ij)
+        (mod 2^64), U2 = `survivors_u2`, the same as ``receive`` was told, and only once every pair
+        it was sent opened. `n_parties` (default |N[i]|, the peers it was given; the server sends
+        |U1|) bounds the sum for ``encode``'s overflow check. Once per session: a retry with the
+        same arguments gets the same y_i, anything else is refused. `stop` is asked before each
+        pair mask (Stopped when it says so)."""
+        if self.peers is None:
+            raise ValueError("masked_input: share_keys comes first")
+        if self._u2 is None:
+            raise ValueError("masked_input: receive comes first (the shares sealed to this client must open)")
+        if self._bad:
+            raise ValueError(f"masked_input: refused, the shares of client(s) {sorted(self._bad)} did not open in "
+                             "this session, which therefore masks nothing")
+        u2 = set(check_indices(survivors_u2, "survivors_u2"))
+        if u2 != self._u2:
+            raise ValueError(f"survivors_u2: {sorted(u2)}, not the {sorted(self._u2)} whose shares it received")
         words = encode(x, self.scale_bits, n_parties or len(self.peers))
         if self._sent is not None:
-            if (u2, received) == (self._u2, self._received) and np.array_equal(words, self._sent[0]):
+            if np.array_equal(words, self._sent[0]):
                 return self._sent[1].copy()
             raise ValueError("masked_input: already sent in this session (two inputs under the same masks "
                              "would reveal their difference)")
         _go_on(stop)
-        # Opened now, not at the unmasking: a sender whose shares do not open is named before
-        # anyone masks with it, while the round can still go on without it.
-        opened, bad = {}, {}
-        for j, blob in received.items():
-            try:
-                opened[j] = self._open(j, blob)
-            except ValueError as e:
-                bad[j] = str(e)
-        if bad:
-            raise BadShares(bad)
         y = words + self_mask(self._b, len(words))
         for done, j in enumerate(sorted(u2 - {self.index})):
             _go_on(stop, f"{done} of {len(u2) - 1} pair masks")
             # s_ij = s_ji: j adds the same mask with the opposite sign, so the pair cancels in the sum.
             y = y + expand(self._seeds[j], len(y)) if j > self.index else y - expand(self._seeds[j], len(y))
-        self._u2, self._received, self._opened, self._sent = u2, received, opened, (words, y)
+        self._sent = (words, y)
         return y.copy()
+
+    def masked_input(self, x: Any, received: Mapping[int, bytes], survivors_u2: Iterable[int],
+                     n_parties: int | None = None, stop: Callable[[], bool] | None = None) -> np.ndarray:
+        """``receive`` then ``mask``, in one call (the server asks for them in two waves)."""
+        self.receive(received, survivors_u2, stop)
+        return self.mask(x, survivors_u2, n_parties, stop)
 
     def unmask(self, survivors_u3: Iterable[int], dropped: Iterable[int],
                stop: Callable[[], bool] | None = None) -> dict[str, dict[int, bytes]]:
         """Unmasking: {"b": {j: share of b_j} for j in U3, "s_sk": {j: share of s_sk_j} for j in dropped},
         (both told within N[i]), refused when they overlap, |U3| < t, or they are not a split of U2.
-        (The shares were opened by ``masked_input``; `stop` is asked once, before anything is revealed.)"""
+        (The shares were opened by ``receive``; `stop` is asked once, before anything is revealed.)"""
         _go_on(stop)
-        if self._u2 is None:
+        if self._sent is None:
             raise ValueError("unmask: masked_input comes first")
         u3, gone = set(check_indices(survivors_u3, "survivors_u3")), set(check_indices(dropped, "dropped"))
         both = (u3 & gone) | (u3 & self._revealed["s_sk"]) | (gone & self._revealed["b"])
@@ -330,12 +384,29 @@ class SecAggClient:
     def _open(self, j: int, blob: bytes) -> bytes:
         """What j sealed to this client, or ValueError saying why it does not open."""
         plain = open_sealed(self._box[j], blob, _aad(self.session, j, self.index))
-        if len(plain) != len(self._own):
-            raise ValueError(f"{len(plain)} bytes once opened, expected {len(self._own)}")
+        if len(plain) != PAIR_BYTES:
+            raise ValueError(f"{len(plain)} bytes once opened, expected {PAIR_BYTES}")
         return plain
 
 
 # --- the server ------------------------------------------------------------------
+
+def accusation_holds(c_sk: bytes, public: Mapping[int, Mapping[str, bytes]], accuser: int, sender: int,
+                     sealed: bytes, session: bytes) -> bool:
+    """Whether what ``sender`` sealed to ``accuser`` fails to open, judged with the accuser's c_sk
+    (``SecAggClient.reveal_c_sk``) as the accuser's own ``receive`` judges it: the key
+    agree(c_sk, c_pk_sender, "share"), the pair in the AAD, and PAIR_BYTES once opened.
+    ValueError when c_sk is not the key behind the c_pk the accuser advertised in ``public``."""
+    check_bytes(c_sk, "c_sk", KEY_BYTES)
+    if public_of(c_sk) != public[accuser]["c_pk"]:
+        raise ValueError(f"c_sk: not the private key of the c_pk client {accuser} advertised")
+    key = agree(c_sk, public[sender]["c_pk"], SHARE, session, f"c_pk of client {sender}")
+    try:
+        plain = open_sealed(key, sealed, _aad(session, sender, accuser))
+    except ValueError:
+        return True
+    return len(plain) != PAIR_BYTES
+
 
 def collect_shares(replies: Mapping[int, Mapping[str, Mapping[int, bytes]]]) \
         -> tuple[dict[int, dict[int, bytes]], dict[int, dict[int, bytes]]]:

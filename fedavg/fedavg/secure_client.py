@@ -1,4 +1,4 @@
-"""A client's side of secure aggregation: the four steps of Bonawitz et
+"""A client's side of secure aggregation: the steps of Bonawitz et
 al.'s protocol (``fedavg.secagg``), in one session per round, each taking
 its request's body (``fedavg.http.secure_routes`` serves them).
 
@@ -7,8 +7,10 @@ its request's body (``fedavg.http.secure_routes`` serves them).
                             the final model's federated loss)
     POST /secagg/share      its neighbourhood's keys in (all the others' in the complete graph);
                             shares of s_sk_k and b_k out, sealed to each neighbour
-    POST /secagg/masked     the shares sealed to this client in; y_k = x_k + masks out, or
-                            {"bad_shares": {j: why}}: the senders whose shares do not open
+    POST /secagg/receive    the shares sealed to this client in; {"opened": count} out, or
+                            {"bad_shares": {j: why}, "c_sk": c_sk_k}: the senders whose shares
+                            do not open, and the key that lets the server check it
+    POST /secagg/masked     who of its neighbourhood shared keys in; y_k = x_k + masks out
     POST /secagg/unmask     who of its neighbourhood survived in; shares of their b_j and of the
                             dropped ones' s_sk_j out
 
@@ -18,10 +20,11 @@ stopped step is kept.
 
 The input is x_k = [w_k·θ_k, w_k, n_k·L_k, n_k, bit_k] with w_k = n_k (1 when
 the server asks for "equal_weights": DP-FedAvg's), L_k the loss of θ_t on this client's
-data and bit_k DP's "my update fit under the clip bound" (1 without DP):
-the server learns Σ w_k·θ_k, Σ w_k, Σ n_k·L_k, N and the count of unclipped
-updates, i.e. the average, the federated loss and what adaptive clipping
-needs, and no single client's. A session lives in memory
+data and bit_k always 0 (the slot is kept so that the input's layout does not change;
+a count of clipped updates in the clear would be the server's to read, and adaptive
+clipping, which would need it, is refused where clients add the noise): the server
+learns Σ w_k·θ_k, Σ w_k, Σ n_k·L_k and N, i.e. the average and the federated loss,
+and no single client's. A session lives in memory
 only, and only for the last few rounds: a client restarted mid-round has
 none, and the server starts that round again with fresh keys.
 """
@@ -157,25 +160,40 @@ def share(client: LocalClient, body: Any, deadline: Deadline) -> tuple[dict[str,
     return {"shares": secagg.to_wire(sealed)}, 200
 
 
-def masked(client: LocalClient, body: Any, deadline: Deadline) -> tuple[dict[str, Any], int]:
-    """Step 2: the shares sealed to this client in; y_k = x_k + its masks out. When some
-    do not open, {"bad_shares": {j: why}} instead, and nothing is masked: a holder that
-    cannot open a pair knows who sealed it, and the server goes on without that sender."""
+def receive(client: LocalClient, body: Any, deadline: Deadline) -> tuple[dict[str, Any], int]:
+    """Step 2: the shares sealed to this client in; {"opened": count} out. When some do not
+    open, {"bad_shares": {j: why}, "c_sk": c_sk_k} instead, and this session masks nothing: a
+    holder that cannot open a pair knows who sealed it, and its c_sk lets the server check
+    (fedavg.secagg.accusation_holds) before it drops that sender, not the accuser."""
     from . import secagg
-    obj = expect_object(body, "", ("session", "survivors", "received", "parties"), ("session", "survivors", "received"))
-    party, x = client.sessions.get(_session_name(obj))
+    obj = expect_object(body, "", ("session", "survivors", "received"), ("session", "survivors", "received"))
+    party, _ = client.sessions.get(_session_name(obj))
     received = _protocol(lambda: secagg.indexed_from_wire(obj["received"], "received", secagg.bytes_from_wire))
     survivors = _protocol(lambda: secagg.indices_from_wire(obj["survivors"], "survivors"))
+    try:
+        opened = _protocol(lambda: party.receive(received, survivors, stop=deadline.passed))
+    except secagg.BadShares as e:
+        log.warning("%s: /secagg/receive: %s", client.client_id, e)
+        return {"bad_shares": secagg.to_wire(e.senders), "c_sk": secagg.to_wire(party.reveal_c_sk())}, 200
+    except secagg.Stopped as e:
+        return _stopped(client, "receive", deadline, e)
+    return {"opened": opened}, 200
+
+
+def masked(client: LocalClient, body: Any, deadline: Deadline) -> tuple[dict[str, Any], int]:
+    """Step 3: who of its neighbourhood shared keys (U2, as /secagg/receive was told) in;
+    y_k = x_k + its masks out. Only once every pair sealed to it has opened."""
+    from . import secagg
+    obj = expect_object(body, "", ("session", "survivors", "parties"), ("session", "survivors"))
+    party, x = client.sessions.get(_session_name(obj))
+    survivors = _protocol(lambda: secagg.indices_from_wire(obj["survivors"], "survivors"))
     parties = expect_int(obj["parties"], "parties", ge=1) if "parties" in obj else None
-    # (the sum's parties as masked_input counts them; before share_keys it refuses the step itself)
+    # (the sum's parties as mask counts them; before share_keys it refuses the step itself)
     beyond = party.peers is not None and _beyond_fixed_point(x, party.scale_bits, parties or len(party.peers))
     if beyond:
         return {"error": beyond, "diverged": True}, 422
     try:
-        y = _protocol(lambda: party.masked_input(x, received, survivors, parties, stop=deadline.passed))
-    except secagg.BadShares as e:
-        log.warning("%s: /secagg/masked: %s", client.client_id, e)
-        return {"bad_shares": secagg.to_wire(e.senders)}, 200
+        y = _protocol(lambda: party.mask(x, survivors, parties, stop=deadline.passed))
     except secagg.Stopped as e:
         return _stopped(client, "masked", deadline, e)
     return {"masked": secagg.to_wire(y)}, 200
@@ -200,7 +218,7 @@ def _beyond_fixed_point(x: np.ndarray, scale_bits: int, parties: int) -> str | N
 
 
 def unmask(client: LocalClient, body: Any, deadline: Deadline) -> tuple[dict[str, Any], int]:
-    """Step 3: who of its neighbourhood survived in; shares of their b_j and of the dropped ones' s_sk_j out."""
+    """Step 4: who of its neighbourhood survived in; shares of their b_j and of the dropped ones' s_sk_j out."""
     from . import secagg
     obj = expect_object(body, "", ("session", "survivors", "dropped"), ("session", "survivors", "dropped"))
     party, _ = client.sessions.get(_session_name(obj))

@@ -162,8 +162,10 @@ class SecureCollector:
         model, line = self.strategy.combine.from_sum(total[: d + 1], weight, theta)
         n = max(1, round(weight))
         loss = float(total[d + 2] / total[d + 3])
+        # (Σ bit_k is not passed on: every client sends 0, and adaptive clipping, which would read it,
+        # is refused with local_noise, which DP under secure aggregation requires)
         result = Result(f"the secure sum of {len(secure.survivors)} clients", "", n, model, {},
-                        {"loss_before": loss, "within_clip": float(total[d + 4])})
+                        {"loss_before": loss})
         # The server saw only the sum: the participants without a number of their own, N from the sum.
         return Collected([result], secure.dropped, [(loss, n)], len(secure.survivors),
                          secure.participants(secure.names), n, [], [*secure.trace, line],
@@ -182,10 +184,12 @@ class SecureCollector:
     def _check(self, total: np.ndarray, d: int, survivors: list[str], training: bool) -> None:
         """RoundFailed unless every slot the run reads is one honest inputs give: N = Σ n_k
         over U3 (each survivor's n_k from /health, or anything from 1 to 10¹² for one that did
-        not say), Σ n_k·L_k ≥ 0, and for a training round Σ w_k equal to that N (1 each under
-        DP: |U3|) and Σ bit_k in [0, |U3|]. Fixed point carries these integers exactly, so an
-        honest sum meets them exactly; a lie in a weight, or words that are not a masked input,
-        would have to hit them to pass. (A lie in a model cannot be seen: see PRIVACY.md.)"""
+        not say), Σ n_k·L_k ≥ 0, and for a training round Σ w_k in that range and equal to the
+        N of the sum (w_k = n_k; 1 each under DP: |U3|) and Σ bit_k in [0, |U3|]. Fixed point
+        carries these integers exactly, so an honest sum meets them exactly; a lie in a weight,
+        or words that are not a masked input, would have to hit them to pass. (A lie in a
+        model cannot be seen, nor one in n_k told to w_k and N alike by a client whose /health
+        did not say it: see PRIVACY.md.)"""
         m = len(survivors)
         known = [self.roster.sizes[url] for url in survivors if url in self.roster.sizes]
         low, high = sum(known) + (m - len(known)), sum(known) + (m - len(known)) * MAX_DATA_SIZE
@@ -203,6 +207,9 @@ class SecureCollector:
                 problems.append(f"Σ w_k = {fmt(weight)} where DP's equal weights give |U3| = {m}")
             elif not self.equal_weights and not low <= weight <= high:
                 problems.append(f"Σ w_k = {fmt(weight)} where the {m} survivors' is {said}")
+            elif not self.equal_weights and weight != n:
+                problems.append(f"Σ w_k = {fmt(weight)} differs from N = Σ n_k = {fmt(n)}, and each honest "
+                                "client's w_k is its n_k")
             if not 0 <= bits <= m:
                 problems.append(f"the count of updates within the clip bound Σ bit_k = {fmt(bits)} is outside "
                                 f"[0, |U3| = {m}]")

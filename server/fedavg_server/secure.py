@@ -4,11 +4,12 @@ ending in the sum of their inputs and nothing else; over a graph of k
 neighbours per client (SecAgg+, Bell et al.), the complete graph when k is
 None or at least |U1| − 1.
 
-Four waves of calls, each to the clients still in:
+Five waves of calls, each to the clients still in:
 
     U1 = those that trained and advertised keys      (POST /secagg/advertise)
     the graph: Harary's H(k, |U1|) over U1 in an order drawn from OS entropy
     U2 = those of U1 that sent their sealed shares   (POST /secagg/share, each given N[i]'s keys)
+    the shares sealed to each, delivered and opened   (POST /secagg/receive)
     U3 = those of U2 whose masked input arrived      (POST /secagg/masked)
     the unmasking: U3's shares of each b_i (i ∈ U3) and of each s_sk_j (j ∈ U2 \\ U3),
     each client asked about its own neighbourhood only
@@ -19,11 +20,16 @@ whose secret is needed, or survivors cut apart in the graph
 is asked for: nothing is unmasked. A client whose message is malformed, whose
 keys are bad or whose masked vector looks unmasked is dropped with its
 reason, and the protocol goes on without it. A client whose sealed shares a
-holder cannot open is named by that holder at /secagg/masked (AES-GCM under
-a key only the two of them hold, the pair in the AAD), before any mask with
-it could matter: it is dropped and the round starts again without it, in a
-new session with fresh keys (once; named senders in the second attempt fail
-the round). The keys, shares and masked vectors live in this call's memory
+holder cannot open is named by that holder at /secagg/receive (AES-GCM under
+a key only the two of them hold, the pair in the AAD), with its c_sk as the
+proof: the server derives the pair's key itself and tries the ciphertext it
+relayed (``secagg.accusation_holds``). If it does not open, the sender is
+dropped and the round starts again without it, in a new session with fresh
+keys (once; named senders in the second attempt fail the round); if it
+does, or the c_sk is not the accuser's, the accuser is dropped instead, and
+the round goes on. No masked input exists in a session whose shares were
+accused (the masked wave comes after), so the c_sk shown unmasks nothing.
+The keys, shares and masked vectors live in this call's memory
 only; the round record keeps the trace (a masked vector's first words, the
 unmasking, the sum).
 """
@@ -38,7 +44,7 @@ import numpy as np
 
 from fedavg import secagg
 from fedavg.secagg_graph import closed, harary_graph, unmaskable
-from fedavg.strict_json import is_name
+from fedavg.strict_json import CONTROL, is_name
 from fedavg.trace import TRACE_TERMS
 
 from .records import Dropped
@@ -60,9 +66,10 @@ class SecureRoundFailed(Exception):
 
 
 class SharesDidNotOpen(SecureRoundFailed):
-    """Holders named senders whose sealed shares they could not open: this
-    session cannot go on (nothing was unmasked). ``culprits``: each sender
-    dropped, with whom it failed."""
+    """Holders named senders whose sealed shares they could not open, and the
+    server could not open them either: this session cannot go on (nothing was
+    unmasked). ``culprits``: each sender dropped, with whom it failed, and
+    each holder that accused falsely in the same wave."""
 
     def __init__(self, reason: str, culprits: list[Dropped]) -> None:
         super().__init__(reason)
@@ -70,14 +77,16 @@ class SharesDidNotOpen(SecureRoundFailed):
 
 
 class Accusation(Exception):
-    """A holder's /secagg/masked reply names senders whose shares did not open (kept in ``accused``)."""
+    """A holder's /secagg/receive reply names senders whose shares did not open, and the server
+    could not open them either (kept in ``accused``)."""
 
 
 def reason_from_wire(value: Any, field: str) -> str:
-    """Why a holder could not open a sender's shares: text, cut to 200 characters."""
+    """Why a holder could not open a sender's shares: text, cut to 200 characters, each control
+    character written as its escape (\\u000a), as it reaches the log and the round record."""
     if not isinstance(value, str):
         raise ValueError(f"{field}: must be text saying why the shares did not open")
-    return value[:200]
+    return CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", value[:200])
 
 
 @dataclass
@@ -104,16 +113,17 @@ def secure_sum(transport: Transport, urls: Sequence[str], names: dict[str, str],
     (``session()`` names each attempt, fresh each time); each input has
     ``length`` words, each client ``neighbors`` = k neighbours (None: all
     the others); ``equal_weights``: each client's w_k is 1, not n_k. The
-    senders of shares that did not open are dropped and the run starts again
-    without them, once. Raises SecureRoundFailed below t clients, overall or
-    where a needed secret's shares are held, or when shares fail to open
-    again."""
+    senders of shares that did not open (at their holders and at the server)
+    are dropped and the run starts again without them, once. Raises
+    SecureRoundFailed below t clients, overall or where a needed secret's
+    shares are held, or when shares fail to open again."""
     culprits: list[Dropped] = []
     while True:
         gone = {d.url for d in culprits}
         try:
+            # (the first attempt's dropped start the second's list: a failure names them too)
             result = _attempt(transport, [u for u in urls if u not in gone], names, session(), threshold, scale_bits,
-                              length, timeout_s, train_body, neighbors, equal_weights)
+                              length, timeout_s, train_body, neighbors, equal_weights, list(culprits))
         except SharesDidNotOpen as e:
             if culprits:  # once only: a round is not retried for as long as someone sends garbage
                 raise SecureRoundFailed(f"{e}, in the round's second attempt too (the first dropped "
@@ -121,7 +131,6 @@ def secure_sum(transport: Transport, urls: Sequence[str], names: dict[str, str],
             culprits = e.culprits
             continue
         if culprits:
-            result.dropped[:0] = culprits
             result.trace.insert(1, "started again, in a new session with fresh keys, without "
                                 + ", ".join(f"{d.client_id} ({d.reason})" for d in culprits[:TRACE_TERMS])
                                 + (f", … ({len(culprits)})" if len(culprits) > TRACE_TERMS else ""))
@@ -130,12 +139,14 @@ def secure_sum(transport: Transport, urls: Sequence[str], names: dict[str, str],
 
 def _attempt(transport: Transport, urls: Sequence[str], names: dict[str, str], session: str, threshold: int,
              scale_bits: int, length: int, timeout_s: float, train_body: Callable[[str], dict[str, Any]],
-             neighbors: int | None, equal_weights: bool) -> SecureSum:
-    """One protocol run among ``urls`` (client i is urls[i − 1]) in ``session``."""
+             neighbors: int | None, equal_weights: bool, earlier: list[Dropped]) -> SecureSum:
+    """One protocol run among ``urls`` (client i is urls[i − 1]) in ``session``; ``earlier``:
+    those a previous attempt at this round dropped, listed first among this one's."""
     index = {url: i for i, url in enumerate(urls, start=1)}
     url_of = {i: url for url, i in index.items()}
-    dropped: list[Dropped] = []
+    dropped: list[Dropped] = earlier
     accused: dict[int, dict[int, str]] = {}  # sender j → {holder that could not open j's shares: why}
+    liars: set[int] = set()  # holders whose accusation the server disproved, or that gave no proof
 
     def drop(url: str, step: str, reason: str, diverged: bool = False) -> None:
         dropped.append(Dropped(names.get(url, url), url, f"secagg {step}: {reason}", diverged))
@@ -161,7 +172,8 @@ def _attempt(transport: Transport, urls: Sequence[str], names: dict[str, str], s
             culprits = [culprit(j, by) for j, by in sorted(accused.items())]
             raise SharesDidNotOpen(f"after /secagg/{step}: the sealed shares of "
                                    f"{', '.join(d.client_id for d in culprits[:TRACE_TERMS])} did not open at their "
-                                   "holders; nothing was revealed", culprits)
+                                   "holders; nothing was revealed",
+                                   culprits + [d for d in dropped if d.url in {url_of[i] for i in liars}])
         if len(got) < threshold:
             fail(f"after /secagg/{step} only {len(got)} client(s) are left, fewer than the threshold t={threshold}")
         return got
@@ -171,7 +183,8 @@ def _attempt(transport: Transport, urls: Sequence[str], names: dict[str, str], s
         holders = [names.get(url_of[h], url_of[h]) for h in sorted(by)]
         shown = ", ".join(holders[:TRACE_TERMS]) + (f", … ({len(holders)})" if len(holders) > TRACE_TERMS else "")
         return Dropped(names.get(url_of[j], url_of[j]), url_of[j],
-                       f"secagg share: its sealed shares did not open at {shown} ({by[min(by)]})")
+                       f"secagg share: its sealed shares did not open at {shown} ({by[min(by)]}), nor at the server "
+                       "with the key they revealed")
 
     def fail(why: str) -> NoReturn:
         shown = "; ".join(f"{d.client_id}: {d.reason}" for d in dropped[:TRACE_TERMS])
@@ -229,16 +242,44 @@ def _attempt(transport: Transport, urls: Sequence[str], names: dict[str, str], s
     u2 = sorted(sealed)
     enough("share", u2, u2)
 
-    def masked(i: int, body: dict[str, Any]) -> np.ndarray:
+    def inbox(i: int) -> dict[int, bytes]:
+        """What the others of U2 ∩ N(i) sealed to i."""
+        return {j: sealed[j][i] for j in told(i, u2) if j != i}
+
+    def opened(i: int, body: dict[str, Any]) -> bool:
         if "bad_shares" in body:
-            bad = secagg.indexed_from_wire(body["bad_shares"], "reply.bad_shares", reason_from_wire)
-            sent = set(told(i, u2)) - {i}
-            if not bad or not set(bad) <= sent:
-                raise ValueError(f"reply.bad_shares: names clients {sorted(bad)}, not some of those that sealed "
-                                 f"shares to client {i} {sorted(sent)}")
-            for j, why in bad.items():
-                accused.setdefault(j, {})[i] = why
-            raise Accusation
+            try:
+                judge(i, secagg.indexed_from_wire(body["bad_shares"], "reply.bad_shares", reason_from_wire),
+                      body.get("c_sk"))
+            except ValueError:
+                liars.add(i)  # (dropped, and left out of a new attempt with the senders it truly named)
+                raise
+        if body.get("opened") != len(inbox(i)):
+            raise ValueError(f"reply.opened: {body.get('opened')!r}, not the {len(inbox(i))} share pairs it was sent")
+        return True
+
+    def judge(i: int, bad: dict[int, str], c_sk: Any) -> NoReturn:
+        """Each sender i names, tried with i's c_sk: Accusation when some do not open, ValueError
+        (i is dropped) when c_sk is not i's or one opens: a holder that accuses falsely is the
+        one lying. (What is true of another sender still counts: it is dropped too.)"""
+        sent = set(inbox(i))
+        if not bad or not set(bad) <= sent:
+            raise ValueError(f"reply.bad_shares: names clients {sorted(bad)}, not some of those that sealed "
+                             f"shares to client {i} {sorted(sent)}")
+        key = secagg.bytes_from_wire(c_sk, "reply.c_sk", secagg.KEY_BYTES)
+        try:
+            held = {j: secagg.accusation_holds(key, public, i, j, sealed[j][i], session.encode()) for j in sorted(bad)}
+        except ValueError as e:  # not the key behind its c_pk: no proof
+            raise ValueError(f"reply.{e}: its accusation is unproven") from None
+        for j in (j for j, holds in held.items() if holds):
+            accused.setdefault(j, {})[i] = bad[j]
+        if not all(held.values()):
+            false = [names.get(url_of[j], url_of[j]) for j, holds in held.items() if not holds]
+            raise ValueError(f"reply.bad_shares: a false accusation: the sealed shares of {', '.join(false)} open "
+                             "under the c_sk it revealed")
+        raise Accusation
+
+    def masked(i: int, body: dict[str, Any]) -> np.ndarray:
         y = secagg.vector_from_wire(body.get("masked"), "reply.masked", length)
         if np.all(np.minimum(y, np.uint64(0) - y) < np.uint64(CLEAR)):
             # Its numbers are not written anywhere: it sent them in the clear, the server keeps them out.
@@ -249,8 +290,9 @@ def _attempt(transport: Transport, urls: Sequence[str], names: dict[str, str], s
     def told(i: int, among: list[int]) -> list[int]:
         return sorted(closed(graph, i).intersection(among))
 
-    ys = wave("masked", u2, lambda i: {"survivors": told(i, u2), "parties": len(u1), "received": secagg.to_wire(
-        {j: sealed[j][i] for j in told(i, u2) if j != i})}, masked)
+    received = wave("receive", u2, lambda i: {"survivors": told(i, u2), "received": secagg.to_wire(inbox(i))},
+                    opened)
+    ys = wave("masked", sorted(received), lambda i: {"survivors": told(i, u2), "parties": len(u1)}, masked)
     u3 = sorted(ys)
     gone = [j for j in u2 if j not in ys]
     enough("masked", u2, u3)

@@ -1,4 +1,4 @@
-"""A client's secure aggregation endpoints: the four steps of
+"""A client's secure aggregation endpoints: the five steps of
 ``fedavg.secure_client`` at /secagg/*, each behind the token and each
 given up (408) once the server no longer waits for it."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ from .service import json_body, require_token
 
 
 def add_secure_routes(bp: Blueprint, token: str | None, deadline_s: Callable[[], float | None]) -> None:
-    """The four /secagg/* endpoints on the client blueprint (``g.client`` is the LocalClient)."""
+    """The five /secagg/* endpoints on the client blueprint (``g.client`` is the LocalClient)."""
 
     def deadline() -> secure_client.Deadline:
         """X-Deadline-S from now, and whether the server has hung up: waitress
@@ -31,6 +31,11 @@ def add_secure_routes(bp: Blueprint, token: str | None, deadline_s: Callable[[],
     def share():
         require_token(token)
         return secure_client.share(g.client, json_body(), deadline())
+
+    @bp.post("/secagg/receive")
+    def receive():
+        require_token(token)
+        return secure_client.receive(g.client, json_body(), deadline())
 
     @bp.post("/secagg/masked")
     def masked():
