@@ -134,6 +134,10 @@ class Federated:
         every round of it (the answer holds the first page; the rest is read with ?since=)."""
         status, body = self.post("/start", settings)
         assert status == 200, body
+        return self.whole(body)
+
+    def whole(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A /start or /resume answer with every round: the rounds after its first page, read with ?since=."""
         while body.get("more"):
             status, page = self.get(f"/runs/{body['run_id']}?since={body['rounds'][-1]['round']}&limit=10000")
             assert status == 200, page

@@ -351,6 +351,21 @@ def garbage(to: Callable[[str], bool] = lambda j: True) -> Callable[[dict], dict
         for j, blob in reply["shares"].items()}}
 
 
+def four_honest_rounds(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rounds of a run of five iid clients in which sim_5 misbehaved:
+    each plain-Python FedAvg of the other four, who took part, sim_5 alone
+    dropped. The rounds, for the caller's own checks."""
+    honest = [client_data(c) for c in range(4)]
+    w = b = 0.0
+    for record in run["rounds"]:
+        w, b = fedavg_round(honest, w, b)
+        assert record["global_model"]["w"] == pytest.approx(w, abs=1e-6)
+        assert record["global_model"]["b"] == pytest.approx(b, abs=1e-6)
+        assert sorted(p["client_id"] for p in record["participants"]) == ["sim_1", "sim_2", "sim_3", "sim_4"]
+        assert [d["client_id"] for d in record["dropped"]] == ["sim_5"]
+    return run["rounds"]
+
+
 @pytest.mark.parametrize("to", ["every holder", "one holder"])
 def test_a_client_whose_sealed_shares_do_not_open_is_dropped_and_the_round_goes_on(wired, to):
     """Five iid clients; sim_5 sends random bytes in place of its sealed
@@ -364,14 +379,7 @@ def test_a_client_whose_sealed_shares_do_not_open_is_dropped_and_the_round_goes_
                                                           else garbage(lambda j: j == "1"))})
     run = fed.run(rounds=2, secagg=True)
     assert run["status"] == "completed", run.get("error")
-    honest = [client_data(c) for c in range(4)]
-    w = b = 0.0
-    for record in run["rounds"]:
-        w, b = fedavg_round(honest, w, b)
-        assert record["global_model"]["w"] == pytest.approx(w, abs=1e-6)
-        assert record["global_model"]["b"] == pytest.approx(b, abs=1e-6)
-        assert sorted(p["client_id"] for p in record["participants"]) == ["sim_1", "sim_2", "sim_3", "sim_4"]
-        assert [d["client_id"] for d in record["dropped"]] == ["sim_5"]
+    for record in four_honest_rounds(run):
         assert record["dropped"][0]["reason"].startswith("secagg share: its sealed shares did not open at sim_")
         assert "failed authentication" in record["dropped"][0]["reason"]
         assert "started again, in a new session with fresh keys, without sim_5" in "\n".join(record["math"])
@@ -442,14 +450,7 @@ def test_a_false_accusation_drops_the_accuser_and_the_round_goes_on(wired, pick,
     wire.append(tampering)
     run = fed.run(rounds=2, secagg=True)
     assert run["status"] == "completed", run.get("error")
-    honest = [client_data(c) for c in range(4)]
-    w = b = 0.0
-    for record in run["rounds"]:
-        w, b = fedavg_round(honest, w, b)
-        assert record["global_model"]["w"] == pytest.approx(w, abs=1e-6)
-        assert record["global_model"]["b"] == pytest.approx(b, abs=1e-6)
-        assert sorted(p["client_id"] for p in record["participants"]) == ["sim_1", "sim_2", "sim_3", "sim_4"]
-        assert [d["client_id"] for d in record["dropped"]] == ["sim_5"]
+    for record in four_honest_rounds(run):
         assert reason in record["dropped"][0]["reason"], record["dropped"][0]["reason"]
     # One session for each of the 3 secure sums (2 rounds and the final evaluation): none restarted.
     assert all(len(tampering.paths(c, "/secagg/advertise")) == 3 for c in range(1, 6))

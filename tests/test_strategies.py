@@ -297,12 +297,7 @@ def resume_and_wait(fed: Federated, run_id: int, request: Any = None) -> dict:
     """POST /runs/<id>/resume and wait: the completed run, every round."""
     status, body = fed.post(f"/runs/{run_id}/resume", request)
     assert status == 200 and body["status"] == "completed", body.get("error")
-    while body.get("more"):
-        status, page = fed.get(f"/runs/{body['run_id']}?since={body['rounds'][-1]['round']}&limit=10000")
-        assert status == 200, page
-        body["rounds"] += page["rounds"]
-        body["more"] = page.get("more", False)
-    return body
+    return fed.whole(body)
 
 
 def test_a_resumed_scaffold_run_keeps_what_c_is_divided_by_when_a_clients_health_is_down_then(servers):
