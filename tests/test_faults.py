@@ -395,3 +395,28 @@ def test_resume_refuses_a_client_whose_data_changed_and_not_one_restarted(tmp_pa
     r = servers({C1: client_app("client_1"), C2: client_app("client_2")}, db).http.post(f"/runs/{run_id}/resume")
     assert r.status_code == 200 and r.get_json()["status"] == "completed", r.get_json()
 
+
+
+def test_a_resume_while_a_run_is_under_way_is_refused_before_any_client_is_asked(tmp_path, servers):
+    """POST /runs/<id>/resume of an interrupted run while another runs: a
+    409 naming the running one, with no /health asked of any client (it
+    asked every client first, up to client_timeout_s each, then refused)."""
+    from fedavg_server.inprocess import InProcessTransport
+
+    class Counting(InProcessTransport):
+        asked: list[str] = []
+
+        def call(self, url, method, path, timeout_s, body=None):
+            self.asked.append(path)
+            return super().call(url, method, path, timeout_s, body)
+
+    db = tmp_path / "runs.db"
+    run_id, _ = interrupted_seed_run(servers, db)
+    fed = servers(Counting({C1: client_app("client_1"), C2: client_app("client_2")}), db)
+    running = fed.post("/start", {"rounds": 100000, "pace_s": 0.05, "wait": False})[1]["run_id"]
+    poll(fed.http, running, lambda r: len(r["rounds"]) >= 1)
+    asked = len(Counting.asked)
+    r = fed.http.post(f"/runs/{run_id}/resume")
+    assert r.status_code == 409 and f"run {running}" in r.get_json()["error"], r.get_json()
+    assert "/health" not in Counting.asked[asked:]
+    fed.post(f"/runs/{running}/stop")

@@ -74,6 +74,8 @@ class Federation:
         not enough: a client that answers one of them now under another name
         or with another n_k than the run recorded (its /health, asked here)
         is another client, and is refused the same way."""
+        with self._lock:
+            self._check_idle()  # a run under way: its 409 now, not after asking every client's /health
         found = self.store.summary(run_id)
         # Who the run's clients were, and who answers at each URL now: read before the lock is
         # taken (a client may take seconds to answer, and a long run's records a second to count).
