@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from fedavg.privacy import update_noise_multiplier
+from fedavg.privacy import COUNT_SENSITIVITY, update_noise_multiplier
 from fedavg.secagg_graph import default_neighbors, default_threshold
 from fedavg.spec import Param
 from fedavg.strict_json import ProtocolError, expect_object
@@ -152,8 +152,11 @@ class DPSettings:
         out = AdaptiveClipping(**{"count_noise": max(expected / 20, sigma), **given})
         if no_bound:
             problems.append(ProtocolError("dp.adaptive: adapts a finite clip bound; give dp.clip as its start"))
-        if sigma > 0 and not 2 * out.count_noise > sigma:
-            problems.append(ProtocolError(f"dp.adaptive.count_noise: must be > noise_multiplier/2 = {sigma / 2:g}, "
+        # The count's own noise multiplier, count_noise / its sensitivity, must exceed σ: the
+        # update's is then (σ⁻² − (count_noise / sensitivity)⁻²)^(−1/2) (update_noise_multiplier).
+        if sigma > 0 and not out.count_noise / COUNT_SENSITIVITY > sigma:
+            limit = sigma * COUNT_SENSITIVITY
+            problems.append(ProtocolError(f"dp.adaptive.count_noise: must be > noise_multiplier/2 = {limit:g}, "
                                           f"so that the update keeps some of the noise; got {out.count_noise:g}"))
         return out
 
