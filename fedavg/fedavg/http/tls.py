@@ -115,6 +115,9 @@ class TLSConnection(cheroot_server.HTTPConnection):
 
 
 def _reason(e: BaseException) -> str:
+    """Why a handshake failed, in OpenSSL's words: what the operator looks up."""
+    if isinstance(e, ssl.SSLCertVerificationError) and e.verify_message:
+        return f"its certificate: {e.verify_message}"  # e.g. certificate has expired
     if isinstance(e, ssl.SSLError) and e.reason:
         return e.reason  # e.g. PEER_DID_NOT_RETURN_A_CERTIFICATE, HTTP_REQUEST, TLSV1_ALERT_UNKNOWN_CA
     if isinstance(e, (TimeoutError, socket.timeout)):
