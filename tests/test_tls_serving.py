@@ -459,29 +459,44 @@ def test_no_certificate_another_cas_server_an_expired_one_and_plain_http_get_not
     assert call(pool(certs.server, certs.server.ca), "GET", url + "/health")[0] == 200
 
 
+def still_open(s: socket.socket) -> bool:
+    """Nothing to read and no end of file on ``s``, now."""
+    s.setblocking(False)
+    try:
+        s.recv(1)
+        return False
+    except BlockingIOError:
+        return True
+    except ConnectionError:
+        return False
+
+
 @pytest.mark.system
-def test_silent_peers_do_not_hold_up_the_server_and_are_dropped(certs, client_1):
-    """Three connections that never start TLS (cherrypy/cheroot#748: the
-    handshake in cheroot's accepting thread would make every caller wait
-    for them): the server's /health answers while they are still open, and
-    each is then closed after the handshake timeout."""
+def test_silent_and_stalled_peers_do_not_hold_up_the_server(certs, client_1):
+    """Fifty connections that never start TLS, more than the app's worker
+    threads (cherrypy/cheroot#748: cheroot's handshake in its accepting
+    thread makes every caller wait for each), and three that start and
+    stall: the server's /health answers while all are open; the stalled
+    ones are then closed after the handshake timeout, while the silent
+    ones hold no thread, only a connection, until the idle timeout."""
     app, url = client_1
     port = int(url.rsplit(":", 1)[1])
     seen = len(app.lines)
-    silent = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(3)]
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(50)]
+    stalled = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(3)]
     try:
+        for s in stalled:
+            s.sendall(b"\x16\x03\x01")  # the first bytes of a TLS record, and no more
         assert call(pool(certs.server, certs.server.ca), "GET", url + "/health")[0] == 200
-        for s in silent:
-            s.setblocking(False)
-            with pytest.raises(BlockingIOError):  # not closed yet: nothing to read, no end of file
-                s.recv(1)
-        for s in silent:
+        assert all(still_open(s) for s in silent + stalled)
+        for s in stalled:
             s.settimeout(30)  # the handshake timeout is 5 s; a recv timeout fails the test
-            assert s.recv(1) == b""  # closed by the app, without a byte: its handshake timed out
+            assert s.recv(1) == b""  # closed by the app, without a byte
+        assert all(still_open(s) for s in silent)
     finally:
-        for s in silent:
+        for s in silent + stalled:
             s.close()
-    wait_for_line(app, "no handshake within", seen)
+    assert "no handshake within" in wait_for_line(app, "refused during the handshake", seen)
 
 
 @pytest.mark.system
@@ -599,3 +614,36 @@ def test_the_tls_server_tells_the_app_when_the_caller_hangs_up(certs):
         assert seen.get("/stays") is False
     finally:
         server.stop()
+
+
+@pytest.mark.system
+def test_a_tls_client_at_its_limit_of_open_files_closes_the_excess_and_serves_on(certs):
+    """client_1 over TLS allowed 200 open files (ulimit -n 200) gets 300
+    connections: it holds its limit (200 − 64) and closes the rest at once,
+    saying so in one line, instead of accepting until no descriptor is left
+    (cheroot alone spins on "Too many open files"); once they close, the
+    server's certificate is answered again."""
+    port = launcher.free_port()
+    app = launcher.start_app("client_1", port, flags(certs.client_1),
+                             wrap=["sh", "-c", 'ulimit -n 200 && exec "$@"', "sh"])
+    held: list[socket.socket] = []
+    try:
+        url = f"https://localhost:{port}"
+        server = pool(certs.server, certs.server.ca)
+        wait_tls(app, url + "/health", server)
+        held = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(300)]
+        wait_for_line(app, "connections open, this app's limit")
+        deadline = time.monotonic() + 30
+        while (closed := sum(not still_open(s) for s in held)) < 300 - 136 and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling interval
+        # The excess closed without a byte, the rest held: 136 with the connection wait_tls keeps alive.
+        assert 300 - closed == 136 - 1
+        assert len([line for line in app.lines if "this app's limit" in line]) == 1
+        for s in held:
+            s.close()
+        wait_tls(app, url + "/health", server, timeout_s=30)
+    finally:
+        for s in held:
+            s.close()
+        launcher.stop([app])
+    assert "Traceback" not in app.output() and "Too many open files" not in app.output()

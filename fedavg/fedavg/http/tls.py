@@ -4,10 +4,10 @@ sees who it is in the WSGI environ (SSL_CLIENT_S_DN_CN,
 SSL_CLIENT_SAN_DNS_0 …). ``service.serve`` uses this when --tls-* is given.
 
 Three things cheroot does not do on its own, added here:
-- the TLS handshake runs in a worker thread, bounded by
-  ``HANDSHAKE_TIMEOUT_S``, not in cheroot's one accepting thread, where a
-  peer that connects and stays silent would stall every other connection
-  (cherrypy/cheroot#748);
+- the TLS handshake runs in a worker thread once the peer has sent its
+  first bytes, bounded by ``HANDSHAKE_TIMEOUT_S``, not in cheroot's one
+  accepting thread, where a peer that connects and stays silent would stall
+  every other connection (cherrypy/cheroot#748);
 - plain HTTP to the port gets no answer at all (cheroot writes a plain-text
   400 back);
 - at most ``limit`` connections are open: one more is closed at once
@@ -17,6 +17,7 @@ It also tells the app when the caller has hung up, as waitress does
 """
 from __future__ import annotations
 
+import errno
 import logging
 import select
 import socket
@@ -24,8 +25,8 @@ import ssl
 import threading
 from collections.abc import Callable
 
-from cheroot import errors, wsgi
 from cheroot import server as cheroot_server
+from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 
 from ..tls_files import TLSFiles
@@ -33,9 +34,9 @@ from .service import HUNG_UP
 
 log = logging.getLogger("fedavg")
 
-# How long a connection may take to finish its TLS handshake. A real one
-# takes a few round trips (milliseconds); a silent peer holds a worker thread
-# for this long, then is dropped.
+# How long a connection may take to finish its TLS handshake once its peer
+# has begun it. A real one takes a few round trips (milliseconds); a peer
+# that stalls half-way holds a worker thread this long, then is dropped.
 HANDSHAKE_TIMEOUT_S = 5.0
 # Idle keep-alive connections, and a request's every read, time out after
 # this long: waitress's channel_timeout, so that the server's pooled
@@ -57,14 +58,21 @@ class MutualTLSAdapter(BuiltinSSLAdapter):
         self.context.minimum_version = ssl.TLSVersion.TLSv1_2
         self.limit = limit
         self.open = 0
+        self._refusing = False
         self._lock = threading.Lock()
 
     def wrap(self, sock: socket.socket):
         with self._lock:
             full = self.open >= self.limit
+            first = full and not self._refusing
+            self._refusing = full
         if full:
-            sock.close()  # cheroot then drops it: nothing is written, no file is held
-            raise errors.FatalSSLAlert(f"{self.limit} connections open already, this app's limit: closed")
+            if first:  # once while it lasts: a flood of connections is not a flood of lines
+                log.warning("TLS: %d connections open, this app's limit: new ones are closed until some end",
+                            self.limit)
+            sock.close()  # nothing written, no file held
+            # An error cheroot drops without a word (it logs every other one).
+            raise ConnectionAbortedError(errno.ECONNABORTED, "over the connection limit")
         # No I/O here: this runs in cheroot's only accepting thread.
         return self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), {}
 
@@ -86,6 +94,7 @@ class TLSConnection(cheroot_server.HTTPConnection):
 
     _handshaken = False
     _counted = False
+    spoke = False  # has the peer sent anything yet (TLSServer.process_conn)
 
     def __init__(self, server, sock, makefile=cheroot_server.MakeFile):
         super().__init__(server, sock, makefile)
@@ -158,6 +167,17 @@ class TLSServer(wsgi.Server):
     and ``Gateway``; its messages go to the app's log."""
 
     ConnectionClass = TLSConnection
+
+    def process_conn(self, conn):
+        # A new connection first waits in cheroot's selector, as an idle
+        # keep-alive one does, until its peer sends something (its TLS
+        # hello): one that connects and says nothing holds no worker thread
+        # (it is closed after IDLE_TIMEOUT_S, within the connection limit).
+        if isinstance(conn, TLSConnection) and not conn.spoke:
+            conn.spoke = True  # the next time it comes here, it is readable
+            self._connections.put(conn)
+            return
+        super().process_conn(conn)
 
     def error_log(self, msg="", level=logging.INFO, traceback=False):
         # cheroot writes to stderr by default; the app's log is where the operator looks.
