@@ -647,3 +647,21 @@ def test_a_tls_client_at_its_limit_of_open_files_closes_the_excess_and_serves_on
             s.close()
         launcher.stop([app])
     assert "Traceback" not in app.output() and "Too many open files" not in app.output()
+
+
+@pytest.mark.system
+def test_a_taken_port_stops_a_tls_client_in_one_line_as_over_plain_http(certs):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        app = launcher.start_app("client_1", port, flags(certs.client_1))
+        try:
+            code = app.proc.wait(60)
+        finally:
+            launcher.stop([app])
+    out = app.output()
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert code == 1 and errors == [f"error: cannot listen on 127.0.0.1:{port}: "
+                                    "Address already in use"], out
+    assert "Traceback" not in out and "serving on" not in out

@@ -8,6 +8,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import re
 import resource
 import signal
 import sys
@@ -379,9 +380,12 @@ def _serve_tls(app: Flask, host: str, port: int, threads: int, files: TLSFiles, 
     try:
         tls.run(server, lambda: _announce(announce))
     except OSError as e:
-        # cheroot's bind error says "No socket could be created -- (…)"; its cause is the one to show.
-        cause = e.__cause__ if isinstance(e.__cause__, OSError) else e
-        raise OSError(cause.errno, cause.strerror or str(cause)) from e
+        # cheroot's bind error reads "No socket could be created -- ((host, port): [Errno 98] Address
+        # already in use)": the error within is the one to show, as waitress's is.
+        within = re.search(r"\[Errno (\d+)\] ([^)]*)\)", str(e)) if e.errno is None else None
+        if within is None:
+            raise
+        raise OSError(int(within[1]), within[2]) from e
 
 
 def _announce(text: str | None) -> None:
