@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from fedavg.http.host_app import create_host_app
-from fedavg.http.service import cli, configure_logging, serve, shared_token
+from fedavg.http.service import add_server_name, base_url, cli, configure_logging, serve, shared_token, tls_from_args
 from fedavg.scenarios import ATTACKERS, ATTACKS, NOISE, SCENARIOS, make_clients
 
 # What generated each scenario's data, in one line (fedavg/scenarios.py has
@@ -40,11 +40,13 @@ if __name__ == "__main__":
     parser.add_argument("--attack", choices=ATTACKS,
                         help="for --scenario byzantine: what they send (default huge): "
                              + "; ".join(f"{name}: {what}" for name, what in ATTACKS.items()))
+    add_server_name(parser)
     args = parser.parse_args()
     if args.scenario != "byzantine" and (args.attackers is not None or args.attack is not None):
         parser.error(f"--attackers and --attack are for --scenario byzantine, not {args.scenario}")
     attackers = ATTACKERS if args.attackers is None else args.attackers
     attack = args.attack or "huge"
+    tls = tls_from_args(args)
     configure_logging()
     # One line per /train of a thousand clients would bury everything else.
     logging.getLogger("fedavg.client").setLevel(logging.WARNING)
@@ -58,9 +60,12 @@ if __name__ == "__main__":
     about = ABOUT[args.scenario] + (f" ({csv})" if args.scenario == "csv" else "")
     if args.scenario == "byzantine":
         about += f": {attackers} attacker(s), attack {attack}: each {ATTACKS[attack]}"
-    app = create_host_app(clients, token, f"{args.scenario}: {about}; K={len(clients)}, seed={args.seed}")
-    base = f"http://{args.host}:{args.port}"
-    serve(app, args.host, args.port, allowed_hosts=args.allowed_host, announce=(
+    app = create_host_app(clients, token, f"{args.scenario}: {about}; K={len(clients)}, seed={args.seed}",
+                          server_name=args.server_name if tls else None)
+    base = base_url(args.host, args.port, tls)
+    served = (f"\nclient host: each client answers /train, /evaluate and /secagg/* only to a caller whose "
+              f"certificate names {args.server_name!r}") if tls else ""
+    serve(app, args.host, args.port, allowed_hosts=args.allowed_host, tls=tls, announce=(
         f"client host: {len(clients)} clients ({args.scenario}, seed {args.seed}, "
         f"{sum(len(c.y) for c in clients)} samples) at {base}/clients/1 … {base}/clients/{len(clients)}\n"
-        f"client host: the data: {about}"))
+        f"client host: the data: {about}{served}"))

@@ -4,12 +4,14 @@ Run: cd server && poetry install && poetry run python server_app.py
 Then: curl -X POST http://127.0.0.1:5000/start
 """
 import json
+import ssl
 import sys
 import time
 import urllib.error
 import urllib.request
 
-from fedavg.http.service import cli, configure_logging, serve, shared_token
+from fedavg.http.service import base_url, cli, configure_logging, serve, shared_token, tls_from_args
+from fedavg.tls_files import TLSFiles
 from fedavg_server import client_urls, create_app
 from fedavg_server.runs import StoreError
 
@@ -23,11 +25,22 @@ def ask(url: str, token: str | None) -> urllib.request.Request:
     return urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
 
 
-def outside_line(host_url: str, token: str | None = None) -> dict | None:
+def tls_context(tls: TLSFiles | None) -> ssl.SSLContext | None:
+    """For asking a client host over mutual TLS: its certificate checked
+    against the CA and the URL's host, ours presented. None without TLS."""
+    if tls is None:
+        return None
+    context = ssl.create_default_context(cafile=str(tls.ca))
+    context.load_cert_chain(str(tls.cert), str(tls.key))
+    return context
+
+
+def outside_line(host_url: str, token: str | None = None, tls: TLSFiles | None = None) -> dict | None:
     """The client host's pooled least-squares line (GET /scenario), for the
     page to draw labelled as outside knowledge; None if it has none to give."""
     try:
-        with urllib.request.urlopen(ask(host_url.rstrip("/") + "/scenario", token), timeout=5) as resp:
+        with urllib.request.urlopen(ask(host_url.rstrip("/") + "/scenario", token), timeout=5,
+                                    context=tls_context(tls)) as resp:
             body = json.loads(resp.read())
         line = body.get("pooled_line")
         if not (isinstance(line, dict) and all(isinstance(line.get(k), (int, float)) for k in ("w", "b"))):
@@ -37,16 +50,18 @@ def outside_line(host_url: str, token: str | None = None) -> dict | None:
         return None
 
 
-def clients_from(host_url: str, wait_s: float = HOST_WAIT_S, token: str | None = None) -> list[str]:
+def clients_from(host_url: str, wait_s: float = HOST_WAIT_S, token: str | None = None,
+                 tls: TLSFiles | None = None) -> list[str]:
     """Every client a client host serves (its GET /clients), as full URLs.
     The host may still be starting: ask again until it answers or wait_s ends."""
     base = host_url.rstrip("/")
+    context = tls_context(tls)
     if not base.startswith(("http://", "https://")):
         raise ValueError(f"--clients-from must be a client host's URL (http://…), got {host_url!r}")
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            with urllib.request.urlopen(ask(base + "/clients", token), timeout=5) as resp:
+            with urllib.request.urlopen(ask(base + "/clients", token), timeout=5, context=context) as resp:
                 paths = json.loads(resp.read())["clients"]
             if not paths or not all(isinstance(p, str) and p.startswith("/") for p in paths):
                 raise ValueError(f"{base}/clients lists no clients: {paths!r}")
@@ -83,14 +98,17 @@ if __name__ == "__main__":
     parser.add_argument("--db",
                         help="SQLite file of the run history (default: env FEDAVG_DB, else instance/fedavg.db)")
     args = parser.parse_args()
+    tls = tls_from_args(args)
     configure_logging()
-    config = {}  # what the command line says; create_app reads FEDAVG_* for the rest
+    # What the command line says; create_app reads FEDAVG_* for the rest. TLS:
+    # the files the server presents, and checks its clients against, when it calls them.
+    config = {"TLS": tls}
     try:
         if args.clients_from:
             token = shared_token()
-            hosted = clients_from(args.clients_from, args.clients_from_wait, token)
+            hosted = clients_from(args.clients_from, args.clients_from_wait, token, tls)
             config["CLIENTS"] = (client_urls(args.clients) if args.clients else []) + hosted
-            line = outside_line(args.clients_from, token)
+            line = outside_line(args.clients_from, token, tls)
             if line is not None:
                 config["OUTSIDE_LINE"] = {**line, "clients": hosted}
             print(f"server: {len(hosted)} client(s) from the client host at {args.clients_from}", flush=True)
@@ -107,12 +125,12 @@ if __name__ == "__main__":
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     clients = app.config["CLIENTS"]
-    base = f"http://{args.host}:{args.port}"
+    base = base_url(args.host, args.port, tls)
     shown = ", ".join(clients) if len(clients) <= 4 else f"{clients[0]} … {clients[-1]}"
     try:
         # Its own connections out: about one kept alive per client, and one per call in flight.
         outgoing = len(clients) + max(1, app.config["MAX_PARALLEL"])
-        serve(app, args.host, args.port, allowed_hosts=args.allowed_host, outgoing=outgoing, announce=(
+        serve(app, args.host, args.port, allowed_hosts=args.allowed_host, outgoing=outgoing, tls=tls, announce=(
             f"server: {len(clients)} client(s): {shown}; run history in {app.config['DB']}; "
             f"serving on {base}\n"
             f"server: the page: {base}/\n"

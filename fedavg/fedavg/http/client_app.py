@@ -20,6 +20,8 @@ from ..strict_json import ProtocolError
 from .client_page import page_context
 from .secure_routes import add_secure_routes
 from .service import (
+    add_server_name,
+    base_url,
     checked_token,
     cli,
     configure_logging,
@@ -27,9 +29,11 @@ from .service import (
     install_json_errors,
     install_request_guards,
     json_body,
+    require_peer,
     require_token,
     serve,
     shared_token,
+    tls_from_args,
 )
 
 
@@ -50,9 +54,13 @@ def _deadline_s() -> float | None:
 
 
 def client_blueprint(pick: Callable[[dict[str, Any]], LocalClient], token: str | None,
-                     url_prefix: str | None = None) -> Blueprint:
+                     url_prefix: str | None = None, server_name: str | None = None) -> Blueprint:
     """The client endpoints. ``pick`` turns the URL's values (``k`` for a
-    client host's /clients/<k>) into the client that answers."""
+    client host's /clients/<k>) into the client that answers. With
+    ``server_name`` (served over TLS), /train, /evaluate and /secagg/*
+    answer only the caller whose verified certificate names it (403 for
+    anyone else, before the token is looked at); the rest any verified
+    caller may read."""
     bp = Blueprint("client", __name__, url_prefix=url_prefix, template_folder="templates")
 
     @bp.url_value_preprocessor
@@ -88,29 +96,34 @@ def client_blueprint(pick: Callable[[dict[str, Any]], LocalClient], token: str |
 
     @bp.post("/train")
     def train():
+        require_peer(server_name)
         require_token(token)
         response = g.client.train(json_body(), _deadline_s())
         return (*response, {"Retry-After": "1"}) if response[1] == 429 else response
 
     @bp.post("/evaluate")
     def evaluate():
+        require_peer(server_name)
         require_token(token)
         return g.client.evaluate(json_body())
 
-    add_secure_routes(bp, token, _deadline_s)
+    add_secure_routes(bp, token, _deadline_s, server_name)
     return bp
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build a client app. Config: CLIENT_ID, DATA_PATH (the private CSV),
     TOKEN (shared bearer token required on /train and /evaluate; default
-    FEDAVG_TOKEN as written, None or "" = open).
+    FEDAVG_TOKEN as written, None or "" = open), SERVER_PEER (served over
+    TLS: the name the server's certificate carries, the only caller of
+    /train, /evaluate and /secagg/*; default None, no TLS).
 
     Raises DataError when the data file cannot be used, before anything
     serves, and ValueError for a token that cannot work (``checked_token``).
     """
     app = Flask(__name__)
-    app.config.from_mapping(CLIENT_ID="client", DATA_PATH="data.csv", MAX_CONTENT_LENGTH=4 * 1024 * 1024)
+    app.config.from_mapping(CLIENT_ID="client", DATA_PATH="data.csv", MAX_CONTENT_LENGTH=4 * 1024 * 1024,
+                            SERVER_PEER=None)
     if config is not None:
         app.config.from_mapping(config)
     # The environment only when no token is given (a test gives its own, or None).
@@ -121,7 +134,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config.update(DATA_SIZE=len(y), NUM_FEATURES=client.num_features)
     install_json_errors(app)
     install_request_guards(app)
-    app.register_blueprint(client_blueprint(lambda values: client, app.config["TOKEN"]))
+    app.register_blueprint(client_blueprint(lambda values: client, app.config["TOKEN"],
+                                            server_name=app.config["SERVER_PEER"]))
     return app
 
 
@@ -131,17 +145,22 @@ def main(client_id: str, port: int, data_path: Path) -> None:
     parser = cli(f"Raw FedAvg client {client_id}", port)
     parser.add_argument("--data", type=Path, default=data_path, help=f"private CSV (default {data_path})")
     parser.add_argument("--client-id", default=client_id, help=f"name sent to the server (default {client_id})")
+    add_server_name(parser)
     args = parser.parse_args()
+    tls = tls_from_args(args)
     configure_logging()
     try:
-        app = create_app({"CLIENT_ID": args.client_id, "DATA_PATH": str(args.data)})
+        app = create_app({"CLIENT_ID": args.client_id, "DATA_PATH": str(args.data),
+                          "SERVER_PEER": args.server_name if tls else None})
     except ValueError as e:  # a bad data file (DataError), a token that cannot work
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    risk = "" if app.config["TOKEN"] else (
+    # Over TLS only the server's certificate gets an answer from /train and /evaluate.
+    risk = "" if app.config["TOKEN"] or tls else (
         f"\n{args.client_id}: no FEDAVG_TOKEN: anyone who can reach this port can call /train and /evaluate, "
         "and the losses of a few chosen models give small data back exactly; set the same FEDAVG_TOKEN "
         "here and on the server to answer only it")
-    serve(app, args.host, args.port, allowed_hosts=args.allowed_host,
+    served = f"; answering only a caller whose certificate names {args.server_name!r}" if tls else ""
+    serve(app, args.host, args.port, allowed_hosts=args.allowed_host, tls=tls,
           announce=f"{args.client_id}: {app.config['DATA_SIZE']} private samples from {args.data}; "
-                   f"serving on http://{args.host}:{args.port}{risk}")
+                   f"serving on {base_url(args.host, args.port, tls)}{served}{risk}")

@@ -13,14 +13,16 @@ from ..client import LocalClient
 from ..openapi import host_document
 from ..theory import pooled_optimum
 from .client_app import client_blueprint
-from .service import has_token, install_json_errors, install_request_guards, require_token
+from .service import has_token, install_json_errors, install_request_guards, require_peer, require_token
 
 
 def create_host_app(clients: Sequence[LocalClient], token: str | None = None,
-                    description: str = "") -> Flask:
+                    description: str = "", server_name: str | None = None) -> Flask:
     """Serve ``clients`` as /clients/1 … /clients/K. With a ``token``, what
     the clients' data gives away (the pooled line of every row, a CSV's
-    path in ``description``) is only for requests that carry it."""
+    path in ``description``) is only for requests that carry it. With
+    ``server_name`` (served over TLS), each client's /train, /evaluate and
+    /secagg/* answer only the caller whose certificate names it."""
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = 4 * 1024 * 1024
     install_json_errors(app)
@@ -32,7 +34,7 @@ def create_host_app(clients: Sequence[LocalClient], token: str | None = None,
             raise NotFound(f"no client {k} on this host (it has 1..{len(clients)})")
         return clients[k - 1]
 
-    app.register_blueprint(client_blueprint(pick, token, url_prefix="/clients/<int:k>"))
+    app.register_blueprint(client_blueprint(pick, token, url_prefix="/clients/<int:k>", server_name=server_name))
     # θ* of every client's rows at once: what only a simulation knows (the chart draws one feature).
     pooled = None
     if clients[0].num_features == 1:
@@ -58,7 +60,8 @@ def create_host_app(clients: Sequence[LocalClient], token: str | None = None,
         clients' rows pooled (one feature only). The server's page may draw
         it, labelled as outside knowledge; no run ever reads it. With a
         token, only for who has it: the line of a user's CSV is a fact of
-        its rows."""
+        its rows; over TLS, only for the server, as the clients' /evaluate."""
+        require_peer(server_name)
         require_token(token)
         return {"scenario": description, "simulated": True, "clients": len(clients), "pooled_line": pooled}
 

@@ -1,5 +1,6 @@
 """What every Raw FedAvg service shares: strict JSON bodies, JSON errors, the
-command line (--host/--port) and serving."""
+command line (--host/--port, --tls-*) and serving: waitress over plain HTTP,
+cheroot over mutual TLS (``tls.py``)."""
 from __future__ import annotations
 
 import argparse
@@ -7,16 +8,19 @@ import hmac
 import ipaddress
 import logging
 import os
+import re
 import resource
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from flask import Flask, request
 from werkzeug.exceptions import Forbidden, HTTPException, Unauthorized, UnsupportedMediaType
 
+from .. import tls_files
 from ..strict_json import ProtocolError, loads
+from ..tls_files import TLSFiles
 
 log = logging.getLogger("fedavg")
 
@@ -79,6 +83,53 @@ def require_token(token: str | None) -> None:
     token is configured."""
     if token is not None and not has_token(token):
         raise Unauthorized("missing or wrong bearer token (set FEDAVG_TOKEN to the shared token)")
+
+
+def peer_names(environ: Mapping[str, Any]) -> list[str]:
+    """The names in the caller's verified certificate, as the TLS server put
+    them in the environ: its subject's CN(s), then its DNS SANs. Empty when
+    no certificate was verified (plain HTTP, the tests' in-process calls).
+    Header values cannot forge these: they arrive as HTTP_* keys."""
+    if environ.get("SSL_CLIENT_VERIFY") != "SUCCESS":
+        return []
+    # One CN is SSL_CLIENT_S_DN_CN; several are also _0, _1 … (and joined
+    # with commas in the first, which a name may contain itself).
+    names = _numbered(environ, "SSL_CLIENT_S_DN_CN_")
+    if not names and environ.get("SSL_CLIENT_S_DN_CN"):
+        names = [environ["SSL_CLIENT_S_DN_CN"]]
+    return names + _numbered(environ, "SSL_CLIENT_SAN_DNS_")
+
+
+def _numbered(environ: Mapping[str, Any], prefix: str) -> list[str]:
+    values, i = [], 0
+    while f"{prefix}{i}" in environ:
+        values.append(str(environ[f"{prefix}{i}"]))
+        i += 1
+    return values
+
+
+def peer_allowed(names: Iterable[str], expected: str) -> bool:
+    """Is the caller the party named ``expected``: does one of its verified
+    certificate's names (``peer_names``) equal it exactly?"""
+    return any(name == expected for name in names)
+
+
+def require_peer(expected: str | None) -> None:
+    """403 unless the caller's verified certificate names ``expected`` (a
+    client's --server-name): over mutual TLS only the server may make a
+    client train, evaluate or take part in a secure sum; any other holder of
+    a certificate from the same CA (another client) is refused. ``None``:
+    no TLS, nothing to check."""
+    if expected is None:
+        return
+    names = peer_names(request.environ)
+    if peer_allowed(names, expected):
+        return
+    names = list(dict.fromkeys(names))  # a CN is usually a DNS name as well: once
+    shown = ", ".join(repr(n[:100]) for n in names[:5]) + (" …" if len(names) > 5 else "")
+    who = f"your certificate names {shown}" if names else "no verified certificate came with this request"
+    raise Forbidden(f"{request.path} answers only the server: {who}; the server's certificate must name "
+                    f"{expected!r} (CN or DNS name; --server-name)")
 
 
 def install_request_guards(app: Flask) -> None:
@@ -160,7 +211,55 @@ def cli(description: str, default_port: int) -> argparse.ArgumentParser:
     parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                         help="a host name this app answers to besides its IP addresses and localhost "
                              "(repeatable); any other Host header is refused (DNS rebinding)")
+    tls = parser.add_argument_group(
+        "mutual TLS", "all three or none; with them the app serves HTTPS only, to callers whose certificate "
+                      "chains to the CA")
+    tls.add_argument("--tls-cert", metavar="FILE",
+                     help="this app's PEM certificate, presented when it serves and when it calls "
+                          "(default: env FEDAVG_TLS_CERT)")
+    tls.add_argument("--tls-key", metavar="FILE",
+                     help="that certificate's PEM private key, unencrypted (default: env FEDAVG_TLS_KEY)")
+    tls.add_argument("--tls-ca", metavar="FILE",
+                     help="the PEM CA certificate every peer's certificate must chain to (default: env "
+                          "FEDAVG_TLS_CA)")
     return parser
+
+
+def add_server_name(parser: argparse.ArgumentParser) -> None:
+    """--server-name, for the apps that answer the server (clients, client hosts)."""
+    parser.add_argument("--server-name", default=os.environ.get("FEDAVG_SERVER_NAME") or "server", metavar="NAME",
+                        help="with TLS: answer /train, /evaluate and /secagg/* only to a caller whose certificate "
+                             "names NAME as CN or DNS name (default: env FEDAVG_SERVER_NAME, else server)")
+
+
+def tls_from_args(args: argparse.Namespace) -> TLSFiles | None:
+    """The app's TLS files from --tls-* or FEDAVG_TLS_*, checked (all three
+    readable, the key the certificate's); None for none. Anything wrong
+    stops the app: one line naming the flag or file, exit 2."""
+    try:
+        files = tls_files.from_env_or_args(args.tls_cert, args.tls_key, args.tls_ca)
+        if files is not None:
+            tls_files.check(files)
+        return files
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def base_url(host: str, port: int, tls: TLSFiles | None) -> str:
+    """The app's own address, as announced: https:// when it serves TLS."""
+    return f"{'https' if tls else 'http'}://{host}:{port}"
+
+
+# The environ key of the TLS server's hang-up check (``tls.Gateway``).
+HUNG_UP = "fedavg.client_disconnected"
+
+
+def hung_up(environ: Mapping[str, Any]) -> Callable[[], bool] | None:
+    """The WSGI server's callable telling whether the caller has hung up
+    (waitress's, or over TLS ``tls.Gateway``'s), or None (Werkzeug's
+    server, the tests' in-process calls)."""
+    return environ.get("waitress.client_disconnected") or environ.get(HUNG_UP)
 
 
 WSGI_SERVERS = ("waitress", "werkzeug")
@@ -196,9 +295,10 @@ def connection_limit(outgoing: int = 0) -> int:
 
 
 def serve(app: Flask, host: str, port: int, threads: int = 8, announce: str | None = None,
-          allowed_hosts: Sequence[str] = (), outgoing: int = 0) -> None:
+          allowed_hosts: Sequence[str] = (), outgoing: int = 0, tls: TLSFiles | None = None) -> None:
     """Listen, then print ``announce`` (the app's "serving on …" line), then
-    serve until interrupted, with the WSGI server FEDAVG_WSGI names. A port
+    serve until interrupted, with the WSGI server FEDAVG_WSGI names; with
+    ``tls``, HTTPS only, over mutual TLS, with cheroot (``tls.py``). A port
     that is taken stops the app with one error line and no announcement.
 
     waitress (the default) keeps HTTP/1.1 connections alive, so the server's
@@ -208,6 +308,10 @@ def serve(app: Flask, host: str, port: int, threads: int = 8, announce: str | No
     waited /start holds one for its whole run. ``outgoing``: how many
     connections the app itself may open (``connection_limit``).
     """
+    if tls is not None:
+        # The names in its own certificate are names it answers to: callers
+        # verify them, and a rebinding attacker's name is not among them.
+        allowed_hosts = [*allowed_hosts, *tls_files.dns_names(tls.cert)]
     app.config["ALLOWED_HOSTS"] = [*app.config.get("ALLOWED_HOSTS", ()), *allowed_hosts]
     # SIGTERM (kill, a process manager) stops the app as Ctrl-C does, so
     # that it can end cleanly.
@@ -216,21 +320,20 @@ def serve(app: Flask, host: str, port: int, threads: int = 8, announce: str | No
     if kind not in WSGI_SERVERS:
         print(f"error: FEDAVG_WSGI must be one of {', '.join(WSGI_SERVERS)}, got {kind!r}", file=sys.stderr)
         sys.exit(2)
+    if tls is not None and kind != "waitress":
+        print(f"error: FEDAVG_WSGI={kind} cannot serve TLS; unset it to serve --tls-* with cheroot", file=sys.stderr)
+        sys.exit(2)
     try:
-        if kind == "werkzeug":
+        if tls is not None:
+            _serve_tls(app, host, port, threads, tls, _checked_limit(outgoing), announce)
+        elif kind == "werkzeug":
             from werkzeug.serving import make_server
             server = make_server(host, port, app, threaded=True)  # binds here
             _announce(announce)
             server.serve_forever()
         else:
             import waitress
-            limit = connection_limit(outgoing)
-            if limit < MIN_CONNECTIONS:
-                soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-                print(f"error: this process may open {soft} files (ulimit -n), too few for {outgoing} connection(s) "
-                      f"out, {OWN_FILES} files of its own and {MIN_CONNECTIONS} connections in; raise the limit "
-                      f"(ulimit -n {MAX_CONNECTIONS + OWN_FILES + outgoing})", file=sys.stderr)
-                sys.exit(2)
+            limit = _checked_limit(outgoing)
             # poll(), not select(): select() cannot watch a descriptor numbered
             # 1024 or more, and a thousand idle connections reach that.
             # channel_request_lookahead: waitress reads on while a request waits or
@@ -246,6 +349,43 @@ def serve(app: Flask, host: str, port: int, threads: int = 8, announce: str | No
     except OSError as e:
         print(f"error: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
         sys.exit(1)
+
+
+def _checked_limit(outgoing: int) -> int:
+    """``connection_limit``; too few files for MIN_CONNECTIONS stops the app
+    in one line (exit 2)."""
+    limit = connection_limit(outgoing)
+    if limit < MIN_CONNECTIONS:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        print(f"error: this process may open {soft} files (ulimit -n), too few for {outgoing} connection(s) "
+              f"out, {OWN_FILES} files of its own and {MIN_CONNECTIONS} connections in; raise the limit "
+              f"(ulimit -n {MAX_CONNECTIONS + OWN_FILES + outgoing})", file=sys.stderr)
+        sys.exit(2)
+    return limit
+
+
+def _serve_tls(app: Flask, host: str, port: int, threads: int, files: TLSFiles, limit: int,
+               announce: str | None) -> None:
+    """cheroot over mutual TLS (``tls.py``), imported only here: plain HTTP
+    apps never load it. Its errors as ``serve``'s: one line."""
+    import ssl
+
+    from . import tls
+    try:
+        server = tls.make_server(app, host, port, files, threads, limit)
+    except (ssl.SSLError, OSError) as e:  # what tls_files.check could not foresee
+        print(f"error: --tls-cert {files.cert} / --tls-key {files.key} / --tls-ca {files.ca}: cannot be used for "
+              f"TLS: {getattr(e, 'reason', None) or e}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        tls.run(server, lambda: _announce(announce))
+    except OSError as e:
+        # cheroot's bind error reads "No socket could be created -- ((host, port): [Errno 98] Address
+        # already in use)": the error within is the one to show, as waitress's is.
+        within = re.search(r"\[Errno (\d+)\] ([^)]*)\)", str(e)) if e.errno is None else None
+        if within is None:
+            raise
+        raise OSError(int(within[1]), within[2]) from e
 
 
 def _announce(text: str | None) -> None:
