@@ -331,6 +331,13 @@ def test_tls_files_that_cannot_be_used_are_named_at_start(pki, tmp_path, field, 
     assert f"{flag} {getattr(bad, field)}" in str(error.value) and "\n" not in str(error.value)
 
 
+def test_an_expired_server_certificate_is_refused_at_start(pki, tmp_path):
+    cert, key = pki.pairs["expired"]
+    with pytest.raises(ValueError, match=rf"--tls-cert {cert}: valid from .* UTC, not now: every client would "
+                                         "refuse it"):
+        create_server_app({"DB": str(tmp_path / "r.db"), "TOKEN": None, "TLS": TLSFiles(cert, key, pki.ca)})
+
+
 def test_an_encrypted_key_is_refused_not_asked_for(pki, tmp_path):
     issued = make_certs.new_leaf(make_certs.new_ca(), "server")
     key = tmp_path / "enc.key"

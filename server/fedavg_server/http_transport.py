@@ -13,9 +13,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, wait
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import urllib3
+from cryptography import x509
 from urllib3.exceptions import HTTPError, NewConnectionError, ProtocolError, SSLError, TimeoutError
 from urllib3.util.ssl_ import create_urllib3_context
 from urllib3.util.ssl_match_hostname import CertificateError
@@ -87,7 +90,7 @@ class HttpTransport:
         # connection per concurrent call, kept alive across rounds.
         # Under TLS the kept-alive connections matter more: a new one costs a
         # handshake (about 5 ms, research notes), a reused one about 0.05 ms.
-        tls_settings = {} if tls is None else {"ssl_context": client_tls_context(tls), "cert_reqs": "CERT_REQUIRED"}
+        tls_settings = {} if tls is None else {"ssl_context": pool_context(tls), "cert_reqs": "CERT_REQUIRED"}
         self.http = urllib3.PoolManager(num_pools=max(10, len(self.urls)), maxsize=self.max_parallel,
                                         retries=False, **tls_settings)
         self.threads = CallThreads(self.max_parallel)
@@ -242,15 +245,12 @@ UNKNOWN_ISSUER = {2, 18, 19, 20, 21}  # issuer not found; self-signed leaf or ch
 WRONG_NAME = {62, 64}  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 
 
-def client_tls_context(tls: TLSFiles) -> ssl.SSLContext:
-    """The server's side of mutual TLS: its certificate shown to every client,
-    each client's checked against ``tls.ca`` (urllib3's defaults: TLS 1.2 or
-    later, CERT_REQUIRED). Raises ValueError naming the file that cannot be used.
-
-    The URL's host name is checked by urllib3 once the chain has verified,
-    not by OpenSSL inside the handshake: the same rule (the host must be one
-    of the certificate's DNS or IP subjectAltNames), but a failure then
-    carries the certificate, so the reason can say whom it is for."""
+def caller_context(tls: TLSFiles) -> ssl.SSLContext:
+    """The server's side of mutual TLS, for any HTTPS client (urllib3,
+    urllib.request): its certificate shown to every client, each client's
+    checked against ``tls.ca`` and the host name it is called at, in the
+    handshake (urllib3's defaults: TLS 1.2 or later, CERT_REQUIRED,
+    check_hostname). Raises ValueError naming the file that cannot be used."""
     ctx = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
 
     def no_password() -> bytes:  # OpenSSL would otherwise ask on the terminal, and a served app has none
@@ -259,17 +259,44 @@ def client_tls_context(tls: TLSFiles) -> ssl.SSLContext:
     try:
         ctx.load_cert_chain(tls.cert, tls.key, password=no_password)
     except (OSError, ssl.SSLError) as e:
-        raise ValueError(f"--tls-cert {tls.cert} with --tls-key {tls.key}: cannot be used "
-                         f"({getattr(e, 'strerror', None) or getattr(e, 'reason', None) or e})") from None
+        raise ValueError(f"--tls-cert {tls.cert} with --tls-key {tls.key}: cannot be used ({_why(e)})") from None
     try:
         ctx.load_verify_locations(cafile=tls.ca)
     except (OSError, ssl.SSLError) as e:
-        raise ValueError(f"--tls-ca {tls.ca}: cannot be used "
-                         f"({getattr(e, 'strerror', None) or getattr(e, 'reason', None) or e})") from None
-    ctx.check_hostname = False  # urllib3 checks it, as said above: it does so whenever this is off
+        raise ValueError(f"--tls-ca {tls.ca}: cannot be used ({_why(e)})") from None
+    # OpenSSL loads an expired certificate without a word; every client would then refuse it.
+    cert = x509.load_pem_x509_certificate(Path(tls.cert).read_bytes())
+    now = datetime.now(timezone.utc)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise ValueError(f"--tls-cert {tls.cert}: valid from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} to "
+                         f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, not now: every client would refuse it")
+    return ctx
+
+
+def pool_context(tls: TLSFiles) -> ssl.SSLContext:
+    """``caller_context`` for HttpTransport's urllib3 pool, where the URL's
+    host name is checked by urllib3 once the chain has verified rather than
+    by OpenSSL inside the handshake: the same rule (the host must be one of
+    the certificate's DNS or IP subjectAltNames), but a failure then carries
+    the certificate, so the reason can say whom it is for. Only for urllib3:
+    another client given it would check no host name at all."""
+    ctx = caller_context(tls)
+    ctx.check_hostname = False  # urllib3 then matches the name itself (connection.py, _match_hostname)
     ctx.hostname_checks_common_name = False
     logging.getLogger("urllib3.connection").addFilter(_quiet_name_mismatch)
     return ctx
+
+
+# What OpenSSL's reasons for refusing a file mean to a person.
+FILE_PROBLEMS = {"PEM_LIB": "not a PEM certificate, or not a PEM key", "KEY_VALUES_MISMATCH": "the key is not the "
+                 "certificate's", "NO_CERTIFICATE_OR_CRL_FOUND": "no PEM certificate in it"}
+
+
+def _why(e: OSError) -> str:
+    if isinstance(e, ssl.SSLError):  # ("PEM lib" comes without a reason)
+        reason = e.reason or ("PEM_LIB" if "PEM lib" in str(e) else str(e))
+        return FILE_PROBLEMS.get(reason, reason)
+    return e.strerror or str(e)
 
 
 def _quiet_name_mismatch(record: logging.LogRecord) -> bool:
