@@ -12,7 +12,7 @@ export POETRY
 CHROMIUM ?= /usr/bin/chromium
 export CHROMIUM
 
-.PHONY: install run-all demo sim bench compare privacy browser test test-all clean
+.PHONY: install run-all demo sim bench compare privacy certs browser test test-all clean
 ROUNDS ?= 20
 
 install: $(addsuffix /.venv/.installed,$(APPS))
@@ -71,6 +71,12 @@ compare: .venv/.installed
 # environment is all it needs, not the apps' own.
 privacy: .venv/.installed
 	.venv/bin/python scripts/privacy.py --out "$(if $(filter command line environment,$(origin OUT)),$(OUT),privacy-out)" $(PRIVACY_ARGS)
+
+# A CA and certificates for a trial of mutual TLS (docs/DEPLOY.md), into
+# certs/ (git ignores it); refuses to replace it without --force.
+# `make certs ARGS="--clients 5 --hosts localhost 127.0.0.1 10.0.0.5"`.
+certs: .venv/.installed
+	.venv/bin/python scripts/make_certs.py $(ARGS)
 
 # Installs Chromium when missing and it can (root with apt-get); otherwise
 # stops at once with the command to run. .ci/run relies on this step too.

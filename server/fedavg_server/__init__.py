@@ -17,6 +17,8 @@ from .runs import RunStore
 from .web import bp as web_bp
 
 DEFAULT_CLIENTS = ("http://127.0.0.1:5001", "http://127.0.0.1:5002")
+# The same two, when the server has TLS (its clients then serve HTTPS only).
+DEFAULT_TLS_CLIENTS = ("https://127.0.0.1:5001", "https://127.0.0.1:5002")
 
 
 def client_urls(value: str | None) -> list[str]:
@@ -102,6 +104,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     - PUBLIC_READ: with a token, still show each client's own numbers to all;
     - ALLOWED_HOSTS: names to answer to besides addresses and localhost;
     - MAX_PARALLEL: client calls in flight at once;
+    - TLS: a ``fedavg.tls_files.TLSFiles`` (--tls-cert, --tls-key, --tls-ca)
+      or None: with it the clients are called over mutual TLS, their URLs
+      https:// (default the two local clients over https://); without it a
+      client URL that is not on this machine is warned about, once;
     - TRANSPORT: how the clients are reached (default HTTP to CLIENTS; an
       ``InProcessTransport`` calls client apps in this process).
 
@@ -109,14 +115,16 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     history cannot be used (or another server holds it)."""
     app = Flask(__name__)
     app.config.from_mapping(
-        CLIENTS=list(DEFAULT_CLIENTS),
+        # (CLIENTS: the defaults depend on TLS, set below when none are given)
         # The run history lives in the instance folder (server/instance/), kept out of git.
         DB=os.path.join(app.instance_path, "fedavg.db"),
         # 1 MiB: room for an init of MAX_FEATURES weights, and no more.
-        TOKEN=None, PUBLIC_READ=False, MAX_PARALLEL=default_max_parallel(), MAX_CONTENT_LENGTH=1024 * 1024)
+        TOKEN=None, PUBLIC_READ=False, MAX_PARALLEL=default_max_parallel(), MAX_CONTENT_LENGTH=1024 * 1024,
+        TLS=None)
     app.config.from_mapping(environment())
     if config is not None:
         app.config.from_mapping(config)
+    app.config.setdefault("CLIENTS", list(DEFAULT_TLS_CLIENTS if app.config["TLS"] else DEFAULT_CLIENTS))
     if isinstance(app.config["CLIENTS"], str):
         app.config["CLIENTS"] = client_urls(app.config["CLIENTS"])
     if isinstance(app.config.get("ALLOWED_HOSTS"), str):
@@ -124,7 +132,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config["TOKEN"] = checked_token(app.config["TOKEN"])
     app.config["PUBLIC_READ"] = _flag(app.config["PUBLIC_READ"])
     # A test or a lab hands in its own transport (fedavg_server.inprocess); the apps talk HTTP.
-    transport = app.config.get("TRANSPORT") or HttpTransport(app.config["CLIENTS"], app.config["MAX_PARALLEL"])
+    transport = app.config.get("TRANSPORT") or HttpTransport(app.config["CLIENTS"], app.config["MAX_PARALLEL"],
+                                                             tls=app.config["TLS"])
     app.config["CLIENTS"] = transport.urls
     if app.config["TOKEN"]:
         transport.headers["Authorization"] = f"Bearer {app.config['TOKEN']}"
