@@ -1,0 +1,66 @@
+"""The seed's federation over mutual TLS, as the README starts it, with the
+certificates `make certs` makes (its functions, into a temporary folder):
+the three apps as real processes given --tls-cert/--tls-key/--tls-ca, the
+server calling https:// client URLs. All system (make test-all)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import make_certs
+import pytest
+from cryptography.hazmat.primitives import serialization
+from test_tls_serving import call, flags, pool, wait_tls
+
+import launcher
+from fedavg.tls_files import TLSFiles
+from reference import SEED_DATA, reference_fedavg
+
+pytestmark = pytest.mark.system
+
+
+def trial(folder: Path) -> dict[str, TLSFiles]:
+    """A CA and the parties of a trial (make certs' functions): server,
+    client_1, client_2, and an operator who calls the server's API."""
+    folder.mkdir(exist_ok=True)
+    ca = make_certs.new_ca("Raw FedAvg trial CA")
+    (folder / "ca.crt").write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
+    return {name: TLSFiles(*make_certs.write_party(folder, name, make_certs.new_leaf(ca, name)), folder / "ca.crt")
+            for name in ("server", "client_1", "client_2", "operator")}
+
+
+def test_the_seeds_numbers_over_mutual_tls_and_a_client_the_server_cannot_verify_is_dropped(tmp_path):
+    """The seed's 5 rounds over mutual TLS reach 1.396271·x + 0.787802, the
+    plain-Python reference. Then client_2 restarted with a certificate of
+    another CA: the server drops it, naming the certificate problem, and the
+    run goes on with client_1 alone (min_clients 1)."""
+    certs = trial(tmp_path)
+    ports = {name: launcher.free_port() for name in launcher.DEFAULT_PORTS}
+    urls = [f"https://localhost:{ports['client_1']}", f"https://localhost:{ports['client_2']}"]
+    apps = [launcher.start_app(name, ports[name], flags(certs[name])) for name in ("client_1", "client_2")]
+    apps.append(launcher.start_app("server", ports["server"], ["--db", str(tmp_path / "runs.db"),
+                                                               "--clients", ",".join(urls), *flags(certs["server"])]))
+    operator = pool(certs["operator"], certs["operator"].ca)
+    server = f"https://localhost:{ports['server']}"
+    try:
+        wait_tls(apps[-1], server + "/health", operator)
+        status, run = call(operator, "POST", server + "/start", {})
+        assert status == 200 and run["status"] == "completed", run
+        w, b = reference_fedavg(SEED_DATA, rounds=5)[-1]
+        assert run["final_model"]["w"] == pytest.approx(w, abs=1e-12)
+        assert run["final_model"]["b"] == pytest.approx(b, abs=1e-12)
+        assert f"{w:.6f}" == "1.396271" and f"{b:.6f}" == "0.787802"
+
+        launcher.stop([apps[1]])
+        other = trial(tmp_path / "other")  # the same names, another CA
+        apps[1] = launcher.start_app("client_2", ports["client_2"], flags(TLSFiles(
+            other["client_2"].cert, other["client_2"].key, certs["client_2"].ca)))
+        # up: to a caller that trusts the other CA (and shows the server's certificate, which client_2 trusts)
+        wait_tls(apps[1], f"{urls[1]}/health", pool(certs["server"], other["client_2"].ca))
+        status, run = call(operator, "POST", server + "/start", {"rounds": 2, "min_clients": 1})
+        assert status == 200 and run["status"] == "completed", run
+        reasons = [d["reason"] for r in run["rounds"] for d in r["dropped"]]
+        assert len(reasons) == 2 and all("unknown CA" in why for why in reasons), json.dumps(reasons)
+        assert [p["client_id"] for r in run["rounds"] for p in r["participants"]] == ["client_1", "client_1"]
+    finally:
+        launcher.stop(apps)
