@@ -29,9 +29,9 @@ def trial(folder: Path) -> dict[str, TLSFiles]:
             for name in ("server", "client_1", "client_2", "operator")}
 
 
-def test_the_seeds_numbers_over_mutual_tls_and_a_client_the_server_cannot_verify_is_dropped(tmp_path):
+def test_the_seeds_numbers_over_mutual_tls_secure_too_and_a_client_the_server_cannot_verify_is_dropped(tmp_path):
     """The seed's 5 rounds over mutual TLS reach 1.396271·x + 0.787802, the
-    plain-Python reference. Then client_2 restarted with a certificate of
+    plain-Python reference, and so does a run under secure aggregation. Then client_2 restarted with a certificate of
     another CA: the server drops it, naming the certificate problem, and the
     run goes on with client_1 alone (min_clients 1)."""
     certs = trial(tmp_path)
@@ -50,6 +50,12 @@ def test_the_seeds_numbers_over_mutual_tls_and_a_client_the_server_cannot_verify
         assert run["final_model"]["w"] == pytest.approx(w, abs=1e-12)
         assert run["final_model"]["b"] == pytest.approx(b, abs=1e-12)
         assert f"{w:.6f}" == "1.396271" and f"{b:.6f}" == "0.787802"
+        # Secure aggregation over the same mutual TLS: its five waves reach the same line (to its fixed point).
+        status, secure = call(operator, "POST", server + "/start", {"secagg": True})
+        assert status == 200 and secure["status"] == "completed", secure
+        assert secure["final_model"]["w"] == pytest.approx(w, abs=1e-6)
+        assert secure["final_model"]["b"] == pytest.approx(b, abs=1e-6)
+        assert "local_model" not in json.dumps(secure["rounds"])
 
         launcher.stop([apps[1]])
         other = trial(tmp_path / "other")  # the same names, another CA
