@@ -6,6 +6,7 @@ the store cannot take (the server app in this process: make test)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -351,3 +352,19 @@ def test_an_end_the_store_cannot_take_is_the_truth_until_a_retry_records_it(tmp_
     poll("the retry records it", lambda: store.summary(run_id)["status"] == "failed", timeout_s=10)
     poll("and forgets it", lambda: not fed.unrecorded(), timeout_s=10)
     fed.transport.close()
+
+
+def test_a_run_whose_history_closes_as_it_ends_logs_one_line_not_a_traceback(servers, caplog):
+    """The run's last act, after its end is recorded, is to log its warnings
+    from the history: a history closed by then (the server stopping; a test's
+    teardown once caught it) raised StoreError in the run's thread, a
+    traceback on stderr. It is one line of the log now."""
+    caplog.set_level(logging.INFO, logger="fedavg.server")
+    fed = servers({"http://127.0.0.1:9": Flask("nothing"), **{
+        "http://127.0.0.1:5001": create_client_app({"CLIENT_ID": "client_1", "TOKEN": None,
+                                                    "DATA_PATH": str(ROOT / "client_1" / "data.csv")})}})
+    run = fed.run(rounds=1, min_clients=1)
+    assert run["warnings"], run
+    fed.fed.store.close()
+    fed.fed._log_warnings(run["run_id"])  # what the run's thread does last
+    assert f"Run {run['run_id']}: its warnings cannot be read: the run history" in caplog.text

@@ -185,9 +185,20 @@ class Federation:
             self._record_end(run.run_id, status, error)
         finally:  # from here the run has ended for everyone (a new one may start), though this thread still logs
             run.ended.set()
-        # "completed" must not hide a client that never took part.
-        for warning in self.warnings(run.run_id):
-            log.info("Run %s WARNING: %s", run.run_id, warning)
+        self._log_warnings(run.run_id)
+
+    def _log_warnings(self, run_id: int) -> None:
+        """"completed" must not hide a client that never took part: the run's
+        warnings, in the log. The run has ended (a new one may have started,
+        the server may be closing its history): a history it cannot read now
+        costs the log those lines, not a traceback from this thread."""
+        try:
+            warnings = self.warnings(run_id)
+        except StoreError as e:
+            log.error("Run %s: its warnings cannot be read: %s", run_id, e)
+            return
+        for warning in warnings:
+            log.info("Run %s WARNING: %s", run_id, warning)
 
     def _record_end(self, run_id: int, status: str, error: str | None) -> None:
         """Store how the run ended. If the store cannot take it now, the end is
