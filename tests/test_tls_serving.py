@@ -14,7 +14,6 @@ the TLS server's hang-up check.
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import json
 import socket
 import ssl
@@ -24,12 +23,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import make_certs
 import pytest
 import urllib3
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
 
 import launcher
 from conftest import ROOT
@@ -43,59 +41,11 @@ from fedavg.tls_files import TLSFiles
 TRAIN = {"global_model": {"w": 0.5, "b": -1}, "round": 1}
 
 
-# --- certificates, made here -----------------------------------------------------------------
+# --- certificates, made here (with make certs' own functions) ------------------------------
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key, now = _key(), dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn)).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False, decipher_only=False),
-                           critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256()))
-    return key, cert
-
-
-def _leaf(ca: tuple[ec.EllipticCurvePrivateKey, x509.Certificate], cn: str, dns: tuple[str, ...],
-          expired: bool = False) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A certificate for ``cn`` with SANs ``dns`` and 127.0.0.1, both TLS
-    server and client (every party serves and calls)."""
-    ca_key, ca_cert = ca
-    key, now = _key(), dt.datetime.now(dt.timezone.utc)
-    start, end = (now - dt.timedelta(days=30), now - dt.timedelta(days=1)) if expired else \
-        (now - dt.timedelta(hours=1), now + dt.timedelta(days=30))
-    san = [x509.DNSName(d) for d in dns] + [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_cert.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(start).not_valid_after(end)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName(san), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    return key, cert
-
-
-def _write(folder: Path, name: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> TLSFiles:
-    (folder / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                           serialization.PrivateFormat.PKCS8,
-                                                           serialization.NoEncryption()))
-    (folder / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return TLSFiles(folder / f"{name}.crt", folder / f"{name}.key", folder / "ca.crt")
+def _write(folder: Path, name: str, issued: make_certs.Issued) -> TLSFiles:
+    return TLSFiles(*make_certs.write_party(folder, name, issued), folder / "ca.crt")
 
 
 @dataclass
@@ -116,13 +66,15 @@ class Certs:
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory) -> Certs:
     folder = tmp_path_factory.mktemp("certs")
-    ca = _ca("Raw FedAvg test CA")
-    (folder / "ca.crt").write_bytes(ca[1].public_bytes(serialization.Encoding.PEM))
-    parties = {name: _write(folder, name, *_leaf(ca, name, (name, "localhost")))
+    ca = make_certs.new_ca("Raw FedAvg test CA")
+    (folder / "ca.crt").write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
+    now = dt.datetime.now(dt.timezone.utc)
+    parties = {name: _write(folder, name, make_certs.new_leaf(ca, name))
                for name in ("server", "client_1", "client_2")}
     return Certs(folder, **parties,
-                 expired=_write(folder, "expired", *_leaf(ca, "server", ("server", "localhost"), expired=True)),
-                 impostor=_write(folder, "impostor", *_leaf(_ca("Another CA"), "server", ("server", "localhost"))))
+                 expired=_write(folder, "expired", make_certs.new_leaf(ca, "server", not_before=now - dt.timedelta(
+                     days=30), not_after=now - dt.timedelta(days=1))),
+                 impostor=_write(folder, "impostor", make_certs.new_leaf(make_certs.new_ca("Another CA"), "server")))
 
 
 def flags(files: TLSFiles) -> list[str]:
