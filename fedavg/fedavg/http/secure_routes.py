@@ -5,6 +5,7 @@ server no longer waits for it."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from flask import Blueprint, g, request
 
@@ -27,32 +28,17 @@ def add_secure_routes(bp: Blueprint, token: str | None, deadline_s: Callable[[],
         deadline."""
         return secure_client.Deadline(deadline_s(), hung_up(request.environ))
 
-    @bp.post("/secagg/advertise")
-    def advertise():
-        require_peer(server_name)
-        require_token(token)
-        return secure_client.advertise(g.client, json_body(), deadline())
+    def route(step: Callable[[Any, Any, secure_client.Deadline], tuple[dict[str, Any], int]]) -> Callable[[], Any]:
+        def answer() -> tuple[dict[str, Any], int]:
+            require_peer(server_name)
+            require_token(token)
+            return step(g.client, json_body(), deadline())
+        return answer
 
-    @bp.post("/secagg/share")
-    def share():
-        require_peer(server_name)
-        require_token(token)
-        return secure_client.share(g.client, json_body(), deadline())
+    for step in STEPS:
+        bp.add_url_rule(f"/secagg/{step.__name__}", f"secagg_{step.__name__}", route(step), methods=["POST"])
 
-    @bp.post("/secagg/receive")
-    def receive():
-        require_peer(server_name)
-        require_token(token)
-        return secure_client.receive(g.client, json_body(), deadline())
 
-    @bp.post("/secagg/masked")
-    def masked():
-        require_peer(server_name)
-        require_token(token)
-        return secure_client.masked(g.client, json_body(), deadline())
-
-    @bp.post("/secagg/unmask")
-    def unmask():
-        require_peer(server_name)
-        require_token(token)
-        return secure_client.unmask(g.client, json_body(), deadline())
+# The protocol's steps, in order; each is served at /secagg/<its name>.
+STEPS = (secure_client.advertise, secure_client.share, secure_client.receive, secure_client.masked,
+         secure_client.unmask)
