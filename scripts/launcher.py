@@ -192,6 +192,20 @@ def stop(apps: Sequence[App], grace_s: float = 5.0) -> None:
             app._reader.join(2)
 
 
+def ended(apps: Sequence[App], timeout_s: float = 60.0) -> list[tuple[int, str, list[str]]]:
+    """Apps that should stop by themselves (a setting that cannot work, a
+    taken port): each one's exit code, its output and its ``error:`` lines,
+    once it has exited (any still running after ``timeout_s`` is stopped,
+    and the wait's TimeoutExpired says so)."""
+    try:
+        codes = [app.proc.wait(timeout_s) for app in apps]
+    finally:
+        stop(apps)
+    outs = [app.output() for app in apps]
+    return [(code, out, [line for line in out.splitlines() if line.startswith("error:")])
+            for code, out in zip(codes, outs)]
+
+
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)

@@ -309,13 +309,7 @@ def test_a_setting_that_cannot_work_stops_each_app_in_one_line(tmp_path):
              ("server", ["--db", str(tmp_path / "a.db")], {"FEDAVG_TOKEN": "s3cret "}, "FEDAVG_TOKEN"),
              ("server", ["--db", str(tmp_path / "b.db")], {"FEDAVG_PUBLIC_READ": "2"}, "FEDAVG_PUBLIC_READ")]
     apps = [launcher.start_app(name, launcher.free_port(), args, env=env) for name, args, env, _ in cases]
-    try:
-        codes = [app.proc.wait(60) for app in apps]
-    finally:
-        launcher.stop(apps)
-    for app, code, (name, _, _, variable) in zip(apps, codes, cases):
-        out = app.output()
-        errors = [line for line in out.splitlines() if line.startswith("error:")]
+    for (code, out, errors), (name, _, _, variable) in zip(launcher.ended(apps), cases):
         assert code == 2 and len(errors) == 1 and variable in errors[0], (name, out)
         assert "Traceback" not in out and "serving on" not in out and "s3cret" not in out
 

@@ -172,12 +172,7 @@ def test_a_server_allowed_too_few_files_stops_in_one_line(tmp_path, seed_clients
     app = launcher.start_app("server", launcher.free_port(), ["--clients", seed_clients, "--db",
                                                               str(tmp_path / "runs.db")],
                              wrap=["sh", "-c", 'ulimit -n 90 && exec "$@"', "sh"])
-    try:
-        code = app.proc.wait(60)
-    finally:
-        launcher.stop([app])
-    out = app.output()
-    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    [(code, out, errors)] = launcher.ended([app])
     assert code == 2 and len(errors) == 1 and "may open 90 files (ulimit -n)" in errors[0], out
     assert "serving on" not in out and "Traceback" not in out
 

@@ -513,13 +513,7 @@ def test_a_tls_setup_that_cannot_work_stops_each_app_in_one_line(certs, tmp_path
          "--tls-ca"),
     ]
     apps = [launcher.start_app(name, launcher.free_port(), args, env=env) for name, args, env, _ in cases]
-    try:
-        codes = [app.proc.wait(60) for app in apps]
-    finally:
-        launcher.stop(apps)
-    for app, code, (name, _, _, named) in zip(apps, codes, cases):
-        out = app.output()
-        errors = [line for line in out.splitlines() if line.startswith("error:")]
+    for (code, out, errors), (name, _, _, named) in zip(launcher.ended(apps), cases):
         assert code == 2 and len(errors) == 1 and named in errors[0], (name, out)
         assert "Traceback" not in out and "serving on" not in out
 
@@ -607,13 +601,7 @@ def test_a_taken_port_stops_a_tls_client_in_one_line_as_over_plain_http(certs):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        app = launcher.start_app("client_1", port, flags(certs.client_1))
-        try:
-            code = app.proc.wait(60)
-        finally:
-            launcher.stop([app])
-    out = app.output()
-    errors = [line for line in out.splitlines() if line.startswith("error:")]
+        [(code, out, errors)] = launcher.ended([launcher.start_app("client_1", port, flags(certs.client_1))])
     assert code == 1 and errors == [f"error: cannot listen on 127.0.0.1:{port}: "
                                     "Address already in use"], out
     assert "Traceback" not in out and "serving on" not in out
