@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from fedavg import tls_files
 from fedavg.http.host_app import create_host_app
 from fedavg.http.service import add_server_name, base_url, cli, configure_logging, serve, shared_token, tls_from_args
 from fedavg.scenarios import ATTACKERS, ATTACKS, NOISE, SCENARIOS, make_clients
@@ -61,7 +62,8 @@ if __name__ == "__main__":
     if args.scenario == "byzantine":
         about += f": {attackers} attacker(s), attack {attack}: each {ATTACKS[attack]}"
     app = create_host_app(clients, token, f"{args.scenario}: {about}; K={len(clients)}, seed={args.seed}",
-                          server_name=args.server_name if tls else None)
+                          server_name=args.server_name if tls else None,
+                          owner_name=tls_files.common_name(tls.cert) if tls else None)
     base = base_url(args.host, args.port, tls)
     served = (f"\nclient host: each client answers /train, /evaluate and /secagg/* only to a caller whose "
               f"certificate names {args.server_name!r}") if tls else ""

@@ -34,15 +34,15 @@ def tls_context(tls: TLSFiles | None) -> ssl.SSLContext | None:
 
 def curl_credentials(tls: TLSFiles | None, token: str | None) -> str:
     """What curl needs before the URL to start a run over TLS: the CA that
-    signed the server's certificate, then the token, or else the operator
-    certificate (make certs writes it beside the CA). Nothing without TLS:
-    the seed's line stays as it was."""
+    signed the server's certificate, the operator certificate (make certs
+    writes it beside the CA), and the token when one is set
+    (access.is_operator). Nothing without TLS: the seed's line stays as it
+    was."""
     if tls is None:
         return ""
-    if token is not None:
-        return f'--cacert {tls.ca} -H "Authorization: Bearer $FEDAVG_TOKEN" '
     folder = tls.ca.parent
-    return f"--cacert {tls.ca} --cert {folder / 'operator.crt'} --key {folder / 'operator.key'} "
+    bearer = '-H "Authorization: Bearer $FEDAVG_TOKEN" ' if token is not None else ""
+    return f"--cacert {tls.ca} --cert {folder / 'operator.crt'} --key {folder / 'operator.key'} {bearer}"
 
 
 def outside_line(host_url: str, token: str | None = None, tls: TLSFiles | None = None) -> dict | None:

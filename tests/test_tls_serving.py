@@ -223,7 +223,23 @@ SEED_1 = ROOT / "client_1" / "data.csv"
 def tls_client():
     """client_1 as served over TLS (SERVER_PEER), through Flask's test client."""
     return create_app({"CLIENT_ID": "client_1", "DATA_PATH": str(SEED_1), "TOKEN": None,
-                       "SERVER_PEER": "server"}).test_client()
+                       "SERVER_PEER": "server", "OWNER_PEER": "client_1"}).test_client()
+
+
+def test_over_tls_a_clients_page_opens_only_to_its_own_certificate(tls_client):
+    """The page shows the client's rows: not to the server, not to another
+    client of the CA (every one of whose certificates also names localhost)."""
+    page = tls_client.get("/", environ_overrides=verified("client_1", "client_1", "localhost"))
+    assert page.status_code == 200 and "client_1" in page.get_data(as_text=True)
+    for other in (verified("client_2", "client_2", "localhost"), verified("server", "server"),
+                  verified("operator"), {}):
+        refused = tls_client.get("/", environ_overrides=other)
+        assert refused.status_code == 403 and "'client_1'" in refused.get_json()["error"]
+        assert refused.is_json  # an error, not the page
+    host = create_host_app(make_clients("iid", 2, 0, 20, None, 0, "huge"), server_name="server",
+                           owner_name="client_host").test_client()
+    assert host.get("/clients/1/", environ_overrides=verified("client_host")).status_code == 200
+    assert host.get("/clients/1/", environ_overrides=verified("server")).status_code == 403
 
 
 SECURE_STEPS = ["/secagg/advertise", "/secagg/share", "/secagg/receive", "/secagg/masked", "/secagg/unmask"]
@@ -246,8 +262,8 @@ def test_a_client_over_tls_works_only_for_the_server(tls_client):
                 assert repr(who["SSL_CLIENT_S_DN_CN"]) in error, error
             else:
                 assert "no verified certificate" in error
-        # /health, the client's OpenAPI document and its page: any verified peer.
-        for path in ("/health", "/openapi.json", "/"):
+        # /health and the client's OpenAPI document: any verified peer (its page: its owner's only, below).
+        for path in ("/health", "/openapi.json"):
             assert tls_client.get(path, environ_overrides=who).status_code == 200, path
 
 
@@ -315,16 +331,17 @@ def test_over_tls_without_a_token_only_the_operator_certificate_operates(tls_ser
     assert "naming 'operator'" in refusal and "operator.crt" in refusal and "token" not in refusal
 
 
-def test_over_tls_with_a_token_the_token_or_the_operator_certificate_operates(tls_server):
+def test_over_tls_with_a_token_the_operator_needs_both(tls_server):
+    """Every client holds the token (the server sends it on every call): over
+    TLS it is the certificate that makes the operator, the token on top."""
     server = tls_server("s3cret")
     bearer = {"Authorization": "Bearer s3cret"}
-    assert operates(server, {}, bearer) == 400
-    assert operates(server, verified("client_1"), bearer) == 400
-    assert operates(server, verified("operator")) == 400
-    assert operates(server, verified("client_1")) == 401
-    assert operates(server, {}, {"Authorization": "Bearer wrong"}) == 401
+    assert operates(server, verified("operator"), bearer) == 400
+    for environ, headers in (({}, bearer), (verified("client_1"), bearer), (verified("operator"), {}),
+                             (verified("operator"), {"Authorization": "Bearer wrong"})):
+        assert operates(server, environ, headers) == 401
     refusal = server.post("/start", json={}).get_json()["error"]
-    assert "Bearer $FEDAVG_TOKEN" in refusal and "naming 'operator'" in refusal
+    assert "naming 'operator'" in refusal and "Bearer $FEDAVG_TOKEN" in refusal
 
 
 def test_without_tls_and_without_a_token_everyone_operates_as_before(tls_server):
@@ -335,7 +352,8 @@ def test_without_tls_and_without_a_token_everyone_operates_as_before(tls_server)
     (None, {}, {}, False),
     (None, verified("client_1"), {}, False),
     (None, verified("operator"), {}, True),
-    ("s3cret", {}, {"Authorization": "Bearer s3cret"}, True),
+    ("s3cret", {}, {"Authorization": "Bearer s3cret"}, False),
+    ("s3cret", verified("operator"), {"Authorization": "Bearer s3cret"}, True),
 ])
 def test_over_tls_each_clients_own_numbers_are_the_operators(tls_server, token, environ, headers, reads):
     app = tls_server(token).application
@@ -455,6 +473,8 @@ def test_client_1_over_tls_trains_for_the_server_only(certs, client_1):
         assert f"your certificate names {name!r}" in body["error"] and "'server'" in body["error"], body
         assert call(caller, "POST", url + "/secagg/advertise", {})[0] == 403
         assert call(caller, "GET", url + "/health")[0] == 200  # any verified peer
+        # Its page shows its rows: to its own certificate only.
+        assert caller.request("GET", url + "/").status == (200 if who is certs.client_1 else 403)
 
 
 @pytest.mark.system

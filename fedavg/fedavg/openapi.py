@@ -63,7 +63,10 @@ ERRORS = {
     "413": reply("request body too large", ref("Error")),
 }
 AUTH_ERROR = {"401": reply("missing or wrong bearer token (only when FEDAVG_TOKEN is set); on a server serving TLS, "
-                           "neither the token nor a certificate naming operator", ref("Error"))}
+                           "also no certificate naming operator", ref("Error"))}
+# A client's or host's steps over TLS (service.require_peer).
+PEER_ERROR = {"403": reply("served over TLS: the caller's verified certificate does not name the server "
+                           "(--server-name)", ref("Error"))}
 
 
 def document(title: str, paths: dict[str, Any], schemas: dict[str, Any]) -> dict[str, Any]:
@@ -130,7 +133,7 @@ def client_document(num_features: int) -> dict[str, Any]:
                             "description": "seconds the server will wait for this call; training stops then",
                             "schema": {"type": "number", "minimum": 0, "exclusiveMinimum": True,
                                        "maximum": 3600}}],
-            "responses": {"200": reply("the local model", ref("TrainReply")), **ERRORS, **AUTH_ERROR,
+            "responses": {"200": reply("the local model", ref("TrainReply")), **ERRORS, **AUTH_ERROR, **PEER_ERROR,
                           **diverged,
                           "429": reply("busy: as many trainings as it takes at once are in progress",
                                        ref("Error")),
@@ -141,7 +144,8 @@ def client_document(num_features: int) -> dict[str, Any]:
             "summary": "MSE of a model on this client's data.",
             "security": secured,
             "requestBody": {"required": True, **json_content(model_in)},
-            "responses": {"200": reply("the loss", ref("EvaluateReply")), **ERRORS, **AUTH_ERROR, **diverged},
+            "responses": {"200": reply("the loss", ref("EvaluateReply")), **ERRORS, **AUTH_ERROR, **PEER_ERROR,
+                          **diverged},
         }},
         "/health": {"get": {"summary": "Liveness, name and data size.",
                             "responses": {"200": reply("ok", ref("ClientHealth"))}}},
@@ -173,7 +177,7 @@ def secagg_paths(train_in: dict[str, Any], secured: list[dict[str, Any]],
                          "requestBody": {"required": True, **json_content(
                              {"type": "object", "additionalProperties": False, "required": ["session", *required],
                               "properties": {"session": session, **body}})},
-                         "responses": {"200": reply("the step's answer", answer), **ERRORS, **AUTH_ERROR,
+                         "responses": {"200": reply("the step's answer", answer), **ERRORS, **AUTH_ERROR, **PEER_ERROR,
                                        **(extra or {})}}}
 
     advertise = {**train_in["properties"],
@@ -240,7 +244,7 @@ def host_document(num_clients: int) -> dict[str, Any]:
                                             "clients": {"type": "integer", "minimum": 1},
                                             "pooled_line": {"type": "object", "nullable": True,
                                                             "properties": {"w": NUMBER, "b": NUMBER}}}}),
-                                                **AUTH_ERROR}}},
+                                                **AUTH_ERROR, **PEER_ERROR}}},
         "/clients": {"get": {"summary": "The path of every client on this host.", "responses": {"200": reply(
             "the paths", {"type": "object", "required": ["clients"],
                           "properties": {"clients": {"type": "array", "items": {"type": "string"}}}})}}},

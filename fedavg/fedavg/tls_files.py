@@ -82,6 +82,13 @@ def check(files: TLSFiles) -> None:
         raise ValueError(f"--tls-ca {files.ca}: not PEM CA certificate(s)") from None
 
 
+def common_name(cert: Path) -> str | None:
+    """The CN of a PEM certificate's subject (the first; None without one)."""
+    certificate = x509.load_pem_x509_certificates(cert.read_bytes())[0]
+    names = certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return str(names[0].value) if names else None
+
+
 def dns_names(cert: Path) -> list[str]:
     """The DNS names in a PEM certificate's subjectAltName (none: [])."""
     certificate = x509.load_pem_x509_certificates(cert.read_bytes())[0]

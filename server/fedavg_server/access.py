@@ -1,17 +1,19 @@
 """Who the operator is, and who may read what: each client's own numbers
 belong to the server's operator.
 
-The operator starts, stops and resumes runs. It is whoever sends the token
-(FEDAVG_TOKEN), or, on a server serving TLS, a caller whose verified
-certificate names ``operator`` (make certs writes one): the server's port
-takes callers without a certificate (a browser, curl), so a certificate of
-the CA alone (a client's) makes no one the operator. With neither a token
-nor TLS, everyone is (the seed's one machine).
+The operator starts, stops and resumes runs. Without TLS it is whoever
+sends the token (FEDAVG_TOKEN), or everyone when none is set (the seed's
+one machine). Over TLS it is the caller whose verified certificate names
+``operator`` (make certs writes one), with the token as well when one is
+set: the server sends the token to every client, so over TLS the token
+alone would make any client the operator, and the certificate is what
+tells the parties apart. The server's port takes callers without a
+certificate (a browser, curl), who read what everyone reads.
 
 A client's local model, its losses and what its strategy sends (a gradient,
 Δc_k, Σ x̃x̃ᵀ) are functions of its private data: two points and the losses
 at two known models give the points back. With a token set (FEDAVG_TOKEN),
-those are shown only to the operator; everyone else reads the
+or over TLS, those are shown only to the operator; everyone else reads the
 aggregates (the global models, N, the federated loss, who took part and who
 was dropped). PUBLIC_READ (--public-read) shows everything to everyone: the
 teaching view, for a demo on one machine. With neither a token nor TLS
@@ -37,7 +39,7 @@ from fedavg.strategies import REPLY_FIELDS
 PRIVATE = (*(f.name for f in REPLY_FIELDS if f.private), "metrics")
 # The name the operator's certificate carries (CN or DNS name), over TLS.
 OPERATOR = "operator"
-HIDDEN = ("each client's own numbers are shown only to the server's operator (the token, or over TLS the "
+HIDDEN = ("each client's own numbers are shown only to the server's operator (the token; over TLS the "
           "operator certificate), or on a server started with --public-read")
 # The kept fields of a DP round's participant (records.without_clients_numbers).
 WHO = ("client_id", "url", "data_size")
@@ -45,30 +47,25 @@ DP_BEFORE = ("a DP round recorded before DP runs kept each client's numbers out 
              "writes each update's norm, is not shown; the released model and ε are")
 
 
-def guarded() -> bool:
-    """Is anyone kept out: a token is set, or the server serves TLS?"""
-    return current_app.config["TOKEN"] is not None or current_app.config.get("TLS") is not None
-
-
 def is_operator() -> bool:
-    """Is this request the operator's: the token, or over TLS a verified
-    certificate naming ``operator``; everyone's when nothing is guarded."""
-    if not guarded():
-        return True
+    """Is this request the operator's: over TLS a verified certificate
+    naming ``operator`` and the token if one is set; without TLS the token,
+    or anyone when none is set."""
     token = current_app.config["TOKEN"]
-    if token is not None and has_token(token):
-        return True
-    return current_app.config.get("TLS") is not None and peer_allowed(peer_names(request.environ), OPERATOR)
+    if token is not None and not has_token(token):
+        return False
+    return current_app.config.get("TLS") is None or peer_allowed(peer_names(request.environ), OPERATOR)
 
 
 def require_operator() -> None:
     """401 unless ``is_operator``, saying what would let the caller in."""
     if is_operator():
         return
-    ways = ["the shared token (Authorization: Bearer $FEDAVG_TOKEN)"] if current_app.config["TOKEN"] else []
-    if current_app.config.get("TLS") is not None:
-        ways.append(f"a certificate of this server's CA naming {OPERATOR!r} (make certs writes operator.crt)")
-    raise Unauthorized(f"only the server's operator may do this: send {' or '.join(ways)}")
+    needs = [f"a certificate of this server's CA naming {OPERATOR!r} (make certs writes operator.crt)"] \
+        if current_app.config.get("TLS") is not None else []
+    if current_app.config["TOKEN"] is not None:
+        needs.append("the shared token (Authorization: Bearer $FEDAVG_TOKEN)")
+    raise Unauthorized(f"only the server's operator may do this: send {' and '.join(needs)}")
 
 
 def reads_clients() -> bool:

@@ -13,6 +13,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, g, render_template, request
 
+from .. import tls_files
 from ..client import LocalClient
 from ..data import load_csv
 from ..openapi import client_document
@@ -54,13 +55,16 @@ def _deadline_s() -> float | None:
 
 
 def client_blueprint(pick: Callable[[dict[str, Any]], LocalClient], token: str | None,
-                     url_prefix: str | None = None, server_name: str | None = None) -> Blueprint:
+                     url_prefix: str | None = None, server_name: str | None = None,
+                     owner_name: str | None = None) -> Blueprint:
     """The client endpoints. ``pick`` turns the URL's values (``k`` for a
     client host's /clients/<k>) into the client that answers. With
     ``server_name`` (served over TLS), /train, /evaluate and /secagg/*
     answer only the caller whose verified certificate names it (403 for
-    anyone else, before the token is looked at); the rest any verified
-    caller may read."""
+    anyone else, before the token is looked at), and the page only the
+    caller whose certificate names ``owner_name`` (the CN of the app's own
+    certificate: its owner; not the server, not another client); the rest
+    any verified caller may read."""
     bp = Blueprint("client", __name__, url_prefix=url_prefix, template_folder="templates")
 
     @bp.url_value_preprocessor
@@ -81,7 +85,9 @@ def client_blueprint(pick: Callable[[dict[str, Any]], LocalClient], token: str |
         line and the last global model it received. Served only here; the
         server never sees it (it is not part of the wire protocol). With a
         token set, only for who knows it: the browser asks for it as a
-        password (any user name)."""
+        password (any user name). Over TLS, only for its owner's certificate
+        first: every client holds the token."""
+        require_peer(owner_name, "this client's owner", "the CN of this app's own --tls-cert")
         if token is not None and not has_token(token, page=True):
             return ({"error": "this page shows the client's private data: log in with the token as password"},
                     401, {"WWW-Authenticate": f'Basic realm="{g.client.client_id}\'s own page", charset="UTF-8"'})
@@ -116,14 +122,16 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     TOKEN (shared bearer token required on /train and /evaluate; default
     FEDAVG_TOKEN as written, None or "" = open), SERVER_PEER (served over
     TLS: the name the server's certificate carries, the only caller of
-    /train, /evaluate and /secagg/*; default None, no TLS).
+    /train, /evaluate and /secagg/*; default None, no TLS), OWNER_PEER
+    (served over TLS: the name the page opens to, the CN of its own
+    certificate; default None).
 
     Raises DataError when the data file cannot be used, before anything
     serves, and ValueError for a token that cannot work (``checked_token``).
     """
     app = Flask(__name__)
     app.config.from_mapping(CLIENT_ID="client", DATA_PATH="data.csv", MAX_CONTENT_LENGTH=4 * 1024 * 1024,
-                            SERVER_PEER=None)
+                            SERVER_PEER=None, OWNER_PEER=None)
     if config is not None:
         app.config.from_mapping(config)
     # The environment only when no token is given (a test gives its own, or None).
@@ -135,7 +143,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     install_json_errors(app)
     install_request_guards(app)
     app.register_blueprint(client_blueprint(lambda values: client, app.config["TOKEN"],
-                                            server_name=app.config["SERVER_PEER"]))
+                                            server_name=app.config["SERVER_PEER"],
+                                            owner_name=app.config["OWNER_PEER"]))
     return app
 
 
@@ -151,7 +160,8 @@ def main(client_id: str, port: int, data_path: Path) -> None:
     configure_logging()
     try:
         app = create_app({"CLIENT_ID": args.client_id, "DATA_PATH": str(args.data),
-                          "SERVER_PEER": args.server_name if tls else None})
+                          "SERVER_PEER": args.server_name if tls else None,
+                          "OWNER_PEER": tls_files.common_name(tls.cert) if tls else None})
     except ValueError as e:  # a bad data file (DataError), a token that cannot work
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -17,12 +17,14 @@ from .service import has_token, install_json_errors, install_request_guards, req
 
 
 def create_host_app(clients: Sequence[LocalClient], token: str | None = None,
-                    description: str = "", server_name: str | None = None) -> Flask:
+                    description: str = "", server_name: str | None = None, owner_name: str | None = None) -> Flask:
     """Serve ``clients`` as /clients/1 … /clients/K. With a ``token``, what
     the clients' data gives away (the pooled line of every row, a CSV's
     path in ``description``) is only for requests that carry it. With
     ``server_name`` (served over TLS), each client's /train, /evaluate and
-    /secagg/* answer only the caller whose certificate names it."""
+    /secagg/* answer only the caller whose certificate names it; with
+    ``owner_name``, each client's page only the certificate naming that
+    (the host's own: its owner's)."""
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = 4 * 1024 * 1024
     install_json_errors(app)
@@ -34,7 +36,8 @@ def create_host_app(clients: Sequence[LocalClient], token: str | None = None,
             raise NotFound(f"no client {k} on this host (it has 1..{len(clients)})")
         return clients[k - 1]
 
-    app.register_blueprint(client_blueprint(pick, token, url_prefix="/clients/<int:k>", server_name=server_name))
+    app.register_blueprint(client_blueprint(pick, token, url_prefix="/clients/<int:k>", server_name=server_name,
+                                            owner_name=owner_name))
     # θ* of every client's rows at once: what only a simulation knows (the chart draws one feature).
     pooled = None
     if clients[0].num_features == 1:

@@ -114,12 +114,14 @@ def peer_allowed(names: Iterable[str], expected: str) -> bool:
     return any(name == expected for name in names)
 
 
-def require_peer(expected: str | None) -> None:
+def require_peer(expected: str | None, whom: str = "the server", how: str = "--server-name") -> None:
     """403 unless the caller's verified certificate names ``expected`` (a
     client's --server-name): over mutual TLS only the server may make a
     client train, evaluate or take part in a secure sum; any other holder of
-    a certificate from the same CA (another client) is refused. ``None``:
-    no TLS, nothing to check."""
+    a certificate from the same CA (another client) is refused. ``whom``
+    and ``how`` say who that is and where the name comes from (a client's
+    page: its owner, the CN of its own certificate). ``None``: no TLS,
+    nothing to check."""
     if expected is None:
         return
     names = peer_names(request.environ)
@@ -128,8 +130,8 @@ def require_peer(expected: str | None) -> None:
     names = list(dict.fromkeys(names))  # a CN is usually a DNS name as well: once
     shown = ", ".join(repr(n[:100]) for n in names[:5]) + (" …" if len(names) > 5 else "")
     who = f"your certificate names {shown}" if names else "no verified certificate came with this request"
-    raise Forbidden(f"{request.path} answers only the server: {who}; the server's certificate must name "
-                    f"{expected!r} (CN or DNS name; --server-name)")
+    raise Forbidden(f"{request.path} answers only {whom}: {who}; {whom}'s certificate must name "
+                    f"{expected!r} (CN or DNS name; {how})")
 
 
 def install_request_guards(app: Flask) -> None:
