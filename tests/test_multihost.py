@@ -15,14 +15,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import make_certs
 import pytest
 import urllib3
-from cryptography.hazmat.primitives import serialization
+from test_tls_federation import new_ca, party
 from test_tls_serving import call, flags, pool, wait_tls
 
 import launcher
-from fedavg.tls_files import TLSFiles
 from launcher import get_json
 from launcher import wait_for_run as poll_run
 from reference import SEED_DATA, reference_fedavg
@@ -130,13 +128,6 @@ def test_clients_on_their_own_hosts_and_a_link_that_goes_down(hosts, tmp_path):
         launcher.stop(apps)
 
 
-def party(folder: Path, ca: make_certs.Issued, name: str, hosts: list[str], file: str | None = None) -> TLSFiles:
-    """``name``'s certificate for ``hosts`` (make certs' functions, as its
-    --host NAME=HOST does), written as ``file`` (default ``name``)."""
-    cert, key = make_certs.write_party(folder, file or name, make_certs.new_leaf(ca, name, hosts))
-    return TLSFiles(cert, key, folder / "ca.crt")
-
-
 @needs_root
 def test_clients_on_their_own_hosts_over_mutual_tls_and_a_certificate_for_another_host(hosts, tmp_path):
     """client_k at 10.231.k.2 in its own namespace, with a certificate for
@@ -145,8 +136,7 @@ def test_clients_on_their_own_hosts_over_mutual_tls_and_a_certificate_for_anothe
     reference. Then client_2 restarted with a certificate of the same CA for
     client_1's host, 10.231.1.2: the server drops it, the reason naming the
     address it was for and the one it was called at, and goes on with client_1."""
-    ca = make_certs.new_ca("Raw FedAvg multi-host CA")
-    (tmp_path / "ca.crt").write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
+    ca = new_ca(tmp_path)
     addrs = [addr for _, addr, _ in hosts]
     certs = {"server": party(tmp_path, ca, "server", ["localhost", "127.0.0.1"]),
              "operator": party(tmp_path, ca, "operator", ["localhost"]),
