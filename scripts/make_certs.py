@@ -1,6 +1,7 @@
 """Certificates for a trial of mutual TLS (`make certs`): a CA, and a
-certificate and key for the server, client_1 … client_N and the client host,
-written into one folder that git ignores. For a real deployment use your own
+certificate and key for the server, client_1 … client_N, the client host and
+the operator (who starts runs: curl's --cert), written into one folder that
+git ignores. For a real deployment use your own
 CA's certificates instead; docs/DEPLOY.md says what they must hold.
 
     python scripts/make_certs.py [--out certs/] [--clients 2] [--hosts localhost 127.0.0.1]
@@ -158,8 +159,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# Not an app: the person at the server, whose certificate makes them its
+# operator (fedavg_server.access) without the token.
+OPERATOR = "operator"
+
+
 def parties(clients: int) -> list[str]:
-    return ["server", *(f"client_{k}" for k in range(1, clients + 1)), "client_host"]
+    return ["server", *(f"client_{k}" for k in range(1, clients + 1)), "client_host", OPERATOR]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -199,9 +205,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {out}: ca.crt (the CA's key is not kept), and a certificate and key (0600) for each of "
           f"{', '.join(written)}, valid {args.days} days for {', '.join(hosts)}")
     print("copy to each machine its own two files and ca.crt (never another party's key), and start it with:")
+    operator = written.pop(OPERATOR)
     for name, (cert, key) in written.items():
         print(f"  {name + ':':<13} --tls-cert {cert} --tls-key {key} --tls-ca {ca_path}")
     print("and give the server https:// client URLs, e.g. --clients https://127.0.0.1:5001,https://127.0.0.1:5002")
+    print(f"the operator starts a run with  curl --cacert {ca_path} --cert {operator[0]} --key {operator[1]} "
+          f"-X POST https://127.0.0.1:5000/start")
     return 0
 
 

@@ -13,6 +13,7 @@ import urllib.request
 from fedavg.http.service import base_url, cli, configure_logging, serve, shared_token, tls_from_args
 from fedavg.tls_files import TLSFiles
 from fedavg_server import client_urls, create_app
+from fedavg_server.http_transport import caller_context
 from fedavg_server.runs import StoreError
 
 HOST_WAIT_S = 30  # how long --clients-from waits for the client host to answer
@@ -26,13 +27,22 @@ def ask(url: str, token: str | None) -> urllib.request.Request:
 
 
 def tls_context(tls: TLSFiles | None) -> ssl.SSLContext | None:
-    """For asking a client host over mutual TLS: its certificate checked
-    against the CA and the URL's host, ours presented. None without TLS."""
+    """For asking a client host over mutual TLS: the transport's own
+    (``caller_context``). None without TLS."""
+    return None if tls is None else caller_context(tls)
+
+
+def curl_credentials(tls: TLSFiles | None, token: str | None) -> str:
+    """What curl needs before the URL to start a run over TLS: the CA that
+    signed the server's certificate, then the token, or else the operator
+    certificate (make certs writes it beside the CA). Nothing without TLS:
+    the seed's line stays as it was."""
     if tls is None:
-        return None
-    context = ssl.create_default_context(cafile=str(tls.ca))
-    context.load_cert_chain(str(tls.cert), str(tls.key))
-    return context
+        return ""
+    if token is not None:
+        return f'--cacert {tls.ca} -H "Authorization: Bearer $FEDAVG_TOKEN" '
+    folder = tls.ca.parent
+    return f"--cacert {tls.ca} --cert {folder / 'operator.crt'} --key {folder / 'operator.key'} "
 
 
 def outside_line(host_url: str, token: str | None = None, tls: TLSFiles | None = None) -> dict | None:
@@ -130,11 +140,14 @@ if __name__ == "__main__":
     try:
         # Its own connections out: about one kept alive per client, and one per call in flight.
         outgoing = len(clients) + max(1, app.config["MAX_PARALLEL"])
-        serve(app, args.host, args.port, allowed_hosts=args.allowed_host, outgoing=outgoing, tls=tls, announce=(
-            f"server: {len(clients)} client(s): {shown}; run history in {app.config['DB']}; "
-            f"serving on {base}\n"
-            f"server: the page: {base}/\n"
-            f"server: start a run with  curl -X POST {base}/start"))
+        # Over TLS its callers need no certificate: the operator's browser or
+        # curl has none; the token or the operator certificate lets them in (access.py).
+        serve(app, args.host, args.port, allowed_hosts=args.allowed_host, outgoing=outgoing, tls=tls,
+              callers_need_certificate=False, announce=(
+                  f"server: {len(clients)} client(s): {shown}; run history in {app.config['DB']}; "
+                  f"serving on {base}\n"
+                  f"server: the page: {base}/\n"
+                  f"server: start a run with  curl {curl_credentials(tls, app.config['TOKEN'])}-X POST {base}/start"))
     finally:
         # Ctrl-C or SIGTERM: a running run finishes its round and reads
         # "interrupted" (resumable), instead of dying half-way.

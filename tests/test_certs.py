@@ -18,7 +18,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-PARTIES = ["server", "client_1", "client_2", "client_3", "client_host"]
+PARTIES = ["server", "client_1", "client_2", "client_3", "client_host", "operator"]
 
 
 def server_context(folder: Path, name: str) -> ssl.SSLContext:
@@ -162,6 +162,9 @@ def test_it_prints_the_three_flags_for_each_app(tmp_path, capsys):
     printed = capsys.readouterr().out
     for name in ("server", "client_1", "client_host"):
         assert f"--tls-cert {out / name}.crt --tls-key {out / name}.key --tls-ca {out / 'ca.crt'}" in printed
+    assert "--tls-cert " + str(out / "operator.crt") not in printed  # the operator is not an app: it calls
+    assert (f"curl --cacert {out / 'ca.crt'} --cert {out / 'operator.crt'} --key {out / 'operator.key'} "
+            "-X POST https://127.0.0.1:5000/start") in printed
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import make_certs
 import pytest
@@ -37,6 +38,8 @@ from fedavg.http.client_app import create_app
 from fedavg.http.host_app import create_host_app
 from fedavg.scenarios import make_clients
 from fedavg.tls_files import TLSFiles
+from fedavg_server import access
+from fedavg_server import create_app as create_server_app
 
 TRAIN = {"global_model": {"w": 0.5, "b": -1}, "round": 1}
 
@@ -50,7 +53,7 @@ def _write(folder: Path, name: str, issued: make_certs.Issued) -> TLSFiles:
 
 @dataclass
 class Certs:
-    """A trial CA's parties (``server``, ``client_1``, ``client_2``), an
+    """A trial CA's parties (``server``, ``client_1``, ``client_2``, ``operator``), an
     ``expired`` server certificate from the same CA, and ``impostor``: a
     certificate naming itself server from another CA. Each a TLSFiles whose
     ca is the trial CA."""
@@ -59,6 +62,7 @@ class Certs:
     server: TLSFiles
     client_1: TLSFiles
     client_2: TLSFiles
+    operator: TLSFiles
     expired: TLSFiles
     impostor: TLSFiles
 
@@ -70,7 +74,7 @@ def certs(tmp_path_factory) -> Certs:
     (folder / "ca.crt").write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
     now = dt.datetime.now(dt.timezone.utc)
     parties = {name: _write(folder, name, make_certs.new_leaf(ca, name))
-               for name in ("server", "client_1", "client_2")}
+               for name in ("server", "client_1", "client_2", "operator")}
     return Certs(folder, **parties,
                  expired=_write(folder, "expired", make_certs.new_leaf(ca, "server", not_before=now - dt.timedelta(
                      days=30), not_after=now - dt.timedelta(days=1))),
@@ -278,6 +282,67 @@ def test_without_tls_nothing_is_asked_of_the_caller():
     assert host.post("/clients/1/train", json=TRAIN).status_code == 200
 
 
+@pytest.fixture
+def tls_server(certs, tmp_path) -> Iterator[Any]:
+    """tls_server(token) → a test client of a server app serving TLS (the server's certificate)."""
+    apps: list[Any] = []
+
+    def make(token: str | None, tls: bool = True) -> Any:
+        apps.append(create_server_app({"DB": str(tmp_path / f"runs{len(apps)}.db"), "TOKEN": token,
+                                       "TLS": certs.server if tls else None}))
+        return apps[-1].test_client()
+
+    yield make
+    for app in apps:
+        app.extensions["fedavg"].shutdown()
+        app.extensions["fedavg"].transport.close()
+        app.extensions["fedavg"].store.close()
+
+
+def operates(server: Any, environ: dict[str, str], headers: dict[str, str] | None = None) -> int:
+    """The status of an operator's call that goes no further than its body:
+    400 once let in (rounds 0 is refused), 401 when kept out."""
+    return server.post("/start", json={"rounds": 0}, environ_overrides=environ, headers=headers or {}).status_code
+
+
+def test_over_tls_without_a_token_only_the_operator_certificate_operates(tls_server):
+    server = tls_server(None)
+    assert operates(server, verified("operator")) == 400
+    assert operates(server, verified("ops-desk", "operator")) == 400  # a DNS name equal to it
+    for environ in ({}, verified("client_1", "localhost"), verified("server", "server"), verified("Operator")):
+        assert operates(server, environ) == 401
+    refusal = server.post("/runs/1/stop", json={}).get_json()["error"]
+    assert "naming 'operator'" in refusal and "operator.crt" in refusal and "token" not in refusal
+
+
+def test_over_tls_with_a_token_the_token_or_the_operator_certificate_operates(tls_server):
+    server = tls_server("s3cret")
+    bearer = {"Authorization": "Bearer s3cret"}
+    assert operates(server, {}, bearer) == 400
+    assert operates(server, verified("client_1"), bearer) == 400
+    assert operates(server, verified("operator")) == 400
+    assert operates(server, verified("client_1")) == 401
+    assert operates(server, {}, {"Authorization": "Bearer wrong"}) == 401
+    refusal = server.post("/start", json={}).get_json()["error"]
+    assert "Bearer $FEDAVG_TOKEN" in refusal and "naming 'operator'" in refusal
+
+
+def test_without_tls_and_without_a_token_everyone_operates_as_before(tls_server):
+    assert operates(tls_server(None, tls=False), {}) == 400
+
+
+@pytest.mark.parametrize("token, environ, headers, reads", [
+    (None, {}, {}, False),
+    (None, verified("client_1"), {}, False),
+    (None, verified("operator"), {}, True),
+    ("s3cret", {}, {"Authorization": "Bearer s3cret"}, True),
+])
+def test_over_tls_each_clients_own_numbers_are_the_operators(tls_server, token, environ, headers, reads):
+    app = tls_server(token).application
+    with app.test_request_context("/runs/1", environ_base=environ, headers=headers):
+        assert access.reads_clients() is reads
+
+
 # --- real processes ---------------------------------------------------------------------------
 
 
@@ -478,18 +543,28 @@ def test_the_server_serves_its_api_over_tls_with_its_certificate(certs, tmp_path
     app = launcher.start_app("server", port, ["--db", str(tmp_path / "runs.db"), *flags(certs.server)])
     try:
         url = f"https://localhost:{port}"
-        operator = pool(certs.client_1, certs.server.ca)  # any certificate of the CA reads it
-        wait_tls(app, url + "/health", operator)
+        anyone = pool(None, certs.server.ca)  # a browser or curl: no certificate, the CA trusted
+        wait_tls(app, url + "/health", anyone)
         assert f"serving on https://127.0.0.1:{port}" in app.output()
+        # What it prints to start a run is what starts one: the CA and the operator certificate.
+        assert (f"curl --cacert {certs.server.ca} --cert {certs.folder / 'operator.crt'} "
+                f"--key {certs.folder / 'operator.key'} -X POST https://127.0.0.1:{port}/start") in app.output()
         # The certificate it serves with is its own: the one naming server.
         context = ssl.create_default_context(cafile=str(certs.server.ca))
-        context.load_cert_chain(str(certs.client_1.cert), str(certs.client_1.key))
         with socket.create_connection(("127.0.0.1", port), timeout=30) as raw, \
                 context.wrap_socket(raw, server_hostname="localhost") as tls:
             served = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
         assert served == x509.load_pem_x509_certificate(certs.server.cert.read_bytes())
-        assert operator.request("GET", url + "/").status == 200
-        assert what_comes_back(port, None, certs.server.ca) == b""
+        assert anyone.request("GET", url + "/").status == 200
+        # Only the operator starts runs: no certificate, or a client's, is kept out.
+        for caller in (anyone, pool(certs.client_1, certs.server.ca)):
+            status, body = call(caller, "POST", url + "/start", {"rounds": 0})
+            assert status == 401 and "operator" in body["error"]
+        status, body = call(pool(certs.operator, certs.server.ca), "POST", url + "/start", {"rounds": 0})
+        assert status == 400 and "rounds" in body["error"]  # let in; its bad setting named
+        # A certificate presented must verify; plain HTTP gets nothing.
+        assert what_comes_back(port, certs.impostor, certs.server.ca) == b""
+        assert what_comes_back(port, certs.expired, certs.server.ca) == b""
         assert plain_http_reply(port) == b""
     finally:
         launcher.stop([app])

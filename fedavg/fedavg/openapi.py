@@ -62,7 +62,8 @@ ERRORS = {
     "400": reply("bad input: what and where", ref("Error")),
     "413": reply("request body too large", ref("Error")),
 }
-AUTH_ERROR = {"401": reply("missing or wrong bearer token (only when FEDAVG_TOKEN is set)", ref("Error"))}
+AUTH_ERROR = {"401": reply("missing or wrong bearer token (only when FEDAVG_TOKEN is set); on a server serving TLS, "
+                           "neither the token nor a certificate naming operator", ref("Error"))}
 
 
 def document(title: str, paths: dict[str, Any], schemas: dict[str, Any]) -> dict[str, Any]:

@@ -1,13 +1,22 @@
-"""Who may read what: each client's own numbers belong to the server's operator.
+"""Who the operator is, and who may read what: each client's own numbers
+belong to the server's operator.
+
+The operator starts, stops and resumes runs. It is whoever sends the token
+(FEDAVG_TOKEN), or, on a server serving TLS, a caller whose verified
+certificate names ``operator`` (make certs writes one): the server's port
+takes callers without a certificate (a browser, curl), so a certificate of
+the CA alone (a client's) makes no one the operator. With neither a token
+nor TLS, everyone is (the seed's one machine).
 
 A client's local model, its losses and what its strategy sends (a gradient,
 Δc_k, Σ x̃x̃ᵀ) are functions of its private data: two points and the losses
 at two known models give the points back. With a token set (FEDAVG_TOKEN),
-those are shown only to requests that carry it; everyone else reads the
+those are shown only to the operator; everyone else reads the
 aggregates (the global models, N, the federated loss, who took part and who
 was dropped). PUBLIC_READ (--public-read) shows everything to everyone: the
-teaching view, for a demo on one machine. Without a token nothing is
-private anyway: anyone who can reach the server can also start runs.
+teaching view, for a demo on one machine. With neither a token nor TLS
+nothing is private anyway: anyone who can reach the server can also start
+runs.
 
 A DP run's rounds hold none of those numbers (its privacy stage keeps them
 out of the record); one recorded before it did is shown to every reader,
@@ -17,26 +26,54 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import current_app
+from flask import current_app, request
+from werkzeug.exceptions import Unauthorized
 
-from fedavg.http.service import has_token
+from fedavg.http.service import has_token, peer_allowed, peer_names
 from fedavg.strategies import REPLY_FIELDS
 
 # A participant's fields that come from its private data: what its strategy
 # declares private, and the losses it measured.
 PRIVATE = (*(f.name for f in REPLY_FIELDS if f.private), "metrics")
-HIDDEN = ("each client's own numbers are shown only with the token (the server's operator), "
-          "or on a server started with --public-read")
+# The name the operator's certificate carries (CN or DNS name), over TLS.
+OPERATOR = "operator"
+HIDDEN = ("each client's own numbers are shown only to the server's operator (the token, or over TLS the "
+          "operator certificate), or on a server started with --public-read")
 # The kept fields of a DP round's participant (records.without_clients_numbers).
 WHO = ("client_id", "url", "data_size")
 DP_BEFORE = ("a DP round recorded before DP runs kept each client's numbers out of the record: its math, which "
              "writes each update's norm, is not shown; the released model and ε are")
 
 
+def guarded() -> bool:
+    """Is anyone kept out: a token is set, or the server serves TLS?"""
+    return current_app.config["TOKEN"] is not None or current_app.config.get("TLS") is not None
+
+
+def is_operator() -> bool:
+    """Is this request the operator's: the token, or over TLS a verified
+    certificate naming ``operator``; everyone's when nothing is guarded."""
+    if not guarded():
+        return True
+    token = current_app.config["TOKEN"]
+    if token is not None and has_token(token):
+        return True
+    return current_app.config.get("TLS") is not None and peer_allowed(peer_names(request.environ), OPERATOR)
+
+
+def require_operator() -> None:
+    """401 unless ``is_operator``, saying what would let the caller in."""
+    if is_operator():
+        return
+    ways = ["the shared token (Authorization: Bearer $FEDAVG_TOKEN)"] if current_app.config["TOKEN"] else []
+    if current_app.config.get("TLS") is not None:
+        ways.append(f"a certificate of this server's CA naming {OPERATOR!r} (make certs writes operator.crt)")
+    raise Unauthorized(f"only the server's operator may do this: send {' or '.join(ways)}")
+
+
 def reads_clients() -> bool:
     """May this request see each client's own numbers?"""
-    token = current_app.config["TOKEN"]
-    return token is None or current_app.config.get("PUBLIC_READ", False) or has_token(token)
+    return current_app.config.get("PUBLIC_READ", False) or is_operator()
 
 
 def reader_view(run: dict[str, Any]) -> dict[str, Any]:

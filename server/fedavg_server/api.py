@@ -7,10 +7,10 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, request
 
-from fedavg.http.service import json_body, require_token
+from fedavg.http.service import json_body
 from fedavg.strict_json import ProtocolError, expect_bool, expect_object
 
-from .access import reader_view
+from .access import reader_view, require_operator
 from .federation import Busy, CannotResume, Federation, NoSuchRun
 from .openapi import server_document
 from .runs import StoreError, csv_lines
@@ -32,7 +32,7 @@ def no_query_args(*allowed: str) -> None:
 @bp.post("/start")
 def start():
     """Start a run; answer when it ends (wait=true, the default) or at once (202)."""
-    require_token(current_app.config["TOKEN"])
+    require_operator()
     no_query_args()
     fed = federation()
     settings, wait = parse_start(json_body(if_empty={}), len(fed.transport.urls))
@@ -48,7 +48,7 @@ def start():
 @bp.post("/runs/<int:run_id>/resume")
 def resume(run_id: int):
     """Continue an interrupted run; same wait semantics as /start."""
-    require_token(current_app.config["TOKEN"])
+    require_operator()
     no_query_args()
     body = expect_object(json_body(if_empty={}), "", ("wait", "clients"))
     wait = expect_bool(body["wait"], "wait") if "wait" in body else True
@@ -66,7 +66,7 @@ def resume(run_id: int):
 def stop(run_id: int):
     """Stop the running run after its current round: it reads ``interrupted``
     and /resume continues it."""
-    require_token(current_app.config["TOKEN"])
+    require_operator()
     no_query_args()
     expect_object(json_body(if_empty={}), "", ())
     fed = federation()

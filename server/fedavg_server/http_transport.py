@@ -23,6 +23,7 @@ from urllib3.exceptions import HTTPError, NewConnectionError, ProtocolError, SSL
 from urllib3.util.ssl_ import create_urllib3_context
 from urllib3.util.ssl_match_hostname import CertificateError
 
+from fedavg import tls_files
 from fedavg.tls_files import TLSFiles
 
 from .transport import MAX_REPLY_BYTES, Reply, reply_from, request_body
@@ -252,20 +253,16 @@ def caller_context(tls: TLSFiles) -> ssl.SSLContext:
     urllib.request): its certificate shown to every client, each client's
     checked against ``tls.ca`` and the host name it is called at, in the
     handshake (urllib3's defaults: TLS 1.2 or later, CERT_REQUIRED,
-    check_hostname). Raises ValueError naming the file that cannot be used."""
+    check_hostname). Raises ValueError naming the file that cannot be used
+    (``tls_files.check``), or an expired certificate of ours."""
+    tls_files.check(tls)  # a bad file named in one line, before OpenSSL's terser words
     ctx = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
-
-    def no_password() -> bytes:  # OpenSSL would otherwise ask on the terminal, and a served app has none
-        raise ValueError(f"--tls-key {tls.key}: the key is encrypted; give it unencrypted, readable by "
-                         "this user only (chmod 600)")
     try:
-        ctx.load_cert_chain(tls.cert, tls.key, password=no_password)
-    except (OSError, ssl.SSLError) as e:
-        raise ValueError(f"--tls-cert {tls.cert} with --tls-key {tls.key}: cannot be used ({_why(e)})") from None
-    try:
+        ctx.load_cert_chain(tls.cert, tls.key)
         ctx.load_verify_locations(cafile=tls.ca)
-    except (OSError, ssl.SSLError) as e:
-        raise ValueError(f"--tls-ca {tls.ca}: cannot be used ({_why(e)})") from None
+    except (OSError, ssl.SSLError) as e:  # what the check could not foresee (e.g. a key type OpenSSL refuses)
+        raise ValueError(f"--tls-cert {tls.cert} / --tls-key {tls.key} / --tls-ca {tls.ca}: cannot be used "
+                         f"({getattr(e, 'reason', None) or e})") from None
     # OpenSSL loads an expired certificate without a word; every client would then refuse it.
     cert = x509.load_pem_x509_certificate(Path(tls.cert).read_bytes())
     now = datetime.now(timezone.utc)
@@ -287,18 +284,6 @@ def pool_context(tls: TLSFiles) -> ssl.SSLContext:
     ctx.hostname_checks_common_name = False
     logging.getLogger("urllib3.connection").addFilter(_quiet_name_mismatch)
     return ctx
-
-
-# What OpenSSL's reasons for refusing a file mean to a person.
-FILE_PROBLEMS = {"PEM_LIB": "not a PEM certificate, or not a PEM key", "KEY_VALUES_MISMATCH": "the key is not the "
-                 "certificate's", "NO_CERTIFICATE_OR_CRL_FOUND": "no PEM certificate in it"}
-
-
-def _why(e: OSError) -> str:
-    if isinstance(e, ssl.SSLError):  # ("PEM lib" comes without a reason)
-        reason = e.reason or ("PEM_LIB" if "PEM lib" in str(e) else str(e))
-        return FILE_PROBLEMS.get(reason, reason)
-    return e.strerror or str(e)
 
 
 def _quiet_name_mismatch(record: logging.LogRecord) -> bool:

@@ -295,10 +295,13 @@ def connection_limit(outgoing: int = 0) -> int:
 
 
 def serve(app: Flask, host: str, port: int, threads: int = 8, announce: str | None = None,
-          allowed_hosts: Sequence[str] = (), outgoing: int = 0, tls: TLSFiles | None = None) -> None:
+          allowed_hosts: Sequence[str] = (), outgoing: int = 0, tls: TLSFiles | None = None,
+          callers_need_certificate: bool = True) -> None:
     """Listen, then print ``announce`` (the app's "serving on …" line), then
     serve until interrupted, with the WSGI server FEDAVG_WSGI names; with
-    ``tls``, HTTPS only, over mutual TLS, with cheroot (``tls.py``). A port
+    ``tls``, HTTPS only, over mutual TLS, with cheroot (``tls.py``): every
+    caller presents a certificate of the CA, or with
+    ``callers_need_certificate=False`` may come without one. A port
     that is taken stops the app with one error line and no announcement.
 
     waitress (the default) keeps HTTP/1.1 connections alive, so the server's
@@ -325,7 +328,7 @@ def serve(app: Flask, host: str, port: int, threads: int = 8, announce: str | No
         sys.exit(2)
     try:
         if tls is not None:
-            _serve_tls(app, host, port, threads, tls, _checked_limit(outgoing), announce)
+            _serve_tls(app, host, port, threads, tls, _checked_limit(outgoing), announce, callers_need_certificate)
         elif kind == "werkzeug":
             from werkzeug.serving import make_server
             server = make_server(host, port, app, threaded=True)  # binds here
@@ -365,14 +368,14 @@ def _checked_limit(outgoing: int) -> int:
 
 
 def _serve_tls(app: Flask, host: str, port: int, threads: int, files: TLSFiles, limit: int,
-               announce: str | None) -> None:
+               announce: str | None, callers_need_certificate: bool) -> None:
     """cheroot over mutual TLS (``tls.py``), imported only here: plain HTTP
     apps never load it. Its errors as ``serve``'s: one line."""
     import ssl
 
     from . import tls
     try:
-        server = tls.make_server(app, host, port, files, threads, limit)
+        server = tls.make_server(app, host, port, files, threads, limit, callers_need_certificate)
     except (ssl.SSLError, OSError) as e:  # what tls_files.check could not foresee
         print(f"error: --tls-cert {files.cert} / --tls-key {files.key} / --tls-ca {files.ca}: cannot be used for "
               f"TLS: {getattr(e, 'reason', None) or e}", file=sys.stderr)

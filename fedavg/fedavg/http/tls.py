@@ -1,6 +1,8 @@
-"""Serving an app over mutual TLS with cheroot (waitress has no TLS): every
-caller must present a certificate that chains to the app's CA, and the app
-sees who it is in the WSGI environ (SSL_CLIENT_S_DN_CN,
+"""Serving an app over mutual TLS with cheroot (waitress has no TLS): a
+caller presents a certificate that chains to the app's CA (a client's or a
+host's callers must; the server's own may come without one: its operator
+with a browser or curl, whom the token or the operator certificate lets
+in), and the app sees who it is in the WSGI environ (SSL_CLIENT_S_DN_CN,
 SSL_CLIENT_SAN_DNS_0 …). ``service.serve`` uses this when --tls-* is given.
 
 Three things cheroot does not do on its own, added here:
@@ -45,15 +47,17 @@ IDLE_TIMEOUT_S = 120.0
 
 
 class MutualTLSAdapter(BuiltinSSLAdapter):
-    """cheroot's builtin adapter requiring a client certificate that chains
-    to ``files.ca`` (TLS 1.2 or later). ``wrap`` only wraps the socket:
+    """cheroot's builtin adapter verifying the caller's certificate against
+    ``files.ca`` (TLS 1.2 or later): one is required, or with
+    ``callers_need_certificate=False`` optional (one that is presented must
+    still verify, or the handshake fails). ``wrap`` only wraps the socket:
     ``TLSConnection`` does the handshake in a worker thread. At most
     ``limit`` connections are open at once (``opened``/``closed`` count
     them)."""
 
-    def __init__(self, files: TLSFiles, limit: int):
+    def __init__(self, files: TLSFiles, limit: int, callers_need_certificate: bool = True):
         super().__init__(str(files.cert), str(files.key))
-        self.context.verify_mode = ssl.CERT_REQUIRED
+        self.context.verify_mode = ssl.CERT_REQUIRED if callers_need_certificate else ssl.CERT_OPTIONAL
         self.context.load_verify_locations(cafile=str(files.ca))
         self.context.minimum_version = ssl.TLSVersion.TLSv1_2
         self.limit = limit
@@ -106,7 +110,7 @@ class TLSConnection(cheroot_server.HTTPConnection):
             sock = self.socket
             try:
                 sock.settimeout(HANDSHAKE_TIMEOUT_S)
-                sock.do_handshake()  # verifies the peer's chain (CERT_REQUIRED)
+                sock.do_handshake()  # verifies the peer's chain
                 sock.settimeout(self.server.timeout)
             except (ssl.SSLError, OSError) as e:
                 log.info("TLS: connection from %s refused during the handshake: %s", self.remote_addr,
@@ -184,16 +188,18 @@ class TLSServer(wsgi.Server):
         log.log(level, "TLS server: %s", msg, exc_info=traceback)
 
 
-def make_server(app, host: str, port: int, files: TLSFiles, threads: int, limit: int) -> TLSServer:
+def make_server(app, host: str, port: int, files: TLSFiles, threads: int, limit: int,
+                callers_need_certificate: bool = True) -> TLSServer:
     """A server for ``app`` on host:port over mutual TLS with ``files``,
-    ``threads`` requests at once, at most ``limit`` connections; not bound
-    yet (``prepare()`` binds). Raises ssl.SSLError or OSError when the
-    files cannot be used (``tls_files.check`` names them first)."""
+    ``threads`` requests at once, at most ``limit`` connections, callers'
+    certificates required or optional (``MutualTLSAdapter``); not bound yet
+    (``prepare()`` binds). Raises ssl.SSLError or OSError when the files
+    cannot be used (``tls_files.check`` names them first)."""
     server = TLSServer((host, port), app, numthreads=threads, max=threads, timeout=IDLE_TIMEOUT_S,
                        request_queue_size=1024, server_name="raw-fedavg")
     server.gateway = Gateway
     server.keep_alive_conn_limit = None  # cheroot's default keeps only 10 connections alive
-    server.ssl_adapter = MutualTLSAdapter(files, limit)
+    server.ssl_adapter = MutualTLSAdapter(files, limit, callers_need_certificate)
     return server
 
 
