@@ -1,16 +1,27 @@
 """Fuzz every app against its own OpenAPI document (schemathesis): whatever
-the request, no 5xx, and every reply conforms to the document."""
+the request, no 5xx, and every reply conforms to the document. In this
+process through WSGI; and the server and client_1 as real processes over
+mutual TLS (--tls-*, certificates made here), fuzzed over HTTPS by a caller
+that verifies them against the CA and presents the certificate each one
+answers in full: `operator` to the server, `server` to the client."""
 from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
+from test_tls_federation import new_ca, party
+from test_tls_serving import flags, pool, wait_tls
 
+import launcher
 from conftest import ROOT
 from fedavg.http.client_app import create_app as create_client_app
 from fedavg.http.host_app import create_host_app
 from fedavg.scenarios import make_clients
+from fedavg.tls_files import TLSFiles
 from fedavg_server import create_app as create_server_app
 from fedavg_server.inprocess import InProcessTransport
 
@@ -18,15 +29,18 @@ from fedavg_server.inprocess import InProcessTransport
 pytestmark = pytest.mark.system
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+# Over HTTPS each example is a real request to a real process: fewer of them.
+HTTPS_FUZZ = settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 
 
-def call_and_validate(case, **kwargs) -> None:
+def call_and_validate(case, **kwargs) -> Any:
     """Every default check (no 5xx, status codes, content types and bodies as
     documented, invalid input rejected, 405 with Allow, …) except
     positive_data_acceptance: schema-valid input may still be refused for what
     a schema cannot say — strategy fedprox with mu = 0, min_clients beyond the
-    clients that answer — or fail on the data (local training diverging, 422)."""
-    case.call_and_validate(excluded_checks=[positive_data_acceptance], **kwargs)
+    clients that answer — or fail on the data (local training diverging, 422).
+    Returns the response."""
+    return case.call_and_validate(excluded_checks=[positive_data_acceptance], **kwargs)
 
 
 @pytest.fixture
@@ -74,11 +88,71 @@ def hosted_client_schema():
     return schemathesis.openapi.from_wsgi("/clients/2/openapi.json", app)
 
 
+@pytest.fixture(scope="module")
+def parties(tmp_path_factory) -> dict[str, TLSFiles]:
+    """A CA's server and operator (for localhost and 127.0.0.1), and client_1
+    for localhost only."""
+    folder = tmp_path_factory.mktemp("fuzz-tls")
+    ca = new_ca(folder)
+    return {"server": party(folder, ca, "server"), "operator": party(folder, ca, "operator"),
+            "client_1": party(folder, ca, "client_1", ["localhost"])}
+
+
+def as_party(files: TLSFiles) -> dict[str, Any]:
+    """requests' arguments for a caller presenting ``files``, trusting its CA only."""
+    return {"verify": str(files.ca), "cert": (str(files.cert), str(files.key))}
+
+
+@pytest.fixture(scope="module")
+def https_client(parties) -> Iterator[str]:
+    """client_1 started as the README starts it with --tls-*; its https:// URL."""
+    port = launcher.free_port()
+    app = launcher.start_app("client_1", port, flags(parties["client_1"]))
+    try:
+        url = f"https://localhost:{port}"
+        wait_tls(app, url + "/health", pool(parties["server"], parties["server"].ca))
+        yield url
+    finally:
+        launcher.stop([app])
+
+
+@pytest.fixture(scope="module")
+def https_server(parties, https_client, tmp_path_factory) -> Iterator[str]:
+    """The server started as the README starts it with --tls-*, its one
+    client https_client called at 127.0.0.1, an address its certificate does
+    not name: every call fails its handshake at once and is not tried again,
+    so runs fail fast, and always the same way (a client that trains would
+    make each /start as long as the rounds the fuzzer asks for). Yields the
+    server's https:// URL once it answers the operator's certificate."""
+    port = launcher.free_port()
+    app = launcher.start_app("server", port, [
+        "--clients", https_client.replace("localhost", "127.0.0.1"),
+        "--db", str(tmp_path_factory.mktemp("fuzz-tls-db") / "runs.db"), *flags(parties["server"])])
+    try:
+        url = f"https://localhost:{port}"
+        wait_tls(app, url + "/health", pool(parties["operator"], parties["operator"].ca))
+        yield url
+    finally:
+        launcher.stop([app])
+
+
+@pytest.fixture(scope="module")
+def https_server_schema(https_server, parties):
+    return schemathesis.openapi.from_url(https_server + "/openapi.json", **as_party(parties["operator"]))
+
+
+@pytest.fixture(scope="module")
+def https_client_schema(https_client, parties):
+    return schemathesis.openapi.from_url(https_client + "/openapi.json", **as_party(parties["server"]))
+
+
 client = schemathesis.pytest.from_fixture("client_schema")
 wide = schemathesis.pytest.from_fixture("two_feature_client_schema")
 server = schemathesis.pytest.from_fixture("server_schema")
 host = schemathesis.pytest.from_fixture("host_schema")
 hosted = schemathesis.pytest.from_fixture("hosted_client_schema")
+server_over_https = schemathesis.pytest.from_fixture("https_server_schema")
+client_over_https = schemathesis.pytest.from_fixture("https_client_schema")
 
 
 @client.parametrize()
@@ -109,3 +183,22 @@ def test_client_host_conforms_to_its_openapi(case):
 @FUZZ
 def test_a_client_on_a_host_conforms_to_its_openapi(case):
     call_and_validate(case, base_url="http://localhost/clients/2")
+
+
+@server_over_https.parametrize()
+@HTTPS_FUZZ
+def test_the_server_over_mutual_tls_conforms_to_its_openapi(case, parties):
+    """Every request over HTTPS, as the operator's certificate: the
+    operator's endpoints (/start, resume, /stop) are fuzzed too, never
+    refused (a 401 is documented, so the checks alone would pass it)."""
+    response = call_and_validate(case, **as_party(parties["operator"]))
+    assert response.status_code != 401, response.text
+
+
+@client_over_https.parametrize()
+@HTTPS_FUZZ
+def test_a_client_over_mutual_tls_conforms_to_its_openapi(case, parties):
+    """Every request over HTTPS, as the server's certificate: /train,
+    /evaluate and /secagg/* answer it, never with the 403 anyone else gets."""
+    response = call_and_validate(case, **as_party(parties["server"]))
+    assert response.status_code not in (401, 403), response.text

@@ -1,18 +1,29 @@
 """Clients on other hosts: each client in its own network namespace with its
 own address (ip netns + veth, made and removed here; needs root, as CI has),
 the server reaching them by those addresses. One client's link goes down in
-the middle of a run: it is dropped after the timeout and the run completes."""
+the middle of a run: it is dropped after the timeout and the run completes.
+The same hosts over mutual TLS: each client's certificate names its own
+address (an IP subjectAltName), the server calls https://10.231.k.2 and
+checks it; a certificate for another host's address is dropped, named."""
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
+import urllib3
+from test_tls_federation import new_ca, party
+from test_tls_serving import call, flags, pool, wait_tls
 
 import launcher
 from launcher import get_json
 from launcher import wait_for_run as poll_run
+from reference import SEED_DATA, reference_fedavg
 
 # Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
 pytestmark = pytest.mark.system
@@ -28,10 +39,35 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0 and os.environ.get("CI") != "t
                                 reason="makes network namespaces: needs root (CI runs it)")
 
 
+@contextmanager
+def only_one_at_a_time(path: Path, timeout_s: float = 300.0) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (flock; released when the file
+    closes, whatever happens to this process) for the duration."""
+    with open(path, "w") as f:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{path} still locked after {timeout_s:g} s: another test's hosts") from None
+                time.sleep(0.1)  # polling interval
+        yield
+
+
 @pytest.fixture
 def hosts():
     """Two test hosts, 10.231.1.2 and 10.231.2.2, each behind its own veth."""
     assert os.geteuid() == 0, "this test makes network namespaces: run it as root (CI does)"
+    # The addresses and the blackhole route are the whole machine's: a second
+    # set at once (another xdist worker, another checkout's tests) would fail
+    # to add them, or take the first one's traffic. One set at a time.
+    with only_one_at_a_time(Path("/tmp/fedavg-test-hosts.lock")):
+        yield from _make_hosts()
+
+
+def _make_hosts() -> Iterator[list[tuple[str, str, str]]]:
     tag = str(os.getpid() % 10000)
     made: list[tuple[str, str]] = []
     # Whatever happens to the links, traffic for the test subnet never leaves
@@ -88,5 +124,61 @@ def test_clients_on_their_own_hosts_and_a_link_that_goes_down(hosts, tmp_path):
         assert [d["url"] for d in last["dropped"]] == [clients[1]]
         assert "no reply within 1 s" in last["dropped"][0]["reason"] or "cannot connect" in last["dropped"][0]["reason"]
         assert get_json(server.url + "/health")["status"] == "ok"
+    finally:
+        launcher.stop(apps)
+
+
+@needs_root
+def test_clients_on_their_own_hosts_over_mutual_tls_and_a_certificate_for_another_host(hosts, tmp_path):
+    """client_k at 10.231.k.2 in its own namespace, with a certificate for
+    that address only; the server calls https://10.231.k.2:500k and checks
+    each chain and address: the seed's 5 rounds reach the plain-Python
+    reference. Then client_2 restarted with a certificate of the same CA for
+    client_1's host, 10.231.1.2: the server drops it, the reason naming the
+    address it was for and the one it was called at, and goes on with client_1."""
+    ca = new_ca(tmp_path)
+    addrs = [addr for _, addr, _ in hosts]
+    certs = {"server": party(tmp_path, ca, "server", ["localhost", "127.0.0.1"]),
+             "operator": party(tmp_path, ca, "operator", ["localhost"]),
+             **{f"client_{k}": party(tmp_path, ca, f"client_{k}", [addr]) for k, addr in enumerate(addrs, start=1)}}
+    elsewhere = party(tmp_path, ca, "client_2", [addrs[0]], file="client_2-at-client_1s-address")
+    urls = [f"https://{addr}:{5000 + k}" for k, addr in enumerate(addrs, start=1)]
+    as_server = pool(certs["server"], certs["server"].ca)
+    apps: list[launcher.App] = []
+    try:
+        for k, (ns, addr, _) in enumerate(hosts, start=1):
+            apps.append(launcher.start_app(f"client_{k}", 5000 + k, flags(certs[f"client_{k}"]), host=addr,
+                                           wrap=["ip", "netns", "exec", ns]))
+        port = launcher.free_port()
+        apps.append(launcher.start_app("server", port, ["--clients", ",".join(urls), "--db", str(tmp_path / "runs.db"),
+                                                        *flags(certs["server"])]))
+        for app, url in zip(apps, urls):
+            wait_tls(app, url + "/health", as_server)  # up, over TLS, from this (the root) namespace
+        server = f"https://localhost:{port}"
+        operator = pool(certs["operator"], certs["operator"].ca)
+        wait_tls(apps[-1], server + "/health", operator)
+
+        status, run = call(operator, "POST", server + "/start", {})
+        assert status == 200 and run["status"] == "completed", run
+        w, b = reference_fedavg(SEED_DATA, rounds=5)[-1]
+        assert run["final_model"]["w"] == pytest.approx(w, abs=1e-12)
+        assert run["final_model"]["b"] == pytest.approx(b, abs=1e-12)
+        assert all([p["url"] for p in r["participants"]] == urls and not r["dropped"] for r in run["rounds"])
+
+        launcher.stop([apps[1]])
+        ns2, addr2, _ = hosts[1]
+        apps[1] = launcher.start_app("client_2", 5002, flags(elsewhere), host=addr2, wrap=["ip", "netns", "exec", ns2])
+        # up at 10.231.2.2 with a certificate the CA signed for 10.231.1.2: checked against that name, it answers
+        wait_tls(apps[1], urls[1] + "/health", urllib3.PoolManager(
+            ca_certs=str(tmp_path / "ca.crt"), cert_file=str(certs["server"].cert), key_file=str(certs["server"].key),
+            cert_reqs="CERT_REQUIRED", assert_hostname=addrs[0], retries=False, timeout=30))
+        status, run = call(operator, "POST", server + "/start", {"rounds": 2, "min_clients": 1})
+        assert status == 200 and run["status"] == "completed", run
+        assert [p["client_id"] for r in run["rounds"] for p in r["participants"]] == ["client_1", "client_1"]
+        dropped = [d for r in run["rounds"] for d in r["dropped"]]
+        assert [d["url"] for d in dropped] == [urls[1], urls[1]], dropped
+        for d in dropped:
+            reason = d["reason"]
+            assert "wrong name" in reason and addrs[0] in reason and reason.endswith(f"not {addrs[1]}"), d
     finally:
         launcher.stop(apps)

@@ -5,6 +5,7 @@ server calling https:// client URLs. All system (make test-all)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import make_certs
@@ -19,14 +20,28 @@ from reference import SEED_DATA, reference_fedavg
 pytestmark = pytest.mark.system
 
 
+def new_ca(folder: Path, name: str = "Raw FedAvg trial CA") -> make_certs.Issued:
+    """A CA (make certs' function), its certificate written as ``folder/ca.crt``."""
+    folder.mkdir(exist_ok=True)
+    ca = make_certs.new_ca(name)
+    (folder / "ca.crt").write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
+    return ca
+
+
+def party(folder: Path, ca: make_certs.Issued, name: str, hosts: Sequence[str] = make_certs.DEFAULT_HOSTS,
+          file: str | None = None) -> TLSFiles:
+    """``name``'s certificate from ``ca`` for ``hosts`` (as make certs'
+    --host NAME=HOST makes it), written as ``file`` (default ``name``)
+    into ``folder``, beside the CA's ``ca.crt``."""
+    return TLSFiles(*make_certs.write_party(folder, file or name, make_certs.new_leaf(ca, name, hosts)),
+                    folder / "ca.crt")
+
+
 def trial(folder: Path) -> dict[str, TLSFiles]:
     """A CA and the parties of a trial (make certs' functions): server,
     client_1, client_2, and an operator who calls the server's API."""
-    folder.mkdir(exist_ok=True)
-    ca = make_certs.new_ca("Raw FedAvg trial CA")
-    (folder / "ca.crt").write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
-    return {name: TLSFiles(*make_certs.write_party(folder, name, make_certs.new_leaf(ca, name)), folder / "ca.crt")
-            for name in ("server", "client_1", "client_2", "operator")}
+    ca = new_ca(folder)
+    return {name: party(folder, ca, name) for name in ("server", "client_1", "client_2", "operator")}
 
 
 def test_the_seeds_numbers_over_mutual_tls_secure_too_and_a_client_the_server_cannot_verify_is_dropped(tmp_path):
