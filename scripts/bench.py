@@ -9,6 +9,8 @@ run that does not complete ends the bench with an error.
 
     .venv/bin/python scripts/bench.py                      # the full bench (a few minutes)
     .venv/bin/python scripts/bench.py --quick --out x.json # 2 repetitions, K <= 50 (for the tests)
+    .venv/bin/python scripts/bench.py --before ../base      # item 9's "before": a checkout from before TLS, paired
+    .venv/bin/python scripts/bench.py --only tls --out x.json  # one part only (never the committed file)
 
 The noop app the round floor is measured against is this file too:
 ``cd server && poetry run python ../scripts/bench.py --serve-noop --port P``
@@ -23,6 +25,7 @@ import json
 import os
 import platform
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -66,17 +69,23 @@ def serve_noop(host: str, port: int) -> None:
 def start_noop(port: int, env: dict[str, str]) -> App:
     """``cd server && poetry run python ../scripts/bench.py --serve-noop``: the
     server's own environment, in its own process, like the apps."""
+    return spawn("noop", [poetry(), "run", "python", "../scripts/bench.py", "--serve-noop", "--port", str(port)],
+                 ROOT / "server", f"http://127.0.0.1:{port}", env)
+
+
+def spawn(name: str, cmd: Sequence[str], cwd: Path, url: str, env: dict[str, str]) -> App:
+    """``cmd`` in ``cwd``, in a process group of its own (``stop`` ends it
+    and all it started), its output kept in ``App.lines``."""
     proc = subprocess.Popen(
-        [poetry(), "run", "python", "../scripts/bench.py", "--serve-noop", "--port", str(port)],
-        cwd=ROOT / "server", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        list(cmd), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
         env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-    app = App("noop", f"http://127.0.0.1:{port}", proc)
+    app = App(name, url, proc)
 
     def read() -> None:
         for line in proc.stdout:
             app.lines.append(line)
 
-    app._reader = threading.Thread(target=read, daemon=True, name="read-noop")
+    app._reader = threading.Thread(target=read, daemon=True, name=f"read-{name}")
     app._reader.start()
     return app
 
@@ -85,12 +94,14 @@ def start_noop(port: int, env: dict[str, str]) -> App:
 
 @dataclass(frozen=True)
 class Target:
-    op: str  # "<=" or ">="
+    op: str  # "<=", ">=", or "±": a ratio within 1 ± value
     value: float
     judged_on: str = "median"  # a high-water mark is judged on its max
 
     def met(self, figure: dict[str, Any]) -> bool:
         x = figure[self.judged_on]
+        if self.op == "±":
+            return abs(x - 1.0) <= self.value
         return x <= self.value if self.op == "<=" else x >= self.value
 
 
@@ -110,7 +121,7 @@ class Results:
             fig["target"] = {"op": target.op, "value": target.value, "judged_on": target.judged_on}
             fig["result"] = "PASS" if target.met(fig) else "MISS"
         self.figures[fid] = fig
-        note(f"{label}: {_num(fig['median'])} {unit} ({_num(fig['min'])}–{_num(fig['max'])})"
+        note(f"{label}: {_num(fig['median'])}{' ' + unit if unit else ''} ({_num(fig['min'])}–{_num(fig['max'])})"
              + (f"  {fig['result']}" if fig["result"] else ""))
         return fig
 
@@ -135,11 +146,14 @@ def table(results: Results) -> str:
     """The figures as a Markdown table (readable in a terminal, pasted in the README)."""
     rows = ["| # | Figure | Median | Min–max | Target | Result |", "| --: | :-- | --: | --: | :-- | :-- |"]
     for fig in results.figures.values():
-        unit = "" if fig["unit"] == "×" else f" {fig['unit']}"
+        unit = "" if fig["unit"] in ("×", "") else f" {fig['unit']}"
         target = ""
         if fig["target"]:
             t = fig["target"]
-            target = f"{'≤' if t['op'] == '<=' else '≥'} {_num(t['value'])}{unit}"
+            if t["op"] == "±":
+                target = f"1 ± {_num(t['value'])}{unit}"
+            else:
+                target = f"{'≤' if t['op'] == '<=' else '≥'} {_num(t['value'])}{unit}"
             if t["judged_on"] != "median":
                 target += f" ({t['judged_on']})"
         rows.append(f"| {fig['item']} | {fig['label']} | {_num(fig['median'])}{unit} | "
@@ -153,9 +167,16 @@ class BenchError(Exception):
     """An app did not start or a run did not complete: no figure can be trusted."""
 
 
-def run_rounds(server: App, rounds: int, seed: int, **settings: Any) -> list[float]:
-    """One run of ``rounds`` rounds; each round's server-side ``duration_s``."""
-    status, run = post_json(server.url + "/start", {"rounds": rounds, "seed": seed, **settings}, timeout_s=3600)
+def run_rounds(server: App, rounds: int, seed: int, caller: Any = None, **settings: Any) -> list[float]:
+    """One run of ``rounds`` rounds; each round's server-side ``duration_s``.
+    ``caller``: a urllib3.PoolManager with a certificate, for a server over TLS."""
+    body = {"rounds": rounds, "seed": seed, **settings}
+    if caller is None:
+        status, run = post_json(server.url + "/start", body, timeout_s=3600)
+    else:
+        resp = caller.request("POST", server.url + "/start", body=json.dumps(body).encode(),
+                              headers={"Content-Type": "application/json"}, timeout=3600)
+        status, run = resp.status, json.loads(resp.data)
     if status != 200 or run.get("status") != "completed":
         raise BenchError(f"run on {server.url} did not complete: HTTP {status}: {run.get('error') or run}")
     return [r["duration_s"] for r in run["rounds"]]
@@ -313,6 +334,7 @@ FULL = Plan(reps=5, seed_rounds=50, ks=(2, 10, 50, 200, 1000),
             train_samples=10**6, train_reps=15, calls=200, demo_reps=9)
 QUICK = Plan(reps=2, seed_rounds=10, ks=(2, 10, 50), k_rounds={2: 10, 10: 10, 50: 5},
              train_samples=10**4, train_reps=2, calls=30, demo_reps=2)
+PARTS = ("training", "seed", "clients", "compare", "secagg", "tls")
 WARMUP_ROUNDS = 3  # a first run per stack opens the connections; it is not counted
 ROUND_OVERHEAD_TARGET = Target("<=", 2.0)
 K_TARGETS = {50: Target("<=", 40.0), 1000: Target("<=", 1000.0)}
@@ -641,17 +663,346 @@ def secagg_parts(k: int) -> dict[str, tuple[str, float]]:
             "rest": ("the rest (validation, NumPy, Python)", total - sum(spent.values()))}
 
 
+# --- item 9: the plain round before the TLS switch, and a TLS round --------------------------
+
+BEFORE_FILE = ROOT / "bench" / "plain_round_before.json"
+PLAIN_UNCHANGED = Target("±", 0.10)  # issue 17: the plain round, now / before TLS, unchanged ±10%
+TLS_PARTIES = ("server", "client_1", "client_2", "operator")  # operator: the bench, calling the server's API
+
+
+def is_client_hello(head: bytes) -> bool:
+    """A connection's first bytes are a TLS handshake record (type 22,
+    version 3.x) holding a ClientHello (handshake type 1): a handshake starts."""
+    return len(head) >= 6 and head[0] == 0x16 and head[1] == 0x03 and head[5] == 0x01
+
+
+class HandshakeCounter:
+    """A TCP relay on 127.0.0.1 in front of one TLS app, counting the TLS
+    handshakes made to it. The server is given the relay's port instead of
+    the app's; bytes pass unchanged both ways, so TLS stays end to end (the
+    app's certificate names 127.0.0.1, whatever the port). Each connection
+    accepted is counted, and as a handshake when it opens with a ClientHello:
+    the full handshake a connection starts with (TLS 1.3 has no
+    renegotiation, and the apps' OpenSSL allows none in 1.2). Counted outside
+    both processes: what the server's pool does, not what it says it does."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = ("127.0.0.1", target_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        self.handshakes = 0
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True, name=f"relay-{target_port}").start()
+
+    def counts(self) -> tuple[int, int]:
+        """(connections accepted, handshakes begun) so far."""
+        with self._lock:
+            return self.connections, self.handshakes
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                caller, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            try:
+                app = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                caller.close()  # the app is down: the caller sees a refusal, as it would without the relay
+                continue
+            app.settimeout(None)
+            with self._lock:
+                self.connections += 1
+                self._sockets += [caller, app]
+            threading.Thread(target=self._pump, args=(caller, app, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(app, caller, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, from_caller: bool) -> None:
+        head = b"" if from_caller else None  # the caller's first bytes, until there are enough to tell
+        try:
+            while data := src.recv(65536):
+                if head is not None:
+                    head += data
+                    if len(head) >= 6:
+                        if is_client_hello(head):
+                            with self._lock:
+                                self.handshakes += 1
+                        head = None
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            try:
+                dst.shutdown(socket.SHUT_WR)  # the other side hung up: pass it on
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        # shutdown, not only close: it wakes the threads blocked in accept() and recv().
+        with self._lock:
+            sockets = [self.listener, *self._sockets]
+        for s in sockets:
+            for end in (lambda: s.shutdown(socket.SHUT_RDWR), s.close):
+                try:
+                    end()
+                except OSError:
+                    pass
+
+
+def trial_certs(folder: Path) -> dict[str, Any]:
+    """A CA and a certificate for each of TLS_PARTIES, made with `make certs`'
+    functions (valid for 127.0.0.1 and localhost); name → TLSFiles."""
+    from cryptography.hazmat.primitives import serialization
+    from make_certs import new_ca, new_leaf, write_party
+
+    from fedavg.tls_files import TLSFiles
+
+    ca = new_ca()
+    (folder / "ca.crt").write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
+    return {name: TLSFiles(*write_party(folder, name, new_leaf(ca, name)), folder / "ca.crt") for name in TLS_PARTIES}
+
+
+def tls_flags(files: Any) -> list[str]:
+    return ["--tls-cert", str(files.cert), "--tls-key", str(files.key), "--tls-ca", str(files.ca)]
+
+
+def wait_tls(apps: Sequence[App], caller: Any, timeout_s: float = 180.0) -> None:
+    """``wait_healthy`` over TLS: poll each app's /health with ``caller``'s certificate."""
+    import urllib3
+    deadline = time.monotonic() + timeout_s
+    for app in apps:
+        while True:
+            if app.proc.poll() is not None:
+                raise BenchError(f"{app.name} exited with code {app.proc.returncode}:\n{app.output()}")
+            try:
+                if caller.request("GET", app.url + "/health", timeout=2).status == 200:
+                    break
+            except urllib3.exceptions.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise BenchError(f"no answer from {app.url}/health over TLS within {timeout_s:g} s")
+            time.sleep(0.05)  # polling interval, not a wait for anything in particular
+
+
+def cpu_s(apps: Sequence[App]) -> float:
+    """User + system CPU seconds the apps' processes have spent so far
+    (/proc/PID/stat, in clock ticks). On a shared machine a round's CPU moves
+    far less than its wall time (scripts/round_cost.py)."""
+    total = 0
+    for app in apps:
+        fields = Path(f"/proc/{app.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def git_commit(checkout: Path) -> str:
+    done = subprocess.run(["git", "--no-optional-locks", "rev-parse", "HEAD"], cwd=checkout, capture_output=True,
+                          text=True)
+    return done.stdout.strip() or "unknown"
+
+
+class SeedFederation:
+    """client_1, client_2 and the server of one checkout, started as the
+    README starts them but with each app's own .venv Python (what ``poetry
+    run`` execs: the same process, without Poetry's start-up), so that a
+    checkout from before TLS and this one start alike. With ``certs``, all
+    three over mutual TLS, the server calling https:// client URLs (through
+    ``relays``, if given, port by port)."""
+
+    def __init__(self, stack: Stack, checkout: Path, tag: str, certs: dict[str, Any] | None = None) -> None:
+        self.stack, self.checkout, self.tag, self.certs = stack, checkout, tag, certs
+        self.scheme = "http" if certs is None else "https"
+        self.clients = [self._start(name, [] if certs is None else tls_flags(certs[name]))
+                        for name in ("client_1", "client_2")]
+        self.server: App | None = None
+
+    @property
+    def apps(self) -> list[App]:
+        return [*self.clients, *([self.server] if self.server else [])]
+
+    def _start(self, name: str, args: Sequence[str]) -> App:
+        port = free_port()
+        python = self.checkout / name / ".venv" / "bin" / "python"
+        if not python.exists():
+            raise BenchError(f"{python} is missing: run `make install` in {self.checkout}")
+        app = spawn(name, [str(python), f"{name}_app.py", "--host", "127.0.0.1", "--port", str(port), *args],
+                    self.checkout / name, f"{self.scheme}://127.0.0.1:{port}", self.stack.env)
+        self.stack.apps.append(app)
+        return app
+
+    def start_server(self, client_ports: Sequence[int] | None = None) -> App:
+        """The server, calling the clients (or, given ``client_ports``, those ports instead)."""
+        ports = client_ports or [int(c.url.rsplit(":", 1)[1]) for c in self.clients]
+        urls = ",".join(f"{self.scheme}://127.0.0.1:{p}" for p in ports)
+        db = self.stack.db_dir / f"{self.tag}-{len(self.stack.apps)}.db"
+        self.server = self._start("server", ["--clients", urls, "--db", str(db),
+                                             *([] if self.certs is None else tls_flags(self.certs["server"]))])
+        return self.server
+
+    def healthy(self, caller: Any = None) -> None:
+        apps = self.apps
+        if caller is None:
+            try:
+                wait_healthy(apps, timeout_s=180)
+            except RuntimeError as e:
+                raise BenchError(str(e)) from None
+        else:
+            wait_tls(apps, caller)
+
+
+def bench_tls(res: Results, plan: Plan, db_dir: Path, before: Path | None, quick: bool) -> None:
+    """Item 9. The seed's plain round now, the same round over mutual TLS, and
+    (with ``before``, a checkout from before the TLS switch) the plain round
+    there: the federations up side by side, their runs taking turns (A B C,
+    C B A, …), each figure the median round of a ``seed_rounds``-round run,
+    as item 1. Without ``before`` the plain round is compared with the figure
+    BEFORE_FILE recorded. Then the TLS handshakes per round: a fresh TLS
+    server calls the clients through a HandshakeCounter each, for two runs."""
+    import urllib3
+    with tempfile.TemporaryDirectory(prefix="fedavg-bench-certs-") as tmp, Stack("waitress", db_dir) as stack:
+        certs = trial_certs(Path(tmp))
+        operator = urllib3.PoolManager(cert_file=str(certs["operator"].cert), key_file=str(certs["operator"].key),
+                                       ca_certs=str(certs["operator"].ca), cert_reqs="CERT_REQUIRED", retries=False)
+        note("starting the seed federation plain, over mutual TLS" + (f", and from {before}" if before else "")
+             + " …")
+        feds = {"plain": SeedFederation(stack, ROOT, "plain"), "tls": SeedFederation(stack, ROOT, "tls", certs)}
+        if before is not None:
+            feds["before"] = SeedFederation(stack, before, "before")
+        callers = {key: operator if fed.certs else None for key, fed in feds.items()}
+        for key, fed in feds.items():
+            fed.start_server()
+        for key, fed in feds.items():
+            fed.healthy(callers[key])
+            run_rounds(fed.server, WARMUP_ROUNDS, seed=0, caller=callers[key])
+        order = list(feds)
+        rounds: dict[str, list[float]] = {key: [] for key in order}
+        cpu: dict[str, list[float]] = {key: [] for key in order}  # CPU seconds per round, all three processes
+        for rep in range(plan.reps):
+            for key in order if rep % 2 == 0 else order[::-1]:  # alternate who goes first
+                fed, c0 = feds[key], cpu_s(feds[key].apps)
+                rounds[key].append(statistics.median(
+                    run_rounds(fed.server, plan.seed_rounds, seed=rep, caller=callers[key])))
+                cpu[key].append((cpu_s(fed.apps) - c0) / plan.seed_rounds)
+        plain, tls = rounds["plain"], rounds["tls"]
+        res.add("plain_round_ms", 9, f"plain round, 2 seed clients (median of {plan.seed_rounds}-round runs, "
+                "paired with the TLS round)", "ms", [r * 1e3 for r in plain], rounds_per_run=plan.seed_rounds)
+        res.add("tls_round_ms", 9, "TLS round, the same over mutual TLS (cheroot, urllib3 keep-alive)", "ms",
+                [r * 1e3 for r in tls], rounds_per_run=plan.seed_rounds)
+        res.add("tls_round_ratio", 9, "ratio TLS round / plain round", "×", [t / p for t, p in zip(tls, plain)])
+        res.add("plain_round_cpu_ms", 9, "  CPU per plain round, server + 2 clients", "ms",
+                [c * 1e3 for c in cpu["plain"]])
+        res.add("tls_round_cpu_ms", 9, "  CPU per TLS round, server + 2 clients", "ms", [c * 1e3 for c in cpu["tls"]])
+        compare_before(res, (plain, cpu["plain"]),
+                       (rounds["before"], cpu["before"]) if before is not None else None, before, quick)
+
+        # Handshakes: a fresh server each repetition, its clients behind relays that count.
+        tls_fed = feds["tls"]
+        relays = [HandshakeCounter(int(c.url.rsplit(":", 1)[1])) for c in tls_fed.clients]
+        first, second, accepted = [], [], []
+        try:
+            for rep in range(plan.reps):
+                stop([tls_fed.server])
+                stack.apps.remove(tls_fed.server)
+                at_start = [r.counts() for r in relays]
+                server = tls_fed.start_server([r.port for r in relays])
+                tls_fed.healthy(operator)
+                run_rounds(server, plan.seed_rounds, seed=rep, caller=operator)
+                after_first = [r.counts() for r in relays]
+                run_rounds(server, plan.seed_rounds, seed=rep, caller=operator)
+                after_second = [r.counts() for r in relays]
+                first.append(sum(a[1] - s[1] for a, s in zip(after_first, at_start)))
+                second.append(sum(b[1] - a[1] for b, a in zip(after_second, after_first)))
+                accepted.append(sum(b[0] - s[0] for b, s in zip(after_second, at_start)))
+        finally:
+            for relay in relays:
+                relay.close()
+        clients = len(relays)
+        res.add("tls_handshakes_per_round", 9,
+                f"TLS handshakes per round: a fresh server's first {plan.seed_rounds}-round run, {clients} clients",
+                "", [h / plan.seed_rounds for h in first],
+                Target("<=", clients / plan.seed_rounds, judged_on="max"),
+                handshakes_first_run=first, handshakes_second_run=second, connections_both_runs=accepted,
+                clients=clients, rounds_per_run=plan.seed_rounds)
+
+
+def compare_before(res: Results, now: tuple[list[float], list[float]],
+                   then: tuple[list[float], list[float]] | None, before: Path | None, quick: bool) -> None:
+    """The plain round now against before the TLS switch, wall time and CPU
+    per round (seconds, one per repetition), each as a ratio now / before
+    judged on ±10%. Paired when ``then`` was measured in this run from the
+    checkout ``before`` (a full run records it in BEFORE_FILE), else against
+    BEFORE_FILE's figures."""
+    if then is not None:
+        commit = git_commit(before)
+        wall, cpu = [b * 1e3 for b in then[0]], [b * 1e3 for b in then[1]]
+        wall_ratio = [p / b for p, b in zip(now[0], then[0])]
+        cpu_ratio = [p / b for p, b in zip(now[1], then[1])]
+        how = "measured in this run, paired"
+        if not quick:
+            BEFORE_FILE.write_text(json.dumps({
+                "what": "the seed's plain round before the TLS switch (make bench ARGS='--before CHECKOUT'), "
+                        "item 9's method: per repetition, the median round of a run and its CPU per round "
+                        "(server + 2 clients)",
+                "git_commit": commit,
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "rounds_per_run": FULL.seed_rounds, "unit": "ms", "round_ms": wall, "cpu_ms": cpu,
+                "paired_with": {"git_commit": git_commit(ROOT), "round_ms": [p * 1e3 for p in now[0]],
+                                "cpu_ms": [p * 1e3 for p in now[1]]}}, indent=2) + "\n")
+    elif BEFORE_FILE.exists():
+        recorded = json.loads(BEFORE_FILE.read_text())
+        commit, wall, cpu = recorded["git_commit"], recorded["round_ms"], recorded["cpu_ms"]
+        wall_ratio = [p * 1e3 / statistics.median(wall) for p in now[0]]
+        cpu_ratio = [p * 1e3 / statistics.median(cpu) for p in now[1]]
+        how = f"recorded {recorded['date'][:10]}, not paired: noisier"
+    else:
+        note(f"no plain round from before TLS: give --before CHECKOUT (or commit {BEFORE_FILE.relative_to(ROOT)})")
+        return
+    res.add("plain_round_before_ms", 9, f"plain round before TLS ({commit[:7]}, {how})", "ms", wall,
+            git_commit=commit, paired=then is not None)
+    res.add("plain_round_ratio", 9, "ratio plain round now / before TLS", "×", wall_ratio, PLAIN_UNCHANGED)
+    res.add("plain_round_before_cpu_ms", 9, "  CPU per plain round before TLS, server + 2 clients", "ms", cpu)
+    res.add("plain_round_cpu_ratio", 9, "  ratio CPU per plain round now / before TLS", "×", cpu_ratio,
+            PLAIN_UNCHANGED)
+
+
+def verdict(res: Results) -> list[str]:
+    """The lines item 9's ±10% comes down to: wall time, and CPU (the steadier)."""
+    lines = []
+    for fid, what in (("plain_round_ratio", "round"), ("plain_round_cpu_ratio", "CPU per round")):
+        fig = res.figures.get(fid)
+        if fig is None:
+            continue
+        r = fig["median"]
+        said = "within ±10%: unchanged" if fig["result"] == "PASS" else (
+            "slower by more than 10%" if r > 1 else "faster by more than 10%")
+        lines.append(f"plain {what}, now / before TLS: {r:.3f}× (repetitions {fig['min']:.3f}–{fig['max']:.3f}×): "
+                     f"{said}")
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="2 repetitions, K up to 50, 10^4 training samples: seconds, not minutes")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results file (default {DEFAULT_OUT})")
+    parser.add_argument("--before", type=Path, metavar="CHECKOUT",
+                        help="a checkout from before the TLS switch, `make install` done: its plain round is "
+                             f"measured paired with this one's (a full run records it in {BEFORE_FILE.name})")
+    parser.add_argument("--only", choices=PARTS, nargs="+", metavar="PART",
+                        help=f"measure only these parts ({', '.join(PARTS)}); needs --out")
     parser.add_argument("--serve-noop", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_noop:
         serve_noop("127.0.0.1", args.port)
         return 0
+    if args.only and args.out == DEFAULT_OUT:
+        parser.error(f"--only: give --out too ({DEFAULT_OUT.relative_to(ROOT)} holds the whole bench)")
+    if args.before is not None and not (args.before / "server" / "server_app.py").exists():
+        parser.error(f"--before {args.before}: not a Raw FedAvg checkout (no server/server_app.py)")
+    parts = set(args.only or PARTS)
 
     plan = QUICK if args.quick else FULL
     res = Results()
@@ -665,20 +1016,27 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="fedavg-bench-") as tmp:
             db_dir = Path(tmp)
-            bench_training(res, plan)
-            bench_seed(res, plan, "waitress", db_dir, full_set=True)
-            bench_seed(res, plan, "werkzeug", db_dir, full_set=False)
-            bench_clients(res, plan, "waitress", plan.ks, db_dir)
-            bench_clients(res, plan, "werkzeug", [50], db_dir)
-            bench_compare(res, plan, db_dir)
-            bench_secagg(res, plan, db_dir)
+            if "training" in parts:
+                bench_training(res, plan)
+            if "seed" in parts:
+                bench_seed(res, plan, "waitress", db_dir, full_set=True)
+                bench_seed(res, plan, "werkzeug", db_dir, full_set=False)
+            if "clients" in parts:
+                bench_clients(res, plan, "waitress", plan.ks, db_dir)
+                bench_clients(res, plan, "werkzeug", [50], db_dir)
+            if "compare" in parts:
+                bench_compare(res, plan, db_dir)
+            if "secagg" in parts:
+                bench_secagg(res, plan, db_dir)
+            if "tls" in parts:
+                bench_tls(res, plan, db_dir, args.before, args.quick)
     except BenchError as e:
         note(f"stopped: {e}")
         return 1
 
     info["load_average_at_end"] = load_average()
     out = {
-        "command": "make bench" + (" ARGS=--quick" if args.quick else ""),
+        "command": "make bench" + (f" ARGS='{' '.join(sys.argv[1:])}'" if sys.argv[1:] else ""),
         "quick": args.quick,
         "machine": info,
         "plan": {"repetitions": plan.reps, "seed_rounds_per_run": plan.seed_rounds,
@@ -692,6 +1050,8 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(table(res))
+    if lines := verdict(res):
+        print("\n" + "\n".join(lines))
     print(f"\n{info['cpu_model']}, {info['cores']} cores, {info['memory_gib']} GiB; Python {info['python']}, "
           f"NumPy {info['numpy']}; commit {info['git_commit'][:12]}{' (+ local changes)' if info['git_dirty'] else ''}"
           f"; load {info['load_average_at_start'][0]:g} → {info['load_average_at_end'][0]:g}; {out['elapsed_s']} s")
