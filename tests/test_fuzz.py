@@ -7,6 +7,7 @@ answers in full: `operator` to the server, `server` to the client."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -103,37 +104,40 @@ def as_party(files: TLSFiles) -> dict[str, Any]:
     return {"verify": str(files.ca), "cert": (str(files.cert), str(files.key))}
 
 
-@pytest.fixture(scope="module")
-def https_client(parties) -> Iterator[str]:
-    """client_1 started as the README starts it with --tls-*; its https:// URL."""
+@contextmanager
+def served_over_tls(name: str, args: list[str], files: TLSFiles, caller: TLSFiles) -> Iterator[str]:
+    """App ``name`` started as the README starts it with ``args`` and the
+    --tls-* of ``files``; its https:// URL once it answers ``caller``'s
+    certificate; stopped after."""
     port = launcher.free_port()
-    app = launcher.start_app("client_1", port, flags(parties["client_1"]))
+    app = launcher.start_app(name, port, [*args, *flags(files)])
     try:
         url = f"https://localhost:{port}"
-        wait_tls(app, url + "/health", pool(parties["server"], parties["server"].ca))
+        wait_tls(app, url + "/health", pool(caller, caller.ca))
         yield url
     finally:
         launcher.stop([app])
+
+
+@pytest.fixture(scope="module")
+def https_client(parties) -> Iterator[str]:
+    """client_1 over TLS; its https:// URL."""
+    with served_over_tls("client_1", [], parties["client_1"], parties["server"]) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def https_server(parties, https_client, tmp_path_factory) -> Iterator[str]:
-    """The server started as the README starts it with --tls-*, its one
-    client https_client called at 127.0.0.1, an address its certificate does
-    not name: every call fails its handshake at once and is not tried again,
-    so runs fail fast, and always the same way (a client that trains would
-    make each /start as long as the rounds the fuzzer asks for). Yields the
-    server's https:// URL once it answers the operator's certificate."""
-    port = launcher.free_port()
-    app = launcher.start_app("server", port, [
-        "--clients", https_client.replace("localhost", "127.0.0.1"),
-        "--db", str(tmp_path_factory.mktemp("fuzz-tls-db") / "runs.db"), *flags(parties["server"])])
-    try:
-        url = f"https://localhost:{port}"
-        wait_tls(app, url + "/health", pool(parties["operator"], parties["operator"].ca))
+    """The server over TLS, its one client https_client called at
+    127.0.0.1, an address its certificate does not name: every call fails
+    its handshake at once and is not tried again, so runs fail fast, and
+    always the same way (a client that trains would make each /start as
+    long as the rounds the fuzzer asks for). Yields the server's https://
+    URL once it answers the operator's certificate."""
+    db = tmp_path_factory.mktemp("fuzz-tls-db") / "runs.db"
+    with served_over_tls("server", ["--clients", https_client.replace("localhost", "127.0.0.1"), "--db", str(db)],
+                         parties["server"], parties["operator"]) as url:
         yield url
-    finally:
-        launcher.stop([app])
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import make_certs
 import pytest
+import urllib3
 from cryptography.hazmat.primitives import serialization
 from test_tls_serving import call, flags, pool, wait_tls
 
@@ -44,6 +45,18 @@ def trial(folder: Path) -> dict[str, TLSFiles]:
     return {name: party(folder, ca, name) for name in ("server", "client_1", "client_2", "operator")}
 
 
+def seeds_run(operator: urllib3.PoolManager, server: str) -> dict:
+    """A /start with the defaults as ``operator``: it completes at the seed's
+    numbers, which the reference (plain Python) computes: y = 1.396271·x + 0.787802."""
+    status, run = call(operator, "POST", server + "/start", {})
+    assert status == 200 and run["status"] == "completed", run
+    w, b = reference_fedavg(SEED_DATA, rounds=5)[-1]
+    assert run["final_model"]["w"] == pytest.approx(w, abs=1e-12)
+    assert run["final_model"]["b"] == pytest.approx(b, abs=1e-12)
+    assert f"{w:.6f}" == "1.396271" and f"{b:.6f}" == "0.787802"
+    return run
+
+
 def test_the_seeds_numbers_over_mutual_tls_secure_too_and_a_client_the_server_cannot_verify_is_dropped(tmp_path):
     """The seed's 5 rounds over mutual TLS reach 1.396271·x + 0.787802, the
     plain-Python reference, and so does a run under secure aggregation. Then client_2 restarted with a certificate of
@@ -59,17 +72,12 @@ def test_the_seeds_numbers_over_mutual_tls_secure_too_and_a_client_the_server_ca
     server = f"https://localhost:{ports['server']}"
     try:
         wait_tls(apps[-1], server + "/health", operator)
-        status, run = call(operator, "POST", server + "/start", {})
-        assert status == 200 and run["status"] == "completed", run
-        w, b = reference_fedavg(SEED_DATA, rounds=5)[-1]
-        assert run["final_model"]["w"] == pytest.approx(w, abs=1e-12)
-        assert run["final_model"]["b"] == pytest.approx(b, abs=1e-12)
-        assert f"{w:.6f}" == "1.396271" and f"{b:.6f}" == "0.787802"
+        plain = seeds_run(operator, server)["final_model"]
         # Secure aggregation over the same mutual TLS: its five waves reach the same line (to its fixed point).
         status, secure = call(operator, "POST", server + "/start", {"secagg": True})
         assert status == 200 and secure["status"] == "completed", secure
-        assert secure["final_model"]["w"] == pytest.approx(w, abs=1e-6)
-        assert secure["final_model"]["b"] == pytest.approx(b, abs=1e-6)
+        assert secure["final_model"]["w"] == pytest.approx(plain["w"], abs=1e-6)
+        assert secure["final_model"]["b"] == pytest.approx(plain["b"], abs=1e-6)
         assert "local_model" not in json.dumps(secure["rounds"])
 
         launcher.stop([apps[1]])
