@@ -63,7 +63,7 @@ if __name__ == "__main__":
         about += f": {attackers} attacker(s), attack {attack}: each {ATTACKS[attack]}"
     app = create_host_app(clients, token, f"{args.scenario}: {about}; K={len(clients)}, seed={args.seed}",
                           server_name=args.server_name if tls else None,
-                          owner_name=tls_files.common_name(tls.cert) if tls else None)
+                          owner_name=tls_files.own_name(tls.cert) if tls else None)
     base = base_url(args.host, args.port, tls)
     served = (f"\nclient host: each client answers /train, /evaluate and /secagg/* only to a caller whose "
               f"certificate names {args.server_name!r}") if tls else ""

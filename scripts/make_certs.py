@@ -88,16 +88,19 @@ def san_entries(names: Iterable[str]) -> list[x509.GeneralName]:
 
 
 def new_leaf(ca: Issued, name: str, hosts: Sequence[str] = DEFAULT_HOSTS, days: int = 365,
-             not_before: dt.datetime | None = None, not_after: dt.datetime | None = None) -> Issued:
+             not_before: dt.datetime | None = None, not_after: dt.datetime | None = None,
+             named: bool = True) -> Issued:
     """A certificate for one party, signed by ``ca``: CN ``name``; SANs
     ``name`` and ``hosts``; usable to answer and to call (serverAuth,
     clientAuth). ``not_before``/``not_after`` override the validity (a
-    test's expired certificate)."""
+    test's expired certificate); ``named=False`` leaves ``name`` out (an
+    empty subject, SANs ``hosts`` only: a certificate some CAs issue)."""
     key = _key()
     start = not_before or _now() - CLOCK_SKEW
     end = not_after or _now() + dt.timedelta(days=days)
-    unique = list(dict.fromkeys([name, *hosts]))
-    cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(ca.cert.subject)
+    unique = list(dict.fromkeys([name, *hosts] if named else hosts))
+    subject = _name(name) if named else x509.Name([])
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca.cert.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(start).not_valid_after(end)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -150,8 +153,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=2, metavar="N",
                    help="certificates for client_1 … client_N (default 2)")
     p.add_argument("--hosts", nargs="+", default=list(DEFAULT_HOSTS), metavar="HOST",
-                   help="host names and IP addresses every certificate is valid for: those in the URLs the "
-                        "parties are called at (default: localhost 127.0.0.1; commas also separate)")
+                   help="host names and IP addresses every certificate is valid for (default: localhost "
+                        "127.0.0.1, a trial on one machine; commas also separate); each machine's own address "
+                        "goes to its party with --host")
     p.add_argument("--host", action="append", type=parse_host_option, default=[], metavar="NAME=HOST[,HOST]",
                    help="more host names or addresses for one party only, e.g. client_1=10.0.0.11 (repeatable)")
     p.add_argument("--days", type=int, default=365, help="how long the certificates are valid (default 365)")
@@ -162,6 +166,13 @@ def parser() -> argparse.ArgumentParser:
 # Not an app: the person at the server, whose certificate makes them its
 # operator (fedavg_server.access) without the token.
 OPERATOR = "operator"
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def parties(clients: int) -> list[str]:
@@ -182,6 +193,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = sorted(set(extra) - set(parties(args.clients)))
     if unknown:
         p.error(f"--host: no party named {', '.join(unknown)} (the parties: {', '.join(parties(args.clients))})")
+    # A certificate's DNS names are identities too (a client answers the
+    # certificate that names "server"): a host name that is a party's name
+    # would make every certificate, or another party's, that party.
+    named = sorted({h for h in hosts if h in parties(args.clients)}
+                   | {h for name, extra_hosts in extra.items() for h in extra_hosts
+                      if h in parties(args.clients) and h != name})
+    if named:
+        p.error(f"--hosts/--host: {', '.join(named)} is a party's name, not a host: a certificate for it would "
+                "make its holder that party")
+    shared = [h for h in hosts if not _loopback(h)]
+    if shared:
+        print(f"make certs: warning: --hosts {' '.join(shared)} goes into every certificate, so each party's "
+              "certificate is valid for every such host: give each machine's address to its own party with "
+              "--host NAME=HOST instead", file=sys.stderr)
     out: Path = args.out
     if out.exists() and not out.is_dir():
         print(f"error: --out {out} is a file, not a folder", file=sys.stderr)

@@ -140,8 +140,8 @@ if __name__ == "__main__":
     try:
         # Its own connections out: about one kept alive per client, and one per call in flight.
         outgoing = len(clients) + max(1, app.config["MAX_PARALLEL"])
-        # Over TLS its callers need no certificate: the operator's browser or
-        # curl has none; the token or the operator certificate lets them in (access.py).
+        # Over TLS its callers need no certificate to read what everyone may
+        # (a browser, curl); operating takes the operator certificate (access.py).
         serve(app, args.host, args.port, allowed_hosts=args.allowed_host, outgoing=outgoing, tls=tls,
               callers_need_certificate=False, announce=(
                   f"server: {len(clients)} client(s): {shown}; run history in {app.config['DB']}; "

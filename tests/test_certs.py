@@ -171,9 +171,22 @@ def test_it_prints_the_three_flags_for_each_app(tmp_path, capsys):
     (["--clients", "0"], "--clients: at least 1"),
     (["--host", "client_9=10.0.0.9"], "--host: no party named client_9"),
     (["--host", "client_1"], "expected NAME=HOST"),
+    (["--hosts", "localhost", "server"], "server is a party's name, not a host"),
+    (["--host", "client_1=operator"], "operator is a party's name"),
 ])
 def test_bad_options_are_named(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
         make_certs.main(["--out", str(tmp_path / "c"), *argv])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_a_shared_host_off_this_machine_is_warned_about_and_a_partys_own_name_is_fine(tmp_path, capsys):
+    """--hosts goes into every certificate: each would then be valid for that
+    host's URL, so the server could not tell its clients apart there."""
+    assert make_certs.main(["--out", str(tmp_path / "a"), "--clients", "1", "--hosts", "localhost", "10.0.0.5",
+                            "--host", "client_1=client_1,10.0.0.11"]) == 0
+    err = capsys.readouterr().err
+    assert "--hosts 10.0.0.5 goes into every certificate" in err and "--host NAME=HOST" in err
+    assert make_certs.main(["--out", str(tmp_path / "b"), "--clients", "1"]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -13,6 +13,7 @@ the TLS server's hang-up check.
 """
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import socket
@@ -319,6 +320,36 @@ def operates(server: Any, environ: dict[str, str], headers: dict[str, str] | Non
     """The status of an operator's call that goes no further than its body:
     400 once let in (rounds 0 is refused), 401 when kept out."""
     return server.post("/start", json={"rounds": 0}, environ_overrides=environ, headers=headers or {}).status_code
+
+
+def test_a_clients_owner_is_its_certificates_cn_else_its_first_dns_name_else_no_one(certs, tmp_path):
+    ca = make_certs.new_ca("Raw FedAvg test CA")
+    san_only = _write(tmp_path, "san", make_certs.new_leaf(ca, "-", ["client-9.lan", "127.0.0.1"], named=False))
+    ip_only = _write(tmp_path, "ip", make_certs.new_leaf(ca, "-", ["127.0.0.1"], named=False))
+    assert [tls_files.own_name(f.cert) for f in (certs.client_1, san_only, ip_only)] == ["client_1", "client-9.lan",
+                                                                                       None]
+    # A client whose certificate names no one: over TLS its page opens to nobody, not to everybody.
+    nameless = create_app({"CLIENT_ID": "client_9", "DATA_PATH": str(SEED_1), "TOKEN": None,
+                           "SERVER_PEER": "server", "OWNER_PEER": None}).test_client()
+    for who in (verified("client_2", "client_2"), verified("server"), {}):
+        refused = nameless.get("/", environ_overrides=who)
+        assert refused.status_code == 403 and "no CN and no DNS name" in refused.get_json()["error"]
+
+
+def test_over_tls_a_hosts_health_names_its_scenario_to_the_server_only():
+    where = "csv: /home/a/private.csv"
+    host = create_host_app(make_clients("iid", 2, 0, 20, None, 0, "huge"), description=where,
+                           server_name="server", owner_name="client_host").test_client()
+    assert host.get("/health", environ_overrides=verified("server")).get_json()["scenario"] == where
+    for who in (verified("client_1"), verified("operator")):
+        assert host.get("/health", environ_overrides=who).get_json() == {"status": "ok", "clients": 2}
+
+
+def test_the_operators_token_may_come_as_a_browsers_basic_login(tls_server):
+    server = tls_server("s3cret")
+    basic = {"Authorization": "Basic " + base64.b64encode(b"me:s3cret").decode()}
+    assert operates(server, verified("operator"), basic) == 400
+    assert operates(server, {}, basic) == 401
 
 
 def test_over_tls_without_a_token_only_the_operator_certificate_operates(tls_server):

@@ -25,7 +25,8 @@ class TLSFiles:
     key (unencrypted: the app starts unattended); ``ca``, the PEM CA
     certificate(s) a peer's certificate must chain to. An app given these
     serves HTTPS only and requires every caller to present a certificate
-    that chains to ``ca``."""
+    that chains to ``ca`` (on the server's own port a certificate is
+    optional: its operator's browser may have none)."""
 
     cert: Path
     key: Path
@@ -82,11 +83,12 @@ def check(files: TLSFiles) -> None:
         raise ValueError(f"--tls-ca {files.ca}: not PEM CA certificate(s)") from None
 
 
-def common_name(cert: Path) -> str | None:
-    """The CN of a PEM certificate's subject (the first; None without one)."""
+def own_name(cert: Path) -> str | None:
+    """Whom a PEM certificate names: its subject's CN (the first), else its
+    first DNS name; None when it names no one (IP addresses only)."""
     certificate = x509.load_pem_x509_certificates(cert.read_bytes())[0]
     names = certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    return str(names[0].value) if names else None
+    return str(names[0].value) if names and names[0].value else next(iter(dns_names(cert)), None)
 
 
 def dns_names(cert: Path) -> list[str]:

@@ -52,7 +52,7 @@ def is_operator() -> bool:
     naming ``operator`` and the token if one is set; without TLS the token,
     or anyone when none is set."""
     token = current_app.config["TOKEN"]
-    if token is not None and not has_token(token):
+    if token is not None and not has_token(token, page=True):  # (a browser's Basic login counts too)
         return False
     return current_app.config.get("TLS") is None or peer_allowed(peer_names(request.environ), OPERATOR)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Flask, g, render_template, request
+from werkzeug.exceptions import Forbidden
 
 from .. import tls_files
 from ..client import LocalClient
@@ -87,7 +88,11 @@ def client_blueprint(pick: Callable[[dict[str, Any]], LocalClient], token: str |
         token set, only for who knows it: the browser asks for it as a
         password (any user name). Over TLS, only for its owner's certificate
         first: every client holds the token."""
-        require_peer(owner_name, "this client's owner", "the CN of this app's own --tls-cert")
+        if server_name is not None and owner_name is None:  # over TLS, and its own certificate names no one
+            raise Forbidden("this page shows the client's private data, and over TLS opens only to its own "
+                            "certificate's name: this app's --tls-cert has no CN and no DNS name")
+        require_peer(owner_name, "this client's owner", "the CN of this app's own --tls-cert, else its first "
+                     "DNS name")
         if token is not None and not has_token(token, page=True):
             return ({"error": "this page shows the client's private data: log in with the token as password"},
                     401, {"WWW-Authenticate": f'Basic realm="{g.client.client_id}\'s own page", charset="UTF-8"'})
@@ -161,7 +166,7 @@ def main(client_id: str, port: int, data_path: Path) -> None:
     try:
         app = create_app({"CLIENT_ID": args.client_id, "DATA_PATH": str(args.data),
                           "SERVER_PEER": args.server_name if tls else None,
-                          "OWNER_PEER": tls_files.common_name(tls.cert) if tls else None})
+                          "OWNER_PEER": tls_files.own_name(tls.cert) if tls else None})
     except ValueError as e:  # a bad data file (DataError), a token that cannot work
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

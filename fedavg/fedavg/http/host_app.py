@@ -6,14 +6,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from flask import Flask
+from flask import Flask, request
 from werkzeug.exceptions import NotFound
 
 from ..client import LocalClient
 from ..openapi import host_document
 from ..theory import pooled_optimum
 from .client_app import client_blueprint
-from .service import has_token, install_json_errors, install_request_guards, require_peer, require_token
+from .service import (
+    has_token,
+    install_json_errors,
+    install_request_guards,
+    peer_allowed,
+    peer_names,
+    require_peer,
+    require_token,
+)
 
 
 def create_host_app(clients: Sequence[LocalClient], token: str | None = None,
@@ -47,9 +55,12 @@ def create_host_app(clients: Sequence[LocalClient], token: str | None = None,
     @app.get("/health")
     def health():
         """Liveness for anyone; the scenario (with --scenario csv, the file's
-        absolute path) and the rows in all, without a token or with it."""
+        absolute path) and the rows in all, without a token or with it, and
+        over TLS to the server only (as /scenario)."""
         alive = {"status": "ok", "clients": len(clients)}
         if token is not None and not has_token(token):
+            return alive
+        if server_name is not None and not peer_allowed(peer_names(request.environ), server_name):
             return alive
         return {**alive, "scenario": description, "data_size": sum(len(c.y) for c in clients)}
 
