@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import serialization
 import launcher
 from conftest import ROOT
 from fedavg import tls_files
-from fedavg.http import service
+from fedavg.http import service, tls
 from fedavg.http.client_app import create_app
 from fedavg.http.host_app import create_host_app
 from fedavg.scenarios import make_clients
@@ -395,10 +395,12 @@ def test_over_tls_each_clients_own_numbers_are_the_operators(tls_server, token, 
 # --- real processes ---------------------------------------------------------------------------
 
 
-def pool(files: TLSFiles | None, ca: Path) -> urllib3.PoolManager:
-    """A caller presenting ``files`` (None: no certificate), trusting ``ca``."""
+def pool(files: TLSFiles | None, ca: Path, timeout_s: float = 30.0) -> urllib3.PoolManager:
+    """A caller presenting ``files`` (None: no certificate), trusting ``ca``,
+    each call failing after ``timeout_s``."""
     cert = {"cert_file": str(files.cert), "key_file": str(files.key)} if files else {}
-    return urllib3.PoolManager(ca_certs=str(ca), cert_reqs="CERT_REQUIRED", retries=False, timeout=30, **cert)
+    return urllib3.PoolManager(ca_certs=str(ca), cert_reqs="CERT_REQUIRED", retries=False, timeout=timeout_s,
+                               **cert)
 
 
 def call(caller: urllib3.PoolManager, method: str, url: str, body: dict | None = None) -> tuple[int, dict]:
@@ -567,6 +569,212 @@ def test_silent_and_stalled_peers_do_not_hold_up_the_server(certs, client_1):
     assert "no handshake within" in wait_for_line(app, "refused during the handshake", seen)
 
 
+ATTACKER = "127.0.0.2"  # another address than the callers' 127.0.0.1: the stallers' own
+
+
+class Stallers:
+    """Connections from ATTACKER that hold an app's worker threads as long
+    as they can, each sending one more byte every half second until the app
+    closes it: ``hellos`` drip a TLS ClientHello; ``heads`` shake hands
+    (presenting ``files``; None: no certificate) and drip a request head;
+    ``bodies`` send a whole head announcing 100 kB and drip the body. TLS
+    over the raw socket through a MemoryBIO, so that the raw socket shows
+    when the app closes it (recv → b"" or a reset)."""
+
+    HEAD = b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Slow: "
+    BODY = (b"POST /train HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n")
+
+    def __init__(self, port: int, ca: Path, files: TLSFiles | None, hellos: int, heads: int, bodies: int = 0):
+        self.port, self.ca, self.files = port, ca, files
+        self.drips: list[Iterator[bytes]] = []
+        self.socks: list[socket.socket] = []
+        self.closed: set[int] = set()
+        self._stop = threading.Event()
+        try:
+            for opening in [self.HEAD] * heads + [self.BODY] * bodies:  # first: each handshake needs a thread
+                self._add(*self._shake_hands(opening))
+            for _ in range(hellos):
+                hello = client_hello(self._context())
+                self._add(self._connect(), (hello[i:i + 1] for i in range(len(hello))))
+        except BaseException:  # the app let no more in (as before the deadlines): free what is held
+            for raw in self.socks:
+                raw.close()
+            raise
+        self._dripper = threading.Thread(target=self._drip, daemon=True)
+        self._dripper.start()
+
+    def _context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca))
+        if self.files is not None:
+            context.load_cert_chain(str(self.files.cert), str(self.files.key))
+        return context
+
+    def _connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=30, source_address=(ATTACKER, 0))
+
+    def _shake_hands(self, opening: bytes) -> tuple[socket.socket, Iterator[bytes]]:
+        raw, incoming, outgoing = self._connect(), ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls_object = self._context().wrap_bio(incoming, outgoing, server_hostname="localhost")
+        while True:
+            try:
+                tls_object.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                raw.sendall(outgoing.read())
+                incoming.write(raw.recv(65536))
+        tls_object.write(opening)
+        raw.sendall(outgoing.read())
+
+        def drip() -> Iterator[bytes]:
+            while True:
+                tls_object.write(b"a")
+                yield outgoing.read()
+        return raw, drip()
+
+    def _add(self, raw: socket.socket, drip: Iterator[bytes]) -> None:
+        raw.setblocking(False)
+        self.socks.append(raw)
+        self.drips.append(drip)
+
+    def _drip(self) -> None:
+        while not self._stop.wait(0.5):  # the drip's pace
+            for i, (raw, drip) in enumerate(zip(self.socks, self.drips)):
+                if i in self.closed:
+                    continue
+                try:
+                    while raw.recv(65536):  # what the app sends (TLS tickets): read and dropped
+                        pass
+                    self.closed.add(i)  # b"": the app closed it
+                    continue
+                except BlockingIOError:
+                    pass
+                except OSError:  # reset
+                    self.closed.add(i)
+                    continue
+                try:
+                    raw.send(next(drip, b""))
+                except OSError:
+                    self.closed.add(i)
+
+    def wait_all_closed(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.closed) < len(self.socks):
+            assert time.monotonic() < deadline, f"{len(self.socks) - len(self.closed)} of {len(self.socks)} " \
+                                                 f"stalled connections still open after {timeout_s:g} s"
+            time.sleep(0.05)  # polling interval
+
+    def close(self) -> None:
+        self._stop.set()
+        self._dripper.join(30)
+        for raw in self.socks:
+            raw.close()
+
+
+def client_hello(context: ssl.SSLContext) -> bytes:
+    """The ClientHello a connection with ``context`` sends first."""
+    outgoing = ssl.MemoryBIO()
+    with pytest.raises(ssl.SSLWantReadError):  # it waits for the server's answer
+        context.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname="localhost").do_handshake()
+    return outgoing.read()
+
+
+@pytest.mark.system
+def test_more_stalled_handshakes_and_heads_than_threads_do_not_keep_the_server_out(certs, client_1):
+    """Another client (a verified peer, from another address) drips
+    ClientHellos, request heads and a body over more connections than
+    client_1 has worker threads: the server's /health and /train are still
+    answered, and each stalled connection is closed by the app once its
+    deadline (handshake, head, body) has passed, however slowly it drips.
+    Before: every read waited up to 120 s, so they held every thread."""
+    app, url = client_1
+    port = int(url.rsplit(":", 1)[1])
+    seen = len(app.lines)
+    n = tls.MIN_THREADS // 2 + 8
+    stallers = Stallers(port, certs.server.ca, certs.client_2, hellos=n, heads=n, bodies=4)
+    try:
+        server = pool(certs.server, certs.server.ca, timeout_s=60)
+        assert call(server, "GET", url + "/health")[0] == 200
+        status, reply = call(server, "POST", url + "/train", TRAIN)
+        assert status == 200 and "local_model" in reply
+        stallers.wait_all_closed(timeout_s=120)
+    finally:
+        stallers.close()
+    for reason in ("no handshake within", "no request head within", "no request body within"):
+        wait_for_line(app, reason, seen)
+
+
+@pytest.mark.system
+def test_stalled_callers_without_a_certificate_do_not_keep_the_operator_out(certs, tmp_path):
+    """The server's port takes callers without a certificate (a browser,
+    curl): anyone can drip handshakes and request heads there. The
+    operator's /health is still answered; the stallers are closed."""
+    port = launcher.free_port()
+    app = launcher.start_app("server", port, ["--db", str(tmp_path / "runs.db"), *flags(certs.server)])
+    try:
+        url = f"https://localhost:{port}"
+        operator = pool(certs.operator, certs.server.ca, timeout_s=60)
+        wait_tls(app, url + "/health", operator)
+        n = tls.MIN_THREADS // 2 + 8
+        stallers = Stallers(port, certs.server.ca, None, hellos=n, heads=n)
+        try:
+            assert call(operator, "GET", url + "/health")[0] == 200
+            stallers.wait_all_closed(timeout_s=120)
+        finally:
+            stallers.close()
+    finally:
+        launcher.stop([app])
+
+
+def send_and_read(port: int, files: TLSFiles | None, ca: Path, *parts: bytes) -> bytes:
+    """Over TLS presenting ``files``: send ``parts`` (from another thread, so
+    that an early answer is read while they are still going out), then read
+    what the app sends until it closes or stops (a recv timeout ends it)."""
+    context = ssl.create_default_context(cafile=str(ca))
+    if files is not None:
+        context.load_cert_chain(str(files.cert), str(files.key))
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as s:
+        def send() -> None:
+            try:
+                for part in parts:
+                    s.sendall(part)
+            except OSError:  # the app refused and closed: the rest is not read
+                pass
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        try:
+            while (chunk := s.recv(65536)) and b"\r\n\r\n" not in received + chunk:
+                received += chunk
+            received += chunk
+        except (ssl.SSLError, ConnectionError):
+            pass
+        sender.join(30)
+    return received
+
+
+@pytest.mark.system
+def test_a_huge_request_head_or_body_over_tls_is_refused_and_the_app_serves_on(certs, client_1):
+    """A 1 MB header line is refused (cheroot's 413/414, or the connection
+    cut while it is still sending), never answered: it is not held in
+    memory (the app's head limit is 256 KiB, as waitress's). A body larger
+    than the app's MAX_CONTENT_LENGTH is refused at its head, before a byte
+    of it is read or waited for. Afterwards the app answers as before."""
+    app, url = client_1
+    port = int(url.rsplit(":", 1)[1])
+    head = send_and_read(port, certs.server, certs.server.ca,
+                         b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Big: ", b"a" * 1_000_000, b"\r\n\r\n")
+    assert head == b"" or head.startswith((b"HTTP/1.1 413", b"HTTP/1.1 414")), head[:100]
+    too_big = create_app({"DATA_PATH": str(SEED_1)}).config["MAX_CONTENT_LENGTH"] + 1
+    for path in ("/train", "/health"):  # read by the app, or not at all
+        body = send_and_read(port, certs.server, certs.server.ca,
+                             f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                             f"Content-Length: {too_big}\r\n\r\n".encode())
+        assert body.startswith(b"HTTP/1.1 413"), (path, body[:100])
+    assert call(pool(certs.server, certs.server.ca), "GET", url + "/health")[0] == 200
+
+
 @pytest.mark.system
 def test_a_client_host_over_tls_trains_for_the_server_only(certs):
     port = launcher.free_port()
@@ -649,8 +857,6 @@ def test_the_tls_server_tells_the_app_when_the_caller_hangs_up(certs):
     """What secure_routes reads (service.hung_up) under TLS: a request whose
     caller closes its connection sees hung_up() turn true; one whose caller
     waits does not."""
-    from fedavg.http import tls
-
     seen: dict[str, bool] = {}
     release = threading.Event()
 

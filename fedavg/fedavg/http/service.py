@@ -377,7 +377,8 @@ def _serve_tls(app: Flask, host: str, port: int, threads: int, files: TLSFiles, 
 
     from . import tls
     try:
-        server = tls.make_server(app, host, port, files, threads, limit, callers_need_certificate)
+        server = tls.make_server(app, host, port, files, threads, limit, callers_need_certificate,
+                                 max_body_bytes=app.config.get("MAX_CONTENT_LENGTH") or 0)
     except (ssl.SSLError, OSError) as e:  # what tls_files.check could not foresee
         print(f"error: --tls-cert {files.cert} / --tls-key {files.key} / --tls-ca {files.ca}: cannot be used for "
               f"TLS: {getattr(e, 'reason', None) or e}", file=sys.stderr)

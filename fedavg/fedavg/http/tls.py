@@ -5,17 +5,36 @@ with a browser or curl, whom the token or the operator certificate lets
 in), and the app sees who it is in the WSGI environ (SSL_CLIENT_S_DN_CN,
 SSL_CLIENT_SAN_DNS_0 …). ``service.serve`` uses this when --tls-* is given.
 
-Three things cheroot does not do on its own, added here:
+What cheroot does not do on its own, added here:
 - the TLS handshake runs in a worker thread once the peer has sent its
-  first bytes, bounded by ``HANDSHAKE_TIMEOUT_S``, not in cheroot's one
-  accepting thread, where a peer that connects and stays silent would stall
-  every other connection (cherrypy/cheroot#748);
+  first bytes, not in cheroot's one accepting thread, where a peer that
+  connects and stays silent would stall every other connection
+  (cherrypy/cheroot#748);
+- overall deadlines while a worker thread waits on the peer: the handshake
+  within ``HANDSHAKE_TIMEOUT_S``, a request head within ``HEAD_TIMEOUT_S``,
+  its body within ``BODY_TIMEOUT_S`` of reading, however slowly the peer
+  drips its bytes (cheroot's timeout is per read: one byte every 119 s
+  would hold a thread for ever). ``Watchdog`` shuts down a connection past
+  its deadline; the app's own time (a /train honouring X-Deadline-S, a
+  waited /start) is not bounded. Unlike waitress, cheroot gives each
+  connection it reads from a thread, so there are at least ``MIN_THREADS``;
+  an attacker who keeps more stalled connections than that open delays
+  other callers by up to about one deadline per ``MIN_THREADS`` of them
+  (docs/DEPLOY.md has the figures);
+- a request head over ``MAX_HEAD_BYTES`` (as waitress) and a body over the
+  app's MAX_CONTENT_LENGTH are refused (414/413, cheroot's own answers)
+  before they are held in memory;
 - plain HTTP to the port gets no answer at all (cheroot writes a plain-text
   400 back);
 - at most ``limit`` connections are open: one more is closed at once
   (cheroot would accept until the process runs out of files, then spin).
 It also tells the app when the caller has hung up, as waitress does
 (``HUNG_UP``).
+
+No per-address cap on connections still in their handshake or head: the
+server opens up to 16 per core to a client host at once, from one address,
+before its certificate can be known; a cap below that would drop clients
+from a round, and one above it would not protect the worker threads.
 """
 from __future__ import annotations
 
@@ -24,8 +43,11 @@ import logging
 import select
 import socket
 import ssl
+import sys
 import threading
+import time
 from collections.abc import Callable
+from contextlib import suppress
 
 from cheroot import server as cheroot_server
 from cheroot import wsgi
@@ -36,14 +58,32 @@ from .service import HUNG_UP
 
 log = logging.getLogger("fedavg")
 
-# How long a connection may take to finish its TLS handshake once its peer
-# has begun it. A real one takes a few round trips (milliseconds); a peer
-# that stalls half-way holds a worker thread this long, then is dropped.
+# How long a connection may take, in all, to finish its TLS handshake once
+# its peer has begun it. A real one takes a few round trips (milliseconds);
+# a peer that stalls half-way, or drips its hello, holds a worker thread
+# this long at most, then is dropped.
 HANDSHAKE_TIMEOUT_S = 5.0
-# Idle keep-alive connections, and a request's every read, time out after
-# this long: waitress's channel_timeout, so that the server's pooled
-# connections last between rounds as they do over plain HTTP.
+# How long a request head (request line and headers) may take in all, from
+# the first read: every client sends it at once. On a fresh connection the
+# wait starts right after the handshake, so a peer that shakes hands and
+# stays silent is dropped after this long too (a kept-alive one waits for
+# its next request without a thread, up to IDLE_TIMEOUT_S).
+HEAD_TIMEOUT_S = 10.0
+# How long the reads of one request's body may take in all: the largest
+# allowed (4 MiB on a client) at 140 KB/s or more. The app's own time
+# between reads is not counted.
+BODY_TIMEOUT_S = 30.0
+# Idle keep-alive connections, and each single read, time out after this
+# long: waitress's channel_timeout, so that the server's pooled connections
+# last between rounds as they do over plain HTTP.
 IDLE_TIMEOUT_S = 120.0
+# Worker threads at least: cheroot holds one per connection it reads a
+# handshake, head or body from, so a few stalled peers must not take them
+# all; each costs a stack, not CPU, while it waits.
+MIN_THREADS = 32
+# A request line and headers larger than this are refused (414/413), as
+# waitress refuses them (its max_request_header_size).
+MAX_HEAD_BYTES = 256 * 1024
 
 
 class MutualTLSAdapter(BuiltinSSLAdapter):
@@ -89,6 +129,120 @@ class MutualTLSAdapter(BuiltinSSLAdapter):
             self.open -= 1
 
 
+class Watchdog:
+    """Overall deadlines for connections while a worker thread waits on
+    their peer. ``arm(conn, seconds, what)`` before such a wait,
+    ``disarm(conn)`` after it (True: the deadline passed, the connection
+    was cut). Past its deadline a connection is shut down (both ways, on
+    its descriptor), which ends the worker's blocked read at once; the
+    connection's ``cut`` then says what took too long. Only connections
+    inside a wait are armed: never more than the worker threads."""
+
+    def __init__(self) -> None:
+        self._due: dict[TLSConnection, tuple[float, str]] = {}
+        self._wake = threading.Condition()
+        self._stopped = False
+        threading.Thread(target=self._run, daemon=True, name="tls-watchdog").start()
+
+    def arm(self, conn: TLSConnection, seconds: float, what: str) -> None:
+        with self._wake:
+            self._due[conn] = (time.monotonic() + seconds, what)
+            self._wake.notify()
+
+    def disarm(self, conn: TLSConnection) -> bool:
+        # Under the lock: once this returns the watchdog no longer touches
+        # the connection, so it cannot shut down a descriptor closed and
+        # reused meanwhile.
+        with self._wake:
+            self._due.pop(conn, None)
+            return conn.cut is not None
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+
+    def _run(self) -> None:
+        with self._wake:
+            while not self._stopped:
+                now = time.monotonic()
+                for conn, (due, what) in list(self._due.items()):
+                    if due <= now:
+                        del self._due[conn]
+                        conn.cut = what
+                        # socket.socket's shutdown, not SSLSocket's (which would
+                        # use the TLS state the worker's read is using): the
+                        # read sees the end of the stream and returns.
+                        with suppress(OSError):
+                            socket.socket.shutdown(conn.socket, socket.SHUT_RDWR)
+                self._wake.wait(min(due for due, _ in self._due.values()) - now if self._due else None)
+
+
+class TimedRequest(cheroot_server.HTTPRequest):
+    """cheroot's request, its head read within ``HEAD_TIMEOUT_S`` in all;
+    nothing is written to a peer cut off."""
+
+    def parse_request(self) -> None:
+        watchdog = self.server.watchdog
+        watchdog.arm(self.conn, HEAD_TIMEOUT_S, f"no request head within {HEAD_TIMEOUT_S:g} s")
+        try:
+            super().parse_request()
+        finally:
+            if watchdog.disarm(self.conn):
+                self.ready = False  # whatever was read, it is not a request
+                log.info("TLS: connection from %s closed: %s", self.conn.remote_addr, self.conn.cut)
+
+    def simple_response(self, status, msg=""):
+        if self.conn.cut is None:  # cheroot's 400/408 to a peer we cut off would only fail
+            super().simple_response(status, msg)
+
+
+class TimedBody:
+    """A request body (cheroot's wsgi.input) whose reads take
+    ``BODY_TIMEOUT_S`` in all; the app's time between them is not counted.
+    cheroot also reads through it what the app left unread."""
+
+    def __init__(self, rfile, conn: TLSConnection):
+        self._rfile = rfile
+        self._conn = conn
+        self._left = BODY_TIMEOUT_S
+        self._said = False
+
+    @property
+    def remaining(self) -> int:  # what cheroot reads after the app, to keep the connection
+        return getattr(self._rfile, "remaining", 0)
+
+    def _timed(self, read, *args):
+        watchdog = self._conn.server.watchdog
+        start = time.monotonic()
+        watchdog.arm(self._conn, self._left, f"no request body within {BODY_TIMEOUT_S:g} s")
+        try:
+            return read(*args)
+        finally:
+            self._left = max(0.0, self._left - (time.monotonic() - start))
+            if watchdog.disarm(self._conn) and not self._said:
+                self._said = True
+                log.info("TLS: connection from %s closed: %s", self._conn.remote_addr, self._conn.cut)
+
+    def read(self, size=None):
+        return self._timed(self._rfile.read, size)
+
+    def readline(self, size=None):
+        return self._timed(self._rfile.readline, size)
+
+    def readlines(self, sizehint=0):
+        return self._timed(self._rfile.readlines, sizehint)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self._timed(self._rfile.__next__)
+
+    def close(self) -> None:
+        self._rfile.close()
+
+
 class TLSConnection(cheroot_server.HTTPConnection):
     """A connection whose TLS handshake runs in the worker thread that
     first serves it, within ``HANDSHAKE_TIMEOUT_S``; one that fails (no
@@ -96,9 +250,11 @@ class TLSConnection(cheroot_server.HTTPConnection):
     closed without a byte written. After it, the peer's verified
     certificate is in every request's environ (``ssl_env``)."""
 
+    RequestHandlerClass = TimedRequest
     _handshaken = False
     _counted = False
     spoke = False  # has the peer sent anything yet (TLSServer.process_conn)
+    cut: str | None = None  # what took too long, once the watchdog cut it off
 
     def __init__(self, server, sock, makefile=cheroot_server.MakeFile):
         super().__init__(server, sock, makefile)
@@ -108,14 +264,20 @@ class TLSConnection(cheroot_server.HTTPConnection):
     def communicate(self) -> bool:
         if not self._handshaken:
             sock = self.socket
+            watchdog = self.server.watchdog
+            watchdog.arm(self, HANDSHAKE_TIMEOUT_S, f"no handshake within {HANDSHAKE_TIMEOUT_S:g} s")
             try:
                 sock.settimeout(HANDSHAKE_TIMEOUT_S)
                 sock.do_handshake()  # verifies the peer's chain
                 sock.settimeout(self.server.timeout)
             except (ssl.SSLError, OSError) as e:
+                watchdog.disarm(self)
                 log.info("TLS: connection from %s refused during the handshake: %s", self.remote_addr,
-                         _reason(e))
+                         self.cut or _reason(e))
                 return False  # cheroot closes it; nothing is written
+            if watchdog.disarm(self):  # finished just as it was cut: cut all the same
+                log.info("TLS: connection from %s refused during the handshake: %s", self.remote_addr, self.cut)
+                return False
             self.ssl_env = self.server.ssl_adapter.get_environ(sock)
             self._handshaken = True
         return super().communicate()
@@ -157,8 +319,12 @@ def _hang_up_check(sock: socket.socket) -> Callable[[], bool]:
 
 
 class Gateway(wsgi.Gateway_10):
-    """WSGI 1.0, plus environ[HUNG_UP] (secure_routes stops a step the
-    server no longer waits for)."""
+    """WSGI 1.0, its wsgi.input a ``TimedBody``, plus environ[HUNG_UP]
+    (secure_routes stops a step the server no longer waits for)."""
+
+    def __init__(self, req):
+        req.rfile = TimedBody(req.rfile, req.conn)  # before the environ is made from it
+        super().__init__(req)
 
     def get_environ(self):
         environ = super().get_environ()
@@ -168,9 +334,18 @@ class Gateway(wsgi.Gateway_10):
 
 class TLSServer(wsgi.Server):
     """cheroot's WSGI server with ``MutualTLSAdapter``, ``TLSConnection``
-    and ``Gateway``; its messages go to the app's log."""
+    and ``Gateway``, and a ``Watchdog`` for their deadlines; its messages
+    go to the app's log."""
 
     ConnectionClass = TLSConnection
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.watchdog = Watchdog()
+
+    def stop(self) -> None:
+        super().stop()
+        self.watchdog.stop()
 
     def process_conn(self, conn):
         # A new connection first waits in cheroot's selector, as an idle
@@ -185,19 +360,31 @@ class TLSServer(wsgi.Server):
 
     def error_log(self, msg="", level=logging.INFO, traceback=False):
         # cheroot writes to stderr by default; the app's log is where the operator looks.
+        error = sys.exc_info()[1] if traceback else None
+        if isinstance(error, (ssl.SSLEOFError, ssl.SSLZeroReturnError, BrokenPipeError, ConnectionResetError)):
+            # A peer that hung up (or was cut off) before its answer: cheroot
+            # logs a traceback when the answer cannot be written; one line is news enough.
+            log.info("TLS server: a caller hung up before its answer could be sent (%s)", _reason(error))
+            return
         log.log(level, "TLS server: %s", msg, exc_info=traceback)
 
 
 def make_server(app, host: str, port: int, files: TLSFiles, threads: int, limit: int,
-                callers_need_certificate: bool = True) -> TLSServer:
+                callers_need_certificate: bool = True, max_body_bytes: int = 0) -> TLSServer:
     """A server for ``app`` on host:port over mutual TLS with ``files``,
-    ``threads`` requests at once, at most ``limit`` connections, callers'
-    certificates required or optional (``MutualTLSAdapter``); not bound yet
-    (``prepare()`` binds). Raises ssl.SSLError or OSError when the files
-    cannot be used (``tls_files.check`` names them first)."""
+    ``threads`` requests at once (``MIN_THREADS`` at least), at most
+    ``limit`` connections, callers' certificates required or optional
+    (``MutualTLSAdapter``), request heads up to ``MAX_HEAD_BYTES`` and
+    bodies up to ``max_body_bytes`` (the app's MAX_CONTENT_LENGTH; 0: no
+    limit); not bound yet (``prepare()`` binds). Raises ssl.SSLError or
+    OSError when the files cannot be used (``tls_files.check`` names them
+    first)."""
+    threads = max(threads, MIN_THREADS)
     server = TLSServer((host, port), app, numthreads=threads, max=threads, timeout=IDLE_TIMEOUT_S,
                        request_queue_size=1024, server_name="raw-fedavg")
     server.gateway = Gateway
+    server.max_request_header_size = MAX_HEAD_BYTES
+    server.max_request_body_size = max_body_bytes
     server.keep_alive_conn_limit = None  # cheroot's default keeps only 10 connections alive
     server.ssl_adapter = MutualTLSAdapter(files, limit, callers_need_certificate)
     return server
