@@ -1,8 +1,8 @@
 """Serving an app over mutual TLS with cheroot (waitress has no TLS): a
 caller presents a certificate that chains to the app's CA (a client's or a
-host's callers must; the server's own may come without one: its operator
-with a browser or curl, whom the token or the operator certificate lets
-in), and the app sees who it is in the WSGI environ (SSL_CLIENT_S_DN_CN,
+host's callers must; the server's own may come without one, to read what
+everyone may: operating takes the certificate naming operator), and the
+app sees who it is in the WSGI environ (SSL_CLIENT_S_DN_CN,
 SSL_CLIENT_SAN_DNS_0 …). ``service.serve`` uses this when --tls-* is given.
 
 What cheroot does not do on its own, added here:
