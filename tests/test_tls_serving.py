@@ -727,30 +727,25 @@ def test_stalled_callers_without_a_certificate_do_not_keep_the_operator_out(cert
 
 
 def send_and_read(port: int, files: TLSFiles | None, ca: Path, *parts: bytes) -> bytes:
-    """Over TLS presenting ``files``: send ``parts`` (from another thread, so
-    that an early answer is read while they are still going out), then read
-    what the app sends until it closes or stops (a recv timeout ends it)."""
+    """Over TLS presenting ``files``: send ``parts``, then read what the app
+    sends until it closes or has sent a head (a recv timeout ends it). One
+    thread only: an SSL socket must not be read and written at once. An app
+    that refuses while the parts still go out may close first: then what it
+    sent may be lost (b"")."""
     context = ssl.create_default_context(cafile=str(ca))
     if files is not None:
         context.load_cert_chain(str(files.cert), str(files.key))
     received = b""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as raw, \
             context.wrap_socket(raw, server_hostname="localhost") as s:
-        def send() -> None:
-            try:
-                for part in parts:
-                    s.sendall(part)
-            except OSError:  # the app refused and closed: the rest is not read
-                pass
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
         try:
+            for part in parts:
+                s.sendall(part)
             while (chunk := s.recv(65536)) and b"\r\n\r\n" not in received + chunk:
                 received += chunk
             received += chunk
-        except (ssl.SSLError, ConnectionError):
+        except (ssl.SSLError, ConnectionError):  # the app refused and closed
             pass
-        sender.join(30)
     return received
 
 
