@@ -98,12 +98,14 @@ def test_scaffold_over_rounds(skewed: Population, setting: str) -> None:
     """SCAFFOLD over 6 rounds, each client keeping its own c_k on both paths
     (RunMemory per client; the batch's BatchMemory arrays): a different
     sample and server c every round, so c_k differ between clients and some
-    skip rounds; round 4 replayed (as after a server crash) starts from the
-    c_k round 4 first started from."""
+    skip rounds; rounds replayed (4 again, as after a server crash; then 3
+    and 2 after later ones) start from the c_k they first started from, as
+    RunMemory's four kept rounds give them; and rounds 3 and 4 after 8..11
+    find none (RunMemory dropped what is older than its four)."""
     rng = np.random.default_rng(2)
     clients, memory = clients_of(skewed), skewed.memory()
     theta = np.zeros(2)
-    for round_no in (1, 2, 3, 4, 4, 5, 6):
+    for round_no in (1, 2, 3, 4, 4, 3, 4, 5, 6, 2, 7, 8, 9, 10, 11, 3, 4):
         ids = rng.permutation(K)[:15]
         control = rng.normal(0.0, 0.5, size=2)
         assert_same(skewed, ids, body_of("scaffold", SETTINGS[setting], theta, round_no, control), clients, memory)

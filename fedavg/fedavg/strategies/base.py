@@ -117,60 +117,57 @@ class BatchMemory:
     """``RunMemory`` for every client of a population at once, as arrays
     (K × p floats per kept round, not K dicts): SCAFFOLD's c_k.
 
-    Per run, each client keeps its two latest rounds' values (the value and
-    the round it was left by). Asked before round r, it gives the value of
-    the latest kept round before r, as RunMemory does: a replay of the
-    latest round starts from the state it started from the first time.
-    RunMemory keeps four rounds; replaying further back than the latest
-    round here finds c_k = 0. Arrays are allocated on a run's first write;
-    at most RunMemory.RUNS runs are kept."""
+    The same rule as RunMemory, client by client: per run, each client keeps
+    the values of its latest RunMemory.ROUNDS_PER_RUN rounds (a slot each:
+    the value and the round that left it); asked before round r, it gives
+    the value of the latest kept round before r, so a replayed round starts
+    from the state it started from the first time. Arrays are allocated on a
+    run's first write; at most RunMemory.RUNS runs are kept."""
 
     EMPTY = -1  # the round of a slot that holds nothing (rounds are ≥ 0)
+    SLOTS = RunMemory.ROUNDS_PER_RUN
 
     def __init__(self, size: int, dim: int) -> None:
         self.size, self.dim = size, dim
         self._lock = threading.Lock()
-        self._runs: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+        self._runs: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()  # run → (values, rounds)
 
     def lookup(self, run: str, round_no: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(values (B, p), found (B,)): each client's value of its latest kept
         round before ``round_no`` (0 where it has none)."""
-        out, found = np.zeros((len(ids), self.dim)), np.zeros(len(ids), dtype=bool)
         with self._lock:
-            kept = self._runs.get(run)
-            if kept is None:
-                return out, found
-            cur_r, prev_r = kept["cur_round"][ids], kept["prev_round"][ids]
-            use_cur = (cur_r != self.EMPTY) & (cur_r < round_no)
-            use_prev = ~use_cur & (prev_r != self.EMPTY) & (prev_r < round_no)
-            out[use_cur] = kept["cur"][ids[use_cur]]
-            out[use_prev] = kept["prev"][ids[use_prev]]
-        return out, use_cur | use_prev
+            if run not in self._runs:
+                return np.zeros((len(ids), self.dim)), np.zeros(len(ids), dtype=bool)
+            values, rounds = self._runs[run]
+            kept = rounds[ids]  # (B, SLOTS)
+            eligible = (kept != self.EMPTY) & (kept < round_no)
+            latest = np.argmax(np.where(eligible, kept, self.EMPTY - 1), axis=1)
+            found = eligible.any(axis=1)
+            out = values[ids, latest]
+        return np.where(found[:, None], out, 0.0), found
 
     def before(self, run: str, round_no: int, ids: np.ndarray) -> np.ndarray:
         """c_k before round ``round_no`` for each client of ``ids`` (B, p); 0 if none."""
         return self.lookup(run, round_no, ids)[0]
 
     def after(self, run: str, round_no: int, ids: np.ndarray, values: np.ndarray) -> None:
-        """Keep ``values`` (B, p) as the clients' value left by round ``round_no``."""
+        """Keep ``values`` (B, p) as the clients' value left by round ``round_no``:
+        in the slot of that round if kept, else in place of the oldest (an
+        empty slot's round, −1, is the oldest) when it is older than this one."""
         with self._lock:
-            kept = self._runs.get(run)
-            if kept is None:
-                kept = {"cur": np.zeros((self.size, self.dim)), "prev": np.zeros((self.size, self.dim)),
-                        "cur_round": np.full(self.size, self.EMPTY, dtype=np.int64),
-                        "prev_round": np.full(self.size, self.EMPTY, dtype=np.int64)}
-                self._runs[run] = kept
+            if run not in self._runs:
+                self._runs[run] = (np.zeros((self.size, self.SLOTS, self.dim)),
+                                   np.full((self.size, self.SLOTS), self.EMPTY, dtype=np.int64))
             self._runs.move_to_end(run)
-            cur_r, prev_r = kept["cur_round"][ids], kept["prev_round"][ids]
-            newer = cur_r < round_no  # (an empty slot's round, −1, is older than any)
-            same = cur_r == round_no
-            # older than the latest, but not older than the one before: it becomes that one
-            between = ~newer & ~same & (prev_r <= round_no)
-            shift = ids[newer]
-            kept["prev"][shift], kept["prev_round"][shift] = kept["cur"][shift], kept["cur_round"][shift]
-            to_cur = ids[newer | same]
-            kept["cur"][to_cur], kept["cur_round"][to_cur] = values[newer | same], round_no
-            kept["prev"][ids[between]], kept["prev_round"][ids[between]] = values[between], round_no
+            kept_values, rounds = self._runs[run]
+            kept = rounds[ids]
+            same = kept == round_no
+            oldest = np.argmin(kept, axis=1)
+            slot = np.where(same.any(axis=1), np.argmax(same, axis=1), oldest)
+            # RunMemory keeps the latest rounds: one older than all it keeps is dropped at once
+            write = same.any(axis=1) | (kept[np.arange(len(ids)), oldest] < round_no)
+            kept_values[ids[write], slot[write]] = values[write]
+            rounds[ids[write], slot[write]] = round_no
             while len(self._runs) > RunMemory.RUNS:
                 self._runs.popitem(last=False)
 
