@@ -87,3 +87,30 @@ def _minibatches(rng: np.random.Generator, n: int, batch_size: int) -> list[np.n
     """A fresh permutation of 0..n-1 cut into batches (the last may be smaller)."""
     order = rng.permutation(n)
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def local_gd_batch(theta: np.ndarray, xtx: np.ndarray, xty: np.ndarray, n: np.ndarray, config: TrainConfig,
+                   correction: np.ndarray | None = None) -> np.ndarray:
+    """``local_train``'s full-batch gradient descent for B clients at once,
+    from the least-squares statistics of their rows (x̃ = [x, 1]):
+
+        G_k = X̃_kᵀX̃_k  (B, p, p),   h_k = X̃_kᵀy_k  (B, p),   p = d + 1,
+        ∇L_k(θ) = (2/n_k)·(G_k θ − h_k),
+        θ_k ← θ_k − lr·(∇L_k(θ_k) + mu·(θ_k − θ_t) + corr_k)
+
+    E times (config.local_epochs), from θ_k = θ_t for every k. Each epoch
+    costs O(B·p²) whatever the n_k. ``correction`` (B, p): SCAFFOLD's
+    c − c_k per client. Mini-batches need the rows: ``config.batch_size``
+    must be None (the caller falls back to ``local_train`` per client)."""
+    if config.batch_size is not None:
+        raise ValueError("local_gd_batch is full-batch gradient descent: batch_size must be None")
+    scale = (2.0 / n)[:, None]
+    theta_k = np.broadcast_to(theta, xty.shape).copy()
+    for _ in range(config.local_epochs):
+        grad = scale * (np.einsum("kij,kj->ki", xtx, theta_k) - xty)
+        if config.mu:
+            grad = grad + config.mu * (theta_k - theta)
+        if correction is not None:
+            grad = grad + correction
+        theta_k = theta_k - config.lr * grad
+    return theta_k

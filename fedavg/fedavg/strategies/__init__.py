@@ -5,7 +5,7 @@ is). ``STRATEGIES`` maps each name to its class; ``make`` builds one for a run.
 """
 from __future__ import annotations
 
-from .base import ClientTask, Local, Param, Result, RunMemory, State, Step, Strategy
+from .base import BatchMemory, ClientTask, Local, LocalBatch, Param, Result, RunMemory, State, Step, Strategy
 from .combine import AGGREGATORS, ROBUST, ROBUST_OWNER, CannotCombine, Combine
 from .exact import Exact
 from .fedavg import FedAvg, FedProx
@@ -30,4 +30,5 @@ PARAM_NAMES: tuple[str, ...] = tuple(dict.fromkeys(p.name for s in STRATEGIES.va
 
 __all__ = ["STRATEGIES", "PARAM_NAMES", "REPLY_FIELDS", "SENT_FIELDS", "AGGREGATORS", "ROBUST", "ROBUST_OWNER",
            "CannotCombine", "Combine",
-           "ClientTask", "Field", "LOCAL_MODEL", "Local", "Param", "Result", "RunMemory", "State", "Step", "Strategy"]
+           "BatchMemory", "ClientTask", "Field", "LOCAL_MODEL", "Local", "LocalBatch", "Param", "Result", "RunMemory",
+           "State", "Step", "Strategy"]

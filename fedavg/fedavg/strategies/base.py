@@ -22,15 +22,18 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from ..model import Theta, as_theta, split
 from ..spec import Param
-from ..training import TrainConfig, local_train
+from ..training import TrainConfig, local_gd_batch, local_train
 from .combine import Combine
-from .fields import LOCAL_MODEL, Field
+from .fields import LOCAL_MODEL, STATS, Field
+
+if TYPE_CHECKING:  # (population imports the strategies: only the type here)
+    from ..population import Population
 
 State = dict[str, np.ndarray]
 
@@ -108,6 +111,123 @@ class RunMemory:
                 del kept[r]
             while len(self._runs) > self.RUNS:
                 self._runs.popitem(last=False)
+
+
+class BatchMemory:
+    """``RunMemory`` for every client of a population at once, as arrays
+    (K × p floats per kept round, not K dicts): SCAFFOLD's c_k.
+
+    The same rule as RunMemory, client by client: per run, each client keeps
+    the values of its latest RunMemory.ROUNDS_PER_RUN rounds (a slot each:
+    the value and the round that left it); asked before round r, it gives
+    the value of the latest kept round before r, so a replayed round starts
+    from the state it started from the first time. Arrays are allocated on a
+    run's first write; at most RunMemory.RUNS runs are kept."""
+
+    EMPTY = -1  # the round of a slot that holds nothing (rounds are ≥ 0)
+    SLOTS = RunMemory.ROUNDS_PER_RUN
+
+    def __init__(self, size: int, dim: int) -> None:
+        self.size, self.dim = size, dim
+        self._lock = threading.Lock()
+        self._runs: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()  # run → (values, rounds)
+
+    def lookup(self, run: str, round_no: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(values (B, p), found (B,)): each client's value of its latest kept
+        round before ``round_no`` (0 where it has none)."""
+        with self._lock:
+            if run not in self._runs:
+                return np.zeros((len(ids), self.dim)), np.zeros(len(ids), dtype=bool)
+            values, rounds = self._runs[run]
+            kept = rounds[ids]  # (B, SLOTS)
+            eligible = (kept != self.EMPTY) & (kept < round_no)
+            latest = np.argmax(np.where(eligible, kept, self.EMPTY - 1), axis=1)
+            found = eligible.any(axis=1)
+            out = values[ids, latest]
+        return np.where(found[:, None], out, 0.0), found
+
+    def before(self, run: str, round_no: int, ids: np.ndarray) -> np.ndarray:
+        """c_k before round ``round_no`` for each client of ``ids`` (B, p); 0 if none."""
+        return self.lookup(run, round_no, ids)[0]
+
+    def after(self, run: str, round_no: int, ids: np.ndarray, values: np.ndarray) -> None:
+        """Keep ``values`` (B, p) as the clients' value left by round ``round_no``:
+        in the slot of that round if kept, else in place of the oldest (an
+        empty slot's round, −1, is the oldest) when it is older than this one."""
+        with self._lock:
+            if run not in self._runs:
+                self._runs[run] = (np.zeros((self.size, self.SLOTS, self.dim)),
+                                   np.full((self.size, self.SLOTS), self.EMPTY, dtype=np.int64))
+            self._runs.move_to_end(run)
+            kept_values, rounds = self._runs[run]
+            kept = rounds[ids]
+            same = kept == round_no
+            oldest = np.argmin(kept, axis=1)
+            slot = np.where(same.any(axis=1), np.argmax(same, axis=1), oldest)
+            # RunMemory keeps the latest rounds: one older than all it keeps is dropped at once
+            write = same.any(axis=1) | (kept[np.arange(len(ids)), oldest] < round_no)
+            kept_values[ids[write], slot[write]] = values[write]
+            rounds[ids[write], slot[write]] = round_no
+            while len(self._runs) > RunMemory.RUNS:
+                self._runs.popitem(last=False)
+
+    def of(self, k: int) -> ClientMemory:
+        """Client k's memory as the one-client ``local`` reads it."""
+        return ClientMemory(self, k)
+
+
+class ClientMemory(RunMemory):
+    """One client's row of a ``BatchMemory``, with RunMemory's two methods:
+    what ``local`` is given when a batch falls back to the per-client loop."""
+
+    def __init__(self, batch: BatchMemory, k: int) -> None:
+        self.batch, self.ids = batch, np.array([k])
+
+    def before(self, run: str, round_no: int) -> np.ndarray | None:
+        value, found = self.batch.lookup(run, round_no, self.ids)
+        return value[0] if found[0] else None
+
+    def after(self, run: str, round_no: int, value: np.ndarray) -> None:
+        self.batch.after(run, round_no, self.ids, np.asarray(value, dtype=float)[None, :])
+
+
+@dataclass(frozen=True)
+class LocalBatch:
+    """What ``local_batch`` produced for B clients: ``Local``'s fields, one
+    row per client. ``theta`` (B, p) the local models, or None when the
+    strategy sends none; ``extra`` its other reply fields by name, each an
+    array with the clients on axis 0: a model-shaped field (B, p), a count
+    (B,) int64, and Exact's statistics as two arrays, "stats.xtx" (B, p, p)
+    and "stats.xty" (B, p)."""
+
+    theta: np.ndarray | None = None
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def local(self, j: int) -> Local:
+        """The j-th client's ``Local``, as its own ``local`` would have given it."""
+        extra: dict[str, Any] = {}
+        for name, values in self.extra.items():
+            if name.startswith(STATS.name + "."):
+                extra.setdefault(STATS.name, {})[name.split(".", 1)[1]] = values[j]
+            elif values.dtype.kind == "i":
+                extra[name] = int(values[j])
+            else:
+                extra[name] = values[j]
+        return Local(None if self.theta is None else self.theta[j], extra)
+
+    @staticmethod
+    def stack(locals_: Sequence[Local]) -> LocalBatch:
+        """The batch of B one-client ``Local``s (the per-client loop's result)."""
+        first = locals_[0]
+        theta = None if first.theta is None else np.stack([lo.theta for lo in locals_])
+        extra: dict[str, np.ndarray] = {}
+        for name, value in first.extra.items():
+            if isinstance(value, dict):  # Exact's statistics: one array per sum
+                for part in value:
+                    extra[f"{name}.{part}"] = np.stack([lo.extra[name][part] for lo in locals_])
+            else:
+                extra[name] = np.array([lo.extra[name] for lo in locals_])
+        return LocalBatch(theta, extra)
 
 
 @dataclass(frozen=True)
@@ -200,3 +320,28 @@ class Strategy(ABC):
     def local(cls, task: ClientTask, X: np.ndarray, y: np.ndarray, memory: RunMemory) -> Local:
         w, b = local_train(*split(task.theta), X, y, task.config, stop=task.past_deadline)
         return Local(as_theta(w, b))
+
+    @classmethod
+    def local_batch(cls, task: ClientTask, population: Population, ids: np.ndarray,
+                    memory: BatchMemory) -> LocalBatch:
+        """``local`` for the clients ``ids`` of a population at once.
+
+        FedAvg's full-batch local GD (this base ``local``, which FedProx and
+        the FedOpt family inherit) runs vectorised on the clients' statistics
+        (``local_gd_batch``). Anything else runs ``local`` client by client
+        on the client's own rows and memory, so every strategy is served and
+        gives exactly its own ``local``'s answer: a strategy that overrides
+        ``local`` (one of the docs' own, say) is never given FedAvg's batch
+        by inheritance; mini-batches (batch_size set) need the rows and a
+        shuffle per client. The strategies with a vectorised form of their
+        own override this."""
+        if cls.local.__func__ is Strategy.local.__func__ and task.config.batch_size is None:
+            return LocalBatch(local_gd_batch(task.theta, population.xtx[ids], population.xty[ids],
+                                             population.sizes[ids], task.config))
+        return cls.local_each(task, population, ids, memory)
+
+    @classmethod
+    def local_each(cls, task: ClientTask, population: Population, ids: np.ndarray,
+                   memory: BatchMemory) -> LocalBatch:
+        """The per-client loop: ``local`` on each client's rows, stacked."""
+        return LocalBatch.stack([cls.local(task, *population.rows(k), memory.of(k)) for k in ids])

@@ -13,12 +13,17 @@ models (anything non-linear) have no such closed form.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from ..model import Theta
 from ..trace import fmt, names
-from .base import ClientTask, Local, Param, Result, RunMemory, State, Step, Strategy
+from .base import BatchMemory, ClientTask, Local, LocalBatch, Param, Result, RunMemory, State, Step, Strategy
 from .fields import STATS
+
+if TYPE_CHECKING:
+    from ..population import Population
 
 
 class Exact(Strategy):
@@ -39,6 +44,12 @@ class Exact(Strategy):
         """X̃ᵀX̃ and X̃ᵀy over the client's rows, X̃ = [X, 1]."""
         X1 = np.hstack([X, np.ones((len(y), 1))])
         return Local(extra={"stats": {"xtx": X1.T @ X1, "xty": X1.T @ y}})
+
+    @classmethod
+    def local_batch(cls, task: ClientTask, population: Population, ids: np.ndarray,
+                    memory: BatchMemory) -> LocalBatch:
+        """X̃_kᵀX̃_k and X̃_kᵀy_k: the population already holds them."""
+        return LocalBatch(extra={"stats.xtx": population.xtx[ids], "stats.xty": population.xty[ids]})
 
     def aggregate(self, theta: Theta, results: list[Result], state: State) -> Step:
         """W = (Σ X̃ᵀX̃ + λ·D)⁻¹ Σ X̃ᵀy (least squares when the sum is singular)."""

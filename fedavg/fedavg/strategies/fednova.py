@@ -9,14 +9,19 @@ ones, ‖a_k‖₁ = τ_k). With equal τ_k it is FedAvg.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from ..aggregation import weighted_average
 from ..model import Theta
 from ..trace import explain_each, explain_weighted_sum, fmt, names
-from ..training import local_steps
-from .base import ClientTask, Local, Result, RunMemory, State, Step, Strategy
+from ..training import local_gd_batch, local_steps
+from .base import BatchMemory, ClientTask, Local, LocalBatch, Result, RunMemory, State, Step, Strategy
 from .fields import LOCAL_MODEL, STEPS
+
+if TYPE_CHECKING:
+    from ..population import Population
 
 
 class FedNova(Strategy):
@@ -29,6 +34,17 @@ class FedNova(Strategy):
         """FedAvg's local GD, and τ_k, the number of steps it took."""
         trained = super().local(task, X, y, memory)
         return Local(trained.theta, {"steps": local_steps(len(y), task.config)})
+
+    @classmethod
+    def local_batch(cls, task: ClientTask, population: Population, ids: np.ndarray,
+                    memory: BatchMemory) -> LocalBatch:
+        """Full batch: FedAvg's vectorised local GD, and τ_k = E for every
+        client. Mini-batches: the per-client loop (τ_k = E·⌈n_k/B⌉ there)."""
+        if task.config.batch_size is not None:
+            return cls.local_each(task, population, ids, memory)
+        theta_k = local_gd_batch(task.theta, population.xtx[ids], population.xty[ids], population.sizes[ids],
+                                 task.config)
+        return LocalBatch(theta_k, {"steps": np.full(len(ids), task.config.local_epochs, dtype=np.int64)})
 
     def aggregate(self, theta: Theta, results: list[Result], state: State) -> Step:
         """d = Σ_k n_k/N · (W_t − W_k)/τ_k;  W_{t+1} = W_t − τ_eff·d."""

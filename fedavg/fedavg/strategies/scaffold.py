@@ -12,15 +12,18 @@ what it is divided by (``memo``): a resumed run goes on exactly.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..model import Theta, as_theta, split
 from ..trace import TRACE_TERMS, explain_each, fmt, names
-from ..training import local_steps, local_train
-from .base import ClientTask, Local, Param, Result, RunMemory, State, Step, Strategy
+from ..training import local_gd_batch, local_steps, local_train
+from .base import BatchMemory, ClientTask, Local, LocalBatch, Param, Result, RunMemory, State, Step, Strategy
 from .fields import CONTROL, CONTROL_DELTA, LOCAL_MODEL
+
+if TYPE_CHECKING:
+    from ..population import Population
 
 
 class Scaffold(Strategy):
@@ -80,6 +83,24 @@ class Scaffold(Strategy):
         c_k_new = c_k - c + (task.theta - theta_k) / (tau * task.config.lr)
         memory.after(run, task.round or 0, c_k_new)
         return Local(theta_k, {"control_delta": c_k_new - c_k})
+
+    @classmethod
+    def local_batch(cls, task: ClientTask, population: Population, ids: np.ndarray,
+                    memory: BatchMemory) -> LocalBatch:
+        """``local`` for every client at once (full batch, τ = E): each
+        client's own c_k from the batch memory (B, p), E corrected steps
+        with c − c_k, then c_k⁺ and Δc_k per row. Mini-batches: the
+        per-client loop."""
+        if task.config.batch_size is not None:
+            return cls.local_each(task, population, ids, memory)
+        c = task.inputs["control"]
+        run, round_no = task.config.run or "", task.round or 0
+        c_k = memory.before(run, round_no, ids)
+        theta_k = local_gd_batch(task.theta, population.xtx[ids], population.xty[ids], population.sizes[ids],
+                                 task.config, correction=c - c_k)
+        c_k_new = c_k - c + (task.theta - theta_k) / (task.config.local_epochs * task.config.lr)
+        memory.after(run, round_no, ids, c_k_new)
+        return LocalBatch(theta_k, {"control_delta": c_k_new - c_k})
 
     def aggregate(self, theta: Theta, results: list[Result], state: State) -> Step:
         """Δy = Σ_{k∈S} n_k/N_S·(y_k − W_t) over the clients S that replied;
