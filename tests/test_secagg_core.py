@@ -420,7 +420,8 @@ def test_a_wrong_share_is_left_out_and_named_when_spare_shares_exist():
 def test_a_wrong_share_among_exactly_t_is_a_secagg_error_naming_the_holders():
     fed = Federation(random_inputs(3, 2, seed=27), 3)
     replies = fed.unmask([1, 2, 3])
-    replies[3]["b"][1] = replies[3]["b"][1][:-1] + b"\x00"
+    share = replies[3]["b"][1]
+    replies[3]["b"][1] = share[:-1] + bytes([share[-1] ^ 1])  # a changed byte (setting it to 0: unchanged 1 in 256)
     with pytest.raises(secagg.SecAggError, match=r"b_1: the shares from clients \[1, 2, 3\]") as caught:
         fed.total([1, 2, 3], replies)
     assert caught.value.clients == [1, 2, 3]
