@@ -50,6 +50,11 @@ class LastModel:
             return self._seen
 
 
+def diverged_error(lr: float) -> str:
+    """Why a client's training result cannot be sent (its 422; a batch's row)."""
+    return f"local training diverged (non-finite model) with lr={lr:g}; use a smaller lr"
+
+
 @dataclass(frozen=True)
 class Learned:
     """One round's local work: the strategy's reply fields, the model it ends
@@ -161,8 +166,7 @@ class LocalClient:
             # JSON cannot carry inf/NaN; say plainly what happened instead.
             log.warning("%s round %s: local training diverged with lr=%g", self.client_id, task.round,
                         task.config.lr)
-            return {"error": f"local training diverged (non-finite model) with lr={task.config.lr:g}; "
-                             "use a smaller lr", "diverged": True}, 422
+            return {"error": diverged_error(task.config.lr), "diverged": True}, 422
         if log.isEnabledFor(logging.INFO):
             log.info("%s round %s: %s%s → %s  (loss %s → %s)", self.client_id,
                      "-" if task.round is None else task.round,

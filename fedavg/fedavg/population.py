@@ -46,6 +46,7 @@ The rows of the diverged clients hold whatever the arithmetic gave.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -74,6 +75,18 @@ class BatchReply:
     loss_after: np.ndarray
     within_clip: np.ndarray | None
     diverged: np.ndarray
+
+    @staticmethod
+    def concat(replies: list[BatchReply]) -> BatchReply:
+        """One reply of the rows of ``replies``, in their order."""
+        def cat(arrays: list[np.ndarray | None]) -> np.ndarray | None:
+            return None if arrays[0] is None else np.concatenate(arrays)
+        first = replies[0].local
+        local = LocalBatch(cat([r.local.theta for r in replies]),
+                           {name: np.concatenate([r.local.extra[name] for r in replies]) for name in first.extra})
+        return BatchReply(*(cat([getattr(r, f) for r in replies]) for f in ("ids", "n")), local,
+                          *(cat([getattr(r, f) for r in replies]) for f in ("loss_before", "loss_after",
+                                                                             "within_clip", "diverged")))
 
 
 class Population:
@@ -138,6 +151,23 @@ class Population:
         y += INTERCEPT
         f = attackers if scenario == "byzantine" else 0
         return cls(x[:, None], y, offsets, attackers=f, attack=attack, scenario=scenario)
+
+    @classmethod
+    def of(cls, clients: Sequence[LocalClient], scenario: str = "clients") -> Population:
+        """The population of exactly these clients' rows, client k being
+        ``clients[k]`` (make_clients' clients: the data a client host has
+        always served). Its attackers (``Attacker``) must be the first f and
+        share one attack, as make_clients makes them."""
+        if not clients:
+            raise ValueError("clients: a population needs at least one client")
+        liars = [isinstance(c, Attacker) for c in clients]
+        f = sum(liars)
+        if any(liars[f:]) or len({c.attack for c in clients[:f]}) > 1:
+            raise ValueError("clients: the attackers must be the first f clients, with one attack")
+        offsets = np.zeros(len(clients) + 1, dtype=np.int64)
+        np.cumsum([len(c.y) for c in clients], out=offsets[1:])
+        return cls(np.vstack([c.X for c in clients]), np.concatenate([c.y for c in clients]), offsets,
+                   attackers=f, attack=clients[0].attack if f else "huge", scenario=scenario)
 
     @property
     def size(self) -> int:
@@ -215,12 +245,21 @@ class Population:
         sums = [np.add.reduceat(err * X[:, j], at) for j in range(X.shape[1])] + [np.add.reduceat(err, at)]
         return (2.0 / self.sizes[ids])[:, None] * np.column_stack(sums)
 
-    def train(self, task: ClientTask, ids: object, memory: BatchMemory) -> BatchReply:
+    def train(self, task: ClientTask, ids: object, memory: BatchMemory,
+              seeds: Sequence[int] | None = None) -> BatchReply:
         """/train for the clients ``ids`` at once: what ``LocalClient.learn``
         and ``Attacker.train`` do for one, row by row (the strategy's
         ``local_batch``; DP's W_t + clip_S(W_k − W_t) + N(0, s²·I); the losses
-        before and after; the attackers' lies), in arrays (``BatchReply``)."""
+        before and after; the attackers' lies), in arrays (``BatchReply``).
+        ``seeds``: each client's own config.seed, aligned with ``ids``; only
+        mini-batches read it (a shuffle per client), and then each client
+        trains with its own seed, one by one."""
         ids = self.check_ids(ids)
+        if seeds is not None and task.config.batch_size is not None:
+            if len(seeds) != len(ids):
+                raise ProtocolError(f"seeds: has {len(seeds)} entries for {len(ids)} clients")
+            return BatchReply.concat([self.train(replace(task, config=replace(task.config, seed=int(s))), [k],
+                                                 memory) for k, s in zip(ids, seeds)])
         p = self.num_features + 1
         if task.theta.shape != (p,):
             raise ProtocolError(f"global_model: has {len(task.theta)} parameters, the population's model has {p}")
