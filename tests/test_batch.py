@@ -113,6 +113,52 @@ def test_a_fraction_and_a_host_beside_single_clients(servers):
         assert calls(host) == {"batch_train": 4, "train": 0}
 
 
+class StopInRound(InProcessTransport):
+    """The clients in this process, and ``stop()`` called once, as soon as
+    round ``at``'s first training call (a client's /train, or its host's
+    /batch/train) has been answered: the run ends after that round, interrupted."""
+
+    def __init__(self, apps, at: int | None) -> None:
+        super().__init__(apps)
+        self.at, self.stop = at, None
+
+    def call(self, url, method, path, timeout_s, body=None, **limit):
+        reply = super().call(url, method, path, timeout_s, body, **limit)
+        if path in ("/train", "") and body["round"] == self.at and self.stop is not None:
+            stop, self.stop = self.stop, None
+            stop()
+        return reply
+
+
+def test_a_scaffold_run_that_changes_path_keeps_each_clients_c_k(servers, tmp_path):
+    """SCAFFOLD's c_k is one memory per hosted client, whichever way its host
+    is called: a run stopped and resumed on the other path four times (rounds
+    1–2 client by client, 3 batched, 4–5 client by client, 6–8 batched, 9–12
+    client by client; each resume on a new server over the same history)
+    equals a run on one path to 1e-12. (A client's /train and /batch/train
+    once kept a c_k each: every switch started c_k from 0.)"""
+    settings = {"strategy": "scaffold", "rounds": 12, "seed": 5}
+    host, db = create_host_app(make_clients("quantity-skew", K, 3)), tmp_path / "switched.db"
+    apps = {f"{HOST}/clients/{k}": host for k in range(1, K + 1)}
+    body: dict = {}
+    for i, at in enumerate([2, 3, 5, 8, None]):
+        transport = StopInRound(apps, at)
+        fed = servers(transport, db, BATCHED=i % 2 == 1)
+        transport.stop = lambda fed=fed: fed.post(f"/runs/{fed.fed.running_id()}/stop")
+        if not body:
+            body = fed.run(**settings)
+        else:
+            status, body = fed.post(f"/runs/{body['run_id']}/resume")
+            assert status == 200, body
+        body = fed.whole(body)
+        assert body["status"] == ("completed" if at is None else "interrupted"), body.get("error")
+        assert len(body["rounds"]) == (at or 12)
+        fed.close()
+    assert calls(host) == {"batch_train": 1 + 3, "train": (2 + 2 + 4) * K}  # both paths, as planned
+    one_path = servers(InProcessTransport.hosted(create_host_app(make_clients("quantity-skew", K, 3)), K, HOST))
+    assert_same_run(body, one_path.run(**settings))
+
+
 @pytest.mark.parametrize("settings", [{"lr": 10.0}, {"lr": 10.0, "local_epochs": 1000, "rounds": 1}],
                          ids=["lr10", "all-diverge"])
 def test_diverged_clients_are_dropped_as_their_422_is(servers, settings):

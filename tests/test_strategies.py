@@ -426,8 +426,9 @@ def test_scaffold_resumed_with_the_current_clients_counts_a_new_one_from_its_fir
     first = fed.run(**settings)
     assert first["status"] == "failed" and len(first["rounds"]) == 49, first.get("error")
     fed.close()
-    # the same two clients (their c_k kept), at the same URLs, and a third
-    then = servers(InProcessTransport.hosted(create_host_app([small, large, middle], None), 3), db, BATCHED=False)
+    # the same two clients (their c_k kept), at the same URLs, and a third, on a host that batches
+    host = create_host_app([small, large, middle], None)
+    then = servers(InProcessTransport.hosted(host, 3), db)
     body = resume_and_wait(then, first["run_id"], {"clients": "current"})
     took_part = who_took_part(body, ["small", "middle", "large"])
     assert took_part[:49] == [[0, 2]] * 49 and all(sorted(part) == [0, 1, 2] for part in took_part[49:])
@@ -436,6 +437,7 @@ def test_scaffold_resumed_with_the_current_clients_counts_a_new_one_from_its_fir
         assert close(got, want, 1e-12), f"round {r}: {got} != {want}"
     assert "c ← c·23/31 (its c_k was 0)" in "\n".join(body["rounds"][49]["math"])
     assert close(models(body)[-1], pooled_line(UNEQUAL), 1e-9), (models(body)[-1], pooled_line(UNEQUAL))
+    assert host.test_client().get("/health").get_json()["calls"] == {"batch_train": 251, "train": 0}
 
 
 # --- Exact: least squares in one round ------------------------------------------------

@@ -74,7 +74,8 @@ class LocalClient:
     client_id: str
     X: np.ndarray
     y: np.ndarray
-    # State kept between rounds, per run (SCAFFOLD's c_k); gone when the client restarts.
+    # State kept between rounds, per run (SCAFFOLD's c_k); gone when the client restarts. A client
+    # host moves it into its population's memory, shared with /batch/train (host_app).
     memory: RunMemory = field(default_factory=RunMemory, compare=False, repr=False)
     # The last global model received, shown on this client's own page only.
     last_global: LastModel = field(default_factory=LastModel, compare=False, repr=False)

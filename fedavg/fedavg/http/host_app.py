@@ -53,7 +53,11 @@ def create_host_app(clients: Sequence[LocalClient], token: str | None = None,
     install_json_errors(app)
     install_request_guards(app)
     population = population if population is not None else Population.of(clients)
-    memory = population.memory()  # the batched path's c_k (a client's /train keeps its own, per client)
+    memory = population.memory()
+    # One c_k per client, whichever way the server calls it: its own /train keeps it in its row of the
+    # memory /batch/train reads and writes (a client hosted before brings what it kept there).
+    for k, client in enumerate(clients):
+        client.memory.move_to(memory.of(k))
     batches = threading.BoundedSemaphore(MAX_TRAININGS)  # as each client's slots: a round and one more
     calls: Counter[str] = Counter()  # the training calls answered, for /health: how the server called
     calls_lock = threading.Lock()
