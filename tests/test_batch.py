@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import launcher
 from fedavg.batch_wire import batch_reply_json, parse_batch_reply
 from fedavg.http.host_app import create_host_app
 from fedavg.population import Population
@@ -308,3 +309,40 @@ def test_population_of_clients_holds_exactly_their_rows():
     task = parse_train_request({"global_model": {"w": 0.0, "b": 0.0}}, 1)
     reply = population.train(task, [0, 4], population.memory())
     assert batch_reply_json(reply, "fedavg", "why")["errors"] == {}
+
+
+# --- over HTTP ---------------------------------------------------------------------
+
+
+@pytest.mark.system
+def test_over_http_the_batched_run_equals_the_per_client_run(tmp_path):
+    """A client host and two servers as the README starts them, both
+    ``--clients-from`` the host, one with ``--per-client``: the same SCAFFOLD
+    run on each gives every round's model to 1e-12, and the host's /health
+    counts one /batch/train per round for the first and only clients' own
+    /train for the second."""
+    k, rounds = 12, 4
+    host = launcher.start_app("client_host", launcher.free_port(), ["--scenario", "quantity-skew",
+                                                                    "--clients", str(k)])
+    apps = [host]
+    try:
+        launcher.wait_healthy(apps)
+        servers = {}
+        for how, extra in (("batched", []), ("per-client", ["--per-client"])):
+            servers[how] = launcher.start_app("server", launcher.free_port(), [
+                "--clients-from", host.url, "--db", str(tmp_path / f"{how}.db"), *extra])
+            apps.append(servers[how])
+        launcher.wait_healthy(apps)
+        runs, counted = {}, {}
+        for how, server in servers.items():
+            status, runs[how] = launcher.post_json(server.url + "/start", {"strategy": "scaffold",
+                                                                           "rounds": rounds, "seed": 4})
+            assert status == 200 and runs[how]["status"] == "completed", runs[how].get("error")
+            counted[how] = launcher.get_json(host.url + "/health")["calls"]
+        assert_same_run(runs["batched"], runs["per-client"])
+        assert counted == {"batched": {"batch_train": rounds, "train": 0},
+                           "per-client": {"batch_train": rounds, "train": rounds * k}}
+    finally:
+        launcher.stop(apps)
+    for app in apps:
+        assert "Traceback" not in app.output(), app.output()[-2000:]
