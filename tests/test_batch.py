@@ -229,6 +229,35 @@ def test_a_dp_run_on_a_batching_host_calls_each_client(servers):
     assert calls(host) == {"batch_train": 0, "train": 8}
 
 
+def test_a_population_hosts_clients_are_built_when_first_called():
+    population = Population.build("byzantine", 30, seed=2, attackers=2)
+    clients = population.clients(population.memory())
+    assert len(clients) == 30 and clients.built == 0
+    first = clients[0]
+    assert clients[0] is first and clients.built == 1 and first.client_id == "attacker_1"
+    with pytest.raises(IndexError):
+        clients[30]
+    http = create_host_app(None, population=population).test_client()
+    assert http.get("/health").get_json()["data_size"] == int(population.sizes.sum())
+    body = {"global_model": {"w": 0.5, "b": 0.0}, "round": 1, "config": {"strategy": "fedprox", "mu": 0.1}}
+    for k in (1, 17, 30):  # an attacker's lie too, as Population.client(k) sends it
+        assert http.get(f"/clients/{k}/health").get_json()["data_size"] == population.sizes[k - 1]
+        assert http.post(f"/clients/{k}/train", json=body).get_json() == population.client(k - 1).train(body)[0]
+
+
+def test_a_population_host_batched_equals_per_client(servers):
+    """SCAFFOLD on a host of a population's own clients (each c_k in the population's memory)."""
+    runs, hosts = [], []
+    for batched in (True, False):
+        host = create_host_app(None, population=Population.build("label-shift", K, seed=4))
+        runs.append(servers(InProcessTransport.hosted(host, K, HOST), BATCHED=batched).run(
+            strategy="scaffold", rounds=4, seed=2))
+        hosts.append(host)
+    assert runs[0]["status"] == "completed", runs[0]["error"]
+    assert_same_run(*runs)
+    assert [calls(h) for h in hosts] == [{"batch_train": 4, "train": 0}, {"batch_train": 0, "train": 4 * K}]
+
+
 # --- /batch/train on the host ------------------------------------------------------
 
 BODY = {"global_model": {"w": 0.0, "b": 0.0}, "round": 1, "clients": [1, 2, 3]}
@@ -346,3 +375,27 @@ def test_over_http_the_batched_run_equals_the_per_client_run(tmp_path):
         launcher.stop(apps)
     for app in apps:
         assert "Traceback" not in app.output(), app.output()[-2000:]
+
+
+@pytest.mark.system
+def test_a_client_host_of_a_population_over_http(tmp_path):
+    """``--population K``: a run from ``--clients-from`` it, one /batch/train a
+    round; a scenario that is not drawn as a population, refused in one line."""
+    host = launcher.start_app("client_host", launcher.free_port(), ["--scenario", "label-shift",
+                                                                    "--population", "300"])
+    apps = [host]
+    try:
+        launcher.wait_healthy(apps)
+        server = launcher.start_app("server", launcher.free_port(), ["--clients-from", host.url, "--db",
+                                                                     str(tmp_path / "runs.db")])
+        apps.append(server)
+        launcher.wait_healthy(apps)
+        status, run = launcher.post_json(server.url + "/start", {"rounds": 2, "seed": 1})
+        assert status == 200 and run["status"] == "completed", run.get("error")
+        assert [len(r["participants"]) for r in run["rounds"]] == [300, 300]
+        assert launcher.get_json(host.url + "/health")["calls"] == {"batch_train": 2, "train": 0}
+    finally:
+        launcher.stop(apps)
+    wrong = launcher.start_app("client_host", launcher.free_port(), ["--scenario", "diabetes", "--population", "9"])
+    [(code, out, _)] = launcher.ended([wrong])
+    assert code == 2 and "--population: scenario diabetes is not drawn as a population" in out, out

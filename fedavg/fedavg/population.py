@@ -46,6 +46,7 @@ The rows of the diverged clients hold whatever the arithmetic gave.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -183,14 +184,20 @@ class Population:
         a, b = self.offsets[k], self.offsets[k + 1]
         return self.X[a:b], self.y[a:b]
 
-    def client(self, k: int) -> LocalClient:
+    def client(self, k: int, memory: BatchMemory | None = None) -> LocalClient:
         """Client k as a ``LocalClient`` on exactly its rows (an ``Attacker``
-        for the first ``attackers``), named as make_clients names them."""
+        for the first ``attackers``), named as make_clients names them; with
+        ``memory``, its c_k kept in its row of it (``BatchMemory.of``)."""
         k = int(self.check_ids([k], "k")[0])
         X, y = self.rows(k)
+        kept = {} if memory is None else {"memory": memory.of(k)}
         if k < self.attackers:
-            return Attacker(f"attacker_{k + 1}", X, y, attack=self.attack)
-        return LocalClient(f"sim_{k + 1}", X, y)
+            return Attacker(f"attacker_{k + 1}", X, y, attack=self.attack, **kept)
+        return LocalClient(f"sim_{k + 1}", X, y, **kept)
+
+    def clients(self, memory: BatchMemory) -> LazyClients:
+        """Every client as ``client(k, memory)``, each built when first asked for."""
+        return LazyClients(self, memory)
 
     def memory(self) -> BatchMemory:
         """An empty memory for every client (SCAFFOLD's c_k), as arrays."""
@@ -310,6 +317,36 @@ class Population:
             else:
                 extra[sent.name] = values
         return LocalBatch(theta, extra)
+
+
+class LazyClients(Sequence[LocalClient]):
+    """A population's clients as a sequence, client k at index k: each built
+    (``Population.client(k, memory)``) the first time it is asked for, then
+    kept, so that its own state (its page's last model, its training slots,
+    its secure-aggregation sessions) lasts as a LocalClient's does. A
+    million clients cost nothing until they are called; each one called
+    costs a LocalClient (views of its rows, no copy) from then on."""
+
+    def __init__(self, population: Population, memory: BatchMemory) -> None:
+        self.population, self.memory = population, memory
+        self._built: dict[int, LocalClient] = {}
+        self._lock = threading.Lock()  # two requests for one client build it once
+
+    def __len__(self) -> int:
+        return self.population.size
+
+    def __getitem__(self, k):  # (an int only: the host asks for one client at a time)
+        if not isinstance(k, (int, np.integer)) or not 0 <= k < len(self):
+            raise IndexError(f"no client {k!r} in 0..{len(self) - 1}")
+        with self._lock:
+            if k not in self._built:
+                self._built[k] = self.population.client(k, self.memory)
+            return self._built[k]
+
+    @property
+    def built(self) -> int:
+        """How many clients have been built so far."""
+        return len(self._built)
 
 
 def statistics(X: np.ndarray, y: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -5,6 +5,7 @@ blueprint a single client serves, each with its own private data — and
 ``Population`` of the same rows (``fedavg.batch_wire`` has its format)."""
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import Counter
@@ -34,13 +35,15 @@ from .service import (
 )
 
 
-def create_host_app(clients: Sequence[LocalClient], token: str | None = None,
+def create_host_app(clients: Sequence[LocalClient] | None, token: str | None = None,
                     description: str = "", server_name: str | None = None, owner_name: str | None = None,
                     population: Population | None = None, batch: bool = True) -> Flask:
     """Serve ``clients`` as /clients/1 … /clients/K, and ``population``
     (default: the population of exactly their rows, ``Population.of``) at
     POST /batch/train, which each client's /health then advertises
-    (``batch``: false, neither). With a ``token``, what
+    (``batch``: false, neither). ``clients`` None: the population's own
+    clients (``Population.clients``: each built when first called, so a
+    million cost nothing at start). With a ``token``, what
     the clients' data gives away (the pooled line of every row, a CSV's
     path in ``description``) is only for requests that carry it. With
     ``server_name`` (served over TLS), each client's /train, /evaluate and
@@ -52,12 +55,17 @@ def create_host_app(clients: Sequence[LocalClient], token: str | None = None,
     app.config["MAX_CONTENT_LENGTH"] = 4 * 1024 * 1024
     install_json_errors(app)
     install_request_guards(app)
+    if clients is None and population is None:
+        raise ValueError("clients: give the clients, or a population (clients=None)")
     population = population if population is not None else Population.of(clients)
     memory = population.memory()
     # One c_k per client, whichever way the server calls it: its own /train keeps it in its row of the
     # memory /batch/train reads and writes (a client hosted before brings what it kept there).
-    for k, client in enumerate(clients):
-        client.memory.move_to(memory.of(k))
+    if clients is None:
+        clients = population.clients(memory)
+    else:
+        for k, client in enumerate(clients):
+            client.memory.move_to(memory.of(k))
     batches = threading.BoundedSemaphore(MAX_TRAININGS)  # as each client's slots: a round and one more
     calls: Counter[str] = Counter()  # the training calls answered, for /health: how the server called
     calls_lock = threading.Lock()
@@ -85,10 +93,13 @@ def create_host_app(clients: Sequence[LocalClient], token: str | None = None,
             count("train")
 
     # θ* of every client's rows at once: what only a simulation knows (the chart draws one feature).
-    pooled = None
-    if population.num_features == 1:
+    # Solved when first asked for: over a million clients' rows, lstsq holds copies of them all.
+    @functools.cache
+    def pooled_line() -> dict[str, float] | None:
+        if population.num_features != 1:
+            return None
         w, b = pooled_optimum([(population.X, population.y)])
-        pooled = {"w": float(w), "b": float(b)}
+        return {"w": float(w), "b": float(b)}
 
     @app.get("/health")
     def health():
@@ -117,7 +128,7 @@ def create_host_app(clients: Sequence[LocalClient], token: str | None = None,
         its rows; over TLS, only for the server, as the clients' /evaluate."""
         require_peer(server_name)
         require_token(token)
-        return {"scenario": description, "simulated": True, "clients": len(clients), "pooled_line": pooled}
+        return {"scenario": description, "simulated": True, "clients": len(clients), "pooled_line": pooled_line()}
 
     @app.get("/clients")
     def urls():
