@@ -10,6 +10,7 @@ from pathlib import Path
 from fedavg import tls_files
 from fedavg.http.host_app import create_host_app
 from fedavg.http.service import add_server_name, base_url, cli, configure_logging, serve, shared_token, tls_from_args
+from fedavg.population import POPULATION_SCENARIOS, Population
 from fedavg.scenarios import ATTACKERS, ATTACKS, NOISE, SCENARIOS, make_clients
 
 # What generated each scenario's data, in one line (fedavg/scenarios.py has
@@ -30,7 +31,11 @@ ABOUT = {
 if __name__ == "__main__":
     parser = cli("Raw FedAvg client host: K simulated clients in one process", 6000)
     parser.add_argument("--scenario", choices=SCENARIOS, default="iid")
-    parser.add_argument("--clients", type=int, default=10, help="K, the number of clients (default 10)")
+    parser.add_argument("--clients", type=int, help="K, the number of clients (default 10)")
+    parser.add_argument("--population", type=int, metavar="K",
+                        help="K clients held as arrays, drawn at once (fedavg/population.py: its own draw, not "
+                             "--clients' numbers), each client's endpoints built when first called: for a "
+                             f"large K; scenarios {', '.join(POPULATION_SCENARIOS)}")
     parser.add_argument("--seed", type=int, default=0, help="the scenario's seed (default 0)")
     parser.add_argument("--samples", type=int, default=20, help="n_k per client, or its mean (default 20)")
     parser.add_argument("--csv", type=Path,
@@ -45,6 +50,11 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.scenario != "byzantine" and (args.attackers is not None or args.attack is not None):
         parser.error(f"--attackers and --attack are for --scenario byzantine, not {args.scenario}")
+    if args.population is not None and args.clients is not None:
+        parser.error("--clients and --population: give one (the number of clients, made one way or the other)")
+    if args.population is not None and args.scenario not in POPULATION_SCENARIOS:
+        parser.error(f"--population: scenario {args.scenario} is not drawn as a population "
+                     f"(one of {', '.join(POPULATION_SCENARIOS)}; else --clients)")
     attackers = ATTACKERS if args.attackers is None else args.attackers
     attack = args.attack or "huge"
     tls = tls_from_args(args)
@@ -54,20 +64,29 @@ if __name__ == "__main__":
     csv = args.csv.resolve() if args.csv else None  # errors then name the file in full
     try:
         token = shared_token()
-        clients = make_clients(args.scenario, args.clients, args.seed, args.samples, csv, attackers, attack)
+        if args.population is None:
+            clients, population = make_clients(args.scenario, 10 if args.clients is None else args.clients,
+                                               args.seed, args.samples, csv, attackers, attack), None
+        else:
+            clients, population = None, Population.build(args.scenario, args.population, args.seed, args.samples,
+                                                         attackers, attack)
     except (ValueError, OSError) as e:  # a token that cannot work, a scenario that cannot be made
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     about = ABOUT[args.scenario] + (f" ({csv})" if args.scenario == "csv" else "")
     if args.scenario == "byzantine":
         about += f": {attackers} attacker(s), attack {attack}: each {ATTACKS[attack]}"
-    app = create_host_app(clients, token, f"{args.scenario}: {about}; K={len(clients)}, seed={args.seed}",
+    k = len(clients) if population is None else population.size
+    rows = sum(len(c.y) for c in clients) if population is None else int(population.sizes.sum())
+    if population is not None:
+        about += "; a population (its own draw)"
+    app = create_host_app(clients, token, f"{args.scenario}: {about}; K={k}, seed={args.seed}",
                           server_name=args.server_name if tls else None,
-                          owner_name=tls_files.own_name(tls.cert) if tls else None)
+                          owner_name=tls_files.own_name(tls.cert) if tls else None, population=population)
     base = base_url(args.host, args.port, tls)
     served = (f"\nclient host: each client answers /train, /evaluate and /secagg/* only to a caller whose "
               f"certificate names {args.server_name!r}") if tls else ""
     serve(app, args.host, args.port, allowed_hosts=args.allowed_host, tls=tls, announce=(
-        f"client host: {len(clients)} clients ({args.scenario}, seed {args.seed}, "
-        f"{sum(len(c.y) for c in clients)} samples) at {base}/clients/1 … {base}/clients/{len(clients)}\n"
+        f"client host: {k} clients ({args.scenario}, seed {args.seed}, "
+        f"{rows} samples) at {base}/clients/1 … {base}/clients/{k}\n"
         f"client host: the data: {about}{served}"))

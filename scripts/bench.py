@@ -11,6 +11,7 @@ run that does not complete ends the bench with an error.
     .venv/bin/python scripts/bench.py --quick --out x.json # 2 repetitions, K <= 50 (for the tests)
     .venv/bin/python scripts/bench.py --before ../base      # item 9's "before": a checkout from before TLS, paired
     .venv/bin/python scripts/bench.py --only tls --out x.json  # one part only (never the committed file)
+    .venv/bin/python scripts/bench.py --only batch --out x.json  # item 10: K = 1000, batched and --per-client
 
 The noop app the round floor is measured against is this file too:
 ``cd server && poetry run python ../scripts/bench.py --serve-noop --port P``
@@ -334,7 +335,7 @@ FULL = Plan(reps=5, seed_rounds=50, ks=(2, 10, 50, 200, 1000),
             train_samples=10**6, train_reps=15, calls=200, demo_reps=9)
 QUICK = Plan(reps=2, seed_rounds=10, ks=(2, 10, 50), k_rounds={2: 10, 10: 10, 50: 5},
              train_samples=10**4, train_reps=2, calls=30, demo_reps=2)
-PARTS = ("training", "seed", "clients", "compare", "secagg", "tls")
+PARTS = ("training", "seed", "clients", "compare", "secagg", "tls", "batch")
 WARMUP_ROUNDS = 3  # a first run per stack opens the connections; it is not counted
 ROUND_OVERHEAD_TARGET = Target("<=", 2.0)
 K_TARGETS = {50: Target("<=", 40.0), 1000: Target("<=", 1000.0)}
@@ -344,6 +345,8 @@ DEMO_TARGET = Target("<=", 50.0)
 COMPARE_TARGET = Target("<=", 3.0)  # in-process federations, two worker processes (issue 15)
 SECAGG_RATIO_TARGET = Target("<=", 10.0)
 SECAGG_K100_TARGET = Target("<=", 2000.0)
+BATCH_K = {True: 50, False: 1000}  # item 10's K, quick or not
+BATCH_TARGETS = {1000: Target("<=", 100.0)}  # issue 18: a K = 1000 round, server + one host over HTTP
 
 
 # --- item 3: local training ---------------------------------------------------------------
@@ -436,9 +439,9 @@ class Stack:
         self.apps.append(app)
         return app
 
-    def server(self, client_urls: Sequence[str], tag: str) -> App:
+    def server(self, client_urls: Sequence[str], tag: str, args: Sequence[str] = ()) -> App:
         return self.start("server", ["--clients", ",".join(client_urls),
-                                     "--db", str(self.db_dir / f"{tag}-{self.wsgi}.db")])
+                                     "--db", str(self.db_dir / f"{tag}-{self.wsgi}.db"), *args])
 
     def noop(self) -> App:
         app = start_noop(free_port(), self.env)
@@ -550,6 +553,34 @@ def bench_clients(res: Results, plan: Plan, wsgi: str, ks: Sequence[int], db_dir
             if wsgi == "waitress" and k == max(plan.ks):
                 res.add(f"rss_client_host_k{k}_mb", 4, f"peak RSS, client host at K={k} (after each run)",
                         "MB", rss, largest_k=k)
+
+
+def bench_batch(res: Results, plan: Plan, db_dir: Path) -> None:
+    """Item 10: a round at K clients on one client host, full participation,
+    the server calling the host once a round for all of them (/batch/train,
+    the default) against a server with --per-client (each client's /train),
+    the two servers' runs taking turns; and the ratio, repetition by repetition."""
+    k = BATCH_K[plan is QUICK]
+    rounds = plan.k_rounds.get(k, 6)
+    with Stack("waitress", db_dir) as stack:
+        note(f"starting a client host with K={k} (iid) and two servers, batched and --per-client …")
+        host = stack.start("client_host", ["--scenario", "iid", "--clients", str(k), "--seed", "0"])
+        urls = [f"{host.url}/clients/{i}" for i in range(1, k + 1)]
+        servers = {"batched": stack.server(urls, f"batch{k}"),
+                   "per_client": stack.server(urls, f"per-client{k}", ["--per-client"])}
+        stack.healthy()
+        times: dict[str, list[float]] = {how: [] for how in servers}
+        for server in servers.values():
+            run_rounds(server, WARMUP_ROUNDS, seed=0)
+        for rep in range(plan.reps):
+            for how, server in servers.items():
+                times[how].append(statistics.median(run_rounds(server, rounds, seed=rep)) * 1e3)
+    res.add(f"batch_round_ms_k{k}", 10, f"round, K={k} on one client host, one /batch/train", "ms",
+            times["batched"], BATCH_TARGETS.get(k), rounds_per_run=rounds)
+    res.add(f"per_client_round_ms_k{k}", 10, f"round, K={k} on one client host, --per-client", "ms",
+            times["per_client"], rounds_per_run=rounds)
+    res.add(f"batch_speedup_k{k}", 10, f"ratio per-client / batched round, K={k}", "×",
+            [a / b for a, b in zip(times["per_client"], times["batched"])])
 
 
 def bench_compare(res: Results, plan: Plan, db_dir: Path) -> None:
@@ -1030,6 +1061,8 @@ def main() -> int:
                 bench_secagg(res, plan, db_dir)
             if "tls" in parts:
                 bench_tls(res, plan, db_dir, args.before, args.quick)
+            if "batch" in parts:
+                bench_batch(res, plan, db_dir)
     except BenchError as e:
         note(f"stopped: {e}")
         return 1

@@ -105,6 +105,9 @@ if __name__ == "__main__":
                         help="with FEDAVG_TOKEN set, still show every client's own numbers (local models, "
                              "losses) to anyone who can reach the server: the teaching view, for a demo on one "
                              "machine; without it they need the token")
+    parser.add_argument("--per-client", action="store_true",
+                        help="call each client's own /train, even on a client host that answers for all its "
+                             "clients in one call (/batch/train, the default there)")
     parser.add_argument("--db",
                         help="SQLite file of the run history (default: env FEDAVG_DB, else instance/fedavg.db)")
     args = parser.parse_args()
@@ -130,6 +133,8 @@ if __name__ == "__main__":
             config["MAX_PARALLEL"] = args.max_parallel
         if args.public_read:
             config["PUBLIC_READ"] = True
+        if args.per_client:
+            config["BATCHED"] = False
         app = create_app(config)
     except (ValueError, StoreError) as e:  # bad URLs or settings, a history that cannot be opened: one line
         print(f"error: {e}", file=sys.stderr)

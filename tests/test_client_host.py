@@ -61,7 +61,9 @@ def test_the_host_serves_each_client_under_its_own_prefix():
     assert http.get("/health").get_json()["clients"] == 3
     assert http.get("/clients").get_json() == {"clients": ["/clients/1", "/clients/2", "/clients/3"]}
     for k, c in enumerate(clients, start=1):
-        assert http.get(f"/clients/{k}/health").get_json() == c.health()
+        # its own facts, and where its host trains many clients at once (/batch/train, as client k)
+        assert http.get(f"/clients/{k}/health").get_json() == {**c.health(), "batch": {"path": "/batch/train",
+                                                                                       "id": k}}
         reply = http.post(f"/clients/{k}/train", json={"global_model": {"w": 0, "b": 0}})
         assert reply.status_code == 200 and reply.get_json()["client_id"] == c.client_id
         assert reply.get_json() == c.train({"global_model": {"w": 0, "b": 0}})[0]

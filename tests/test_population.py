@@ -20,7 +20,7 @@ import pytest
 
 from fedavg.population import POPULATION_SCENARIOS, Population
 from fedavg.scenarios import ATTACKS, LYING_N
-from fedavg.strategies import STRATEGIES
+from fedavg.strategies import STRATEGIES, BatchMemory, RunMemory
 from fedavg.strict_json import ProtocolError, model_json
 from fedavg.training import TrainConfig
 from fedavg.wire import parse_train_request, train_config_json
@@ -320,3 +320,26 @@ def test_a_model_of_another_size_is_refused(skewed: Population) -> None:
     with pytest.raises(ProtocolError, match="^global_model: has 3 parameters"):
         skewed.train(task, np.array([0]), skewed.memory())
 
+
+
+def test_a_memory_moved_to_a_batch_row_and_on_answers_as_before():
+    """RunMemory.move_to: a client's values (three runs, the latest four
+    rounds of each kept) moved into row 2 of a BatchMemory, then on into
+    row 0 of another, answer every ``before`` as the memory never moved
+    did; what is written after a move lands in the last row only."""
+    values = {(run, r): np.array([r, len(run)], dtype=float) for run in ("a", "bb", "ccc") for r in range(7)}
+    never, moved = RunMemory(), RunMemory()
+    for (run, r), value in values.items():
+        never.after(run, r, value)
+        moved.after(run, r, value)
+    first, second = BatchMemory(3, 2), BatchMemory(1, 2)
+    moved.move_to(first.of(2))
+    assert [len(first.kept(k)) for k in range(3)] == [0, 0, 3 * RunMemory.ROUNDS_PER_RUN]
+    moved.move_to(second.of(0))
+    for run in ("a", "bb", "ccc", "other"):
+        for r in range(9):
+            want, got = never.before(run, r), moved.before(run, r)
+            assert (want is None and got is None) or np.array_equal(want, got), (run, r)
+    moved.after("a", 7, np.array([9.0, 9.0]))
+    assert np.array_equal(second.before("a", 8, np.array([0]))[0], [9.0, 9.0])
+    assert not np.array_equal(first.before("a", 8, np.array([2]))[0], [9.0, 9.0])

@@ -91,7 +91,7 @@ def wired(servers, clients: list[LocalClient], lost: Sequence[int] = (), at: str
     gone for the path ``at``."""
     wire = Wire.hosted(create_host_app(clients), len(clients))
     wire.lost = {wire.urls[i]: at for i in lost}
-    return servers(wire), wire
+    return servers(wire, BATCHED=False), wire  # (it reads each client's own /train)
 
 
 def released_without_noise(theta_t: list[float], updates: list[list[float]], bound: float,

@@ -243,7 +243,7 @@ def unequal_federation(servers, db: Any = None) -> tuple[Federated, Down]:
     host = create_host_app([local_client(name, [list(row) for row in data])
                             for name, data in zip(("small", "middle", "large"), UNEQUAL)], None)
     transport = Down.hosted(host, 3)
-    return servers(transport, db), transport
+    return servers(transport, db, BATCHED=False), transport  # (its faults are clients' own /train calls)
 
 
 def test_scaffold_with_a_client_lost_for_one_round_still_reaches_the_pooled_optimum(servers):
@@ -376,7 +376,7 @@ def test_a_scaffold_reply_lost_after_training_leaves_the_run_where_the_lost_shar
     host = create_host_app([local_client(name, [list(row) for row in data])
                             for name, data in zip(("small", "middle", "large"), UNEQUAL)], None)
     transport = LostReply.hosted(host, 3)
-    body = run(servers(transport), strategy="scaffold", rounds=300, lr=0.05, local_epochs=5, seed=3)
+    body = run(servers(transport, BATCHED=False), strategy="scaffold", rounds=300, lr=0.05, local_epochs=5, seed=3)
     assert body["rounds"][4]["dropped"][0]["client_id"] == "middle"
     rows = [row for data in UNEQUAL for row in data]
     n = len(rows)
@@ -422,12 +422,13 @@ def test_scaffold_resumed_with_the_current_clients_counts_a_new_one_from_its_fir
                             for name, data in zip(("small", "middle", "large"), UNEQUAL))
     two = Down.hosted(create_host_app([small, large], None), 2)
     two.rounds = {(url, 50) for url in two.urls}
-    fed = servers(two, db)
+    fed = servers(two, db, BATCHED=False)  # (Down fails clients' own /train calls)
     first = fed.run(**settings)
     assert first["status"] == "failed" and len(first["rounds"]) == 49, first.get("error")
     fed.close()
-    # the same two clients (their c_k kept), at the same URLs, and a third
-    then = servers(InProcessTransport.hosted(create_host_app([small, large, middle], None), 3), db)
+    # the same two clients (their c_k kept), at the same URLs, and a third, on a host that batches
+    host = create_host_app([small, large, middle], None)
+    then = servers(InProcessTransport.hosted(host, 3), db)
     body = resume_and_wait(then, first["run_id"], {"clients": "current"})
     took_part = who_took_part(body, ["small", "middle", "large"])
     assert took_part[:49] == [[0, 2]] * 49 and all(sorted(part) == [0, 1, 2] for part in took_part[49:])
@@ -436,6 +437,7 @@ def test_scaffold_resumed_with_the_current_clients_counts_a_new_one_from_its_fir
         assert close(got, want, 1e-12), f"round {r}: {got} != {want}"
     assert "c ← c·23/31 (its c_k was 0)" in "\n".join(body["rounds"][49]["math"])
     assert close(models(body)[-1], pooled_line(UNEQUAL), 1e-9), (models(body)[-1], pooled_line(UNEQUAL))
+    assert host.test_client().get("/health").get_json()["calls"] == {"batch_train": 251, "train": 0}
 
 
 # --- Exact: least squares in one round ------------------------------------------------
@@ -699,7 +701,7 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(servers, tmp
             copy.close()
             first.fed.transport.stopping.set()  # and it answers nobody more, as a dead process would
 
-    first = servers(CutInRound(apps, cut), db)
+    first = servers(CutInRound(apps, cut), db, BATCHED=False)
     ended = first.run(**settings)
     assert ended["status"] == "interrupted", ended.get("error")
     run_id = ended["run_id"]

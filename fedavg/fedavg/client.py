@@ -50,6 +50,11 @@ class LastModel:
             return self._seen
 
 
+def diverged_error(lr: float) -> str:
+    """Why a client's training result cannot be sent (its 422; a batch's row)."""
+    return f"local training diverged (non-finite model) with lr={lr:g}; use a smaller lr"
+
+
 @dataclass(frozen=True)
 class Learned:
     """One round's local work: the strategy's reply fields, the model it ends
@@ -69,7 +74,8 @@ class LocalClient:
     client_id: str
     X: np.ndarray
     y: np.ndarray
-    # State kept between rounds, per run (SCAFFOLD's c_k); gone when the client restarts.
+    # State kept between rounds, per run (SCAFFOLD's c_k); gone when the client restarts. A client
+    # host moves it into its population's memory, shared with /batch/train (host_app).
     memory: RunMemory = field(default_factory=RunMemory, compare=False, repr=False)
     # The last global model received, shown on this client's own page only.
     last_global: LastModel = field(default_factory=LastModel, compare=False, repr=False)
@@ -161,8 +167,7 @@ class LocalClient:
             # JSON cannot carry inf/NaN; say plainly what happened instead.
             log.warning("%s round %s: local training diverged with lr=%g", self.client_id, task.round,
                         task.config.lr)
-            return {"error": f"local training diverged (non-finite model) with lr={task.config.lr:g}; "
-                             "use a smaller lr", "diverged": True}, 422
+            return {"error": diverged_error(task.config.lr), "diverged": True}, 422
         if log.isEnabledFor(logging.INFO):
             log.info("%s round %s: %s%s → %s  (loss %s → %s)", self.client_id,
                      "-" if task.round is None else task.round,

@@ -122,7 +122,13 @@ def client_document(num_features: int) -> dict[str, Any]:
                                         "secagg": {"type": "boolean",
                                                    "description": "it speaks secure aggregation (/secagg/*)"},
                                         "x_range": {"type": "array", "items": NUMBER, "minItems": 2, "maxItems": 2,
-                                                    "description": "min and max of the first feature"}}},
+                                                    "description": "min and max of the first feature"},
+                                        "batch": {"type": "object", "required": ["path", "id"],
+                                                  "description": "a hosted client: its host answers /train for "
+                                                                 "many of its clients at this path (of the "
+                                                                 "host's origin), naming it by id",
+                                                  "properties": {"path": {"type": "string"},
+                                                                 "id": {"type": "integer", "minimum": 1}}}}},
     }
     paths = {
         "/train": {"post": {
@@ -226,9 +232,27 @@ def secagg_paths(train_in: dict[str, Any], secured: list[dict[str, Any]],
     }
 
 
-def host_document(num_clients: int) -> dict[str, Any]:
-    """A client host's own endpoints; each client under /clients/<k> serves
-    its own document at /clients/<k>/openapi.json."""
+def host_document(num_clients: int, num_features: int = 1, batch: bool = True) -> dict[str, Any]:
+    """A client host's own endpoints (with ``batch``, POST /batch/train);
+    each client under /clients/<k> serves its own document at
+    /clients/<k>/openapi.json."""
+    client = client_document(num_features)["components"]["schemas"]
+    array = {"type": "object", "required": ["dtype", "shape", "data"],
+             "properties": {"dtype": {"type": "string", "enum": ["<f8", "<i8", "|b1"]},
+                            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                            "data": {"type": "string", "description": "base64 of the little-endian bytes"}}}
+    client_k = {"type": "integer", "minimum": 1, "maximum": num_clients}
+    batch_in = {**client["TrainRequest"], "required": ["global_model", "clients"],
+                "properties": {**client["TrainRequest"]["properties"],
+                               "clients": {"type": "array", "items": client_k, "minItems": 1,
+                                           "uniqueItems": True},
+                               "seeds": {"type": "array", "items": {"type": "integer", "minimum": 0,
+                                                                    "maximum": 2**63 - 1}}}}
+    batch_out = {"type": "object", "required": ["strategy", "clients", "arrays", "errors"],
+                 "properties": {"strategy": {"type": "string", "enum": list(STRATEGIES)},
+                                "clients": {"type": "integer", "minimum": 1},
+                                "arrays": {"type": "object", "additionalProperties": ref("Array")},
+                                "errors": {"type": "object", "additionalProperties": {"type": "string"}}}}
     paths = {
         "/health": {"get": {"summary": "Liveness and the number of clients here; the scenario and the rows in "
                                        "all only without FEDAVG_TOKEN or with it.", "responses": {"200": reply(
@@ -236,7 +260,10 @@ def host_document(num_clients: int) -> dict[str, Any]:
                    "properties": {"status": {"type": "string", "enum": ["ok"]},
                                   "clients": {"type": "integer", "minimum": 1, "maximum": num_clients},
                                   "scenario": {"type": "string"},
-                                  "data_size": {"type": "integer", "minimum": 1}}})}}},
+                                  "data_size": {"type": "integer", "minimum": 1},
+                                  "calls": {"type": "object", "description": "training calls answered",
+                                            "properties": {"batch_train": {"type": "integer", "minimum": 0},
+                                                           "train": {"type": "integer", "minimum": 0}}}}})}}},
         "/scenario": {"get": {"summary": "The simulation's pooled least-squares line (one feature), for a page "
                                          "to draw as outside knowledge.", "responses": {"200": reply(
             "the scenario", {"type": "object", "required": ["scenario", "simulated", "clients", "pooled_line"],
@@ -251,4 +278,21 @@ def host_document(num_clients: int) -> dict[str, Any]:
         "/openapi.json": {"get": {"summary": "This document.",
                                   "responses": {"200": reply("OpenAPI 3 document", {"type": "object"})}}},
     }
-    return document("Raw FedAvg client host", paths, {"Error": SCHEMAS["Error"]})
+    schemas = {"Error": SCHEMAS["Error"]}
+    if batch:
+        paths["/batch/train"] = {"post": {
+            "summary": "/train for many of the clients here in one call: one config (each client's own seed "
+                       "in seeds), a reply of arrays, row j for clients[j].",
+            "security": [{}, {"bearer": []}],
+            "requestBody": {"required": True, **json_content(ref("BatchRequest"))},
+            "parameters": [{"name": "X-Deadline-S", "in": "header", "required": False,
+                            "description": "seconds the server will wait for this call",
+                            "schema": {"type": "number", "minimum": 0, "exclusiveMinimum": True,
+                                       "maximum": 3600}}],
+            "responses": {"200": reply("each client's reply, as arrays", ref("BatchReply")), **ERRORS, **AUTH_ERROR,
+                          **PEER_ERROR,
+                          "429": reply("busy: as many batches as it takes at once are in progress", ref("Error")),
+                          "408": reply("the caller's deadline (X-Deadline-S) passed", ref("Error"))}}}
+        schemas |= client  # the /train body's schemas, which the batch's request is made of
+        schemas |= {"BatchRequest": batch_in, "BatchReply": batch_out, "Array": array}
+    return document("Raw FedAvg client host", paths, schemas)

@@ -46,6 +46,8 @@ The rows of the diverged clients hold whatever the arithmetic gave.
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -74,6 +76,18 @@ class BatchReply:
     loss_after: np.ndarray
     within_clip: np.ndarray | None
     diverged: np.ndarray
+
+    @staticmethod
+    def concat(replies: list[BatchReply]) -> BatchReply:
+        """One reply of the rows of ``replies``, in their order."""
+        def cat(arrays: list[np.ndarray | None]) -> np.ndarray | None:
+            return None if arrays[0] is None else np.concatenate(arrays)
+        first = replies[0].local
+        local = LocalBatch(cat([r.local.theta for r in replies]),
+                           {name: np.concatenate([r.local.extra[name] for r in replies]) for name in first.extra})
+        return BatchReply(*(cat([getattr(r, f) for r in replies]) for f in ("ids", "n")), local,
+                          *(cat([getattr(r, f) for r in replies]) for f in ("loss_before", "loss_after",
+                                                                             "within_clip", "diverged")))
 
 
 class Population:
@@ -139,6 +153,23 @@ class Population:
         f = attackers if scenario == "byzantine" else 0
         return cls(x[:, None], y, offsets, attackers=f, attack=attack, scenario=scenario)
 
+    @classmethod
+    def of(cls, clients: Sequence[LocalClient], scenario: str = "clients") -> Population:
+        """The population of exactly these clients' rows, client k being
+        ``clients[k]`` (make_clients' clients: the data a client host has
+        always served). Its attackers (``Attacker``) must be the first f and
+        share one attack, as make_clients makes them."""
+        if not clients:
+            raise ValueError("clients: a population needs at least one client")
+        liars = [isinstance(c, Attacker) for c in clients]
+        f = sum(liars)
+        if any(liars[f:]) or len({c.attack for c in clients[:f]}) > 1:
+            raise ValueError("clients: the attackers must be the first f clients, with one attack")
+        offsets = np.zeros(len(clients) + 1, dtype=np.int64)
+        np.cumsum([len(c.y) for c in clients], out=offsets[1:])
+        return cls(np.vstack([c.X for c in clients]), np.concatenate([c.y for c in clients]), offsets,
+                   attackers=f, attack=clients[0].attack if f else "huge", scenario=scenario)
+
     @property
     def size(self) -> int:
         """K, the number of clients."""
@@ -153,14 +184,20 @@ class Population:
         a, b = self.offsets[k], self.offsets[k + 1]
         return self.X[a:b], self.y[a:b]
 
-    def client(self, k: int) -> LocalClient:
+    def client(self, k: int, memory: BatchMemory | None = None) -> LocalClient:
         """Client k as a ``LocalClient`` on exactly its rows (an ``Attacker``
-        for the first ``attackers``), named as make_clients names them."""
+        for the first ``attackers``), named as make_clients names them; with
+        ``memory``, its c_k kept in its row of it (``BatchMemory.of``)."""
         k = int(self.check_ids([k], "k")[0])
         X, y = self.rows(k)
+        kept = {} if memory is None else {"memory": memory.of(k)}
         if k < self.attackers:
-            return Attacker(f"attacker_{k + 1}", X, y, attack=self.attack)
-        return LocalClient(f"sim_{k + 1}", X, y)
+            return Attacker(f"attacker_{k + 1}", X, y, attack=self.attack, **kept)
+        return LocalClient(f"sim_{k + 1}", X, y, **kept)
+
+    def clients(self, memory: BatchMemory) -> LazyClients:
+        """Every client as ``client(k, memory)``, each built when first asked for."""
+        return LazyClients(self, memory)
 
     def memory(self) -> BatchMemory:
         """An empty memory for every client (SCAFFOLD's c_k), as arrays."""
@@ -215,12 +252,21 @@ class Population:
         sums = [np.add.reduceat(err * X[:, j], at) for j in range(X.shape[1])] + [np.add.reduceat(err, at)]
         return (2.0 / self.sizes[ids])[:, None] * np.column_stack(sums)
 
-    def train(self, task: ClientTask, ids: object, memory: BatchMemory) -> BatchReply:
+    def train(self, task: ClientTask, ids: object, memory: BatchMemory,
+              seeds: Sequence[int] | None = None) -> BatchReply:
         """/train for the clients ``ids`` at once: what ``LocalClient.learn``
         and ``Attacker.train`` do for one, row by row (the strategy's
         ``local_batch``; DP's W_t + clip_S(W_k − W_t) + N(0, s²·I); the losses
-        before and after; the attackers' lies), in arrays (``BatchReply``)."""
+        before and after; the attackers' lies), in arrays (``BatchReply``).
+        ``seeds``: each client's own config.seed, aligned with ``ids``; only
+        mini-batches read it (a shuffle per client), and then each client
+        trains with its own seed, one by one."""
         ids = self.check_ids(ids)
+        if seeds is not None and task.config.batch_size is not None:
+            if len(seeds) != len(ids):
+                raise ProtocolError(f"seeds: has {len(seeds)} entries for {len(ids)} clients")
+            return BatchReply.concat([self.train(replace(task, config=replace(task.config, seed=int(s))), [k],
+                                                 memory) for k, s in zip(ids, seeds)])
         p = self.num_features + 1
         if task.theta.shape != (p,):
             raise ProtocolError(f"global_model: has {len(task.theta)} parameters, the population's model has {p}")
@@ -271,6 +317,36 @@ class Population:
             else:
                 extra[sent.name] = values
         return LocalBatch(theta, extra)
+
+
+class LazyClients(Sequence[LocalClient]):
+    """A population's clients as a sequence, client k at index k: each built
+    (``Population.client(k, memory)``) the first time it is asked for, then
+    kept, so that its own state (its page's last model, its training slots,
+    its secure-aggregation sessions) lasts as a LocalClient's does. A
+    million clients cost nothing until they are called; each one called
+    costs a LocalClient (views of its rows, no copy) from then on."""
+
+    def __init__(self, population: Population, memory: BatchMemory) -> None:
+        self.population, self.memory = population, memory
+        self._built: dict[int, LocalClient] = {}
+        self._lock = threading.Lock()  # two requests for one client build it once
+
+    def __len__(self) -> int:
+        return self.population.size
+
+    def __getitem__(self, k):  # (an int only: the host asks for one client at a time)
+        if not isinstance(k, (int, np.integer)) or not 0 <= k < len(self):
+            raise IndexError(f"no client {k!r} in 0..{len(self) - 1}")
+        with self._lock:
+            if k not in self._built:
+                self._built[k] = self.population.client(k, self.memory)
+            return self._built[k]
+
+    @property
+    def built(self) -> int:
+        """How many clients have been built so far."""
+        return len(self._built)
 
 
 def statistics(X: np.ndarray, y: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

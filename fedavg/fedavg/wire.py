@@ -98,11 +98,14 @@ def train_config_json(config: TrainConfig) -> dict[str, Any]:
     return out
 
 
+# /train's fields: the model, the round, the config, and what any strategy sends besides.
+TRAIN_FIELDS = ("global_model", "round", "config", *(f.name for f in SENT_FIELDS))
+
+
 def parse_train_request(value: Any, num_features: int) -> ClientTask:
     """POST /train body → the client's task: θ_t, the round, the config, and
     what the strategy sends besides (its ``sends``: SCAFFOLD's "control")."""
-    obj = expect_object(value, "", ("global_model", "round", "config", *(f.name for f in SENT_FIELDS)),
-                        ("global_model",))
+    obj = expect_object(value, "", TRAIN_FIELDS, ("global_model",))
     w, b = parse_model(obj["global_model"], "global_model", num_features)
     rnd = expect_int(obj["round"], "round", ge=0) if obj.get("round") is not None else None
     config = parse_train_config(obj["config"]) if obj.get("config") is not None else TrainConfig()
@@ -207,7 +210,8 @@ def parse_evaluate_reply(value: Any) -> dict[str, Any]:
 
 def parse_health_reply(value: Any) -> dict[str, Any]:
     """A client's /health reply → {"client_id", "data_size", "num_features",
-    "strategies", "secagg"}, each None (False) when missing or not what it should be (seed
+    "strategies", "secagg", "batch" ((path, id): a hosted client whose host
+    batches, at that path of its origin)}, each None (False) when missing or not what it should be (seed
     clients have no /health at all; what a client says here is a hint,
     checked again later)."""
     body = value if isinstance(value, Mapping) else {}
@@ -219,6 +223,11 @@ def parse_health_reply(value: Any) -> dict[str, Any]:
     name = body.get("client_id")
     strategies = body.get("strategies")
     known = [s for s in strategies if isinstance(s, str) and s in STRATEGIES] if isinstance(strategies, list) else None
+    batch = body.get("batch")
+    batch = (batch["path"], batch["id"]) if (
+        isinstance(batch, Mapping) and isinstance(batch.get("path"), str) and batch["path"].startswith("/")
+        and len(batch["path"]) <= MAX_RUN_NAME and isinstance(batch.get("id"), int)
+        and not isinstance(batch["id"], bool) and 1 <= batch["id"] <= MAX_DATA_SIZE) else None
     return {"client_id": name if is_name(name) else None,
             "data_size": count("data_size"), "num_features": count("num_features"),
-            "strategies": known, "secagg": body.get("secagg") is True}
+            "strategies": known, "secagg": body.get("secagg") is True, "batch": batch}

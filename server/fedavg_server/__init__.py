@@ -109,7 +109,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
       https:// (default the two local clients over https://); without it a
       client URL that is not on this machine is warned about, once;
     - TRANSPORT: how the clients are reached (default HTTP to CLIENTS; an
-      ``InProcessTransport`` calls client apps in this process).
+      ``InProcessTransport`` calls client apps in this process);
+    - BATCHED: call each client host once a round for all its sampled
+      clients, when their /health says it can (default True; --per-client
+      turns it off: each client's own /train).
 
     Raises ValueError for a setting that is not one, StoreError when the run
     history cannot be used (or another server holds it)."""
@@ -120,7 +123,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         DB=os.path.join(app.instance_path, "fedavg.db"),
         # 1 MiB: room for an init of MAX_FEATURES weights, and no more.
         TOKEN=None, PUBLIC_READ=False, MAX_PARALLEL=default_max_parallel(), MAX_CONTENT_LENGTH=1024 * 1024,
-        TLS=None)
+        TLS=None, BATCHED=True)
     app.config.from_mapping(environment())
     if config is not None:
         app.config.from_mapping(config)
@@ -137,7 +140,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config["CLIENTS"] = transport.urls
     if app.config["TOKEN"]:
         transport.headers["Authorization"] = f"Bearer {app.config['TOKEN']}"
-    app.extensions["fedavg"] = Federation(transport, RunStore(app.config["DB"]))
+    app.extensions["fedavg"] = Federation(transport, RunStore(app.config["DB"]), _flag(app.config["BATCHED"]))
     install_json_errors(app)
     install_request_guards(app)
     app.register_blueprint(bp)

@@ -2,7 +2,9 @@
 and as the round record lists it.
 
 ``PlainCollector`` asks each client's /train and keeps each reply (the
-seed's way); ``SecureCollector`` runs a round of secure aggregation
+seed's way); ``BatchedCollector`` asks each client host once for all its
+sampled clients (/batch/train) and keeps each client's row as the reply it
+would have sent, so that everything downstream is the same; ``SecureCollector`` runs a round of secure aggregation
 (``secure``) and keeps only the sum, which the run's aggregator turns into
 the one input it needs. Each returns what it gathered, the clients it
 dropped with their reasons, the losses the clients measured on θ_t, and its
@@ -11,6 +13,7 @@ own part of the round record: who took part, N, the terms.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fedavg.batch_wire import batch_reply_limit, parse_batch_reply, rows_usable
 from fedavg.model import Theta, split
 from fedavg.privacy import DPAverage
 from fedavg.strategies import Result, Strategy
@@ -78,20 +82,22 @@ class PlainCollector:
     timeout_s: float
 
     def collect(self, r: int, theta: Theta, sample: list[str], body_for: Body) -> Collected:
-        replies = self.roster.transport.call_all(sample, "POST", "/train", self.timeout_s, body_for)
-        results, dropped = [], []
+        got = self.gather(sample, body_for)
+        return collected([got[url] for url in sample], self.strategy)
+
+    def gather(self, urls: list[str], body_for: Body) -> dict[str, Result | Dropped]:
+        """Each client's /train: url → its Result, or why it was dropped."""
+        replies = self.roster.transport.call_all(urls, "POST", "/train", self.timeout_s, body_for)
+        got: dict[str, Result | Dropped] = {}
         for reply in replies:
             try:
-                results.append(self._result(reply))
+                got[reply.url] = self._result(reply)
             except CannotDo as e:  # its numbers mean something else: nothing is averaged
                 raise RoundFailed(f"{self.roster.names[reply.url]} cannot run strategy {self.strategy.name}: "
                                   f"{e}; nothing was averaged") from None
             except ProtocolError as e:
-                dropped.append(Dropped(self.roster.names[reply.url], reply.url, str(e), reply.diverged))
-        losses = [(p.metrics["loss_before"], p.n) for p in results if p.metrics and "loss_before" in p.metrics]
-        return Collected(results, dropped, losses, len(results),
-                         [participant_json(p, self.strategy.replies) for p in results],
-                         sum(p.n for p in results), terms_json(results))
+                got[reply.url] = Dropped(self.roster.names[reply.url], reply.url, str(e), reply.diverged)
+        return got
 
     def _result(self, reply: Reply) -> Result:
         """A reply that can join the aggregate, or ProtocolError saying why not."""
@@ -126,6 +132,101 @@ class PlainCollector:
             except ProtocolError as e:
                 log.info("%s  not evaluated: %s", self.roster.names[reply.url], e)
         return losses, "final /evaluate", len(losses)
+
+
+def collected(got: list[Result | Dropped], strategy: Strategy) -> Collected:
+    """A round's Collected from each sampled client's Result or drop, in the sample's order."""
+    results = [g for g in got if isinstance(g, Result)]
+    losses = [(p.metrics["loss_before"], p.n) for p in results if p.metrics and "loss_before" in p.metrics]
+    return Collected(results, [g for g in got if isinstance(g, Dropped)], losses, len(results),
+                     [participant_json(p, strategy.replies) for p in results], sum(p.n for p in results),
+                     terms_json(results))
+
+
+@dataclass
+class BatchedCollector:
+    """Each client host once per round for all of its sampled clients
+    (``POST /batch/train``, the hosts concurrently), every client whose
+    /health named its host's batched /train; anyone else by its own /train
+    (``plain``). Each row of a host's reply becomes the ``Result`` that
+    client's own /train reply would have given (the same n_k check against
+    /health, the same metrics), so the strategies, the robust rules and
+    the record downstream cannot tell the paths apart. A host that fails, or
+    sends a reply that cannot be read, drops all its sampled clients, each
+    named, with the host's reason; a row its host flags diverged is dropped
+    as a client's 422 is (``Dropped.diverged``: the run then ends diverged);
+    a row that holds what JSON could not carry, with the reason
+    ``wire.parse_train_reply`` would give."""
+
+    plain: PlainCollector
+
+    def collect(self, r: int, theta: Theta, sample: list[str], body_for: Body) -> Collected:
+        roster = self.plain.roster
+        hosts: dict[str, list[str]] = {}  # batched /train URL → its sampled clients, in the sample's order
+        for url in sample:
+            if url in roster.batch:
+                hosts.setdefault(roster.batch[url][0], []).append(url)
+        bodies = {host: batch_body([body_for(url) for url in urls], [roster.batch[url][1] for url in urls])
+                  for host, urls in hosts.items()}
+        for host in [h for h, body in bodies.items() if body is None]:  # bodies that differ beyond the seed
+            del hosts[host], bodies[host]
+        batched = {url for urls in hosts.values() for url in urls}
+        got = self.plain.gather([url for url in sample if url not in batched], body_for)
+        d = roster.num_features if roster.num_features is not None else len(theta) - 1
+        limit = max((batch_reply_limit(len(urls), d) for urls in hosts.values()), default=0)
+        replies = roster.transport.call_all(list(hosts), "POST", "", self.plain.timeout_s, bodies.get, limit)
+        for reply, urls in zip(replies, hosts.values()):
+            got |= self._rows(reply, urls, d)
+        return collected([got[url] for url in sample], self.plain.strategy)
+
+    def _rows(self, reply: Reply, urls: list[str], d: int) -> dict[str, Result | Dropped]:
+        """Each client's Result or drop from its host's reply."""
+        roster, strategy = self.plain.roster, self.plain.strategy
+        names = roster.names
+        ks = [roster.batch[url][1] for url in urls]
+        try:
+            if not reply.ok:
+                raise ProtocolError(reply.reason)
+            batch, why = parse_batch_reply(reply.body, ks, d, strategy.name)
+        except ProtocolError as e:
+            return {url: Dropped(names[url], url, f"its host's {reply.url}: {e}", reply.diverged) for url in urls}
+        problems = rows_usable(batch)
+        got: dict[str, Result | Dropped] = {}
+        for j, url in enumerate(urls):
+            n, said = int(batch.n[j]), roster.sizes.get(url)
+            if batch.diverged[j]:
+                got[url] = Dropped(names[url], url, f"{why.get(ks[j], 'diverged')} (its host's {reply.url})", True)
+            elif problems[j] or (said is not None and n != said):
+                got[url] = Dropped(names[url], url, problems[j] or f"reply.data_size: {n} differs from the {said} "
+                                                                   "its /health reported")
+            else:
+                metrics = {"loss_after": float(batch.loss_after[j])}
+                if math.isfinite(batch.loss_before[j]) and batch.loss_before[j] >= 0:
+                    metrics["loss_before"] = float(batch.loss_before[j])
+                if batch.within_clip is not None:
+                    metrics["within_clip"] = float(batch.within_clip[j])
+                local = batch.local.local(j)
+                got[url] = Result(names[url], url, n, local.theta, local.extra, metrics)
+        return got
+
+    def evaluate(self, theta: Theta) -> tuple[list[tuple[float, int]], str, int]:
+        return self.plain.evaluate(theta)
+
+
+def batch_body(bodies: list[dict[str, Any]], ks: list[int]) -> dict[str, Any] | None:
+    """The one /batch/train body for clients ``ks`` whose /train bodies are
+    ``bodies``: the shared body, ``clients``, and each client's own seed
+    (``seeds``) when its config asks for mini-batches; None when the bodies
+    differ in more than config.seed (then each client is asked alone)."""
+    def without_seed(body: dict[str, Any]) -> dict[str, Any]:
+        return {**body, "config": {**body["config"], "seed": None}}
+    shared = without_seed(bodies[0])
+    if any(without_seed(body) != shared for body in bodies[1:]):
+        return None
+    out = {**shared, "clients": ks}
+    if shared["config"].get("batch_size") is not None:
+        out["seeds"] = [body["config"]["seed"] for body in bodies]
+    return out
 
 
 @dataclass

@@ -47,9 +47,10 @@ RECORD_RETRY_S = 1.0
 class Federation:
     """The clients, the run history, and at most one run in progress."""
 
-    def __init__(self, transport: Transport, store: RunStore) -> None:
+    def __init__(self, transport: Transport, store: RunStore, batched: bool = True) -> None:
         self.transport = transport
         self.store = store
+        self.batched = batched  # a client host may be called once for all its clients (Run's collector)
         self._lock = threading.Lock()
         self._running: Run | None = None
         self._tallies: dict[int, DropTally] = {}  # run id → its drops, read incrementally
@@ -62,7 +63,8 @@ class Federation:
         with self._lock:
             self._check_idle()
             run_id = self.store.create(settings.to_json(), self.transport.urls, settings.init or {"w": 0.0, "b": 0.0})
-            self._launch(Run(run_id, settings, self.transport, self.store, key=_run_key(self.store.summary(run_id))))
+            self._launch(Run(run_id, settings, self.transport, self.store, key=_run_key(self.store.summary(run_id)),
+                             batched=self.batched))
             return run_id
 
     def resume(self, run_id: int, current_clients: bool = False) -> None:
@@ -116,7 +118,7 @@ class Federation:
             self.store.set_status(run_id, "running")
             self._launch(Run(run_id, settings, self.transport, self.store, first_round=done + 1,
                              model=run["current_model"], last=self.store.last_round(run_id),
-                             key=_run_key(run), clients_then=run["clients"]))
+                             key=_run_key(run), clients_then=run["clients"], batched=self.batched))
 
     def _health_now(self, timeout_s: float) -> dict[str, dict[str, Any]]:
         """URL → what its /health says now (``parse_health_reply``), for each

@@ -102,7 +102,7 @@ class HttpTransport:
         self.stopping = threading.Event()
 
     def call_all(self, urls: Sequence[str], method: str, path: str, timeout_s: float,
-                 body_for: Callable[[str], Any] | None = None) -> list[Reply]:
+                 body_for: Callable[[str], Any] | None = None, max_bytes: int = MAX_REPLY_BYTES) -> list[Reply]:
         """Call ``path`` on every URL at once; replies come back in ``urls``' order.
         A round lasts as long as its slowest client, not the sum of all, and
         never longer than the timeout (plus the one retry's pause): a client
@@ -116,7 +116,7 @@ class HttpTransport:
             if time.monotonic() >= deadline:
                 return self._not_called(url, timeout_s)
             return self._call(url, method, path, timeout_s, None if body_for is None else body_for(url),
-                              min(time.monotonic() + timeout_s, deadline))
+                              min(time.monotonic() + timeout_s, deadline), max_bytes)
         futures = [self.threads.submit(one, url) for url in urls]
         pending = set(futures)
         while pending and not self.stopping.is_set() and (left := deadline - time.monotonic()) > 0:
@@ -136,14 +136,16 @@ class HttpTransport:
         return Reply(url, reason=f"not called within {timeout_s:g} s: {self.max_parallel} slower calls "
                                  "held every connection (raise --max-parallel)")
 
-    def call(self, url: str, method: str, path: str, timeout_s: float, body: Any = None) -> Reply:
+    def call(self, url: str, method: str, path: str, timeout_s: float, body: Any = None,
+             max_bytes: int = MAX_REPLY_BYTES) -> Reply:
         """One call, retried once after a short pause if the connection fails
         (a client restarting); a timeout is not retried: it already cost the
         full wait. ``timeout_s`` bounds the whole call, not each read: a reply
         that trickles in byte by byte is cut off at the deadline."""
-        return self._call(url, method, path, timeout_s, body, time.monotonic() + timeout_s)
+        return self._call(url, method, path, timeout_s, body, time.monotonic() + timeout_s, max_bytes)
 
-    def _call(self, url: str, method: str, path: str, timeout_s: float, body: Any, end: float) -> Reply:
+    def _call(self, url: str, method: str, path: str, timeout_s: float, body: Any, end: float,
+              max_bytes: int = MAX_REPLY_BYTES) -> Reply:
         """``call``, ending at ``end`` (monotonic): ``timeout_s`` from now, or less late in a wave."""
         headers, data = request_body(self.headers, max(end - time.monotonic(), 0.001), body)
         deadline = end
@@ -152,7 +154,7 @@ class HttpTransport:
                 left = max(deadline - time.monotonic(), 0.001)
                 resp = self.http.request(method, url + path, body=data, headers=headers,
                                          timeout=urllib3.Timeout(connect=left, read=left), preload_content=False)
-                content = _read_by(resp, deadline)
+                content = _read_by(resp, deadline, max_bytes)
                 break
             except NewConnectionError as e:  # (urllib3 files it under timeouts too: check it first)
                 if attempt == 2:
@@ -182,7 +184,7 @@ class HttpTransport:
                 return Reply(url, reason=f"bad reply: {e}")
             except ValueError as e:  # a URL urllib3 cannot use
                 return Reply(url, reason=f"request failed: {e}")
-        return reply_from(url, resp.status, content)
+        return reply_from(url, resp.status, content, max_bytes)
 
     def close(self) -> None:
         self.stopping.set()
@@ -193,7 +195,7 @@ class ReplyTooLarge(Exception):
     """A client sent more than any reply of the protocol can need."""
 
 
-def _read_by(resp: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
+def _read_by(resp: urllib3.BaseHTTPResponse, deadline: float, max_bytes: int = MAX_REPLY_BYTES) -> bytes:
     """The whole body, or TimeoutError once the deadline passes (a slow drip
     would otherwise keep each read within the per-read timeout forever)."""
     chunks, size = [], 0
@@ -203,8 +205,8 @@ def _read_by(resp: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
             size += len(chunk)
             if time.monotonic() > deadline:
                 raise TimeoutError("deadline passed while reading the reply")
-            if size > MAX_REPLY_BYTES:
-                raise ReplyTooLarge(f"reply larger than {MAX_REPLY_BYTES} bytes")
+            if size > max_bytes:
+                raise ReplyTooLarge(f"reply larger than {max_bytes} bytes")
     except BaseException:
         resp.close()  # a half-read connection cannot be reused
         raise

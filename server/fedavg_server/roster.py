@@ -3,6 +3,7 @@ number of features they agree on, and whether each can do what the run asks."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from fedavg.strategies import Strategy
 from fedavg.wire import SEED_STRATEGY, parse_health_reply
@@ -25,6 +26,8 @@ class Roster:
     transport: Transport
     sizes: dict[str, int] = field(default_factory=dict)  # url → n_k as its /health reported it
     num_features: int | None = None
+    # url → (its host's batched /train URL, its id there): the clients whose /health said their host batches
+    batch: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     @property
     def urls(self) -> list[str]:
@@ -42,9 +45,14 @@ class Roster:
         every client that cannot."""
         replies = self.transport.call_all(self.urls, "GET", "/health", min(timeout_s, HEALTH_TIMEOUT_S))
         dims, unable, unmasked = set(), [], []
+        self.batch.clear()  # (a host restarted without batching is called client by client)
         for reply in replies:
             facts = parse_health_reply(reply.body) if reply.ok else None
             if facts is not None:
+                if facts["batch"]:
+                    path, k = facts["batch"]
+                    where = urlsplit(reply.url)
+                    self.batch[reply.url] = (f"{where.scheme}://{where.netloc}{path}", k)
                 if facts["client_id"]:
                     self.names[reply.url] = facts["client_id"]
                 if facts["data_size"]:

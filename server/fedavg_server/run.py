@@ -29,7 +29,7 @@ from fedavg.strict_json import model_json, parse_model
 from fedavg.trace import fmt_theta
 from fedavg.wire import train_config_json
 
-from .collect import Collected, Collector, PlainCollector, RoundFailed, SecureCollector
+from .collect import BatchedCollector, Collected, Collector, PlainCollector, RoundFailed, SecureCollector
 from .diagnosis import Diagnosis
 from .dp import Privacy
 from .mathlog import loss_line, opening_lines, partial_round_lines, round_lines
@@ -44,10 +44,12 @@ from .transport import Transport
 log = logging.getLogger("fedavg.server")
 
 
-def pipeline(s: RunSettings, roster: Roster, first_round: int, name: str) \
+def pipeline(s: RunSettings, roster: Roster, first_round: int, name: str, batched: bool = True) \
         -> tuple[Strategy, Sampler, Collector, list[Stage]]:
     """The strategy, the sampler, the collector and the stages a run's
-    settings ask for: every choice a feature makes, made here once."""
+    settings ask for: every choice a feature makes, made here once.
+    ``batched``: the server may call a client host once for all its clients
+    (the server's --per-client turns it off)."""
     stages: list[Stage] = []
     combine: Any = s.robust or Combine()
     sampler: Sampler = SeededSample(s.fraction, s.min_clients, s.seed)
@@ -58,8 +60,12 @@ def pipeline(s: RunSettings, roster: Roster, first_round: int, name: str) \
     # roster.sizes is filled by the probe before round 1: the strategy reads it then (SCAFFOLD's N).
     strategy = STRATEGIES[s.strategy](lr=s.lr, num_clients=len(roster.urls), combine=combine, sizes=roster.sizes,
                                       clients=roster.urls, **(s.params or {}))
+    # Secure aggregation sums masked vectors client by client; DP keeps each client's call its own
+    # (its noise shares, and a sample of the whole population: not yet batched). Otherwise one call per
+    # client host, for the clients whose host batches.
+    plain = PlainCollector(roster, strategy, s.client_timeout_s)
     collector: Collector = (SecureCollector(roster, strategy, s.client_timeout_s, s.secagg, name) if s.secagg
-                            else PlainCollector(roster, strategy, s.client_timeout_s))
+                            else plain if s.dp or not batched else BatchedCollector(plain))
     # The diagnosis first: a model that is no longer finite is named before anything is written of it.
     return strategy, sampler, collector, [Diagnosis(strategy, s, first_round), *stages]
 
@@ -69,7 +75,7 @@ class Run:
 
     def __init__(self, run_id: int, settings: RunSettings, transport: Transport, store: RunStore,
                  first_round: int = 1, model: dict[str, Any] | None = None, last: dict[str, Any] | None = None,
-                 key: str = "", clients_then: list[str] | None = None) -> None:
+                 key: str = "", clients_then: list[str] | None = None, batched: bool = True) -> None:
         self.run_id, self.s, self.store = run_id, settings, store
         self.first_round = first_round
         self.model = model  # where a resumed run picks up; None = settings.init
@@ -77,7 +83,7 @@ class Run:
         # (clients_then: the URLs ``last`` was stored with, when this server's differ)
         self.roster = Roster(transport)
         self.strategy, self.sampler, self.collector, self.stages = pipeline(settings, self.roster, first_round,
-                                                                            key or str(run_id))
+                                                                            key or str(run_id), batched)
         self.state: State | None = None  # the strategy's state after the last stored round
         if last is not None:  # a resumed run: each part picks up where the last stored round left it
             # (records written before the privacy stage kept its S in the strategy's state, as dp_clip)

@@ -53,8 +53,11 @@ class Transport(Protocol):
     stopping: threading.Event  # set when the server stops: waits end at once
 
     def call_all(self, urls: Sequence[str], method: str, path: str, timeout_s: float,
-                 body_for: Callable[[str], Any] | None = None) -> list[Reply]:
-        """``path`` on every URL; replies in ``urls``' order, none later than the timeout."""
+                 body_for: Callable[[str], Any] | None = None, max_bytes: int = MAX_REPLY_BYTES) -> list[Reply]:
+        """``path`` on every URL; replies in ``urls``' order, none later than
+        the timeout, none over ``max_bytes`` (a batched call's reply may be
+        longer than one client's). A URL need not be a configured client's:
+        a host's batched /train is called at its own."""
 
     def call(self, url: str, method: str, path: str, timeout_s: float, body: Any = None) -> Reply:
         """``path`` on one URL."""
@@ -73,11 +76,11 @@ def request_body(headers: dict[str, str], timeout_s: float, body: Any) -> tuple[
     return headers | {"Content-Type": "application/json"}, json.dumps(body).encode()
 
 
-def reply_from(url: str, status: int, content: bytes) -> Reply:
+def reply_from(url: str, status: int, content: bytes, max_bytes: int = MAX_REPLY_BYTES) -> Reply:
     """A client's answer as a Reply: its JSON object, or why it cannot be used
     (an error status with what the client said, a body that is not JSON)."""
-    if len(content) > MAX_REPLY_BYTES:
-        return Reply(url, reason=f"bad reply: reply larger than {MAX_REPLY_BYTES} bytes")
+    if len(content) > max_bytes:
+        return Reply(url, reason=f"bad reply: reply larger than {max_bytes} bytes")
     ok = 200 <= status < 300
     try:
         body = loads(content)

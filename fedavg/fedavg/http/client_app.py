@@ -57,7 +57,8 @@ def _deadline_s() -> float | None:
 
 def client_blueprint(pick: Callable[[dict[str, Any]], LocalClient], token: str | None,
                      url_prefix: str | None = None, server_name: str | None = None,
-                     owner_name: str | None = None) -> Blueprint:
+                     owner_name: str | None = None,
+                     health_extra: Callable[[], dict[str, Any]] | None = None) -> Blueprint:
     """The client endpoints. ``pick`` turns the URL's values (``k`` for a
     client host's /clients/<k>) into the client that answers. With
     ``server_name`` (served over TLS), /train, /evaluate and /secagg/*
@@ -65,7 +66,8 @@ def client_blueprint(pick: Callable[[dict[str, Any]], LocalClient], token: str |
     anyone else, before the token is looked at), and the page only the
     caller whose certificate names ``owner_name`` (the CN of the app's own
     certificate: its owner; not the server, not another client); the rest
-    any verified caller may read."""
+    any verified caller may read. ``health_extra``: what /health adds to
+    the client's own facts (a client host's: where it batches)."""
     bp = Blueprint("client", __name__, url_prefix=url_prefix, template_folder="templates")
 
     @bp.url_value_preprocessor
@@ -74,7 +76,7 @@ def client_blueprint(pick: Callable[[dict[str, Any]], LocalClient], token: str |
 
     @bp.get("/health")
     def health():
-        return g.client.health()
+        return g.client.health() if health_extra is None else {**g.client.health(), **health_extra()}
 
     @bp.get("/openapi.json")
     def openapi():

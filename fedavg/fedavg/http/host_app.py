@@ -1,22 +1,33 @@
 """A client host: one process serving many independent clients, client k at
 ``/clients/<k>`` with the same /train, /evaluate, /health beneath — the very
-blueprint a single client serves, each with its own private data."""
+blueprint a single client serves, each with its own private data — and
+``POST /batch/train``, /train for many of them in one call, answered by the
+``Population`` of the same rows (``fedavg.batch_wire`` has its format)."""
 from __future__ import annotations
 
+import functools
+import threading
+import time
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
-from flask import Flask, request
+from flask import Flask, g, request
 from werkzeug.exceptions import NotFound
 
-from ..client import LocalClient
+from ..batch_wire import BATCH_PATH, batch_reply_json, parse_batch_request
+from ..client import MAX_TRAININGS, LocalClient, diverged_error
 from ..openapi import host_document
+from ..population import Population
 from ..theory import pooled_optimum
-from .client_app import client_blueprint
+from ..training import TrainingStopped
+from .client_app import _deadline_s, client_blueprint
 from .service import (
     has_token,
     install_json_errors,
     install_request_guards,
+    json_body,
     peer_allowed,
     peer_names,
     require_peer,
@@ -24,49 +35,89 @@ from .service import (
 )
 
 
-def create_host_app(clients: Sequence[LocalClient], token: str | None = None,
-                    description: str = "", server_name: str | None = None, owner_name: str | None = None) -> Flask:
-    """Serve ``clients`` as /clients/1 … /clients/K. With a ``token``, what
+def create_host_app(clients: Sequence[LocalClient] | None, token: str | None = None,
+                    description: str = "", server_name: str | None = None, owner_name: str | None = None,
+                    population: Population | None = None, batch: bool = True) -> Flask:
+    """Serve ``clients`` as /clients/1 … /clients/K, and ``population``
+    (default: the population of exactly their rows, ``Population.of``) at
+    POST /batch/train, which each client's /health then advertises
+    (``batch``: false, neither). ``clients`` None: the population's own
+    clients (``Population.clients``: each built when first called, so a
+    million cost nothing at start). With a ``token``, what
     the clients' data gives away (the pooled line of every row, a CSV's
     path in ``description``) is only for requests that carry it. With
     ``server_name`` (served over TLS), each client's /train, /evaluate and
-    /secagg/* answer only the caller whose certificate names it; with
+    /secagg/*, and /batch/train, answer only the caller whose certificate names it; with
     ``owner_name``, each client's page only the certificate naming that
     (the host's own: its owner's)."""
     app = Flask(__name__)
+    # 4 MiB: a client's /train; for /batch/train, about 130,000 client numbers with their seeds.
     app.config["MAX_CONTENT_LENGTH"] = 4 * 1024 * 1024
     install_json_errors(app)
     install_request_guards(app)
+    if clients is None and population is None:
+        raise ValueError("clients: give the clients, or a population (clients=None)")
+    population = population if population is not None else Population.of(clients)
+    memory = population.memory()
+    # One c_k per client, whichever way the server calls it: its own /train keeps it in its row of the
+    # memory /batch/train reads and writes (a client hosted before brings what it kept there).
+    if clients is None:
+        clients = population.clients(memory)
+    else:
+        for k, client in enumerate(clients):
+            client.memory.move_to(memory.of(k))
+    batches = threading.BoundedSemaphore(MAX_TRAININGS)  # as each client's slots: a round and one more
+    calls: Counter[str] = Counter()  # the training calls answered, for /health: how the server called
+    calls_lock = threading.Lock()
+
+    def count(what: str) -> None:
+        with calls_lock:
+            calls[what] += 1
 
     def pick(values: dict[str, Any]) -> LocalClient:
         k = values.pop("k")
         if not 1 <= k <= len(clients):
             raise NotFound(f"no client {k} on this host (it has 1..{len(clients)})")
+        g.k = k
         return clients[k - 1]
 
+    def advertise() -> dict[str, Any]:
+        return {"batch": {"path": BATCH_PATH, "id": g.k}}
+
     app.register_blueprint(client_blueprint(pick, token, url_prefix="/clients/<int:k>", server_name=server_name,
-                                            owner_name=owner_name))
+                                            owner_name=owner_name, health_extra=advertise if batch else None))
+
+    @app.before_request
+    def count_train() -> None:
+        if request.endpoint == "client.train" and request.method == "POST":
+            count("train")
+
     # θ* of every client's rows at once: what only a simulation knows (the chart draws one feature).
-    pooled = None
-    if clients[0].num_features == 1:
-        w, b = pooled_optimum([(c.X, c.y) for c in clients])
-        pooled = {"w": float(w), "b": float(b)}
+    # Solved when first asked for: over a million clients' rows, lstsq holds copies of them all.
+    @functools.cache
+    def pooled_line() -> dict[str, float] | None:
+        if population.num_features != 1:
+            return None
+        w, b = pooled_optimum([(population.X, population.y)])
+        return {"w": float(w), "b": float(b)}
 
     @app.get("/health")
     def health():
         """Liveness for anyone; the scenario (with --scenario csv, the file's
-        absolute path) and the rows in all, without a token or with it, and
-        over TLS to the server only (as /scenario)."""
+        absolute path), the rows in all and the training calls answered
+        (``calls``: /batch/train, and every client's /train), without a
+        token or with it, and over TLS to the server only (as /scenario)."""
         alive = {"status": "ok", "clients": len(clients)}
         if token is not None and not has_token(token):
             return alive
         if server_name is not None and not peer_allowed(peer_names(request.environ), server_name):
             return alive
-        return {**alive, "scenario": description, "data_size": sum(len(c.y) for c in clients)}
+        return {**alive, "scenario": description, "data_size": int(population.sizes.sum()),
+                "calls": {"batch_train": calls["batch_train"], "train": calls["train"]}}
 
     @app.get("/openapi.json")
     def openapi():
-        return host_document(len(clients))
+        return host_document(len(clients), population.num_features, batch)
 
     @app.get("/scenario")
     def scenario():
@@ -77,11 +128,35 @@ def create_host_app(clients: Sequence[LocalClient], token: str | None = None,
         its rows; over TLS, only for the server, as the clients' /evaluate."""
         require_peer(server_name)
         require_token(token)
-        return {"scenario": description, "simulated": True, "clients": len(clients), "pooled_line": pooled}
+        return {"scenario": description, "simulated": True, "clients": len(clients), "pooled_line": pooled_line()}
 
     @app.get("/clients")
     def urls():
         """The path of every client here, for the server's client list."""
         return {"clients": [f"/clients/{k}" for k in range(1, len(clients) + 1)]}
+
+    if batch:
+        @app.post(BATCH_PATH)
+        def batch_train():
+            """/train for many of the clients here at once: the population's
+            vectorised ``train``, its arrays as base64 (``batch_wire``)."""
+            require_peer(server_name)
+            require_token(token)
+            deadline_s = _deadline_s()
+            asked = parse_batch_request(json_body(), population.num_features, population.size)
+            task = asked.task if deadline_s is None else replace(asked.task, deadline=time.monotonic() + deadline_s)
+            if not batches.acquire(blocking=False):
+                return ({"error": f"busy: {MAX_TRAININGS} batches already in progress; try again later"}, 429,
+                        {"Retry-After": "1"})
+            try:
+                count("batch_train")
+                if task.past_deadline():  # (the vectorised training has no epoch to stop between)
+                    return {"error": "the server's deadline passed before training started"}, 408
+                reply = population.train(task, asked.ids, memory, asked.seeds)
+            except TrainingStopped as e:  # mini-batches train client by client, and stop between epochs
+                return {"error": f"the server's deadline passed: training {e}"}, 408
+            finally:
+                batches.release()
+            return batch_reply_json(reply, task.config.strategy, diverged_error(task.config.lr))
 
     return app

@@ -87,6 +87,11 @@ class RunMemory:
     after a crash therefore starts from exactly the state it started from the
     first time. A restarted client remembers nothing (c_k starts at 0 again).
     Bounded, so a server cannot make a client hold unbounded state.
+
+    ``move_to`` hands the values to another memory, which keeps them from
+    then on: a client host keeps its clients' in its population's
+    ``BatchMemory``, so that a client has one c_k whether the server calls
+    its /train or its host's /batch/train.
     """
 
     RUNS = 8
@@ -95,14 +100,39 @@ class RunMemory:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._runs: OrderedDict[str, dict[int, np.ndarray]] = OrderedDict()
+        self._moved: RunMemory | None = None  # where the values went (``move_to``)
 
     def before(self, run: str, round_no: int) -> np.ndarray | None:
+        return self._before(run, round_no) if self._moved is None else self._moved.before(run, round_no)
+
+    def after(self, run: str, round_no: int, value: np.ndarray) -> None:
+        if self._moved is None:
+            self._after(run, round_no, value)
+        else:
+            self._moved.after(run, round_no, value)
+
+    def kept(self) -> list[tuple[str, int, np.ndarray]]:
+        """Every value kept, as (run, round, value): the least recently
+        written run first, each run's rounds in order."""
+        return self._kept() if self._moved is None else self._moved.kept()
+
+    def move_to(self, other: RunMemory) -> None:
+        """Keep this client's values in ``other`` from now on, with those it
+        holds now (written in order, so ``other`` keeps what this one kept).
+        Done before the client serves: a training meanwhile may be lost."""
+        for run, round_no, value in self.kept():
+            other.after(run, round_no, value)
+        with self._lock:
+            self._runs.clear()
+        self._moved = other
+
+    def _before(self, run: str, round_no: int) -> np.ndarray | None:
         with self._lock:
             kept = self._runs.get(run, {})
             earlier = [r for r in kept if r < round_no]
             return None if not earlier else kept[max(earlier)].copy()
 
-    def after(self, run: str, round_no: int, value: np.ndarray) -> None:
+    def _after(self, run: str, round_no: int, value: np.ndarray) -> None:
         with self._lock:
             kept = self._runs.setdefault(run, {})
             self._runs.move_to_end(run)
@@ -111,6 +141,10 @@ class RunMemory:
                 del kept[r]
             while len(self._runs) > self.RUNS:
                 self._runs.popitem(last=False)
+
+    def _kept(self) -> list[tuple[str, int, np.ndarray]]:
+        with self._lock:
+            return [(run, r, kept[r].copy()) for run, kept in self._runs.items() for r in sorted(kept)]
 
 
 class BatchMemory:
@@ -171,24 +205,39 @@ class BatchMemory:
             while len(self._runs) > RunMemory.RUNS:
                 self._runs.popitem(last=False)
 
+    def kept(self, k: int) -> list[tuple[str, int, np.ndarray]]:
+        """Client k's values as ``RunMemory.kept`` lists them."""
+        with self._lock:
+            out = []
+            for run, (values, rounds) in self._runs.items():
+                for slot in np.argsort(rounds[k]):
+                    if rounds[k, slot] != self.EMPTY:
+                        out.append((run, int(rounds[k, slot]), values[k, slot].copy()))
+            return out
+
     def of(self, k: int) -> ClientMemory:
         """Client k's memory as the one-client ``local`` reads it."""
         return ClientMemory(self, k)
 
 
 class ClientMemory(RunMemory):
-    """One client's row of a ``BatchMemory``, with RunMemory's two methods:
-    what ``local`` is given when a batch falls back to the per-client loop."""
+    """One client's row of a ``BatchMemory``, as a ``RunMemory``: what
+    ``local`` is given when a batch falls back to the per-client loop, and
+    where a hosted client's own /train keeps its values (``move_to``)."""
 
     def __init__(self, batch: BatchMemory, k: int) -> None:
-        self.batch, self.ids = batch, np.array([k])
+        super().__init__()
+        self.batch, self.k, self.ids = batch, k, np.array([k])
 
-    def before(self, run: str, round_no: int) -> np.ndarray | None:
+    def _before(self, run: str, round_no: int) -> np.ndarray | None:
         value, found = self.batch.lookup(run, round_no, self.ids)
         return value[0] if found[0] else None
 
-    def after(self, run: str, round_no: int, value: np.ndarray) -> None:
+    def _after(self, run: str, round_no: int, value: np.ndarray) -> None:
         self.batch.after(run, round_no, self.ids, np.asarray(value, dtype=float)[None, :])
+
+    def _kept(self) -> list[tuple[str, int, np.ndarray]]:
+        return self.batch.kept(self.k)
 
 
 @dataclass(frozen=True)
