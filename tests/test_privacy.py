@@ -951,3 +951,27 @@ def test_the_charts_of_a_dp_run_an_older_server_recorded_draw_no_client_s_model(
     assert r.status_code == 200, r.get_data(as_text=True)
     svg = r.get_data(as_text=True)
     assert "2 client(s) sent no local model, so no line" in svg and "0.123457" not in svg
+
+
+def test_poisson_sampling_takes_each_client_with_probability_q_from_the_systems_entropy(monkeypatch):
+    """DP's sample: client k is in when u_k < q, u_k the top 53 bits of 8
+    bytes of os.urandom over 2⁵³ (SystemRandom().random()'s draw), all K at
+    once. The bytes given, the draw is exact; from the OS, its count is
+    Binomial(K, q) and no two rounds repeat."""
+    from fedavg_server import sampling
+
+    q = 0.01
+    edge = int(q * 2**53)  # the 53-bit values around q·2⁵³, where u_k < q turns false
+    words = [0, 2**64 - 1, edge << 11, (edge + 1) << 11, (edge - 1) << 11 | 2047]
+    monkeypatch.setattr(sampling.os, "urandom", lambda n: b"".join(w.to_bytes(8, "little") for w in words)[:n])
+    expected = [(w >> 11) / 2**53 < q for w in words]  # plain Python, as random.SystemRandom computes it
+    assert sampling.poisson_mask(len(words), q).tolist() == expected
+    urls = [f"http://h/clients/{k}" for k in range(len(words))]
+    assert sampling.PoissonSample(q, 1).draw(1, urls) == [u for u, e in zip(urls, expected) if e]
+    monkeypatch.undo()
+
+    k = 200_000
+    first, second = sampling.poisson_mask(k, q), sampling.poisson_mask(k, q)
+    sd = (k * q * (1 - q)) ** 0.5
+    assert abs(int(first.sum()) - k * q) < 6 * sd and abs(int(second.sum()) - k * q) < 6 * sd
+    assert not np.array_equal(first, second)

@@ -1,7 +1,7 @@
 """Who takes part in a round: S_t, a sample of the configured clients."""
 from __future__ import annotations
 
-import random
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -48,8 +48,17 @@ class PoissonSample:
     min_clients: int
 
     def draw(self, r: int, urls: list[str]) -> list[str]:
-        draw = random.SystemRandom()
-        return [url for url in urls if draw.random() < self.fraction]
+        return [urls[i] for i in np.flatnonzero(poisson_mask(len(urls), self.fraction))]
+
+
+def poisson_mask(k: int, q: float) -> np.ndarray:
+    """K independent Bernoulli(q) draws from the operating system's entropy
+    (os.urandom, as random.SystemRandom uses): client k is in when
+    u_k < q, u_k = (53 random bits)/2⁵³ uniform on [0, 1), exactly
+    SystemRandom().random()'s draw. One read of 8·K bytes, not K Python
+    calls: a population of a million is sampled in milliseconds."""
+    words = np.frombuffer(os.urandom(8 * k), dtype=np.uint64)
+    return (words >> np.uint64(11)).astype(np.float64) * 2.0 ** -53 < q
 
     def needed(self, sampled: int) -> int:
         # A round may sample fewer than min_clients, or none: its release is then mostly noise.
