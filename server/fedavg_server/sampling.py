@@ -50,6 +50,10 @@ class PoissonSample:
     def draw(self, r: int, urls: list[str]) -> list[str]:
         return [urls[i] for i in np.flatnonzero(poisson_mask(len(urls), self.fraction))]
 
+    def needed(self, sampled: int) -> int:
+        # A round may sample fewer than min_clients, or none: its release is then mostly noise.
+        return min(self.min_clients, sampled)
+
 
 def poisson_mask(k: int, q: float) -> np.ndarray:
     """K independent Bernoulli(q) draws from the operating system's entropy
@@ -59,7 +63,3 @@ def poisson_mask(k: int, q: float) -> np.ndarray:
     calls: a population of a million is sampled in milliseconds."""
     words = np.frombuffer(os.urandom(8 * k), dtype=np.uint64)
     return (words >> np.uint64(11)).astype(np.float64) * 2.0 ** -53 < q
-
-    def needed(self, sampled: int) -> int:
-        # A round may sample fewer than min_clients, or none: its release is then mostly noise.
-        return min(self.min_clients, sampled)
