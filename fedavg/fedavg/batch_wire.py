@@ -67,11 +67,11 @@ def parse_batch_request(value: Any, num_features: int, num_clients: int) -> Batc
     over = np.flatnonzero(ids >= num_clients)
     if len(over):
         raise ProtocolError(f"clients[{over[0]}]: client {ks[over[0]]} is not on this host (1..{num_clients})")
-    unique, first, counts = np.unique(ids, return_index=True, return_counts=True)
-    if len(unique) != len(ids):
-        k = int(unique[counts > 1][0])
-        again = next(i for i, x in enumerate(ids) if x == k and i != first[counts > 1][0])
-        raise ProtocolError(f"clients[{again}]: client {k + 1} is named more than once")
+    seen: set[int] = set()
+    for i, k in enumerate(ks):
+        if k in seen:
+            raise ProtocolError(f"clients[{i}]: client {k} is named more than once")
+        seen.add(k)
     if seeds is not None:
         if not isinstance(seeds, list) or len(seeds) != len(ks):
             raise ProtocolError(f"seeds: must be a list of {len(ks)} seeds, one per entry of clients")

@@ -39,7 +39,7 @@ from .service import (
 )
 
 
-def _deadline_s() -> float | None:
+def requested_deadline_s() -> float | None:
     """The server's X-Deadline-S: how long it will wait for this call, in
     seconds (more than 0, at most 3600); None when not sent."""
     raw = request.headers.get("X-Deadline-S")
@@ -111,7 +111,7 @@ def client_blueprint(pick: Callable[[dict[str, Any]], LocalClient], token: str |
     def train():
         require_peer(server_name)
         require_token(token)
-        response = g.client.train(json_body(), _deadline_s())
+        response = g.client.train(json_body(), requested_deadline_s())
         return (*response, {"Retry-After": "1"}) if response[1] == 429 else response
 
     @bp.post("/evaluate")
@@ -120,7 +120,7 @@ def client_blueprint(pick: Callable[[dict[str, Any]], LocalClient], token: str |
         require_token(token)
         return g.client.evaluate(json_body())
 
-    add_secure_routes(bp, token, _deadline_s, server_name)
+    add_secure_routes(bp, token, requested_deadline_s, server_name)
     return bp
 
 

@@ -22,7 +22,7 @@ from ..openapi import host_document
 from ..population import Population
 from ..theory import pooled_optimum
 from ..training import TrainingStopped
-from .client_app import _deadline_s, client_blueprint
+from .client_app import client_blueprint, requested_deadline_s
 from .service import (
     has_token,
     install_json_errors,
@@ -142,7 +142,7 @@ def create_host_app(clients: Sequence[LocalClient] | None, token: str | None = N
             vectorised ``train``, its arrays as base64 (``batch_wire``)."""
             require_peer(server_name)
             require_token(token)
-            deadline_s = _deadline_s()
+            deadline_s = requested_deadline_s()
             asked = parse_batch_request(json_body(), population.num_features, population.size)
             task = asked.task if deadline_s is None else replace(asked.task, deadline=time.monotonic() + deadline_s)
             if not batches.acquire(blocking=False):
