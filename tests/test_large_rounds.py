@@ -11,6 +11,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+import math
+import re
 
 import pytest
 
@@ -130,7 +133,8 @@ class HostLost(InProcessTransport):
         return super().call(url, method, path, timeout_s, body, **limit)
 
 
-def test_a_host_lost_is_counted_by_reason_named_first_few_and_warned_about(servers):
+def test_a_host_lost_is_counted_by_reason_named_first_few_and_warned_about(servers, caplog):
+    caplog.set_level(logging.INFO, logger="fedavg.server")
     ours, theirs = make_clients("iid", K, 5), make_clients("iid", K, 6)
     host, lost = create_host_app(ours), create_host_app(theirs)
     apps = {**{f"{HOST}/clients/{k}": host for k in range(1, K + 1)},
@@ -145,6 +149,10 @@ def test_a_host_lost_is_counted_by_reason_named_first_few_and_warned_about(serve
                                                  "away", "clients": K}]
     assert [d["client_id"] for d in record["dropped"]] == [c.client_id for c in theirs[:len(record["dropped"])]]
     assert 0 < len(record["dropped"]) < 10
+    logged = "\n".join(r.getMessage() for r in caplog.records)  # the log counts them too, and names the first
+    assert f"{K} client(s) DROPPED from this round: its host's {OTHER}/batch/train: cannot connect" in logged
+    assert f"dropped first: {', '.join(d['client_id'] for d in record['dropped'])} and " \
+           f"{K - len(record['dropped'])} more" in logged
     rows = rows_of(fed, run["run_id"], 1)  # every dropped client, with its reason
     assert sum(1 for r in rows if r["dropped"]) == K and sum(1 for r in rows if not r["dropped"]) == K
     # the warnings count every client of every round, not only those the record names
@@ -166,3 +174,39 @@ def test_no_such_round_is_a_404(large):
     fed, run, _ = large
     assert fed.http.get(f"/runs/{run['run_id']}/rounds/99/clients.csv").status_code == 404
     assert fed.http.get("/runs/999/rounds/1/clients.csv").get_json() == {"error": "no run 999"}
+
+
+def test_the_log_writes_a_large_rounds_average_as_a_sum_over_groups_that_adds_up(federation, caplog):
+    """The log's Σ_g N_g/N · x̄_g, read back from its text: the printed groups
+    cover every client, their N_g add up to N, and the printed terms add up
+    (to the printed digits) to the printed total, which is the global model
+    and the plain-Python mean of the CSV's rows."""
+    caplog.set_level(logging.INFO, logger="fedavg.server")
+    fed = federation(make_clients("quantity-skew", K, 7))
+    run = fed.run(rounds=1, seed=2)
+    record = run["rounds"][0]
+    block = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("── Round 1/1"))
+    lines = block.splitlines()
+    assert len(lines) < 40  # not a line per client
+    assert f"{K} clients sampled: {K} contributed (N = {record['N']}), 0 dropped" in lines
+    number = r"(-?[\d.]+(?:e[+-]\d+)?)"
+    groups = [re.fullmatch(rf"  n_k (\d+)–(\d+): (\d+) clients, N_g = (\d+), x̄_g: w={number} b={number}", line)
+              for line in lines if line.startswith("  n_k ")]
+    assert groups and all(groups)
+    assert sum(int(g[3]) for g in groups) == K and sum(int(g[4]) for g in groups) == record["N"]
+    rows = rows_of(fed, run["run_id"], 1)
+    for coordinate, column in (("w", 5), ("b", 6)):
+        line = next(x for x in lines if x.startswith(f"  {coordinate} = ("))
+        terms, total = line.split(" = ")[1], float(line.rsplit(" = ", 1)[1])
+        printed = [(int(n), int(d), float(v)) for n, d, v in re.findall(rf"\((\d+)/(\d+)\)·{number}", terms)]
+        assert [(n, d) for n, d, _ in printed] == [(int(g[4]), record["N"]) for g in groups]
+        assert [v for _, _, v in printed] == [float(g[column]) for g in groups]
+        assert math.isclose(sum(n / d * v for n, d, v in printed), total, rel_tol=1e-5, abs_tol=1e-5)
+        # the total is the global model, and the clients' own mean, from the CSV
+        assert math.isclose(total, record["global_model"][coordinate], rel_tol=1e-6, abs_tol=1e-6)
+        mean = sum(int(r["n_k"]) * float(r[f"local_model.{coordinate}"]) for r in rows) / record["N"]
+        assert math.isclose(total, mean, rel_tol=1e-6, abs_tol=1e-6)
+    top = lines.index(f"the {TOP_CONTRIBUTORS} largest weights n_k/N:")
+    largest = sorted(rows, key=lambda r: -int(r["n_k"]))[:TOP_CONTRIBUTORS]
+    assert [x.split()[1] for x in lines[top + 1: top + 1 + TOP_CONTRIBUTORS]] == \
+        [f"n_k={r['n_k']}" for r in largest]
