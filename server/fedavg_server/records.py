@@ -24,7 +24,7 @@ from fedavg.aggregation import weights
 from fedavg.model import Theta, split
 from fedavg.strategies import REPLY_FIELDS, Field, Result, State, Step
 from fedavg.strategies.fields import MODEL
-from fedavg.strict_json import model_json, printable, weights_of
+from fedavg.strict_json import model_json, printable
 from fedavg.trace import TRACE_TERMS
 
 # The most participants a round's record lists one by one. Past it a row
@@ -164,18 +164,21 @@ def summary_json(rec: RoundRecord) -> dict[str, Any]:
     n = np.array([p["data_size"] or 0 for p in ps], dtype=float)
     N = n.sum()
     top = sorted(range(len(ps)), key=lambda k: -n[k])[:TOP_CONTRIBUTORS] if N > 0 else []
-    fields = [f for f in REPLY_FIELDS if f.kind is MODEL and ps and all(p.get(f.name) is not None for p in ps)]
-    sums = {f.name: model_json(*split(n @ _stacked(ps, f))) for f in fields}
-    update = next((f for f in fields if f.update_from is not None), None)
+    stacked = {f.name: _stacked(ps, f) for f in REPLY_FIELDS
+               if f.kind is MODEL and ps and all(p.get(f.name) is not None for p in ps)}
+    update = next((f.name for f in REPLY_FIELDS if f.name in stacked and f.update_from is not None), None)
     return {"sampled": len(ps) + len(rec.dropped), "contributed": len(ps), "dropped": len(rec.dropped),
-            "dropped_by_reason": by_reason, "sums": sums,
-            "groups": None if update is None else groups_json(update.name, n, _stacked(ps, update)),
+            "dropped_by_reason": by_reason, "sums": {name: model_json(*split(n @ x)) for name, x in stacked.items()},
+            "groups": None if update is None else groups_json(update, n, stacked[update]),
             "top": [ps[k] | {"weight": float(n[k] / N)} for k in top]}
 
 
 def _stacked(ps: list[dict[str, Any]], f: Field) -> np.ndarray:
-    """Each participant's model-shaped ``f`` as a row [w…, b]."""
-    return np.array([[*weights_of(p[f.name]), p[f.name]["b"]] for p in ps])
+    """Each participant's model-shaped ``f`` ({"w": number or list, "b"}) as
+    a row [w…, b] (in plain Python: a NumPy call per client costs more than
+    the whole sum)."""
+    return np.array([[*(m["w"] if isinstance(m["w"], list) else (m["w"],)), m["b"]]
+                     for m in (p[f.name] for p in ps)], dtype=float)
 
 
 def groups_json(name: str, n: np.ndarray, values: np.ndarray) -> dict[str, Any]:
