@@ -76,6 +76,11 @@ def request_body(headers: dict[str, str], timeout_s: float, body: Any) -> tuple[
     return headers | {"Content-Type": "application/json"}, json.dumps(body).encode()
 
 
+def no_reply_within(timeout_s: float) -> str:
+    """Why a call that did not answer within its deadline was given up on."""
+    return f"no reply within {timeout_s:g} s"
+
+
 def reply_from(url: str, status: int, content: bytes, max_bytes: int = MAX_REPLY_BYTES) -> Reply:
     """A client's answer as a Reply: its JSON object, or why it cannot be used
     (an error status with what the client said, a body that is not JSON)."""
