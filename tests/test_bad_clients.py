@@ -206,6 +206,8 @@ def test_a_round_with_more_hung_clients_than_connections_gives_each_its_timeout_
         [record] = run["rounds"]
         assert [p["client_id"] for p in record["participants"]] == ["client_1"]
         assert [d["reason"] for d in record["dropped"]] == ["no reply within 0.5 s"] * 8
+        # 8 of 9 lost to timeouts: said loudly (tests/test_timeouts.py), the run still completed
+        assert run["timeouts"]["worst"] == {"round": 1, "timed_out": 8, "sampled": 9}
         # probe and final evaluation (the fakes answer both at once), and the round's wave
         assert elapsed < 2 * (0.5 + 0.2 + 0.5) + wave_limit(9, 2, 0.5) + 1
     finally:
