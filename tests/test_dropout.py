@@ -75,9 +75,11 @@ def run_both(servers, dropout: Dropout, k: int = 40, **settings):
     return runs
 
 
-def test_both_paths_drop_the_same_clients_and_the_run_goes_on(servers):
+@pytest.mark.parametrize("strategy", ["fedavg", "scaffold"])
+def test_both_paths_drop_the_same_clients_and_the_run_goes_on(servers, strategy):
+    """SCAFFOLD too: a client that dropped out keeps no c_k of that round on either path."""
     dropout = Dropout(0.25, seed=3)
-    batched, per_client = run_both(servers, dropout)
+    batched, per_client = run_both(servers, dropout, strategy=strategy)
     ks = np.arange(1, 41)
     for run in (batched, per_client):
         assert run["status"] == "completed", run["error"]
@@ -107,6 +109,16 @@ def test_stragglers_past_the_deadline_time_out_on_both_paths(servers):
             assert [d["url"] for d in record["dropped"]] == late and late
             assert all(is_timeout(d["reason"]) and "simulated straggler" in d["reason"] for d in record["dropped"])
             assert record["timeouts"] == {"timed_out": len(late), "sampled": 40}
+
+
+def test_a_batch_whose_every_client_dropped_out_has_only_absent_rows():
+    dropout = Dropout(0.5, seed=3)
+    ks = np.arange(1, 41)
+    gone = [int(k) for k in ks[dropout.dropped(2, ks)]][:3]
+    host = create_host_app(make_clients("iid", 40, 3), dropout=dropout)
+    body = {"global_model": {"w": 0.0, "b": 0.0}, "round": 2, "clients": gone}
+    reply = host.test_client().post("/batch/train", json=body).get_json()
+    assert sorted(parse_absent(reply, gone)) == sorted(gone) and reply["errors"] == {}
 
 
 def test_stragglers_within_the_deadline_take_part():

@@ -21,7 +21,8 @@ from ..batch_wire import BATCH_PATH, batch_reply_json, parse_batch_request
 from ..client import MAX_TRAININGS, LocalClient, diverged_error
 from ..dropout import Dropout
 from ..openapi import host_document
-from ..population import Population
+from ..population import BatchReply, Population
+from ..strategies import LocalBatch
 from ..theory import pooled_optimum
 from ..training import TrainingStopped
 from .client_app import client_blueprint, requested_deadline_s
@@ -35,6 +36,19 @@ from .service import (
     require_peer,
     require_token,
 )
+
+
+def with_absent_rows(reply: BatchReply, ids: np.ndarray, present: np.ndarray) -> BatchReply:
+    """``reply``'s rows placed at the ``present`` rows of a reply to ``ids``, zeros elsewhere."""
+    def place(values: np.ndarray | None) -> np.ndarray | None:
+        if values is None:
+            return None
+        full = np.zeros((len(ids), *values.shape[1:]), dtype=values.dtype)
+        full[present] = values[: int(present.sum())]
+        return full
+    local = LocalBatch(place(reply.local.theta), {name: place(v) for name, v in reply.local.extra.items()})
+    return BatchReply(ids, place(reply.n), local, place(reply.loss_before), place(reply.loss_after),
+                      place(reply.within_clip), place(reply.diverged))
 
 
 def create_host_app(clients: Sequence[LocalClient] | None, token: str | None = None,
@@ -104,6 +118,8 @@ def create_host_app(clients: Sequence[LocalClient] | None, token: str | None = N
         an error reply for a client that left the round; for a straggler, a
         real wait of ``straggle_s`` (up to the server's deadline: past it,
         the 408 of a client whose deadline passed); None: answer as usual."""
+        require_peer(server_name)  # (who may not train it learns nothing of its simulation either)
+        require_token(token)
         body = request.get_json(silent=True)
         round_no = body.get("round") if isinstance(body, dict) else None
         if not isinstance(round_no, int) or isinstance(round_no, bool):
@@ -181,13 +197,26 @@ def create_host_app(clients: Sequence[LocalClient] | None, token: str | None = N
                 count("batch_train")
                 if task.past_deadline():  # (the vectorised training has no epoch to stop between)
                     return {"error": "the server's deadline passed before training started"}, 408
-                reply = population.train(task, asked.ids, memory, asked.seeds)
+                absent = absent_rows(task.round, asked.ids + 1, deadline_s)
+                reply = train_present(task, asked, absent)
             except TrainingStopped as e:  # mini-batches train client by client, and stop between epochs
                 return {"error": f"the server's deadline passed: training {e}"}, 408
             finally:
                 batches.release()
-            return batch_reply_json(reply, task.config.strategy, diverged_error(task.config.lr),
-                                    absent_rows(task.round, asked.ids + 1, deadline_s))
+            return batch_reply_json(reply, task.config.strategy, diverged_error(task.config.lr), absent)
+
+    def train_present(task: Any, asked: Any, absent: dict[int, str]) -> BatchReply:
+        """The batch trained but for its absent clients, which train nothing
+        and keep nothing (as their own /train, refused before training):
+        their rows zeros, which the reply's ``absent`` says to ignore."""
+        present = ~np.isin(asked.ids + 1, np.array(list(absent), dtype=np.int64))
+        if present.all():
+            return population.train(task, asked.ids, memory, asked.seeds)
+        if not present.any():  # shapes only, from a memory nobody keeps
+            return with_absent_rows(population.train(task, asked.ids[:1], population.memory(),
+                                                     asked.seeds and asked.seeds[:1]), asked.ids, present)
+        seeds = None if asked.seeds is None else [s for s, p in zip(asked.seeds, present) if p]
+        return with_absent_rows(population.train(task, asked.ids[present], memory, seeds), asked.ids, present)
 
     def absent_rows(round_no: int | None, ks: np.ndarray, deadline_s: float | None) -> dict[int, str]:
         """k → why client k's row holds no result: its simulated dropout, or
