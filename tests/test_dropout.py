@@ -139,3 +139,40 @@ def test_a_reply_naming_an_absent_client_it_was_not_asked_for_is_refused():
     with pytest.raises(ProtocolError, match="reply.absent.1: must be text"):
         parse_absent({"absent": {"1": 3}}, [1, 2])
     assert parse_absent({"absent": {"2": "gone"}}, [1, 2]) == {2: "gone"} and parse_absent({}, [1]) == {}
+
+
+@pytest.mark.system
+def test_a_client_host_with_dropouts_over_http(tmp_path):
+    """``client_host --population 300 --dropout 0.2 --stragglers 0.1
+    --straggle-s 30``: its /health says the simulation, a run from it drops
+    the drawn clients each round (the stragglers, 30 s past a 10 s deadline,
+    reported timed out without a wait) and completes; a rate that is not a
+    probability stops the host in one line."""
+    import launcher
+
+    flags = ["--scenario", "iid", "--population", "300", "--seed", "4", "--dropout", "0.2",
+             "--stragglers", "0.1", "--straggle-s", "30"]
+    host = launcher.start_app("client_host", launcher.free_port(), flags)
+    apps = [host]
+    try:
+        launcher.wait_healthy(apps)
+        said = launcher.get_json(host.url + "/health")["scenario"]
+        assert "simulated dropout 0.2, stragglers 0.1 (30 s more)" in said
+        server = launcher.start_app("server", launcher.free_port(), ["--clients-from", host.url, "--db",
+                                                                     str(tmp_path / "runs.db")])
+        apps.append(server)
+        launcher.wait_healthy(apps)
+        status, run = launcher.post_json(server.url + "/start", {"rounds": 2, "seed": 1})
+        assert status == 200 and run["status"] == "completed", run.get("error")
+        d = Dropout(0.2, 4, 0.1, 30.0)
+        ks = np.arange(1, 301)
+        for record in run["rounds"]:
+            gone = d.dropped(record["round"], ks) | d.straggles(record["round"], ks)
+            assert len(record["dropped"]) == int(gone.sum()) and len(record["participants"]) == 300 - gone.sum()
+            assert record["timeouts"]["timed_out"] == int((d.straggles(record["round"], ks) & ~d.dropped(
+                record["round"], ks)).sum())
+    finally:
+        launcher.stop(apps)
+    wrong = launcher.start_app("client_host", launcher.free_port(), ["--dropout", "1.5"])
+    [(code, out, _)] = launcher.ended([wrong])
+    assert code == 2 and "error: --dropout: must be a probability in [0, 1), got 1.5" in out, out
