@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 
+from conftest import run_from_host
 from fedavg.batch_wire import parse_absent
 from fedavg.dropout import Dropout
 from fedavg.http.host_app import create_host_app
@@ -158,12 +159,7 @@ def test_a_client_host_with_dropouts_over_http(tmp_path):
         launcher.wait_healthy(apps)
         said = launcher.get_json(host.url + "/health")["scenario"]
         assert "simulated dropout 0.2, stragglers 0.1 (30 s more)" in said
-        server = launcher.start_app("server", launcher.free_port(), ["--clients-from", host.url, "--db",
-                                                                     str(tmp_path / "runs.db")])
-        apps.append(server)
-        launcher.wait_healthy(apps)
-        status, run = launcher.post_json(server.url + "/start", {"rounds": 2, "seed": 1})
-        assert status == 200 and run["status"] == "completed", run.get("error")
+        run = run_from_host(host, apps, tmp_path / "runs.db", {"rounds": 2, "seed": 1})
         d = Dropout(0.2, 4, 0.1, 30.0)
         ks = np.arange(1, 301)
         for record in run["rounds"]:
