@@ -245,13 +245,13 @@ def test_a_completed_run_names_the_client_dropped_from_every_round(servers, capl
         assert f"Run {run['run_id']} WARNING: {warning}" in "\n".join(logged)
 
         # curl's answer: the summary first, one key a line; Accept: application/json: one line.
-        keys = ["message", "status", "final_line", "final_model", "rounds_completed", "warnings", "url"]
-        assert list(run)[:7] == keys and run["url"] == f"/runs/{run['run_id']}"
+        keys = ["message", "status", "final_line", "final_model", "rounds_completed", "timeouts", "warnings", "url"]
+        assert list(run)[:8] == keys and run["url"] == f"/runs/{run['run_id']}"
         assert text.splitlines()[1].startswith('  "message": ')
         one_line = http.post("/start", data=b'{"rounds": 1}', headers={"Accept": "application/json",
                                                                        "Content-Type": "application/json"})
         text = one_line.get_data(as_text=True)
-        assert text.count("\n") == 1 and list(json.loads(text))[:7] == keys
+        assert text.count("\n") == 1 and list(json.loads(text))[:8] == keys
     finally:
         client_1.close()
         client_2.close()

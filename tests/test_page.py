@@ -683,6 +683,35 @@ def test_a_suspicious_update_is_flagged_on_the_page(browser: Browser, servers, s
     tab.context.close()
 
 
+def test_rounds_lost_to_timeouts_show_as_a_banner(browser: Browser, servers, serve):
+    """A client that always stops at its deadline (408): every round loses a
+    half of its sample to timeouts, and the page says so above the run, in
+    the words of the run's ``timeouts``; a run without any shows no banner."""
+    from flask import Flask
+
+    late = Flask("late")
+    late.add_url_rule("/health", "health", lambda: ({"error": "no health here"}, 404))
+    late.add_url_rule("/train", "train", lambda: ({"error": "the server's deadline passed: training stopped"}, 408),
+                      methods=["POST"])
+    client_1 = create_client_app({"CLIENT_ID": "client_1", "DATA_PATH": str(ROOT / "client_1" / "data.csv"),
+                                  "TOKEN": None})
+    server = servers({"http://127.0.0.1:5001": client_1, "http://127.0.0.1:5002": late})
+    run = server.run(rounds=2, seed=1)
+    assert run["status"] == "completed" and run["timeouts"]["rounds"] == 2
+    tab = browser.new_context().new_page()
+    tab.goto(serve(server.app).url + "/")
+    tab.wait_for_selector("#run-timeouts:visible")
+    assert tab.locator("#run-timeouts").inner_text() == f"Timeouts: {run['timeouts']['message']}."
+    tab.context.close()
+    plain = servers({"http://127.0.0.1:5001": client_1})
+    plain.run(rounds=1, seed=1)
+    tab = browser.new_context().new_page()
+    tab.goto(serve(plain.app).url + "/")
+    tab.wait_for_selector("#run-status[data-status=completed]")
+    assert tab.locator("#run-timeouts").is_hidden()
+    tab.context.close()
+
+
 # --- privacy: a secure round shows only the sum; a DP run shows ε against its budget ------
 
 def test_a_secure_round_shows_no_clients_numbers_and_its_unmasking(local_page: Page, local):

@@ -218,6 +218,9 @@ function paintRun(snap) {
     `${s.batch_size ? `, batch size ${s.batch_size}` : ""}, fraction=${fmt(s.fraction)}, ` +
     `min clients ${s.min_clients}, seed ${s.seed}.`;
   $("#run-status").dataset.status = run.status;
+  // Nor may it hide rounds that lost many clients to timeouts: a banner above the rest.
+  $("#run-timeouts").hidden = !run.timeouts;
+  $("#run-timeouts").textContent = run.timeouts ? `Timeouts: ${run.timeouts.message}.` : "";
   // "completed" can hide a client that never took part: say so.
   const warnings = run.warnings || [];
   $("#run-warnings").hidden = !warnings.length;
