@@ -44,6 +44,7 @@ from flask.testing import FlaskClient
 
 from fedavg import theory
 from fedavg.scenarios import ATTACKERS, ATTACKS, DIABETES_LR, SCENARIOS, honest, make_clients
+from fedavg.trace import fmt_line
 from labs import close, default_jobs, federation, processes, spread
 
 ALL_STRATEGIES = ("fedavg", "fedsgd", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
@@ -229,17 +230,12 @@ def predict_fedavg(data: list[tuple[np.ndarray, np.ndarray]], lr: float, epochs:
     return {**out, "theta": point.tolist(), "distance": float(np.linalg.norm(point - optimum)), "error": None}
 
 
-def fmt_big(value: float) -> str:
-    """6 decimals, or 6 significant digits and an exponent for a model an attack blew up."""
-    return f"{value:.6f}" if abs(value) < 1e7 else f"{value:.6e}"
-
-
 def fmt_model(model: dict[str, Any] | None) -> str:
     if model is None:
         return "-"
     w = np.atleast_1d(np.asarray(model["w"], dtype=float))
     if len(w) == 1:
-        return f"y = {fmt_big(w[0])}·x + {fmt_big(model['b'])}"
+        return fmt_line(w, model["b"])
     shown = ", ".join(f"{v:.4f}" for v in w[:3]) + (f", … ({len(w)})" if len(w) > 3 else "")
     return f"w = [{shown}], b = {model['b']:.4f}"
 
