@@ -20,7 +20,7 @@ pytestmark = pytest.mark.system
 LINE = re.compile(r"y = (-?\d+\.\d+)·x \+ (-?\d+\.\d+)")
 
 
-def test_make_demo_with_port_5000_taken_prints_the_model_the_pooled_line_and_the_drifted_fixed_point():
+def test_make_demo_with_port_5000_taken_prints_the_seeds_numbers():
     """Port 5000 held by another program (here this test; a newcomer's is often some other
     web app): the demo says whose, takes a free port instead, and prints the seed's numbers."""
     holder, mine = socket.socket(), True

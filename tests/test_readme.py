@@ -26,7 +26,7 @@ README = ROOT / "README.md"
 
 # Commands run by another test (file::test), or by CI (.ci/run).
 COVERED_BY = {
-    "make demo": "tests/test_demo.py::test_make_demo_prints_the_model_the_pooled_line_and_the_drifted_fixed_point",
+    "make demo": "tests/test_demo.py::test_make_demo_with_port_5000_taken_prints_the_seeds_numbers",
     "make test": ".ci/run",
     "make test-all": ".ci/run",
     'export PATH="$PWD/.tools/poetry/bin:$PATH"':
