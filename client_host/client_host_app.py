@@ -7,12 +7,23 @@ import logging
 import sys
 from pathlib import Path
 
-from fedavg import tls_files
-from fedavg.dropout import Dropout
-from fedavg.http.host_app import create_host_app
-from fedavg.http.service import add_server_name, base_url, cli, configure_logging, serve, shared_token, tls_from_args
-from fedavg.population import POPULATION_SCENARIOS, Population
-from fedavg.scenarios import ATTACKERS, ATTACKS, NOISE, SCENARIOS, make_clients
+try:
+    from fedavg import tls_files
+    from fedavg.dropout import Dropout
+    from fedavg.http.host_app import create_host_app
+    from fedavg.http.service import (
+        add_server_name,
+        base_url,
+        cli,
+        configure_logging,
+        serve,
+        shared_token,
+        tls_from_args,
+    )
+    from fedavg.population import POPULATION_SCENARIOS, Population
+    from fedavg.scenarios import ATTACKERS, ATTACKS, NOISE, SCENARIOS, make_clients
+except ModuleNotFoundError as e:  # a python without the app's Poetry environment: say how to run it
+    raise SystemExit(f"error: no module {e.name}; run: {__doc__.split('Run: ')[1].splitlines()[0]}") from None
 
 # What generated each scenario's data, in one line (fedavg/scenarios.py has
 # the code); shown at start and in the host's /health "scenario".

@@ -42,7 +42,7 @@ from conftest import ROOT, Federated, Served
 from fedavg.http.client_app import create_app as create_client_app
 from fedavg.scenarios import make_clients
 from fedavg.strategies import STRATEGIES
-from fedavg.trace import explain_average, fmt
+from fedavg.trace import explain_average, fmt, fmt_line
 from fedavg_server.inprocess import federation_app
 
 # Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
@@ -313,12 +313,18 @@ def test_the_page_writes_numbers_exactly_as_the_log_does(page: Page):
     naive JS port goes wrong (ties, which Python rounds to even; the
     exponent's two digits; -0.0) and on many random doubles."""
     rng = random.Random(4)
-    values = [0.0, -0.0, 1.0, -1.0, 0.5, 0.0078125, -0.0078125, 2 ** -11, 12345665.0, 12345675.0, 9999999.5,
-              9999999.9999999, 0.001, 0.00099999999, 1e-7, 1e7, 1e21, 1e300, 5e-324, 123.4567895, 2.5e-5,
-              -3.14159265358979, 1 / 3, 2 / 3, 1.0000005, 0.9999995]
+    values = [999999.5, 1e6, 999999.9999996]  # the edge of scientific notation, 10⁶
+    values += [0.0, -0.0, 1.0, -1.0, 0.5, 0.0078125, -0.0078125, 2 ** -11, 12345665.0, 12345675.0, 9999999.5,
+               9999999.9999999, 0.001, 0.00099999999, 1e-7, 1e7, 1e21, 1e300, 5e-324, 123.4567895, 2.5e-5,
+               -3.14159265358979, 1 / 3, 2 / 3, 1.0000005, 0.9999995]
     values += [rng.uniform(-1, 1) * 10 ** rng.uniform(-12, 12) for _ in range(2_000)]
     values += [rng.randrange(1, 2 ** 20) / 2 ** rng.randrange(1, 30) for _ in range(500)]  # dyadic: exact ties
     assert page.evaluate("xs => xs.map(x => fmt(x))", values) == [fmt(v) for v in values]
+    # and a model as an equation (fmt_line): signs, -0.0, a blown-up model, several features
+    models = [([w], b) for w, b in zip(values[:300], values[300:600])] + \
+        [([2.78953], -1.374227), ([-3.2e130], -0.0), ([1.0, -2.0, 0.5], 4.5e6)]
+    assert page.evaluate("ms => ms.map(([w, b]) => fmtLine(w.length === 1 ? w[0] : w, b))", models) == \
+        [fmt_line(w, b) for w, b in models]
 
 
 def test_a_run_can_be_stopped_and_resumed_from_the_page(page: Page, apps):

@@ -9,7 +9,8 @@ from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import NotFound
 
 from fedavg.http.service import json_body
-from fedavg.strict_json import ProtocolError, expect_bool, expect_object
+from fedavg.strict_json import ProtocolError, expect_bool, expect_object, weights_of
+from fedavg.trace import fmt_line
 
 from .access import reader_round, reader_view, require_operator
 from .federation import Busy, CannotResume, Federation, NoSuchRun
@@ -147,11 +148,8 @@ def ended_run(run: dict[str, Any], warnings: list[str], done: int, timeouts: dic
 
 
 def _line(model: dict[str, Any]) -> str:
-    """y = w·x + b as the log writes it (w₁·x₁ + … with several features)."""
-    w = model["w"]
-    if not isinstance(w, list):
-        return f"y = {w:.6f}·x + {model['b']:.6f}"
-    return "y = " + " + ".join(f"{v:.6f}·x{j + 1}" for j, v in enumerate(w)) + f" + {model['b']:.6f}"
+    """y = w·x + b as the log writes it (w₁·x1 + … with several features)."""
+    return fmt_line(weights_of(model), model["b"])
 
 
 def _one_key_a_line(body: dict[str, Any]) -> str:

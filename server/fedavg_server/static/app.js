@@ -392,7 +392,7 @@ function chartAlt(snap, name, charts) {
   const r = snap.rounds.find((x) => x.round === charts.round);
   if (name === "models") {
     return r ? `Run ${charts.runId}, round ${r.round}: the clients' local model lines and the global model ` +
-               `y = ${fmtW(r.global_model.w)}·x + ${fmt(r.global_model.b)}.` : `Run ${charts.runId}: no round yet.`;
+               `${fmtLine(r.global_model.w, r.global_model.b)}.` : `Run ${charts.runId}: no round yet.`;
   }
   if (name === "params") return `Run ${charts.runId}: w and b of the global and local models over ${snap.rounds.length} round(s).`;
   return `Run ${charts.runId}: federated loss per round on a log scale.`;
