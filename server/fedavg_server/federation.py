@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -272,6 +273,9 @@ class Federation:
         return tally.summary(RunSettings.from_json(found["settings"]).client_timeout_s)
 
 
+WARN_NAMED = 10  # the run's warnings name this many dropped clients, and count the rest
+
+
 class DropTally:
     """Per client, the rounds it was asked in and the rounds it was dropped
     from, over a run's stored round records (participants and dropped)."""
@@ -298,11 +302,15 @@ class DropTally:
 
     def warnings(self) -> list[str]:
         """'client_2 dropped in 2/2 rounds (last: cannot connect: …)', one per
-        client dropped at least once; a client dropped from every round says
-        that the model is the other clients' alone."""
+        client dropped at least once, the most dropped first; a client dropped
+        from every round says that the model is the other clients' alone. Past
+        WARN_NAMED clients, one more line counts the rest by their last reason:
+        a host lost, or a dropout rate, drops thousands (each is in its round's
+        clients.csv), and a summary of 10,000 lines is no summary."""
+        order = sorted(self.dropped, key=lambda url: (-self.dropped[url], self.names[url]))
         lines = []
-        for url, d in self.dropped.items():
-            asked = self.asked[url]
+        for url in order[:WARN_NAMED]:
+            d, asked = self.dropped[url], self.asked[url]
             line = f"{self.names[url]} dropped in {d}/{asked} rounds"
             if asked != self.last_round:
                 line += " it was sampled for"
@@ -310,6 +318,14 @@ class DropTally:
             if d == asked:
                 line += "; it never took part: the model and the federated MSE are the other clients' alone"
             lines.append(line)
+        rest = order[WARN_NAMED:]
+        if rest:
+            why = Counter(self.reason[url] for url in rest).most_common()
+            said = "; ".join(f"{n:,} {reason}" for reason, n in why[:3]) + \
+                (f"; {sum(n for _, n in why[3:]):,} for {len(why) - 3} other reason(s)" if len(why) > 3 else "")
+            drops = sum(self.dropped[url] for url in rest)
+            lines.append(f"and {len(rest):,} more clients dropped from some round, {drops:,} drops in all (by last "
+                         f"reason: {said}; each round's clients.csv names them)")
         return lines
 
 
