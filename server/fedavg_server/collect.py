@@ -21,7 +21,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedavg.batch_wire import batch_reply_limit, parse_batch_reply, rows_usable
+from fedavg.batch_wire import (
+    BATCH_EVALUATE_PATH,
+    batch_reply_limit,
+    parse_batch_evaluate_reply,
+    parse_batch_reply,
+    rows_usable,
+)
 from fedavg.model import Theta, split
 from fedavg.privacy import DPAverage
 from fedavg.strategies import Result, Strategy
@@ -118,20 +124,36 @@ class PlainCollector:
                       parsed["metrics"])
 
     def evaluate(self, theta: Theta) -> tuple[list[tuple[float, int]], str, int]:
-        """One /evaluate wave; a client that cannot answer is left out, and said so."""
+        """One /evaluate wave; a client that cannot answer is left out, and said so.
+        A hosted population's clients are evaluated by their host in one call
+        (/batch/evaluate: Σ n_k·L_k and N over its clients, one pair)."""
         body = {"global_model": model_json(*split(theta))}
-        replies = self.roster.transport.call_all(self.roster.urls, "POST", "/evaluate", self.timeout_s,
+        clients = self.roster.clients
+        replies = self.roster.transport.call_all(list(clients.own), "POST", "/evaluate", self.timeout_s,
                                                  lambda url: body)
-        losses = []
+        losses, count = [], 0
         for reply in replies:
             try:
                 if not reply.ok:
                     raise ProtocolError(reply.reason)
                 parsed = parse_evaluate_reply(reply.body)
                 losses.append((parsed["loss"], parsed["data_size"]))
+                count += 1
             except ProtocolError as e:
                 log.info("%s  not evaluated: %s", self.roster.names[reply.url], e)
-        return losses, "final /evaluate", len(losses)
+        hosts = self.roster.transport.call_all([h.base + BATCH_EVALUATE_PATH for h in clients.hosts], "POST", "",
+                                               self.timeout_s, lambda url: body)
+        for host, reply in zip(clients.hosts, hosts):
+            try:
+                if not reply.ok:
+                    raise ProtocolError(reply.reason)
+                n, total = parse_batch_evaluate_reply(reply.body, host.size)
+                if n:
+                    losses.append((total / n, n))
+                    count += reply.body["clients"]
+            except ProtocolError as e:
+                log.info("the %d clients of %s  not evaluated: %s", host.size, host.base, e)
+        return losses, "final /evaluate", count
 
 
 def collected(got: list[Result | Dropped], strategy: Strategy) -> Collected:

@@ -62,7 +62,8 @@ class Federation:
         """Start a run in the background and return its id; Busy if one runs."""
         with self._lock:
             self._check_idle()
-            run_id = self.store.create(settings.to_json(), self.transport.urls, settings.init or {"w": 0.0, "b": 0.0})
+            run_id = self.store.create(settings.to_json(), list(self.transport.urls),
+                                       settings.init or {"w": 0.0, "b": 0.0})
             self._launch(Run(run_id, settings, self.transport, self.store, key=_run_key(self.store.summary(run_id)),
                              batched=self.batched))
             return run_id
@@ -107,7 +108,7 @@ class Federation:
                               f"new here: {', '.join(new[:6]) or 'none'}{' …' if len(new) > 6 else ''}"
                               if gone or new else "the same clients in another order (sampling follows the order)")
                     raise CannotResume(f"run {run_id} ran with other clients than this server's: {change}; {again}")
-                self.store.set_clients(run_id, self.transport.urls)
+                self.store.set_clients(run_id, list(self.transport.urls))
                 log.info("Run %s resumes with this server's clients: %d gone, %d new", run_id, len(gone), len(new))
             if recorded is not None and now is not None:
                 swapped = _swapped(recorded, now)

@@ -1,0 +1,142 @@
+"""A population the server reaches by index, in this process: a client host's
+GET /population (every client's /health facts in one reply), the server's
+roster built from it (``fedavg_server.hosted``: URLs, names, n_k and the
+batched path as views of the host's arrays), runs over it equal to runs over
+the same clients as a list of URLs, and no client's own /health asked."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedavg.batch_wire import decode_array
+from fedavg.http.host_app import create_host_app
+from fedavg.population import Population
+from fedavg.scenarios import make_clients
+from fedavg.strategies import STRATEGIES
+from fedavg_server.hosted import ClientURLs, HostedPopulation
+from fedavg_server.inprocess import InProcessTransport
+from fedavg_server.sampling import SeededSample
+
+HOST = "http://127.0.0.1:6000"
+K = 12
+
+
+def test_population_describes_every_client_as_its_own_health_does():
+    population = Population.build("byzantine", K, seed=3, attackers=2, attack="lying_n")
+    http = create_host_app(None, population=population).test_client()
+    body = http.get("/population").get_json()
+    sizes = decode_array(body.pop("sizes"), "sizes", "<i8", (K,))
+    assert body == {"clients": K, "first_id": 1, "attackers": 2, "num_features": 1,
+                    "data_size": int(population.sizes.sum()), "strategies": list(STRATEGIES), "secagg": True,
+                    "batch": "/batch/train"}
+    for k in range(1, K + 1):
+        health = http.get(f"/clients/{k}/health").get_json()
+        assert sizes[k - 1] == health["data_size"]  # lying_n's 10⁹ for the two attackers, as their /health says
+        assert HostedPopulation(HOST, 0, 2, 1, (), True, None, sizes).name(k - 1) == health["client_id"]
+    assert sizes[0] == 10 ** 9 and sizes[5] == 20
+
+
+def test_population_needs_the_token_as_the_private_health_does():
+    http = create_host_app(None, token="s3cret", population=Population.build("iid", 3)).test_client()
+    assert http.get("/population").status_code == 401
+    assert http.get("/population", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_a_host_of_listed_clients_has_no_population():
+    """A host of make_clients' clients names them its own way: the server lists them (/clients) as before."""
+    http = create_host_app(make_clients("iid", 3, 0)).test_client()
+    assert http.get("/population").status_code == 404
+
+
+def test_client_urls_behave_as_the_list_they_stand_for():
+    population = HostedPopulation(HOST, 0, 0, 1, (), True, "/batch/train", np.arange(1, 6))
+    urls = ClientURLs(["http://a:1", population, "http://b:2"])
+    plain = ["http://a:1", *(f"{HOST}/clients/{k}" for k in range(1, 6)), "http://b:2"]
+    assert len(urls) == len(plain) and list(urls) == plain and urls == plain and plain == urls
+    assert [urls[i] for i in range(len(plain))] == plain and urls[-1] == plain[-1] and urls[2:5] == plain[2:5]
+    assert all(urls.index(u) == i for i, u in enumerate(plain))
+    for missing in (f"{HOST}/clients/6", f"{HOST}/clients/0", f"{HOST}/clients/01", "http://c:3"):
+        assert missing not in urls
+    with pytest.raises(IndexError):
+        urls[len(plain)]
+
+
+class CountingPopulation(HostedPopulation):
+    made = 0
+
+    def url(self, k: int) -> str:
+        CountingPopulation.made += 1
+        return super().url(k)
+
+
+def test_sampling_a_million_makes_only_the_sampled_urls():
+    """SeededSample over 1,000,000 hosted clients: the same clients the list of URLs gives, and only the
+    m sampled URLs made (nothing per client of the population in Python)."""
+    big = CountingPopulation(HOST, 0, 0, 1, (), True, "/batch/train", np.ones(1_000_000, dtype=np.int64))
+    urls = ClientURLs([big])
+    sample = SeededSample(0.01, 1, seed=7).draw(3, urls)
+    assert CountingPopulation.made == len(sample) == 10_000
+    picked = np.sort(np.random.default_rng([7, 3]).choice(1_000_000, size=10_000, replace=False))
+    assert sample == [f"{HOST}/clients/{i + 1}" for i in picked]
+
+
+class Watching(InProcessTransport):
+    """Counts the calls by path."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.paths: list[str] = []
+
+    def call(self, url, method, path, timeout_s, body=None, **kw):
+        self.paths.append(url.rsplit("/", 1)[-1] + path if "/clients/" in url else url + path)
+        return super().call(url, method, path, timeout_s, body, **kw)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "scaffold", "fedadam"])
+def test_a_run_by_index_equals_the_run_over_the_list_of_urls(servers, strategy):
+    from test_batch import assert_same_run
+    runs = []
+    for by_index in (True, False):
+        host = create_host_app(None, population=Population.build("quantity-skew", K, seed=4))
+        transport = (Watching.populations({HOST: host}) if by_index
+                     else Watching.hosted(host, K, HOST))
+        runs.append(servers(transport).run(strategy=strategy, rounds=4, seed=2, fraction=0.5))
+        if by_index:
+            assert isinstance(transport.urls, ClientURLs) and len(transport.urls) == K
+            # the run's probe: one /population, no client's own /health; one /batch/train a round
+            assert not any(p.endswith("/health") for p in transport.paths), transport.paths
+            assert transport.paths.count(HOST + "/population") == 1
+            assert transport.paths.count(HOST + "/batch/train") == 4
+            assert transport.paths.count(HOST + "/batch/evaluate") == 1
+    assert runs[0]["status"] == "completed", runs[0]["error"]
+    assert_same_run(*runs)
+
+
+def test_a_run_mixes_clients_of_their_own_with_a_hosted_population(servers):
+    from test_batch import assert_same_run
+
+    from conftest import ROOT
+    from fedavg.http.client_app import create_app as client_app
+    runs = []
+    for by_index in (True, False):
+        host = create_host_app(None, population=Population.build("iid", 5, seed=1))
+        seed = {"http://127.0.0.1:5001": client_app({"CLIENT_ID": "client_1", "DATA_PATH": str(ROOT / "client_1" /
+                                                                                               "data.csv"),
+                                                     "TOKEN": None})}
+        if by_index:
+            transport = InProcessTransport.populations({HOST: host}, list(seed), seed)
+        else:
+            transport = InProcessTransport({**seed, **{f"{HOST}/clients/{k}": host for k in range(1, 6)}})
+        runs.append(servers(transport).run(strategy="scaffold", rounds=3, seed=1))
+    assert runs[0]["status"] == "completed", runs[0]["error"]
+    assert [p["client_id"] for p in runs[0]["rounds"][0]["participants"]] == \
+           ["client_1", *(f"sim_{k}" for k in range(1, 6))]
+    assert_same_run(*runs)
+
+
+def test_the_servers_health_lists_the_first_10000_of_a_population(servers):
+    host = create_host_app(None, population=Population.build("iid", 20_000, samples=2))
+    status, body = servers(InProcessTransport.populations({HOST: host})).get("/health")
+    assert status == 200
+    assert body["clients_total"] == 20_000
+    assert body["clients"] == [f"{HOST}/clients/{k}" for k in range(1, 10_001)]
