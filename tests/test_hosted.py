@@ -86,10 +86,13 @@ class Watching(InProcessTransport):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.paths: list[str] = []
+        self.failed: list[tuple[str, str]] = []
 
     def call(self, url, method, path, timeout_s, body=None, **kw):
         self.paths.append(url.rsplit("/", 1)[-1] + path if "/clients/" in url else url + path)
-        return super().call(url, method, path, timeout_s, body, **kw)
+        reply = super().call(url, method, path, timeout_s, body, **kw)
+        self.failed += [] if reply.ok else [(url + path, reply.reason)]
+        return reply
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "scaffold", "fedadam"])
@@ -140,3 +143,40 @@ def test_the_servers_health_lists_the_first_10000_of_a_population(servers):
     assert status == 200
     assert body["clients_total"] == 20_000
     assert body["clients"] == [f"{HOST}/clients/{k}" for k in range(1, 10_001)]
+
+
+@pytest.mark.parametrize("batch_size", [None, 4])
+def test_a_hosts_batch_body_is_built_once_with_each_clients_seed(batch_size):
+    """The /batch/train body is the per-client body but for the seed: built once a round, not once per
+    client (a round of 10,000 built 10,000 configs and compared them), with each client's own seed when
+    the config asks for mini-batches."""
+    from fedavg_server.collect import Bodies
+    from fedavg_server.settings import parse_start
+
+    settings, _ = parse_start({"batch_size": batch_size} if batch_size else {}, 4)
+    made = []
+
+    def config_for(seed):
+        made.append(seed)
+        return {**settings.train_config(seed, "run").__dict__, "strategy": None}
+
+    urls = [f"{HOST}/clients/{k}" for k in range(1, 5)]
+    bodies = Bodies({"global_model": {"w": 0.0, "b": 0.0}, "round": 2}, config_for, dict(zip(urls, [11, 12, 13, 14])))
+    one, two = bodies.batch(urls[:2], [1, 2]), bodies.batch(urls[2:], [3, 4])
+    assert made == [None]
+    for body, ks in ((one, [1, 2]), (two, [3, 4])):
+        assert body["clients"] == ks
+        own = [bodies(urls[k - 1]) for k in ks]
+        assert all({**b, "config": {**b["config"], "seed": None}} == {k: v for k, v in body.items()
+                                                                       if k not in ("clients", "seeds")}
+                   for b in own)
+        assert body.get("seeds") == ([b["config"]["seed"] for b in own] if batch_size else None)
+
+
+def test_a_population_over_1_mib_is_read_whole_at_each_probe(servers):
+    """150,000 clients' n_k are 1.6 MB of base64: more than any one client's reply may be, read whole."""
+    host = create_host_app(None, population=Population.build("quantity-skew", 150_000, samples=1))
+    transport = Watching.populations({HOST: host})
+    run = servers(transport).run(rounds=1, fraction=0.0001, min_clients=1)
+    assert run["status"] == "completed", run["error"]
+    assert transport.paths.count(HOST + "/population") == 1 and transport.failed == []

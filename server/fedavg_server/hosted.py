@@ -56,12 +56,20 @@ class HostedPopulation:
 
     def locate(self, url: str) -> int | None:
         """k of one of its clients' URLs, None when it is not one."""
-        if not url.startswith(self.base + CLIENTS_PREFIX):
+        prefix = self.base + CLIENTS_PREFIX
+        if not url.startswith(prefix):
             return None
-        tail = url[len(self.base) + len(CLIENTS_PREFIX):]
-        if not tail.isdigit() or tail.startswith("0") or not 1 <= int(tail) <= self.size:
+        tail = url[len(prefix):]
+        if not tail.isdigit() or tail[0] == "0":
             return None
-        return int(tail) - 1
+        k = int(tail)
+        return k - 1 if k <= len(self.sizes) else None
+
+
+def population_reply_limit(clients: int) -> int:
+    """The most bytes a /population reply of ``clients`` clients can need:
+    1 MiB (what any reply may be) and base64 of 8 bytes per client."""
+    return 1024 * 1024 + 12 * clients
 
 
 def parse_population(base: str, value: Any) -> HostedPopulation:

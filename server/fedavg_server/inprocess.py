@@ -24,7 +24,7 @@ from fedavg.batch_wire import POPULATION_PATH
 from fedavg.client import LocalClient
 from fedavg.http.host_app import create_host_app
 
-from .hosted import ClientURLs, HostedPopulation, names_for, parse_population
+from .hosted import ClientURLs, HostedPopulation, names_for, parse_population, population_reply_limit
 from .transport import MAX_REPLY_BYTES, Reply, reply_from, request_body
 
 
@@ -62,7 +62,8 @@ class InProcessTransport:
         --clients-from reads it; ``clients`` (with their ``apps``) before them."""
         parts: list[str | HostedPopulation] = list(clients)
         for base, app in hosts.items():
-            reply = cls({base: app}).call(base, "GET", POPULATION_PATH, 5.0)
+            # (its size is not known before it answers: as much as the host's request limit allows of n_k)
+            reply = cls({base: app}).call(base, "GET", POPULATION_PATH, 5.0, max_bytes=population_reply_limit(10 ** 7))
             parts.append(parse_population(base, reply.body))
         return cls({**(apps or {}), **hosts}, ClientURLs(parts))
 

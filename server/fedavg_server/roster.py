@@ -3,6 +3,7 @@ their host's /population, for a population reached by index), the number of
 features they agree on, and whether each can do what the run asks."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -11,9 +12,17 @@ from fedavg.strategies import Strategy
 from fedavg.strict_json import ProtocolError
 from fedavg.wire import SEED_STRATEGY, parse_health_reply
 
-from .hosted import ClientBatch, ClientSizes, ClientURLs, as_client_urls, parse_population
+from .hosted import (
+    ClientBatch,
+    ClientSizes,
+    ClientURLs,
+    as_client_urls,
+    parse_population,
+    population_reply_limit,
+)
 from .transport import Transport
 
+log = logging.getLogger("fedavg.server")
 HEALTH_TIMEOUT_S = 5.0  # at most, for the probe before round 1
 
 
@@ -59,9 +68,12 @@ class Roster:
         replies = self.transport.call_all(list(self.clients.own), "GET", "/health", wait)
         dims, unable, unmasked = set(), [], []
         self.batch.said.clear()  # (a host restarted without batching is called client by client)
+        limit = population_reply_limit(max((host.size for host in self.clients.hosts), default=0))
         for host, reply in zip(self.clients.hosts, self.transport.call_all(
-                [host.base for host in self.clients.hosts], "GET", POPULATION_PATH, wait)):
+                [host.base for host in self.clients.hosts], "GET", POPULATION_PATH, wait, max_bytes=limit)):
             if not reply.ok:  # down: its clients may come back, as a client of its own may; its facts stand
+                log.info("the client host %s: %s (its %d clients keep what it said before)", host.base,
+                         reply.reason, host.size)
                 continue
             try:
                 now = parse_population(host.base, reply.body)
