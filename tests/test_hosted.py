@@ -180,3 +180,78 @@ def test_a_population_over_1_mib_is_read_whole_at_each_probe(servers):
     run = servers(transport).run(rounds=1, fraction=0.0001, min_clients=1)
     assert run["status"] == "completed", run["error"]
     assert transport.paths.count(HOST + "/population") == 1 and transport.failed == []
+
+
+# --- shards ---------------------------------------------------------------------------------------
+
+SHARDED = "http://127.0.0.1:6001", "http://127.0.0.1:6002", "http://127.0.0.1:6003"
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_a_shard_holds_exactly_its_clients_of_the_whole(n):
+    whole = Population.build("byzantine", 11, seed=6, attackers=3, attack="scale")
+    shards = [whole.shard(i, n) for i in range(1, n + 1)]
+    assert [s.first for s in shards] == [11 * (i - 1) // n for i in range(1, n + 1)]
+    assert sum(s.size for s in shards) == 11 and sum(s.attackers for s in shards) == 3
+    for s in shards:
+        for k in range(s.size):
+            mine, theirs = s.client(k), whole.client(s.first + k)
+            assert (mine.client_id, type(mine)) == (theirs.client_id, type(theirs))
+            np.testing.assert_array_equal(mine.X, theirs.X)
+            np.testing.assert_array_equal(mine.y, theirs.y)
+        np.testing.assert_array_equal(s.xtx, whole.xtx[s.first:s.first + s.size])
+
+
+@pytest.mark.parametrize("spec, error", [("2", "--shard: must be i/n"), ("a/b", "--shard: must be i/n"),
+                                         ("0/2", "--shard: i/n needs 1 ≤ i ≤ n, got 0/2"),
+                                         ("3/2", "--shard: i/n needs 1 ≤ i ≤ n, got 3/2")])
+def test_a_bad_shard_is_one_error_naming_the_flag(spec, error):
+    from fedavg.population import check_shard, parse_shard
+    with pytest.raises(ValueError, match="^" + error.replace("(", r"\(")):
+        check_shard(*parse_shard(spec), 10)
+    with pytest.raises(ValueError, match="--shard: 20 shards of 10 clients would leave a shard empty"):
+        check_shard(1, 20, 10)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "scaffold"])
+def test_shard_hosts_give_the_run_one_host_gives(servers, strategy):
+    """Three hosts each holding a shard of one population: every round's model to 1e-12 as the whole on one
+    host, the same clients (names, n_k) sampled; one /batch/train per host per round."""
+    from test_batch import assert_same_run
+    whole = Population.build("label-shift", K, seed=8)
+    one = Watching.populations({HOST: create_host_app(None, population=whole)})
+    three = Watching.populations({url: create_host_app(None, population=whole.shard(i, 3))
+                                  for i, url in enumerate(SHARDED, 1)})
+    runs = [servers(t).run(strategy=strategy, rounds=4, seed=3, fraction=0.5) for t in (one, three)]
+    assert runs[0]["status"] == "completed", runs[0]["error"]
+    assert_same_run(*runs)
+    # one call a round to each host with sampled clients (shard i: clients 4i−3 … 4i)
+    sampled = [{int(p["client_id"].split("_")[1]) for p in r["participants"]} for r in runs[1]["rounds"]]
+    assert [three.paths.count(url + "/batch/train") for url in SHARDED] == \
+           [sum(any(4 * i - 3 <= k <= 4 * i for k in ks) for ks in sampled) for i in (1, 2, 3)]
+
+
+class LosingHost(Watching):
+    """The second shard's host is gone in round 2 (its /batch/train cannot connect)."""
+
+    def call(self, url, method, path, timeout_s, body=None, **kw):
+        if url == SHARDED[1] + "/batch/train" and body["round"] == 2:
+            from fedavg_server.transport import Reply
+            return Reply(url, reason="cannot connect: Connection refused")
+        return super().call(url, method, path, timeout_s, body, **kw)
+
+
+def test_a_host_lost_mid_run_drops_its_sampled_clients_for_that_round(servers):
+    whole = Population.build("iid", K, seed=2)
+    transport = LosingHost.populations({url: create_host_app(None, population=whole.shard(i, 3))
+                                        for i, url in enumerate(SHARDED, 1)})
+    run = servers(transport).run(rounds=3, seed=1, min_clients=2)
+    assert run["status"] == "completed", run["error"]
+    lost = [f"sim_{k}" for k in range(5, 9)]  # shard 2 of 3 of 12: clients 5..8
+    rounds = run["rounds"]
+    assert [d["client_id"] for d in rounds[1]["dropped"]] == lost
+    assert {d["reason"] for d in rounds[1]["dropped"]} == \
+           {f"its host's {SHARDED[1]}/batch/train: cannot connect: Connection refused"}
+    assert [p["client_id"] for p in rounds[1]["participants"]] == \
+           [f"sim_{k}" for k in range(1, K + 1) if f"sim_{k}" not in lost]
+    assert rounds[0]["dropped"] == rounds[2]["dropped"] == [] and len(rounds[2]["participants"]) == K
