@@ -255,3 +255,83 @@ def test_a_host_lost_mid_run_drops_its_sampled_clients_for_that_round(servers):
     assert [p["client_id"] for p in rounds[1]["participants"]] == \
            [f"sim_{k}" for k in range(1, K + 1) if f"sim_{k}" not in lost]
     assert rounds[0]["dropped"] == rounds[2]["dropped"] == [] and len(rounds[2]["participants"]) == K
+
+
+class StopPopulationInRound(InProcessTransport):
+    """``stop()`` called once round ``at``'s /batch/train has been answered."""
+
+    at: int | None = None
+    stop = None
+
+    def call(self, url, method, path, timeout_s, body=None, **limit):
+        reply = super().call(url, method, path, timeout_s, body, **limit)
+        if url.endswith("/batch/train") and body["round"] == self.at and self.stop is not None:
+            stop, self.stop = self.stop, None
+            stop()
+        return reply
+
+
+def test_a_run_over_a_population_stores_it_as_one_entry_and_resumes(servers, tmp_path):
+    """The run's clients stored as "<host>/clients/1..K" (a million URLs would be 40 MB that every
+    /status reads back); SCAFFOLD stopped after round 2 and resumed on a new server over the same
+    history equals the run not stopped, to 1e-12; a server whose host holds other clients is refused,
+    naming both entries."""
+    from test_batch import assert_same_run
+    population, db = Population.build("quantity-skew", K, seed=9), tmp_path / "resumed.db"
+    settings = {"strategy": "scaffold", "rounds": 5, "seed": 4}
+    host = create_host_app(None, population=population)
+    first = StopPopulationInRound.populations({HOST: host})
+    first.at = 2
+    fed = servers(first, db)
+    first.stop = lambda: fed.post(f"/runs/{fed.fed.running_id()}/stop")
+    body = fed.whole(fed.run(**settings))
+    assert body["status"] == "interrupted" and len(body["rounds"]) == 2
+    assert body["clients"] == [f"{HOST}/clients/1..{K}"]
+    fed.close()
+    other = servers(InProcessTransport.populations({HOST: create_host_app(None, population=population.shard(1, 2))}),
+                    db)
+    status, refused = other.post(f"/runs/{body['run_id']}/resume")
+    assert status == 409 and f"no longer here: {HOST}/clients/1..{K}; new here: {HOST}/clients/1..{K // 2}" \
+        in refused["error"], refused
+    other.close()
+    again = servers(InProcessTransport.populations({HOST: host}), db)
+    status, resumed = again.post(f"/runs/{body['run_id']}/resume")
+    assert status == 200, resumed
+    resumed = again.whole(resumed)
+    assert resumed["status"] == "completed", resumed["error"]
+    whole = servers(InProcessTransport.populations({HOST: create_host_app(None, population=population)}))
+    assert_same_run(resumed, whole.run(**settings))
+
+
+def test_a_population_hosts_pooled_line_is_least_squares_over_all_its_rows():
+    """From the clients' statistics (the normal equations), not a copy of every row: lstsq's answer."""
+    population = Population.build("label-shift", 500, seed=5)
+    said = create_host_app(None, population=population).test_client().get("/scenario").get_json()["pooled_line"]
+    X1 = np.column_stack([population.X[:, 0], np.ones(len(population.y))])
+    w, b = np.linalg.lstsq(X1, population.y, rcond=None)[0]
+    assert said == pytest.approx({"w": w, "b": b}, abs=1e-9)
+
+
+@pytest.mark.system
+def test_make_sim_of_a_population_with_its_progress_bar_and_final_model():
+    """``make sim POPULATION=… FRACTION=… ROUNDS=…``: a host of the population, the server reaching it by
+    index, a progress line a round (not a terminal: plain lines), the final model and the last round's
+    counts; a bad --shard on the host is one line naming it."""
+    import re
+    import subprocess
+
+    from conftest import ROOT
+    done = subprocess.run(["make", "sim", "POPULATION=300", "FRACTION=0.1", "ROUNDS=3"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "3 rounds over a population of 300 clients, 30 a round (fraction 0.1)" in out
+    bars = re.findall(r"^\[[#-]{30}\] (\d)/3 rounds, 30 clients/round, [\d.]+ s elapsed, ETA (\S+)", out, re.M)
+    assert [int(done) for done, _ in bars] == sorted({int(done) for done, _ in bars}) and bars[-1] == ("3", "0")
+    assert re.search(r"^sim: run completed in [\d.]+ s: 3 rounds; final model w = [-\d.e]+, b = [-\d.e]+$", out, re.M)
+    assert re.search(r"^sim: round 3: 30 clients, 0 dropped, N = 600, federated MSE ", out, re.M), out
+    bad = subprocess.run([str(ROOT / "client_host" / ".venv" / "bin" / "python"), "client_host_app.py",
+                          "--population", "9", "--shard", "3/2"], cwd=ROOT / "client_host", capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(
+        "error: --shard: i/n needs 1 ≤ i ≤ n, got 3/2"), bad.stderr

@@ -15,6 +15,7 @@ caller iterates every client.
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -168,6 +169,29 @@ class ClientURLs(Sequence[str]):
 
     def __repr__(self) -> str:
         return f"ClientURLs({len(self)} clients: {len(self.own)} own, {len(self.hosts)} hosted population(s))"
+
+
+def stored_clients(urls: Sequence[str]) -> list[str]:
+    """What a run stores as its clients: every URL, but each hosted
+    population as one entry, ``<host>/clients/1..K`` (a million URLs are
+    40 MB of JSON, which every /status would read back)."""
+    if not isinstance(urls, ClientURLs):
+        return list(urls)
+    return [part if isinstance(part, str) else f"{part.base}{CLIENTS_PREFIX}1..{part.size}" for part in urls.parts]
+
+
+def stored_urls(stored: Sequence[str]) -> Sequence[str]:
+    """The URLs a stored list stands for (``stored_clients``' inverse: a
+    ClientURLs, whose hosts' facts are unknown, when it holds a population)."""
+    parts: list[str | HostedPopulation] = []
+    for entry in stored:
+        found = STORED_RANGE.match(entry)
+        parts.append(entry if found is None else HostedPopulation(
+            found["base"], 0, 0, 1, (), False, None, np.ones(int(found["k"]), dtype=np.int64)))
+    return stored if all(isinstance(p, str) for p in parts) else ClientURLs(parts)
+
+
+STORED_RANGE = re.compile(r"^(?P<base>.+)/clients/1\.\.(?P<k>[1-9][0-9]*)$")
 
 
 def as_client_urls(urls: Sequence[str]) -> ClientURLs:

@@ -104,12 +104,17 @@ def create_host_app(clients: Sequence[LocalClient] | None, token: str | None = N
             count("train")
 
     # θ* of every client's rows at once: what only a simulation knows (the chart draws one feature).
-    # Solved when first asked for: over a million clients' rows, lstsq holds copies of them all.
+    # Solved when first asked for. A population's own clients (up to a million): from the normal
+    # equations of their statistics, θ* = (Σ_k X̃_kᵀX̃_k)⁻¹ Σ_k X̃_kᵀy_k, since lstsq over all the rows
+    # holds copies of them (1 GB more at a million clients, the server asks at its start).
     @functools.cache
     def pooled_line() -> dict[str, float] | None:
         if population.num_features != 1:
             return None
-        w, b = pooled_optimum([(population.X, population.y)])
+        if own:
+            w, b = np.linalg.solve(population.xtx.sum(axis=0), population.xty.sum(axis=0))
+        else:
+            w, b = pooled_optimum([(population.X, population.y)])
         return {"w": float(w), "b": float(b)}
 
     @app.get("/health")
