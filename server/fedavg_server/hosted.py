@@ -199,14 +199,28 @@ def as_client_urls(urls: Sequence[str]) -> ClientURLs:
     return urls if isinstance(urls, ClientURLs) else ClientURLs([u for u in urls])
 
 
-class ClientNames(MutableMapping[str, str]):
-    """url → the name a client last gave: what was said (``self[url] = …``),
-    else for a hosted client the name its own /health gives (the host's
-    rule), else its URL. Kept across runs, as a transport's ``names``."""
+class Said(MutableMapping[str, Any]):
+    """A mapping by URL over ``urls``: what was said of a client (set as a
+    dict's items, kept in ``said``) before what its host's arrays say."""
 
     def __init__(self, urls: ClientURLs) -> None:
         self.urls = urls
-        self.said: dict[str, str] = {}
+        self.said: dict[str, Any] = {}
+
+    def __setitem__(self, url: str, value: Any) -> None:
+        self.said[url] = value
+
+    def __delitem__(self, url: str) -> None:
+        del self.said[url]
+
+    def clear(self) -> None:
+        self.said.clear()
+
+
+class ClientNames(Said):
+    """url → the name a client last gave: what was said (``self[url] = …``),
+    else for a hosted client the name its own /health gives (the host's
+    rule), else its URL. Kept across runs, as a transport's ``names``."""
 
     def __getitem__(self, url: str) -> str:
         if url in self.said:
@@ -217,12 +231,6 @@ class ClientNames(MutableMapping[str, str]):
         if found is None:
             raise KeyError(url)
         return found[0].name(found[1])
-
-    def __setitem__(self, url: str, name: str) -> None:
-        self.said[url] = name
-
-    def __delitem__(self, url: str) -> None:
-        del self.said[url]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.urls)
@@ -240,14 +248,10 @@ def names_for(urls: Sequence[str]) -> MutableMapping[str, str]:
     return ClientNames(urls) if isinstance(urls, ClientURLs) else {url: url for url in urls}
 
 
-class ClientSizes(MutableMapping[str, int]):
+class ClientSizes(Said):
     """url → n_k as the client stated it: its /health for a client of its
     own (set by the probe), the host's array for a hosted one (re-read at
     each probe). ``counted`` is Σ n_k without a walk over the clients."""
-
-    def __init__(self, urls: ClientURLs) -> None:
-        self.urls = urls
-        self.said: dict[str, int] = {}
 
     def __getitem__(self, url: str) -> int:
         if url in self.said:
@@ -256,15 +260,6 @@ class ClientSizes(MutableMapping[str, int]):
         if found is None:
             raise KeyError(url)
         return int(found[0].sizes[found[1]])
-
-    def __setitem__(self, url: str, n: int) -> None:
-        self.said[url] = n
-
-    def __delitem__(self, url: str) -> None:
-        del self.said[url]
-
-    def clear(self) -> None:
-        self.said.clear()
 
     def __iter__(self) -> Iterator[str]:
         yield from self.said
