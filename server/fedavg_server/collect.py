@@ -173,7 +173,7 @@ class PlainCollector:
             except ProtocolError as e:
                 log.info("%s  not evaluated: %s", self.roster.names[reply.url], e)
         hosts = self.roster.transport.call_all([h.base + BATCH_EVALUATE_PATH for h in clients.hosts], "POST", "",
-                                               self.timeout_s, lambda url: body)
+                                               self.timeout_s, lambda url: body) if clients.hosts else []
         for host, reply in zip(clients.hosts, hosts):
             try:
                 if not reply.ok:

@@ -68,9 +68,12 @@ class Roster:
         replies = self.transport.call_all(list(self.clients.own), "GET", "/health", wait)
         dims, unable, unmasked = set(), [], []
         self.batch.said.clear()  # (a host restarted without batching is called client by client)
-        limit = population_reply_limit(max((host.size for host in self.clients.hosts), default=0))
-        for host, reply in zip(self.clients.hosts, self.transport.call_all(
-                [host.base for host in self.clients.hosts], "GET", POPULATION_PATH, wait, max_bytes=limit)):
+        hosts = self.clients.hosts
+        # (no call at all without hosted populations: a transport is asked only what it was asked before)
+        described = self.transport.call_all([host.base for host in hosts], "GET", POPULATION_PATH, wait,
+                                            max_bytes=population_reply_limit(max(h.size for h in hosts))) \
+            if hosts else []
+        for host, reply in zip(hosts, described):
             if not reply.ok:  # down: its clients may come back, as a client of its own may; its facts stand
                 log.info("the client host %s: %s (its %d clients keep what it said before)", host.base,
                          reply.reason, host.size)
