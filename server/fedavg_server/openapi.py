@@ -221,6 +221,7 @@ def server_document(num_clients: int) -> dict[str, Any]:
                                 "type": "object", "required": ["status", "clients", "running_run_id"],
                                 "properties": {"status": {"type": "string", "enum": ["ok"]},
                                                "clients": {"type": "array", "items": {"type": "string"}},
+                                               "clients_total": {"type": "integer", "minimum": 0},
                                                "running_run_id": {"type": "integer", "nullable": True}}})}}},
         "/openapi.json": {"get": {"summary": "This document.",
                                   "responses": {"200": reply("OpenAPI 3 document", {"type": "object"})}}},
