@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fedavg.batch_wire import decode_array
+from fedavg.dropout import Dropout
 from fedavg.http.host_app import create_host_app
 from fedavg.population import Population
 from fedavg.scenarios import make_clients
@@ -229,6 +230,22 @@ def test_shard_hosts_give_the_run_one_host_gives(servers, strategy):
     sampled = [{int(p["client_id"].split("_")[1]) for p in r["participants"]} for r in runs[1]["rounds"]]
     assert [three.paths.count(url + "/batch/train") for url in SHARDED] == \
            [sum(any(4 * i - 3 <= k <= 4 * i for k in ks) for ks in sampled) for i in (1, 2, 3)]
+
+
+def test_shard_hosts_drop_out_the_clients_one_host_drops(servers):
+    """A dropout rate is drawn by each client's global number: three shard hosts drop out of each
+    round exactly the clients the whole on one host drops (and train the same rest, to 1e-12)."""
+    from test_batch import assert_same_run
+    whole, dropout = Population.build("iid", K, seed=8), Dropout(0.3, seed=5)
+    one = Watching.populations({HOST: create_host_app(None, population=whole, dropout=dropout)})
+    three = Watching.populations({url: create_host_app(None, population=whole.shard(i, 3), dropout=dropout)
+                                  for i, url in enumerate(SHARDED, 1)})
+    runs = [servers(t).run(rounds=4, seed=3, min_clients=1) for t in (one, three)]
+    assert runs[0]["status"] == "completed", runs[0]["error"]
+    for a, b in zip(runs[0]["rounds"], runs[1]["rounds"]):
+        assert sorted(d["client_id"] for d in a["dropped"]) == sorted(d["client_id"] for d in b["dropped"])
+    assert sum(len(r["dropped"]) for r in runs[0]["rounds"]) > 0  # (0.3 of 12 clients in 4 rounds)
+    assert_same_run(*runs)
 
 
 class LosingHost(Watching):
