@@ -352,3 +352,19 @@ def test_make_sim_of_a_population_with_its_progress_bar_and_final_model():
                          text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(
         "error: --shard: i/n needs 1 ≤ i ≤ n, got 3/2"), bad.stderr
+
+
+def test_the_page_shows_a_hosted_population_as_one_row_probed_once(servers):
+    """The clients table at population scale: each shard host one row (its K clients up with it,
+    N = Σ n_k from its /population) and one /health call to the host, never one per client."""
+    whole = Population.build("quantity-skew", 3000, seed=2)
+    shards = [whole.shard(i, 2) for i in (1, 2)]
+    transport = Watching.populations({url: create_host_app(None, population=p) for url, p in zip(SHARDED, shards)})
+    fed = servers(transport)
+    rows = fed.get("/clients")[1]["clients"]
+    assert [(r["url"], r["status"], r["clients"], r["n_k"]) for r in rows] == \
+        [(f"{url}/clients/1..1500", "up", 1500, int(p.sizes.sum())) for url, p in zip(SHARDED, shards)]
+    assert rows[1]["client_id"] == "1,500 clients (a population: sim_1501 … sim_3000)"
+    assert sorted(p for p in transport.paths if p.endswith("/health")) == [url + "/health" for url in SHARDED[:2]]
+    page = fed.http.get("/").get_data(as_text=True)
+    assert page.count("<tr data-url=") == 2 and f'<tr data-url="{SHARDED[0]}/clients/1..1500">' in page

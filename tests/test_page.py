@@ -798,3 +798,29 @@ def test_a_large_round_shows_its_summary_and_links_its_csv_without_a_row_per_cli
         assert errors == []
     finally:
         context.close()
+
+
+def test_a_hosted_population_is_one_row_of_its_clients(browser: Browser, servers, serve):
+    """3,000 clients on two shard hosts: the clients table has a row per host (not 3,000), and the
+    count above it is of clients, N of their samples (each host's /population)."""
+    from test_hosted import SHARDED, Watching
+
+    from fedavg.http.host_app import create_host_app
+    from fedavg.population import Population
+
+    whole = Population.build("quantity-skew", 3000, seed=2)
+    hosts = {url: create_host_app(None, population=whole.shard(i, 2)) for i, url in enumerate(SHARDED[:2], 1)}
+    url = serve(servers(Watching.populations(hosts)).app).url
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    try:
+        tab = context.new_page()
+        tab.set_default_timeout(15_000)
+        tab.goto(url + "/")
+        tab.wait_for_function("document.querySelector('#clients-summary').dataset.up !== undefined")
+        assert text(tab, "#clients-summary") == f"3000 of 3000 client(s) up; N = {int(whole.sizes.sum())} samples " \
+                                                "among those that are up."
+        assert tab.locator("#clients tbody tr").count() == 2
+        assert text(tab, f'#clients tbody tr[data-url="{SHARDED[1]}/clients/1..1500"] [data-field="client_id"]') == \
+            "1,500 clients (a population: sim_1501 … sim_3000)"
+    finally:
+        context.close()

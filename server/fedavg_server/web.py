@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from flask import Blueprint, Response, current_app, render_template, request
@@ -20,6 +21,7 @@ from fedavg.wire import parse_health_reply
 from .access import reads_clients
 from .api import federation, no_query_args
 from .federation import NoSuchRun
+from .hosted import ClientURLs, HostedPopulation, stored_clients
 from .openapi import MAX_COMPARE
 from .settings import FEDPROX_DEFAULT_MU, MAX_ROUNDS, RunSettings, SettingsError
 from .transport import Reply
@@ -53,7 +55,8 @@ def index() -> str:
     return render_template("index.html", defaults=RunSettings(), max_rounds=MAX_ROUNDS, strategies=strategies,
                            reply_fields=[f.describe() for f in REPLY_FIELDS],
                            max_compare=MAX_COMPARE, clients_open_up_to=CLIENTS_OPEN_UP_TO,
-                           clients=federation().transport.urls, token_required=current_app.config["TOKEN"] is not None)
+                           clients=page_rows(federation().transport.urls),
+                           token_required=current_app.config["TOKEN"] is not None)
 
 
 _warming = threading.Lock()
@@ -93,12 +96,24 @@ def clients() -> dict[str, Any]:
     return {"clients": _probe_clients()}
 
 
+def page_rows(urls: Sequence[str]) -> list[str]:
+    """The clients table's rows: each client of its own, and each hosted
+    population as one row, ``<host>/clients/1..K`` (a million rows, and a
+    million /health probes, would show nobody anything)."""
+    return stored_clients(urls)
+
+
 def _probe_clients() -> list[dict[str, Any]]:
-    """Every configured client's state, now; the x ranges they report are
-    kept for the model chart (``_x_ranges``)."""
+    """Every configured client's state, now (a hosted population's from its
+    host's own /health: one call, not one a client); the x ranges they report
+    are kept for the model chart (``_x_ranges``)."""
     transport = federation().transport
-    replies = transport.call_all(transport.urls, "GET", "/health", HEALTH_TIMEOUT_S)
-    states = [_client_state(reply, transport.names[reply.url]) for reply in replies]
+    urls = transport.urls
+    own, hosts = ([p for p in urls.parts if isinstance(p, str)], urls.hosts) if isinstance(urls, ClientURLs) \
+        else (list(urls), [])
+    replies = transport.call_all([*own, *(h.base for h in hosts)], "GET", "/health", HEALTH_TIMEOUT_S)
+    states = [_client_state(reply, transport.names[reply.url]) for reply in replies[:len(own)]]
+    states += [_population_state(reply, host) for reply, host in zip(replies[len(own):], hosts)]
     known = current_app.extensions.setdefault("fedavg_x_ranges", {})
     known.update({c["url"]: c["x_range"] for c in states if c.get("x_range")})
     return states
@@ -130,6 +145,20 @@ def _client_state(reply: Reply, known_name: str) -> dict[str, Any]:
         "status": "up", "reason": None, "n_k": facts["data_size"], "client_id": facts["client_id"] or known_name,
         "num_features": facts["num_features"], "x_range": _range_of((reply.body or {}).get("x_range")),
     }
+
+
+def _population_state(reply: Reply, host: HostedPopulation) -> dict[str, Any]:
+    """A hosted population as one row: its K clients up or down with their
+    host (its /health), N = Σ n_k as its /population said, and ``clients``, K."""
+    first, k = host.first + 1, host.size
+    return {"url": row_of(host), "client_id": f"{k:,} clients (a population: {host.name(0)} … {host.name(k - 1)})",
+            "status": "up" if reply.ok else "down", "n_k": int(host.sizes.sum()), "num_features": host.num_features,
+            "reason": reply.reason, "clients": k, "first": first}
+
+
+def row_of(host: HostedPopulation) -> str:
+    """A hosted population's row, as ``stored_clients`` writes it."""
+    return stored_clients(ClientURLs([host]))[0]
 
 
 def _range_of(value: Any) -> tuple[float, float] | None:

@@ -96,9 +96,12 @@ function paintClients(snap) {
   if (!snap.clients) return;
   const tbody = $("#clients tbody");
   const filter = snap.clientFilter.trim().toLowerCase();
-  let up = 0, total = 0, shown = 0;
+  // A hosted population is one row of c.clients clients (up or down with its host).
+  let up = 0, total = 0, shown = 0, all = 0;
   for (const c of snap.clients) {
-    if (c.status === "up") { up += 1; total += c.n_k; }
+    const count = c.clients ?? 1;
+    all += count;
+    if (c.status === "up") { up += count; total += c.n_k; }
     const row = tbody.querySelector(`tr[data-url="${CSS.escape(c.url)}"]`);
     if (!row) continue;
     row.dataset.status = c.status;
@@ -111,9 +114,9 @@ function paintClients(snap) {
     row.hidden = filter !== "" && !clientText(c).includes(filter);
     if (!row.hidden) shown += 1;
   }
-  const down = snap.clients.length - up;
+  const down = all - up;
   $("#clients-summary").textContent =
-    `${up} of ${snap.clients.length} client(s) up; N = ${total} samples among those that are up` +
+    `${up} of ${all} client(s) up; N = ${total} samples among those that are up` +
     (down ? `; ${down} down.` : ".");
   $("#clients-summary").dataset.up = up;
   $("#clients-summary").dataset.down = down;
