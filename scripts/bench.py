@@ -12,6 +12,7 @@ run that does not complete ends the bench with an error.
     .venv/bin/python scripts/bench.py --before ../base      # item 9's "before": a checkout from before TLS, paired
     .venv/bin/python scripts/bench.py --only tls --out x.json  # one part only (never the committed file)
     .venv/bin/python scripts/bench.py --only batch --out x.json  # item 10: K = 1000, batched and --per-client
+    .venv/bin/python scripts/bench.py --only population --out x.json  # item 12: 1,000,000 clients, 100 rounds
     .venv/bin/python scripts/bench.py --only batch flower --flower /tmp/flower/bin/python --out x.json
         # item 11: Flower's simulation engine on the same K, beside item 10 (Flower in a scratch venv)
 
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher import ROOT, App, free_port, poetry, post_json, start_app, stop, wait_healthy
+from launcher import ROOT, App, free_port, get_json, poetry, post_json, start_app, stop, wait_healthy
 
 DEFAULT_OUT = ROOT / "bench" / "results.json"
 
@@ -358,7 +359,7 @@ FULL = Plan(reps=5, seed_rounds=50, ks=(2, 10, 50, 200, 1000),
             train_samples=10**6, train_reps=15, calls=200, demo_reps=9)
 QUICK = Plan(reps=2, seed_rounds=10, ks=(2, 10, 50), k_rounds={2: 10, 10: 10, 50: 5},
              train_samples=10**4, train_reps=2, calls=30, demo_reps=2)
-PARTS = ("training", "seed", "clients", "compare", "secagg", "tls", "batch", "flower")
+PARTS = ("training", "seed", "clients", "compare", "secagg", "tls", "batch", "flower", "population")
 WARMUP_ROUNDS = 3  # a first run per stack opens the connections; it is not counted
 ROUND_OVERHEAD_TARGET = Target("<=", 2.0)
 K_TARGETS = {50: Target("<=", 40.0), 1000: Target("<=", 1000.0)}
@@ -370,6 +371,10 @@ SECAGG_RATIO_TARGET = Target("<=", 10.0)
 SECAGG_K100_TARGET = Target("<=", 2000.0)
 BATCH_K = {True: 50, False: 1000}  # item 10's K, quick or not
 BATCH_TARGETS = {1000: Target("<=", 100.0)}  # issue 18: a K = 1000 round, server + one host over HTTP
+# Item 12, issue 18's population: (K, fraction, rounds), quick or not, and its targets (the full one's).
+POPULATION = {True: (20_000, 0.01, 10), False: (1_000_000, 0.01, 100)}
+POPULATION_TARGETS = {"fedavg": Target("<=", 60.0), "dp": Target("<=", 90.0), "rss": Target("<=", 1500.0, "max")}
+POPULATION_DP = {"noise_multiplier": 1.0, "clip": 1.0}  # DP-FedAvg's Poisson sample at q = fraction
 
 
 # --- item 3: local training ---------------------------------------------------------------
@@ -642,6 +647,47 @@ def bench_flower(res: Results, plan: Plan, python: str | None) -> None:
     if ours is not None:
         note(f"side by side at K={k}: Flower {_num(statistics.median(samples))} ms a round, Raw FedAvg batched "
              f"{_num(ours['median'])} ms ({_num(statistics.median(samples) / ours['median'])}× faster)")
+
+
+def bench_population(res: Results, plan: Plan, db_dir: Path) -> None:
+    """Item 12: a population held as arrays on one client host (--population K), the server
+    reaching it by index (--clients-from), a fraction of it a round in one /batch/train:
+    the whole run of FedAvg, then of DP-FedAvg (Poisson sampling at q = fraction, its ε from
+    the accountant), timed as a user waits for POST /start; and the host's peak RSS."""
+    k, fraction, rounds = POPULATION[plan is QUICK]
+    targets = POPULATION_TARGETS if plan is FULL else {}
+    reps = 1 if plan is QUICK else 2  # a full repetition is minutes: two of each, alternating
+    with Stack("waitress", db_dir) as stack:
+        note(f"starting a client host with a population of {k:,} (iid) and a server reaching it by index …")
+        host = stack.start("client_host", ["--scenario", "iid", "--population", str(k), "--seed", "0"])
+        stack.healthy()  # (the host first: the server reads its /population when it starts)
+        server = stack.start("server", ["--clients-from", host.url, "--db", str(db_dir / "population.db")])
+        stack.healthy()
+        times: dict[str, list[float]] = {"fedavg": [], "dp": []}
+        epsilons = []
+        for rep in range(reps):
+            for how in times:
+                body = {"rounds": rounds, "seed": rep, "fraction": fraction, "wait": True,
+                        **({"dp": POPULATION_DP} if how == "dp" else {})}
+                note(f"{how}: {rounds} rounds of {fraction:g} of {k:,} clients (run {rep + 1}) …")
+                started = time.monotonic()
+                status, run = post_json(server.url + "/start", body, timeout_s=3600)
+                times[how].append(time.monotonic() - started)
+                if status != 200 or run.get("status") != "completed":
+                    raise BenchError(f"population run did not complete: HTTP {status}: {run.get('error') or run}")
+                if how == "dp":
+                    last = get_json(f"{server.url}/runs/{run['run_id']}?since={rounds - 1}")["rounds"][-1]
+                    epsilons.append(last["privacy"]["epsilon"])
+        rss = peak_rss_mb(host)
+    label = f"{rounds} rounds, {fraction:g} of a population of {k:,} a round"
+    res.add("population_fedavg_s", 12, f"{label}: FedAvg, POST /start to its answer", "s", times["fedavg"],
+            targets.get("fedavg"), population=k, fraction=fraction, rounds=rounds)
+    res.add("population_dp_s", 12, f"{label}: DP-FedAvg (Poisson q = {fraction:g}, σ = "
+            f"{POPULATION_DP['noise_multiplier']:g})", "s", times["dp"], targets.get("dp"),
+            epsilon=epsilons[-1])
+    res.add("population_host_rss_mb", 12, f"client host's peak RSS, a population of {k:,}", "MB", [rss],
+            targets.get("rss"))
+    note(f"DP-FedAvg's ε after {rounds} rounds at q = {fraction:g}: {epsilons[-1]:.3g}")
 
 
 def bench_compare(res: Results, plan: Plan, db_dir: Path) -> None:
@@ -1132,6 +1178,8 @@ def main() -> int:
                 bench_batch(res, plan, db_dir)
             if "flower" in parts:
                 bench_flower(res, plan, args.flower)
+            if "population" in parts:
+                bench_population(res, plan, db_dir)
     except BenchError as e:
         note(f"stopped: {e}")
         return 1
