@@ -50,6 +50,8 @@ def main() -> int:
     parser.add_argument("--fraction", type=float, default=1.0)
     parser.add_argument("--lr", type=float,
                         help=f"default {DEFAULT_LR}; {', '.join(f'{v} for {s}' for s, v in SCENARIO_LR.items())}")
+    parser.add_argument("--dropout", type=float, metavar="P",
+                        help="each client drops out of each round with probability P (the host's --dropout)")
     parser.add_argument("--keep", action="store_true",
                         help="after the run, keep the host and the server up for the page until Ctrl-C")
     parser.add_argument("--port", type=int, help="the server's port (default: a free one)")
@@ -77,7 +79,8 @@ def main() -> int:
     # The host runs in client_host/: a relative path is the user's, from here.
     csv = os.path.abspath(args.csv) if args.csv else None
     host_args = ["--scenario", args.scenario, "--population" if args.population else "--clients", str(k),
-                 "--seed", str(args.seed), "--samples", str(args.samples), *(["--csv", csv] if csv else [])]
+                 "--seed", str(args.seed), "--samples", str(args.samples), *(["--csv", csv] if csv else []),
+                 *(["--dropout", str(args.dropout)] if args.dropout is not None else [])]
     apps = []
     history = tempfile.TemporaryDirectory(prefix="fedavg-sim-")
     try:
@@ -178,8 +181,11 @@ def population_run(server: str, run_id: int, args: argparse.Namespace, lr: float
           f"{model['w'] if not isinstance(model['w'], list) else model['w']}, b = {model['b']}", flush=True)
     if rec is not None:
         loss = rec.get("federated_loss")
-        print(f"sim: round {rec['round']}: {len(rec['participants']):,} clients, {len(rec['dropped']):,} dropped, "
-              f"N = {rec['N']:,}" + (f", federated MSE {loss:.6g}" if loss is not None else ""), flush=True)
+        # (a round of more than 100 clients is recorded as a summary: its counts are there)
+        took, dropped = ((rec["summary"]["contributed"], rec["summary"]["dropped"]) if "summary" in rec
+                         else (len(rec["participants"]), len(rec["dropped"])))
+        print(f"sim: round {rec['round']}: {took:,} clients, {dropped:,} dropped, N = {rec['N']:,}"
+              + (f", federated MSE {loss:.6g}" if loss is not None else ""), flush=True)
     if st.get("error"):
         print(f"sim: {st['error']}")
     return 0 if st["status"] == "completed" else 1
