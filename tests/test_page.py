@@ -811,16 +811,10 @@ def test_a_hosted_population_is_one_row_of_its_clients(browser: Browser, servers
     whole = Population.build("quantity-skew", 3000, seed=2)
     hosts = {url: create_host_app(None, population=whole.shard(i, 2)) for i, url in enumerate(SHARDED[:2], 1)}
     url = serve(servers(Watching.populations(hosts)).app).url
-    context = browser.new_context(viewport={"width": 1400, "height": 900})
-    try:
-        tab = context.new_page()
-        tab.set_default_timeout(15_000)
-        tab.goto(url + "/")
+    for tab in open_tab(browser, url):
         tab.wait_for_function("document.querySelector('#clients-summary').dataset.up !== undefined")
         assert text(tab, "#clients-summary") == f"3000 of 3000 client(s) up; N = {int(whole.sizes.sum())} samples " \
                                                 "among those that are up."
         assert tab.locator("#clients tbody tr").count() == 2
         assert text(tab, f'#clients tbody tr[data-url="{SHARDED[1]}/clients/1..1500"] [data-field="client_id"]') == \
             "1,500 clients (a population: sim_1501 … sim_3000)"
-    finally:
-        context.close()
