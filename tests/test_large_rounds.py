@@ -19,7 +19,7 @@ import pytest
 
 from fedavg.http.host_app import create_host_app
 from fedavg.scenarios import make_clients
-from fedavg_server.federation import WARN_NAMED
+from fedavg_server.federation import WARN_NAMED, DropTally
 from fedavg_server.inprocess import InProcessTransport
 from fedavg_server.records import SUMMARY_ABOVE, SUSPICIOUS_LISTED, TOP_CONTRIBUTORS
 from fedavg_server.transport import Reply
@@ -134,14 +134,19 @@ class HostLost(InProcessTransport):
         return super().call(url, method, path, timeout_s, body, **limit)
 
 
-def test_a_host_lost_is_counted_by_reason_named_first_few_and_warned_about(servers, caplog):
+def test_a_host_lost_is_counted_by_reason_named_first_few_and_warned_about(servers, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="fedavg.server")
     ours, theirs = make_clients("iid", K, 5), make_clients("iid", K, 6)
     host, lost = create_host_app(ours), create_host_app(theirs)
     apps = {**{f"{HOST}/clients/{k}": host for k in range(1, K + 1)},
             **{f"{OTHER}/clients/{k}": lost for k in range(1, K + 1)}}
     fed = servers(HostLost(apps))
+    read_back = []  # the rounds the store was asked to count drops after: none, they were counted as stored
+    counts = fed.fed.store.drop_counts
+    monkeypatch.setattr(fed.fed.store, "drop_counts", lambda run_id, since: read_back.append(since) or
+                        counts(run_id, since))
     run = fed.run(rounds=2, seed=3)
+    assert read_back and set(read_back) == {2}
     assert run["status"] == "completed", run["error"]
     record = run["rounds"][0]
     s = record["summary"]
@@ -162,6 +167,9 @@ def test_a_host_lost_is_counted_by_reason_named_first_few_and_warned_about(serve
     named, rest = warnings[:WARN_NAMED], warnings[WARN_NAMED:]
     assert [w.split(" dropped in ")[0] for w in named] == sorted(c.client_id for c in theirs)[:WARN_NAMED]
     assert all("dropped in 2/2 rounds" in w for w in named)
+    fresh = DropTally()  # the same counts as the store's, read back from every round's clients
+    fresh.add(*counts(run["run_id"], 0))
+    assert fresh.warnings() == warnings
     assert rest == [f"and {K - WARN_NAMED:,} more clients dropped from some round, {2 * (K - WARN_NAMED):,} drops in "
                     f"all (by last reason: {K - WARN_NAMED:,} its host's {OTHER}/batch/train: cannot connect: the host "
                     "went away; each round's clients.csv names them)"]

@@ -13,6 +13,7 @@ from typing import Any
 from fedavg.wire import parse_health_reply
 
 from .hosted import as_client_urls, stored_clients, stored_urls
+from .records import RoundRecord
 from .roster import HEALTH_TIMEOUT_S
 from .run import Run
 from .runs import RunStore, StoreError
@@ -168,6 +169,10 @@ class Federation:
             raise Busy(self._running.run_id)
 
     def _launch(self, run: Run) -> None:
+        # Its drops counted as each round is stored: read back from the store at the end, the
+        # clients of 100 rounds of 10,000 are a million rows, and /status waited seconds for them.
+        # (its callers hold self._lock: the tally is taken without it)
+        run.on_stored = self._tallies.setdefault(run.run_id, DropTally()).add_round
         run.thread = threading.Thread(target=self._run, args=(run,), name=f"run-{run.run_id}", daemon=True)
         self._running = run
         run.thread.start()
@@ -259,11 +264,14 @@ class Federation:
         of the rounds it was asked in (see DropTally). Only the rounds stored
         since the last call are counted, by the store (no record is read
         here: a 100,000-round run's first count took 700 MB when it was)."""
-        with self._lock:
-            tally = self._tallies.setdefault(run_id, DropTally())
+        tally = self._tally(run_id)
         with tally.lock:
             tally.add(*self.store.drop_counts(run_id, tally.last_round))
             return tally.warnings()
+
+    def _tally(self, run_id: int) -> DropTally:
+        with self._lock:
+            return self._tallies.setdefault(run_id, DropTally())
 
 
     def timeouts(self, run_id: int) -> dict[str, Any] | None:
@@ -306,6 +314,24 @@ class DropTally:
             self.dropped[d["url"]] = self.dropped.get(d["url"], 0) + d["rounds"]
             self.reason[d["url"]] = d["reason"]
         self.last_round = upto
+
+    def add_round(self, rec: RoundRecord) -> None:
+        """Count a round as it is stored, when it is the next one to count
+        (the rounds before it were counted); otherwise the store's counts
+        (``add``) take it in order later. The same counts: each participant
+        asked once, each dropped client asked and dropped once."""
+        with self.lock:
+            if rec.round != self.last_round + 1:
+                return
+            for p in rec.participants:
+                self.names[p["url"]] = p["client_id"]
+                self.asked[p["url"]] = self.asked.get(p["url"], 0) + 1
+            for d in rec.dropped:
+                self.names.setdefault(d.url, d.client_id)
+                self.asked[d.url] = self.asked.get(d.url, 0) + 1
+                self.dropped[d.url] = self.dropped.get(d.url, 0) + 1
+                self.reason[d.url] = d.reason
+            self.last_round = rec.round
 
     def warnings(self) -> list[str]:
         """'client_2 dropped in 2/2 rounds (last: cannot connect: …)', one per

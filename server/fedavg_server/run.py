@@ -18,6 +18,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -97,6 +98,8 @@ class Run:
         self.stop_requested = threading.Event()  # POST /runs/<id>/stop, or the server stopping
         self.ended = threading.Event()  # its end is recorded: it no longer holds the federation
         self.thread: threading.Thread | None = None
+        # Told of each round once it is stored (the federation counts its drops as it goes)
+        self.on_stored: Callable[[RoundRecord], None] | None = None
 
     def execute(self) -> tuple[str, str | None]:
         """Run the rounds; return how the run ended: (status, error or None)."""
@@ -215,6 +218,8 @@ class Run:
 
     def _store(self, record: RoundRecord) -> None:
         stored = self.store.add_round(self.run_id, record)
+        if self.on_stored is not None:
+            self.on_stored(record)
         # One record, one write: a line-by-line log costs a write (and a
         # wake-up of whoever reads the pipe) per line, every round.
         if log.isEnabledFor(logging.INFO):
