@@ -854,7 +854,7 @@ def test_a_tiny_noise_multiplier_that_can_be_accounted_for_reports_its_huge_epsi
     assert run["status"] == "budget_exhausted" and run["rounds"] == []
 
 
-@pytest.mark.parametrize("q, sigma, rounds", [(1.0, 1.1, 7), (0.5, 1.0, 40), (0.1, 0.8, 300)])
+@pytest.mark.parametrize("q, sigma, rounds", [(1.0, 1.1, 7), (0.5, 1.0, 40), (0.1, 0.8, 300), (0.01, 1.0, 100)])
 def test_t_rounds_cost_t_times_one_round(q, sigma, rounds):
     """The server scales one round's divergences by T; the accountant composing T rounds itself agrees."""
     from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent

@@ -184,3 +184,41 @@ def test_each_clients_noise_share_is_drawn_on_the_host_as_asked():
     corr = sum(x * y for x, y in zip(w, b)) / (k * s * s)
     assert abs(corr) < 6 / math.sqrt(k)
     assert not np.allclose(again, noisy)
+
+
+def composed_epsilon(q: float, sigma: float, rounds: int, delta: float = 1e-5) -> float:
+    """ε after T rounds from dp-accounting itself: its RDP accountant composing the sampled Gaussian T times."""
+    from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
+    from dp_accounting.rdp import RdpAccountant
+
+    accountant = RdpAccountant()
+    accountant.compose(SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), rounds))
+    return accountant.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("local_noise", [False, True], ids=["server-noise", "clients-noise"])
+def test_a_population_sampled_at_q_one_percent_is_one_batched_call_a_round_and_reports_epsilon(servers,
+                                                                                            local_noise):
+    """2,000 clients of a population on one host, Poisson q = 0.01 (M = 20), σ = 1, 12 rounds: each
+    round's sample goes to the host in one /batch/train; the round's clients number
+    Binomial(2000, 0.01) (all 12 rounds' within 6 standard deviations of 240); each round reports ε
+    after t rounds as dp-accounting composes it (1.2 after 100 rounds at q = 0.01, where q = 1 gives 19
+    after 10), the noise σ·S/M and M; under local_noise each sampled client's share is sized on that
+    round's sample."""
+    k, q, sigma, bound, rounds = 2000, 0.01, 1.0, 0.5, 12
+    host = create_host_app(None, population=Population.build("iid", k, seed=3))
+    run = servers(InProcessTransport.hosted(host, k, HOST)).run(
+        rounds=rounds, fraction=q, dp={"noise_multiplier": sigma, "clip": bound, "local_noise": local_noise})
+    assert run["status"] == "completed", run["error"]
+    took_part = [len(r["participants"]) for r in run["rounds"]]
+    assert len(took_part) == rounds
+    assert abs(sum(took_part) - rounds * k * q) < 6 * math.sqrt(rounds * k * q * (1 - q))
+    assert calls(host) == {"batch_train": sum(n > 0 for n in took_part), "train": 0}
+    for t, record in enumerate(run["rounds"], start=1):
+        privacy = record["privacy"]
+        assert privacy["epsilon"] == pytest.approx(composed_epsilon(q, sigma, t), rel=1e-9)
+        assert privacy["expected_clients"] == pytest.approx(k * q, rel=1e-12)
+        assert privacy["noise_std"] == pytest.approx(sigma * bound / (k * q), rel=1e-12)
+        if local_noise:
+            assert (privacy["sampled"], privacy["noise_shares_in_sum"]) == (took_part[t - 1], took_part[t - 1])
+            assert privacy["server_noise_share"] == (1.0 if took_part[t - 1] == 0 else 0.0)
