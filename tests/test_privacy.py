@@ -869,17 +869,23 @@ def test_t_rounds_cost_t_times_one_round(q, sigma, rounds):
 # --- make privacy ------------------------------------------------------------------------------
 
 def check_privacy_report(report: list[dict], printed: str) -> None:
-    """What `make privacy --repeats 2 --sigmas 0,2` gives: one row per σ on each scenario, ε as
-    dp-accounting gives it for q = 1 over the rounds run, and the no-DP row first."""
-    from dp_accounting import GaussianDpEvent, SelfComposedDpEvent
+    """What `make privacy --repeats 2 --sigmas 0,2 --population 300 --population-rounds 5` gives: one
+    row per σ on each scenario, ε as dp-accounting gives it for q = 1 over the rounds run (q = 0.01,
+    Poisson-sampled, for the population), and the no-DP row first."""
+    from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
     from dp_accounting.rdp import RdpAccountant
 
-    assert [(s["scenario"], s["clients"]) for s in report] == [("seed", 2), ("iid", 50)]
+    assert [(s["scenario"], s["clients"], s["fraction"]) for s in report] == \
+        [("seed", 2, 1.0), ("iid", 50, 1.0), ("population (iid)", 300, 0.01)]
+    assert report[2]["rounds"] == 5
     for scenario in report:
         labels = [row["label"] for row in scenario["rows"]]
         assert labels == ["no DP", "σ = 0", "σ = 2"]
         accountant = RdpAccountant()
-        accountant.compose(SelfComposedDpEvent(GaussianDpEvent(2.0), scenario["rounds"]))
+        round_event = GaussianDpEvent(2.0)
+        if scenario["fraction"] < 1:
+            round_event = PoissonSampledDpEvent(scenario["fraction"], round_event)
+        accountant.compose(SelfComposedDpEvent(round_event, scenario["rounds"]))
         assert scenario["rows"][2]["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
         assert scenario["rows"][1]["epsilon"] is None  # σ = 0: ε = ∞
         assert len(scenario["rows"][2]["losses"]) == 2  # noisy settings are repeated
@@ -889,8 +895,21 @@ def check_privacy_report(report: list[dict], printed: str) -> None:
 def test_make_privacy_tabulates_epsilon_against_accuracy(tmp_path, capsys):
     """scripts/privacy.py's main (what `make privacy` runs), called here: its federations are in-process."""
     import privacy
-    assert privacy.main(["--repeats", "2", "--sigmas", "0,2", "--jobs", "1", "--out", str(tmp_path)]) == 0
+    assert privacy.main(["--repeats", "2", "--sigmas", "0,2", "--jobs", "1", "--out", str(tmp_path),
+                         "--population", "300", "--population-rounds", "5"]) == 0
     check_privacy_report(json.loads((tmp_path / "privacy.json").read_text()), capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--population", "50"], "--population: at least 100 clients, so that q = 0.01 samples M = q·K >= 1"),
+    (["--population", "-1"], "--population must be >= 0"),
+    (["--population-rounds", "0"], "--population-rounds >= 1"),
+])
+def test_make_privacy_refuses_a_population_it_cannot_sample(args, error, capsys):
+    import privacy
+    with pytest.raises(SystemExit) as stop:
+        privacy.main(args)
+    assert stop.value.code == 2 and error in capsys.readouterr().err
 
 
 # --- real processes (make test-all) ------------------------------------------------------------
@@ -933,9 +952,9 @@ def test_dp_over_http_on_the_seed_apps_is_the_reference(seed_server):
 @pytest.mark.system
 def test_make_privacy_runs_as_the_command(tmp_path):
     """`make privacy` as a user types it (PRIVACY_ARGS to keep it short), from the root environment only."""
-    done = subprocess.run(["make", "--no-print-directory", "privacy", f"OUT={tmp_path}",
-                           "PRIVACY_ARGS=--repeats 2 --sigmas 0,2"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(["make", "--no-print-directory", "privacy", f"OUT={tmp_path}", "POPULATION=300",
+                           "PRIVACY_ARGS=--repeats 2 --sigmas 0,2 --population-rounds 5"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     check_privacy_report(json.loads((tmp_path / "privacy.json").read_text()), done.stdout)
 
