@@ -137,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for _ in range(args.repeats if dp and dp["noise_multiplier"] > 0 else 1)]
     left = {key: runs.count(key) for key in runs}
     started, done = time.perf_counter(), [0]
+    # Each scenario's runs so far, from when (the previous run's end before its first) to its last end:
+    # what is left is estimated per scenario, a population run costing far more than one of 50 clients.
+    spent: dict[int, tuple[int, float, float]] = {}
+    last_end = [started]
     history = tempfile.TemporaryDirectory(prefix="fedavg-privacy-")
     federations: list[FlaskClient] = []
 
@@ -157,8 +161,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         i, j = runs[n]
         left[runs[n]] -= 1
         done[0] += 1
-        elapsed = time.perf_counter() - started
-        eta = elapsed / done[0] * (len(runs) - done[0])
+        now = time.perf_counter()
+        ended, since, _ = spent.get(i, (0, last_end[0], now))
+        spent[i], last_end[0] = (ended + 1, since, now), now
+        each = {k: (end - since) / ended for k, (ended, since, end) in spent.items()}
+        eta = sum(count * each.get(key[0], each[i]) for key, count in left.items())
+        elapsed = now - started
         print(f"privacy:   [{done[0]}/{len(runs)} runs, {elapsed:.0f} s, about {eta:.0f} s left] "
               f"{scenarios[i]['scenario']}, {scenarios[i]['settings'][j][0]}"
               + (" done" if not left[runs[n]] else f": {left[runs[n]]} more run(s)"), flush=True)
