@@ -12,6 +12,8 @@ run that does not complete ends the bench with an error.
     .venv/bin/python scripts/bench.py --before ../base      # item 9's "before": a checkout from before TLS, paired
     .venv/bin/python scripts/bench.py --only tls --out x.json  # one part only (never the committed file)
     .venv/bin/python scripts/bench.py --only batch --out x.json  # item 10: K = 1000, batched and --per-client
+    .venv/bin/python scripts/bench.py --only batch flower --flower /tmp/flower/bin/python --out x.json
+        # item 11: Flower's simulation engine on the same K, beside item 10 (Flower in a scratch venv)
 
 The noop app the round floor is measured against is this file too:
 ``cd server && poetry run python ../scripts/bench.py --serve-noop --port P``
@@ -335,7 +337,7 @@ FULL = Plan(reps=5, seed_rounds=50, ks=(2, 10, 50, 200, 1000),
             train_samples=10**6, train_reps=15, calls=200, demo_reps=9)
 QUICK = Plan(reps=2, seed_rounds=10, ks=(2, 10, 50), k_rounds={2: 10, 10: 10, 50: 5},
              train_samples=10**4, train_reps=2, calls=30, demo_reps=2)
-PARTS = ("training", "seed", "clients", "compare", "secagg", "tls", "batch")
+PARTS = ("training", "seed", "clients", "compare", "secagg", "tls", "batch", "flower")
 WARMUP_ROUNDS = 3  # a first run per stack opens the connections; it is not counted
 ROUND_OVERHEAD_TARGET = Target("<=", 2.0)
 K_TARGETS = {50: Target("<=", 40.0), 1000: Target("<=", 1000.0)}
@@ -581,6 +583,35 @@ def bench_batch(res: Results, plan: Plan, db_dir: Path) -> None:
             times["per_client"], rounds_per_run=rounds)
     res.add(f"batch_speedup_k{k}", 10, f"ratio per-client / batched round, K={k}", "×",
             [a / b for a, b in zip(times["per_client"], times["batched"])])
+
+
+def bench_flower(res: Results, plan: Plan, python: str | None) -> None:
+    """Item 11: Flower's simulation engine (Ray) on item 10's K, full participation, FedAvg
+    of the same local step (scripts/flower_side.py), run by a Python that has Flower:
+    never one of the project's environments. Printed beside item 10's round when both ran."""
+    if not python:
+        note("item 11 (Flower side by side): not measured: give --flower PYTHON (or FLOWER_PYTHON), a Python "
+             "with Flower: python3 -m venv /tmp/flower && /tmp/flower/bin/pip install 'flwr[simulation]==1.42.*'")
+        return
+    k = BATCH_K[plan is QUICK]
+    rounds = 3 if plan is QUICK else 6
+    samples, memory = [], []
+    for rep in range(min(plan.reps, 3)):  # each run starts Ray anew: about 15 s before its first round
+        note(f"Flower's simulation engine, K={k}, {rounds} rounds (run {rep + 1}) …")
+        done = subprocess.run([python, str(ROOT / "scripts" / "flower_side.py"), "--clients", str(k),
+                               "--rounds", str(rounds)], capture_output=True, text=True, timeout=1800)
+        if done.returncode != 0:
+            raise BenchError(f"scripts/flower_side.py failed: {done.stderr.strip().splitlines()[-1:]}")
+        got = json.loads(done.stdout.strip().splitlines()[-1])
+        samples.append(got["median_round_s_after_first"] * 1e3)
+        memory.append(got["peak_tree_rss_bytes"] / 2**20)
+    res.add(f"flower_round_ms_k{k}", 11, f"round, K={k}, Flower {got['flower']} simulation engine (Ray)", "ms",
+            samples, rounds_per_run=rounds - 1)
+    res.add(f"flower_rss_mb_k{k}", 11, f"peak RSS, Flower's process tree (Ray's workers), K={k}", "MB", memory)
+    ours = res.figures.get(f"batch_round_ms_k{k}")
+    if ours is not None:
+        note(f"side by side at K={k}: Flower {_num(statistics.median(samples))} ms a round, Raw FedAvg batched "
+             f"{_num(ours['median'])} ms ({_num(statistics.median(samples) / ours['median'])}× faster)")
 
 
 def bench_compare(res: Results, plan: Plan, db_dir: Path) -> None:
@@ -1026,6 +1057,9 @@ def main() -> int:
                              f"measured paired with this one's (a full run records it in {BEFORE_FILE.name})")
     parser.add_argument("--only", choices=PARTS, nargs="+", metavar="PART",
                         help=f"measure only these parts ({', '.join(PARTS)}); needs --out")
+    parser.add_argument("--flower", metavar="PYTHON", default=os.environ.get("FLOWER_PYTHON"),
+                        help="a Python with Flower installed (not the project's): item 11 runs Flower's simulation "
+                             "engine beside item 10 (default $FLOWER_PYTHON; without it item 11 is left out)")
     parser.add_argument("--serve-noop", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -1066,6 +1100,8 @@ def main() -> int:
                 bench_tls(res, plan, db_dir, args.before, args.quick)
             if "batch" in parts:
                 bench_batch(res, plan, db_dir)
+            if "flower" in parts:
+                bench_flower(res, plan, args.flower)
     except BenchError as e:
         note(f"stopped: {e}")
         return 1

@@ -1,6 +1,6 @@
 """What a reader of a long or wide run costs the server: bounded by what it
 answers or draws, not by what the run holds. The histories are written
-straight into a RunStore as a server writes them (a run of 200 clients, a
+straight into a RunStore as a server writes them (a run of 100 or 200 clients, a
 run of 10,000 rounds), and read through the server app in this process;
 Python's own allocations are measured with tracemalloc (the numbers of a
 real server process are in docs/PERFORMANCE.md's neighbour, the report)."""
@@ -19,12 +19,14 @@ from conftest import ROOT, Served
 from fedavg.http.client_app import create_app as create_client_app
 from fedavg.strategies import LOCAL_MODEL, FedAvg, Result
 from fedavg_server.api import PAGE_BYTES
-from fedavg_server.records import Dropped, RoundRecord, participant_json, terms_json
+from fedavg_server.records import SUMMARY_ABOVE, Dropped, RoundRecord, participant_json, terms_json
 from fedavg_server.runs import RunStore
 from fedavg_server.settings import RunSettings
 
 # (name, URL, n_k) of 200 clients of one client host, and the seed's two.
 WIDE = [(f"client_{k}", f"http://127.0.0.1:5100/clients/{k}", 20 + k) for k in range(1, 201)]
+# The widest round a record lists client by client (a wider one is a summary: records.SUMMARY_ABOVE).
+LISTED = WIDE[:SUMMARY_ABOVE]
 SEED = [("client_1", "http://127.0.0.1:5001", 2), ("client_2", "http://127.0.0.1:5002", 2)]
 REASON = "cannot connect: Connection refused"
 
@@ -84,22 +86,22 @@ MiB = 1 << 20
 
 
 def test_a_page_of_rounds_holds_at_most_2_mib_and_the_pages_add_up_to_the_run(tmp_path, servers):
-    """80 rounds of 200 clients are 5 MB of JSON: GET /runs/<id> answers a
+    """200 rounds of 100 clients are 6 MB of JSON: GET /runs/<id> answers a
     page of them within PAGE_BYTES (2 MiB) however many ?limit= allows, says
     "more", and the pages read with ?since= give the whole run, round for
     round as the store holds it."""
     db = tmp_path / "runs.db"
     store = RunStore(db)
-    run_id = write_run(store, 80, WIDE)
+    run_id = write_run(store, 200, LISTED)
     whole = store.get(run_id)["rounds"]
     assert len(json.dumps(whole)) > 2 * PAGE_BYTES  # the run is far more than a page
     store.close()
-    http = servers(nobody([u for _, u, _ in WIDE]), db).http
+    http = servers(nobody([u for _, u, _ in LISTED]), db).http
     paged, since, pages = [], 0, 0
     while True:
         r = http.get(f"/runs/{run_id}?since={since}&limit=10000")
         assert r.status_code == 200
-        assert len(r.data) <= PAGE_BYTES + 64 * 1024  # the rounds, and the run's own fields (200 URLs)
+        assert len(r.data) <= PAGE_BYTES + 64 * 1024  # the rounds, and the run's own fields (100 URLs)
         page = r.get_json()
         assert page["rounds"] and page["rounds"][0]["round"] == since + 1
         paged += page["rounds"]
@@ -109,8 +111,8 @@ def test_a_page_of_rounds_holds_at_most_2_mib_and_the_pages_add_up_to_the_run(tm
         since = page["rounds"][-1]["round"]
     assert pages >= 3 and paged == whole
     # a page always holds a round, however large
-    one = http.get(f"/runs/{run_id}?since=79&limit=1").get_json()
-    assert [x["round"] for x in one["rounds"]] == [80] and one["more"] is False
+    one = http.get(f"/runs/{run_id}?since=199&limit=1").get_json()
+    assert [x["round"] for x in one["rounds"]] == [200] and one["more"] is False
 
 
 def test_a_run_that_waits_answers_its_summary_and_the_first_page(tmp_path, servers):
@@ -205,21 +207,21 @@ def test_the_model_chart_of_a_round_that_is_not_there_is_a_400(tmp_path, servers
 
 @pytest.mark.system
 def test_the_page_reads_a_wide_run_page_by_page(browser, tmp_path, servers):
-    """The page (static/app.js) reads a run in pages (since, more): 80 rounds
-    of 200 clients come in pages of at most 2 MiB, and it shows them all."""
+    """The page (static/app.js) reads a run in pages (since, more): 200 rounds
+    of 100 clients come in pages of at most 2 MiB, and it shows them all."""
     db = tmp_path / "runs.db"
     store = RunStore(db)
-    run_id = write_run(store, 80, WIDE)
+    run_id = write_run(store, 200, LISTED)
     store.close()
-    served = Served(servers(nobody([u for _, u, _ in WIDE]), db).app)
+    served = Served(servers(nobody([u for _, u, _ in LISTED]), db).app)
     context = browser.new_context(viewport={"width": 1400, "height": 900})
     try:
         tab = context.new_page()
         errors: list[str] = []
         tab.on("pageerror", lambda e: errors.append(str(e)))
         tab.goto(served.url + "/")  # the newest run is shown first
-        tab.wait_for_function("document.querySelectorAll('#rounds tbody tr').length === 80", timeout=30_000)
-        assert tab.locator("#progress-text").inner_text().strip() == "80 / 80 rounds"
+        tab.wait_for_function("document.querySelectorAll('#rounds tbody tr').length === 200", timeout=30_000)
+        assert tab.locator("#progress-text").inner_text().strip() == "200 / 200 rounds"
         assert tab.locator("#run-select").input_value() == str(run_id)
         assert errors == []
     finally:

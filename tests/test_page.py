@@ -16,7 +16,8 @@ page and API, every client answering, for the rest: past runs, a strategy
 from the form and each strategy's math and state, runs compared, a run of
 1003 rounds (over HTTP, the dead client's 0.2 s pause before its retry made
 that one run last four minutes), secure aggregation and DP. Fifty clients
-and a suspicious one are servers in this process too.
+and a suspicious one are servers in this process too, and so is a round of 300
+clients, half of them lost with their host, shown as a summary.
 
 UPDATE_SCREENSHOT=1 writes the screenshot to docs/screenshot.png (the one
 the README shows); otherwise it goes to the test's temporary folder.
@@ -709,3 +710,56 @@ def test_a_dp_run_shows_epsilon_spent_against_its_budget(local_page: Page, local
     assert local_page.locator("#privacy-text").inner_text().startswith(f"ε = {spent:.4f} of the budget 50")
     assert float(local_page.get_attribute("#privacy-meter", "value")) == pytest.approx(spent, rel=1e-6)
     assert float(local_page.get_attribute("#privacy-meter", "max")) == 50
+
+
+# --- a round of more than 100 clients: counted, grouped, its rows a CSV ---------------------
+
+def test_a_large_round_shows_its_summary_and_links_its_csv_without_a_row_per_client(browser: Browser, servers,
+                                                                                   serve):
+    """150 quantity-skew clients on one host and 150 on a host lost after
+    /health: the round shows the API's counts, its groups of n_k, its largest
+    weights and its drops by reason, no table of 150 rows, and a link to the
+    CSV of all 300."""
+    from test_large_rounds import HOST, OTHER, HostLost
+
+    from fedavg.http.host_app import create_host_app
+    from fedavg_server.records import SUMMARY_ABOVE
+
+    k = SUMMARY_ABOVE + 50
+    host, lost = create_host_app(make_clients("quantity-skew", k, 8)), create_host_app(make_clients("iid", k, 9))
+    server = servers(HostLost({**{f"{HOST}/clients/{i}": host for i in range(1, k + 1)},
+                               **{f"{OTHER}/clients/{i}": lost for i in range(1, k + 1)}}))
+    run = server.run(rounds=2, seed=4)
+    assert run["status"] == "completed", run["error"]
+    record = run["rounds"][1]
+    s = record["summary"]
+    url = serve(server.app).url
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    try:
+        tab = context.new_page()
+        tab.set_default_timeout(15_000)
+        errors: list[str] = []
+        tab.on("pageerror", lambda e: errors.append(str(e)))
+        tab.goto(url + "/")
+        show_round(tab, run["run_id"], 2)
+        tab.wait_for_selector("#summary-counts")
+        assert text(tab, '#summary-counts [data-field="counts"]') == \
+            f"{2 * k} clients sampled: {k} contributed (N = {record['N']}), {k} dropped."
+        assert tab.locator("#math tr").count() < 30 and tab.locator("#terms").count() == 0
+        href = tab.get_attribute("#clients-csv", "href")
+        assert href == f"/runs/{run['run_id']}/rounds/2/clients.csv"
+        assert len(get_text(url + href).splitlines()) == 1 + 2 * k
+        groups = s["groups"]["groups"]
+        assert [text(tab, f'#groups tbody tr[data-group="{g["n_k_from"]}"] [data-field="N_g"]') for g in groups] \
+            == [str(g["N"]) for g in groups]
+        assert text(tab, '#groups tfoot [data-field="mean_w"]') == fmt(s["groups"]["mean"]["w"])
+        assert [r.get_attribute("data-client") for r in tab.locator("#top tbody tr").all()] == \
+            [p["client_id"] for p in s["top"]]
+        assert text(tab, '#dropped-by-reason [data-field="clients"]') == str(k)
+        assert text(tab, '#dropped-by-reason [data-field="reason"]') == s["dropped_by_reason"][0]["reason"]
+        assert text(tab, "#dropped-first").endswith(f"and {k - len(record['dropped'])} more (in the CSV).")
+        row = tab.locator("#rounds tbody tr").nth(1).locator("td")
+        assert [row.nth(j).inner_text() for j in (1, 2)] == [str(k), str(k)]  # contributed, dropped
+        assert errors == []
+    finally:
+        context.close()

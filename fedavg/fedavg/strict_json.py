@@ -224,5 +224,5 @@ def weights_of(model: Mapping[str, Any]) -> Weights:
 
 def model_json(w: Weights, b: float) -> dict[str, Any]:
     """(w, b) → {"w", "b"}; w is a plain number when there is one feature."""
-    w = np.asarray(w, dtype=float).ravel()
-    return {"w": float(w[0]) if len(w) == 1 else [float(v) for v in w], "b": float(b)}
+    w = np.asarray(w, dtype=float).ravel().tolist()  # (tolist: Python floats in one call; a record has K of these)
+    return {"w": w[0] if len(w) == 1 else w, "b": float(b)}

@@ -32,21 +32,23 @@ def fmt_model(w: Weights, b: float) -> str:
     return f"w={ws} b={fmt(b)}"
 
 
-def _sum_of_terms(terms: Sequence[str], count: int) -> str:
-    if count <= TRACE_TERMS:
+def _sum_of_terms(terms: Sequence[str], count: int, shown: int = TRACE_TERMS) -> str:
+    if count <= shown:
         return " + ".join(terms)
-    return " + ".join(terms[: TRACE_TERMS - 1]) + f" + … ({count} terms)"
+    return " + ".join(terms[: shown - 1]) + f" + … ({count} terms)"
 
 
-def explain_weighted_sum(name: str, ns: Sequence[int], values: Sequence[float], result: float) -> str:
-    """One line ``name = (n_1/N)·v_1 + (n_2/N)·v_2 + … = result``, O(K) to build.
+def explain_weighted_sum(name: str, ns: Sequence[int], values: Sequence[float], result: float,
+                         shown: int = TRACE_TERMS) -> str:
+    """One line ``name = (n_1/N)·v_1 + (n_2/N)·v_2 + … = result``, O(K) to
+    build: every term up to ``shown`` of them, else the first few and the count.
 
     ``result`` is passed in, not recomputed: the trace writes the value the
     algorithm produced, so the log can never disagree with the model.
     """
     total = sum(ns)
-    terms = [f"({ns[k]}/{total})·{fmt(values[k])}" for k in range(min(len(ns), TRACE_TERMS))]
-    return f"{name} = {_sum_of_terms(terms, len(ns))} = {fmt(result)}"
+    terms = [f"({ns[k]}/{total})·{fmt(values[k])}" for k in range(min(len(ns), shown))]
+    return f"{name} = {_sum_of_terms(terms, len(ns), shown)} = {fmt(result)}"
 
 
 def names(dim: int, symbol: str = "") -> list[str]:

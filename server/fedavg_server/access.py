@@ -92,8 +92,24 @@ def _as_released(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _aggregates(record: dict[str, Any]) -> dict[str, Any]:
-    return record | {
-        "participants": [{k: v for k, v in p.items() if k not in PRIVATE} for p in record["participants"]],
+    out = record | {
+        "participants": [_public(p) for p in record["participants"]],
         "terms": [{k: t[k] for k in ("client_id", "n_k", "weight")} for t in record["terms"]],
         "math": [HIDDEN],  # the trace writes every client's numbers out
     }
+    if "summary" in record:  # a summarised round: its top contributors' numbers, and a group may be one client
+        summary = record["summary"]
+        groups = summary["groups"] and summary["groups"] | {
+            "mean": None, "groups": [{k: v for k, v in g.items() if k != "mean"} for g in summary["groups"]["groups"]]}
+        out["summary"] = summary | {"top": [_public(p) for p in summary["top"]], "sums": {}, "groups": groups}
+    return out
+
+
+def _public(participant: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in participant.items() if k not in PRIVATE}
+
+
+def reader_round(record: dict[str, Any]) -> dict[str, Any]:
+    """One round (with its every client, ``RunStore.round_with_clients``)
+    as this request may read it: ``reader_view``'s rules."""
+    return reader_view({"rounds": [record]})["rounds"][0]

@@ -6,14 +6,15 @@ from itertools import chain
 from typing import Any
 
 from flask import Blueprint, Response, current_app, request
+from werkzeug.exceptions import NotFound
 
 from fedavg.http.service import json_body
 from fedavg.strict_json import ProtocolError, expect_bool, expect_object
 
-from .access import reader_view, require_operator
+from .access import reader_round, reader_view, require_operator
 from .federation import Busy, CannotResume, Federation, NoSuchRun
 from .openapi import server_document
-from .runs import StoreError, csv_lines
+from .runs import StoreError, client_csv_lines, csv_lines
 from .settings import RunSettings, parse_start
 
 bp = Blueprint("api", __name__)
@@ -233,6 +234,22 @@ def run(run_id: int):
     # Over the whole run, whatever ?since says: a client dropped from every
     # round is worth a warning on the page even though the run "completed".
     return reader_view(fed.truth(found)) | {"warnings": fed.warnings(run_id)}
+
+
+@bp.get("/runs/<int:run_id>/rounds/<int:round_no>/clients.csv")
+def round_clients(run_id: int, round_no: int):
+    """Every client of one round, a row each (``client_csv_lines``): a
+    summarised round's whole list, which its record only counts. Each
+    client's own numbers by the rules of GET /runs/<id> (``access``)."""
+    no_query_args()
+    fed = federation()
+    found = fed.store.round_with_clients(run_id, round_no)
+    if found is None:
+        if fed.store.summary(run_id) is None:
+            raise NoSuchRun(run_id)
+        raise NotFound(f"run {run_id} has no round {round_no} (yet)")
+    return current_app.response_class(client_csv_lines(reader_round(found)), mimetype="text/csv", headers={
+        "Content-Disposition": f'attachment; filename="fedavg-run-{run_id}-round-{round_no}-clients.csv"'})
 
 
 def _round_number(name: str, default: str) -> int:

@@ -30,7 +30,7 @@ from fedavg.trace import fmt
 from fedavg.wire import MAX_DATA_SIZE, CannotDo, parse_evaluate_reply, parse_train_reply
 
 from .privacy_settings import SecAggSettings
-from .records import Dropped, participant_json, terms_json
+from .records import SUMMARY_ABOVE, Dropped, participant_json, terms_json
 from .roster import Roster
 from .transport import Reply
 
@@ -138,9 +138,10 @@ def collected(got: list[Result | Dropped], strategy: Strategy) -> Collected:
     """A round's Collected from each sampled client's Result or drop, in the sample's order."""
     results = [g for g in got if isinstance(g, Result)]
     losses = [(p.metrics["loss_before"], p.n) for p in results if p.metrics and "loss_before" in p.metrics]
+    # (a round summarised for its size records no term: not worth building 10,000 of them)
     return Collected(results, [g for g in got if isinstance(g, Dropped)], losses, len(results),
                      [participant_json(p, strategy.replies) for p in results], sum(p.n for p in results),
-                     terms_json(results))
+                     terms_json(results) if len(results) <= SUMMARY_ABOVE else [])
 
 
 @dataclass

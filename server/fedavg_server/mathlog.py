@@ -10,7 +10,7 @@ from typing import Any
 
 from fedavg.strategies import REPLY_FIELDS
 from fedavg.strict_json import weights_of
-from fedavg.trace import TRACE_TERMS, explain_weighted_sum, fmt, fmt_model, fmt_theta
+from fedavg.trace import TRACE_TERMS, explain_weighted_sum, fmt, fmt_model, fmt_theta, names
 
 
 def _line_of(model: dict[str, Any]) -> str:
@@ -26,6 +26,9 @@ def _model(m: dict[str, Any]) -> str:
 def round_lines(record: dict[str, Any], rounds_planned: int) -> list[str]:
     """The whole block for one aggregated round (see the README for an example)."""
     lines = [f"── Round {record['round']}/{rounds_planned} ── global model in: {_model(record['global_model_in'])}"]
+    if "summary" in record:
+        return [*lines, *summary_lines(record), *record["math"],
+                f"global model out: {_line_of(record['global_model'])}"]
     participants = record["participants"]
     width = max((len(p["client_id"]) for p in participants[:TRACE_TERMS]), default=0)
     for p in participants[:TRACE_TERMS]:
@@ -51,6 +54,48 @@ def round_lines(record: dict[str, Any], rounds_planned: int) -> list[str]:
         lines.append(f"… and {len(record['dropped']) - TRACE_TERMS} more dropped")
     lines += record["math"]
     lines.append(f"global model out: {_line_of(record['global_model'])}")
+    return lines
+
+
+def summary_lines(record: dict[str, Any]) -> list[str]:
+    """A summarised round's clients (``records.summary_json``): the counts;
+    the clients' weighted mean as Σ over groups by n_k, each group's N_g and
+    mean, then the sum written out to the mean; the top contributors; the
+    suspicious; the dropped, counted by reason."""
+    s = record["summary"]
+    lines = [f"{s['sampled']} clients sampled: {s['contributed']} contributed (N = {record['N']}), "
+             f"{s['dropped']} dropped"]
+    grouped = s["groups"]
+    if grouped is not None:
+        label = next(f.label for f in REPLY_FIELDS if f.name == grouped["field"])
+        lines.append(f"the clients' {label}s, averaged: Σ_k n_k/N · x_k = Σ_g N_g/N · x̄_g, the clients grouped "
+                     f"by n_k (N_g = Σ n_k, x̄_g = Σ n_k/N_g · x_k in group g):")
+        groups = grouped["groups"]
+        for g in groups:
+            lines.append(f"  n_k {g['n_k_from']}–{g['n_k_to']}: {g['clients']} clients, N_g = {g['N']}, "
+                         f"x̄_g: {_model(g['mean'])}")
+        means = [[*weights_of(g["mean"]), g["mean"]["b"]] for g in groups]
+        whole = [*weights_of(grouped["mean"]), grouped["mean"]["b"]]
+        for j, name in enumerate(names(len(whole))):
+            # every group's term: there are at most log2(10¹²) = 40 of them, and the sum is the lesson
+            lines.append("  " + explain_weighted_sum(name, [g["N"] for g in groups], [m[j] for m in means], whole[j],
+                                                     shown=len(groups)))
+    if s["top"]:
+        lines.append(f"the {len(s['top'])} largest weights n_k/N:")
+        for p in s["top"]:
+            sent = [f.kind.text(f.label, p[f.name]) for f in REPLY_FIELDS if f.name in p]
+            lines.append(f"  {p['client_id']}  n_k={p['data_size']}  n_k/N={fmt(p['weight'])}  {'  '.join(sent)}")
+    for x in record.get("suspicious", [])[:TRACE_TERMS]:
+        lines.append(f"{x['client_id']}  SUSPICIOUS: its update's norm {fmt(x['update_norm'])} is "
+                     f"{x['ratio']:.3g}× the others' median")
+    if len(record.get("suspicious", [])) > TRACE_TERMS:
+        lines.append(f"… and {len(record['suspicious']) - TRACE_TERMS} more suspicious")
+    for d in s["dropped_by_reason"]:
+        lines.append(f"{d['clients']} client(s) DROPPED from this round: {d['reason']}")
+    if record["dropped"]:
+        more = s["dropped"] - len(record["dropped"])
+        lines.append(f"dropped first: {', '.join(d['client_id'] for d in record['dropped'])}"
+                     + (f" and {more} more (all in this round's clients.csv)" if more else ""))
     return lines
 
 

@@ -9,6 +9,7 @@ from fedavg.spec import object_schema
 from fedavg.strategies import REPLY_FIELDS, STRATEGIES
 
 from .privacy_settings import AdaptiveClipping, DPSettings, SecAggSettings
+from .records import SUMMARY_ABOVE
 from .settings import MODEL_AVERAGING, start_params
 
 # Every setting's schema comes from its declaration (fedavg.spec.Param): the
@@ -85,7 +86,30 @@ def server_document(num_clients: int) -> dict[str, Any]:
                                              "that had a share of the noise), noise_shares_in_sum and "
                                              "server_noise_share (the shares the server added for those "
                                              "lost)"},
+                                 "summary": ref("RoundSummary"),
                                  "federated_loss": {"type": "number", "nullable": True}}},
+        "RoundSummary": {
+            "type": "object", "description": f"a round of more than {SUMMARY_ABOVE} participants: its record lists "
+                                             "no participant and no term and names only the first few dropped; "
+                                             "every client is in GET /runs/{run_id}/rounds/{round}/clients.csv",
+            "required": ["sampled", "contributed", "dropped", "dropped_by_reason", "sums", "groups", "top"],
+            "properties": {"sampled": {"type": "integer"}, "contributed": {"type": "integer"},
+                           "dropped": {"type": "integer"},
+                           "dropped_by_reason": {"type": "array", "items": {
+                               "type": "object", "required": ["reason", "clients"],
+                               "properties": {"reason": {"type": "string"}, "clients": {"type": "integer"}}}},
+                           "sums": {"type": "object", "description": "Σ_k n_k·x_k of each model-shaped field the "
+                                                                     "clients sent (the operator's)",
+                                    "additionalProperties": ref("Model")},
+                           "groups": {"type": "object", "nullable": True,
+                                      "description": "Σ_k n_k/N·x_k of the clients' update as Σ_g N_g/N·x̄_g, the "
+                                                     "clients grouped by n_k in powers of two (the means: the "
+                                                     "operator's)",
+                                      "properties": {"field": {"type": "string"}, "N": {"type": "integer"},
+                                                     "mean": {**ref("Model"), "nullable": True},
+                                                     "groups": {"type": "array", "items": {"type": "object"}}}},
+                           "top": {"type": "array", "description": "the participants of the largest weight n_k/N",
+                                   "items": ref("Participant")}}},
         "RunSummary": {"type": "object", "required": ["run_id", "status", "settings", "error", "final_model"],
                        "properties": {"run_id": {"type": "integer"}, "status": RUN_STATUS,
                                       "settings": {"type": "object"},
@@ -160,6 +184,16 @@ def server_document(num_clients: int) -> dict[str, Any]:
             "responses": {"200": {"description": "the run",
                                   "content": {"application/json": {"schema": ref("Run")},
                                               "text/csv": {"schema": {"type": "string"}}}},
+                          "400": ERRORS["400"], **NOT_FOUND, **UNAVAILABLE},
+        }},
+        "/runs/{run_id}/rounds/{round}/clients.csv": {"get": {
+            "summary": "Every client of one round, a CSV row each: client_id, url, n_k, weight (n_k/N), what its "
+                       "strategy's reply carries and its losses (shown to the operator, as in GET /runs/{run_id}), "
+                       "and dropped (why it was left out). The whole list of a round its record summarises.",
+            "parameters": RUN_ID + [{"name": "round", "in": "path", "required": True,
+                                     "schema": {"type": "integer", "minimum": 0}}],
+            "responses": {"200": {"description": "the round's clients",
+                                  "content": {"text/csv": {"schema": {"type": "string"}}}},
                           "400": ERRORS["400"], **NOT_FOUND, **UNAVAILABLE},
         }},
         "/runs": {"get": {"summary": "Every run, newest first, without rounds.",

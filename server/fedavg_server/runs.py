@@ -7,18 +7,24 @@ a store holds a lock on its file for as long as it is open.
 """
 from __future__ import annotations
 
+import csv
 import fcntl
+import io
 import json
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from .records import RoundRecord, round_json
+import numpy as np
+
+from fedavg.strategies import REPLY_FIELDS
+
+from .records import RoundRecord, clients_json, round_json
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -39,7 +45,18 @@ CREATE TABLE IF NOT EXISTS rounds (
     federated_loss REAL,           -- known one round later (or after the final /evaluate)
     PRIMARY KEY (run_id, round)
 );
+CREATE TABLE IF NOT EXISTS round_clients (
+    run_id  INTEGER NOT NULL,
+    round   INTEGER NOT NULL,
+    clients TEXT NOT NULL,  -- JSON {"participants", "dropped"}: a summarised round's every client
+    PRIMARY KEY (run_id, round)
+);
 """
+
+# The JSON that holds a round's every client (a summarised round's own row in
+# round_clients, else its record), for SQL over rounds r LEFT JOIN round_clients c.
+CLIENTS_OF = "COALESCE(c.clients, r.record)"
+WITH_CLIENTS = "rounds r LEFT JOIN round_clients c ON c.run_id = r.run_id AND c.round = r.round"
 
 
 # A run's row and how many rounds it has completed, without reading them.
@@ -155,10 +172,14 @@ class RunStore:
         return the round as stored (what the API and the log show)."""
         record = round_json(rec)
         body = {k: v for k, v in record.items() if k != "federated_loss"}
+        clients = clients_json(rec)
         with self._using(write=True), self._db:
             self._db.execute("BEGIN")
             self._db.execute("INSERT INTO rounds (run_id, round, record, federated_loss) VALUES (?, ?, ?, ?)",
                              (run_id, record["round"], json.dumps(body), record.get("federated_loss")))
+            if clients is not None:
+                self._db.execute("INSERT INTO round_clients (run_id, round, clients) VALUES (?, ?, ?)",
+                                 (run_id, record["round"], json.dumps(clients)))
             self._db.execute("UPDATE runs SET current_model = ? WHERE run_id = ?",
                              (json.dumps(record["global_model"]), run_id))
         return record
@@ -253,14 +274,14 @@ class RunStore:
         people = "json('[]')" if clients == () else (
             "(SELECT json_group_array(json_array(json_extract(p.value, '$.url'), "
             "json_extract(p.value, '$.client_id'), json_extract(p.value, '$.data_size'), "
-            f"{_first_weight('p.value', '$.local_model')})) FROM json_each(record, '$.participants') p{chosen})")
+            f"{_first_weight('p.value', '$.local_model')})) FROM json_each({CLIENTS_OF}, '$.participants') p{chosen})")
         model = "json_extract(record, '$.global_model')" if vectors else _first_weight("record", "$.global_model")
         rows = self._read(
-            "SELECT round, federated_loss, json_array(json_extract(record, '$.strategy'), "
+            "SELECT r.round, r.federated_loss, json_array(json_extract(record, '$.strategy'), "
             f"json_array_length(record, '$.global_model.w'), {model}, "
             f"{_first_weight('record', '$.global_model_in')}, {people}) "
-            "AS picked FROM rounds WHERE run_id = ? AND round > ? AND "
-            f"(round % ? = 0 OR round IN ({', '.join('?' * len(keep)) or 'NULL'})) ORDER BY round LIMIT ?",
+            f"AS picked FROM {WITH_CLIENTS} WHERE r.run_id = ? AND r.round > ? AND "
+            f"(r.round % ? = 0 OR r.round IN ({', '.join('?' * len(keep)) or 'NULL'})) ORDER BY r.round LIMIT ?",
             (*(clients or ()), run_id, since, max(every, 1), *keep, -1 if limit is None else limit))
         out = []
         for row in rows:
@@ -282,11 +303,11 @@ class RunStore:
             if upto is None or upto <= since:
                 return since, [], []
             counted = []
-            for part, extra in (("participants", ""), ("dropped", ", json_extract(c.value, '$.reason') AS reason")):
+            for part, extra in (("participants", ""), ("dropped", ", json_extract(e.value, '$.reason') AS reason")):
                 counted.append(self._db.execute(
-                    "SELECT json_extract(c.value, '$.url') AS url, MAX(r.round), "
-                    f"json_extract(c.value, '$.client_id') AS client_id{extra}, "
-                    f"COUNT(*) AS rounds FROM rounds r, json_each(r.record, '$.{part}') c "
+                    "SELECT json_extract(e.value, '$.url') AS url, MAX(r.round), "
+                    f"json_extract(e.value, '$.client_id') AS client_id{extra}, "
+                    f"COUNT(*) AS rounds FROM {WITH_CLIENTS}, json_each({CLIENTS_OF}, '$.{part}') e "
                     "WHERE r.run_id = ? AND r.round > ? AND r.round <= ? GROUP BY url",
                     (run_id, since, upto)).fetchall())
         return upto, counted[0], counted[1]
@@ -298,9 +319,20 @@ class RunStore:
         rows = self._read(
             "SELECT json_extract(p.value, '$.url') AS url, MAX(r.round), "
             "json_extract(p.value, '$.client_id') AS client_id, "
-            "json_extract(p.value, '$.data_size') AS data_size FROM rounds r, json_each(r.record, '$.participants') p "
-            "WHERE r.run_id = ? GROUP BY url", (run_id,))
+            f"json_extract(p.value, '$.data_size') AS data_size FROM {WITH_CLIENTS}, "
+            f"json_each({CLIENTS_OF}, '$.participants') p WHERE r.run_id = ? GROUP BY url", (run_id,))
         return {r["url"]: {"client_id": r["client_id"], "data_size": r["data_size"]} for r in rows}
+
+    def round_with_clients(self, run_id: int, round_no: int) -> dict[str, Any] | None:
+        """Round ``round_no``'s record with its every participant and dropped
+        client (a summarised round's from round_clients), or None."""
+        if not (0 <= run_id < 2**63 and 0 <= round_no < 2**63):
+            return None
+        rows = self._read(f"SELECT r.record, r.federated_loss, c.clients FROM {WITH_CLIENTS} "
+                          "WHERE r.run_id = ? AND r.round = ?", (run_id, round_no))
+        if not rows:
+            return None
+        return _round_of(rows[0]) | (json.loads(rows[0]["clients"]) if rows[0]["clients"] else {})
 
     def _read(self, sql: str, args: tuple[Any, ...]) -> list[sqlite3.Row]:
         with self._using():
@@ -381,13 +413,8 @@ def run_to_csv(run: dict[str, Any]) -> str:
     return "".join(csv_lines(run["rounds"]))
 
 
-def csv_lines(rounds: Iterable[dict[str, Any]]) -> Iterator[str]:
-    """One row per round: round, N, the global w (w or w1..wd) and b,
-    federated loss, participants and dropped clients (';'-separated, each as
-    name and URL), a line at a time, so a long run streams."""
-    import csv
-    import io
-
+def _csv_line() -> Callable[[list[Any]], str]:
+    """A function writing one CSV row as a line of text."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
 
@@ -396,7 +423,15 @@ def csv_lines(rounds: Iterable[dict[str, Any]]) -> Iterator[str]:
         out.truncate()
         writer.writerow(row)
         return out.getvalue()
+    return line
 
+
+def csv_lines(rounds: Iterable[dict[str, Any]]) -> Iterator[str]:
+    """One row per round: round, N, the global w (w or w1..wd) and b,
+    federated loss, participants and dropped clients (';'-separated, each as
+    name and URL; a summarised round's as a count), a line at a time, so a
+    long run streams."""
+    line = _csv_line()
     w_cols = None
     for r in rounds:
         w = r["global_model"]["w"]
@@ -405,10 +440,53 @@ def csv_lines(rounds: Iterable[dict[str, Any]]) -> Iterator[str]:
             yield line(["round", "N", *w_cols, "b", "federated_loss", "participants", "dropped"])
         yield line([r["round"], r["N"], *(w if isinstance(w, list) else [w]), r["global_model"]["b"],
                     "" if r["federated_loss"] is None else r["federated_loss"],
-                    _cell(";".join(_who(p) for p in r["participants"])),
-                    _cell(";".join(_who(x) for x in r["dropped"]))])
+                    *_who_took_part(r)])
     if w_cols is None:
         yield line(["round", "N", "w", "b", "federated_loss", "participants", "dropped"])
+
+
+def _who_took_part(r: dict[str, Any]) -> list[str]:
+    """The participants' and the dropped clients' cells of a round's row."""
+    if "summary" in r:  # 10,000 names in a cell help nobody: the count, and where the names are
+        where = f"(its clients.csv: GET /runs/<id>/rounds/{r['round']}/clients.csv)"
+        return [f"{r['summary']['contributed']} clients {where}", f"{r['summary']['dropped']} clients {where}"]
+    return [_cell(";".join(_who(p) for p in r["participants"])), _cell(";".join(_who(x) for x in r["dropped"]))]
+
+
+def client_csv_lines(record: dict[str, Any]) -> Iterator[str]:
+    """One row per client of a round (``RunStore.round_with_clients``, as
+    the reader may read it): client_id, url, n_k, weight n_k/N, each field
+    its strategy declares (a model-shaped one as .w or .w1…wd and .b, least
+    squares' sums as JSON), its losses (and clip bit), then "dropped": the
+    reason a dropped client was left out (its numbers empty), a line at a time."""
+    line = _csv_line()
+    ps, N = record["participants"], record["N"]
+    first = ps[0] if ps else {}
+    fields = [f for f in REPLY_FIELDS if f.name in first]
+    heads, cells = [], []
+    for f in fields:
+        if f.kind.name == "model":
+            d = len(np.atleast_1d(first[f.name]["w"]))
+            ws = ["w"] if d == 1 else [f"w{j + 1}" for j in range(d)]
+            heads += [f"{f.name}.{c}" for c in (*ws, "b")]
+            cells.append(lambda v: [*np.atleast_1d(v["w"]).tolist(), v["b"]])
+        elif f.kind.name == "stats":
+            heads += [f"{f.name}.xtx", f"{f.name}.xty"]
+            cells.append(lambda v: [json.dumps(v["xtx"]), json.dumps(v["xty"])])
+        else:
+            heads.append(f.name)
+            cells.append(lambda v: [v])
+    metrics = list((first.get("metrics") or {}).keys())
+    yield line(["client_id", "url", "n_k", "weight", *heads, *metrics, "dropped"])
+    for p in ps:
+        n = p["data_size"]
+        got = p.get("metrics") or {}
+        yield line([_cell(p["client_id"]), _cell(p["url"]), "" if n is None else n, "" if n is None else n / N,
+                    *(c for f, cell in zip(fields, cells) for c in cell(p[f.name])),
+                    *(got.get(m, "") for m in metrics), ""])
+    blank = [""] * (2 + len(heads) + len(metrics))
+    for x in record["dropped"]:
+        yield line([_cell(x["client_id"]), _cell(x["url"]), *blank, _cell(x["reason"])])
 
 
 def _who(client: dict[str, Any]) -> str:

@@ -298,8 +298,9 @@ function roundRowCells(r) {
     el("th", { scope: "row" }, el("button", { type: "button", class: "link", dataset: { round: r.round },
                                               "aria-label": `Show round ${r.round}`, text: r.round })),
     num(String(r.N)),
-    num(String(r.participants.length)),
-    num(String(r.dropped.length)),
+    // (a round of more than 100 clients lists none: its summary counts them)
+    num(String(r.summary ? r.summary.contributed : r.participants.length)),
+    num(String(r.summary ? r.summary.dropped : r.dropped.length)),
     num(fmtW(r.global_model.w), "w"),
     num(fmt(r.global_model.b), "b"),
     num(r.federated_loss == null ? "–" : fmt(r.federated_loss), "federated_loss"),

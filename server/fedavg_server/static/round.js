@@ -87,6 +87,58 @@ function clientTable(r) {
   return table;
 }
 
+// A round of more than 100 clients (records.SUMMARY_ABOVE): its record counts them, and the page shows
+// the counts, the mean by groups of n_k, the largest weights and a link to every client's row (CSV).
+function summaryParts(r, runId) {
+  const s = r.summary;
+  const csv = `/runs/${runId}/rounds/${r.round}/clients.csv`;
+  const parts = [el("p", { id: "summary-counts" },
+    el("span", { dataset: { field: "counts" },
+                 text: `${s.sampled} clients sampled: ${s.contributed} contributed (N = ${r.N}), ` +
+                       `${s.dropped} dropped. ` }),
+    "Too many to list here: ", el("a", { id: "clients-csv", href: csv, download: "", text: "every client's row (CSV)" }),
+    ".")];
+  const g = s.groups;
+  if (g) {
+    const mean = (m, key) => (m ? (key === "w" ? fmtW(m.w) : fmt(m.b)) : "–");
+    parts.push(el("table", { id: "groups" },
+      el("caption", { text: `The clients' ${g.field} averaged, Σ n_k/N · x_k, as a sum over groups of n_k: ` +
+                            "Σ N_g/N · x̄_g (N_g = Σ n_k in the group, x̄_g its own weighted mean)." }),
+      el("thead", {}, el("tr", {}, ...["n_k", "clients", "N_g", "N_g/N", "x̄_g (w)", "x̄_g (b)"].map((h) =>
+        el("th", { scope: "col", text: h })))),
+      el("tbody", {}, ...g.groups.map((x) => el("tr", { dataset: { group: x.n_k_from } },
+        el("th", { scope: "row", text: `${x.n_k_from}–${x.n_k_to}` }), num(String(x.clients), "clients"),
+        num(String(x.N), "N_g"), num(fmt(x.N / g.N), "share"), num(mean(x.mean, "w"), "w"),
+        num(mean(x.mean, "b"), "b")))),
+      el("tfoot", {}, el("tr", {}, el("th", { scope: "row", text: "Σ" }),
+        num(String(s.contributed)), num(String(g.N), "N"), num(""), num(mean(g.mean, "w"), "mean_w"),
+        num(mean(g.mean, "b"), "mean_b")))));
+  }
+  if (s.top.length) {
+    const cols = clientColumns({ participants: s.top });
+    parts.push(el("table", { id: "top" },
+      el("caption", { text: `The ${s.top.length} largest weights n_k/N of the round.` }),
+      el("thead", {}, el("tr", {}, ...["Client", "n_k", "n_k/N", ...cols.map((c) => c.head)].map((h) =>
+        el("th", { scope: "col", text: h })))),
+      el("tbody", {}, ...s.top.map((p) => el("tr", { dataset: { client: p.client_id } },
+        el("th", { scope: "row", title: p.url, text: p.client_id }), num(String(p.data_size), "n_k"),
+        num(fmt(p.weight), "weight"), ...cols.map((c) => num(c.cell(p), c.field)))))));
+  }
+  return parts;
+}
+
+// A summarised round's dropped clients: counted by reason, the first few named.
+function droppedSummary(r) {
+  const s = r.summary;
+  return [el("h3", { text: `Dropped from round ${r.round}: ${s.dropped} clients` }),
+    el("ul", { id: "dropped-by-reason" }, ...s.dropped_by_reason.map((x) =>
+      el("li", {}, el("strong", { dataset: { field: "clients" }, text: String(x.clients) }), " clients: ",
+        el("span", { dataset: { field: "reason" }, text: x.reason })))),
+    el("p", { id: "dropped-first" }, `The first ${r.dropped.length}: `,
+      r.dropped.map((x) => x.client_id).join(", "),
+      s.dropped > r.dropped.length ? ` and ${s.dropped - r.dropped.length} more (in the CSV).` : ".")];
+}
+
 // The strategy's state after the round (SCAFFOLD's c, FedAdam's m and v, …): [w..., b] each.
 function serverStateTable(r) {
   const keys = Object.keys(r.server_state);
@@ -112,10 +164,10 @@ function paintMath(snap) {
       "No round to show yet: start a run, or pick one." }));
     return;
   }
-  box.replaceChildren(...mathParts(r));
+  box.replaceChildren(...mathParts(r, snap.run ? snap.run.run_id : null));
 }
 
-function mathParts(r) {
+function mathParts(r, runId) {
   const d = asList(r.global_model.w).length;
   const strategy = r.strategy || "fedavg";  // rounds stored before strategies were FedAvg's
   // The strategy's computation as the server wrote it in its log (the record's "math").
@@ -128,7 +180,7 @@ function mathParts(r) {
       el("code", { dataset: { field: "summary" }, text: strategySummary(strategy) })),
     el("p", {}, "Global model in (W", el("sub", { text: "t" }), "): ",
       el("code", { dataset: { field: "model_in" }, text: inModel ? `w=${fmtW(inModel.w)} b=${fmt(inModel.b)}` : "–" })),
-    clientTable(r),
+    ...(r.summary ? summaryParts(r, runId) : [clientTable(r)]),
     el("pre", { class: "formula", id: "average-lines", "aria-label": `The computation of ${strategy}, written out` },
       lines.join("\n")),
   ];
@@ -149,7 +201,9 @@ function mathParts(r) {
         el("li", { dataset: { client: x.client_id } }, el("strong", { text: x.client_id }),
           `: its update's norm ${fmt(x.update_norm)} is ${x.ratio.toPrecision(3)}× the others' median`))));
   }
-  if (r.dropped.length) {
+  if (r.summary && r.summary.dropped) {
+    parts.push(...droppedSummary(r));
+  } else if (r.dropped.length) {
     parts.push(el("h3", { text: `Dropped from round ${r.round}` }),
       el("ul", { id: "dropped" }, ...r.dropped.map((x) => el("li", { dataset: { client: x.client_id } },
         el("strong", { text: x.client_id }), x.client_id !== x.url ? ` (${x.url})` : "", ": ",
