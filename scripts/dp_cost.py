@@ -45,7 +45,8 @@ def body(args: argparse.Namespace) -> dict:
 
 def summary(args: argparse.Namespace, rounds: list[dict], took: float, calls: dict, how: str) -> None:
     ms = [r["duration_s"] * 1e3 for r in rounds]
-    clients = [len(r["participants"]) for r in rounds]
+    # (a round of more than 100 clients is recorded as a summary, which counts them)
+    clients = [r["summary"]["contributed"] if r.get("summary") else len(r["participants"]) for r in rounds]
     print(f"K={args.population:,}, q={args.fraction:g} (M={args.population * args.fraction:,.0f}), "
           + ("no DP (FedAvg)" if args.no_dp else f"σ={args.sigma:g}, S={args.clip:g}"
              f"{', local noise' if args.local_noise else ''}") + f", {args.rounds} rounds {how}")

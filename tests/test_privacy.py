@@ -699,6 +699,43 @@ def test_a_dp_run_writes_nothing_of_any_one_client(servers, caplog, batched):
     assert wire.batches == (5 if batched else 0)
 
 
+def test_a_summarised_dp_round_writes_nothing_of_any_one_client(servers, caplog, batched):
+    """150 clients, all sampled (past the 100 a record lists one by one: the round is written as a
+    summary), σ = 0.25, S = 10, 2 rounds, on both paths: no client's local model, loss_before or
+    loss_after as the wire shows them is in the SQLite file, the API or the server's log, in any of
+    three formats (two for a loss: see below); the summary sums no model field and groups none, and
+    its top contributors carry their names, URLs, n_k and weights n_k/N only (n_k their /health
+    publishes)."""
+    caplog.set_level(logging.INFO)
+    fed, wire = wired(servers, make_clients("iid", 150, 4), batched=batched)
+    run = fed.run(rounds=2, dp={"noise_multiplier": 0.25, "clip": 10.0})
+    assert run["status"] == "completed", run["error"]
+    status, api = fed.get(f"/runs/{run['run_id']}")
+    assert status == 200
+    log = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith("fedavg.client"))
+    stored, served = stored_text(fed.app.config["DB"]), json.dumps(api)
+    models, losses = [], []
+    for record in api["rounds"]:
+        assert record["participants"] == [] and record["terms"] == []
+        summary = record["summary"]
+        assert summary["contributed"] == 150 and summary["sums"] == {} and summary["groups"] is None
+        assert all(set(p) == {"client_id", "url", "data_size", "weight"} for p in summary["top"])
+        sent = wire.sent[record["round"]]
+        assert len(sent) == 150
+        for _, _, reply in sent:
+            models += coordinates(reply["local_model"])
+            losses += [reply["metrics"]["loss_before"], reply["metrics"]["loss_after"]]
+    # A loss near 0.01 written to 6 decimals has 4 digits: one of 600 of them would now and then be
+    # the federated loss (their aggregate, which is written) to 6 decimals. 7 digits at least.
+    formats = [[repr(x), f"{x:.6f}", f"{x:.6e}"] for x in models] + [[repr(x), f"{x:.6e}"] for x in losses]
+    for where, text in (("stored", stored), ("served", served), ("logged", log)):
+        assert [f for fs in formats for f in fs if written(f, text)] == [], where
+    if not batched:  # the clients' own log writes their models: the search finds what it looks for
+        own = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("fedavg.client"))
+        assert sum(any(written(f, own) for f in fs) for fs in formats) >= 2 * 150 * 2  # each W_k's w and b
+    assert wire.batches == (2 if batched else 0)
+
+
 def test_a_dp_round_recorded_with_each_client_s_numbers_is_read_back_without_them(servers, tmp_path):
     """A history written before DP runs kept each client's numbers out (the
     round as 8ca91f9 stored it: local models, losses, clip bits, terms, each
