@@ -490,6 +490,35 @@ def test_clients_lost_from_a_round_leave_the_release_its_full_noise(servers):
         == {"sampled": 4, "noise_shares_in_sum": 2, "server_noise_share": 0.5}
 
 
+def test_a_host_lost_from_a_round_leaves_the_release_its_full_noise(servers):
+    """The batched path of the test above: the four clients on two client hosts, the second host's
+    /batch/train refused every round (its two clients dropped, each named with their host's reason):
+    the first host's two rows bring their shares σ²S²/4, the server adds the other half, and the
+    release's noise is σ·S/M (5000 draws, within 5%; the clean part from the two clients'
+    plain-Python local GD, clipped)."""
+    sigma, bound, rounds, m = 1.0, 0.2, 500, 4.0
+    kept, gone = "http://127.0.0.1:6000", "http://127.0.0.1:6100"
+    clients = wide_clients(FOUR_WIDE)
+    one, two = create_host_app(clients[:2]), create_host_app(clients[2:])
+    wire = Wire({**{f"{kept}/clients/{k}": one for k in (1, 2)}, **{f"{gone}/clients/{k}": two for k in (1, 2)}})
+    wire.lost = {f"{gone}/batch/train": ""}
+    run = servers(wire).run(rounds=rounds, dp={"noise_multiplier": sigma, "clip": bound, "local_noise": True})
+    assert run["status"] == "completed", run["error"]
+    noise = []
+    for record in run["rounds"]:
+        assert [(d["url"], d["reason"]) for d in record["dropped"]] == [
+            (f"{gone}/clients/{k}", f"its host's {gone}/batch/train: cannot connect: connection refused (the "
+                                    "client is gone)") for k in (1, 2)]
+        theta_t = coordinates(record["global_model_in"])
+        clean = released_without_noise(theta_t, wide_updates(FOUR_WIDE[:2], theta_t), bound, m)
+        noise += [got - want for got, want in zip(coordinates(record["global_model"]), clean)]
+    assert len(noise) == 5000
+    assert statistics.pstdev(noise) == pytest.approx(sigma * bound / m, rel=0.05)
+    assert {k: run["rounds"][-1]["privacy"][k] for k in ("sampled", "noise_shares_in_sum", "server_noise_share")} \
+        == {"sampled": 4, "noise_shares_in_sum": 2, "server_noise_share": 0.5}
+    assert wire.batches == rounds  # the kept host's, one a round
+
+
 def test_under_secure_aggregation_a_client_lost_before_its_masked_input_is_topped_up(servers):
     """secagg with local_noise, three clients with 9 features (t = 2), the
     third gone at /secagg/masked every round: the sum the server unmasks
