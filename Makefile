@@ -34,8 +34,9 @@ $(TOOLS)/poetry/bin/poetry:
 	$(POETRY) install --no-interaction --compile
 	touch $@
 
+# `make run-all ARGS="--server-port 5050"`: any of run_all.py's flags (--help lists them).
 run-all: install
-	$(PYTHON) scripts/run_all.py
+	$(PYTHON) scripts/run_all.py $(ARGS)
 
 demo: install
 	cd server && $(POETRY) run python ../scripts/demo.py

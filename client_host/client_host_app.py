@@ -7,11 +7,23 @@ import logging
 import sys
 from pathlib import Path
 
-from fedavg import tls_files
-from fedavg.http.host_app import create_host_app
-from fedavg.http.service import add_server_name, base_url, cli, configure_logging, serve, shared_token, tls_from_args
-from fedavg.population import POPULATION_SCENARIOS, Population
-from fedavg.scenarios import ATTACKERS, ATTACKS, NOISE, SCENARIOS, make_clients
+try:
+    from fedavg import tls_files
+    from fedavg.dropout import Dropout
+    from fedavg.http.host_app import create_host_app
+    from fedavg.http.service import (
+        add_server_name,
+        base_url,
+        cli,
+        configure_logging,
+        serve,
+        shared_token,
+        tls_from_args,
+    )
+    from fedavg.population import POPULATION_SCENARIOS, Population
+    from fedavg.scenarios import ATTACKERS, ATTACKS, NOISE, SCENARIOS, make_clients
+except ModuleNotFoundError as e:  # a python without the app's Poetry environment: say how to run it
+    raise SystemExit(f"error: no module {e.name}; run: {__doc__.split('Run: ')[1].splitlines()[0]}") from None
 
 # What generated each scenario's data, in one line (fedavg/scenarios.py has
 # the code); shown at start and in the host's /health "scenario".
@@ -46,6 +58,15 @@ if __name__ == "__main__":
     parser.add_argument("--attack", choices=ATTACKS,
                         help="for --scenario byzantine: what they send (default huge): "
                              + "; ".join(f"{name}: {what}" for name, what in ATTACKS.items()))
+    parser.add_argument("--dropout", type=float, default=0.0, metavar="P",
+                        help="each client drops out of each round with probability P, drawn from (--seed, the "
+                             "round, the client): no result on either path (default 0)")
+    parser.add_argument("--stragglers", type=float, default=0.0, metavar="P",
+                        help="each client straggles in each round with probability P: it takes --straggle-s "
+                             "seconds more (default 0)")
+    parser.add_argument("--straggle-s", type=float, default=0.0, metavar="S",
+                        help="how much longer a straggler takes: /train really waits, /batch/train reports it "
+                             "timed out when S reaches the server's deadline (default 0)")
     add_server_name(parser)
     args = parser.parse_args()
     if args.scenario != "byzantine" and (args.attackers is not None or args.attack is not None):
@@ -64,6 +85,7 @@ if __name__ == "__main__":
     csv = args.csv.resolve() if args.csv else None  # errors then name the file in full
     try:
         token = shared_token()
+        dropout = Dropout(args.dropout, args.seed, args.stragglers, args.straggle_s)
         if args.population is None:
             clients, population = make_clients(args.scenario, 10 if args.clients is None else args.clients,
                                                args.seed, args.samples, csv, attackers, attack), None
@@ -80,9 +102,12 @@ if __name__ == "__main__":
     rows = sum(len(c.y) for c in clients) if population is None else int(population.sizes.sum())
     if population is not None:
         about += "; a population (its own draw)"
+    if dropout.describe():
+        about += f"; simulated {dropout.describe()}"
     app = create_host_app(clients, token, f"{args.scenario}: {about}; K={k}, seed={args.seed}",
                           server_name=args.server_name if tls else None,
-                          owner_name=tls_files.own_name(tls.cert) if tls else None, population=population)
+                          owner_name=tls_files.own_name(tls.cert) if tls else None, population=population,
+                          dropout=dropout if dropout.describe() else None)
     base = base_url(args.host, args.port, tls)
     served = (f"\nclient host: each client answers /train, /evaluate and /secagg/* only to a caller whose "
               f"certificate names {args.server_name!r}") if tls else ""

@@ -44,6 +44,7 @@ from flask.testing import FlaskClient
 
 from fedavg import theory
 from fedavg.scenarios import ATTACKERS, ATTACKS, DIABETES_LR, SCENARIOS, honest, make_clients
+from fedavg.trace import fmt_line
 from labs import close, default_jobs, federation, processes, spread
 
 ALL_STRATEGIES = ("fedavg", "fedsgd", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
@@ -53,6 +54,10 @@ DEFAULT_LR = {"diabetes": DIABETES_LR}  # any other scenario: the server's 0.01
 # log scale: a distance of exactly 0 (or below double precision around θ*'s
 # size) is drawn at this floor instead of falling off the chart
 FLOOR = 1e-16
+# A strategy that ends closer to θ* than this has reached it to machine precision (exact's
+# 1e-15 is rounding): it is drawn along the axis' bottom, labelled "0 to machine precision",
+# and the axis spans the other strategies' decades, not sixteen of them.
+PRECISION = 1e-10
 MARKERS = "osD^vxP*<>"
 # mean is the server's default (FedAvg's weighted average): a mean row sends no
 # "aggregator" field, the others send theirs.
@@ -229,17 +234,12 @@ def predict_fedavg(data: list[tuple[np.ndarray, np.ndarray]], lr: float, epochs:
     return {**out, "theta": point.tolist(), "distance": float(np.linalg.norm(point - optimum)), "error": None}
 
 
-def fmt_big(value: float) -> str:
-    """6 decimals, or 6 significant digits and an exponent for a model an attack blew up."""
-    return f"{value:.6f}" if abs(value) < 1e7 else f"{value:.6e}"
-
-
 def fmt_model(model: dict[str, Any] | None) -> str:
     if model is None:
         return "-"
     w = np.atleast_1d(np.asarray(model["w"], dtype=float))
     if len(w) == 1:
-        return f"y = {fmt_big(w[0])}·x + {fmt_big(model['b'])}"
+        return fmt_line(w, model["b"])
     shown = ", ".join(f"{v:.4f}" for v in w[:3]) + (f", … ({len(w)})" if len(w) > 3 else "")
     return f"w = [{shown}], b = {model['b']:.4f}"
 
@@ -289,21 +289,24 @@ def chart(results: list[dict[str, Any]], prediction: dict[str, Any], title: str,
     FigureCanvasAgg(fig)  # the Agg canvas: no GUI backend, no pyplot (as server/fedavg_server/plots.py)
     ax = fig.subplots()
     ran = [r for r in results if r.get("distances")]
+    floor, exact = axis_floor(ran, prediction["distance"])
     for k, r in enumerate(ran):
-        ys = np.maximum(np.array(r["distances"], dtype=float), FLOOR)  # None (not finite) → NaN: a gap
+        ys = np.maximum(np.array(r["distances"], dtype=float), floor)  # None (not finite) → NaN: a gap
         xs = np.arange(1, len(ys) + 1)
         # Strategies that agree draw on top of each other: a marker of its
         # own every few rounds, staggered, keeps each one visible.
         every = max(1, len(ys) // 10)
         ax.plot(xs, ys, color=f"C{k % 10}", linewidth=1.5, marker=MARKERS[k % len(MARKERS)], markersize=5,
                 markevery=(k * every // max(len(ran), 1), every), gid=f"strategy-{r['label']}",
-                label=r["label"] + ("" if r["ok"] else f" ({r['status']})"))
+                label=r["label"] + ("" if r["ok"] else f" ({r['status']})")
+                + (" (0 to machine precision)" if r["label"] in exact else ""))
     if prediction["distance"] is not None:
-        ax.axhline(max(prediction["distance"], FLOOR), color="black", linestyle="--", linewidth=1,
+        ax.axhline(max(prediction["distance"], floor), color="black", linestyle="--", linewidth=1,
                    gid="fedavg-fixed-point",
                    label=f"FedAvg's predicted stop{without} (lr={prediction['lr']:g}, "
                          f"E={prediction['local_epochs']})")
     ax.set_yscale("log")
+    ax.set_ylim(bottom=floor / 2)
     # Plain numbers (2, 0.5, 1e-05) rather than 2×10⁰ when the range spans less than a decade.
     ax.yaxis.set_major_formatter(LogFormatter())
     ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
@@ -320,6 +323,19 @@ def chart(results: list[dict[str, Any]], prediction: dict[str, Any], title: str,
         for handle, entry in zip(handles, legend.get_lines()):
             entry.set_gid(f"legend-{handle.get_gid()}")
     return fig
+
+
+def axis_floor(ran: list[dict[str, Any]], predicted: float | None) -> tuple[float, set[str]]:
+    """The log axis' bottom, and the labels of the strategies that end within PRECISION of θ*
+    (drawn along it). The bottom: a tenth of the smallest distance anything else reaches (the
+    other strategies' rounds, FedAvg's predicted stop), or FLOOR when nothing else is drawn."""
+    def final(r: dict[str, Any]) -> float:
+        finite = [d for d in r["distances"] if d is not None and math.isfinite(d)]
+        return finite[-1] if finite else math.inf
+    exact = {r["label"] for r in ran if final(r) < PRECISION}
+    rest = [d for r in ran if r["label"] not in exact for d in r["distances"] if d is not None and d > 0]
+    rest += [predicted] if predicted else []
+    return (min(rest) / 10 if rest else FLOOR), exact
 
 
 def save_chart(fig: Any, png: Path, svg: Path, side_by_side: bool = False) -> None:

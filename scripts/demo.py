@@ -13,8 +13,8 @@ import numpy as np
 
 from fedavg.data import load_csv
 from fedavg.theory import fedavg_fixed_point, pooled_optimum
-from fedavg.trace import fmt
-from launcher import ROOT, post_json, start_federation, stop
+from fedavg.trace import fmt_line
+from launcher import DEFAULT_PORTS, ROOT, free_port, port_in_use, post_json, start_federation, stop, who_holds
 
 
 def seed_data() -> list[tuple[np.ndarray, np.ndarray]]:
@@ -24,17 +24,32 @@ def seed_data() -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def line(theta: np.ndarray) -> str:
-    w, b = theta[:-1], theta[-1]
-    return f"y = {fmt(w[0]) if len(w) == 1 else list(map(fmt, w))}·x + {fmt(b)}"
+    return fmt_line(theta[:-1], theta[-1])
+
+
+def ports() -> dict[str, int]:
+    """The README's ports, except any that something else holds: a one-shot
+    demo takes a free one instead, and says whose and which (`make run-all`,
+    which a user keeps running and points a browser at, refuses instead)."""
+    chosen = {}
+    for name, port in DEFAULT_PORTS.items():
+        chosen[name] = port
+        if port_in_use(port):
+            chosen[name] = free_port()
+            print(f"demo: port {port} ({name}) is in use by {who_holds(port)}: using {chosen[name]} instead",
+                  flush=True)
+    return chosen
 
 
 def main() -> int:
-    print("demo: starting client_1 (:5001), client_2 (:5002) and the server (:5000)…", flush=True)
+    use = ports()
+    print(f"demo: starting client_1 (:{use['client_1']}), client_2 (:{use['client_2']}) and the server "
+          f"(:{use['server']})…", flush=True)
     # A one-shot demo keeps its run history in a throwaway file: it shows run 1
     # every time and leaves the server's own history (instance/fedavg.db) alone.
     history = tempfile.TemporaryDirectory(prefix="fedavg-demo-")
     try:
-        apps = start_federation(server_args=["--db", f"{history.name}/runs.db"])
+        apps = start_federation(use, server_args=["--db", f"{history.name}/runs.db"])
     except RuntimeError as e:
         print(f"demo: could not start the apps: {e}", file=sys.stderr)
         return 1
@@ -52,9 +67,7 @@ def main() -> int:
         log = server.output()
         print(log[log.index(f"Run {run['run_id']}:"):].rstrip(), "\n", flush=True)
 
-        final = run["final_model"]
-        print(f"demo: final global model (FedAvg, {len(run['rounds'])} rounds): "
-              f"y = {fmt(final['w'])}·x + {fmt(final['b'])}")
+        print(f"demo: final global model (FedAvg, {len(run['rounds'])} rounds): {run['final_line']}")
         settings = run["settings"]
         data = seed_data()
         drifted = fedavg_fixed_point(data, settings["lr"], settings["local_epochs"])

@@ -84,6 +84,21 @@ def port_holders(port: int) -> list[tuple[int, str]]:
     return sorted(holders)
 
 
+def who_holds(port: int) -> str:
+    """Who listens on ``port``, for a message: "pid 123 (python3 server_app.py …)",
+    or, when we cannot see it (another user's process, not root), how to find it."""
+    holders = port_holders(port)
+    if not holders:
+        return f"a process this user cannot see (`sudo ss -ltnp 'sport = :{port}'` names it)"
+    return "; ".join(f"pid {pid} ({_short(cmd)})" for pid, cmd in holders)
+
+
+def _short(cmd: str, limit: int = 160) -> str:
+    """A command line on one line of a message."""
+    cmd = " ".join(cmd.split())
+    return cmd if len(cmd) <= limit else cmd[:limit - 1] + "…"
+
+
 def _fd_links(proc: Path) -> set[str]:
     """What each open file descriptor of a process points to; empty if we may
     not look (another user's process) or it has exited."""

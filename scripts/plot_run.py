@@ -1,13 +1,15 @@
 """Write a run's three charts as PNG files, for a report: the same charts the
 web page shows (fedavg_server.plots), drawn by matplotlib.
 
-    server/.venv/bin/python scripts/plot_run.py http://127.0.0.1:5000            # the latest run
+    server/.venv/bin/python scripts/plot_run.py http://127.0.0.1:5000            # the latest run, into plots-out/
     server/.venv/bin/python scripts/plot_run.py http://127.0.0.1:5000/runs/3     # run 3
     server/.venv/bin/python scripts/plot_run.py fedavg-run-3.json --out report/  # a downloaded run
 
 Runs in the server's environment (matplotlib, the fedavg_server package),
 called by its path so that the files land where you are (`poetry run`
-would run it in server/). It prints the path of every file it writes.
+would run it in server/): in plots-out/ unless --out says otherwise, a
+folder git ignores, so that a report's PNGs are never untracked files of
+the repository. It prints the path of every file it writes.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 TIMEOUT_S = 30
+DEFAULT_OUT = "plots-out"  # in .gitignore, as make compare's compare-out/ and make privacy's privacy-out/
 
 
 class SourceError(Exception):
@@ -86,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", help="a server URL (http://127.0.0.1:5000, or …/runs/ID) or a run's JSON file")
     parser.add_argument("--run", type=int, help="the run id on the server (default: the latest run)")
     parser.add_argument("--round", type=int, help="the round whose model lines to draw (default: the last)")
-    parser.add_argument("--out", type=Path, default=Path("."), help="the folder to write to (default: .)")
+    parser.add_argument("--out", type=Path, default=Path(DEFAULT_OUT),
+                        help=f"the folder to write to (default: {DEFAULT_OUT}, which git ignores)")
     args = parser.parse_args(argv)
     try:
         run = load_run(args.source, args.run)

@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 
-from launcher import DEFAULT_PORTS, port_holders, port_in_use, start_federation, stop
+from launcher import DEFAULT_PORTS, port_holders, port_in_use, start_federation, stop, who_holds
 
 _print_lock = threading.Lock()
 _stopping = False  # set by the first stop signal: later ones must not cut the stopping short
@@ -74,22 +74,11 @@ def ports_taken(ports: dict[str, int]) -> list[str]:
         if not port_in_use(port):
             continue
         flag = f"--{name.replace('_', '-')}-port"
-        holders = port_holders(port)
-        if holders:
-            who = "; ".join(f"pid {pid} ({_short(cmd)})" for pid, cmd in holders)
-            pids = " ".join(str(pid) for pid, _ in holders)
-            lines.append(f"port {port} ({name}) is already in use by {who}: stop it with `kill {pids}`, "
-                         f"or choose another port with {flag}")
-        else:  # bound but not listening, another user's process (not root), or another network namespace
-            lines.append(f"port {port} ({name}) is already in use by a process this user cannot see "
-                         f"(`sudo ss -ltnp 'sport = :{port}'` names it); stop it, or choose another port with {flag}")
+        pids = " ".join(str(pid) for pid, _ in port_holders(port))
+        way_out = f"stop it with `kill {pids}`, or" if pids else "stop it, or"
+        lines.append(f"port {port} ({name}) is already in use by {who_holds(port)}: {way_out} choose another port "
+                     f"with {flag} (make run-all ARGS=\"{flag} PORT\")")
     return lines
-
-
-def _short(cmd: str, limit: int = 160) -> str:
-    """A command line on one line of a message."""
-    cmd = " ".join(cmd.split())
-    return cmd if len(cmd) <= limit else cmd[:limit - 1] + "…"
 
 
 def main() -> int:
@@ -141,6 +130,8 @@ def main() -> int:
     finally:
         _stopping = True  # a signal now must not interrupt the stopping
         stop(list(apps.values()))
+        if apps:
+            echo(f"run-all: stopped {', '.join(apps)}: nothing of them is left running.")
 
 
 if __name__ == "__main__":

@@ -10,11 +10,14 @@ import time
 import urllib.error
 import urllib.request
 
-from fedavg.http.service import base_url, cli, configure_logging, serve, shared_token, tls_from_args
-from fedavg.tls_files import TLSFiles
-from fedavg_server import client_urls, create_app
-from fedavg_server.http_transport import caller_context
-from fedavg_server.runs import StoreError
+try:
+    from fedavg.http.service import base_url, cli, configure_logging, serve, shared_token, tls_from_args
+    from fedavg.tls_files import TLSFiles
+    from fedavg_server import client_urls, create_app
+    from fedavg_server.http_transport import caller_context
+    from fedavg_server.runs import StoreError
+except ModuleNotFoundError as e:  # a python without the app's Poetry environment: say how to run it
+    raise SystemExit(f"error: no module {e.name}; run: {__doc__.split('Run: ')[1].splitlines()[0]}") from None
 
 HOST_WAIT_S = 30  # how long --clients-from waits for the client host to answer
 

@@ -112,6 +112,19 @@ def seed_server(tmp_path_factory) -> Iterator[str]:
         launcher.stop(list(apps.values()))
 
 
+def run_from_host(host: Any, apps: list[Any], db: Path, body: dict[str, Any]) -> dict[str, Any]:
+    """A server process started with ``--clients-from`` the client host
+    ``host`` (added to ``apps``, which the caller stops) and the completed
+    run of the /start ``body`` (any other end fails the test)."""
+    import launcher
+    server = launcher.start_app("server", launcher.free_port(), ["--clients-from", host.url, "--db", str(db)])
+    apps.append(server)
+    launcher.wait_healthy(apps)
+    status, run = launcher.post_json(server.url + "/start", body)
+    assert status == 200 and run["status"] == "completed", run.get("error")
+    return run
+
+
 class Federated:
     """A server app over client apps in this process, driven through its own
     API (Flask's test client): what a real federation answers, without a socket."""

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fedavg.aggregation import weighted_average, weighted_loss_avg
-from fedavg.trace import TRACE_TERMS, explain_average, explain_weighted_sum, fmt
+from fedavg.trace import TRACE_TERMS, explain_average, explain_weighted_sum, fmt, fmt_line
 
 # --- the weighted average -------------------------------------------------------------
 
@@ -85,6 +85,15 @@ def test_explain_weighted_sum_prints_fmt_of_the_result():
     line = explain_weighted_sum("L", [1, 3], [2.0, 1e-5], 0.5000075)
     assert line == f"L = (1/4)·2.000000 + (3/4)·{fmt(1e-5)} = {fmt(0.5000075)}"
     assert fmt(1e-5) == "1.000000e-05" and fmt(12345678.0) == "1.234568e+07" and fmt(0) == "0.000000"
+
+
+def test_a_model_reads_as_an_equation_whatever_its_signs_and_size():
+    """Not "y = 2.789530·x + -1.374227", and not a hundred digits for a model that blew up."""
+    assert fmt_line([2.78953], -1.374227) == "y = 2.789530·x − 1.374227"
+    assert fmt_line(np.array([1.396271]), 0.787802) == "y = 1.396271·x + 0.787802"
+    assert fmt_line([-3.2e130], 4.5e6) == "y = -3.200000e+130·x + 4.500000e+06"
+    assert fmt_line([1.0, -2.0], -0.0) == "y = 1.000000·x1 − 2.000000·x2 − 0.000000"
+    assert fmt(999_999.0) == "999999.000000" and fmt(1e6) == "1.000000e+06" and fmt(-2.5e6) == "-2.500000e+06"
 
 
 def test_the_trace_of_1000_clients_stays_a_few_short_lines():

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import launcher
+from conftest import run_from_host
 from fedavg.batch_wire import batch_reply_json, parse_batch_reply
 from fedavg.http.host_app import create_host_app
 from fedavg.population import Population
@@ -382,12 +383,7 @@ def test_a_client_host_of_a_population_over_http(tmp_path):
     apps = [host]
     try:
         launcher.wait_healthy(apps)
-        server = launcher.start_app("server", launcher.free_port(), ["--clients-from", host.url, "--db",
-                                                                     str(tmp_path / "runs.db")])
-        apps.append(server)
-        launcher.wait_healthy(apps)
-        status, run = launcher.post_json(server.url + "/start", {"rounds": 2, "seed": 1})
-        assert status == 200 and run["status"] == "completed", run.get("error")
+        run = run_from_host(host, apps, tmp_path / "runs.db", {"rounds": 2, "seed": 1})
         assert [r["summary"]["contributed"] for r in run["rounds"]] == [300, 300]  # (> 100: a summary)
         assert launcher.get_json(host.url + "/health")["calls"] == {"batch_train": 2, "train": 0}
     finally:

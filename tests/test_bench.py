@@ -28,10 +28,11 @@ TLS_FIGURES = {"plain_round_ms", "tls_round_ms", "tls_round_ratio", "plain_round
 # What --quick measures (K up to 50, so no K=200/1000 figures).
 QUICK_FIGURES = {
     "train_ms", "train_bare_ms", "train_ratio", "train_local_train_ms", "train_mse_pass_ms", "train_ratio_loop",
-    "seed_round_ms", "noop_floor_ms", "round_overhead_ratio", "demo_start_ms",
+    "seed_round_ms", "noop_floor_ms", "round_overhead_ratio", "wave_floor_ms", "round_wave_ratio", "demo_start_ms",
     "rss_server_mb", "rss_client_1_mb", "rss_client_2_mb", "rss_seed_total_mb", "pss_seed_total_mb",
     "train_call_requests_ms", "train_call_urllib3_ms", "train_call_ratio",
     "seed_round_ms_werkzeug", "noop_floor_ms_werkzeug", "round_overhead_ratio_werkzeug",
+    "wave_floor_ms_werkzeug", "round_wave_ratio_werkzeug",
     "round_ms_k2", "round_ms_k10", "round_ms_k50", "rss_client_host_k50_mb", "round_ms_k50_werkzeug",
     "compare_all_s",
     "secagg_round_ms_k10", "secagg_plain_round_ms_k10", "secagg_ratio_k10",
@@ -40,7 +41,7 @@ QUICK_FIGURES = {
     *TLS_FIGURES,
     "batch_round_ms_k50", "per_client_round_ms_k50", "batch_speedup_k50",
 }
-TARGETED = {"round_overhead_ratio", "round_ms_k50", "train_ratio", "rss_seed_total_mb", "demo_start_ms",
+TARGETED = {"round_wave_ratio", "round_ms_k50", "train_ratio", "rss_seed_total_mb", "demo_start_ms",
             "secagg_ratio_k10", "plain_round_ratio", "plain_round_cpu_ratio", "tls_handshakes_per_round"}
 
 

@@ -118,6 +118,25 @@ def check_seed_report(out: Path, stdout: str) -> None:
     assert "fedavg-fixed-point" in ids
 
 
+def test_the_chart_keeps_the_strategies_decades_when_one_reaches_the_optimum_exactly():
+    """exact ends 1e-15 from θ* (rounding): drawn along the axis' bottom and labelled so, it
+    must not stretch the axis to 1e-16 and squash every other line into its top."""
+    fedavg = [0.7 * 0.9 ** t + 0.2 for t in range(50)]  # stops short at about 0.2, as FedAvg does
+    scaffold = [0.7 * 0.8 ** t for t in range(50)]  # on its way, 1e-5 by round 50
+    results = [{"label": "fedavg", "ok": True, "distances": fedavg},
+               {"label": "scaffold", "ok": True, "distances": scaffold},
+               {"label": "exact", "ok": True, "distances": [0.7, 3e-15, 1e-15, *[2e-15] * 47]}]
+    fig = compare.chart(results, {"distance": 0.2, "lr": 0.01, "local_epochs": 10}, "seed")
+    ax = fig.axes[0]
+    lowest_other = min(scaffold)
+    assert lowest_other / 100 <= ax.get_ylim()[0] < lowest_other  # the others' decades, and just below
+    lines = {line.get_gid(): line for line in ax.get_lines()}
+    drawn = lines["strategy-exact"].get_ydata()
+    assert drawn[0] == 0.7 and all(y == lowest_other / 10 for y in drawn[1:])  # along the bottom
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "exact (0 to machine precision)" in labels and "fedavg" in labels and "scaffold" in labels
+
+
 def test_compare_on_the_seed_measures_each_strategy_and_reports_a_refused_one(tmp_path, capsys):
     out = tmp_path / "out"
     code, stdout, stderr = run_compare(capsys, *SEED_ARGS, "--out", str(out))

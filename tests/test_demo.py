@@ -3,7 +3,9 @@ last lines give FedAvg's 5-round model, the pooled least-squares line and
 where FedAvg settles, each checked against a reference computed here."""
 from __future__ import annotations
 
+import os
 import re
+import socket
 import subprocess
 
 import pytest
@@ -18,11 +20,26 @@ pytestmark = pytest.mark.system
 LINE = re.compile(r"y = (-?\d+\.\d+)·x \+ (-?\d+\.\d+)")
 
 
-def test_make_demo_prints_the_model_the_pooled_line_and_the_drifted_fixed_point():
-    done = subprocess.run(["make", "--no-print-directory", "demo"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+def test_make_demo_with_port_5000_taken_prints_the_seeds_numbers():
+    """Port 5000 held by another program (here this test; a newcomer's is often some other
+    web app): the demo says whose, takes a free port instead, and prints the seed's numbers."""
+    holder, mine = socket.socket(), True
+    try:
+        holder.bind(("127.0.0.1", 5000))
+        holder.listen()
+    except OSError:  # someone else holds it already: taken either way
+        mine = False
+    with holder:
+        done = subprocess.run(["make", "--no-print-directory", "demo"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     out = done.stdout
+    moved = re.search(r"^demo: port 5000 \(server\) is in use by (.+): using (\d+) instead$", out, re.M)
+    assert moved, out[:2000]
+    server_port = int(moved.group(2))
+    if mine:  # the holder named, as the user needs it to stop it
+        assert moved.group(1).startswith(f"pid {os.getpid()} ("), moved.group(1)
+    assert server_port != 5000 and f"the server (:{server_port})" in out
     final = next(ln for ln in out.splitlines() if ln.startswith("demo: final global model"))
     pooled = next(ln for ln in out.splitlines() if "pooled least-squares model" in ln)
     settles = next(ln for ln in out.splitlines() if "where FedAvg settles" in ln)
@@ -39,3 +56,7 @@ def test_make_demo_prints_the_model_the_pooled_line_and_the_drifted_fixed_point(
     # the FedAvg math of every round is in the output, as the seed promised
     assert out.count("── Round ") == 5 and "w = (2/4)·" in out
     assert "demo: stopped all three apps." in out
+    # The README shows how the demo ends: exactly these lines, so that it cannot fall out of date.
+    readme = (ROOT / "README.md").read_text()
+    shown = readme.split("It ends with:\n\n```\n", 1)[1].split("\n```", 1)[0].splitlines()
+    assert out.rstrip("\n").splitlines()[-len(shown):] == shown

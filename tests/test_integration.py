@@ -297,6 +297,9 @@ def test_run_all_starts_three_and_ctrl_c_leaves_nothing_behind(tmp_path):
         assert proc.wait(30) == 0
         assert not any(_listening(u) for u in urls.values())
         assert not [pid for pid in children if _alive(pid)]
+        # …and says so, once they are gone: "stopping…" alone left the user wondering
+        last = proc.stdout.read().splitlines()
+        assert last[-1] == "run-all: stopped client_1, client_2, server: nothing of them is left running.", last
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -394,7 +397,7 @@ def test_run_all_refuses_a_port_already_held_and_names_the_holder(tmp_path):
     me = os.getpid()  # this test process holds the port
     [line] = done.stderr.splitlines()
     assert line.startswith(f"run-all: port {ports['server']} (server) is already in use by pid {me} (")
-    assert f"stop it with `kill {me}`" in line and "--server-port" in line
+    assert f"stop it with `kill {me}`" in line and 'make run-all ARGS="--server-port PORT"' in line
     assert not _processes_with_port(ports)
 
 

@@ -148,6 +148,19 @@ def test_the_server_prints_the_page_url_when_it_starts(tmp_path):
 
 
 @pytest.mark.system
+@pytest.mark.parametrize("app", ["client_1", "client_2", "client_host", "server"])
+def test_an_app_run_by_a_bare_python_says_how_to_run_it(app):
+    """`python3 client_1/client_1_app.py` without its environment: one line saying
+    how to run it, not a ModuleNotFoundError traceback. (-S: no site-packages, so
+    that no fedavg is found whichever python runs the tests.)"""
+    done = subprocess.run([sys.executable, "-S", str(ROOT / app / f"{app}_app.py")], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == f"error: no module fedavg; run: cd {app} && poetry install && poetry run python " \
+                          f"{app}_app.py{' --scenario iid --clients 50' if app == 'client_host' else ''}\n"
+
+
+@pytest.mark.system
 def test_a_client_on_a_taken_port_says_so_and_never_claims_to_serve():
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
@@ -245,13 +258,13 @@ def test_a_completed_run_names_the_client_dropped_from_every_round(servers, capl
         assert f"Run {run['run_id']} WARNING: {warning}" in "\n".join(logged)
 
         # curl's answer: the summary first, one key a line; Accept: application/json: one line.
-        keys = ["message", "status", "final_line", "final_model", "rounds_completed", "warnings", "url"]
-        assert list(run)[:7] == keys and run["url"] == f"/runs/{run['run_id']}"
+        keys = ["message", "status", "final_line", "final_model", "rounds_completed", "timeouts", "warnings", "url"]
+        assert list(run)[:8] == keys and run["url"] == f"/runs/{run['run_id']}"
         assert text.splitlines()[1].startswith('  "message": ')
         one_line = http.post("/start", data=b'{"rounds": 1}', headers={"Accept": "application/json",
                                                                        "Content-Type": "application/json"})
         text = one_line.get_data(as_text=True)
-        assert text.count("\n") == 1 and list(json.loads(text))[:7] == keys
+        assert text.count("\n") == 1 and list(json.loads(text))[:8] == keys
     finally:
         client_1.close()
         client_2.close()

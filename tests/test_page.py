@@ -42,7 +42,7 @@ from conftest import ROOT, Federated, Served
 from fedavg.http.client_app import create_app as create_client_app
 from fedavg.scenarios import make_clients
 from fedavg.strategies import STRATEGIES
-from fedavg.trace import explain_average, fmt
+from fedavg.trace import explain_average, fmt, fmt_line
 from fedavg_server.inprocess import federation_app
 
 # Real processes, a browser or fuzzing: make test-all (docs/TESTS.md).
@@ -313,12 +313,18 @@ def test_the_page_writes_numbers_exactly_as_the_log_does(page: Page):
     naive JS port goes wrong (ties, which Python rounds to even; the
     exponent's two digits; -0.0) and on many random doubles."""
     rng = random.Random(4)
-    values = [0.0, -0.0, 1.0, -1.0, 0.5, 0.0078125, -0.0078125, 2 ** -11, 12345665.0, 12345675.0, 9999999.5,
-              9999999.9999999, 0.001, 0.00099999999, 1e-7, 1e7, 1e21, 1e300, 5e-324, 123.4567895, 2.5e-5,
-              -3.14159265358979, 1 / 3, 2 / 3, 1.0000005, 0.9999995]
+    values = [999999.5, 1e6, 999999.9999996]  # the edge of scientific notation, 10⁶
+    values += [0.0, -0.0, 1.0, -1.0, 0.5, 0.0078125, -0.0078125, 2 ** -11, 12345665.0, 12345675.0, 9999999.5,
+               9999999.9999999, 0.001, 0.00099999999, 1e-7, 1e7, 1e21, 1e300, 5e-324, 123.4567895, 2.5e-5,
+               -3.14159265358979, 1 / 3, 2 / 3, 1.0000005, 0.9999995]
     values += [rng.uniform(-1, 1) * 10 ** rng.uniform(-12, 12) for _ in range(2_000)]
     values += [rng.randrange(1, 2 ** 20) / 2 ** rng.randrange(1, 30) for _ in range(500)]  # dyadic: exact ties
     assert page.evaluate("xs => xs.map(x => fmt(x))", values) == [fmt(v) for v in values]
+    # and a model as an equation (fmt_line): signs, -0.0, a blown-up model, several features
+    models = [([w], b) for w, b in zip(values[:300], values[300:600])] + \
+        [([2.78953], -1.374227), ([-3.2e130], -0.0), ([1.0, -2.0, 0.5], 4.5e6)]
+    assert page.evaluate("ms => ms.map(([w, b]) => fmtLine(w.length === 1 ? w[0] : w, b))", models) == \
+        [fmt_line(w, b) for w, b in models]
 
 
 def test_a_run_can_be_stopped_and_resumed_from_the_page(page: Page, apps):
@@ -680,6 +686,35 @@ def test_a_suspicious_update_is_flagged_on_the_page(browser: Browser, servers, s
     item = tab.locator("#suspicious li").inner_text()
     assert item.startswith("outlier: its update's norm " + fmt(flagged[0]["update_norm"]))
     assert f" is {flagged[0]['ratio']:.3g}× the others' median" in item  # (a ratio of hundreds)
+    tab.context.close()
+
+
+def test_rounds_lost_to_timeouts_show_as_a_banner(browser: Browser, servers, serve):
+    """A client that always stops at its deadline (408): every round loses a
+    half of its sample to timeouts, and the page says so above the run, in
+    the words of the run's ``timeouts``; a run without any shows no banner."""
+    from flask import Flask
+
+    late = Flask("late")
+    late.add_url_rule("/health", "health", lambda: ({"error": "no health here"}, 404))
+    late.add_url_rule("/train", "train", lambda: ({"error": "the server's deadline passed: training stopped"}, 408),
+                      methods=["POST"])
+    client_1 = create_client_app({"CLIENT_ID": "client_1", "DATA_PATH": str(ROOT / "client_1" / "data.csv"),
+                                  "TOKEN": None})
+    server = servers({"http://127.0.0.1:5001": client_1, "http://127.0.0.1:5002": late})
+    run = server.run(rounds=2, seed=1)
+    assert run["status"] == "completed" and run["timeouts"]["rounds"] == 2
+    tab = browser.new_context().new_page()
+    tab.goto(serve(server.app).url + "/")
+    tab.wait_for_selector("#run-timeouts:visible")
+    assert tab.locator("#run-timeouts").inner_text() == f"Timeouts: {run['timeouts']['message']}."
+    tab.context.close()
+    plain = servers({"http://127.0.0.1:5001": client_1})
+    plain.run(rounds=1, seed=1)
+    tab = browser.new_context().new_page()
+    tab.goto(serve(plain.app).url + "/")
+    tab.wait_for_selector("#run-status[data-status=completed]")
+    assert tab.locator("#run-timeouts").is_hidden()
     tab.context.close()
 
 

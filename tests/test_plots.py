@@ -17,7 +17,7 @@ import xml.etree.ElementTree as ET
 import plot_run
 import pytest
 
-from conftest import Served
+from conftest import ROOT, Served
 
 # At the top, so at collection, outside any test: matplotlib's first import
 # on a machine builds its font cache by running fc-list, a process the
@@ -261,6 +261,18 @@ def test_plot_run_writes_three_pngs_from_the_server_and_from_a_file(server, serv
     for name in NAMES:
         data = (tmp_path / "from-file" / f"run-{runs[1]['run_id']}-{name}.png").read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
+
+
+def test_plot_run_writes_into_an_ignored_folder_by_default(server, server_url, tmp_path, monkeypatch, capsys):
+    """The README's line, without --out, in a checkout: the PNGs go to plots-out/, which git
+    ignores (not loose files in the repository's root), and their paths are printed."""
+    _, runs = server
+    monkeypatch.chdir(tmp_path)
+    assert plot_run.main([server_url]) == 0
+    files = [tmp_path / "plots-out" / f"run-{runs[1000]['run_id']}-{name}.png" for name in NAMES]
+    assert capsys.readouterr().out.split() == [str(f) for f in files]
+    assert all(f.read_bytes().startswith(PNG_SIGNATURE) for f in files)
+    assert f"{plot_run.DEFAULT_OUT}/" in (ROOT / ".gitignore").read_text().splitlines()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -26,7 +26,7 @@ README = ROOT / "README.md"
 
 # Commands run by another test (file::test), or by CI (.ci/run).
 COVERED_BY = {
-    "make demo": "tests/test_demo.py::test_make_demo_prints_the_model_the_pooled_line_and_the_drifted_fixed_point",
+    "make demo": "tests/test_demo.py::test_make_demo_with_port_5000_taken_prints_the_seeds_numbers",
     "make test": ".ci/run",
     "make test-all": ".ci/run",
     'export PATH="$PWD/.tools/poetry/bin:$PATH"':
@@ -213,7 +213,7 @@ def test_three_terminals_the_seed_curl_and_why_not_half_x_plus_3(three_terminals
     w100, b100 = fedavg_closed_form(SEED_DATA, 0.01, 100)
     assert f"{w100:.2f}·x + {b100:.2f}" in readme
 
-    # plot_run, from another directory: the files land there, and nowhere else.
+    # plot_run, from another directory: the files land in its plots-out/, and nowhere else.
     before = set(ROOT.glob("**/run-1-*.png"))
     where = tmp_path / "report"
     where.mkdir()
@@ -223,7 +223,7 @@ def test_three_terminals_the_seed_curl_and_why_not_half_x_plus_3(three_terminals
     written = [Path(p) for p in done.stdout.split()]
     assert sorted(p.name for p in written) == ["run-1-loss.png", "run-1-models.png", "run-1-params.png"]
     for path in written:
-        assert path.parent == where and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert path.parent == where / "plots-out" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(ROOT.glob("**/run-1-*.png")) == before
 
 

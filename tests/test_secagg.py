@@ -49,6 +49,7 @@ from fedavg.client import LocalClient
 from fedavg.http.client_app import create_app as client_app
 from fedavg.http.host_app import create_host_app
 from fedavg.scenarios import make_clients
+from fedavg.trace import fmt
 from fedavg_server import DEFAULT_CLIENTS, create_app
 from fedavg_server.inprocess import InProcessTransport
 from fedavg_server.transport import Reply, reply_from
@@ -560,10 +561,10 @@ THREE_N = len(SEED_DATA[0]) + len(SEED_DATA[1]) + len(client_data(0, seed=7))  #
 
 
 @pytest.mark.parametrize("change, named", [
-    (lies({2: 1e6, 0: 1e7, 1: 1e7}), f"Σ w_k = {1e6 + THREE_N:.6f} where the 3 survivors' is {THREE_N}, the n_k"),
+    (lies({2: 1e6, 0: 1e7, 1: 1e7}), f"Σ w_k = {fmt(1e6 + THREE_N)} where the 3 survivors' is {THREE_N}, the n_k"),
     (lies({2: -THREE_N}), f"Σ w_k = 0.000000 where the 3 survivors' is {THREE_N}, the n_k"),
-    (lies({2: -0.5}), f"Σ w_k = {THREE_N - 0.5:.6f} where"),
-    (lies({4: 1000}), f"N = Σ n_k = {THREE_N + 1000:.6f} where the 3 survivors' is {THREE_N}, the n_k"),
+    (lies({2: -0.5}), f"Σ w_k = {fmt(THREE_N - 0.5)} where"),
+    (lies({4: 1000}), f"N = Σ n_k = {fmt(THREE_N + 1000)} where the 3 survivors' is {THREE_N}, the n_k"),
     (lies({3: -1e6}), "Σ n_k·L_k = -"),
     (random_words, "Σ w_k = "),
 ], ids=["weight ×10⁶ and a model to match", "total weight 0", "half a sample less", "N", "negative losses",
@@ -602,7 +603,7 @@ def test_a_weight_that_is_not_n_k_fails_the_round_even_where_n_k_is_unknown(wire
     assert run["status"] == "failed" and run["rounds"] == [], run
     assert run["error"].startswith("round 1: secure aggregation: the sum of the survivors' inputs is not one "
                                    "honest clients send: "), run["error"]
-    assert f"Σ w_k = {THREE_N + 1e6:.6f} differs from N = Σ n_k = {THREE_N:.6f}" in run["error"], run["error"]
+    assert f"Σ w_k = {fmt(THREE_N + 1e6)} differs from N = Σ n_k = {fmt(THREE_N)}" in run["error"], run["error"]
     assert "never said their n_k" not in run["error"].split("differs")[0], run["error"]  # (in range, as N is)
 
 
@@ -626,8 +627,8 @@ def test_a_count_of_unclipped_updates_outside_0_to_u3_is_refused(wired, bits, dp
     assert run["status"] == "failed" and run["rounds"] == [], run
     assert run["error"].startswith("round 1: secure aggregation: the sum of the survivors' inputs is not one "
                                    "honest clients send: "), run["error"]
-    assert re.search(r"the count of updates within the clip bound Σ bit_k = -?[0-9.]+ is outside \[0, \|U3\| = 3\]",
-                     run["error"]), run["error"]
+    assert re.search(r"the count of updates within the clip bound Σ bit_k = -?[0-9.]+(e[+-][0-9]+)? is outside "
+                     r"\[0, \|U3\| = 3\]", run["error"]), run["error"]
 
 
 def test_a_lie_in_the_model_itself_is_not_seen_and_moves_the_average_by_its_share(wired):

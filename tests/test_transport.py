@@ -4,8 +4,10 @@ loopback port (``HttpTransport``) gives, for good calls and bad ones; and a
 federation driven in-process computes the seed's rounds as the reference does."""
 from __future__ import annotations
 
+import threading
+
 import pytest
-from flask import Flask
+from flask import Flask, request
 
 from conftest import ROOT
 from fedavg.http.client_app import create_app as client_app
@@ -76,3 +78,43 @@ def test_the_seed_in_process_is_the_reference_fedavg(seed_federation):
     for got, (w, b) in zip(run["rounds"], reference_fedavg(SEED_DATA, rounds=5), strict=True):
         assert (got["global_model"]["w"], got["global_model"]["b"]) == pytest.approx((w, b), abs=1e-12)
     assert [p["url"] for p in run["rounds"][0]["participants"]] == ["http://127.0.0.1:5001", "http://127.0.0.1:5002"]
+
+
+def slow_client(told: list[float]) -> Flask:
+    """A client whose /train takes 70% of the deadline it is told, as a
+    client with that much work does; ``told`` gathers each X-Deadline-S."""
+    app = Flask("slow")
+
+    @app.post("/train")
+    def train():
+        deadline_s = float(request.headers["X-Deadline-S"])
+        told.append(deadline_s)
+        threading.Event().wait(0.7 * deadline_s)  # the work: most of the time it was given
+        return {"local_model": {"w": 1.0, "b": 0.0}, "data_size": 2}
+
+    return app
+
+
+def test_each_call_has_its_whole_timeout_from_when_it_is_sent(serve):
+    """Six clients, two calls at a time, each taking 0.7 s of its 1 s: the
+    third pair is sent 1.4 s into the wave and still gets its whole second.
+    (A deadline counted from the wave's start cut it off.)"""
+    told: list[float] = []
+    served = serve(slow_client(told))
+    http = HttpTransport([served.url], max_parallel=2)
+    try:
+        replies = http.call_all([served.url] * 6, "POST", "/train", 1.0, lambda url: TRAIN)
+    finally:
+        http.close()
+    assert [r.reason for r in replies] == [None] * 6
+    assert told == pytest.approx([1.0] * 6, abs=0.01)  # (less the microseconds before the send)
+
+
+def test_in_process_calls_each_have_their_whole_timeout_too():
+    """One after another in this process: the second call is sent 0.7 s in and told the whole second too."""
+    told: list[float] = []
+    local = InProcessTransport({"http://127.0.0.1:5001": slow_client(told)})
+    replies = local.call_all(["http://127.0.0.1:5001"] * 2, "POST", "/train", 1.0, lambda url: TRAIN)
+    assert [r.reason for r in replies] == [None] * 2
+    assert told == pytest.approx([1.0] * 2, abs=0.01)
+

@@ -12,7 +12,8 @@ The reply is JSON whose arrays travel as base64 of their little-endian bytes:
 
     {"strategy": "<name>", "clients": B,
      "arrays": {"<name>": {"dtype": "<f8" | "<i8" | "|b1", "shape": [...], "data": "<base64>"}, ...},
-     "errors": {"<k>": "why client k's row cannot be used", ...}}
+     "errors": {"<k>": "why client k's row cannot be used", ...},
+     "absent": {"<k>": "why client k's row holds no result", ...}}
 
 with the arrays of a ``population.BatchReply``, row j for clients[j]: ``ids``
 (the k asked, in order), ``n``, ``loss_before``, ``loss_after``,
@@ -22,6 +23,9 @@ strategy's reply fields by their wire names (``local_model`` (B, p),
 ``stats.xtx`` (B, p, p) and ``stats.xty`` (B, p)). A diverged row's numbers
 are whatever the arithmetic gave (NaN, inf): base64 carries them, and
 ``errors`` says why they cannot be used, as the per-client 422 does.
+``absent`` (optional) names the rows that hold no result at all, as a
+client that never answered: a client host's simulated dropouts and
+stragglers (``fedavg.dropout``); their numbers are to be ignored.
 """
 from __future__ import annotations
 
@@ -116,12 +120,37 @@ def _fields(reply: BatchReply) -> dict[str, np.ndarray | None]:
             **reply.local.extra}
 
 
-def batch_reply_json(reply: BatchReply, strategy: str, why_diverged: str) -> dict[str, Any]:
-    """A /batch/train reply; ``ids`` as the host numbers them (k = index + 1)."""
+def batch_reply_json(reply: BatchReply, strategy: str, why_diverged: str,
+                     absent: Mapping[int, str] | None = None) -> dict[str, Any]:
+    """A /batch/train reply; ``ids`` as the host numbers them (k = index + 1);
+    ``absent``: k → why client k's row holds no result (none: no such key)."""
     arrays = {name: encode_array(values) for name, values in _fields(reply).items() if values is not None}
     arrays["ids"] = encode_array(reply.ids + 1)
-    return {"strategy": strategy, "clients": len(reply.ids), "arrays": arrays,
-            "errors": {str(int(k) + 1): why_diverged for k in reply.ids[reply.diverged]}}
+    absent = absent or {}
+    out = {"strategy": strategy, "clients": len(reply.ids), "arrays": arrays,
+           "errors": {str(int(k) + 1): why_diverged for k in reply.ids[reply.diverged] if int(k) + 1 not in absent}}
+    if absent:
+        out["absent"] = {str(k): why for k, why in absent.items()}
+    return out
+
+
+def parse_absent(value: Any, ks: list[int]) -> dict[int, str]:
+    """A /batch/train reply's ``absent`` (k → why that row holds no result),
+    for the clients ``ks`` asked; {} when the reply has none. ProtocolError
+    for a key that is not one of them, or a reason that is not text."""
+    absent = value.get("absent") if isinstance(value, Mapping) else None
+    if absent is None:
+        return {}
+    if not isinstance(absent, Mapping):
+        raise ProtocolError("reply.absent: must be a JSON object")
+    asked, out = set(ks), {}
+    for key, why in absent.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) in asked):
+            raise ProtocolError(f"reply.absent: {str(key)[:20]!r} is not a client asked for")
+        if not isinstance(why, str):
+            raise ProtocolError(f"reply.absent.{key}: must be text")
+        out[int(key)] = why[:500]
+    return out
 
 
 def parse_batch_reply(value: Any, ks: list[int], num_features: int, strategy: str) -> tuple[BatchReply, dict[int, str]]:

@@ -252,7 +252,8 @@ def host_document(num_clients: int, num_features: int = 1, batch: bool = True) -
                  "properties": {"strategy": {"type": "string", "enum": list(STRATEGIES)},
                                 "clients": {"type": "integer", "minimum": 1},
                                 "arrays": {"type": "object", "additionalProperties": ref("Array")},
-                                "errors": {"type": "object", "additionalProperties": {"type": "string"}}}}
+                                "errors": {"type": "object", "additionalProperties": {"type": "string"}},
+                                "absent": {"type": "object", "additionalProperties": {"type": "string"}}}}
     paths = {
         "/health": {"get": {"summary": "Liveness and the number of clients here; the scenario and the rows in "
                                        "all only without FEDAVG_TOKEN or with it.", "responses": {"200": reply(

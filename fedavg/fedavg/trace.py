@@ -5,6 +5,7 @@ them, so the log and the page can never disagree with the model.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,11 +19,25 @@ TRACE_TERMS = 6
 
 def fmt(x: float) -> str:
     """How every number is written in logs and on the page (6 decimals, or
-    scientific notation when that would hide its digits)."""
+    scientific notation below 10⁻³, where it would hide digits, and from 10⁶,
+    where a model that blew up would print as a hundred digits)."""
     x = float(x)
-    if x != 0 and not 1e-3 <= abs(x) < 1e7:
+    if x != 0 and not 1e-3 <= abs(x) < 1e6:
         return f"{x:.6e}"
     return f"{x:.6f}"
+
+
+def fmt_line(w: Weights, b: float) -> str:
+    """The model as an equation, as every summary writes it: ``y = 2.000000·x
+    − 1.000000`` (a negative term as − |v|, never ``+ -1``), or with several
+    features ``y = w₁·x1 + w₂·x2 + … + b``; each number by ``fmt``."""
+    w = np.asarray(w, dtype=float).ravel()
+    xs = ["x"] if len(w) == 1 else [f"x{j + 1}" for j in range(len(w))]
+    text = f"y = {fmt(w[0])}·{xs[0]}"
+    for v, x in [*zip(w[1:], xs[1:]), (b, None)]:
+        negative = math.copysign(1.0, float(v)) < 0  # (−0.0 too: "+ -0.000000" is what this replaces)
+        text += f" {'−' if negative else '+'} {fmt(abs(float(v)))}" + (f"·{x}" if x else "")
+    return text
 
 
 def fmt_model(w: Weights, b: float) -> str:

@@ -9,7 +9,8 @@ from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import NotFound
 
 from fedavg.http.service import json_body
-from fedavg.strict_json import ProtocolError, expect_bool, expect_object
+from fedavg.strict_json import ProtocolError, expect_bool, expect_object, weights_of
+from fedavg.trace import fmt_line
 
 from .access import reader_round, reader_view, require_operator
 from .federation import Busy, CannotResume, Federation, NoSuchRun
@@ -105,21 +106,24 @@ def _launched(fed: Federation, run_id: int, wait: bool):
     fed.wait(run_id)
     found = fed.store.page(run_id, limit=PAGE_ROUNDS, max_bytes=PAGE_BYTES)
     done = fed.store.summary(run_id)["rounds_completed"]
-    return ended_run(fed.truth(found), fed.warnings(run_id), done)
+    return ended_run(fed.truth(found), fed.warnings(run_id), done, fed.timeouts(run_id))
 
 
 # What a person needs from an ended run, in the order they read it; the whole
 # run (settings, every round) follows.
-SUMMARY_KEYS = ("message", "status", "final_line", "final_model", "rounds_completed", "warnings", "url")
+SUMMARY_KEYS = ("message", "status", "final_line", "final_model", "rounds_completed", "timeouts", "warnings", "url")
 
 
-def ended_run(run: dict[str, Any], warnings: list[str], done: int) -> Response:
+def ended_run(run: dict[str, Any], warnings: list[str], done: int, timeouts: dict[str, Any] | None = None) \
+        -> Response:
     """The ended run as JSON with its summary first: ``message`` (the seed's
     field), the status, the final model (as a line and as numbers), the
-    ``done`` rounds, ``warnings`` (clients that were dropped) and the run's
-    URL; then the run with the first page of its rounds, as GET /runs/<id>
-    gives it ("more": true when rounds follow: a 100,000-round run whole was
-    111 MB, built in 1.1 GB).
+    ``done`` rounds, ``timeouts`` (rounds that lost many clients to
+    timeouts: ``timeouts.TimeoutTally.summary``, first in the message too),
+    ``warnings`` (clients that were dropped) and the run's URL; then the
+    run with the first page of its rounds, as GET /runs/<id> gives it
+    ("more": true when rounds follow: a 100,000-round run whole was 111 MB,
+    built in 1.1 GB).
 
     curl sends ``Accept: */*``: it gets one key per line and one round per
     line, so ``| head`` shows the summary. A client that asks for
@@ -127,11 +131,13 @@ def ended_run(run: dict[str, Any], warnings: list[str], done: int) -> Response:
     name = {"fedavg": "FedAvg"}.get(run["settings"]["strategy"], run["settings"]["strategy"])
     message = {"completed": f"{name} finished {done} round(s)."}.get(
         run["status"], f"Run {run['status']}: {run['error']}")
+    if timeouts is not None:
+        message += f" WARNING: {timeouts['message']}."
     if warnings:
         message += " Warning: " + "; ".join(warnings) + "."
     model = run["final_model"] or run["current_model"]
     summary = {"message": message, "status": run["status"], "final_line": _line(model),
-               "final_model": run["final_model"], "rounds_completed": done,
+               "final_model": run["final_model"], "rounds_completed": done, "timeouts": timeouts,
                "warnings": warnings, "url": f"/runs/{run['run_id']}"}
     body = {**summary, **{k: v for k, v in run.items() if k not in summary}}
     if any(kind == "application/json" for kind, _ in request.accept_mimetypes):
@@ -142,11 +148,8 @@ def ended_run(run: dict[str, Any], warnings: list[str], done: int) -> Response:
 
 
 def _line(model: dict[str, Any]) -> str:
-    """y = w·x + b as the log writes it (w₁·x₁ + … with several features)."""
-    w = model["w"]
-    if not isinstance(w, list):
-        return f"y = {w:.6f}·x + {model['b']:.6f}"
-    return "y = " + " + ".join(f"{v:.6f}·x{j + 1}" for j, v in enumerate(w)) + f" + {model['b']:.6f}"
+    """y = w·x + b as the log writes it (w₁·x1 + … with several features)."""
+    return fmt_line(weights_of(model), model["b"])
 
 
 def _one_key_a_line(body: dict[str, Any]) -> str:
@@ -233,7 +236,7 @@ def run(run_id: int):
         raise NoSuchRun(run_id)
     # Over the whole run, whatever ?since says: a client dropped from every
     # round is worth a warning on the page even though the run "completed".
-    return reader_view(fed.truth(found)) | {"warnings": fed.warnings(run_id)}
+    return reader_view(fed.truth(found)) | {"warnings": fed.warnings(run_id), "timeouts": fed.timeouts(run_id)}
 
 
 @bp.get("/runs/<int:run_id>/rounds/<int:round_no>/clients.csv")

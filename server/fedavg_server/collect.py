@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedavg.batch_wire import batch_reply_limit, parse_batch_reply, rows_usable
+from fedavg.batch_wire import batch_reply_limit, parse_absent, parse_batch_reply, rows_usable
 from fedavg.model import Theta, split
 from fedavg.privacy import DPAverage
 from fedavg.strategies import Result, Strategy
@@ -189,13 +189,16 @@ class BatchedCollector:
             if not reply.ok:
                 raise ProtocolError(reply.reason)
             batch, why = parse_batch_reply(reply.body, ks, d, strategy.name)
+            absent = parse_absent(reply.body, ks)
         except ProtocolError as e:
             return {url: Dropped(names[url], url, f"its host's {reply.url}: {e}", reply.diverged) for url in urls}
         problems = rows_usable(batch)
         got: dict[str, Result | Dropped] = {}
         for j, url in enumerate(urls):
             n, said = int(batch.n[j]), roster.sizes.get(url)
-            if batch.diverged[j]:
+            if ks[j] in absent:  # no result at all, as a client that never answered
+                got[url] = Dropped(names[url], url, f"{absent[ks[j]]} (its host's {reply.url})")
+            elif batch.diverged[j]:
                 got[url] = Dropped(names[url], url, f"{why.get(ks[j], 'diverged')} (its host's {reply.url})", True)
             elif problems[j] or (said is not None and n != said):
                 got[url] = Dropped(names[url], url, problems[j] or f"reply.data_size: {n} differs from the {said} "

@@ -15,6 +15,7 @@ from .roster import HEALTH_TIMEOUT_S
 from .run import Run
 from .runs import RunStore, StoreError
 from .settings import RunSettings
+from .timeouts import TimeoutTally
 from .transport import Transport
 
 log = logging.getLogger("fedavg.server")
@@ -54,6 +55,7 @@ class Federation:
         self._lock = threading.Lock()
         self._running: Run | None = None
         self._tallies: dict[int, DropTally] = {}  # run id → its drops, read incrementally
+        self._timeouts: dict[int, TimeoutTally] = {}  # run id → its rounds lost to timeouts, likewise
         # run id → (status, error) of a run that ended while the store could not
         # record it; the truth until a retry records it (see _record_end).
         self._unrecorded: dict[int, tuple[str, str | None]] = {}
@@ -201,6 +203,12 @@ class Federation:
             return
         for warning in warnings:
             log.info("Run %s WARNING: %s", run_id, warning)
+        try:
+            timeouts = self.timeouts(run_id)
+        except StoreError:
+            return
+        if timeouts is not None:  # the run may read "completed": not silently
+            log.warning("Run %s WARNING: %s", run_id, timeouts["message"])
 
     def _record_end(self, run_id: int, status: str, error: str | None) -> None:
         """Store how the run ended. If the store cannot take it now, the end is
@@ -248,6 +256,20 @@ class Federation:
         with tally.lock:
             tally.add(*self.store.drop_counts(run_id, tally.last_round))
             return tally.warnings()
+
+
+    def timeouts(self, run_id: int) -> dict[str, Any] | None:
+        """The run's rounds that lost at least LOUD_SHARE of their sample to
+        timeouts (``TimeoutTally.summary``; None: none did), counted from the
+        rounds stored since the last call."""
+        with self._lock:
+            tally = self._timeouts.setdefault(run_id, TimeoutTally())
+        with tally.lock:
+            tally.add(*self.store.timeout_counts(run_id, tally.last_round))
+            if not tally.rounds:
+                return None
+        found = self.store.summary(run_id)  # (its settings: the advice names the run's timeout)
+        return tally.summary(RunSettings.from_json(found["settings"]).client_timeout_s)
 
 
 class DropTally:

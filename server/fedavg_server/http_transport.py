@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import queue
 import ssl
 import threading
@@ -26,7 +27,7 @@ from urllib3.util.ssl_match_hostname import CertificateError
 from fedavg import tls_files
 from fedavg.tls_files import TLSFiles
 
-from .transport import MAX_REPLY_BYTES, Reply, reply_from, request_body
+from .transport import MAX_REPLY_BYTES, Reply, no_reply_within, reply_from, request_body
 
 log = logging.getLogger("fedavg.server")
 
@@ -34,6 +35,15 @@ RETRY_BACKOFF_S = 0.2
 # What call_all allows beyond a call's own deadline before it stops waiting
 # for that call (the call is then cut off by its own deadline soon after).
 DEADLINE_SLACK_S = 0.5
+
+
+def wave_limit(calls: int, max_parallel: int, timeout_s: float) -> float:
+    """The longest a wave of ``calls`` calls, ``max_parallel`` at a time, each
+    given ``timeout_s`` from its send, can take: ⌈calls / max_parallel⌉
+    lanes one after another, each call at most its timeout, the one retry's
+    pause and the slack. (10,000 hung clients at 32 at once and 10 s: 313
+    lanes, 55 minutes; a round whose clients answer ends with its slowest.)"""
+    return math.ceil(calls / max(1, max_parallel)) * (timeout_s + RETRY_BACKOFF_S + DEADLINE_SLACK_S)
 
 
 class CallThreads:
@@ -103,38 +113,51 @@ class HttpTransport:
 
     def call_all(self, urls: Sequence[str], method: str, path: str, timeout_s: float,
                  body_for: Callable[[str], Any] | None = None, max_bytes: int = MAX_REPLY_BYTES) -> list[Reply]:
-        """Call ``path`` on every URL at once; replies come back in ``urls``' order.
-        A round lasts as long as its slowest client, not the sum of all, and
-        never longer than the timeout (plus the one retry's pause): a client
-        still busy by then is given up on."""
-        deadline = time.monotonic() + timeout_s + RETRY_BACKOFF_S + DEADLINE_SLACK_S
+        """Call ``path`` on every URL, up to ``max_parallel`` at once; replies
+        come back in ``urls``' order. Each call's deadline counts from when
+        it is sent, not from the wave's start: a client queued behind slower
+        ones still gets the whole ``timeout_s`` (its X-Deadline-S), so a
+        client is only dropped for its own slowness. The wave lasts as long
+        as its slowest lane of calls: at worst, every client hanging and no
+        other wave sharing the threads, ⌈len(urls) / max_parallel⌉ ×
+        (timeout_s + the one retry's pause + slack) (``wave_limit``); a call
+        not started by then (the threads held by another wave) is given up
+        on unsent. A stopping server ends the wait at once."""
+        sent: dict[int, float] = {}  # index → when its call was sent (monotonic)
+        wave_s = wave_limit(len(urls), self.max_parallel, timeout_s)
+        limit = time.monotonic() + wave_s
 
-        def one(url: str) -> Reply:
-            # No call outlives the wait: one that starts late, queued behind slower ones, ends
-            # when the wait does, and its X-Deadline-S says so: the client stops working when
-            # the server stops waiting, not a whole timeout later.
-            if time.monotonic() >= deadline:
-                return self._not_called(url, timeout_s)
+        def one(i: int, url: str) -> Reply:
+            sent[i] = time.monotonic()
+            if sent[i] >= limit:
+                return self._not_called(url, wave_s)
             return self._call(url, method, path, timeout_s, None if body_for is None else body_for(url),
-                              min(time.monotonic() + timeout_s, deadline), max_bytes)
-        futures = [self.threads.submit(one, url) for url in urls]
-        pending = set(futures)
-        while pending and not self.stopping.is_set() and (left := deadline - time.monotonic()) > 0:
+                              sent[i] + timeout_s, max_bytes)
+        futures = [self.threads.submit(one, i, url) for i, url in enumerate(urls)]
+        pending = set(range(len(futures)))
+        while pending and not self.stopping.is_set():
+            now = time.monotonic()
+            # A call past its own deadline (and the slack) is given up on; it ends by that deadline itself.
+            pending = {i for i in pending if not futures[i].done() and
+                       (i not in sent or now < sent[i] + timeout_s + RETRY_BACKOFF_S + DEADLINE_SLACK_S)}
+            if not pending or now >= limit:
+                break
             # short waits, so that a stopping server is not held by a slow client
-            _, pending = wait(pending, timeout=min(left, 0.1))
-        return [f.result() if f.done() else self._given_up(f, url, timeout_s) for f, url in zip(futures, urls)]
+            wait([futures[i] for i in pending], timeout=min(limit - now, 0.1))
+        return [f.result() if f.done() else self._given_up(f, url, timeout_s, wave_s)
+                for f, url in zip(futures, urls)]
 
-    def _given_up(self, future: Future, url: str, timeout_s: float) -> Reply:
+    def _given_up(self, future: Future, url: str, timeout_s: float, wave_s: float) -> Reply:
         if self.stopping.is_set():
             future.cancel()
             return Reply(url, reason="cancelled: the server is stopping")
-        if future.cancel():  # still queued behind slow clients: never called
-            return self._not_called(url, timeout_s)
-        return Reply(url, reason=f"no reply within {timeout_s:g} s")
+        if future.cancel():  # still queued when the wave's limit passed: never called
+            return self._not_called(url, wave_s)
+        return Reply(url, reason=no_reply_within(timeout_s))
 
-    def _not_called(self, url: str, timeout_s: float) -> Reply:
-        return Reply(url, reason=f"not called within {timeout_s:g} s: {self.max_parallel} slower calls "
-                                 "held every connection (raise --max-parallel)")
+    def _not_called(self, url: str, wave_s: float) -> Reply:
+        return Reply(url, reason=f"not called within the wave's {wave_s:g} s: other calls held all "
+                                 f"{self.max_parallel} connections (raise --max-parallel)")
 
     def call(self, url: str, method: str, path: str, timeout_s: float, body: Any = None,
              max_bytes: int = MAX_REPLY_BYTES) -> Reply:
@@ -162,7 +185,7 @@ class HttpTransport:
                 time.sleep(RETRY_BACKOFF_S)
                 deadline += RETRY_BACKOFF_S
             except TimeoutError:
-                return Reply(url, reason=f"no reply within {timeout_s:g} s")
+                return Reply(url, reason=no_reply_within(timeout_s))
             except SSLError as e:  # (an HTTPError too: before it)
                 problem, certain = tls_problem(e, url)
                 # A certificate refused, on either side, is refused again: not retried. A

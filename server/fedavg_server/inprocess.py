@@ -55,7 +55,10 @@ class InProcessTransport:
     def call_all(self, urls: Sequence[str], method: str, path: str, timeout_s: float,
                  body_for: Callable[[str], Any] | None = None, max_bytes: int = MAX_REPLY_BYTES) -> list[Reply]:
         """One call after another: each is a function call, and threads would
-        only add their cost. A stopping server asks nobody more."""
+        only add their cost. As over HTTP, each call's deadline counts from
+        when it is sent: each is told the whole ``timeout_s`` (X-Deadline-S),
+        however long the calls before it took. A stopping server asks nobody
+        more."""
         # (max_bytes only when asked: a test's transport may wrap ``call`` with its first five arguments)
         limit = {} if max_bytes == MAX_REPLY_BYTES else {"max_bytes": max_bytes}
         return [self.call(url, method, path, timeout_s, None if body_for is None else body_for(url), **limit)

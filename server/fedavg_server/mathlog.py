@@ -10,13 +10,11 @@ from typing import Any
 
 from fedavg.strategies import REPLY_FIELDS
 from fedavg.strict_json import weights_of
-from fedavg.trace import TRACE_TERMS, explain_weighted_sum, fmt, fmt_model, fmt_theta, names
+from fedavg.trace import TRACE_TERMS, explain_weighted_sum, fmt, fmt_line, fmt_model, fmt_theta, names
 
 
 def _line_of(model: dict[str, Any]) -> str:
-    w = weights_of(model)
-    slope = fmt(w[0]) if len(w) == 1 else "[" + ", ".join(fmt(v) for v in w) + "]"
-    return f"y = {slope}·x + {fmt(model['b'])}"
+    return fmt_line(weights_of(model), model["b"])
 
 
 def _model(m: dict[str, Any]) -> str:

@@ -23,7 +23,7 @@ from matplotlib.ticker import LogFormatter, MaxNLocator
 from fedavg.strategies import STRATEGIES
 from fedavg.strategies.fields import LOCAL_MODEL
 from fedavg.strict_json import weights_of
-from fedavg.trace import TRACE_TERMS, fmt
+from fedavg.trace import TRACE_TERMS, fmt, fmt_line
 
 Run = dict[str, Any]
 
@@ -155,11 +155,11 @@ def models_figure(run: Run, round_no: int | None = None, x_ranges: list[tuple[fl
     model_in = record.get("global_model_in")
     if model_in is not None:
         ax.plot(x, _slope(model_in) * x + model_in["b"], color="grey", linestyle=":", linewidth=1.5,
-                label=f"global in: y = {fmt(_slope(model_in))}·x + {fmt(model_in['b'])}")
+                label=f"global in: {fmt_line([_slope(model_in)], model_in['b'])}")
     with_model = [p for p in record["participants"] if p.get(LOCAL_MODEL.name) is not None]
     for k, p in enumerate(with_model[:CLIENT_LINES]):
         m = p[LOCAL_MODEL.name]
-        label = (f"{_escape(p['client_id'])} (n_k={p['data_size']}): y = {fmt(_slope(m))}·x + {fmt(m['b'])}"
+        label = (f"{_escape(p['client_id'])} (n_k={p['data_size']}): {fmt_line([_slope(m)], m['b'])}"
                  if k < TRACE_TERMS else None)
         ax.plot(x, _slope(m) * x + m["b"], color=color(p["url"]), linestyle="--", linewidth=1.3, label=label)
     if len(with_model) > TRACE_TERMS:
@@ -171,12 +171,12 @@ def models_figure(run: Run, round_no: int | None = None, x_ranges: list[tuple[fl
         ax.plot([], [], " ", label=f"{without} client(s) sent no local model, so no line")
     if outside is not None and _num_features(run) == 1:
         (line,) = ax.plot(x, outside["w"] * x + outside["b"], color="tab:green", linestyle="-.", linewidth=1.5,
-                          label=f"pooled least squares y = {fmt(outside['w'])}·x + {fmt(outside['b'])}: outside "
+                          label=f"pooled least squares {fmt_line([outside['w']], outside['b'])}: outside "
                                 f"knowledge (the {_escape(outside['scenario'] or 'simulation')}'s own data)")
         line.set_gid("outside-line")
     out = record["global_model"]
     ax.plot(x, _slope(out) * x + out["b"], **GLOBAL_STYLE,
-            label=f"global out: y = {fmt(_slope(out))}·x + {fmt(out['b'])}")
+            label=f"global out: {fmt_line([_slope(out)], out['b'])}")
     features = _num_features(run)
     strategy = record.get("strategy", "fedavg")  # rounds stored before strategies were FedAvg's
     ax.set_title(f"Run {run['run_id']}, round {record['round']}: "

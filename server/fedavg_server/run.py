@@ -39,6 +39,7 @@ from .runs import RunStore
 from .sampling import Sampler, SeededSample
 from .settings import RunSettings
 from .stage import RunStopped, Stage
+from .timeouts import TimeoutWatch
 from .transport import Transport
 
 log = logging.getLogger("fedavg.server")
@@ -67,8 +68,10 @@ def pipeline(s: RunSettings, roster: Roster, first_round: int, name: str, batche
     plain = PlainCollector(roster, strategy, s.client_timeout_s)
     collector: Collector = (SecureCollector(roster, strategy, s.client_timeout_s, s.secagg, name) if s.secagg
                             else BatchedCollector(plain) if batched else plain)
-    # The diagnosis first: a model that is no longer finite is named before anything is written of it.
-    return strategy, sampler, collector, [Diagnosis(strategy, s, first_round), *stages]
+    # The timeouts' count first (it says a round lost clients even when the round then fails); the
+    # diagnosis next: a model that is no longer finite is named before anything is written of it.
+    return strategy, sampler, collector, [TimeoutWatch(s.client_timeout_s, roster.transport),
+                                          Diagnosis(strategy, s, first_round), *stages]
 
 
 class Run:

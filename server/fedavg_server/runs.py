@@ -312,6 +312,21 @@ class RunStore:
                     (run_id, since, upto)).fetchall())
         return upto, counted[0], counted[1]
 
+    def timeout_counts(self, run_id: int, since: int) -> tuple[int, list[tuple[int, int, int]]]:
+        """(the last round counted, (round, timed out, sampled) of each round
+        after ``since`` whose record counts clients dropped for timeouts: its
+        ``timeouts`` part, ``timeouts.TimeoutWatch``), picked out by SQLite."""
+        with self._using():
+            upto = self._db.execute("SELECT MAX(round) FROM rounds WHERE run_id = ?", (run_id,)).fetchone()[0]
+            if upto is None or upto <= since:
+                return since, []
+            rows = self._db.execute(
+                "SELECT round, json_extract(record, '$.timeouts.timed_out') AS timed_out, "
+                "json_extract(record, '$.timeouts.sampled') AS sampled FROM rounds "
+                "WHERE run_id = ? AND round > ? AND round <= ? AND timed_out IS NOT NULL ORDER BY round",
+                (run_id, since, upto)).fetchall()
+        return upto, [(row["round"], row["timed_out"], row["sampled"]) for row in rows]
+
     def clients_seen(self, run_id: int) -> dict[str, dict[str, Any]]:
         """URL → {"client_id", "data_size"} of each client that took part in
         the run, as the last round it took part in recorded it (data_size is

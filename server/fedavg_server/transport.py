@@ -76,6 +76,24 @@ def request_body(headers: dict[str, str], timeout_s: float, body: Any) -> tuple[
     return headers | {"Content-Type": "application/json"}, json.dumps(body).encode()
 
 
+def no_reply_within(timeout_s: float) -> str:
+    """Why a call that did not answer within its deadline was given up on."""
+    return f"no reply within {timeout_s:g} s"
+
+
+# What a drop's reason says when the client timed out: the server gave up
+# waiting (``no_reply_within``), never reached it within the wave
+# (``HttpTransport._not_called``), or the client stopped at its deadline and
+# said so (408). Matched anywhere: a batched host's or a secure step's drops
+# quote the call's reason after their own prefix.
+TIMEOUT_MARKS = ("no reply within ", "not called within ", "HTTP 408")
+
+
+def is_timeout(reason: str) -> bool:
+    """Whether a drop's reason is a timeout (``TIMEOUT_MARKS``)."""
+    return any(mark in reason for mark in TIMEOUT_MARKS)
+
+
 def reply_from(url: str, status: int, content: bytes, max_bytes: int = MAX_REPLY_BYTES) -> Reply:
     """A client's answer as a Reply: its JSON object, or why it cannot be used
     (an error status with what the client said, a body that is not JSON)."""

@@ -13,13 +13,16 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 from flask import Flask, g, request
 from werkzeug.exceptions import NotFound
 
 from ..batch_wire import BATCH_PATH, batch_reply_json, parse_batch_request
 from ..client import MAX_TRAININGS, LocalClient, diverged_error
+from ..dropout import Dropout
 from ..openapi import host_document
-from ..population import Population
+from ..population import BatchReply, Population
+from ..strategies import LocalBatch
 from ..theory import pooled_optimum
 from ..training import TrainingStopped
 from .client_app import client_blueprint, requested_deadline_s
@@ -35,9 +38,23 @@ from .service import (
 )
 
 
+def with_absent_rows(reply: BatchReply, ids: np.ndarray, present: np.ndarray) -> BatchReply:
+    """``reply``'s rows placed at the ``present`` rows of a reply to ``ids``, zeros elsewhere."""
+    def place(values: np.ndarray | None) -> np.ndarray | None:
+        if values is None:
+            return None
+        full = np.zeros((len(ids), *values.shape[1:]), dtype=values.dtype)
+        full[present] = values[: int(present.sum())]
+        return full
+    local = LocalBatch(place(reply.local.theta), {name: place(v) for name, v in reply.local.extra.items()})
+    return BatchReply(ids, place(reply.n), local, place(reply.loss_before), place(reply.loss_after),
+                      place(reply.within_clip), place(reply.diverged))
+
+
 def create_host_app(clients: Sequence[LocalClient] | None, token: str | None = None,
                     description: str = "", server_name: str | None = None, owner_name: str | None = None,
-                    population: Population | None = None, batch: bool = True) -> Flask:
+                    population: Population | None = None, batch: bool = True,
+                    dropout: Dropout | None = None) -> Flask:
     """Serve ``clients`` as /clients/1 … /clients/K, and ``population``
     (default: the population of exactly their rows, ``Population.of``) at
     POST /batch/train, which each client's /health then advertises
@@ -49,7 +66,8 @@ def create_host_app(clients: Sequence[LocalClient] | None, token: str | None = N
     ``server_name`` (served over TLS), each client's /train, /evaluate and
     /secagg/*, and /batch/train, answer only the caller whose certificate names it; with
     ``owner_name``, each client's page only the certificate naming that
-    (the host's own: its owner's)."""
+    (the host's own: its owner's). With ``dropout``, its clients drop out
+    of rounds and straggle as it draws (``fedavg.dropout``), on both paths."""
     app = Flask(__name__)
     # 4 MiB: a client's /train; for /batch/train, about 130,000 client numbers with their seeds.
     app.config["MAX_CONTENT_LENGTH"] = 4 * 1024 * 1024
@@ -88,9 +106,36 @@ def create_host_app(clients: Sequence[LocalClient] | None, token: str | None = N
                                             owner_name=owner_name, health_extra=advertise if batch else None))
 
     @app.before_request
-    def count_train() -> None:
+    def count_train() -> Any:
         if request.endpoint == "client.train" and request.method == "POST":
             count("train")
+            if dropout is not None:
+                return simulated(g.k)
+        return None
+
+    def simulated(k: int) -> Any:
+        """A client's /train as its simulated dropout or straggling has it:
+        an error reply for a client that left the round; for a straggler, a
+        real wait of ``straggle_s`` (up to the server's deadline: past it,
+        the 408 of a client whose deadline passed); None: answer as usual."""
+        require_peer(server_name)  # (who may not train it learns nothing of its simulation either)
+        require_token(token)
+        body = request.get_json(silent=True)
+        round_no = body.get("round") if isinstance(body, dict) else None
+        if not isinstance(round_no, int) or isinstance(round_no, bool):
+            return None  # the client's own parser names what is wrong with the body
+        ks = np.array([k])
+        if dropout.dropped(round_no, ks)[0]:
+            return {"error": dropout.why_dropped(round_no, k)}, 503
+        if dropout.straggles(round_no, ks)[0]:
+            deadline_s = requested_deadline_s()
+            late = deadline_s is not None and dropout.straggle_s >= deadline_s
+            threading.Event().wait(min(dropout.straggle_s, deadline_s) if deadline_s is not None
+                                   else dropout.straggle_s)  # the straggler's extra time, really spent
+            if late:
+                return {"error": f"the server's deadline passed: simulated straggler, {dropout.straggle_s:g} s "
+                                 "more than the others (the host's --straggle-s)"}, 408
+        return None
 
     # θ* of every client's rows at once: what only a simulation knows (the chart draws one feature).
     # Solved when first asked for: over a million clients' rows, lstsq holds copies of them all.
@@ -152,11 +197,36 @@ def create_host_app(clients: Sequence[LocalClient] | None, token: str | None = N
                 count("batch_train")
                 if task.past_deadline():  # (the vectorised training has no epoch to stop between)
                     return {"error": "the server's deadline passed before training started"}, 408
-                reply = population.train(task, asked.ids, memory, asked.seeds)
+                absent = absent_rows(task.round, asked.ids + 1, deadline_s)
+                reply = train_present(task, asked, absent)
             except TrainingStopped as e:  # mini-batches train client by client, and stop between epochs
                 return {"error": f"the server's deadline passed: training {e}"}, 408
             finally:
                 batches.release()
-            return batch_reply_json(reply, task.config.strategy, diverged_error(task.config.lr))
+            return batch_reply_json(reply, task.config.strategy, diverged_error(task.config.lr), absent)
+
+    def train_present(task: Any, asked: Any, absent: dict[int, str]) -> BatchReply:
+        """The batch trained but for its absent clients, which train nothing
+        and keep nothing (as their own /train, refused before training):
+        their rows zeros, which the reply's ``absent`` says to ignore."""
+        present = ~np.isin(asked.ids + 1, np.array(list(absent), dtype=np.int64))
+        if present.all():
+            return population.train(task, asked.ids, memory, asked.seeds)
+        if not present.any():  # shapes only, from a memory nobody keeps
+            return with_absent_rows(population.train(task, asked.ids[:1], population.memory(),
+                                                     asked.seeds and asked.seeds[:1]), asked.ids, present)
+        seeds = None if asked.seeds is None else [s for s, p in zip(asked.seeds, present) if p]
+        return with_absent_rows(population.train(task, asked.ids[present], memory, seeds), asked.ids, present)
+
+    def absent_rows(round_no: int | None, ks: np.ndarray, deadline_s: float | None) -> dict[int, str]:
+        """k → why client k's row holds no result: its simulated dropout, or
+        (without sleeping) a straggler whose extra time passes the deadline."""
+        if dropout is None or round_no is None:
+            return {}
+        absent = {int(k): dropout.why_dropped(round_no, int(k)) for k in ks[dropout.dropped(round_no, ks)]}
+        if deadline_s is not None and dropout.straggle_s >= deadline_s:
+            for k in ks[dropout.straggles(round_no, ks)]:
+                absent.setdefault(int(k), dropout.why_late(deadline_s))
+        return absent
 
     return app

@@ -218,6 +218,9 @@ function paintRun(snap) {
     `${s.batch_size ? `, batch size ${s.batch_size}` : ""}, fraction=${fmt(s.fraction)}, ` +
     `min clients ${s.min_clients}, seed ${s.seed}.`;
   $("#run-status").dataset.status = run.status;
+  // Nor may it hide rounds that lost many clients to timeouts: a banner above the rest.
+  $("#run-timeouts").hidden = !run.timeouts;
+  $("#run-timeouts").textContent = run.timeouts ? `Timeouts: ${run.timeouts.message}.` : "";
   // "completed" can hide a client that never took part: say so.
   const warnings = run.warnings || [];
   $("#run-warnings").hidden = !warnings.length;
@@ -389,7 +392,7 @@ function chartAlt(snap, name, charts) {
   const r = snap.rounds.find((x) => x.round === charts.round);
   if (name === "models") {
     return r ? `Run ${charts.runId}, round ${r.round}: the clients' local model lines and the global model ` +
-               `y = ${fmtW(r.global_model.w)}·x + ${fmt(r.global_model.b)}.` : `Run ${charts.runId}: no round yet.`;
+               `${fmtLine(r.global_model.w, r.global_model.b)}.` : `Run ${charts.runId}: no round yet.`;
   }
   if (name === "params") return `Run ${charts.runId}: w and b of the global and local models over ${snap.rounds.length} round(s).`;
   return `Run ${charts.runId}: federated loss per round on a log scale.`;

@@ -37,7 +37,7 @@ function fmt(x) {
   const a = Math.abs(x);
   if (a === 0) return sign + "0.000000";
   const { int, scale } = exactDecimal(a);
-  if (a >= 1e-3 && a < 1e7) {
+  if (a >= 1e-3 && a < 1e6) {
     const digits = roundShift(int, scale - 6).toString().padStart(7, "0");
     return `${sign}${digits.slice(0, -6)}.${digits.slice(-6)}`;
   }
@@ -55,6 +55,17 @@ function fmtW(w) {
   return Array.isArray(w) ? `[${w.map(fmt).join(", ")}]` : fmt(w);
 }
 const asList = (w) => (Array.isArray(w) ? w : [w]);
+// The model as an equation, as fmt_line in fedavg/trace.py writes it: y = w·x − |b| for a
+// negative term (never "+ -1"), y = w₁·x1 + w₂·x2 + … + b with several features.
+function fmtLine(w, b) {
+  const ws = asList(w);
+  const xs = ws.length === 1 ? ["x"] : ws.map((_, j) => `x${j + 1}`);
+  const term = (v) => {
+    v = Number(v);
+    return v < 0 || Object.is(v, -0) ? `− ${fmt(-v)}` : `+ ${fmt(v)}`;
+  };
+  return `y = ${fmt(ws[0])}·${xs[0]}` + ws.slice(1).map((v, j) => ` ${term(v)}·${xs[j + 1]}`).join("") + ` ${term(b)}`;
+}
 
 
 // --- small DOM helpers --------------------------------------------------------

@@ -188,7 +188,7 @@ function mathParts(r, runId) {
   parts.push(
     el("p", {}, "Global model out (W", el("sub", { text: "t+1" }), "): ",
       el("code", { dataset: { field: "model_out" },
-                   text: d === 1 ? `y = ${fmt(r.global_model.w)}·x + ${fmt(r.global_model.b)}`
+                   text: d === 1 ? fmtLine(r.global_model.w, r.global_model.b)
                                  : `w=${fmtW(r.global_model.w)} b=${fmt(r.global_model.b)}` })),
     el("p", {}, "Federated loss of this model, L = Σ n", el("sub", { text: "k" }), "/N · L", el("sub", { text: "k" }),
       ": ", el("code", { dataset: { field: "federated_loss" },
