@@ -43,7 +43,8 @@ def clip(delta: np.ndarray, bound: float) -> np.ndarray:
 def clip_rows(deltas: np.ndarray, bound: float) -> np.ndarray:
     """``clip`` for each row Δ_k of ``deltas`` (B, p) at once, in a new array:
     Δ_k·(S/‖Δ_k‖) for the rows longer than S, the others as they are."""
-    norm = np.linalg.norm(deltas, axis=1)
+    with np.errstate(over="ignore"):  # a norm past what a double holds is ∞: that row clips to 0·Δ, as one alone
+        norm = np.linalg.norm(deltas, axis=1)
     over = norm > bound
     out = np.array(deltas, dtype=float)
     out[over] *= (bound / norm[over])[:, None]
