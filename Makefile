@@ -43,8 +43,10 @@ demo: install
 
 # K is passed only when given: sim.py's default is 50 clients, 2 for the seed.
 # `make sim SIM_ARGS=--keep` leaves the page up after the run (Ctrl-C stops it).
+# `make sim POPULATION=1000000 FRACTION=0.01 ROUNDS=100`: a population reached by index.
 sim: install
 	$(PYTHON) scripts/sim.py $(if $(filter command line environment,$(origin K)),--clients $(K)) \
+		$(if $(POPULATION),--population $(POPULATION)) $(if $(FRACTION),--fraction $(FRACTION)) \
 		--rounds $(ROUNDS) $(SIM_ARGS)
 
 # Figures, not pass/fail: every app started as the README starts it; prints a

@@ -20,7 +20,7 @@ try:
         shared_token,
         tls_from_args,
     )
-    from fedavg.population import POPULATION_SCENARIOS, Population
+    from fedavg.population import POPULATION_SCENARIOS, Population, check_shard, parse_shard
     from fedavg.scenarios import ATTACKERS, ATTACKS, NOISE, SCENARIOS, make_clients
 except ModuleNotFoundError as e:  # a python without the app's Poetry environment: say how to run it
     raise SystemExit(f"error: no module {e.name}; run: {__doc__.split('Run: ')[1].splitlines()[0]}") from None
@@ -48,6 +48,10 @@ if __name__ == "__main__":
                         help="K clients held as arrays, drawn at once (fedavg/population.py: its own draw, not "
                              "--clients' numbers), each client's endpoints built when first called: for a "
                              f"large K; scenarios {', '.join(POPULATION_SCENARIOS)}")
+    parser.add_argument("--shard", metavar="I/N",
+                        help="with --population: hold only shard I of N of the population that --population K "
+                             "--seed S describes (its clients, their global numbers and names and data, the same "
+                             "whatever N); start N hosts, and the server with --clients-from each of them")
     parser.add_argument("--seed", type=int, default=0, help="the scenario's seed (default 0)")
     parser.add_argument("--samples", type=int, default=20, help="n_k per client, or its mean (default 20)")
     parser.add_argument("--csv", type=Path,
@@ -76,6 +80,14 @@ if __name__ == "__main__":
     if args.population is not None and args.scenario not in POPULATION_SCENARIOS:
         parser.error(f"--population: scenario {args.scenario} is not drawn as a population "
                      f"(one of {', '.join(POPULATION_SCENARIOS)}; else --clients)")
+    if args.shard is not None and args.population is None:
+        parser.error("--shard: a shard is of a population: give --population K too")
+    try:
+        shard = None if args.shard is None else parse_shard(args.shard)
+        if shard is not None:
+            check_shard(*shard, args.population)
+    except ValueError as e:
+        parser.error(str(e))
     attackers = ATTACKERS if args.attackers is None else args.attackers
     attack = args.attack or "huge"
     tls = tls_from_args(args)
@@ -92,6 +104,8 @@ if __name__ == "__main__":
         else:
             clients, population = None, Population.build(args.scenario, args.population, args.seed, args.samples,
                                                          attackers, attack)
+            if shard is not None:  # drawn whole, then cut: the same rows whatever the split
+                population = population.shard(*shard)
     except (ValueError, OSError) as e:  # a token that cannot work, a scenario that cannot be made
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -102,6 +116,9 @@ if __name__ == "__main__":
     rows = sum(len(c.y) for c in clients) if population is None else int(population.sizes.sum())
     if population is not None:
         about += "; a population (its own draw)"
+    if shard is not None:
+        about += (f"; shard {shard[0]}/{shard[1]}: clients {population.first + 1}..{population.first + k} of "
+                  f"{args.population}")
     if dropout.describe():
         about += f"; simulated {dropout.describe()}"
     app = create_host_app(clients, token, f"{args.scenario}: {about}; K={k}, seed={args.seed}",

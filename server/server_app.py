@@ -11,9 +11,12 @@ import urllib.error
 import urllib.request
 
 try:
+    from fedavg.batch_wire import POPULATION_PATH
     from fedavg.http.service import base_url, cli, configure_logging, serve, shared_token, tls_from_args
+    from fedavg.strict_json import ProtocolError
     from fedavg.tls_files import TLSFiles
     from fedavg_server import client_urls, create_app
+    from fedavg_server.hosted import ClientURLs, HostedPopulation, parse_population
     from fedavg_server.http_transport import caller_context
     from fedavg_server.runs import StoreError
 except ModuleNotFoundError as e:  # a python without the app's Poetry environment: say how to run it
@@ -64,9 +67,11 @@ def outside_line(host_url: str, token: str | None = None, tls: TLSFiles | None =
 
 
 def clients_from(host_url: str, wait_s: float = HOST_WAIT_S, token: str | None = None,
-                 tls: TLSFiles | None = None) -> list[str]:
-    """Every client a client host serves (its GET /clients), as full URLs.
-    The host may still be starting: ask again until it answers or wait_s ends."""
+                 tls: TLSFiles | None = None) -> list[str] | HostedPopulation:
+    """Every client a client host serves: its population, described in one
+    reply (GET /population: reached by index, K URLs never made), or when it
+    has none (a host of --clients) its GET /clients as full URLs. The host
+    may still be starting: ask again until it answers or wait_s ends."""
     base = host_url.rstrip("/")
     context = tls_context(tls)
     if not base.startswith(("http://", "https://")):
@@ -74,6 +79,15 @@ def clients_from(host_url: str, wait_s: float = HOST_WAIT_S, token: str | None =
     deadline = time.monotonic() + wait_s
     while True:
         try:
+            try:
+                with urllib.request.urlopen(ask(base + POPULATION_PATH, token), timeout=30, context=context) as resp:
+                    return parse_population(base, json.loads(resp.read()))
+            except urllib.error.HTTPError as e:
+                if e.code != 404:  # (404: a host of --clients, listed below)
+                    raise ValueError(f"{base}{POPULATION_PATH} answered HTTP {e.code}"
+                                     + (" (is FEDAVG_TOKEN the host's?)" if e.code in (401, 403) else "")) from None
+            except ProtocolError as e:
+                raise ValueError(f"{base}{POPULATION_PATH}: {e}") from None
             with urllib.request.urlopen(ask(base + "/clients", token), timeout=5, context=context) as resp:
                 paths = json.loads(resp.read())["clients"]
             if not paths or not all(isinstance(p, str) and p.startswith("/") for p in paths):
@@ -97,9 +111,11 @@ if __name__ == "__main__":
     parser.add_argument("--clients",
                         help="comma-separated client URLs (default: env FEDAVG_CLIENTS, "
                              "else http://127.0.0.1:5001,http://127.0.0.1:5002)")
-    parser.add_argument("--clients-from", metavar="HOST_URL",
+    parser.add_argument("--clients-from", metavar="HOST_URL", action="append",
                         help="a client host's URL, e.g. http://127.0.0.1:6000: use every client it serves "
-                             "(its GET /clients); adds to --clients if given")
+                             "(its GET /population, a population reached by index; else its GET /clients); "
+                             "repeat it or separate URLs by commas for several hosts (shards); adds to "
+                             "--clients if given")
     parser.add_argument("--clients-from-wait", type=float, default=HOST_WAIT_S, metavar="SECONDS",
                         help=f"how long to wait for that host to answer (default {HOST_WAIT_S})")
     parser.add_argument("--max-parallel", type=int, default=None,
@@ -122,12 +138,20 @@ if __name__ == "__main__":
     try:
         if args.clients_from:
             token = shared_token()
-            hosted = clients_from(args.clients_from, args.clients_from_wait, token, tls)
-            config["CLIENTS"] = (client_urls(args.clients) if args.clients else []) + hosted
-            line = outside_line(args.clients_from, token, tls)
+            hosts = [u.strip() for value in args.clients_from for u in value.split(",") if u.strip()]
+            parts: list = client_urls(args.clients) if args.clients else []
+            for host in hosts:
+                hosted = clients_from(host, args.clients_from_wait, token, tls)
+                parts += [hosted] if isinstance(hosted, HostedPopulation) else hosted
+                count = hosted.size if isinstance(hosted, HostedPopulation) else len(hosted)
+                print(f"server: {count} client(s) from the client host at {host}"
+                      + (" (a population, reached by index)" if isinstance(hosted, HostedPopulation) else ""),
+                      flush=True)
+            clients = ClientURLs(parts)
+            config["CLIENTS"] = clients if clients.hosts else list(clients)
+            line = outside_line(hosts[0], token, tls) if len(hosts) == 1 else None
             if line is not None:
-                config["OUTSIDE_LINE"] = {**line, "clients": hosted}
-            print(f"server: {len(hosted)} client(s) from the client host at {args.clients_from}", flush=True)
+                config["OUTSIDE_LINE"] = {**line, "clients": config["CLIENTS"]}
         elif args.clients:
             config["CLIENTS"] = client_urls(args.clients)
         if args.db:
@@ -147,7 +171,8 @@ if __name__ == "__main__":
     shown = ", ".join(clients) if len(clients) <= 4 else f"{clients[0]} … {clients[-1]}"
     try:
         # Its own connections out: about one kept alive per client, and one per call in flight.
-        outgoing = len(clients) + max(1, app.config["MAX_PARALLEL"])
+        kept = len(clients.stand_ins()) if isinstance(clients, ClientURLs) else len(clients)  # (a host: one pool)
+        outgoing = kept + max(1, app.config["MAX_PARALLEL"])
         # Over TLS its callers need no certificate to read what everyone may
         # (a browser, curl); operating takes the operator certificate (access.py).
         serve(app, args.host, args.port, allowed_hosts=args.allowed_host, outgoing=outgoing, tls=tls,

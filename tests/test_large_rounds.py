@@ -19,8 +19,9 @@ import pytest
 
 from fedavg.http.host_app import create_host_app
 from fedavg.scenarios import make_clients
+from fedavg_server.federation import WARN_NAMED
 from fedavg_server.inprocess import InProcessTransport
-from fedavg_server.records import SUMMARY_ABOVE, TOP_CONTRIBUTORS
+from fedavg_server.records import SUMMARY_ABOVE, SUSPICIOUS_LISTED, TOP_CONTRIBUTORS
 from fedavg_server.transport import Reply
 
 K = SUMMARY_ABOVE + 40
@@ -155,9 +156,15 @@ def test_a_host_lost_is_counted_by_reason_named_first_few_and_warned_about(serve
            f"{K - len(record['dropped'])} more" in logged
     rows = rows_of(fed, run["run_id"], 1)  # every dropped client, with its reason
     assert sum(1 for r in rows if r["dropped"]) == K and sum(1 for r in rows if not r["dropped"]) == K
-    # the warnings count every client of every round, not only those the record names
+    # the warnings count every client of every round, not only those the record names: the first
+    # WARN_NAMED by name, the rest in one line (the run's summary is not a line per client)
     warnings = fed.get(f"/runs/{run['run_id']}")[1]["warnings"]
-    assert len(warnings) == K and all("dropped in 2/2 rounds" in w for w in warnings)
+    named, rest = warnings[:WARN_NAMED], warnings[WARN_NAMED:]
+    assert [w.split(" dropped in ")[0] for w in named] == sorted(c.client_id for c in theirs)[:WARN_NAMED]
+    assert all("dropped in 2/2 rounds" in w for w in named)
+    assert rest == [f"and {K - WARN_NAMED:,} more clients dropped from some round, {2 * (K - WARN_NAMED):,} drops in "
+                    f"all (by last reason: {K - WARN_NAMED:,} its host's {OTHER}/batch/train: cannot connect: the host "
+                    "went away; each round's clients.csv names them)"]
     # who took part, for a resume's check and the charts: every participant
     assert len(fed.fed.store.clients_seen(run["run_id"])) == K
     assert len(fed.fed.store.chart_rounds(run["run_id"], clients=None)[0]["participants"]) == K
@@ -210,3 +217,32 @@ def test_the_log_writes_a_large_rounds_average_as_a_sum_over_groups_that_adds_up
     largest = sorted(rows, key=lambda r: -int(r["n_k"]))[:TOP_CONTRIBUTORS]
     assert [x.split()[1] for x in lines[top + 1: top + 1 + TOP_CONTRIBUTORS]] == \
         [f"n_k={r['n_k']}" for r in largest]
+
+
+def test_a_large_rounds_suspicious_updates_are_counted_and_the_largest_listed(tmp_path):
+    """30 attackers among K clients: the summary counts every flagged update, the record lists the
+    SUSPICIOUS_LISTED largest; both against the flags recomputed here from the clients.csv's models
+    (‖W_k − W_0‖ more than 10× the median of the others', W_0 = 0)."""
+    from conftest import Federated
+    from fedavg_server.inprocess import federation_app
+    clients = make_clients("byzantine", K, 4, attackers=30, attack="huge")
+    fed = Federated(federation_app(clients, tmp_path / "runs.db"))
+    try:
+        run = fed.run(rounds=1, seed=1, aggregator="median")
+        rows = rows_of(fed, run["run_id"], 1)
+    finally:
+        fed.close()
+    norms = {r["client_id"]: math.hypot(float(r["local_model.w"]), float(r["local_model.b"])) for r in rows}
+
+    def ratio(name: str) -> float:
+        others = sorted(v for k, v in norms.items() if k != name)
+        mid = len(others) // 2
+        median = others[mid] if len(others) % 2 else (others[mid - 1] + others[mid]) / 2
+        return norms[name] / median
+
+    flagged = {name: ratio(name) for name in norms if ratio(name) > 10}
+    record = run["rounds"][0]
+    assert record["summary"]["suspicious"] == len(flagged) == 30 > SUSPICIOUS_LISTED
+    listed = record["suspicious"]
+    assert len(listed) == SUSPICIOUS_LISTED and {x["client_id"] for x in listed} <= set(flagged)
+    assert [x["ratio"] for x in listed] == pytest.approx(sorted(flagged.values(), reverse=True)[:SUSPICIOUS_LISTED])

@@ -177,3 +177,42 @@ def test_clients_on_their_own_hosts_over_mutual_tls_and_a_certificate_for_anothe
             assert "wrong name" in reason and addrs[0] in reason and reason.endswith(f"not {addrs[1]}"), d
     finally:
         launcher.stop(apps)
+
+
+@needs_root
+def test_two_shard_hosts_on_their_own_hosts_and_one_killed_mid_run(hosts, tmp_path):
+    """A population of 40 in two shards, each client host in its own namespace (10.231.k.2), the server
+    reaching both by index (--clients-from both); shard 2's host killed with SIGKILL after round 3: each
+    round after that drops exactly its 20 clients, each naming the host, and the run completes on shard 1's."""
+    import signal
+    apps: list[launcher.App] = []
+    try:
+        urls = []
+        for k, (ns, addr, _) in enumerate(hosts, start=1):
+            app = launcher.start_app("client_host", 6000 + k, ["--population", "40", "--shard", f"{k}/2"],
+                                     host=addr, wrap=["ip", "netns", "exec", ns])
+            apps.append(app)
+            urls.append(app.url)
+        launcher.wait_healthy(apps)
+        server = launcher.start_app("server", launcher.free_port(),
+                                    ["--clients-from", ",".join(urls), "--db", str(tmp_path / "runs.db")])
+        apps.append(server)
+        launcher.wait_healthy(apps)
+        assert get_json(server.url + "/health")["clients"] == [f"{u}/clients/{k}" for u in urls for k in range(1, 21)]
+
+        status, started = launcher.post_json(server.url + "/start", {
+            "rounds": 10, "pace_s": 0.05, "client_timeout_s": 2, "min_clients": 1, "wait": False})
+        assert status == 202, started
+        run_id = started["run_id"]
+        poll_run(server.url, run_id, lambda r: len(r["rounds"]) >= 3)
+        os.killpg(apps[1].proc.pid, signal.SIGKILL)  # shard 2's host dies (its whole process group)
+        run = poll_run(server.url, run_id, lambda r: r["status"] != "running", timeout_s=120)
+        assert run["status"] == "completed", run["error"]
+        first, last = run["rounds"][0], run["rounds"][-1]
+        assert [p["client_id"] for p in first["participants"]] == [f"sim_{k}" for k in range(1, 41)]
+        assert [p["client_id"] for p in last["participants"]] == [f"sim_{k}" for k in range(1, 21)]
+        assert [d["client_id"] for d in last["dropped"]] == [f"sim_{k}" for k in range(21, 41)]
+        reasons = {d["reason"] for d in last["dropped"]}
+        assert len(reasons) == 1 and reasons.pop().startswith(f"its host's {urls[1]}/batch/train: "), last["dropped"]
+    finally:
+        launcher.stop(apps)

@@ -199,7 +199,8 @@ def test_unknown_run_is_404_json(server):
 def test_health(server, clients):
     r = server.get("/health")
     assert r.status_code == 200
-    assert r.get_json() == {"status": "ok", "clients": [c.url for c in clients], "running_run_id": None}
+    assert r.get_json() == {"status": "ok", "clients": [c.url for c in clients], "clients_total": 2,
+                            "running_run_id": None}
 
 
 def test_a_second_start_while_one_runs_is_409_with_the_running_id(server):

@@ -44,6 +44,10 @@ from .strict_json import MAX_DATA_SIZE, ProtocolError, expect_int, expect_object
 from .wire import TRAIN_CONFIG, TRAIN_FIELDS, parse_train_request
 
 BATCH_PATH = "/batch/train"
+# A host of a population's own clients: all of them described in one reply (K, n_k as an array), and
+# evaluated in one call (sums): what a server reaching them by index asks instead of K /health, K /evaluate.
+POPULATION_PATH = "/population"
+BATCH_EVALUATE_PATH = "/batch/evaluate"
 DTYPES = {"<f8": np.dtype("<f8"), "<i8": np.dtype("<i8"), "|b1": np.dtype("|b1")}
 SEED = next(p for p in TRAIN_CONFIG if p.name == "seed")
 
@@ -198,6 +202,19 @@ def parse_batch_reply(value: Any, ks: list[int], num_features: int, strategy: st
         raise ProtocolError("reply.errors: must be a JSON object")
     why = {int(k): str(v)[:500] for k, v in errors.items() if isinstance(k, str) and k.isdigit()}
     return reply, why
+
+
+def parse_batch_evaluate_reply(value: Any, clients: int) -> tuple[int, float]:
+    """A host's /batch/evaluate reply → (N = Σ n_k, Σ n_k·L_k) over the
+    clients whose loss is finite; ProtocolError naming the field."""
+    obj = expect_object(value, "reply", ("clients", "data_size", "loss_sum", "not_finite"),
+                        ("clients", "data_size", "loss_sum"))
+    expect_int(obj["clients"], "reply.clients", ge=0, le=clients)
+    n = expect_int(obj["data_size"], "reply.data_size", ge=0)
+    total = obj["loss_sum"]
+    if isinstance(total, bool) or not isinstance(total, (int, float)) or not total >= 0:
+        raise ProtocolError("reply.loss_sum: must be a number >= 0")
+    return n, float(total)
 
 
 def rows_usable(reply: BatchReply) -> np.ndarray:

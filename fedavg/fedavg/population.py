@@ -98,7 +98,7 @@ class Population:
     byzantine: honest data, lying replies (scenarios' ``ATTACKS``)."""
 
     def __init__(self, X: np.ndarray, y: np.ndarray, offsets: np.ndarray, attackers: int = 0,
-                 attack: str = "huge", scenario: str = "arrays") -> None:
+                 attack: str = "huge", scenario: str = "arrays", first: int = 0) -> None:
         X, y, offsets = np.asarray(X, dtype=float), np.asarray(y, dtype=float), np.asarray(offsets, dtype=np.int64)
         if X.ndim != 2 or y.ndim != 1 or len(X) != len(y):
             raise ValueError(f"X: must be (rows, d) with one row per entry of y, got {X.shape} and {y.shape}")
@@ -113,6 +113,9 @@ class Population:
             raise ValueError(f"attackers: must be 0..K={len(sizes)}, got {attackers}")
         self.X, self.y, self.offsets, self.sizes = X, y, offsets, sizes
         self.attackers, self.attack, self.scenario = attackers, attack, scenario
+        # The global index of client 0: a shard of a larger population names its clients by their
+        # place in the whole (``shard``), so that they are the same clients whatever the split.
+        self.first = first
         self.xtx, self.xty = statistics(X, y, offsets)
 
     @classmethod
@@ -193,8 +196,29 @@ class Population:
         X, y = self.rows(k)
         kept = {} if memory is None else {"memory": memory.of(k)}
         if k < self.attackers:
-            return Attacker(f"attacker_{k + 1}", X, y, attack=self.attack, **kept)
-        return LocalClient(f"sim_{k + 1}", X, y, **kept)
+            return Attacker(client_name(self.first + k, True), X, y, attack=self.attack, **kept)
+        return LocalClient(client_name(self.first + k, False), X, y, **kept)
+
+    def stated_sizes(self) -> np.ndarray:
+        """n_k as each client's own /health states it (K,): its rows, or
+        lying_n's 10⁹ for its attackers."""
+        stated = self.sizes.copy()
+        if self.attack == "lying_n":
+            stated[:self.attackers] = LYING_N
+        return stated
+
+    def shard(self, i: int, n: int) -> Population:
+        """Shard i of n (1-based) of this population: clients
+        ⌊(i−1)·K/n⌋ … ⌊i·K/n⌋ − 1, each with exactly its rows, its global
+        index (``first``, hence its name) and, for the attackers (the first
+        F of the whole), its attack. The same clients with the same data
+        whatever n: a split of the whole, not a draw of its own."""
+        check_shard(i, n, self.size)
+        lo, hi = self.size * (i - 1) // n, self.size * i // n
+        a, b = self.offsets[lo], self.offsets[hi]
+        return Population(self.X[a:b].copy(), self.y[a:b].copy(), self.offsets[lo:hi + 1] - a,
+                          attackers=min(max(self.attackers - lo, 0), hi - lo), attack=self.attack,
+                          scenario=self.scenario, first=self.first + lo)
 
     def clients(self, memory: BatchMemory) -> LazyClients:
         """Every client as ``client(k, memory)``, each built when first asked for."""
@@ -244,6 +268,13 @@ class Population:
         ``ids``, θ_k = theta[j] (B, p), from the rows."""
         err, _, starts = self._residuals(theta, ids)
         return np.add.reduceat(err * err, starts[:-1]) / self.sizes[ids]
+
+    def evaluate_all(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every client's /evaluate of one model θ at once: (L_k(θ) for k in
+        0..K−1, n_k as each states it), L_k = 1/n_k Σ_i (w·x_i + b − y_i)²,
+        from the rows in place (no gather: one pass over all of them)."""
+        err = self.X @ theta[:-1] + theta[-1] - self.y
+        return np.add.reduceat(err * err, self.offsets[:-1]) / self.sizes, self.stated_sizes()
 
     def gradients(self, theta: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """∇L_k(θ_k) = (2/n_k)·Σ_i x̃_i·err_i (B, p) for each client of
@@ -348,6 +379,28 @@ class LazyClients(Sequence[LocalClient]):
     def built(self) -> int:
         """How many clients have been built so far."""
         return len(self._built)
+
+
+def client_name(index: int, attacker: bool) -> str:
+    """The name client ``index`` (0-based, in the whole population) gives in
+    its /health: make_clients' names, attacker_{index+1} or sim_{index+1}."""
+    return f"{'attacker' if attacker else 'sim'}_{index + 1}"
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """"i/n" → (i, n), 1 ≤ i ≤ n; else ValueError naming --shard."""
+    i, sep, n = spec.partition("/")
+    if not sep or not i.strip().isdigit() or not n.strip().isdigit():
+        raise ValueError(f"--shard: must be i/n (this host holds shard i of n, e.g. 1/2), got {spec!r}")
+    return int(i), int(n)
+
+
+def check_shard(i: int, n: int, k: int) -> None:
+    """ValueError naming --shard unless 1 ≤ i ≤ n ≤ K (every shard holds a client)."""
+    if not 1 <= i <= n:
+        raise ValueError(f"--shard: i/n needs 1 ≤ i ≤ n, got {i}/{n}")
+    if n > k:
+        raise ValueError(f"--shard: {n} shards of {k} clients would leave a shard empty")
 
 
 def statistics(X: np.ndarray, y: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

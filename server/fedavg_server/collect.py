@@ -12,16 +12,24 @@ own part of the round record: who took part, N, the terms.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from fedavg.batch_wire import batch_reply_limit, parse_absent, parse_batch_reply, rows_usable
+from fedavg.batch_wire import (
+    BATCH_EVALUATE_PATH,
+    batch_reply_limit,
+    parse_absent,
+    parse_batch_evaluate_reply,
+    parse_batch_reply,
+    rows_usable,
+)
 from fedavg.model import Theta, split
 from fedavg.privacy import DPAverage
 from fedavg.strategies import Result, Strategy
@@ -35,6 +43,36 @@ from .roster import Roster
 from .transport import Reply
 
 Body = Callable[[str], dict[str, Any]]  # url → its request body
+
+
+@dataclass(frozen=True)
+class Bodies:
+    """A round's /train bodies: ``common`` (θ_t, the round, what the strategy
+    sends) with each client's config, which differs by its seed alone
+    (``config_for(seed)``, the mini-batch shuffle's, from ``seeds``). Called
+    with a URL it is that client's body; ``shared`` is the one body a host's
+    /batch/train carries for all its clients (their seeds beside it), built
+    once, not once per client."""
+
+    common: dict[str, Any]
+    config_for: Callable[[int | None], dict[str, Any]]
+    seeds: Mapping[str, int]
+
+    def __call__(self, url: str) -> dict[str, Any]:
+        return {**self.common, "config": self.config_for(self.seeds[url])}
+
+    @functools.cached_property
+    def shared(self) -> dict[str, Any]:
+        return {**self.common, "config": self.config_for(None)}
+
+    def batch(self, urls: list[str], ks: list[int]) -> dict[str, Any]:
+        """The /batch/train body for clients ``ks`` (at ``urls``): the shared
+        body, ``clients``, and each one's seed when its config asks for
+        mini-batches (else unused, and not sent)."""
+        out = {**self.shared, "clients": ks}
+        if self.shared["config"].get("batch_size") is not None:
+            out["seeds"] = [self.seeds[url] for url in urls]
+        return out
 log = logging.getLogger("fedavg.server")
 
 
@@ -65,7 +103,7 @@ class Collected:
 
 
 class Collector(Protocol):
-    def collect(self, r: int, theta: Theta, sample: list[str], body_for: Body) -> Collected:
+    def collect(self, r: int, theta: Theta, sample: list[str], body_for: Bodies) -> Collected:
         """Round r's work of the sampled clients (RoundFailed if the round cannot count)."""
 
     def evaluate(self, theta: Theta) -> tuple[list[tuple[float, int]], str, int]:
@@ -118,20 +156,36 @@ class PlainCollector:
                       parsed["metrics"])
 
     def evaluate(self, theta: Theta) -> tuple[list[tuple[float, int]], str, int]:
-        """One /evaluate wave; a client that cannot answer is left out, and said so."""
+        """One /evaluate wave; a client that cannot answer is left out, and said so.
+        A hosted population's clients are evaluated by their host in one call
+        (/batch/evaluate: Σ n_k·L_k and N over its clients, one pair)."""
         body = {"global_model": model_json(*split(theta))}
-        replies = self.roster.transport.call_all(self.roster.urls, "POST", "/evaluate", self.timeout_s,
+        clients = self.roster.clients
+        replies = self.roster.transport.call_all(list(clients.own), "POST", "/evaluate", self.timeout_s,
                                                  lambda url: body)
-        losses = []
+        losses, count = [], 0
         for reply in replies:
             try:
                 if not reply.ok:
                     raise ProtocolError(reply.reason)
                 parsed = parse_evaluate_reply(reply.body)
                 losses.append((parsed["loss"], parsed["data_size"]))
+                count += 1
             except ProtocolError as e:
                 log.info("%s  not evaluated: %s", self.roster.names[reply.url], e)
-        return losses, "final /evaluate", len(losses)
+        hosts = self.roster.transport.call_all([h.base + BATCH_EVALUATE_PATH for h in clients.hosts], "POST", "",
+                                               self.timeout_s, lambda url: body) if clients.hosts else []
+        for host, reply in zip(clients.hosts, hosts):
+            try:
+                if not reply.ok:
+                    raise ProtocolError(reply.reason)
+                n, total = parse_batch_evaluate_reply(reply.body, host.size)
+                if n:
+                    losses.append((total / n, n))
+                    count += reply.body["clients"]
+            except ProtocolError as e:
+                log.info("the %d clients of %s  not evaluated: %s", host.size, host.base, e)
+        return losses, "final /evaluate", count
 
 
 def collected(got: list[Result | Dropped], strategy: Strategy) -> Collected:
@@ -161,30 +215,32 @@ class BatchedCollector:
 
     plain: PlainCollector
 
-    def collect(self, r: int, theta: Theta, sample: list[str], body_for: Body) -> Collected:
+    def collect(self, r: int, theta: Theta, sample: list[str], body_for: Bodies) -> Collected:
         roster = self.plain.roster
-        hosts: dict[str, list[str]] = {}  # batched /train URL → its sampled clients, in the sample's order
+        # batched /train URL → its sampled clients and their k there, in the sample's order
+        hosts: dict[str, tuple[list[str], list[int]]] = {}
+        alone = []
         for url in sample:
-            if url in roster.batch:
-                hosts.setdefault(roster.batch[url][0], []).append(url)
-        bodies = {host: batch_body([body_for(url) for url in urls], [roster.batch[url][1] for url in urls])
-                  for host, urls in hosts.items()}
-        for host in [h for h, body in bodies.items() if body is None]:  # bodies that differ beyond the seed
-            del hosts[host], bodies[host]
-        batched = {url for urls in hosts.values() for url in urls}
-        got = self.plain.gather([url for url in sample if url not in batched], body_for)
+            where = roster.batch.get(url)
+            if where is None:
+                alone.append(url)
+            else:
+                urls, ks = hosts.setdefault(where[0], ([], []))
+                urls.append(url)
+                ks.append(where[1])
+        got = self.plain.gather(alone, body_for)
         d = roster.num_features if roster.num_features is not None else len(theta) - 1
-        limit = max((batch_reply_limit(len(urls), d) for urls in hosts.values()), default=0)
-        replies = roster.transport.call_all(list(hosts), "POST", "", self.plain.timeout_s, bodies.get, limit)
-        for reply, urls in zip(replies, hosts.values()):
-            got |= self._rows(reply, urls, d)
+        limit = max((batch_reply_limit(len(urls), d) for urls, _ in hosts.values()), default=0)
+        replies = roster.transport.call_all(list(hosts), "POST", "", self.plain.timeout_s,
+                                            lambda host: body_for.batch(*hosts[host]), limit)
+        for reply, (urls, ks) in zip(replies, hosts.values()):
+            got |= self._rows(reply, urls, ks, d)
         return collected([got[url] for url in sample], self.plain.strategy)
 
-    def _rows(self, reply: Reply, urls: list[str], d: int) -> dict[str, Result | Dropped]:
+    def _rows(self, reply: Reply, urls: list[str], ks: list[int], d: int) -> dict[str, Result | Dropped]:
         """Each client's Result or drop from its host's reply."""
         roster, strategy = self.plain.roster, self.plain.strategy
         names = roster.names
-        ks = [roster.batch[url][1] for url in urls]
         try:
             if not reply.ok:
                 raise ProtocolError(reply.reason)
@@ -215,22 +271,6 @@ class BatchedCollector:
 
     def evaluate(self, theta: Theta) -> tuple[list[tuple[float, int]], str, int]:
         return self.plain.evaluate(theta)
-
-
-def batch_body(bodies: list[dict[str, Any]], ks: list[int]) -> dict[str, Any] | None:
-    """The one /batch/train body for clients ``ks`` whose /train bodies are
-    ``bodies``: the shared body, ``clients``, and each client's own seed
-    (``seeds``) when its config asks for mini-batches; None when the bodies
-    differ in more than config.seed (then each client is asked alone)."""
-    def without_seed(body: dict[str, Any]) -> dict[str, Any]:
-        return {**body, "config": {**body["config"], "seed": None}}
-    shared = without_seed(bodies[0])
-    if any(without_seed(body) != shared for body in bodies[1:]):
-        return None
-    out = {**shared, "clients": ks}
-    if shared["config"].get("batch_size") is not None:
-        out["seeds"] = [body["config"]["seed"] for body in bodies]
-    return out
 
 
 @dataclass

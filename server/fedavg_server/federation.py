@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
 from fedavg.wire import parse_health_reply
 
+from .hosted import as_client_urls, stored_clients, stored_urls
 from .roster import HEALTH_TIMEOUT_S
 from .run import Run
 from .runs import RunStore, StoreError
@@ -64,7 +66,8 @@ class Federation:
         """Start a run in the background and return its id; Busy if one runs."""
         with self._lock:
             self._check_idle()
-            run_id = self.store.create(settings.to_json(), self.transport.urls, settings.init or {"w": 0.0, "b": 0.0})
+            run_id = self.store.create(settings.to_json(), stored_clients(self.transport.urls),
+                                       settings.init or {"w": 0.0, "b": 0.0})
             self._launch(Run(run_id, settings, self.transport, self.store, key=_run_key(self.store.summary(run_id)),
                              batched=self.batched))
             return run_id
@@ -101,15 +104,16 @@ class Federation:
                 raise CannotResume(f"run {run_id} needs min_clients={settings.min_clients}; this server has "
                                    f"{len(self.transport.urls)} client(s)")
             again = 'resume with {"clients": "current"} to go on with this server\'s clients (recorded in the run)'
-            if run["clients"] != self.transport.urls:
-                gone = [u for u in run["clients"] if u not in self.transport.urls]
-                new = [u for u in self.transport.urls if u not in run["clients"]]
+            here = stored_clients(self.transport.urls)  # (a hosted population as one entry, as stored)
+            if run["clients"] != here:
+                gone = [u for u in run["clients"] if u not in here]
+                new = [u for u in here if u not in run["clients"]]
                 if not current_clients:
                     change = (f"no longer here: {', '.join(gone[:6]) or 'none'}{' …' if len(gone) > 6 else ''}; "
                               f"new here: {', '.join(new[:6]) or 'none'}{' …' if len(new) > 6 else ''}"
                               if gone or new else "the same clients in another order (sampling follows the order)")
                     raise CannotResume(f"run {run_id} ran with other clients than this server's: {change}; {again}")
-                self.store.set_clients(run_id, self.transport.urls)
+                self.store.set_clients(run_id, here)
                 log.info("Run %s resumes with this server's clients: %d gone, %d new", run_id, len(gone), len(new))
             if recorded is not None and now is not None:
                 swapped = _swapped(recorded, now)
@@ -120,19 +124,23 @@ class Federation:
             self.store.set_status(run_id, "running")
             self._launch(Run(run_id, settings, self.transport, self.store, first_round=done + 1,
                              model=run["current_model"], last=self.store.last_round(run_id),
-                             key=_run_key(run), clients_then=run["clients"], batched=self.batched))
+                             key=_run_key(run), clients_then=stored_urls(run["clients"]), batched=self.batched))
 
     def _health_now(self, timeout_s: float) -> dict[str, dict[str, Any]]:
         """URL → what its /health says now (``parse_health_reply``), for each
         configured client that answers."""
-        replies = self.transport.call_all(self.transport.urls, "GET", "/health", min(timeout_s, HEALTH_TIMEOUT_S))
+        # (a hosted population's clients are its host's: no /health of theirs is asked)
+        replies = self.transport.call_all(list(as_client_urls(self.transport.urls).own), "GET", "/health",
+                                          min(timeout_s, HEALTH_TIMEOUT_S))
         return {r.url: parse_health_reply(r.body) for r in replies if r.ok}
 
     def feature_counts(self, timeout_s: float = 2.0) -> set[int]:
         """The feature counts the clients' /health replies state (empty when
         none says: seed clients have no /health)."""
-        replies = self.transport.call_all(self.transport.urls, "GET", "/health", timeout_s)
-        return {n for r in replies if r.ok and (n := parse_health_reply(r.body)["num_features"])}
+        clients = as_client_urls(self.transport.urls)
+        replies = self.transport.call_all(list(clients.own), "GET", "/health", timeout_s)
+        return ({n for r in replies if r.ok and (n := parse_health_reply(r.body)["num_features"])}
+                | {host.num_features for host in clients.hosts})
 
     def stop(self, run_id: int) -> bool:
         """Ask the running run to stop after its current round; it then reads
@@ -272,6 +280,9 @@ class Federation:
         return tally.summary(RunSettings.from_json(found["settings"]).client_timeout_s)
 
 
+WARN_NAMED = 10  # the run's warnings name this many dropped clients, and count the rest
+
+
 class DropTally:
     """Per client, the rounds it was asked in and the rounds it was dropped
     from, over a run's stored round records (participants and dropped)."""
@@ -298,11 +309,15 @@ class DropTally:
 
     def warnings(self) -> list[str]:
         """'client_2 dropped in 2/2 rounds (last: cannot connect: …)', one per
-        client dropped at least once; a client dropped from every round says
-        that the model is the other clients' alone."""
+        client dropped at least once, the most dropped first; a client dropped
+        from every round says that the model is the other clients' alone. Past
+        WARN_NAMED clients, one more line counts the rest by their last reason:
+        a host lost, or a dropout rate, drops thousands (each is in its round's
+        clients.csv), and a summary of 10,000 lines is no summary."""
+        order = sorted(self.dropped, key=lambda url: (-self.dropped[url], self.names[url]))
         lines = []
-        for url, d in self.dropped.items():
-            asked = self.asked[url]
+        for url in order[:WARN_NAMED]:
+            d, asked = self.dropped[url], self.asked[url]
             line = f"{self.names[url]} dropped in {d}/{asked} rounds"
             if asked != self.last_round:
                 line += " it was sampled for"
@@ -310,6 +325,14 @@ class DropTally:
             if d == asked:
                 line += "; it never took part: the model and the federated MSE are the other clients' alone"
             lines.append(line)
+        rest = order[WARN_NAMED:]
+        if rest:
+            why = Counter(self.reason[url] for url in rest).most_common()
+            said = "; ".join(f"{n:,} {reason}" for reason, n in why[:3]) + \
+                (f"; {sum(n for _, n in why[3:]):,} for {len(why) - 3} other reason(s)" if len(why) > 3 else "")
+            drops = sum(self.dropped[url] for url in rest)
+            lines.append(f"and {len(rest):,} more clients dropped from some round, {drops:,} drops in all (by last "
+                         f"reason: {said}; each round's clients.csv names them)")
         return lines
 
 

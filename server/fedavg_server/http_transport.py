@@ -27,6 +27,7 @@ from urllib3.util.ssl_match_hostname import CertificateError
 from fedavg import tls_files
 from fedavg.tls_files import TLSFiles
 
+from .hosted import ClientURLs, names_for
 from .transport import MAX_REPLY_BYTES, Reply, no_reply_within, reply_from, request_body
 
 log = logging.getLogger("fedavg.server")
@@ -85,13 +86,14 @@ class HttpTransport:
     that cannot be used."""
 
     def __init__(self, urls: Sequence[str], max_parallel: int = 32, tls: TLSFiles | None = None) -> None:
-        self.urls = [u.rstrip("/") for u in urls]
-        check_urls(self.urls, tls)
+        # (a hosted population's URLs stay its host's arrays: ``hosted``)
+        self.urls = urls if isinstance(urls, ClientURLs) else [u.rstrip("/") for u in urls]
+        check_urls(self.urls.stand_ins() if isinstance(self.urls, ClientURLs) else self.urls, tls)
         self.tls = tls
         # Each client's name as it last gave it (/health or /train); its URL
-        # until it has said. Kept across runs, so a client that is down is
-        # still called by its name.
-        self.names: dict[str, str] = {url: url for url in self.urls}
+        # until it has said (a hosted client: the name its host gives it). Kept
+        # across runs, so a client that is down is still called by its name.
+        self.names = names_for(self.urls)
         # Not capped at the number of clients: a /health probe from the page
         # must not queue behind a round's /train calls.
         self.max_parallel = max(1, max_parallel)
@@ -104,7 +106,8 @@ class HttpTransport:
         # TLS server); reused, a client costs one handshake per run
         # (tests/test_tls_transport.py counts them).
         tls_settings = {} if tls is None else {"ssl_context": pool_context(tls), "cert_reqs": "CERT_REQUIRED"}
-        self.http = urllib3.PoolManager(num_pools=max(10, len(self.urls)), maxsize=self.max_parallel,
+        origins = len(self.urls.stand_ins()) if isinstance(self.urls, ClientURLs) else len(self.urls)
+        self.http = urllib3.PoolManager(num_pools=max(10, origins), maxsize=self.max_parallel,
                                         retries=False, **tls_settings)
         self.threads = CallThreads(self.max_parallel)
         self.headers: dict[str, str] = {}

@@ -20,9 +20,11 @@ from urllib.parse import urlsplit
 
 from flask import Flask
 
+from fedavg.batch_wire import POPULATION_PATH
 from fedavg.client import LocalClient
 from fedavg.http.host_app import create_host_app
 
+from .hosted import ClientURLs, HostedPopulation, names_for, parse_population, population_reply_limit
 from .transport import MAX_REPLY_BYTES, Reply, reply_from, request_body
 
 
@@ -35,9 +37,9 @@ class InProcessTransport:
     """url → the client app that answers it; a client host's app answers
     every URL under its /clients/<k> (``hosted``)."""
 
-    def __init__(self, apps: Mapping[str, Flask]) -> None:
-        self.urls = [url.rstrip("/") for url in apps]
-        self.names = {url: url for url in self.urls}
+    def __init__(self, apps: Mapping[str, Flask], urls: ClientURLs | None = None) -> None:
+        self.urls = urls if urls is not None else [url.rstrip("/") for url in apps]
+        self.names = names_for(self.urls)
         self.headers: dict[str, str] = {}
         self.stopping = threading.Event()
         self._routes = {url.rstrip("/"): (app, urlsplit(url)) for url, app in apps.items()}
@@ -51,6 +53,19 @@ class InProcessTransport:
     def hosted(cls, app: Flask, count: int, base: str = "http://localhost") -> InProcessTransport:
         """The ``count`` clients of one client host app, as base/clients/1 … base/clients/K."""
         return cls({f"{base}/clients/{k}": app for k in range(1, count + 1)})
+
+    @classmethod
+    def populations(cls, hosts: Mapping[str, Flask], clients: Sequence[str] = (),
+                    apps: Mapping[str, Flask] | None = None) -> InProcessTransport:
+        """Hosts of populations reached by index (``hosted``): each host app at
+        its base URL, described by its own GET /population as the server's
+        --clients-from reads it; ``clients`` (with their ``apps``) before them."""
+        parts: list[str | HostedPopulation] = list(clients)
+        for base, app in hosts.items():
+            # (its size is not known before it answers: as much as the host's request limit allows of n_k)
+            reply = cls({base: app}).call(base, "GET", POPULATION_PATH, 5.0, max_bytes=population_reply_limit(10 ** 7))
+            parts.append(parse_population(base, reply.body))
+        return cls({**(apps or {}), **hosts}, ClientURLs(parts))
 
     def call_all(self, urls: Sequence[str], method: str, path: str, timeout_s: float,
                  body_for: Callable[[str], Any] | None = None, max_bytes: int = MAX_REPLY_BYTES) -> list[Reply]:

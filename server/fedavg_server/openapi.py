@@ -92,9 +92,12 @@ def server_document(num_clients: int) -> dict[str, Any]:
             "type": "object", "description": f"a round of more than {SUMMARY_ABOVE} participants: its record lists "
                                              "no participant and no term and names only the first few dropped; "
                                              "every client is in GET /runs/{run_id}/rounds/{round}/clients.csv",
-            "required": ["sampled", "contributed", "dropped", "dropped_by_reason", "sums", "groups", "top"],
+            "required": ["sampled", "contributed", "dropped", "suspicious", "dropped_by_reason", "sums", "groups",
+                         "top"],
             "properties": {"sampled": {"type": "integer"}, "contributed": {"type": "integer"},
                            "dropped": {"type": "integer"},
+                           "suspicious": {"type": "integer", "description": "updates flagged far larger than the "
+                                          "others'; the round's suspicious list holds the 20 largest"},
                            "dropped_by_reason": {"type": "array", "items": {
                                "type": "object", "required": ["reason", "clients"],
                                "properties": {"reason": {"type": "string"}, "clients": {"type": "integer"}}}},
@@ -218,6 +221,7 @@ def server_document(num_clients: int) -> dict[str, Any]:
                                 "type": "object", "required": ["status", "clients", "running_run_id"],
                                 "properties": {"status": {"type": "string", "enum": ["ok"]},
                                                "clients": {"type": "array", "items": {"type": "string"}},
+                                               "clients_total": {"type": "integer", "minimum": 0},
                                                "running_run_id": {"type": "integer", "nullable": True}}})}}},
         "/openapi.json": {"get": {"summary": "This document.",
                                   "responses": {"200": reply("OpenAPI 3 document", {"type": "object"})}}},

@@ -37,6 +37,10 @@ SUMMARY_ABOVE = 100
 # weight n_k/N, and the dropped clients (the rest are counted by reason).
 TOP_CONTRIBUTORS = TRACE_TERMS
 DROPPED_NAMED = TRACE_TERMS
+# How many of a summarised round's suspicious updates it lists, the largest
+# first (a byzantine tenth of 10,000 clients is 1,000 of them): the summary
+# counts them all ("suspicious").
+SUSPICIOUS_LISTED = 20
 # The most distinct reasons a summary counts drops under (a host lost drops
 # thousands for one reason; a flood of distinct reasons is counted as "other").
 DROP_REASONS = 20
@@ -120,7 +124,7 @@ def round_json(rec: RoundRecord) -> dict[str, Any]:
         "global_model_in": model_json(*split(rec.theta_in)),
         "participants": [] if big else rec.participants,
         "dropped": [d.json() for d in (rec.dropped[:DROPPED_NAMED] if big else rec.dropped)],
-        "suspicious": rec.suspicious,
+        "suspicious": largest(rec.suspicious) if big else rec.suspicious,
         "N": rec.N,
         "terms": [] if big else rec.terms,
         "math": rec.step.trace,
@@ -167,10 +171,16 @@ def summary_json(rec: RoundRecord) -> dict[str, Any]:
     stacked = {f.name: _stacked(ps, f) for f in REPLY_FIELDS
                if f.kind is MODEL and ps and all(p.get(f.name) is not None for p in ps)}
     update = next((f.name for f in REPLY_FIELDS if f.name in stacked and f.update_from is not None), None)
+    sums = {name: model_json(*split(n @ x)) for name, x in stacked.items()}
     return {"sampled": len(ps) + len(rec.dropped), "contributed": len(ps), "dropped": len(rec.dropped),
-            "dropped_by_reason": by_reason, "sums": {name: model_json(*split(n @ x)) for name, x in stacked.items()},
+            "suspicious": len(rec.suspicious), "dropped_by_reason": by_reason, "sums": sums,
             "groups": None if update is None else groups_json(update, n, stacked[update]),
             "top": [ps[k] | {"weight": float(n[k] / N)} for k in top]}
+
+
+def largest(suspicious: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The SUSPICIOUS_LISTED updates flagged with the largest ratio to the others' median."""
+    return sorted(suspicious, key=lambda x: -x["ratio"])[:SUSPICIOUS_LISTED]
 
 
 def _stacked(ps: list[dict[str, Any]], f: Field) -> np.ndarray:

@@ -29,7 +29,7 @@ from fedavg.strict_json import model_json, parse_model
 from fedavg.trace import fmt_theta
 from fedavg.wire import train_config_json
 
-from .collect import BatchedCollector, Collected, Collector, PlainCollector, RoundFailed, SecureCollector
+from .collect import BatchedCollector, Bodies, Collected, Collector, PlainCollector, RoundFailed, SecureCollector
 from .diagnosis import Diagnosis
 from .dp import Privacy
 from .mathlog import loss_line, opening_lines, partial_round_lines, round_lines
@@ -164,14 +164,14 @@ class Run:
         """The sampled clients' work on θ_t: each is sent θ_t, the round, its
         config (with a per-client seed for mini-batches from (run seed, round),
         so a replay shuffles the same way) and what the strategy sends besides."""
-        seed_of = dict(zip(sample, np.random.SeedSequence([self.s.seed, r]).generate_state(len(sample))))
+        seed_of = dict(zip(sample, np.random.SeedSequence([self.s.seed, r]).generate_state(len(sample)).tolist()))
         inputs = self.strategy.inputs(self.state)
         common = {"global_model": model_json(*split(theta)), "round": r,
                   **{f.name: f.kind.to_json(inputs[f.name]) for f in self.strategy.sends}}
         extra = {k: v for stage in self.stages for k, v in stage.config().items()}
         try:
-            got = self.collector.collect(r, theta, sample, lambda url: {**common, "config": train_config_json(
-                self.s.train_config(int(seed_of[url]), self.key, **extra))})
+            got = self.collector.collect(r, theta, sample, Bodies(common, lambda seed: train_config_json(
+                self.s.train_config(seed, self.key, **extra)), seed_of))
         except RoundFailed as e:
             self._unless_server_stopping(r)
             raise RunStopped("diverged" if e.diverged else "failed", f"round {r}: {e}") from None

@@ -17,14 +17,22 @@ import numpy as np
 from flask import Flask, g, request
 from werkzeug.exceptions import NotFound
 
-from ..batch_wire import BATCH_PATH, batch_reply_json, parse_batch_request
+from ..batch_wire import (
+    BATCH_EVALUATE_PATH,
+    BATCH_PATH,
+    POPULATION_PATH,
+    batch_reply_json,
+    encode_array,
+    parse_batch_request,
+)
 from ..client import MAX_TRAININGS, LocalClient, diverged_error
 from ..dropout import Dropout
 from ..openapi import host_document
 from ..population import BatchReply, Population
-from ..strategies import LocalBatch
+from ..strategies import STRATEGIES, LocalBatch
 from ..theory import pooled_optimum
 from ..training import TrainingStopped
+from ..wire import parse_evaluate_request
 from .client_app import client_blueprint, requested_deadline_s
 from .service import (
     has_token,
@@ -79,7 +87,8 @@ def create_host_app(clients: Sequence[LocalClient] | None, token: str | None = N
     memory = population.memory()
     # One c_k per client, whichever way the server calls it: its own /train keeps it in its row of the
     # memory /batch/train reads and writes (a client hosted before brings what it kept there).
-    if clients is None:
+    own = clients is None  # a population's own clients: named by their index, so /population can describe them
+    if own:
         clients = population.clients(memory)
     else:
         for k, client in enumerate(clients):
@@ -124,9 +133,9 @@ def create_host_app(clients: Sequence[LocalClient] | None, token: str | None = N
         round_no = body.get("round") if isinstance(body, dict) else None
         if not isinstance(round_no, int) or isinstance(round_no, bool):
             return None  # the client's own parser names what is wrong with the body
-        ks = np.array([k])
+        ks = np.array([k + population.first])  # its global number: the same draw whatever the shards
         if dropout.dropped(round_no, ks)[0]:
-            return {"error": dropout.why_dropped(round_no, k)}, 503
+            return {"error": dropout.why_dropped(round_no, k + population.first)}, 503
         if dropout.straggles(round_no, ks)[0]:
             deadline_s = requested_deadline_s()
             late = deadline_s is not None and dropout.straggle_s >= deadline_s
@@ -138,12 +147,17 @@ def create_host_app(clients: Sequence[LocalClient] | None, token: str | None = N
         return None
 
     # θ* of every client's rows at once: what only a simulation knows (the chart draws one feature).
-    # Solved when first asked for: over a million clients' rows, lstsq holds copies of them all.
+    # Solved when first asked for. A population's own clients (up to a million): from the normal
+    # equations of their statistics, θ* = (Σ_k X̃_kᵀX̃_k)⁻¹ Σ_k X̃_kᵀy_k, since lstsq over all the rows
+    # holds copies of them (1 GB more at a million clients, the server asks at its start).
     @functools.cache
     def pooled_line() -> dict[str, float] | None:
         if population.num_features != 1:
             return None
-        w, b = pooled_optimum([(population.X, population.y)])
+        if own:
+            w, b = np.linalg.solve(population.xtx.sum(axis=0), population.xty.sum(axis=0))
+        else:
+            w, b = pooled_optimum([(population.X, population.y)])
         return {"w": float(w), "b": float(b)}
 
     @app.get("/health")
@@ -174,6 +188,41 @@ def create_host_app(clients: Sequence[LocalClient] | None, token: str | None = N
         require_peer(server_name)
         require_token(token)
         return {"scenario": description, "simulated": True, "clients": len(clients), "pooled_line": pooled_line()}
+
+    if own:
+        @app.get(POPULATION_PATH)
+        def describe_population():
+            """Every client here in one reply, what each one's /health would
+            say of it (a server reaching a million clients by index asks this
+            once, not a million /health): K, the global index of the first
+            (``first_id``, 1-based: a shard's), how many of the first are
+            attackers (client k is named attacker_{first_id+k−1} or
+            sim_{first_id+k−1}), num_features, the rows in all, the strategies,
+            secagg, the batched /train's path, and n_k of every client as one
+            int64 array (``batch_wire.encode_array``). Guarded as the private
+            part of /health and /scenario: the token, over TLS the server's
+            certificate."""
+            require_peer(server_name)
+            require_token(token)
+            return {"clients": population.size, "first_id": population.first + 1,
+                    "attackers": population.attackers, "num_features": population.num_features,
+                    "data_size": int(population.sizes.sum()), "strategies": list(STRATEGIES), "secagg": True,
+                    "batch": BATCH_PATH if batch else None, "sizes": encode_array(population.stated_sizes())}
+
+        @app.post(BATCH_EVALUATE_PATH)
+        def batch_evaluate():
+            """/evaluate of every client here at once, as sums (all the
+            federated loss needs): ``loss_sum`` Σ n_k·L_k(θ) and
+            ``data_size`` N = Σ n_k over the ``clients`` whose loss is finite
+            (n_k as each client's /evaluate states it), and how many were not
+            (``not_finite``: each one's /evaluate would be a 422)."""
+            require_peer(server_name)
+            require_token(token)
+            w, b = parse_evaluate_request(json_body(), population.num_features)
+            losses, n = population.evaluate_all(np.append(w, b))
+            ok = np.isfinite(losses)
+            return {"clients": int(ok.sum()), "data_size": int(n[ok].sum()), "loss_sum": float(n[ok] @ losses[ok]),
+                    "not_finite": int((~ok).sum())}
 
     @app.get("/clients")
     def urls():
@@ -223,9 +272,11 @@ def create_host_app(clients: Sequence[LocalClient] | None, token: str | None = N
         (without sleeping) a straggler whose extra time passes the deadline."""
         if dropout is None or round_no is None:
             return {}
-        absent = {int(k): dropout.why_dropped(round_no, int(k)) for k in ks[dropout.dropped(round_no, ks)]}
+        drawn = ks + population.first  # by global number, as each client's /train: whatever the shards
+        absent = {int(k): dropout.why_dropped(round_no, int(k) + population.first)
+                  for k in ks[dropout.dropped(round_no, drawn)]}
         if deadline_s is not None and dropout.straggle_s >= deadline_s:
-            for k in ks[dropout.straggles(round_no, ks)]:
+            for k in ks[dropout.straggles(round_no, drawn)]:
                 absent.setdefault(int(k), dropout.why_late(deadline_s))
         return absent
 

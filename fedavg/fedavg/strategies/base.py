@@ -315,9 +315,12 @@ class Strategy(ABC):
                  sizes: Mapping[str, int] | None = None, clients: Sequence[str] = (), **values: float) -> None:
         self.lr = lr  # the run's lr (FedSGD's server step uses it)
         self.num_clients = num_clients  # K, every client configured
-        self.clients = list(clients)  # their URLs
+        # their URLs: the run's own sequence, not a copy (a population's million are made when asked for)
+        self.clients = clients
         # url → n_k of every client configured, as its /health said (the run's
         # roster, filled before round 1): SCAFFOLD's c is weighted over all of them.
+        # A mapping with counted(clients) → (Σ n_k, the clients without one) sums
+        # itself (a hosted population's arrays: no walk over a million clients).
         self.sizes: Mapping[str, int] = {} if sizes is None else sizes
         self.combine = combine  # FedAvg's weighted average, or a robust rule
         self.p = {param.name: float(values.get(param.name, param.default)) for param in self.params}

@@ -46,7 +46,9 @@ class Scaffold(Strategy):
     def memo(self) -> dict[str, Any]:
         if self.total is None:
             return {}
-        return {"N": self.total, "uncounted": [u for u in self.clients if u in self.uncounted]}
+        # (in configuration order; no walk over a population's million clients when none is uncounted)
+        return {"N": self.total, "uncounted": [u for u in self.clients if u in self.uncounted] if self.uncounted
+                else []}
 
     def resume(self, memo: Mapping[str, Any] | None, clients: Sequence[str]) -> None:
         """c is stored as Σ_k n_k·c_k / N over the clients counted then: go on
@@ -123,8 +125,13 @@ class Scaffold(Strategy):
         c, trace = state["c"], []
         first = self.total is None
         if first:  # the run's first step: every n_k that /health gave
-            self.total = sum(self.sizes.values())
-            self.uncounted = {u for u in self.clients if u not in self.sizes}
+            # (a roster holding a population's n_k as arrays sums them itself: ``counted``)
+            counted = getattr(self.sizes, "counted", None)
+            if counted is not None:
+                self.total, self.uncounted = counted(self.clients)
+            else:
+                self.total = sum(self.sizes.values())
+                self.uncounted = {u for u in self.clients if u not in self.sizes}
         joining = [r for r in results if r.url in self.uncounted]
         if joining:
             before, self.total = self.total, self.total + sum(r.n for r in joining)
