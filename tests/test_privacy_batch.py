@@ -16,6 +16,7 @@ right one passes with negligible probability. The privacy tests of
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ from fedavg.http.host_app import create_host_app
 from fedavg.population import Population
 from fedavg.scenarios import make_clients
 from fedavg_server import sampling
-from fedavg_server.collect import BatchedCollector, PlainCollector
+from fedavg_server.collect import BatchedCollector, Bodies, PlainCollector
 from fedavg_server.inprocess import InProcessTransport
 from fedavg_server.roster import Roster
 from fedavg_server.run import pipeline
@@ -116,10 +117,11 @@ def collectors(host, k: int) -> tuple[BatchedCollector, PlainCollector]:
     return made[0], made[1]
 
 
-def dp_body(clip: float, noise_std: float):
-    theta_t = {"w": 0.3, "b": -0.2}
-    return lambda url: {"global_model": theta_t, "round": 1,
-                        "config": {"lr": 0.05, "local_epochs": 10, "dp": {"clip": clip, "noise_std": noise_std}}}
+def dp_body(clip: float, noise_std: float) -> Bodies:
+    """Round 1's /train bodies from W_t = (0.3, −0.2) with DP's clip and noise share (every seed 0)."""
+    return Bodies({"global_model": {"w": 0.3, "b": -0.2}, "round": 1},
+                  lambda seed: {"lr": 0.05, "local_epochs": 10, "seed": seed,
+                                "dp": {"clip": clip, "noise_std": noise_std}}, defaultdict(int))
 
 
 @pytest.mark.parametrize("noise_std", [0.0, 0.1], ids=["clip-only", "own-noise"])
