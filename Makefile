@@ -70,7 +70,7 @@ compare: .venv/.installed
 
 # What differential privacy costs: DP-FedAvg at several noise multipliers on
 # the seed, on 50 iid clients and on a population of POPULATION clients
-# Poisson-sampled at q = 0.01 (default 20,000; 0 leaves it out), ε against the
+# Poisson-sampled at q = 0.01 (default 1,000,000; 0 leaves it out), ε against the
 # final MSE (docs/PRIVACY.md). Its federations run in-process
 # (fedavg_server.inprocess): the root environment is all it needs.
 privacy: .venv/.installed

@@ -75,7 +75,7 @@ def in_process(args: argparse.Namespace) -> None:
     logging.disable(logging.INFO)  # (the server logs each round's record: not what is measured)
     host = create_host_app(None, population=Population.build("iid", args.population))
     with tempfile.TemporaryDirectory() as tmp:
-        server = create_app({"TRANSPORT": InProcessTransport.hosted(host, args.population),
+        server = create_app({"TRANSPORT": InProcessTransport.populations({"http://127.0.0.1:6000": host}),
                              "DB": f"{tmp}/runs.db", "TOKEN": None}).test_client()
         started = time.perf_counter()
         run = server.post("/start", json=body(args)).get_json()

@@ -15,8 +15,9 @@ each) on one client host, each round Poisson-sampling every client with
 probability q = 0.01 (M = q·K), --population-rounds rounds; the noise on
 the model is σ·S/M, σ × 5·10⁻⁵ at K = 1,000,000, and ε(q = 0.01, σ, T)
 does not depend on K. Each run is printed as it ends, with its time and
-what is left: at large K most of a run is the roster's /health probe and
-the final /evaluate, one call per client each.
+what is left. The server reaches the population by index (the host's GET
+/population once, the final evaluation one /batch/evaluate), so a run's
+cost is its rounds: about 10,000 clients each at K = 1,000,000.
 
 The federations run in-process (``labs``): the server app over the
 scenario's clients in one client host app (the population's own host app
@@ -59,14 +60,17 @@ SIGMAS = (0.0, 0.5, 1.0, 2.0, 4.0)
 DELTA = 1e-5
 # The population regime: Poisson sampling at q = 0.01, clip S, the population's draw (a client host's defaults).
 POPULATION, POPULATION_ROUNDS, POPULATION_Q, POPULATION_CLIP, POPULATION_SEED, POPULATION_ROWS = \
-    20_000, 100, 0.01, 0.5, 0, 20
+    1_000_000, 100, 0.01, 0.5, 0, 20
+POPULATION_HOST = "http://127.0.0.1:6000"  # (in this process: no socket is opened)
 
 
 def population_federation(k: int, db: str) -> FlaskClient:
     """The server app over the K clients of the population regime's iid ``Population``, on its own
     client host app (batched: one /batch/train a round), both in this process."""
     host = create_host_app(None, population=Population.build("iid", k, POPULATION_SEED, POPULATION_ROWS))
-    return create_app({"TRANSPORT": InProcessTransport.hosted(host, k), "DB": db, "TOKEN": None}).test_client()
+    # Reached by index (its GET /population): no per-client /health, and the final evaluation one /batch/evaluate.
+    return create_app({"TRANSPORT": InProcessTransport.populations({POPULATION_HOST: host}), "DB": db,
+                       "TOKEN": None}).test_client()
 
 
 def run_once(server: FlaskClient, rounds: int, dp: dict[str, Any] | None, optimum: Any,
