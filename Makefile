@@ -69,11 +69,13 @@ compare: .venv/.installed
 		$(if $(CLIENTS),--clients $(CLIENTS)) $(COMPARE_ARGS)
 
 # What differential privacy costs: DP-FedAvg at several noise multipliers on
-# the seed and on 50 iid clients, ε against the final MSE (docs/PRIVACY.md).
-# Its federations run in-process (fedavg_server.inprocess): the root
-# environment is all it needs, not the apps' own.
+# the seed, on 50 iid clients and on a population of POPULATION clients
+# Poisson-sampled at q = 0.01 (default 1,000,000; 0 leaves it out), ε against the
+# final MSE (docs/PRIVACY.md). Its federations run in-process
+# (fedavg_server.inprocess): the root environment is all it needs.
 privacy: .venv/.installed
-	.venv/bin/python scripts/privacy.py --out "$(if $(filter command line environment,$(origin OUT)),$(OUT),privacy-out)" $(PRIVACY_ARGS)
+	.venv/bin/python scripts/privacy.py --out "$(if $(filter command line environment,$(origin OUT)),$(OUT),privacy-out)" \
+		$(if $(POPULATION),--population $(POPULATION)) $(PRIVACY_ARGS)
 
 # A CA and certificates for a trial of mutual TLS (docs/DEPLOY.md), into
 # certs/ (git ignores it); refuses to replace it without --force.

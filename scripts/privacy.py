@@ -9,12 +9,23 @@ the same run without DP. The noise on
 the model is σ·S/M a round, M the clients: the same ε costs far less
 accuracy with many clients than with two.
 
+The population regime (--population K, 0 to leave it out) is where
+DP-FedAvg reaches a small ε: K clients of an iid ``Population`` (20 rows
+each) on one client host, each round Poisson-sampling every client with
+probability q = 0.01 (M = q·K), --population-rounds rounds; the noise on
+the model is σ·S/M, σ × 5·10⁻⁵ at K = 1,000,000, and ε(q = 0.01, σ, T)
+does not depend on K. Each run is printed as it ends, with its time and
+what is left. The server reaches the population by index (the host's GET
+/population once, the final evaluation one /batch/evaluate), so a run's
+cost is its rounds: about 10,000 clients each at K = 1,000,000.
+
 The federations run in-process (``labs``): the server app over the
-scenario's clients in one client host app, each run started through the
-server's own API with the /start body a real server takes. The math is the
-code a real federation runs; only the sockets are gone, and with them most
-of the time 22 runs of 50 clients took over HTTP. The runs are spread over
-one worker process per core (--jobs).
+scenario's clients in one client host app (the population's own host app
+for the population), each run started through the server's own API with
+the /start body a real server takes. The math is the code a real
+federation runs; only the sockets are gone, and with them most of the time
+22 runs of 50 clients took over HTTP. The runs are spread over one worker
+process per core (--jobs).
 
 Writes privacy.json to --out. Runs in the root environment, from any directory.
 """
@@ -26,6 +37,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,21 +47,41 @@ from flask.testing import FlaskClient
 
 from compare import distance
 from fedavg import theory
+from fedavg.http.host_app import create_host_app
+from fedavg.population import Population
 from fedavg.scenarios import make_clients
+from fedavg_server import create_app
+from fedavg_server.inprocess import InProcessTransport
 from labs import close, default_jobs, federation, spread
 
 # (scenario, K, rounds, clip S): the seed, and a federation of 50 iid clients.
 SCENARIOS = (("seed", 2, 50, 0.5), ("iid", 50, 50, 0.5))
 SIGMAS = (0.0, 0.5, 1.0, 2.0, 4.0)
 DELTA = 1e-5
+# The population regime: Poisson sampling at q = 0.01, clip S, the population's draw (a client host's defaults).
+POPULATION, POPULATION_ROUNDS, POPULATION_Q, POPULATION_CLIP, POPULATION_SEED, POPULATION_ROWS = \
+    1_000_000, 100, 0.01, 0.5, 0, 20
+POPULATION_HOST = "http://127.0.0.1:6000"  # (in this process: no socket is opened)
 
 
-def run_once(server: FlaskClient, rounds: int, dp: dict[str, Any] | None, optimum: Any) -> tuple[float, float, Any]:
+def population_federation(k: int, db: str) -> FlaskClient:
+    """The server app over the K clients of the population regime's iid ``Population``, on its own
+    client host app (batched: one /batch/train a round), both in this process."""
+    host = create_host_app(None, population=Population.build("iid", k, POPULATION_SEED, POPULATION_ROWS))
+    # Reached by index (its GET /population): no per-client /health, and the final evaluation one /batch/evaluate.
+    return create_app({"TRANSPORT": InProcessTransport.populations({POPULATION_HOST: host}), "DB": db,
+                       "TOKEN": None}).test_client()
+
+
+def run_once(server: FlaskClient, rounds: int, dp: dict[str, Any] | None, optimum: Any,
+             fraction: float = 1.0) -> tuple[float, float, Any]:
     """One run of a setting → its final federated MSE, ‖θ_T − θ*‖ and ε."""
-    reply = server.post("/start", json={"rounds": rounds, **({"dp": dp} if dp else {})})
+    reply = server.post("/start", json={"rounds": rounds, "fraction": fraction, **({"dp": dp} if dp else {})})
     status, run = reply.status_code, reply.get_json()
     if status != 200 or run.get("status") != "completed":
         raise RuntimeError(f"run refused or failed: {run.get('error', run)}")
+    if run.get("more"):  # the answer holds the first page of rounds: the last one is read on its own
+        run["rounds"] = server.get(f"/runs/{run['run_id']}?since={rounds - 1}").get_json()["rounds"]
     return (run["rounds"][-1]["federated_loss"], distance(run["final_model"], optimum),
             (run["rounds"][-1].get("privacy") or {}).get("epsilon"))
 
@@ -68,6 +100,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", "-j", type=int, default=default_jobs(),
                         help=f"worker processes the runs are spread over (default: one per core, {default_jobs()} "
                              "here; 1: all in this process)")
+    parser.add_argument("--population", type=int, default=POPULATION,
+                        help=f"clients of the population regime, Poisson-sampled at q = {POPULATION_Q:g} (default "
+                             f"{POPULATION:,}; 0 leaves the regime out)")
+    parser.add_argument("--population-rounds", type=int, default=POPULATION_ROUNDS,
+                        help=f"rounds of each population run (default {POPULATION_ROUNDS})")
     args = parser.parse_args(argv)
     try:
         sigmas = [float(s) for s in args.sigmas.replace(",", " ").split()]
@@ -75,20 +112,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--sigmas: numbers separated by commas, got {args.sigmas!r}")
     if args.repeats < 1 or args.jobs < 1 or not sigmas or min(sigmas) < 0:
         parser.error("--repeats and --jobs must be >= 1 and --sigmas non-negative numbers")
+    if args.population < 0 or args.population_rounds < 1:
+        parser.error("--population must be >= 0 and --population-rounds >= 1")
+    if 0 < args.population < 1 / POPULATION_Q:
+        parser.error(f"--population: at least {1 / POPULATION_Q:g} clients, so that q = {POPULATION_Q:g} samples "
+                     f"M = q·K >= 1 a round on average (got {args.population})")
     scenarios = []
     for scenario, k, rounds, bound in SCENARIOS:
         clients = make_clients(scenario, k, 0, 20)  # a client host's defaults: seed 0, 20 rows
-        settings = [("no DP", None)] + [(f"σ = {sigma:g}", {"noise_multiplier": sigma, "clip": bound,
-                                                             "delta": DELTA}) for sigma in sigmas]
         scenarios.append({"scenario": scenario, "clients": k, "rounds": rounds, "clip": bound, "delta": DELTA,
-                          "pooled_optimum": theory.pooled_optimum([(c.X, c.y) for c in clients]).tolist(),
-                          "settings": settings})
-        print(f"privacy: {scenario}, K={k}, {rounds} rounds, clip S={bound:g}, M={k}: noise σ·S/M = "
-              f"σ × {bound / k:g} on each coordinate a round", flush=True)
+                          "fraction": 1.0,
+                          "pooled_optimum": theory.pooled_optimum([(c.X, c.y) for c in clients]).tolist()})
+    if args.population:
+        k, population = args.population, Population.build("iid", args.population, POPULATION_SEED, POPULATION_ROWS)
+        scenarios.append({"scenario": "population (iid)", "clients": k, "rounds": args.population_rounds,
+                          "clip": POPULATION_CLIP, "delta": DELTA, "fraction": POPULATION_Q,
+                          "pooled_optimum": theory.pooled_optimum([(population.X, population.y)]).tolist()})
+        del population  # (each worker builds its own, the same draw)
+    for s in scenarios:
+        s["settings"] = [("no DP", None)] + [(f"σ = {sigma:g}", {"noise_multiplier": sigma, "clip": s["clip"],
+                                                                  "delta": DELTA}) for sigma in sigmas]
+        m = s["fraction"] * s["clients"]
+        print(f"privacy: {s['scenario']}, K={s['clients']:,}, {s['rounds']} rounds, clip S={s['clip']:g}, "
+              + ("" if s["fraction"] == 1 else f"Poisson sampling q={s['fraction']:g}, ")
+              + f"M={m:g}: noise σ·S/M = σ × {s['clip'] / m:g} on each coordinate a round", flush=True)
     # Every run on its own (the noise is fresh each time; without noise every run is the same, so once).
     runs = [(i, j) for i, s in enumerate(scenarios) for j, (_, dp) in enumerate(s["settings"])
             for _ in range(args.repeats if dp and dp["noise_multiplier"] > 0 else 1)]
     left = {key: runs.count(key) for key in runs}
+    started, done = time.perf_counter(), [0]
+    # Each scenario's runs so far, from when (the previous run's end before its first) to its last end:
+    # what is left is estimated per scenario, a population run costing far more than one of 50 clients.
+    spent: dict[int, tuple[int, float, float]] = {}
+    last_end = [started]
     history = tempfile.TemporaryDirectory(prefix="fedavg-privacy-")
     federations: list[FlaskClient] = []
 
@@ -99,16 +155,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         i, j = run
         s = scenarios[i]
         if i not in mine:
-            mine[i] = federation(make_clients(s["scenario"], s["clients"], 0, 20),
-                                 f"{history.name}/runs-{os.getpid()}-{i}.db")
+            db = f"{history.name}/runs-{os.getpid()}-{i}.db"
+            mine[i] = (federation(make_clients(s["scenario"], s["clients"], 0, 20), db) if s["fraction"] == 1
+                       else population_federation(s["clients"], db))
             federations.append(mine[i])
-        return run_once(mine[i], s["rounds"], s["settings"][j][1], np.array(s["pooled_optimum"]))
+        return run_once(mine[i], s["rounds"], s["settings"][j][1], np.array(s["pooled_optimum"]), s["fraction"])
 
     def report(n: int, result: Any) -> None:
         i, j = runs[n]
         left[runs[n]] -= 1
-        if not left[runs[n]]:
-            print(f"privacy:   {scenarios[i]['scenario']}, {scenarios[i]['settings'][j][0]} done", flush=True)
+        done[0] += 1
+        now = time.perf_counter()
+        ended, since, _ = spent.get(i, (0, last_end[0], now))
+        spent[i], last_end[0] = (ended + 1, since, now), now
+        each = {k: (end - since) / ended for k, (ended, since, end) in spent.items()}
+        eta = sum(count * each.get(key[0], each[i]) for key, count in left.items())
+        elapsed = now - started
+        print(f"privacy:   [{done[0]}/{len(runs)} runs, {elapsed:.0f} s, about {eta:.0f} s left] "
+              f"{scenarios[i]['scenario']}, {scenarios[i]['settings'][j][0]}"
+              + (" done" if not left[runs[n]] else f": {left[runs[n]]} more run(s)"), flush=True)
 
     try:
         results = spread(runs, start, work, args.jobs, report)
@@ -127,8 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append({"label": label, "dp": dp, "epsilon": mine[-1][2], "losses": [r[0] for r in mine],
                          "distances": [r[1] for r in mine]})
         report_json.append({k: v for k, v in s.items() if k != "settings"} | {"rows": rows})
-        print(f"\n{s['scenario']}, K={s['clients']}, {s['rounds']} rounds, S={s['clip']:g}, δ={DELTA:g} "
-              f"(mean ± sd over {args.repeats} runs where there is noise)")
+        print(f"\n{s['scenario']}, K={s['clients']:,}, {s['rounds']} rounds, "
+              + ("" if s["fraction"] == 1 else f"q={s['fraction']:g}, ")
+              + f"S={s['clip']:g}, δ={DELTA:g} (mean ± sd over {args.repeats} runs where there is noise)")
         print(f"{'setting':<10} {'ε':>10} {'final MSE':>20} {'‖θ_T − θ*‖':>20}")
         for row in rows:
             eps = "-" if row["dp"] is None else ("∞" if row["epsilon"] is None else f"{row['epsilon']:.3g}")
@@ -137,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "privacy.json").write_text(json.dumps(report_json, indent=1, allow_nan=False) + "\n")
-    print(f"privacy: wrote {out / 'privacy.json'}")
+    print(f"privacy: wrote {out / 'privacy.json'} ({time.perf_counter() - started:.0f} s)")
     return 0
 
 

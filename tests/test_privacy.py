@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 from test_secagg import written
 
 from conftest import ROOT
+from fedavg.batch_wire import parse_batch_reply
 from fedavg.client import LocalClient
 from fedavg.http.host_app import create_host_app
 from fedavg.privacy import DPAverage, adapt_clip, client_noise_std, clip, privatize, update_noise_multiplier
@@ -68,30 +69,59 @@ def coordinates(model: dict) -> list[float]:
 
 class Wire(InProcessTransport):
     """The server's transport with the test on the wire: the clients' own
-    apps in this process, each /train request and reply kept as it went
-    (``sent[round]``: (url, config, reply)), and the clients in ``lost``
-    gone for the path it gives them (the server sees a refused connection)."""
+    apps in this process, each client's training request and reply kept as
+    it went (``sent[round]``: (url, config, reply), a /batch/train row read
+    back as the /train reply that client would have sent), and the clients
+    in ``lost`` gone for the path it gives them (the server sees a refused
+    connection)."""
 
     def __init__(self, apps: Any) -> None:
         super().__init__(apps)
         self.lost: dict[str, str] = {}  # url → the path it no longer answers
         self.sent: dict[int, list[tuple[str, dict, dict]]] = defaultdict(list)
+        self.batches = 0  # /batch/train calls answered
 
-    def call(self, url: str, method: str, path: str, timeout_s: float, body: Any = None) -> Reply:
+    def call(self, url: str, method: str, path: str, timeout_s: float, body: Any = None, **limit: int) -> Reply:
         if self.lost.get(url) == path:
             return Reply(url, reason="cannot connect: connection refused (the client is gone)")
-        reply = super().call(url, method, path, timeout_s, body)
+        reply = super().call(url, method, path, timeout_s, body, **limit)
         if path == "/train" and reply.ok:
             self.sent[body["round"]].append((url, body["config"], reply.body))
+        elif url.endswith("/batch/train") and reply.ok:
+            self.batches += 1
+            self.sent[body["round"]] += batch_rows(url.removesuffix("/batch/train"), body, reply.body)
         return reply
 
 
-def wired(servers, clients: list[LocalClient], lost: Sequence[int] = (), at: str = "/train") -> tuple[Any, Wire]:
+def batch_rows(host: str, body: dict, reply: dict) -> list[tuple[str, dict, dict]]:
+    """A /batch/train reply's rows as (url, config, reply) of each client's own /train."""
+    arrays = reply["arrays"]
+    p = arrays["local_model"]["shape"][1]
+    rows, _ = parse_batch_reply(reply, body["clients"], p - 1, reply["strategy"])
+    out = []
+    for j, k in enumerate(body["clients"]):
+        *w, b = rows.local.theta[j].tolist()
+        metrics = {"loss_before": float(rows.loss_before[j]), "loss_after": float(rows.loss_after[j])}
+        if rows.within_clip is not None:
+            metrics["within_clip"] = float(rows.within_clip[j])
+        out.append((f"{host}/clients/{k}", body["config"], {"data_size": int(rows.n[j]), "metrics": metrics,
+                                                              "local_model": {"w": w[0] if p == 2 else w, "b": b}}))
+    return out
+
+
+@pytest.fixture(params=["batched", "per_client"])
+def batched(request) -> bool:
+    """Both ways a DP run reaches a client host's clients: one /batch/train per round, or each one's /train."""
+    return request.param == "batched"
+
+
+def wired(servers, clients: list[LocalClient], lost: Sequence[int] = (), at: str = "/train",
+          batched: bool = False) -> tuple[Any, Wire]:
     """A server over ``clients`` (one client host app) through a ``Wire``; ``lost``: places in the list,
-    gone for the path ``at``."""
+    gone for the path ``at``; ``batched``: the server calls the host once a round for all of them."""
     wire = Wire.hosted(create_host_app(clients), len(clients))
     wire.lost = {wire.urls[i]: at for i in lost}
-    return servers(wire, BATCHED=False), wire  # (it reads each client's own /train)
+    return servers(wire, BATCHED=batched), wire
 
 
 def released_without_noise(theta_t: list[float], updates: list[list[float]], bound: float,
@@ -409,13 +439,13 @@ def test_two_runs_with_the_same_seed_draw_different_noise(seed_federation):
     assert first["final_model"] != second["final_model"]
 
 
-def test_clients_that_add_the_noise_add_sigma_s_over_root_n_each(servers):
+def test_clients_that_add_the_noise_add_sigma_s_over_root_n_each(servers, batched):
     """local_noise, two clients with 9 features, 250 rounds, 5000 draws: each
     client sends W_t + clip_S(W_k − W_t) + N(0, σ²S²/n), n = 2 the clients
     sampled, W_k its plain local GD (computed here), as the wire shows; the
     server only sums."""
     sigma, bound, rounds = 1.0, 0.2, 250
-    fed, wire = wired(servers, wide_clients())
+    fed, wire = wired(servers, wide_clients(), batched=batched)
     run = fed.run(rounds=rounds, dp={"noise_multiplier": sigma, "clip": bound, "local_noise": True})
     assert run["status"] == "completed", run["error"]
     noise = []
@@ -430,6 +460,7 @@ def test_clients_that_add_the_noise_add_sigma_s_over_root_n_each(servers):
             [c + sum(m[j] - c for m in sent.values()) / 2 for j, c in enumerate(theta_t)], abs=1e-12)
     assert len(noise) == 5000
     assert statistics.pstdev(noise) == pytest.approx(sigma * bound / math.sqrt(2.0), rel=0.05)
+    assert wire.batches == (rounds if batched else 0)  # the path taken: one /batch/train a round
 
 
 FOUR_WIDE = [wide_rows(i) for i in range(1, 5)]
@@ -459,6 +490,35 @@ def test_clients_lost_from_a_round_leave_the_release_its_full_noise(servers):
         == {"sampled": 4, "noise_shares_in_sum": 2, "server_noise_share": 0.5}
 
 
+def test_a_host_lost_from_a_round_leaves_the_release_its_full_noise(servers):
+    """The batched path of the test above: the four clients on two client hosts, the second host's
+    /batch/train refused every round (its two clients dropped, each named with their host's reason):
+    the first host's two rows bring their shares σ²S²/4, the server adds the other half, and the
+    release's noise is σ·S/M (5000 draws, within 5%; the clean part from the two clients'
+    plain-Python local GD, clipped)."""
+    sigma, bound, rounds, m = 1.0, 0.2, 500, 4.0
+    kept, gone = "http://127.0.0.1:6000", "http://127.0.0.1:6100"
+    clients = wide_clients(FOUR_WIDE)
+    one, two = create_host_app(clients[:2]), create_host_app(clients[2:])
+    wire = Wire({**{f"{kept}/clients/{k}": one for k in (1, 2)}, **{f"{gone}/clients/{k}": two for k in (1, 2)}})
+    wire.lost = {f"{gone}/batch/train": ""}
+    run = servers(wire).run(rounds=rounds, dp={"noise_multiplier": sigma, "clip": bound, "local_noise": True})
+    assert run["status"] == "completed", run["error"]
+    noise = []
+    for record in run["rounds"]:
+        assert [(d["url"], d["reason"]) for d in record["dropped"]] == [
+            (f"{gone}/clients/{k}", f"its host's {gone}/batch/train: cannot connect: connection refused (the "
+                                    "client is gone)") for k in (1, 2)]
+        theta_t = coordinates(record["global_model_in"])
+        clean = released_without_noise(theta_t, wide_updates(FOUR_WIDE[:2], theta_t), bound, m)
+        noise += [got - want for got, want in zip(coordinates(record["global_model"]), clean)]
+    assert len(noise) == 5000
+    assert statistics.pstdev(noise) == pytest.approx(sigma * bound / m, rel=0.05)
+    assert {k: run["rounds"][-1]["privacy"][k] for k in ("sampled", "noise_shares_in_sum", "server_noise_share")} \
+        == {"sampled": 4, "noise_shares_in_sum": 2, "server_noise_share": 0.5}
+    assert wire.batches == rounds  # the kept host's, one a round
+
+
 def test_under_secure_aggregation_a_client_lost_before_its_masked_input_is_topped_up(servers):
     """secagg with local_noise, three clients with 9 features (t = 2), the
     third gone at /secagg/masked every round: the sum the server unmasks
@@ -486,7 +546,7 @@ def test_under_secure_aggregation_a_client_lost_before_its_masked_input_is_toppe
         assert record["privacy"]["server_noise_share"] == pytest.approx(1 / 3, rel=1e-12)
 
 
-def test_with_poisson_sampling_the_clients_noise_is_sized_on_each_round_s_sample(servers):
+def test_with_poisson_sampling_the_clients_noise_is_sized_on_each_round_s_sample(servers, batched):
     """local_noise with fraction 0.5 over 4 clients (M = 2): each round
     samples n ~ Binomial(4, ½), 0 to 4 clients; each sampled client is told
     to add σ·S/√n (the wire shows it), and the release's noise is σ·S/M
@@ -494,7 +554,7 @@ def test_with_poisson_sampling_the_clients_noise_is_sized_on_each_round_s_sample
     Sized on M the noise would be σ·S/M·√(n/M): half the variance when one
     client is sampled, none when none is."""
     sigma, bound, rounds, m = 1.0, 0.2, 600, 2.0
-    fed, wire = wired(servers, wide_clients(FOUR_WIDE))
+    fed, wire = wired(servers, wide_clients(FOUR_WIDE), batched=batched)
     run = fed.run(rounds=rounds, fraction=0.5, dp={"noise_multiplier": sigma, "clip": bound, "local_noise": True})
     assert run["status"] == "completed", run["error"]
     by_size = defaultdict(list)
@@ -518,6 +578,7 @@ def test_with_poisson_sampling_the_clients_noise_is_sized_on_each_round_s_sample
     assert statistics.pstdev(everything) == pytest.approx(sigma * bound / m, rel=0.05)
     assert [record["privacy"]["sampled"] for record in run["rounds"]] == \
         [len(record["participants"]) for record in run["rounds"]]
+    assert wire.batches == (sum(bool(record["participants"]) for record in run["rounds"]) if batched else 0)
 
 
 def test_a_client_that_adds_its_own_noise_sends_no_clip_bit():
@@ -548,12 +609,12 @@ def test_adaptive_clipping_is_refused_with_the_clients_noise(seed_federation):
     assert status == 400 and "dp.adaptive" in named(body), body
 
 
-def test_a_client_that_sends_a_huge_update_moves_the_model_by_at_most_s_over_m(servers):
+def test_a_client_that_sends_a_huge_update_moves_the_model_by_at_most_s_over_m(servers, batched):
     """Ten clients, one of which ignores the clip and sends w = b = 1e12 (the
     byzantine scenario's attacker, a client app that lies): with σ = 0 the
     release minus the honest clients' clipped updates (as the wire shows
     them) is the attacker's part, of norm S/M at most (without DP it is 1e11)."""
-    fed, wire = wired(servers, make_clients("byzantine", 10, attackers=1, attack="huge"))
+    fed, wire = wired(servers, make_clients("byzantine", 10, attackers=1, attack="huge"), batched=batched)
     bound, m = 0.5, 10.0
     run = fed.run(rounds=5, dp={"noise_multiplier": 0, "clip": bound})
     assert run["status"] == "completed", run["error"]
@@ -569,6 +630,7 @@ def test_a_client_that_sends_a_huge_update_moves_the_model_by_at_most_s_over_m(s
         assert attacker <= bound / m * (1 + 1e-9)
         assert attacker == pytest.approx(bound / m, rel=1e-6)  # it used all it may
         assert record["suspicious"] == []  # (flagged in memory, by its update's norm: not written)
+    assert wire.batches == (5 if batched else 0)
     plain = fed.run(rounds=1)
     assert plain["rounds"][0]["global_model"]["w"] > 1e10  # the same attack without DP
     assert plain["rounds"][0]["suspicious"]  # which, without DP, names it
@@ -616,7 +678,7 @@ def stored_text(db: str) -> str:
     return "".join(p.read_bytes().decode("latin-1") for p in sorted(Path(db).parent.glob(Path(db).name + "*")))
 
 
-def test_a_dp_run_writes_nothing_of_any_one_client(servers, caplog):
+def test_a_dp_run_writes_nothing_of_any_one_client(servers, caplog, batched):
     """The seed's two clients, σ = 0.25, S = 10 (no update clipped: each
     update's norm is a number of its own; at σ = 1 the model's noise, of
     std σS/M = 5, now and then pushed an update past S), 5 rounds. Every number a client
@@ -625,11 +687,12 @@ def test_a_dp_run_writes_nothing_of_any_one_client(servers, caplog):
     neither the SQLite file, nor the run as the API gives it to anyone (no
     token is set: the default), nor the server's log; each record lists who
     took part and nothing of theirs (no model, metrics, clip bit, term or
-    suspicious norm). The clients' own log writes their models: the search
-    finds what it looks for. The federated loss is kept, the aggregate
+    suspicious norm); on both paths (each client's /train, and one
+    /batch/train a round, its rows read back). The clients' own log writes
+    their models: the search finds what it looks for. The federated loss is kept, the aggregate
     Σ n_k·L_k / N of the losses on the wire, and the log writes it alone."""
     caplog.set_level(logging.INFO)
-    fed, wire = wired(servers, make_clients("seed", 2))
+    fed, wire = wired(servers, make_clients("seed", 2), batched=batched)
     run = fed.run(rounds=5, dp={"noise_multiplier": 0.25, "clip": 10.0})
     assert run["status"] == "completed", run["error"]
     status, api = fed.get(f"/runs/{run['run_id']}")
@@ -654,13 +717,52 @@ def test_a_dp_run_writes_nothing_of_any_one_client(servers, caplog):
     for where, text in (("stored", stored), ("served", served)):
         for key in ("local_model", "metrics", "within_clip", "loss_before", "loss_after", "update_norm"):
             assert f'"{key}"' not in text, (where, key)
-    assert sum(any(written(f, own) for f in fs) for fs in formats) >= 5 * 2 * 2  # each W_k's w and b
+    if not batched:  # (a host's /batch/train logs no client's model: per client, the search is shown to find them)
+        assert sum(any(written(f, own) for f in fs) for fs in formats) >= 5 * 2 * 2  # each W_k's w and b
     assert "‖Δ_k‖" not in log and "SUSPICIOUS" not in log and "scaled down" not in log
     for record, after in zip(api["rounds"], api["rounds"][1:]):
         losses = [(reply["metrics"]["loss_before"], reply["data_size"]) for _, _, reply in wire.sent[after["round"]]]
         assert record["federated_loss"] == pytest.approx(sum(x * n for x, n in losses) / sum(n for _, n in losses),
                                                          rel=1e-12)
     assert "no client's L_k is written" in log
+    assert wire.batches == (5 if batched else 0)
+
+
+def test_a_summarised_dp_round_writes_nothing_of_any_one_client(servers, caplog, batched):
+    """150 clients, all sampled (past the 100 a record lists one by one: the round is written as a
+    summary), σ = 0.25, S = 10, 2 rounds, on both paths: no client's local model, loss_before or
+    loss_after as the wire shows them is in the SQLite file, the API or the server's log, in any of
+    three formats (two for a loss: see below); the summary sums no model field and groups none, and
+    its top contributors carry their names, URLs, n_k and weights n_k/N only (n_k their /health
+    publishes)."""
+    caplog.set_level(logging.INFO)
+    fed, wire = wired(servers, make_clients("iid", 150, 4), batched=batched)
+    run = fed.run(rounds=2, dp={"noise_multiplier": 0.25, "clip": 10.0})
+    assert run["status"] == "completed", run["error"]
+    status, api = fed.get(f"/runs/{run['run_id']}")
+    assert status == 200
+    log = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith("fedavg.client"))
+    stored, served = stored_text(fed.app.config["DB"]), json.dumps(api)
+    models, losses = [], []
+    for record in api["rounds"]:
+        assert record["participants"] == [] and record["terms"] == []
+        summary = record["summary"]
+        assert summary["contributed"] == 150 and summary["sums"] == {} and summary["groups"] is None
+        assert all(set(p) == {"client_id", "url", "data_size", "weight"} for p in summary["top"])
+        sent = wire.sent[record["round"]]
+        assert len(sent) == 150
+        for _, _, reply in sent:
+            models += coordinates(reply["local_model"])
+            losses += [reply["metrics"]["loss_before"], reply["metrics"]["loss_after"]]
+    # A loss near 0.01 written to 6 decimals has 4 digits: one of 600 of them would now and then be
+    # the federated loss (their aggregate, which is written) to 6 decimals. 7 digits at least.
+    formats = [[repr(x), f"{x:.6f}", f"{x:.6e}"] for x in models] + [[repr(x), f"{x:.6e}"] for x in losses]
+    for where, text in (("stored", stored), ("served", served), ("logged", log)):
+        assert [f for fs in formats for f in fs if written(f, text)] == [], where
+    if not batched:  # the clients' own log writes their models: the search finds what it looks for
+        own = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("fedavg.client"))
+        assert sum(any(written(f, own) for f in fs) for fs in formats) >= 2 * 150 * 2  # each W_k's w and b
+    assert wire.batches == (2 if batched else 0)
 
 
 def test_a_dp_round_recorded_with_each_client_s_numbers_is_read_back_without_them(servers, tmp_path):
@@ -818,7 +920,7 @@ def test_a_tiny_noise_multiplier_that_can_be_accounted_for_reports_its_huge_epsi
     assert run["status"] == "budget_exhausted" and run["rounds"] == []
 
 
-@pytest.mark.parametrize("q, sigma, rounds", [(1.0, 1.1, 7), (0.5, 1.0, 40), (0.1, 0.8, 300)])
+@pytest.mark.parametrize("q, sigma, rounds", [(1.0, 1.1, 7), (0.5, 1.0, 40), (0.1, 0.8, 300), (0.01, 1.0, 100)])
 def test_t_rounds_cost_t_times_one_round(q, sigma, rounds):
     """The server scales one round's divergences by T; the accountant composing T rounds itself agrees."""
     from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
@@ -833,17 +935,23 @@ def test_t_rounds_cost_t_times_one_round(q, sigma, rounds):
 # --- make privacy ------------------------------------------------------------------------------
 
 def check_privacy_report(report: list[dict], printed: str) -> None:
-    """What `make privacy --repeats 2 --sigmas 0,2` gives: one row per σ on each scenario, ε as
-    dp-accounting gives it for q = 1 over the rounds run, and the no-DP row first."""
-    from dp_accounting import GaussianDpEvent, SelfComposedDpEvent
+    """What `make privacy --repeats 2 --sigmas 0,2 --population 300 --population-rounds 5` gives: one
+    row per σ on each scenario, ε as dp-accounting gives it for q = 1 over the rounds run (q = 0.01,
+    Poisson-sampled, for the population), and the no-DP row first."""
+    from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
     from dp_accounting.rdp import RdpAccountant
 
-    assert [(s["scenario"], s["clients"]) for s in report] == [("seed", 2), ("iid", 50)]
+    assert [(s["scenario"], s["clients"], s["fraction"]) for s in report] == \
+        [("seed", 2, 1.0), ("iid", 50, 1.0), ("population (iid)", 300, 0.01)]
+    assert report[2]["rounds"] == 5
     for scenario in report:
         labels = [row["label"] for row in scenario["rows"]]
         assert labels == ["no DP", "σ = 0", "σ = 2"]
         accountant = RdpAccountant()
-        accountant.compose(SelfComposedDpEvent(GaussianDpEvent(2.0), scenario["rounds"]))
+        round_event = GaussianDpEvent(2.0)
+        if scenario["fraction"] < 1:
+            round_event = PoissonSampledDpEvent(scenario["fraction"], round_event)
+        accountant.compose(SelfComposedDpEvent(round_event, scenario["rounds"]))
         assert scenario["rows"][2]["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
         assert scenario["rows"][1]["epsilon"] is None  # σ = 0: ε = ∞
         assert len(scenario["rows"][2]["losses"]) == 2  # noisy settings are repeated
@@ -853,8 +961,21 @@ def check_privacy_report(report: list[dict], printed: str) -> None:
 def test_make_privacy_tabulates_epsilon_against_accuracy(tmp_path, capsys):
     """scripts/privacy.py's main (what `make privacy` runs), called here: its federations are in-process."""
     import privacy
-    assert privacy.main(["--repeats", "2", "--sigmas", "0,2", "--jobs", "1", "--out", str(tmp_path)]) == 0
+    assert privacy.main(["--repeats", "2", "--sigmas", "0,2", "--jobs", "1", "--out", str(tmp_path),
+                         "--population", "300", "--population-rounds", "5"]) == 0
     check_privacy_report(json.loads((tmp_path / "privacy.json").read_text()), capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--population", "50"], "--population: at least 100 clients, so that q = 0.01 samples M = q·K >= 1"),
+    (["--population", "-1"], "--population must be >= 0"),
+    (["--population-rounds", "0"], "--population-rounds >= 1"),
+])
+def test_make_privacy_refuses_a_population_it_cannot_sample(args, error, capsys):
+    import privacy
+    with pytest.raises(SystemExit) as stop:
+        privacy.main(args)
+    assert stop.value.code == 2 and error in capsys.readouterr().err
 
 
 # --- real processes (make test-all) ------------------------------------------------------------
@@ -897,9 +1018,9 @@ def test_dp_over_http_on_the_seed_apps_is_the_reference(seed_server):
 @pytest.mark.system
 def test_make_privacy_runs_as_the_command(tmp_path):
     """`make privacy` as a user types it (PRIVACY_ARGS to keep it short), from the root environment only."""
-    done = subprocess.run(["make", "--no-print-directory", "privacy", f"OUT={tmp_path}",
-                           "PRIVACY_ARGS=--repeats 2 --sigmas 0,2"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(["make", "--no-print-directory", "privacy", f"OUT={tmp_path}", "POPULATION=300",
+                           "PRIVACY_ARGS=--repeats 2 --sigmas 0,2 --population-rounds 5"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     check_privacy_report(json.loads((tmp_path / "privacy.json").read_text()), done.stdout)
 

@@ -53,6 +53,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .client import LocalClient
+from .privacy import clip_rows
 from .scenarios import ATTACKERS, ATTACKS, LYING_N, NOISE, Attacker, poison
 from .strategies import STRATEGIES, BatchMemory, ClientTask, LocalBatch
 from .strategies.fields import LOCAL_MODEL
@@ -422,14 +423,9 @@ def statistics(X: np.ndarray, y: np.ndarray, offsets: np.ndarray) -> tuple[np.nd
 
 def privatize_batch(theta: np.ndarray, center: np.ndarray, bound: float, std: float,
                     rng: np.random.Generator | None = None) -> np.ndarray:
-    """privacy.privatize for each row: W_t + clip_S(W_k − W_t) + N(0, std²·I),
-    clip_S(Δ) = Δ·min(1, S/‖Δ‖) (a NaN norm is not clipped: the finiteness
-    check names it). The noise, when asked, comes from the system's entropy."""
-    delta = theta - center
-    norm = np.linalg.norm(delta, axis=1)
-    over = norm > bound
-    delta[over] *= (bound / norm[over])[:, None]
-    out = center + delta
+    """privacy.privatize for each row: W_t + clip_S(W_k − W_t) + N(0, std²·I)
+    (``privacy.clip_rows``). The noise, when asked, comes from the system's entropy."""
+    out = center + clip_rows(theta - center, bound)
     if std > 0:
         out += (rng or np.random.default_rng()).normal(0.0, std, size=out.shape)
     return out

@@ -62,12 +62,13 @@ def pipeline(s: RunSettings, roster: Roster, first_round: int, name: str, batche
     # roster.sizes is filled by the probe before round 1: the strategy reads it then (SCAFFOLD's N).
     strategy = STRATEGIES[s.strategy](lr=s.lr, num_clients=len(roster.urls), combine=combine, sizes=roster.sizes,
                                       clients=roster.urls, **(s.params or {}))
-    # Secure aggregation sums masked vectors client by client; DP keeps each client's call its own
-    # (its noise shares, and a sample of the whole population: not yet batched). Otherwise one call per
-    # client host, for the clients whose host batches.
+    # Secure aggregation sums masked vectors client by client. Otherwise one call per client host, for
+    # the clients whose host batches; DP too: every sampled client's config is the same (S, and the share
+    # of noise σ·S/√n the round's sample size gives each), and the host clips and draws each client's
+    # share from its own entropy row by row, as each client does on its own.
     plain = PlainCollector(roster, strategy, s.client_timeout_s)
     collector: Collector = (SecureCollector(roster, strategy, s.client_timeout_s, s.secagg, name) if s.secagg
-                            else plain if s.dp or not batched else BatchedCollector(plain))
+                            else BatchedCollector(plain) if batched else plain)
     # The timeouts' count first (it says a round lost clients even when the round then fails); the
     # diagnosis next: a model that is no longer finite is named before anything is written of it.
     return strategy, sampler, collector, [TimeoutWatch(s.client_timeout_s, roster.transport),
