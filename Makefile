@@ -59,12 +59,12 @@ bench: install .venv/.installed
 # server and client apps' code in-process, no sockets), so only the root
 # environment: it needs scikit-learn for SCENARIO=diabetes. ROUNDS and
 # CLIENTS are passed only when given (ROUNDS above defaults to 20 for sim;
-# compare's own default is 200 rounds).
+# compare's own default is 200 rounds). STRATEGIES: by default every
+# strategy registered in fedavg.strategies.STRATEGIES, so a new one needs no edit here.
 SCENARIO ?= seed
-STRATEGIES ?= fedavg fedsgd fedprox scaffold fedavgm fedadam fedyogi fedadagrad fednova exact
 OUT ?= compare-out
 compare: .venv/.installed
-	.venv/bin/python scripts/compare.py --scenario $(SCENARIO) --strategies "$(STRATEGIES)" --out "$(OUT)" \
+	.venv/bin/python scripts/compare.py --scenario $(SCENARIO) $(if $(STRATEGIES),--strategies "$(STRATEGIES)") --out "$(OUT)" \
 		$(if $(filter command line environment,$(origin ROUNDS)),--rounds $(ROUNDS)) \
 		$(if $(CLIENTS),--clients $(CLIENTS)) $(COMPARE_ARGS)
 

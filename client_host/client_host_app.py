@@ -21,24 +21,9 @@ try:
         tls_from_args,
     )
     from fedavg.population import POPULATION_SCENARIOS, Population, check_shard, parse_shard
-    from fedavg.scenarios import ATTACKERS, ATTACKS, NOISE, SCENARIOS, make_clients
+    from fedavg.scenarios import ATTACKERS, ATTACKS, SCENARIOS, about, make_clients
 except ModuleNotFoundError as e:  # a python without the app's Poetry environment: say how to run it
     raise SystemExit(f"error: no module {e.name}; run: {__doc__.split('Run: ')[1].splitlines()[0]}") from None
-
-# What generated each scenario's data, in one line (fedavg/scenarios.py has
-# the code); shown at start and in the host's /health "scenario".
-ABOUT = {
-    "seed": "the original two clients: (1,3),(2,5) on y = 2x + 1 and (3,4),(4,5) on y = x + 1",
-    "iid": f"x ~ U(0, 5), y = 2x + 1 + N(0, {NOISE}²) noise, the same for every client",
-    "feature-shift": f"y = 2x + 1 + N(0, {NOISE}²) noise, client k's x from its own window of [0, 5.5] (non-IID x)",
-    "label-shift": f"x ~ U(0, 5), y = a_k·x + 1 + N(0, {NOISE}²) noise, slope a_k from 1 to 3 across clients "
-                   "(non-IID y|x)",
-    "quantity-skew": f"x ~ U(0, 5), y = 2x + 1 + N(0, {NOISE}²) noise, log-normal client sizes n_k",
-    "csv": "your CSV, shuffled and split into K parts",
-    "diabetes": "scikit-learn's diabetes data (442 patients, 10 features, z-scored), split into K clients by age",
-    "byzantine": f"x ~ U(0, 5), y = 2x + 1 + N(0, {NOISE}²) noise, the same for every client (as iid); the first "
-                 "F clients (attacker_1 …) train honestly and then lie in their replies",
-}
 
 if __name__ == "__main__":
     parser = cli("Raw FedAvg client host: K simulated clients in one process", 6000)
@@ -109,19 +94,19 @@ if __name__ == "__main__":
     except (ValueError, OSError) as e:  # a token that cannot work, a scenario that cannot be made
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    about = ABOUT[args.scenario] + (f" ({csv})" if args.scenario == "csv" else "")
+    description = about(args.scenario) + (f" ({csv})" if args.scenario == "csv" else "")
     if args.scenario == "byzantine":
-        about += f": {attackers} attacker(s), attack {attack}: each {ATTACKS[attack]}"
+        description += f": {attackers} attacker(s), attack {attack}: each {ATTACKS[attack]}"
     k = len(clients) if population is None else population.size
     rows = sum(len(c.y) for c in clients) if population is None else int(population.sizes.sum())
     if population is not None:
-        about += "; a population (its own draw)"
+        description += "; a population (its own draw)"
     if shard is not None:
-        about += (f"; shard {shard[0]}/{shard[1]}: clients {population.first + 1}..{population.first + k} of "
+        description += (f"; shard {shard[0]}/{shard[1]}: clients {population.first + 1}..{population.first + k} of "
                   f"{args.population}")
     if dropout.describe():
-        about += f"; simulated {dropout.describe()}"
-    app = create_host_app(clients, token, f"{args.scenario}: {about}; K={k}, seed={args.seed}",
+        description += f"; simulated {dropout.describe()}"
+    app = create_host_app(clients, token, f"{args.scenario}: {description}; K={k}, seed={args.seed}",
                           server_name=args.server_name if tls else None,
                           owner_name=tls_files.own_name(tls.cert) if tls else None, population=population,
                           dropout=dropout if dropout.describe() else None)
@@ -131,4 +116,4 @@ if __name__ == "__main__":
     serve(app, args.host, args.port, allowed_hosts=args.allowed_host, tls=tls, announce=(
         f"client host: {k} clients ({args.scenario}, seed {args.seed}, "
         f"{rows} samples) at {base}/clients/1 … {base}/clients/{k}\n"
-        f"client host: the data: {about}{served}"))
+        f"client host: the data: {description}{served}"))

@@ -44,11 +44,10 @@ from flask.testing import FlaskClient
 
 from fedavg import theory
 from fedavg.scenarios import ATTACKERS, ATTACKS, DIABETES_LR, SCENARIOS, honest, make_clients
+from fedavg.strategies import STRATEGIES
 from fedavg.trace import fmt_line
 from labs import close, default_jobs, federation, processes, spread
 
-ALL_STRATEGIES = ("fedavg", "fedsgd", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
-                  "fednova", "exact")
 DEFAULT_CLIENTS = {"seed": 2, "diabetes": 4}  # any other scenario: 10
 DEFAULT_LR = {"diabetes": DIABETES_LR}  # any other scenario: the server's 0.01
 # log scale: a distance of exactly 0 (or below double precision around θ*'s
@@ -362,8 +361,9 @@ def save_chart(fig: Any, png: Path, svg: Path, side_by_side: bool = False) -> No
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", choices=SCENARIOS, default="seed")
-    parser.add_argument("--strategies", default=" ".join(ALL_STRATEGIES),
-                        help="space- or comma-separated (default: all ten)")
+    # The registry, read when main runs: a strategy registered since this module was imported is run too.
+    parser.add_argument("--strategies", default=" ".join(STRATEGIES),
+                        help="space- or comma-separated (default: every registered strategy, in the registry's order)")
     parser.add_argument("--aggregators", help="run each strategy with each of these combining rules, e.g. "
                                               "mean,median,trimmed_mean,krum (default: the server's, unnamed)")
     parser.add_argument("--attackers", type=int, metavar="F",

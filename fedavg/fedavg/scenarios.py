@@ -14,6 +14,7 @@ private (X, y). A scenario is reproducible from its name and seed.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,6 @@ from .data import load_csv
 from .strategies import STRATEGIES
 from .wire import parse_train_request
 
-SCENARIOS = ("seed", "iid", "feature-shift", "label-shift", "quantity-skew", "csv", "diabetes", "byzantine")
 NOISE = 0.1
 
 # byzantine: what an attacker sends instead of its honest reply
@@ -45,55 +45,93 @@ ATTACKERS = 2  # f, the default number of attackers
 def make_clients(name: str, k: int, seed: int = 0, samples: int = 20,
                  csv_path: str | Path | None = None, attackers: int = ATTACKERS,
                  attack: str = "huge") -> list[LocalClient]:
-    """K clients of scenario ``name``; ``samples`` is each client's n_k
-    (the mean n_k for quantity-skew). ``attackers`` (f) and ``attack``
-    are byzantine's: the first f clients lie."""
+    """K clients of scenario ``name`` (``SCENARIOS``); ``samples`` is each
+    client's n_k (the mean n_k for quantity-skew). ``csv_path`` is csv's,
+    ``attackers`` (f) and ``attack`` are byzantine's: the first f clients lie."""
     if name not in SCENARIOS:
         raise ValueError(f"unknown scenario {name!r} (known: {', '.join(SCENARIOS)})")
-    if name == "seed":
-        if k != 2:
-            raise ValueError("scenario seed has exactly 2 clients")
-        return [LocalClient("client_1", np.array([[1.0], [2.0]]), np.array([3.0, 5.0])),
-                LocalClient("client_2", np.array([[3.0], [4.0]]), np.array([4.0, 5.0]))]
-    if k < 1:
+    if k < 1 and name != "seed":
         raise ValueError("a scenario needs at least one client")
-    if name == "csv":
-        if csv_path is None:
-            raise ValueError("scenario csv needs a CSV file")
-        X, y = load_csv(csv_path)
-        if len(y) < k:
-            raise ValueError(f"{csv_path}: {len(y)} rows cannot be split among {k} clients")
-        order = np.random.default_rng(seed).permutation(len(y))
-        return [LocalClient(f"part_{i + 1}", X[part], y[part])
-                for i, part in enumerate(np.array_split(order, k))]
-    if name == "diabetes":
-        return diabetes_clients(k, seed)
+    return SCENARIOS[name](k, seed, samples, csv_path=csv_path, attackers=attackers, attack=attack)
+
+
+def about(name: str) -> str:
+    """What generated scenario ``name``'s data, in one line: its function's
+    docstring's first line (a client host shows it at start and in /health)."""
+    return (SCENARIOS[name].__doc__ or name).strip().splitlines()[0]
+
+
+def seed_clients(k: int, seed: int, samples: int, **options: Any) -> list[LocalClient]:
+    """the original two clients: (1,3),(2,5) on y = 2x + 1 and (3,4),(4,5) on y = x + 1"""
+    if k != 2:
+        raise ValueError("scenario seed has exactly 2 clients")
+    return [LocalClient("client_1", np.array([[1.0], [2.0]]), np.array([3.0, 5.0])),
+            LocalClient("client_2", np.array([[3.0], [4.0]]), np.array([4.0, 5.0]))]
+
+
+def csv_clients(k: int, seed: int, samples: int, csv_path: str | Path | None = None,
+                **options: Any) -> list[LocalClient]:
+    """your CSV, shuffled and split into K parts"""
+    if csv_path is None:
+        raise ValueError("scenario csv needs a CSV file")
+    X, y = load_csv(csv_path)
+    if len(y) < k:
+        raise ValueError(f"{csv_path}: {len(y)} rows cannot be split among {k} clients")
+    order = np.random.default_rng(seed).permutation(len(y))
+    return [LocalClient(f"part_{i + 1}", X[part], y[part]) for i, part in enumerate(np.array_split(order, k))]
+
+
+def line_clients(kind: str, k: int, seed: int, samples: int) -> list[LocalClient]:
+    """The generated scenarios' clients on y = slope·x + 1 + N(0, NOISE²):
+    iid, feature-shift (client i's x in its own window), label-shift (slope
+    from 1 to 3 across clients), quantity-skew (log-normal n_k)."""
     if samples < 1:
         raise ValueError("samples must be at least 1")
-
     clients = []
     for i in range(k):
         rng = np.random.default_rng([seed, i])  # client i's data depends on nothing else
         n, lo, hi, slope = samples, 0.0, 5.0, 2.0
-        if name == "feature-shift":
+        if kind == "feature-shift":
             lo = 5.0 * i / k
             hi = lo + 5.0 / k + 0.5
-        elif name == "label-shift":
+        elif kind == "label-shift":
             slope = 1.0 + 2.0 * i / max(k - 1, 1)
-        elif name == "quantity-skew":
+        elif kind == "quantity-skew":
             n = max(1, int(round(rng.lognormal(np.log(samples), 1.0))))
         x = rng.uniform(lo, hi, size=n)
         y = slope * x + 1.0 + rng.normal(0.0, NOISE, size=n)
         clients.append(LocalClient(f"sim_{i + 1}", x[:, None], y))
-    if name == "byzantine":
-        if attack not in ATTACKS:
-            raise ValueError(f"unknown attack {attack!r} (known: {', '.join(ATTACKS)})")
-        if not 0 <= attackers <= k:
-            raise ValueError(f"scenario byzantine: attackers must be 0..K={k}, got {attackers}")
-        # the same data as iid (same seed, same client index), only the replies lie
-        clients[:attackers] = [Attacker(f"attacker_{i + 1}", c.X, c.y, attack=attack)
-                               for i, c in enumerate(clients[:attackers])]
     return clients
+
+
+def drawn(kind: str, about_: str) -> Callable[..., list[LocalClient]]:
+    """Scenario ``kind`` of ``line_clients``, described by ``about_``."""
+    def make(k: int, seed: int, samples: int, **options: Any) -> list[LocalClient]:
+        return line_clients(kind, k, seed, samples)
+    make.__doc__ = about_
+    return make
+
+
+def byzantine(k: int, seed: int, samples: int, attackers: int = ATTACKERS, attack: str = "huge",
+              **options: Any) -> list[LocalClient]:
+    clients = line_clients("iid", k, seed, samples)
+    if attack not in ATTACKS:
+        raise ValueError(f"unknown attack {attack!r} (known: {', '.join(ATTACKS)})")
+    if not 0 <= attackers <= k:
+        raise ValueError(f"scenario byzantine: attackers must be 0..K={k}, got {attackers}")
+    # the same data as iid (same seed, same client index), only the replies lie
+    clients[:attackers] = [Attacker(f"attacker_{i + 1}", c.X, c.y, attack=attack)
+                           for i, c in enumerate(clients[:attackers])]
+    return clients
+
+
+byzantine.__doc__ = (f"x ~ U(0, 5), y = 2x + 1 + N(0, {NOISE}²) noise, the same for every client (as iid); the "
+                     "first F clients (attacker_1 …) train honestly and then lie in their replies")
+
+
+def diabetes(k: int, seed: int, samples: int, **options: Any) -> list[LocalClient]:
+    """scikit-learn's diabetes data (442 patients, 10 features, z-scored), split into K clients by age"""
+    return diabetes_clients(k, seed)
 
 
 def honest(clients: list[LocalClient]) -> list[LocalClient]:
@@ -201,3 +239,23 @@ def diabetes_clients(k: int, seed: int = 0) -> list[LocalClient]:
     Z = (X - X.mean(axis=0)) / X.std(axis=0)
     t = (y - y.mean()) / y.std()
     return [LocalClient(f"sim_{i + 1}", Z[part], t[part]) for i, part in enumerate(np.array_split(order, k))]
+
+
+# The registry: each scenario's name and the function that makes its K
+# clients, (k, seed, samples, **options) → list[LocalClient], its docstring's
+# first line what generated the data (``about``). A scenario here is known
+# everywhere without another edit: the client host's --scenario and /health,
+# make sim, make compare's SCENARIO.
+SCENARIOS: dict[str, Callable[..., list[LocalClient]]] = {
+    "seed": seed_clients,
+    "iid": drawn("iid", f"x ~ U(0, 5), y = 2x + 1 + N(0, {NOISE}²) noise, the same for every client"),
+    "feature-shift": drawn("feature-shift", f"y = 2x + 1 + N(0, {NOISE}²) noise, client k's x from its own "
+                           "window of [0, 5.5] (non-IID x)"),
+    "label-shift": drawn("label-shift", f"x ~ U(0, 5), y = a_k·x + 1 + N(0, {NOISE}²) noise, slope a_k from 1 "
+                         "to 3 across clients (non-IID y|x)"),
+    "quantity-skew": drawn("quantity-skew", f"x ~ U(0, 5), y = 2x + 1 + N(0, {NOISE}²) noise, log-normal client "
+                           "sizes n_k"),
+    "csv": csv_clients,
+    "diabetes": diabetes,
+    "byzantine": byzantine,
+}

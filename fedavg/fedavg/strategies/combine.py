@@ -24,12 +24,7 @@ from ..aggregation import (
 )
 from ..spec import Param
 from ..trace import explain_average, explain_mean_of_sum, fmt, names
-
-AGGREGATORS = ("mean", "median", "trimmed_mean", "krum")
-
-
-class CannotCombine(ValueError):
-    """Too few replies for the rule (Krum with f attackers needs more than f + 2)."""
+from .rule import CannotCombine, Rule
 
 
 @dataclass(frozen=True)
@@ -82,45 +77,89 @@ class Combine:
                          f"down to ‖Δ_k‖ = S" + (f" (clients {', '.join(str(k + 1) for k in cut[:6])}"
                                                   f"{' …' if len(cut) > 6 else ''})" if cut else ""))
         coords = names(len(center), symbol)
-        if self.aggregator == "mean":
-            p = capped_weights(ns, self.max_weight) if self.max_weight is not None else weights(ns)
-            result = p @ np.stack(vectors)
-            if self.max_weight is not None:
-                lines.append(f"max_weight {fmt(self.max_weight)}: shares p_k = n_k/N capped, the rest "
-                             f"shared in proportion to n_k; largest p_k = {fmt(float(p.max()))}")
-            lines += [f"{name} = " + " + ".join(f"{fmt(p[k])}·{fmt(v[j])}" for k, v in enumerate(vectors[:6]))
-                      + (f" + … ({len(vectors)} terms)" if len(vectors) > 6 else "") + f" = {fmt(result[j])}"
-                      for j, name in enumerate(coords)]
-            return result, lines
-        if self.aggregator == "median":
-            result = coordinate_median(vectors)
-            lines += [f"{name} = median of the {len(vectors)} clients' values = {fmt(result[j])}"
-                      for j, name in enumerate(coords)]
-            return result, lines
-        if self.aggregator == "trimmed_mean":
-            cut = int(np.floor(self.trim * len(vectors)))
-            result = trimmed_mean(vectors, self.trim)
-            lines += [f"{name} = mean of the middle {len(vectors) - 2 * cut} of {len(vectors)} values "
-                      f"(β={fmt(self.trim)}: {cut} cut from each end) = {fmt(result[j])}"
-                      for j, name in enumerate(coords)]
-            return result, lines
-        if len(vectors) <= self.byzantine + 2:
-            raise CannotCombine(f"krum with byzantine={self.byzantine} needs more than {self.byzantine + 2} "
-                                f"replies, got {len(vectors)}")
-        m = min(self.krum_m, len(vectors))
-        result, chosen = multi_krum(vectors, self.byzantine, m)
-        scores = krum_scores(vectors, self.byzantine)
-        lines.append(f"Krum (f={self.byzantine}): score_k = Σ ‖V_k − V_j‖² over its {len(vectors) - self.byzantine - 2}"
-                     f" nearest; lowest {m}: clients " + ", ".join(f"{k + 1} ({fmt(scores[k])})" for k in chosen[:6]))
-        lines += [f"{name} = mean of the {m} chosen = {fmt(result[j])}" for j, name in enumerate(coords)]
+        result, more = RULES[self.aggregator].combine(vectors, ns, center, self, coords)
+        return result, lines + more
+
+
+class WeightedMean(Rule):
+    name = "mean"
+    summary = "FedAvg's weighted mean Σ_k n_k/N · V_k (shares capped by max_weight if given)"
+
+    def combine(self, vectors: Sequence[np.ndarray], ns: Sequence[int], center: np.ndarray,
+                settings: Combine, coords: list[str]) -> tuple[np.ndarray, list[str]]:
+        """V = Σ_k p_k·V_k, p_k = n_k/N, or the capped shares (``capped_weights``)."""
+        lines = []
+        if settings.max_weight is not None:
+            p = capped_weights(ns, settings.max_weight)
+            lines.append(f"max_weight {fmt(settings.max_weight)}: shares p_k = n_k/N capped, the rest "
+                         f"shared in proportion to n_k; largest p_k = {fmt(float(p.max()))}")
+        else:
+            p = weights(ns)
+        result = p @ np.stack(vectors)
+        lines += [f"{name} = " + " + ".join(f"{fmt(p[k])}·{fmt(v[j])}" for k, v in enumerate(vectors[:6]))
+                  + (f" + … ({len(vectors)} terms)" if len(vectors) > 6 else "") + f" = {fmt(result[j])}"
+                  for j, name in enumerate(coords)]
         return result, lines
+
+
+class Median(Rule):
+    name = "median"
+    summary = "the coordinate-wise median (n_k not used)"
+
+    def combine(self, vectors: Sequence[np.ndarray], ns: Sequence[int], center: np.ndarray,
+                settings: Combine, coords: list[str]) -> tuple[np.ndarray, list[str]]:
+        """V_j = median_k V_k,j (``coordinate_median``)."""
+        result = coordinate_median(vectors)
+        return result, [f"{name} = median of the {len(vectors)} clients' values = {fmt(result[j])}"
+                        for j, name in enumerate(coords)]
+
+
+class TrimmedMean(Rule):
+    name = "trimmed_mean"
+    summary = "the coordinate-wise trimmed mean (trim β cut from each end)"
+
+    def combine(self, vectors: Sequence[np.ndarray], ns: Sequence[int], center: np.ndarray,
+                settings: Combine, coords: list[str]) -> tuple[np.ndarray, list[str]]:
+        """V_j = mean of the middle K − 2⌊βK⌋ values of coordinate j (``trimmed_mean``)."""
+        cut = int(np.floor(settings.trim * len(vectors)))
+        result = trimmed_mean(vectors, settings.trim)
+        return result, [f"{name} = mean of the middle {len(vectors) - 2 * cut} of {len(vectors)} values "
+                        f"(β={fmt(settings.trim)}: {cut} cut from each end) = {fmt(result[j])}"
+                        for j, name in enumerate(coords)]
+
+
+class Krum(Rule):
+    name = "krum"
+    summary = "(multi-)Krum: the krum_m vectors nearest their neighbours, averaged"
+
+    def combine(self, vectors: Sequence[np.ndarray], ns: Sequence[int], center: np.ndarray,
+                settings: Combine, coords: list[str]) -> tuple[np.ndarray, list[str]]:
+        """The mean of the m vectors of lowest Krum score (``multi_krum``); needs K > f + 2."""
+        f = settings.byzantine
+        if len(vectors) <= f + 2:
+            raise CannotCombine(f"krum with byzantine={f} needs more than {f + 2} replies, got {len(vectors)}")
+        m = min(settings.krum_m, len(vectors))
+        result, chosen = multi_krum(vectors, f, m)
+        scores = krum_scores(vectors, f)
+        lines = [f"Krum (f={f}): score_k = Σ ‖V_k − V_j‖² over its {len(vectors) - f - 2}"
+                 f" nearest; lowest {m}: clients " + ", ".join(f"{k + 1} ({fmt(scores[k])})" for k in chosen[:6])]
+        return result, lines + [f"{name} = mean of the {m} chosen = {fmt(result[j])}" for j, name in enumerate(coords)]
+
+
+# The registry of rules, in the order /start's documentation lists them. A
+# rule here is known everywhere without another edit: /start's checks and its
+# OpenAPI enum, PROTOCOL.md's table, the log's math, make compare's --aggregators.
+RULES: dict[str, Rule] = {r.name: r for r in (
+    WeightedMean(), Median(), TrimmedMean(), Krum(),
+)}
+AGGREGATORS = tuple(RULES)
 
 
 # Combine's fields as a run's settings take them (its defaults are Combine's
 # own); the bounds that depend on the server's K clients are set where K is known.
 ROBUST: tuple[Param, ...] = (
-    Param("aggregator", Combine.aggregator, "how the clients' vectors are combined: FedAvg's weighted mean, the "
-          "coordinate-wise median, the coordinate-wise trimmed mean, or (multi-)Krum; not for strategy exact",
+    Param("aggregator", Combine.aggregator, "how the clients' vectors are combined: "
+          + "; ".join(f"`{name}`, {rule.summary}" for name, rule in RULES.items()) + "; not for strategy exact",
           type="string", choices=AGGREGATORS),
     Param("trim", Combine.trim, "`trimmed_mean` only: β, the share cut from each end of every coordinate", ge=0,
           lt=0.5),
