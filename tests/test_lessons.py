@@ -1,0 +1,368 @@
+"""docs/lessons/, every number checked, so that the lessons cannot rot.
+
+A lesson states numbers in two ways, and this file checks both:
+
+- **A command's output**, a fenced block right after ``<!-- output: NAME -->``.
+  OUTPUTS[NAME] runs the same request in this process (the seed's apps
+  through the server's API, ``scripts/compare.py``'s and
+  ``scripts/privacy.py``'s main) and the block must be a run of consecutive
+  lines of what it prints; ``…`` in a block stands for what changes from run
+  to run (a wall time, DP's noise) and matches any text. REFERENCES[NAME]
+  then checks the block's numbers against plain Python written here
+  (tests/reference.py's FedAvg, closed forms), never the code's own output.
+- **A number in the text**, followed by ``<!-- check: NAME -->`` (an HTML
+  comment: invisible on the rendered page). CHECKS[NAME] computes it in
+  plain Python; the number must equal it to the digits written.
+
+The rule that keeps a lesson honest: every number in the text outside code
+(a decimal point or an exponent; any number in the exercises' answers
+counts the same) is either tagged, or the same literal as a tagged number
+or a number of one of the lesson's output blocks. Inline code (`"lr": 0.01`)
+holds what the reader types, not claims.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import re
+import shlex
+from collections.abc import Callable
+from contextlib import redirect_stdout
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+import compare
+import privacy
+from conftest import ROOT, Federated
+from reference import SEED_DATA, local_gd, local_mse, reference_fedavg
+from test_strategies import fedavg_closed_form
+
+LESSONS_DIR = ROOT / "docs" / "lessons"
+LESSONS = sorted(LESSONS_DIR.glob("0[1-9]-*.md"))
+
+NUM = r"[−-]?\d+(?:\.\d+)?(?:e[−+-]?\d+)?"
+TAGGED = re.compile(rf"({NUM})\s*<!--\s*check:\s*(\w+)\s*-->")
+OUTPUT = re.compile(r"<!--\s*output:\s*(\w+)\s*-->\n```[^\n]*\n(.*?)```", re.S)
+DECIMAL = re.compile(r"(?<![\w.])[−-]?\d+\.\d+(?:e[−+-]?\d+)?|(?<![\w.])\d+e[−+-]?\d+")
+
+
+@dataclass
+class Lesson:
+    path: Path
+    text: str
+
+    @property
+    def outputs(self) -> list[tuple[str, str]]:
+        return OUTPUT.findall(self.text)
+
+    @property
+    def tags(self) -> list[tuple[str, str]]:
+        """(written number, check name) for each tagged number."""
+        return TAGGED.findall(self.text)
+
+    def prose(self) -> str:
+        """The text a reader reads as claims: without fenced blocks, inline code, links' targets."""
+        text = re.sub(r"^```.*?^```", "", self.text, flags=re.S | re.M)
+        text = re.sub(r"`[^`\n]*`", "", text)
+        text = re.sub(r"\]\([^)]*\)|<https?://[^>]*>", "", text)
+        return text
+
+
+def lesson(path: Path) -> Lesson:
+    return Lesson(path, path.read_text(encoding="utf-8"))
+
+
+def as_float(text: str) -> float:
+    return float(text.replace("−", "-"))
+
+
+def agrees(written: str, value: float) -> bool:
+    """``written`` is ``value`` to the digits written: within half a unit of its last digit."""
+    mantissa, _, exponent = written.replace("−", "-").partition("e")
+    decimals = len(mantissa.partition(".")[2])
+    unit = 10.0 ** (int(exponent or 0) - decimals)
+    return abs(as_float(written) - value) <= unit / 2 * (1 + 1e-9) + 1e-12 * abs(value)
+
+
+# --- plain-Python references --------------------------------------------------------
+
+SEED = [[(float(x), float(y)) for x, y in rows] for rows in SEED_DATA]
+
+
+def one_step(data: list[tuple[float, float]], w: float, b: float, lr: float = 0.01) -> tuple[float, float]:
+    return local_gd(data, w, b, lr, epochs=1)
+
+
+def round_one() -> dict[str, float]:
+    """Round 1 of the seed from (0, 0), by tests/reference.py's loops."""
+    (w1, b1), (w2, b2) = (local_gd(d, 0.0, 0.0) for d in SEED)
+    w, b = (w1 + w2) / 2, (b1 + b2) / 2
+    return {"w1": w1, "b1": b1, "w2": w2, "b2": b2, "w": w, "b": b}
+
+
+def pooled_line(rows: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least squares through ``rows``: w = cov(x, y)/var(x), b = ȳ − w·x̄."""
+    mx, my = sum(x for x, _ in rows) / len(rows), sum(y for _, y in rows) / len(rows)
+    w = sum((x - mx) * (y - my) for x, y in rows) / sum((x - mx) ** 2 for x, _ in rows)
+    return w, my - w * mx
+
+
+def lesson_1_checks() -> dict[str, float]:
+    r = round_one()
+    mse_1 = [local_mse(d, r["w"], r["b"]) for d in SEED]
+    w_star, b_star = pooled_line([p for d in SEED for p in d])
+    return {
+        "c1_loss0": local_mse(SEED[0], 0.0, 0.0), "c2_loss0": local_mse(SEED[1], 0.0, 0.0),
+        "c1_step1_w": one_step(SEED[0], 0, 0)[0], "c1_step1_b": one_step(SEED[0], 0, 0)[1],
+        "c2_step1_w": one_step(SEED[1], 0, 0)[0], "c2_step1_b": one_step(SEED[1], 0, 0)[1],
+        "r1_2w": 2 * r["w"], "c1_loss_r1": mse_1[0], "c2_loss_r1": mse_1[1], "r1_mse": sum(mse_1) / 2,
+        "pooled_w": w_star,
+        "ex_six_points_w": 2 / 8 * r["w1"] + 6 / 8 * r["w2"],
+        "r1_distance": math.hypot(r["w"] - w_star, r["b"] - b_star),
+    }
+
+
+def round_map(clients: list[list[tuple[float, float]]], lr: float,
+              epochs: int) -> tuple[list[list[float]], list[float]]:
+    """(M, c) of one FedAvg round, θ → Mθ + c, read off reference.py's round:
+    c is where it takes (0, 0), M's columns where it takes (1, 0) and (0, 1), less c."""
+    def step(w: float, b: float) -> list[float]:
+        total = sum(len(d) for d in clients)
+        models = [local_gd(d, w, b, lr, epochs) for d in clients]
+        return [sum(len(d) / total * m[i] for d, m in zip(clients, models)) for i in (0, 1)]
+    c, e1, e2 = step(0, 0), step(1, 0), step(0, 1)
+    return [[e1[0] - c[0], e2[0] - c[0]], [e1[1] - c[1], e2[1] - c[1]]], c
+
+
+def spectral_radius(M: list[list[float]]) -> float:
+    """max |λ| of a 2×2 matrix: λ = tr/2 ± √(tr²/4 − det)."""
+    tr, det = M[0][0] + M[1][1], M[0][0] * M[1][1] - M[0][1] * M[1][0]
+    disc = tr * tr / 4 - det
+    return max(abs(tr / 2 + math.sqrt(disc)), abs(tr / 2 - math.sqrt(disc))) if disc >= 0 else math.sqrt(det)
+
+
+def rho(epochs: int) -> float:
+    return spectral_radius(round_map(SEED, 0.01, epochs)[0])
+
+
+def lesson_2_checks() -> dict[str, float]:
+    w_star, b_star = pooled_line([p for d in SEED for p in d])
+    fixed = fedavg_closed_form(SEED, 0.01, 10)
+    history = reference_fedavg(SEED, rounds=200)
+    gap = [math.hypot(history[t - 1][0] - fixed[0], history[t - 1][1] - fixed[1]) for t in (100, 200)]
+    optima = [pooled_line(d) for d in SEED]  # each client's own line through its two points
+    w_inf, b_inf = (sum(o[i] for o in optima) / 2 for i in (0, 1))
+    h = [sum(2 / len(d) * x * x for x, _ in d) for d in SEED]  # H_k[0][0]
+    tr, det = 15 + 2, 15 * 2 - 5 * 5  # the pooled Hessian [[15, 5], [5, 2]]
+    lam = tr / 2 - math.sqrt(tr * tr / 4 - det)
+    return {
+        "r5_w": reference_fedavg(SEED, rounds=5)[-1][0], "r5_b": reference_fedavg(SEED, rounds=5)[-1][1],
+        "gap_e10": math.hypot(fixed[0] - w_star, fixed[1] - b_star), "h_ratio": h[1] / h[0],
+        "w_inf": w_inf, "b_inf": b_inf, "dist_r100": gap[0], "dist_r200": gap[1], "ratio_100_200": gap[1] / gap[0],
+        "rho10_pow100": rho(10) ** 100,
+        "lambda_min": lam, "rounds_e1_exact": math.log(1000) / -math.log(rho(1)),
+        "rounds_e1": math.ceil(math.log(1000) / -math.log(rho(1))),
+        "rounds_e10_exact": math.log(1000) / -math.log(rho(10)),
+        "rounds_e10": math.ceil(math.log(1000) / -math.log(rho(10))),
+        "gap_inf": math.hypot(w_inf - w_star, b_inf - b_star),
+    }
+
+
+@cache
+def checks() -> dict[str, float]:
+    """Every tag's value, by name (a name means the same in every lesson)."""
+    return {**lesson_1_checks(), **lesson_2_checks()}
+
+
+# --- the commands, run in this process ------------------------------------------------
+
+CURL = re.compile(r"curl -s -X POST http://127\.0\.0\.1:5000/start"
+                  r"(?: -H 'Content-Type: application/json' -d '(?P<body>[^']*)')?(?: \| head -n (?P<head>\d+))?")
+MAKE = {"SCENARIO": "--scenario", "STRATEGIES": "--strategies", "ROUNDS": "--rounds", "CLIENTS": "--clients"}
+
+
+def command_of(text: str, name: str) -> str:
+    """The command an output block shows the output of: the one line of the
+    last ```bash block before its marker."""
+    before = text[:text.index(f"<!-- output: {name} -->")]
+    block = re.findall(r"^```bash\n(.*?)^```", before, re.S | re.M)[-1]
+    lines = [x for x in block.splitlines() if x.strip() and not x.startswith("#")]
+    assert len(lines) == 1, f"{name}: one command per block, got {lines}"
+    return lines[0]
+
+
+def head(text: str, n: str | None) -> str:
+    return text if n is None else "\n".join(text.splitlines()[:int(n)]) + "\n"
+
+
+class Ctx:
+    """Runs a lesson's command in this process: what it prints, and the server's log meanwhile."""
+
+    def __init__(self, seed: Federated, caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+        self.seed, self.caplog, self.tmp_path = seed, caplog, tmp_path
+
+    def run(self, command: str) -> tuple[str, str]:
+        self.caplog.clear()
+        out = io.StringIO()
+        with self.caplog.at_level(logging.INFO, logger="fedavg.server"), redirect_stdout(out):
+            if m := CURL.fullmatch(command):
+                printed = head(self.curl(m["body"]), m["head"])
+            elif command.startswith("make compare"):
+                code = compare.main(self.make_args(command[len("make compare"):], MAKE, "COMPARE_ARGS"))
+                assert code == 0, out.getvalue()
+                printed = out.getvalue()
+            elif command.startswith("make privacy"):
+                assert privacy.main(self.make_args(command[len("make privacy"):], {}, "PRIVACY_ARGS")) == 0
+                printed = out.getvalue()
+            elif m := re.fullmatch(r'\.venv/bin/python -c "(.*)"', command):
+                exec(m[1], {})
+                printed = out.getvalue()
+            else:
+                raise AssertionError(f"no way to run {command!r} here")
+        log = "\n".join(rec.getMessage() for rec in self.caplog.records if rec.name == "fedavg.server")
+        return printed, log
+
+    def curl(self, body: str | None) -> str:
+        """``curl -s -X POST …/start`` (``-d body`` as JSON when given) as curl
+        prints the reply: curl's Accept: */* gets one key a line."""
+        r = (self.seed.http.post("/start") if body is None else
+             self.seed.http.post("/start", data=body, headers={"Accept": "*/*", "Content-Type": "application/json"}))
+        assert r.status_code == 200, r.get_data(as_text=True)
+        return r.get_data(as_text=True)
+
+    def make_args(self, variables: str, flags: dict[str, str], extra: str) -> list[str]:
+        """make's VAR=value words as the Makefile passes them to the script; one
+        job (this process), the files into the test's own folder."""
+        args = ["--jobs", "1", "--out", str(self.tmp_path / "out")]
+        for word in shlex.split(variables):
+            var, _, value = word.partition("=")
+            args += shlex.split(value) if var == extra else [flags[var], value]
+        return args
+
+
+# What of a command's run each block shows: what it prints, or the server's log meanwhile.
+OUTPUTS: dict[str, str] = {
+    "seed_head": "stdout",
+    "seed_round_1": "log",
+    "fixed_point_head": "stdout",
+    "e100_head": "stdout",
+    "theory_seed": "stdout",
+}
+
+
+def f6(v: float) -> str:
+    return f"{v:.6f}"
+
+
+def line(w: float, b: float) -> str:
+    return f"y = {w:.6f}·x {'−' if b < 0 else '+'} {abs(b):.6f}"
+
+
+def check_seed_round_1(block: str) -> None:
+    r = round_one()
+    losses = [(local_mse(d, 0, 0), local_mse(d, r[f"w{k}"], r[f"b{k}"])) for k, d in enumerate(SEED, start=1)]
+    expected = [
+        "── Round 1/5 ── global model in: w=0.000000 b=0.000000",
+        *(f"client_{k}  n_k=2  local model: w={f6(r[f'w{k}'])} b={f6(r[f'b{k}'])}   "
+          f"(loss {f6(losses[k - 1][0])}→{f6(losses[k - 1][1])})" for k in (1, 2)),
+        "N = 2 + 2 = 4",
+        f"w = (2/4)·{f6(r['w1'])} + (2/4)·{f6(r['w2'])} = {f6(r['w'])}",
+        f"b = (2/4)·{f6(r['b1'])} + (2/4)·{f6(r['b2'])} = {f6(r['b'])}",
+        f"global model out: {line(r['w'], r['b'])}",
+    ]
+    assert block.splitlines() == expected
+
+
+def check_head(block: str, rounds: int, epochs: int) -> None:
+    """A /start reply's first lines: the run's final line at the reference (the
+    closed-form fixed point for long runs), to the 6 decimals it prints."""
+    w, b = (fedavg_closed_form(SEED, 0.01, epochs) if rounds >= 300 else
+            reference_fedavg(SEED, rounds=rounds, epochs=epochs)[-1])
+    assert f'"message": "FedAvg finished {rounds} round(s)."' in block
+    assert f'"final_line": "{line(w, b)}"' in block
+
+
+def check_theory_seed(block: str) -> None:
+    """E, FedAvg's fixed point and ρ at E local epochs, NumPy's printing of 6 decimals."""
+    for text in block.splitlines():
+        m = re.fullmatch(r"(\d+) \[(\S+)\s+(\S+)\s*\] (\S+)", text)
+        epochs = int(m[1])
+        for written, value in zip(m.groups()[1:], [*fedavg_closed_form(SEED, 0.01, epochs), rho(epochs)]):
+            assert agrees(written.rstrip("."), value) and len(written.partition(".")[2]) <= 6, (text, value)
+    assert [int(x.split()[0]) for x in block.splitlines()] == [1, 10, 100]
+
+
+REFERENCES: dict[str, Callable[[str], None]] = {
+    "fixed_point_head": lambda block: check_head(block, 1000, 10),
+    "e100_head": lambda block: check_head(block, 300, 100),
+    "theory_seed": check_theory_seed,
+    "seed_head": lambda block: check_head(block, 5, 10),
+    "seed_round_1": check_seed_round_1,
+}
+
+
+def excerpt_of(block: str, output: str) -> bool:
+    """``block``'s lines are consecutive lines of ``output``, ``…`` matching any text."""
+    def pattern(line: str) -> re.Pattern[str]:
+        return re.compile(r"\s*.+?\s*".join(re.escape(part) for part in re.split(r"\s*…\s*", line)))
+    want = [pattern(x) for x in block.rstrip("\n").split("\n")]
+    have = output.rstrip("\n").split("\n")
+    return any(all(p.fullmatch(have[i + j]) for j, p in enumerate(want)) for i in range(len(have) - len(want) + 1))
+
+
+# --- the tests --------------------------------------------------------------------------
+
+OUTPUT_BLOCKS = [(p.name, name, block) for p in LESSONS for name, block in lesson(p).outputs]
+
+
+def test_the_lessons_are_numbered_in_order_each_listed_in_the_path_and_linked_from_the_readme():
+    assert [p.name[:3] for p in LESSONS] == [f"0{i}-" for i in range(1, len(LESSONS) + 1)]
+    path = (LESSONS_DIR / "README.md").read_text(encoding="utf-8")
+    for p in LESSONS:
+        assert f"]({p.name})" in path, p.name
+        assert 40 <= len(p.read_text(encoding="utf-8").splitlines()) <= 160, p.name
+    assert "](docs/lessons/)" in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.name)
+def test_every_number_in_a_lesson_is_tagged_or_from_a_checked_output(path):
+    text = lesson(path)
+    assert text.outputs or text.tags, "a lesson with nothing checked"
+    assert "<details>" in text.text and len(re.findall(r"^\d+\. ", text.text.split("<details>")[1], re.M)) >= 2
+    checked = {n for n, _ in text.tags}
+    for _, block in text.outputs:
+        checked |= set(re.findall(NUM, block))
+    prose = TAGGED.sub("", text.prose())
+    loose = [n for n in DECIMAL.findall(prose) if n not in checked]
+    assert not loose, f"{path.name}: numbers stated with no check (tag them <!-- check: name -->): {loose}"
+    answers = re.split(r"^\d+\. ", text.prose().split("<details>")[1], flags=re.M)[1:]
+    unchecked = [a.strip() for a in answers if not TAGGED.search(a)]
+    assert not unchecked, f"{path.name}: answers with no checked number: {unchecked}"
+    blocks = set(OUTPUTS)
+    assert {n for n, _ in text.outputs} <= blocks, "an output block with no command run here"
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.name)
+def test_every_tagged_number_equals_its_plain_python_reference(path):
+    wrong = [(written, name, checks().get(name)) for written, name in lesson(path).tags
+             if name not in checks() or not agrees(written, checks()[name])]
+    assert not wrong, f"{path.name}: (written, check, reference): {wrong}"
+
+
+def test_every_check_and_output_is_used_by_a_lesson():
+    used = {name for p in LESSONS for _, name in lesson(p).tags}
+    assert set(checks()) == used, sorted(set(checks()) ^ used)
+    assert {name for _, name, _ in OUTPUT_BLOCKS} == set(OUTPUTS) == set(REFERENCES)
+
+
+@pytest.mark.parametrize("path,name,block", OUTPUT_BLOCKS, ids=[n for _, n, _ in OUTPUT_BLOCKS])
+def test_each_output_block_is_what_its_command_prints_and_agrees_with_the_reference(
+        path, name, block, seed_federation, caplog, tmp_path):
+    printed, log = Ctx(seed_federation, caplog, tmp_path).run(command_of(lesson(LESSONS_DIR / path).text, name))
+    output = printed if OUTPUTS[name] == "stdout" else log
+    assert excerpt_of(block, output), f"{name}: the lesson's block is not in what the command prints:\n{output}"
+    REFERENCES[name](block)
