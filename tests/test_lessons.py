@@ -39,7 +39,7 @@ import compare
 import privacy
 from conftest import ROOT, Federated
 from reference import SEED_DATA, local_gd, local_mse, reference_fedavg
-from test_strategies import fedavg_closed_form
+from test_strategies import fedavg_closed_form, scaffold_reference
 
 LESSONS_DIR = ROOT / "docs" / "lessons"
 LESSONS = sorted(LESSONS_DIR.glob("0[1-9]-*.md"))
@@ -172,10 +172,64 @@ def lesson_2_checks() -> dict[str, float]:
     }
 
 
+def fedsgd_reference(rounds: int, lr: float = 0.01) -> list[tuple[float, float]]:
+    """FedSGD on the seed: gradient descent on the four points pooled, one step a round."""
+    rows, (w, b), out = [p for d in SEED for p in d], (0.0, 0.0), []
+    for _ in range(rounds):
+        w, b = local_gd(rows, w, b, lr, epochs=1)
+        out.append((w, b))
+    return out
+
+
+def models_of(strategy: str, rounds: int) -> list[tuple[float, float]]:
+    """Each round's global model of ``strategy`` on the seed, in plain Python."""
+    if strategy == "fedavg":
+        return reference_fedavg(SEED, rounds=rounds)
+    if strategy == "fedsgd":
+        return fedsgd_reference(rounds)
+    if strategy == "scaffold":
+        return [tuple(m) for m in scaffold_reference(SEED, [[0, 1]] * rounds, 0.01, 10)]
+    assert strategy == "exact", strategy
+    return [pooled_line([p for d in SEED for p in d])] * rounds
+
+
+def settled_at(models: list[tuple[float, float]], target: tuple[float, float], tol: float) -> int | None:
+    """The first round from which every model is within ``tol`` of ``target``."""
+    far = [t for t, (w, b) in enumerate(models, start=1) if math.hypot(w - target[0], b - target[1]) > tol]
+    last = far[-1] if far else 0
+    return last + 1 if last < len(models) else None
+
+
+def lesson_3_checks() -> dict[str, float]:
+    star = pooled_line([p for d in SEED for p in d])
+    rows = [p for d in SEED for p in d]
+    fedsgd = settled_at(fedsgd_reference(3000), star, 1e-3)
+    scaffold = settled_at(models_of("scaffold", 400), star, 1e-3)
+    # client_1's sums: n = 2, Σx, Σx², Σy, Σxy; its points back from them
+    sx, sxx = sum(x for x, _ in SEED[0]), sum(x * x for x, _ in SEED[0])
+    sy, sxy = sum(y for _, y in SEED[0]), sum(x * y for x, y in SEED[0])
+    prod = (sx * sx - sxx) / 2
+    x1, x2 = sorted([(sx - math.sqrt(sx * sx - 4 * prod)) / 2, (sx + math.sqrt(sx * sx - 4 * prod)) / 2])
+    y2 = (sxy - x1 * sy) / (x2 - x1)
+    return {
+        "pooled_mse": local_mse(rows, *star), "rho_e1": rho(1),
+        "fedsgd_dist200": distance_of(fedsgd_reference(200)[-1]),
+        "start_gap": math.hypot(*star), "fedsgd_rounds": fedsgd, "fedsgd_calls": 2 * fedsgd,
+        "scaffold_calls": 2 * scaffold, "scaffold_calls_100": 100 * scaffold,
+        "fedsgd_estimate": math.log(math.hypot(*star) / 1e-3) / -math.log(rho(1)),
+        "c1_x1": x1, "c1_x2": x2, "c1_y1": sy - y2, "c1_y2": y2,
+    }
+
+
+def distance_of(model: tuple[float, float]) -> float:
+    star = pooled_line([p for d in SEED for p in d])
+    return math.hypot(model[0] - star[0], model[1] - star[1])
+
+
 @cache
 def checks() -> dict[str, float]:
     """Every tag's value, by name (a name means the same in every lesson)."""
-    return {**lesson_1_checks(), **lesson_2_checks()}
+    return {**lesson_1_checks(), **lesson_2_checks(), **lesson_3_checks()}
 
 
 # --- the commands, run in this process ------------------------------------------------
@@ -251,6 +305,8 @@ OUTPUTS: dict[str, str] = {
     "fixed_point_head": "stdout",
     "e100_head": "stdout",
     "theory_seed": "stdout",
+    "compare_200": "stdout",
+    "compare_300": "stdout",
 }
 
 
@@ -296,7 +352,30 @@ def check_theory_seed(block: str) -> None:
     assert [int(x.split()[0]) for x in block.splitlines()] == [1, 10, 100]
 
 
+def check_compare_table(block: str, rounds: int) -> None:
+    """make compare's rows on the seed: each strategy's final model, its
+    distance to θ*, the MSE on the pooled rows and the round it settled
+    within 0.001, from the plain-Python runs (a … is what changes from run
+    to run: the wall time, exact's distance at rounding level, below 1e-12)."""
+    star = pooled_line([p for d in SEED for p in d])
+    rows = [p for d in SEED for p in d]
+    body = block.splitlines()[2:]
+    for text in body:
+        m = re.fullmatch(r"(\w+)\s+(y = \S+·x [+−] \S+)\s+(\S+)\s+(\S+)\s+(\w+)\s+…", text)
+        assert m, text
+        models = models_of(m[1], rounds)
+        final = models[-1]
+        assert m[2] == line(*final), (text, final)
+        assert m[3] == f"{distance_of(final):.3e}" or (m[3] == "…" and distance_of(final) < 1e-12), text
+        assert m[4] == f"{local_mse(rows, *final):.6g}", (text, local_mse(rows, *final))
+        settled = settled_at(models, star, 1e-3)
+        assert m[5] == (str(settled) if settled else "never"), (text, settled)
+    assert body, block
+
+
 REFERENCES: dict[str, Callable[[str], None]] = {
+    "compare_200": lambda block: check_compare_table(block, 200),
+    "compare_300": lambda block: check_compare_table(block, 300),
     "fixed_point_head": lambda block: check_head(block, 1000, 10),
     "e100_head": lambda block: check_head(block, 300, 100),
     "theory_seed": check_theory_seed,
