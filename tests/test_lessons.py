@@ -27,6 +27,7 @@ import logging
 import math
 import re
 import shlex
+import statistics
 from collections.abc import Callable
 from contextlib import redirect_stdout
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+from test_byzantine import client_data
 
 import compare
 import privacy
@@ -221,6 +223,60 @@ def lesson_3_checks() -> dict[str, float]:
     }
 
 
+BYZANTINE_K, HUGE = 10, 1e12
+
+
+def byzantine_run(f: int, rule: str, rounds: int) -> list[tuple[float, float]]:
+    """The byzantine scenario in plain Python: K clients of test_byzantine's
+    documented draw, the first f sending w = b = 10¹² each round, the rest
+    their honest local models (reference.py's GD); the server's rule over
+    the ten models: the mean (equal n_k), the coordinate-wise median, or Krum
+    told f (the model with the least sum of squared distances to its
+    K − f − 2 nearest others)."""
+    data = [client_data(i) for i in range(BYZANTINE_K)]
+    w = b = 0.0
+    out = []
+    for _ in range(rounds):
+        sent = [(HUGE, HUGE) if i < f else local_gd(d, w, b) for i, d in enumerate(data)]
+        if rule == "mean":
+            w, b = (sum(m[j] for m in sent) / len(sent) for j in (0, 1))
+        elif rule == "median":
+            w, b = (statistics.median(m[j] for m in sent) for j in (0, 1))
+        else:
+            assert rule == "krum", rule
+            def score(m: tuple[float, float]) -> float:
+                d2 = sorted((m[0] - o[0]) ** 2 + (m[1] - o[1]) ** 2 for o in sent if o is not m)
+                return sum(d2[:BYZANTINE_K - f - 2])
+            w, b = min(sent, key=score)
+        out.append((w, b))
+    return out
+
+
+def honest_line(f: int) -> tuple[float, float]:
+    return pooled_line([p for i in range(f, BYZANTINE_K) for p in client_data(i)])
+
+
+def krum_max_f(k: int) -> int:
+    """Blanchard et al.'s bound: the largest f with K ≥ 2f + 3."""
+    return max(f for f in range(k) if k >= 2 * f + 3)
+
+
+def lesson_4_checks() -> dict[str, float]:
+    star = honest_line(1)
+    first = byzantine_run(1, "mean", 1)[-1]
+
+    def median_holds(f: int) -> bool:  # one round's median stays near the honest models
+        return abs(byzantine_run(f, "median", 1)[-1][0]) < 100
+    return {
+        "byz1_w": star[0], "byz1_b": star[1], "share": 20 / 200, "mean_round1_w": first[0],
+        "median_dist": math.dist(byzantine_run(1, "median", 50)[-1], star),
+        "krum_dist": math.dist(byzantine_run(1, "krum", 50)[-1], star),
+        "median_holds": max(f for f in range(BYZANTINE_K) if median_holds(f)),
+        "krum_f10": krum_max_f(10), "krum_f25": krum_max_f(25),
+        "beta": 0.2, "trimmed_drops": math.floor(0.2 * BYZANTINE_K),
+    }
+
+
 def distance_of(model: tuple[float, float]) -> float:
     star = pooled_line([p for d in SEED for p in d])
     return math.hypot(model[0] - star[0], model[1] - star[1])
@@ -229,7 +285,7 @@ def distance_of(model: tuple[float, float]) -> float:
 @cache
 def checks() -> dict[str, float]:
     """Every tag's value, by name (a name means the same in every lesson)."""
-    return {**lesson_1_checks(), **lesson_2_checks(), **lesson_3_checks()}
+    return {**lesson_1_checks(), **lesson_2_checks(), **lesson_3_checks(), **lesson_4_checks()}
 
 
 # --- the commands, run in this process ------------------------------------------------
@@ -307,6 +363,8 @@ OUTPUTS: dict[str, str] = {
     "theory_seed": "stdout",
     "compare_200": "stdout",
     "compare_300": "stdout",
+    "byzantine_one": "stdout",
+    "byzantine_five": "stdout",
 }
 
 
@@ -373,7 +431,31 @@ def check_compare_table(block: str, rounds: int) -> None:
     assert body, block
 
 
+def check_byzantine_table(block: str, attackers: int, rounds: int) -> None:
+    """make compare's rows on the byzantine scenario against byzantine_run:
+    the final model, its distance to the honest θ*, the MSE over every
+    client's rows (the attackers' /evaluate is honest), to the digits
+    printed; a refused Krum naming the bound K ≥ 2f + 3."""
+    star = honest_line(attackers)
+    rows = [p for i in range(BYZANTINE_K) for p in client_data(i)]
+    for text in block.splitlines()[2:]:
+        if m := re.fullmatch(r"fedavg\+krum\s+refused \(HTTP 400\): (.*)", text):
+            assert krum_max_f(BYZANTINE_K) < attackers
+            assert f"at most {krum_max_f(BYZANTINE_K)}, got {attackers}" in m[1], text
+            continue
+        m = re.fullmatch(r"fedavg\+(\w+)\s+y = (\S+)·x ([+−]) (\S+)\s+(\S+)\s+(\S+)\s+(\w+)\s+…", text)
+        assert m, text
+        models = byzantine_run(attackers, m[1], rounds)
+        w, b = models[-1]
+        assert agrees(m[2], w) and agrees(m[4], b if m[3] == "+" else -b), (text, w, b)
+        assert agrees(m[5], math.dist((w, b), star)), (text, math.dist((w, b), star))
+        assert agrees(m[6], local_mse(rows, w, b)), (text, local_mse(rows, w, b))
+        assert m[7] == (str(settled_at(models, star, 1e-3) or "never")), text
+
+
 REFERENCES: dict[str, Callable[[str], None]] = {
+    "byzantine_one": lambda block: check_byzantine_table(block, 1, 50),
+    "byzantine_five": lambda block: check_byzantine_table(block, 5, 50),
     "compare_200": lambda block: check_compare_table(block, 200),
     "compare_300": lambda block: check_compare_table(block, 300),
     "fixed_point_head": lambda block: check_head(block, 1000, 10),
