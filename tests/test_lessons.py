@@ -277,6 +277,29 @@ def lesson_4_checks() -> dict[str, float]:
     }
 
 
+# dp-accounting's default Rényi orders α: 1.1 … 10.9 in steps of 0.1, then 12 … 63
+ORDERS = [1 + x / 10 for x in range(1, 100)] + list(range(12, 64))
+
+
+def gaussian_epsilon(sigma: float, rounds: int, delta: float) -> float:
+    """ε of ``rounds`` rounds of the Gaussian mechanism (every client every
+    round, q = 1): its Rényi divergence of order α is α/(2σ²) a round, and
+    they add up; then ε = min_α rdp(α) + ln(1 − 1/α) − (ln δ + ln α)/(α − 1)
+    (Balle et al. 2020's conversion), over ORDERS."""
+    return min(rounds * a / (2 * sigma ** 2) + math.log(1 - 1 / a) - (math.log(delta) + math.log(a)) / (a - 1)
+               for a in ORDERS)
+
+
+def lesson_5_checks() -> dict[str, float]:
+    r = round_one()
+    return {
+        "noise_ratio": (0.5 / 2) / (0.5 / 50), "c1_round1_w": r["w1"], "avg_round1_w": r["w"],
+        "c2_round1_w": 2 * r["w"] - r["w1"], "sigma_equal": 1 * (0.5 / 50) / (0.5 / 2),
+        "eps_one_round": gaussian_epsilon(1.0, 1, 1e-5),
+        "eps_ratio": gaussian_epsilon(1.0, 50, 1e-5) / gaussian_epsilon(4.0, 50, 1e-5),
+    }
+
+
 def distance_of(model: tuple[float, float]) -> float:
     star = pooled_line([p for d in SEED for p in d])
     return math.hypot(model[0] - star[0], model[1] - star[1])
@@ -285,7 +308,7 @@ def distance_of(model: tuple[float, float]) -> float:
 @cache
 def checks() -> dict[str, float]:
     """Every tag's value, by name (a name means the same in every lesson)."""
-    return {**lesson_1_checks(), **lesson_2_checks(), **lesson_3_checks(), **lesson_4_checks()}
+    return {**lesson_1_checks(), **lesson_2_checks(), **lesson_3_checks(), **lesson_4_checks(), **lesson_5_checks()}
 
 
 # --- the commands, run in this process ------------------------------------------------
@@ -309,6 +332,9 @@ def head(text: str, n: str | None) -> str:
     return text if n is None else "\n".join(text.splitlines()[:int(n)]) + "\n"
 
 
+RUNS: dict[str, tuple[str, str]] = {}
+
+
 class Ctx:
     """Runs a lesson's command in this process: what it prints, and the server's log meanwhile."""
 
@@ -316,6 +342,13 @@ class Ctx:
         self.seed, self.caplog, self.tmp_path = seed, caplog, tmp_path
 
     def run(self, command: str) -> tuple[str, str]:
+        """What ``command`` prints and the server's log meanwhile; once per
+        command (several blocks may show parts of one command's output)."""
+        if command not in RUNS:
+            RUNS[command] = self.run_now(command)
+        return RUNS[command]
+
+    def run_now(self, command: str) -> tuple[str, str]:
         self.caplog.clear()
         out = io.StringIO()
         with self.caplog.at_level(logging.INFO, logger="fedavg.server"), redirect_stdout(out):
@@ -365,6 +398,10 @@ OUTPUTS: dict[str, str] = {
     "compare_300": "stdout",
     "byzantine_one": "stdout",
     "byzantine_five": "stdout",
+    "secagg_head": "stdout",
+    "privacy_noise": "stdout",
+    "privacy_seed": "stdout",
+    "privacy_iid": "stdout",
 }
 
 
@@ -453,7 +490,36 @@ def check_byzantine_table(block: str, attackers: int, rounds: int) -> None:
         assert m[7] == (str(settled_at(models, star, 1e-3) or "never")), text
 
 
+def check_privacy_noise(block: str) -> None:
+    """σ·S/M, the noise on each coordinate a round, with M = K (every client every round)."""
+    for text in block.splitlines():
+        m = re.fullmatch(r"privacy: \w+, K=(\d+), 50 rounds, clip S=(\S+), M=(\d+): noise σ·S/M = σ × (\S+) .*", text)
+        assert m and m[1] == m[3] and agrees(m[4], float(m[2]) / int(m[3])), text
+
+
+def check_privacy_table(block: str, clients: list[list[tuple[float, float]]]) -> None:
+    """make privacy's table for one federation: without DP, FedAvg after 50
+    rounds (its MSE on the pooled rows and its distance to θ*, plain Python);
+    with σ, the ε of 50 Gaussian rounds at δ = 1e-5 (gaussian_epsilon)."""
+    rows = [p for d in clients for p in d]
+    star = pooled_line(rows)
+    head, _, *settings = block.splitlines()
+    assert re.fullmatch(rf"\w+, K={len(clients)}, 50 rounds, S=0\.5, δ=1e-05 .*", head), head
+    for text in settings:
+        if m := re.fullmatch(r"no DP\s+-\s+(\S+)\s+(\S+)", text):
+            w, b = reference_fedavg(clients, rounds=50)[-1]
+            assert agrees(m[1], local_mse(rows, w, b)) and agrees(m[2], math.dist((w, b), star)), text
+        else:
+            m = re.fullmatch(r"σ = (\S+)\s+(\S+)\s+…\s+…", text)
+            assert m and agrees(m[2], gaussian_epsilon(float(m[1]), 50, 1e-5)), text
+    assert settings, block
+
+
 REFERENCES: dict[str, Callable[[str], None]] = {
+    "secagg_head": lambda block: check_head(block, 5, 10),
+    "privacy_noise": check_privacy_noise,
+    "privacy_seed": lambda block: check_privacy_table(block, SEED),
+    "privacy_iid": lambda block: check_privacy_table(block, [client_data(i) for i in range(50)]),
     "byzantine_one": lambda block: check_byzantine_table(block, 1, 50),
     "byzantine_five": lambda block: check_byzantine_table(block, 5, 50),
     "compare_200": lambda block: check_compare_table(block, 200),
@@ -480,12 +546,15 @@ def excerpt_of(block: str, output: str) -> bool:
 OUTPUT_BLOCKS = [(p.name, name, block) for p in LESSONS for name, block in lesson(p).outputs]
 
 
-def test_the_lessons_are_numbered_in_order_each_listed_in_the_path_and_linked_from_the_readme():
-    assert [p.name[:3] for p in LESSONS] == [f"0{i}-" for i in range(1, len(LESSONS) + 1)]
+def test_five_lessons_in_order_each_listed_in_the_path_and_the_path_linked_from_the_readme():
+    assert [p.name[:3] for p in LESSONS] == ["01-", "02-", "03-", "04-", "05-"]
     path = (LESSONS_DIR / "README.md").read_text(encoding="utf-8")
     for p in LESSONS:
         assert f"]({p.name})" in path, p.name
         assert 40 <= len(p.read_text(encoding="utf-8").splitlines()) <= 160, p.name
+    for p in [LESSONS_DIR / "README.md", *LESSONS]:  # every relative link resolves
+        for target in re.findall(r"\]\(([^)#]+)\)", p.read_text(encoding="utf-8")):
+            assert target.startswith("http") or (LESSONS_DIR / target).exists(), (p.name, target)
     assert "](docs/lessons/)" in (ROOT / "README.md").read_text(encoding="utf-8")
 
 
