@@ -46,7 +46,7 @@ from fedavg import theory
 from fedavg.data import TARGET, add_target
 from fedavg.scenarios import ATTACKERS, ATTACKS, DIABETES_LR, SCENARIOS, honest, make_clients
 from fedavg.trace import fmt_line
-from labs import close, default_jobs, federation, processes, spread
+from labs import Progress, close, default_jobs, federation, processes, spread
 
 ALL_STRATEGIES = ("fedavg", "fedsgd", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
                   "fednova", "exact")
@@ -198,11 +198,15 @@ def run_plan(plan: Plan, scenario: tuple[Any, ...], jobs: int, db_dir: str, opti
     """Every (strategy, aggregator, /start body) of ``plan``, on federations
     of ``make_clients(*scenario)`` (``labs.spread``: with ``jobs`` 1 one in
     this process, else one in each worker process). Rows in ``plan``'s
-    order, a line printed as each run ends."""
+    order, a line printed as each run ends: how many of all have ended,
+    how it ended, and an estimate of the time left (``labs.Progress``)."""
+    progress = Progress([1.0] * len(plan))  # (the runs' rounds are alike: --param may change one's)
+
     def report(i: int, result: dict[str, Any]) -> None:
         state = (f"{result['status']}, ‖θ_T − θ*‖ = {fmt_num(result['final_distance'])}"
                  if "final_model" in result else result["error"])
-        print(f"compare: {result['label']}: {state} ({result['wall_s']:.2f} s)", flush=True)
+        print("compare: " + progress.line(i, f"{result['label']}: {state} in {result['wall_s']:.2f} s"),
+              flush=True)
 
     def run(http: FlaskClient, step: tuple[str, str | None, dict[str, Any]]) -> dict[str, Any]:
         name, aggregator, body = step
