@@ -9,6 +9,7 @@ from pathlib import Path
 
 try:
     from fedavg import tls_files
+    from fedavg.data import TARGET, add_target
     from fedavg.dropout import Dropout
     from fedavg.http.host_app import create_host_app
     from fedavg.http.service import (
@@ -42,6 +43,7 @@ if __name__ == "__main__":
     parser.add_argument("--csv", type=Path,
                         help="for --scenario csv: the CSV to split among the clients (a relative path is "
                              "relative to the directory this runs in: client_host/ under poetry run)")
+    add_target(parser)
     parser.add_argument("--attackers", type=int, metavar="F",
                         help=f"for --scenario byzantine: how many clients attack, the first F (default {ATTACKERS})")
     parser.add_argument("--attack", choices=ATTACKS,
@@ -60,6 +62,8 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.scenario != "byzantine" and (args.attackers is not None or args.attack is not None):
         parser.error(f"--attackers and --attack are for --scenario byzantine, not {args.scenario}")
+    if args.target != TARGET and args.scenario != "csv":
+        parser.error(f"--target is for --scenario csv (the CSV's column to predict), not {args.scenario}")
     if args.population is not None and args.clients is not None:
         parser.error("--clients and --population: give one (the number of clients, made one way or the other)")
     if args.population is not None and args.scenario not in POPULATION_SCENARIOS:
@@ -85,7 +89,7 @@ if __name__ == "__main__":
         dropout = Dropout(args.dropout, args.seed, args.stragglers, args.straggle_s)
         if args.population is None:
             clients, population = make_clients(args.scenario, 10 if args.clients is None else args.clients,
-                                               args.seed, args.samples, csv, attackers, attack), None
+                                               args.seed, args.samples, csv, attackers, attack, args.target), None
         else:
             clients, population = None, Population.build(args.scenario, args.population, args.seed, args.samples,
                                                          attackers, attack)
@@ -94,7 +98,8 @@ if __name__ == "__main__":
     except (ValueError, OSError) as e:  # a token that cannot work, a scenario that cannot be made
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    description = about(args.scenario) + (f" ({csv})" if args.scenario == "csv" else "")
+    description = about(args.scenario) + (f" ({csv}, predicting its column {args.target})"
+                                          if args.scenario == "csv" else "")
     if args.scenario == "byzantine":
         description += f": {attackers} attacker(s), attack {attack}: each {ATTACKS[attack]}"
     k = len(clients) if population is None else population.size

@@ -43,10 +43,11 @@ import numpy as np
 from flask.testing import FlaskClient
 
 from fedavg import theory
+from fedavg.data import TARGET, add_target
 from fedavg.scenarios import ATTACKERS, ATTACKS, DIABETES_LR, SCENARIOS, honest, make_clients
 from fedavg.strategies import STRATEGIES
 from fedavg.trace import fmt_line
-from labs import close, default_jobs, federation, processes, spread
+from labs import Progress, close, default_jobs, federation, processes, spread
 
 DEFAULT_CLIENTS = {"seed": 2, "diabetes": 4}  # any other scenario: 10
 DEFAULT_LR = {"diabetes": DIABETES_LR}  # any other scenario: the server's 0.01
@@ -196,11 +197,15 @@ def run_plan(plan: Plan, scenario: tuple[Any, ...], jobs: int, db_dir: str, opti
     """Every (strategy, aggregator, /start body) of ``plan``, on federations
     of ``make_clients(*scenario)`` (``labs.spread``: with ``jobs`` 1 one in
     this process, else one in each worker process). Rows in ``plan``'s
-    order, a line printed as each run ends."""
+    order, a line printed as each run ends: how many of all have ended,
+    how it ended, and an estimate of the time left (``labs.Progress``)."""
+    progress = Progress([1.0] * len(plan))  # (the runs' rounds are alike: --param may change one's)
+
     def report(i: int, result: dict[str, Any]) -> None:
         state = (f"{result['status']}, ‖θ_T − θ*‖ = {fmt_num(result['final_distance'])}"
                  if "final_model" in result else result["error"])
-        print(f"compare: {result['label']}: {state} ({result['wall_s']:.2f} s)", flush=True)
+        print("compare: " + progress.line(i, f"{result['label']}: {state} in {result['wall_s']:.2f} s"),
+              flush=True)
 
     def run(http: FlaskClient, step: tuple[str, str | None, dict[str, Any]]) -> dict[str, Any]:
         name, aggregator, body = step
@@ -374,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the scenario's seed and every run's seed")
     parser.add_argument("--samples", type=int, default=20, help="n_k per client (generated scenarios)")
     parser.add_argument("--csv", help="for --scenario csv: the CSV to split among the clients")
+    add_target(parser)
     parser.add_argument("--lr", type=float, help=f"default {DIABETES_LR} for diabetes, else 0.01")
     parser.add_argument("--local-epochs", type=int, default=10)
     parser.add_argument("--param", action="append", default=[], type=parse_param, metavar="[STRATEGY.]NAME=VALUE",
@@ -398,12 +404,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--aggregators: name at least one")
     if args.scenario != "byzantine" and (args.attackers is not None or args.attack is not None):
         parser.error(f"--attackers and --attack are for --scenario byzantine, not {args.scenario}")
+    if args.target != TARGET and args.scenario != "csv":
+        parser.error(f"--target is for --scenario csv (the CSV's column to predict), not {args.scenario}")
     attackers = ATTACKERS if args.attackers is None else args.attackers
     attack = args.attack or "huge"
     if args.rounds < 1 or args.local_epochs < 1 or args.jobs < 1 or lr <= 0 or args.tol <= 0:
         parser.error("--rounds, --local-epochs and --jobs must be >= 1, --lr and --tol > 0")
     # Each federation builds its own clients from these (a client keeps state per run: SCAFFOLD's c_k).
-    scenario = (args.scenario, k, args.seed, args.samples, args.csv, attackers, attack)
+    scenario = (args.scenario, k, args.seed, args.samples, args.csv, attackers, attack, args.target)
     try:
         clients = make_clients(*scenario)
     except (ValueError, OSError) as e:
@@ -462,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report = {
         "settings": {"scenario": args.scenario, "clients": k, "seed": args.seed, "samples": args.samples,
-                     "csv": args.csv, "rounds": args.rounds, "lr": lr, "local_epochs": args.local_epochs,
+                     "csv": args.csv, "target": args.target if args.csv else None, "rounds": args.rounds,
+                     "lr": lr, "local_epochs": args.local_epochs,
                      "params": [{"strategy": who, "name": n, "value": v} for who, n, v in args.param],
                      "strategies": strategies, "aggregators": None if aggregators == [None] else aggregators,
                      "attackers": liars if args.scenario == "byzantine" else None,

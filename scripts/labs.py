@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -48,6 +49,31 @@ def processes() -> Any:
 
 def default_jobs() -> int:
     return os.cpu_count() or 2
+
+
+class Progress:
+    """A lab's runs counted as they end, a line each: ``[i/n]``, the time so
+    far and an estimate of the time left, elapsed·(work left)/(work done),
+    a run's work its ``costs`` entry (clients × rounds, say: the runs of a
+    lab differ; equal costs make it elapsed·(n − i)/i). Elapsed is wall
+    time, so runs side by side are counted as they run. ``clock`` is
+    time.monotonic but for a test."""
+
+    def __init__(self, costs: Sequence[float], clock: Callable[[], float] = time.monotonic) -> None:
+        self.costs, self.clock, self.started = list(costs), clock, clock()
+        self.done, self.work_done = 0, 0.0
+
+    def line(self, i: int, what: str) -> str:
+        """Run ``i`` ended, ``what`` says how → "[done/n] what (t s so far, about r s left)"
+        ("under a second left" below half a second; "(t s, all done)" after the last)."""
+        self.done += 1
+        self.work_done += self.costs[i]
+        elapsed = self.clock() - self.started
+        if self.done == len(self.costs):
+            return f"[{self.done}/{self.done}] {what} ({elapsed:.1f} s, all done)"
+        left = elapsed * (sum(self.costs) - self.work_done) / self.work_done
+        estimate = f"about {left:.0f} s left" if left >= 0.5 else "under a second left"
+        return f"[{self.done}/{len(self.costs)}] {what} ({elapsed:.1f} s so far, {estimate})"
 
 
 def spread(tasks: Sequence[Task], start: Callable[[], Any], work: Callable[[Any, Task], Result], jobs: int,

@@ -44,6 +44,8 @@ def main() -> int:
     parser.add_argument("--scenario", default="iid", help="a client host scenario (default iid)")
     parser.add_argument("--csv", help="for --scenario csv: the CSV to split among the clients "
                                       "(relative to the directory you run this in)")
+    parser.add_argument("--target", metavar="COLUMN",
+                        help="for --scenario csv: the CSV's column to predict (the host's --target; default y)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=20, help="n_k per client (mean, for quantity-skew)")
     parser.add_argument("--fraction", type=float, default=1.0)
@@ -73,13 +75,16 @@ def main() -> int:
         parser.error("scenario csv needs --csv FILE")
     if args.csv and args.scenario != "csv":
         parser.error(f"--csv is for --scenario csv, not {args.scenario}")
+    if args.target is not None and args.scenario != "csv":
+        parser.error(f"--target is for --scenario csv, not {args.scenario}")
 
     host_port, server_port = free_port(), args.port or free_port()
     # The host runs in client_host/: a relative path is the user's, from here.
     csv = os.path.abspath(args.csv) if args.csv else None
     host_args = ["--scenario", args.scenario, "--population" if args.population else "--clients", str(k),
                  "--seed", str(args.seed), "--samples", str(args.samples), *(["--csv", csv] if csv else []),
-                 *(["--dropout", str(args.dropout)] if args.dropout is not None else [])]
+                 *(["--dropout", str(args.dropout)] if args.dropout is not None else []),
+                 *(["--target", args.target] if args.target is not None else [])]
     apps = []
     history = tempfile.TemporaryDirectory(prefix="fedavg-sim-")
     try:

@@ -167,12 +167,14 @@ def test_a_client_on_a_host_has_its_own_page():
 
 @pytest.mark.system
 def test_a_client_started_with_its_own_data_and_name_serves_its_page(tmp_path):
-    """client_1_app.py --data alice.csv --client-id alice, as the README
-    starts a client: its page over HTTP shows that file's points and their
-    least-squares line, and it answers /start in that name."""
+    """client_1_app.py --data alice.csv --target score --client-id alice, as
+    docs/SETTINGS.md starts a client on a file whose target is named score
+    (and comes first): its page over HTTP shows that file's points (hours,
+    score) and their least-squares line, and it answers /start in that name."""
     csv = tmp_path / "alice.csv"
-    csv.write_text("x,y\n" + "".join(f"{x},{y}\n" for x, y in POINTS))
-    alice = launcher.start_app("client_1", launcher.free_port(), ["--data", str(csv), "--client-id", "alice"])
+    csv.write_text("score,hours\n" + "".join(f"{y},{x}\n" for x, y in POINTS))
+    alice = launcher.start_app("client_1", launcher.free_port(),
+                               ["--data", str(csv), "--target", "score", "--client-id", "alice"])
     try:
         launcher.wait_healthy([alice])
         status, ctype, body = launcher.fetch(alice.url + "/")

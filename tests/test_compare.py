@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 
 import compare
 from conftest import ROOT
+from labs import Progress
 from reference import SEED_DATA, reference_fedavg
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -73,14 +75,44 @@ SEED_ARGS = ["--scenario", "seed", "--strategies", "fedavg nosuch fedprox", "--r
              "--param", "fedprox.mu=0.5"]
 
 
+def progress_lines(stdout: str, tool: str) -> list[str]:
+    """A lab's progress lines, one as each run ends: "<tool>: [i/n] <label>: <how> … (t s so far,
+    about r s left)", i counting 1..n in order, the last "(t s, all done)"; what each says."""
+    found = [re.fullmatch(rf"{tool}: \[(\d+)/(\d+)\] (.*) \(([^()]*)\)", line) for line in stdout.splitlines()
+             if line.startswith(f"{tool}: [")]
+    assert found and all(found), stdout
+    n = len(found)
+    assert [(int(m[1]), int(m[2])) for m in found] == [(i, n) for i in range(1, n + 1)], stdout
+    assert all(re.fullmatch(r"\d+\.\d s so far, (about [1-9]\d* s|under a second) left", m[4])
+               for m in found[:-1]), stdout
+    assert re.fullmatch(r"\d+\.\d s, all done", found[-1][4]), stdout
+    return [m[3] for m in found]
+
+
+def runs_ended(stdout: str) -> list[str]:
+    """compare's progress lines up to their first comma: each run's label and how it ended."""
+    return [re.split(r"[,(]", what)[0].strip() for what in progress_lines(stdout, "compare")]
+
+
+def test_progress_estimates_the_time_left_from_the_work_done():
+    """After runs of work w_done in t seconds, the work left w_left takes about t·w_left/w_done."""
+    ticks = iter([10.0, 13.0, 14.5, 16.0, 17.0])  # the clock at the start, then as each run ends
+    progress = Progress([1.0, 2.0, 1.0, 20.0], clock=lambda: next(ticks))
+    assert progress.line(0, "a: done") == f"[1/4] a: done (3.0 s so far, about {3.0 * 23 / 1:.0f} s left)"
+    assert progress.line(1, "b: done") == f"[2/4] b: done (4.5 s so far, about {4.5 * 21 / 3:.0f} s left)"
+    assert 6.0 * 1 / 23 < 0.5
+    assert progress.line(3, "d: done") == "[3/4] d: done (6.0 s so far, under a second left)"
+    assert progress.line(2, "c: done") == "[4/4] c: done (7.0 s, all done)"
+
+
 def check_seed_report(out: Path, stdout: str) -> None:
     """What the run of SEED_ARGS printed and wrote, against the plain-Python
     FedAvg and FedProx and the pooled line computed here."""
     lines = stdout.splitlines()
     refused = next(line for line in lines if line.startswith("nosuch "))
     assert "refused (HTTP 400)" in refused and "unknown strategy 'nosuch'" in refused
-    for name in ("fedavg", "fedprox"):
-        assert any(line.startswith(f"compare: {name}: completed") for line in lines), stdout
+    ended = runs_ended(stdout)  # one a run, in the order they ended
+    assert sorted(ended) == sorted(["fedavg: completed", "nosuch: refused", "fedprox: completed"]), ended
     assert f"wrote {out / 'compare.json'}, {out / 'compare.png'}, {out / 'compare.svg'}" in stdout
 
     report = json.loads((out / "compare.json").read_text())
@@ -142,6 +174,9 @@ def test_compare_on_the_seed_measures_each_strategy_and_reports_a_refused_one(tm
     code, stdout, stderr = run_compare(capsys, *SEED_ARGS, "--out", str(out))
     assert code == 0, stdout + stderr
     check_seed_report(out, stdout)
+    # One federation in this process: the runs end in the order asked, each line before the table.
+    assert runs_ended(stdout) == ["fedavg: completed", "nosuch: refused", "fedprox: completed"]
+    assert stdout.index("compare: [3/3]") < stdout.index("\nstrategy ")
 
 
 @pytest.mark.system

@@ -75,13 +75,14 @@ def test_sim_seed_refuses_another_k_with_a_clear_message(monkeypatch, capsys):
 
 
 @pytest.mark.system
-def test_sim_reads_a_relative_csv_from_where_it_is_run(tmp_path):
+def test_sim_reads_a_relative_csv_from_where_it_is_run_with_its_target(tmp_path):
     rows = [(1, 3), (2, 5), (3, 4), (4, 5), (5, 6), (6, 8)]
-    (tmp_path / "mine.csv").write_text("x,y\n" + "".join(f"{x},{y}\n" for x, y in rows))
-    done = subprocess.run([sys.executable, str(SIM), "--scenario", "csv", "--csv", "mine.csv", "-k", "3",
-                           "--rounds", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    (tmp_path / "mine.csv").write_text("hours,score\n" + "".join(f"{x},{y}\n" for x, y in rows))
+    done = subprocess.run([sys.executable, str(SIM), "--scenario", "csv", "--csv", "mine.csv", "--target", "score",
+                           "-k", "3", "--rounds", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"your CSV, shuffled and split into K parts ({tmp_path / 'mine.csv'})" in done.stdout
+    assert (f"your CSV, shuffled and split into K parts ({tmp_path / 'mine.csv'}, predicting its column score)"
+            in done.stdout)
     assert re.search(r"^\s+2\s+6\s+3\s+0\s", done.stdout, re.M), done.stdout
 
 

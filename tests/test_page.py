@@ -370,6 +370,41 @@ def show_round(page: Page, run_id: int, round_no: int) -> None:
     page.wait_for_function(f"document.querySelector('#round-number').textContent === '{round_no}'")
 
 
+# The chosen option's text and its summary line, measured where the page draws them: the text's
+# width in the select's own font against the room inside the select (its padding and the arrow's
+# 1.5em out), the summary's box against its own scroll width and the form's right edge.
+MEASURE_STRATEGY = """() => {
+  const select = document.querySelector('#f-strategy');
+  const style = getComputedStyle(select);
+  const probe = document.createElement('span');
+  probe.style.cssText = 'position:absolute;visibility:hidden;white-space:pre';
+  probe.style.font = style.font;
+  probe.textContent = select.selectedOptions[0].textContent;
+  document.body.append(probe);
+  const needed = probe.getBoundingClientRect().width;
+  probe.remove();
+  const summary = document.querySelector('#strategy-summary');
+  const box = summary.getBoundingClientRect();
+  return {option: select.selectedOptions[0].textContent, needed,
+          room: select.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight)
+                - 1.5 * parseFloat(style.fontSize),
+          summary: summary.textContent, scroll: summary.scrollWidth, client: summary.clientWidth,
+          right: box.right, height: box.height, formRight: summary.closest('form').getBoundingClientRect().right};
+}"""
+
+
+def test_each_strategy_option_and_its_summary_are_readable_whole(local_page: Page):
+    """Issue 19: the drop-down showed "fedavg — W_{t+1} = Σ_k … the sam", cut at the select's
+    edge. Each option's text fits inside the select, and the line below it shows the
+    strategy's whole summary, wrapped inside the form rather than clipped."""
+    for name, strategy in STRATEGIES.items():
+        local_page.select_option("#f-strategy", name)
+        seen = local_page.evaluate(MEASURE_STRATEGY)
+        assert seen["option"].startswith(name) and seen["needed"] <= seen["room"], seen
+        assert seen["summary"] == strategy.summary, seen
+        assert seen["height"] > 0 and seen["scroll"] <= seen["client"] and seen["right"] <= seen["formRight"], seen
+
+
 def test_the_form_starts_a_scaffold_run_with_its_own_server_lr(local_page: Page, local):
     url = local
     # FedAvg first, with nothing of its own to set; every other strategy's settings hidden

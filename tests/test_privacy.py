@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_compare import progress_lines
 from test_secagg import written
 
 from conftest import ROOT
@@ -963,7 +964,13 @@ def test_make_privacy_tabulates_epsilon_against_accuracy(tmp_path, capsys):
     import privacy
     assert privacy.main(["--repeats", "2", "--sigmas", "0,2", "--jobs", "1", "--out", str(tmp_path),
                          "--population", "300", "--population-rounds", "5"]) == 0
-    check_privacy_report(json.loads((tmp_path / "privacy.json").read_text()), capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    check_privacy_report(json.loads((tmp_path / "privacy.json").read_text()), printed)
+    # A line as each run ends (σ = 0 is noiseless: run once), in the order run here, before the tables.
+    runs = [f"{scenario}, {setting}: {i} of {of} run(s) done" for scenario in ("seed", "iid", "population (iid)")
+            for setting, of in (("no DP", 1), ("σ = 0", 1), ("σ = 2", 2)) for i in range(1, of + 1)]
+    assert progress_lines(printed, "privacy") == runs
+    assert printed.index("privacy: [12/12]") < printed.index("\nseed, K=2")
 
 
 @pytest.mark.parametrize("args, error", [

@@ -212,6 +212,9 @@ def test_three_terminals_the_seed_curl_and_why_not_half_x_plus_3(three_terminals
         print(f"E={epochs}: {time.monotonic() - started:.1f} s")
     w100, b100 = fedavg_closed_form(SEED_DATA, 0.01, 100)
     assert f"{w100:.2f}·x + {b100:.2f}" in readme
+    # "A curl is silent until its run ends: the server's terminal prints each round meanwhile"
+    assert "the server's\nterminal prints each round meanwhile" in readme
+    assert (tmp_path / "server.log").read_text(encoding="utf-8").count("/10000 ── global model in") == 10000
 
     # plot_run, from another directory: the files land in its plots-out/, and nowhere else.
     before = set(ROOT.glob("**/run-1-*.png"))

@@ -1,9 +1,11 @@
-"""A client's private data: a CSV file with header ``x,y`` or ``x1,...,xd,y``.
+"""A client's private data: a CSV file whose header names its columns, one
+of them the target (``HEADER_RULE``).
 
 The data is loaded once, validated completely, and never leaves the client.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import math
 from pathlib import Path
@@ -15,10 +17,25 @@ class DataError(ValueError):
     """A data file that cannot be used; the message names the file and row."""
 
 
-def load_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+TARGET = "y"  # the target column's name when --target is not given
+# The header's rule, stated once: every header error ends with it, and
+# docs/SETTINGS.md quotes it (tests/test_data.py checks that it does).
+HEADER_RULE = ("the first line names each column, each name once; the column named by --target (default y) "
+               "is the target, every other column is a feature, in the file's order")
+
+
+def add_target(parser: argparse.ArgumentParser) -> None:
+    """--target, for every command that reads a CSV of data (a client's --data, a host's --csv)."""
+    parser.add_argument("--target", default=TARGET, metavar="COLUMN",
+                        help=f"the CSV's column to predict, named as in its header (default {TARGET}); every other "
+                             "column is a feature")
+
+
+def load_csv(path: str | Path, target: str = TARGET) -> tuple[np.ndarray, np.ndarray]:
     """Read ``path`` → (X of shape (n, d), y of shape (n,)).
 
-    The last column is the target ``y``; every column before it is a feature.
+    ``y`` is the column the header names ``target`` (matched exactly, case
+    and all); X is every other column, in the file's order (``HEADER_RULE``).
     Blank lines are ignored; anything else that is not a finite number is an
     error naming the file, the line and the column.
     """
@@ -33,13 +50,20 @@ def load_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
     numbered = [(i, row) for i, row in enumerate(rows, start=1) if any(c.strip() for c in row)]
     if not numbered:
-        raise DataError(f"{path}: empty file (expected a header such as x,y)")
+        raise DataError(f"{path}: empty file; {HEADER_RULE}")
     header_line, header = numbered[0]
     header = [c.strip() for c in header]
-    if len(header) < 2 or header[-1] != "y" or any(not name for name in header):
-        raise DataError(f"{path}, line {header_line}: header must be x,y or x1,...,xd,y, got {','.join(header)}")
-    if len(set(header)) != len(header):
-        raise DataError(f"{path}, line {header_line}: repeated column name in header")
+    problem = None
+    if any(not name for name in header):
+        problem = "a column without a name"
+    elif len(set(header)) != len(header):
+        problem = "a column named twice"
+    elif target not in header:
+        problem = f"no column {target!r} to predict, its columns are {', '.join(header)}"
+    elif len(header) < 2:
+        problem = f"no feature column besides the target {target!r}"
+    if problem:
+        raise DataError(f"{path}, line {header_line} (the header): {problem}; {HEADER_RULE}")
     body = numbered[1:]
     if not body:
         raise DataError(f"{path}: no data rows after the header")
@@ -56,4 +80,5 @@ def load_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             if not math.isfinite(v):
                 raise DataError(f"{path}, line {line}, column {header[c]}: not a finite number: {cell.strip()!r}")
             values[r, c] = v
-    return values[:, :-1], values[:, -1]
+    y_col = header.index(target)
+    return np.delete(values, y_col, axis=1), values[:, y_col]

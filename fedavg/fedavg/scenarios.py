@@ -6,7 +6,8 @@ private (X, y). A scenario is reproducible from its name and seed.
 - ``feature-shift``: client k draws x from its own window of the line (non-IID x).
 - ``label-shift``: client k's true slope runs from 1 to 3 (non-IID y|x).
 - ``quantity-skew``: IID data, very unequal n_k (log-normal sizes).
-- ``csv``: a user's CSV (x,y or x1..xd,y) shuffled and split into K parts.
+- ``csv``: a user's CSV (``data.HEADER_RULE``: its target column named by ``target``) shuffled and
+  split into K parts.
 - ``diabetes``: real data, scikit-learn's bundled diabetes set (442 patients,
   10 features), split into K clients by age (non-IID); see ``diabetes_clients``.
 - ``byzantine``: ``iid``'s clients, of which the first f are ``Attacker``s:
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .client import LocalClient
-from .data import load_csv
+from .data import TARGET, load_csv
 from .strategies import STRATEGIES
 from .wire import parse_train_request
 
@@ -44,15 +45,17 @@ ATTACKERS = 2  # f, the default number of attackers
 
 def make_clients(name: str, k: int, seed: int = 0, samples: int = 20,
                  csv_path: str | Path | None = None, attackers: int = ATTACKERS,
-                 attack: str = "huge") -> list[LocalClient]:
+                 attack: str = "huge", target: str = TARGET) -> list[LocalClient]:
     """K clients of scenario ``name`` (``SCENARIOS``); ``samples`` is each
-    client's n_k (the mean n_k for quantity-skew). ``csv_path`` is csv's,
-    ``attackers`` (f) and ``attack`` are byzantine's: the first f clients lie."""
+    client's n_k (the mean n_k for quantity-skew). ``attackers`` (f) and
+    ``attack`` are byzantine's: the first f clients lie. ``csv_path`` and
+    ``target`` (the name of its column to predict) are csv's."""
     if name not in SCENARIOS:
         raise ValueError(f"unknown scenario {name!r} (known: {', '.join(SCENARIOS)})")
     if k < 1 and name != "seed":
         raise ValueError("a scenario needs at least one client")
-    return SCENARIOS[name](k, seed, samples, csv_path=csv_path, attackers=attackers, attack=attack)
+    return SCENARIOS[name](k, seed, samples, csv_path=csv_path, attackers=attackers, attack=attack,
+                           target=target)
 
 
 def about(name: str) -> str:
@@ -69,12 +72,12 @@ def seed_clients(k: int, seed: int, samples: int, **options: Any) -> list[LocalC
             LocalClient("client_2", np.array([[3.0], [4.0]]), np.array([4.0, 5.0]))]
 
 
-def csv_clients(k: int, seed: int, samples: int, csv_path: str | Path | None = None,
+def csv_clients(k: int, seed: int, samples: int, csv_path: str | Path | None = None, target: str = TARGET,
                 **options: Any) -> list[LocalClient]:
     """your CSV, shuffled and split into K parts"""
     if csv_path is None:
         raise ValueError("scenario csv needs a CSV file")
-    X, y = load_csv(csv_path)
+    X, y = load_csv(csv_path, target)
     if len(y) < k:
         raise ValueError(f"{csv_path}: {len(y)} rows cannot be split among {k} clients")
     order = np.random.default_rng(seed).permutation(len(y))

@@ -16,7 +16,7 @@ from werkzeug.exceptions import Forbidden
 
 from .. import tls_files
 from ..client import LocalClient
-from ..data import load_csv
+from ..data import TARGET, add_target, load_csv
 from ..openapi import client_document
 from ..strict_json import ProtocolError
 from .client_page import page_context
@@ -126,6 +126,7 @@ def client_blueprint(pick: Callable[[dict[str, Any]], LocalClient], token: str |
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build a client app. Config: CLIENT_ID, DATA_PATH (the private CSV),
+    TARGET (the name of its column to predict; default ``data.TARGET``, y),
     TOKEN (shared bearer token required on /train and /evaluate; default
     FEDAVG_TOKEN as written, None or "" = open), SERVER_PEER (served over
     TLS: the name the server's certificate carries, the only caller of
@@ -137,14 +138,14 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     serves, and ValueError for a token that cannot work (``checked_token``).
     """
     app = Flask(__name__)
-    app.config.from_mapping(CLIENT_ID="client", DATA_PATH="data.csv", MAX_CONTENT_LENGTH=4 * 1024 * 1024,
-                            SERVER_PEER=None, OWNER_PEER=None)
+    app.config.from_mapping(CLIENT_ID="client", DATA_PATH="data.csv", TARGET=TARGET,
+                            MAX_CONTENT_LENGTH=4 * 1024 * 1024, SERVER_PEER=None, OWNER_PEER=None)
     if config is not None:
         app.config.from_mapping(config)
     # The environment only when no token is given (a test gives its own, or None).
     app.config["TOKEN"] = checked_token(app.config["TOKEN"]) if "TOKEN" in app.config else shared_token()
     # Loaded once at start: a bad file stops the client now, not mid-run.
-    X, y = load_csv(app.config["DATA_PATH"])
+    X, y = load_csv(app.config["DATA_PATH"], app.config["TARGET"])
     client = LocalClient(app.config["CLIENT_ID"], X, y)
     app.config.update(DATA_SIZE=len(y), NUM_FEATURES=client.num_features)
     install_json_errors(app)
@@ -160,13 +161,14 @@ def main(client_id: str, port: int, data_path: Path) -> None:
     data (exit 2 with one line if it is bad), serve."""
     parser = cli(f"Raw FedAvg client {client_id}", port)
     parser.add_argument("--data", type=Path, default=data_path, help=f"private CSV (default {data_path})")
+    add_target(parser)
     parser.add_argument("--client-id", default=client_id, help=f"name sent to the server (default {client_id})")
     add_server_name(parser)
     args = parser.parse_args()
     tls = tls_from_args(args)
     configure_logging()
     try:
-        app = create_app({"CLIENT_ID": args.client_id, "DATA_PATH": str(args.data),
+        app = create_app({"CLIENT_ID": args.client_id, "DATA_PATH": str(args.data), "TARGET": args.target,
                           "SERVER_PEER": args.server_name if tls else None,
                           "OWNER_PEER": tls_files.own_name(tls.cert) if tls else None})
     except ValueError as e:  # a bad data file (DataError), a token that cannot work
