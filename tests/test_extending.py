@@ -140,7 +140,7 @@ def test_a_strategy_of_your_own_is_one_file_and_one_registry_line(tmp_path, capl
     assert "w = (1/3)·Σ_k = (1/3)·" in caplog.text and "mean: W_{t+1} = (1/K) Σ_k W_k" in caplog.text
 
     assert [r["strategy"] for r in report["results"]] == registered and "mean" in registered
-    assert "compare: mean: completed" in stdout
+    assert re.search(r"^compare: \[\d+/\d+\] mean: completed", stdout, re.M), stdout
     # On the seed (n_k = 2 and 2) the unweighted mean is plain-Python FedAvg.
     seed = [[(1.0, 3.0), (2.0, 5.0)], [(3.0, 4.0), (4.0, 5.0)]]
     w, b = 0.0, 0.0
@@ -275,4 +275,4 @@ def test_a_scenario_of_your_own_is_one_file_and_one_registry_line(tmp_path, caps
     intercept = (sy - slope * sx) / n
     assert report["pooled_optimum"] == pytest.approx([slope, intercept], abs=1e-9)
     assert report["pooled_optimum"] == pytest.approx([3.0, -2.0], abs=0.2)
-    assert "compare: fedavg: completed" in stdout
+    assert re.search(r"^compare: \[1/1\] fedavg: completed", stdout, re.M), stdout
