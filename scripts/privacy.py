@@ -61,6 +61,7 @@ DELTA = 1e-5
 # The population regime: Poisson sampling at q = 0.01, clip S, the population's draw (a client host's defaults).
 POPULATION, POPULATION_ROUNDS, POPULATION_Q, POPULATION_CLIP, POPULATION_SEED, POPULATION_ROWS = \
     1_000_000, 100, 0.01, 0.5, 0, 20
+POPULATION_REPEATS = 1
 POPULATION_HOST = "http://127.0.0.1:6000"  # (in this process: no socket is opened)
 # What a round costs besides its clients' training, in clients: a seed run
 # (2 clients) took 0.34 s and an iid one (50) 2.3 s on a 2-core AMD EPYC
@@ -109,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"{POPULATION:,}; 0 leaves the regime out)")
     parser.add_argument("--population-rounds", type=int, default=POPULATION_ROUNDS,
                         help=f"rounds of each population run (default {POPULATION_ROUNDS})")
+    parser.add_argument("--population-repeats", type=int, default=POPULATION_REPEATS,
+                        help=f"runs per noisy setting of the population (default {POPULATION_REPEATS}: each is "
+                             "100 rounds of 10,000 clients, and their spread is below the table's digits)")
     args = parser.parse_args(argv)
     try:
         sigmas = [float(s) for s in args.sigmas.replace(",", " ").split()]
@@ -118,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--repeats and --jobs must be >= 1 and --sigmas non-negative numbers")
     if args.population < 0 or args.population_rounds < 1:
         parser.error("--population must be >= 0 and --population-rounds >= 1")
+    if args.population_repeats < 1:
+        parser.error("--population-repeats must be >= 1")
     if 0 < args.population < 1 / POPULATION_Q:
         parser.error(f"--population: at least {1 / POPULATION_Q:g} clients, so that q = {POPULATION_Q:g} samples "
                      f"M = q·K >= 1 a round on average (got {args.population})")
@@ -125,12 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for scenario, k, rounds, bound in SCENARIOS:
         clients = make_clients(scenario, k, 0, 20)  # a client host's defaults: seed 0, 20 rows
         scenarios.append({"scenario": scenario, "clients": k, "rounds": rounds, "clip": bound, "delta": DELTA,
-                          "fraction": 1.0,
+                          "fraction": 1.0, "repeats": args.repeats,
                           "pooled_optimum": theory.pooled_optimum([(c.X, c.y) for c in clients]).tolist()})
     if args.population:
         k, population = args.population, Population.build("iid", args.population, POPULATION_SEED, POPULATION_ROWS)
         scenarios.append({"scenario": "population (iid)", "clients": k, "rounds": args.population_rounds,
                           "clip": POPULATION_CLIP, "delta": DELTA, "fraction": POPULATION_Q,
+                          "repeats": args.population_repeats,
                           "pooled_optimum": theory.pooled_optimum([(population.X, population.y)]).tolist()})
         del population  # (each worker builds its own, the same draw)
     for s in scenarios:
@@ -142,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               + f"M={m:g}: noise σ·S/M = σ × {s['clip'] / m:g} on each coordinate a round", flush=True)
     # Every run on its own (the noise is fresh each time; without noise every run is the same, so once).
     runs = [(i, j) for i, s in enumerate(scenarios) for j, (_, dp) in enumerate(s["settings"])
-            for _ in range(args.repeats if dp and dp["noise_multiplier"] > 0 else 1)]
+            for _ in range(s["repeats"] if dp and dp["noise_multiplier"] > 0 else 1)]
     left = {key: runs.count(key) for key in runs}
     started = time.perf_counter()
     history = tempfile.TemporaryDirectory(prefix="fedavg-privacy-")
@@ -191,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report_json.append({k: v for k, v in s.items() if k != "settings"} | {"rows": rows})
         print(f"\n{s['scenario']}, K={s['clients']:,}, {s['rounds']} rounds, "
               + ("" if s["fraction"] == 1 else f"q={s['fraction']:g}, ")
-              + f"S={s['clip']:g}, δ={DELTA:g} (mean ± sd over {args.repeats} runs where there is noise)")
+              + f"S={s['clip']:g}, δ={DELTA:g} (mean ± sd over {s['repeats']} runs where there is noise)")
         print(f"{'setting':<10} {'ε':>10} {'final MSE':>20} {'‖θ_T − θ*‖':>20}")
         for row in rows:
             eps = "-" if row["dp"] is None else ("∞" if row["epsilon"] is None else f"{row['epsilon']:.3g}")

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import random
+import re
 import statistics
 import subprocess
 from collections import defaultdict
@@ -759,7 +760,11 @@ def test_a_summarised_dp_round_writes_nothing_of_any_one_client(servers, caplog,
     # the federated loss (their aggregate, which is written) to 6 decimals. 7 digits at least.
     formats = [[repr(x), f"{x:.6f}", f"{x:.6e}"] for x in models] + [[repr(x), f"{x:.6e}"] for x in losses]
     for where, text in (("stored", stored), ("served", served), ("logged", log)):
-        assert [f for fs in formats for f in fs if written(f, text)] == [], where
+        found = [f for fs in formats for f in fs if written(f, text)]
+        # A local model's coordinate to 6 decimals now and then equals a number the record writes (the
+        # noisy global model's, near all 150 clients' own): 1 run in 30 here found one such string. A
+        # leak writes hundreds; a few fixed-point coincidences are chance, any other format found is not.
+        assert len(found) <= 3 and all(re.fullmatch(r"-?\d+\.\d{6}", f) for f in found), (where, found)
     if not batched:  # the clients' own log writes their models: the search finds what it looks for
         own = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("fedavg.client"))
         assert sum(any(written(f, own) for f in fs) for fs in formats) >= 2 * 150 * 2  # each W_k's w and b
@@ -963,7 +968,7 @@ def test_make_privacy_tabulates_epsilon_against_accuracy(tmp_path, capsys):
     """scripts/privacy.py's main (what `make privacy` runs), called here: its federations are in-process."""
     import privacy
     assert privacy.main(["--repeats", "2", "--sigmas", "0,2", "--jobs", "1", "--out", str(tmp_path),
-                         "--population", "300", "--population-rounds", "5"]) == 0
+                         "--population", "300", "--population-rounds", "5", "--population-repeats", "2"]) == 0
     printed = capsys.readouterr().out
     check_privacy_report(json.loads((tmp_path / "privacy.json").read_text()), printed)
     # A line as each run ends (σ = 0 is noiseless: run once), in the order run here, before the tables.
@@ -1026,7 +1031,8 @@ def test_dp_over_http_on_the_seed_apps_is_the_reference(seed_server):
 def test_make_privacy_runs_as_the_command(tmp_path):
     """`make privacy` as a user types it (PRIVACY_ARGS to keep it short), from the root environment only."""
     done = subprocess.run(["make", "--no-print-directory", "privacy", f"OUT={tmp_path}", "POPULATION=300",
-                           "PRIVACY_ARGS=--repeats 2 --sigmas 0,2 --population-rounds 5"], cwd=ROOT,
+                           "PRIVACY_ARGS=--repeats 2 --sigmas 0,2 --population-rounds 5 --population-repeats 2"],
+                          cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     check_privacy_report(json.loads((tmp_path / "privacy.json").read_text()), done.stdout)
