@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from form_html import form_choice
 from reference import local_gd
 
 EXTENDING_MD = ROOT / "docs" / "EXTENDING.md"
@@ -214,6 +215,11 @@ def test_a_robust_rule_of_your_own_the_geometric_median(tmp_path, caplog, capsys
         http = server.test_client()
         schema = http.get("/openapi.json").get_json()["components"]["schemas"]["StartRequest"]
         assert "geometric_median" in schema["properties"]["aggregator"]["enum"]
+        # The page's form: an option of the Aggregator select, with its summary as the line and tooltip.
+        form = form_choice(http.get("/").get_data(as_text=True), "aggregator")
+        summary = "the geometric median argmin_m Σ_k ‖V_k − m‖ (Weiszfeld's iteration; n_k not used)"
+        assert {"value": "geometric_median", "summary": summary, "title": summary, "selected": False} \
+            in form.options
         refused = http.post("/start", json={"aggregator": "nosuch"}).get_json()["error"]
         assert "aggregator" in refused and "geometric_median" in refused
         with caplog.at_level("INFO", logger="fedavg.server"):

@@ -41,7 +41,7 @@ import launcher
 from conftest import ROOT, Federated, Served
 from fedavg.http.client_app import create_app as create_client_app
 from fedavg.scenarios import make_clients
-from fedavg.strategies import STRATEGIES
+from fedavg.strategies import RULES, STRATEGIES
 from fedavg.trace import explain_average, fmt, fmt_line
 from fedavg_server.inprocess import federation_app
 
@@ -358,6 +358,15 @@ def start_run(url: str, body: dict) -> dict:
     return run
 
 
+def start_from_form(page: Page, url: str) -> dict:
+    """Start the run the form says, wait until the page shows it completed: its API record."""
+    run_id = max([r["run_id"] for r in get_json(url + "/runs")["runs"]], default=0) + 1  # the server's next id
+    page.click("#start-button")
+    page.wait_for_function(
+        f"document.querySelector('#run-status').textContent.startsWith('Run {run_id} is completed')")
+    return get_json(f"{url}/runs/{run_id}")
+
+
 def show_round(page: Page, run_id: int, round_no: int) -> None:
     """Pick a past run in the list (unless the page, freshly loaded, already
     shows it as the newest run), then one of its rounds by number."""
@@ -370,11 +379,12 @@ def show_round(page: Page, run_id: int, round_no: int) -> None:
     page.wait_for_function(f"document.querySelector('#round-number').textContent === '{round_no}'")
 
 
-# The chosen option's text and its summary line, measured where the page draws them: the text's
-# width in the select's own font against the room inside the select (its padding and the arrow's
-# 1.5em out), the summary's box against its own scroll width and the form's right edge.
-MEASURE_STRATEGY = """() => {
-  const select = document.querySelector('#f-strategy');
+# The chosen option's text and its summary line (kind: strategy or aggregator), measured where
+# the page draws them: the text's width in the select's own font against the room inside the
+# select (its padding and the arrow's 1.5em out), the summary's box against its own scroll width
+# and the form's right edge.
+MEASURE_CHOICE = """(kind) => {
+  const select = document.querySelector(`#f-${kind}`);
   const style = getComputedStyle(select);
   const probe = document.createElement('span');
   probe.style.cssText = 'position:absolute;visibility:hidden;white-space:pre';
@@ -383,7 +393,7 @@ MEASURE_STRATEGY = """() => {
   document.body.append(probe);
   const needed = probe.getBoundingClientRect().width;
   probe.remove();
-  const summary = document.querySelector('#strategy-summary');
+  const summary = document.querySelector(`#${kind}-summary`);
   const box = summary.getBoundingClientRect();
   return {option: select.selectedOptions[0].textContent, needed,
           room: select.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight)
@@ -393,16 +403,52 @@ MEASURE_STRATEGY = """() => {
 }"""
 
 
-def test_each_strategy_option_and_its_summary_are_readable_whole(local_page: Page):
+@pytest.mark.parametrize("kind, registry", [("strategy", STRATEGIES), ("aggregator", RULES)])
+def test_each_strategy_and_rule_option_and_its_summary_are_readable_whole(local_page: Page, kind, registry):
     """Issue 19: the drop-down showed "fedavg — W_{t+1} = Σ_k … the sam", cut at the select's
     edge. Each option's text fits inside the select, and the line below it shows the
-    strategy's whole summary, wrapped inside the form rather than clipped."""
-    for name, strategy in STRATEGIES.items():
-        local_page.select_option("#f-strategy", name)
-        seen = local_page.evaluate(MEASURE_STRATEGY)
+    strategy's (or the robust rule's) whole summary, wrapped inside the form rather than clipped."""
+    for name, chosen in registry.items():
+        local_page.select_option(f"#f-{kind}", name)
+        seen = local_page.evaluate(MEASURE_CHOICE, kind)
         assert seen["option"].startswith(name) and seen["needed"] <= seen["room"], seen
-        assert seen["summary"] == strategy.summary, seen
+        assert seen["summary"] == chosen.summary, seen
         assert seen["height"] > 0 and seen["scroll"] <= seen["client"] and seen["right"] <= seen["formRight"], seen
+
+
+def test_the_form_starts_a_median_run_and_shows_a_rules_bad_setting_next_to_it(local_page: Page, local):
+    """Issue 19: /start took "aggregator", the page's form had no field for it. The weighted
+    mean first (not sent); a rule's own settings shown for it alone; median picked starts
+    a run whose record says median and whose every round is the median's math."""
+    url = local
+    assert local_page.input_value("#f-aggregator") == "mean"
+    assert text(local_page, "#aggregator-summary") == RULES["mean"].summary
+    assert local_page.is_hidden("#f-aggregator-trimmed_mean-trim")
+    local_page.select_option("#f-aggregator", "trimmed_mean")
+    assert local_page.is_visible("#f-aggregator-trimmed_mean-trim")
+    assert local_page.is_hidden("#f-aggregator-krum-byzantine")
+    # a bad value of its own is shown next to it, as the API names it; nothing starts
+    before = len(get_json(url + "/runs")["runs"])
+    local_page.fill("#f-aggregator-trimmed_mean-trim", "0.5")
+    local_page.click("#start-button")
+    local_page.wait_for_function("document.querySelector('#aggregator-trimmed_mean-trim-error').textContent !== ''")
+    assert text(local_page, "#aggregator-trimmed_mean-trim-error") == "must be < 0.5, got 0.5"
+    assert local_page.get_attribute("#f-aggregator-trimmed_mean-trim", "aria-invalid") == "true"
+    # and a rule the strategy cannot take, next to the select
+    local_page.select_option("#f-strategy", "exact")
+    local_page.select_option("#f-aggregator", "median")
+    local_page.click("#start-button")
+    local_page.wait_for_function("document.querySelector('#aggregator-error').textContent !== ''")
+    assert "strategy exact" in text(local_page, "#aggregator-error") and text(local_page, "#form-error") == ""
+    assert len(get_json(url + "/runs")["runs"]) == before
+
+    local_page.select_option("#f-strategy", "fedavg")
+    assert text(local_page, "#aggregator-summary") == RULES["median"].summary
+    assert local_page.is_hidden("#f-aggregator-trimmed_mean-trim")  # not sent: median refuses trim
+    local_page.fill("#f-rounds", "2")
+    run = start_from_form(local_page, url)
+    assert run["settings"]["robust"]["aggregator"] == "median" and run["settings"]["strategy"] == "fedavg"
+    assert all(r["math"][0].startswith("w = median of the 2 clients' values = ") for r in run["rounds"])
 
 
 def test_the_form_starts_a_scaffold_run_with_its_own_server_lr(local_page: Page, local):
@@ -426,11 +472,8 @@ def test_the_form_starts_a_scaffold_run_with_its_own_server_lr(local_page: Page,
 
     local_page.fill("#f-rounds", "2")
     local_page.fill("#f-scaffold-server_lr", "0.5")
-    run_id = max([r["run_id"] for r in get_json(url + "/runs")["runs"]], default=0) + 1  # the server's next id
-    local_page.click("#start-button")
-    local_page.wait_for_function(
-        f"document.querySelector('#run-status').textContent.startsWith('Run {run_id} is completed')")
-    run = get_json(f"{url}/runs/{run_id}")
+    run = start_from_form(local_page, url)
+    run_id = run["run_id"]
     assert run["settings"]["strategy"] == "scaffold" and run["settings"]["params"] == {"server_lr": 0.5}
     assert "mu" not in json.dumps(run["settings"]["params"])
     assert text(local_page, "#run-status").startswith(f"Run {run_id} is completed: scaffold (server_lr={fmt(0.5)}), ")

@@ -11,6 +11,7 @@ from flask import Flask, request
 
 from fedavg.http.host_app import create_host_app
 from fedavg.scenarios import make_clients
+from form_html import form_choice
 
 HUGE = 1e6
 # Never dialled: the in-process transport hands these URLs to the apps.
@@ -191,3 +192,22 @@ def test_robust_rules_work_under_other_strategies_too(server):
     body = run(server, strategy="fedadam", aggregator="median", rounds=3)
     assert all("avg_w = median of the 6 clients' values" in r["math"][0] for r in body["rounds"])
     assert abs(global_of(body["rounds"][-1])[0]) < 10
+
+
+def test_the_pages_form_offers_every_rule_with_its_summary_and_its_own_settings(server):
+    """Issue 19: /start took "aggregator" and the page's form had no field for it. Every
+    registered rule is an option with its whole summary (the line under the select and
+    each option's tooltip), the weighted mean chosen; a rule's own settings are inputs in
+    its fieldset alone, with Combine's defaults, enabled only for the chosen rule."""
+    from fedavg.strategies import RULES, Combine
+
+    form = form_choice(server.http.get("/").get_data(as_text=True), "aggregator")
+    assert [(o["value"], o["summary"], o["title"]) for o in form.options] == \
+        [(name, rule.summary, rule.summary) for name, rule in RULES.items()]
+    assert [o["value"] for o in form.options if o["selected"]] == ["mean"]
+    assert form.summary == RULES["mean"].summary
+    # A rule's own settings (the others, clip_norm, apply to any rule and are not its own):
+    # an unset max_weight is empty, so an untouched form sends none.
+    assert form.settings == {"mean": {"max_weight": ""}, "trimmed_mean": {"trim": f"{Combine.trim:g}"},
+                             "krum": {"byzantine": str(Combine.byzantine), "krum_m": str(Combine.krum_m)}}
+    assert form.disabled == {"trimmed_mean", "krum"}

@@ -2,7 +2,8 @@
 arithmetic and its charts. The page itself is a template and a little plain
 JavaScript (templates/, static/, served by the app's own static route); this
 blueprint adds what the page needs beyond the API: each client's health,
-the start form's strategy settings (from fedavg.strategies, written once),
+the start form's strategies and robust rules with their own settings (from
+fedavg.strategies, written once),
 and the charts as SVG drawn by matplotlib (plots.py), one run's or several
 runs' losses compared."""
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, render_template, request
 
-from fedavg.strategies import REPLY_FIELDS, STRATEGIES, Param, Strategy
+from fedavg.strategies import REPLY_FIELDS, ROBUST, ROBUST_OWNER, RULES, STRATEGIES, Combine, Param, Strategy
 from fedavg.strict_json import MAX_DATA_SIZE, ProtocolError
 from fedavg.wire import parse_health_reply
 
@@ -51,8 +52,10 @@ def settings_error(e: SettingsError):
 def index() -> str:
     # No check of the query string: a page should open whatever a link appends to it.
     strategies = [(name, kind.summary, strategy_fields(kind)) for name, kind in STRATEGIES.items()]
+    rules = [(name, rule.summary, rule_fields(name)) for name, rule in RULES.items()]
     _warm_plots()
     return render_template("index.html", defaults=RunSettings(), max_rounds=MAX_ROUNDS, strategies=strategies,
+                           rules=rules, default_rule=Combine.aggregator,
                            reply_fields=[f.describe() for f in REPLY_FIELDS],
                            max_compare=MAX_COMPARE, clients_open_up_to=CLIENTS_OPEN_UP_TO,
                            clients=page_rows(federation().transport.urls),
@@ -76,9 +79,21 @@ def strategy_fields(kind: type[Strategy]) -> list[dict[str, Any]]:
     params = list(kind.params)
     if kind.uses_mu:
         params.insert(0, Param("mu", FEDPROX_DEFAULT_MU, "μ, the weight of the proximal term", gt=0))
-    return [{"name": p.name, "default": f"{p.default:g}", "help": p.help, "bounds": _bounds_text(p),
-             "min": "" if p.ge is None else f"{p.ge:g}", "max": "" if p.le is None else f"{p.le:g}"}
-            for p in params]
+    return [_form_field(p) for p in params]
+
+
+def rule_fields(rule: str) -> list[dict[str, Any]]:
+    """The form's inputs for one robust rule's own settings (trim for
+    trimmed_mean, …: ``ROBUST_OWNER``), from their ``Param`` definitions."""
+    return [_form_field(p) for p in ROBUST if ROBUST_OWNER.get(p.name) == rule]
+
+
+def _form_field(p: Param) -> dict[str, Any]:
+    """One setting as the form's input: its default ("" when it has none, so
+    an untouched field is not sent), help, bounds, and whole-number steps."""
+    return {"name": p.name, "default": "" if p.default is None else f"{p.default:g}",
+            "help": p.help.replace("`", ""), "bounds": _bounds_text(p), "step": "1" if p.type == "integer" else "any",
+            "min": "" if p.ge is None else f"{p.ge:g}", "max": "" if p.le is None else f"{p.le:g}"}
 
 
 def _bounds_text(p: Param) -> str:

@@ -148,7 +148,7 @@ class Krum(Rule):
 
 # The registry of rules, in the order /start's documentation lists them. A
 # rule here is known everywhere without another edit: /start's checks and its
-# OpenAPI enum, PROTOCOL.md's table, the log's math, make compare's --aggregators.
+# OpenAPI enum, PROTOCOL.md's table, the page's form, the log's math, make compare's --aggregators.
 RULES: dict[str, Rule] = {r.name: r for r in (
     WeightedMean(), Median(), TrimmedMean(), Krum(),
 )}

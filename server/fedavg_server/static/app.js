@@ -452,8 +452,10 @@ function setUp() {
     if (p) p.textContent = "";
     e.target.removeAttribute("aria-invalid");
   });
-  $("#f-strategy").addEventListener("change", showStrategy);
-  showStrategy();  // a browser may restore another choice than the page's default
+  for (const kind of ["strategy", "aggregator"]) {
+    $(`#f-${kind}`).addEventListener("change", () => showChoice(kind));
+    showChoice(kind);  // a browser may restore another choice than the page's default
+  }
   $("#compare-form").addEventListener("submit", submitCompare);
   $("#clients-refresh").addEventListener("click", loadClients);
   $("#run-stop").addEventListener("click", () => runAction("stop"));

@@ -46,10 +46,14 @@ function showApiErrors(form, body) {
 
 // The body of POST /start: each number exactly as typed (a JSON literal, so
 // a long seed is not rounded through a float); empty fields take the defaults.
+// The aggregator only when it is not the default (the weighted mean): a
+// strategy that sums its clients' statistics refuses any aggregator at all.
 function startBody(form) {
   const parts = ['"wait": false', `"strategy": ${JSON.stringify($("#f-strategy").value)}`];
+  const aggregator = $("#f-aggregator");
+  if (aggregator.value !== aggregator.dataset.default) parts.push(`"aggregator": ${JSON.stringify(aggregator.value)}`);
   for (const input of form.querySelectorAll('input[type="number"]')) {
-    if (input.matches(":disabled")) continue;  // another strategy's settings
+    if (input.matches(":disabled")) continue;  // another strategy's or rule's settings
     const raw = input.value.trim();
     if (input.validity.badInput) return { error: [input.name, "must be a number"] };
     if (raw === "") continue;
@@ -94,15 +98,16 @@ async function submitStart(event) {
   }
 }
 
-// Show and enable the chosen strategy's settings only, with its formula.
-function showStrategy() {
-  const name = $("#f-strategy").value;
-  for (const fieldset of document.querySelectorAll("fieldset[data-strategy]")) {
-    const mine = fieldset.dataset.strategy === name;
+// Show and enable the chosen strategy's (kind "strategy") or robust rule's
+// ("aggregator") settings only, with its summary.
+function showChoice(kind) {
+  const select = $(`#f-${kind}`);
+  for (const fieldset of document.querySelectorAll(`fieldset[data-${kind}]`)) {
+    const mine = fieldset.dataset[kind] === select.value;
     fieldset.hidden = !mine;
     fieldset.disabled = !mine;
   }
-  $("#strategy-summary").textContent = strategySummary(name);
+  $(`#${kind}-summary`).textContent = select.selectedOptions[0].dataset.summary;
 }
 
 // --- comparing runs: their federated loss on one chart -------------------------------
