@@ -993,7 +993,8 @@ class SeedFederation:
             wait_tls(apps, caller)
 
 
-def bench_tls(res: Results, plan: Plan, db_dir: Path, before: Path | None, quick: bool) -> None:
+def bench_tls(res: Results, plan: Plan, db_dir: Path, before: Path | None, quick: bool,
+              record: bool = False) -> None:
     """Item 9. The seed's plain round now, the same round over mutual TLS, and
     (with ``before``, a checkout from before the TLS switch) the plain round
     there: the federations up side by side, their runs taking turns (A B C,
@@ -1036,7 +1037,7 @@ def bench_tls(res: Results, plan: Plan, db_dir: Path, before: Path | None, quick
                 [c * 1e3 for c in cpu["plain"]])
         res.add("tls_round_cpu_ms", 9, "  CPU per TLS round, server + 2 clients", "ms", [c * 1e3 for c in cpu["tls"]])
         compare_before(res, (plain, cpu["plain"]),
-                       (rounds["before"], cpu["before"]) if before is not None else None, before, quick)
+                       (rounds["before"], cpu["before"]) if before is not None else None, before, record)
 
         # Handshakes: a fresh server each repetition, its clients behind relays that count.
         tls_fed = feds["tls"]
@@ -1069,19 +1070,20 @@ def bench_tls(res: Results, plan: Plan, db_dir: Path, before: Path | None, quick
 
 
 def compare_before(res: Results, now: tuple[list[float], list[float]],
-                   then: tuple[list[float], list[float]] | None, before: Path | None, quick: bool) -> None:
+                   then: tuple[list[float], list[float]] | None, before: Path | None, record: bool) -> None:
     """The plain round now against before the TLS switch, wall time and CPU
     per round (seconds, one per repetition), each as a ratio now / before
     judged on ±10%. Paired when ``then`` was measured in this run from the
-    checkout ``before`` (a full run records it in BEFORE_FILE), else against
-    BEFORE_FILE's figures."""
+    checkout ``before`` (``record``: the full bench that writes the committed
+    results records it in BEFORE_FILE beside them; a run of some parts into
+    another file never touches it), else against BEFORE_FILE's figures."""
     if then is not None:
         commit = git_commit(before)
         wall, cpu = [b * 1e3 for b in then[0]], [b * 1e3 for b in then[1]]
         wall_ratio = [p / b for p, b in zip(now[0], then[0])]
         cpu_ratio = [p / b for p, b in zip(now[1], then[1])]
         how = "measured in this run, paired"
-        if not quick:
+        if record:
             BEFORE_FILE.write_text(json.dumps({
                 "what": "the seed's plain round before the TLS switch (make bench ARGS='--before CHECKOUT'), "
                         "item 9's method: per repetition, the median round of a run and its CPU per round "
@@ -1173,7 +1175,8 @@ def main() -> int:
             if "secagg" in parts:
                 bench_secagg(res, plan, db_dir)
             if "tls" in parts:
-                bench_tls(res, plan, db_dir, args.before, args.quick)
+                bench_tls(res, plan, db_dir, args.before, args.quick,
+                          record=not args.quick and not args.only and args.out == DEFAULT_OUT)
             if "batch" in parts:
                 bench_batch(res, plan, db_dir)
             if "flower" in parts:
