@@ -318,20 +318,15 @@ class DropTally:
     def add_round(self, rec: RoundRecord) -> None:
         """Count a round as it is stored, when it is the next one to count
         (the rounds before it were counted); otherwise the store's counts
-        (``add``) take it in order later. The same counts: each participant
-        asked once, each dropped client asked and dropped once."""
+        take it in order later. The same counts as ``add`` of the store's
+        rows: each participant asked once, each dropped client asked and
+        dropped once."""
         with self.lock:
-            if rec.round != self.last_round + 1:
-                return
-            for p in rec.participants:
-                self.names[p["url"]] = p["client_id"]
-                self.asked[p["url"]] = self.asked.get(p["url"], 0) + 1
-            for d in rec.dropped:
-                self.names.setdefault(d.url, d.client_id)
-                self.asked[d.url] = self.asked.get(d.url, 0) + 1
-                self.dropped[d.url] = self.dropped.get(d.url, 0) + 1
-                self.reason[d.url] = d.reason
-            self.last_round = rec.round
+            if rec.round == self.last_round + 1:
+                self.add(rec.round, [{"url": p["url"], "client_id": p["client_id"], "rounds": 1}
+                                     for p in rec.participants],
+                         [{"url": d.url, "client_id": d.client_id, "reason": d.reason, "rounds": 1}
+                          for d in rec.dropped])
 
     def warnings(self) -> list[str]:
         """'client_2 dropped in 2/2 rounds (last: cannot connect: …)', one per

@@ -55,6 +55,11 @@ class HostedPopulation:
     def name(self, k: int) -> str:
         return client_name(self.first + k, k < self.attackers)
 
+    @property
+    def entry(self) -> str:
+        """All its clients as one entry, ``<host>/clients/1..K``: how a run stores them and the page lists them."""
+        return f"{self.base}{CLIENTS_PREFIX}1..{self.size}"
+
     def locate(self, url: str) -> int | None:
         """k of one of its clients' URLs, None when it is not one."""
         prefix = self.base + CLIENTS_PREFIX
@@ -177,7 +182,7 @@ def stored_clients(urls: Sequence[str]) -> list[str]:
     40 MB of JSON, which every /status would read back)."""
     if not isinstance(urls, ClientURLs):
         return list(urls)
-    return [part if isinstance(part, str) else f"{part.base}{CLIENTS_PREFIX}1..{part.size}" for part in urls.parts]
+    return [part if isinstance(part, str) else part.entry for part in urls.parts]
 
 
 def stored_urls(stored: Sequence[str]) -> Sequence[str]:

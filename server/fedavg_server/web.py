@@ -166,14 +166,9 @@ def _population_state(reply: Reply, host: HostedPopulation) -> dict[str, Any]:
     """A hosted population as one row: its K clients up or down with their
     host (its /health), N = Σ n_k as its /population said, and ``clients``, K."""
     first, k = host.first + 1, host.size
-    return {"url": row_of(host), "client_id": f"{k:,} clients (a population: {host.name(0)} … {host.name(k - 1)})",
+    return {"url": host.entry, "client_id": f"{k:,} clients (a population: {host.name(0)} … {host.name(k - 1)})",
             "status": "up" if reply.ok else "down", "n_k": int(host.sizes.sum()), "num_features": host.num_features,
             "reason": reply.reason, "clients": k, "first": first}
-
-
-def row_of(host: HostedPopulation) -> str:
-    """A hosted population's row, as ``stored_clients`` writes it."""
-    return stored_clients(ClientURLs([host]))[0]
 
 
 def _range_of(value: Any) -> tuple[float, float] | None:
